@@ -1,0 +1,3 @@
+from dockermirror.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""One log line per request, and the registry API version header on every response.
+
+Handlers leave notes for the line in ``scope["state"]``: ``cache`` (HIT, MISS, STALE,
+COALESCED, PASS), ``upstream`` (the upstream's HTTP status) and ``note`` (why a
+request failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("dockermirror.access")
+
+API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
+
+
+class AccessLog:
+    def __init__(self, app: ASGIApp, on_done: Callable[[str | None, int], None] | None = None) -> None:
+        self.app = app
+        self.on_done = on_done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+        sent = 0
+        complete = False
+
+        async def send_and_count(message: Message) -> None:
+            nonlocal status, sent, complete
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), API_VERSION]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_count)
+        finally:
+            state = scope.get("state") or {}
+            cache = state.get("cache")
+            path = scope["path"] + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
+            client = scope.get("client") or ("-", 0)
+            note = state.get("note") or ("" if complete or not status else "incomplete")
+            log.info(
+                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s%s',
+                client[0], scope["method"], path, status, sent,
+                (time.perf_counter() - started) * 1000, cache or "-", state.get("upstream") or "-",
+                f' note="{note}"' if note else "",
+            )
+            if self.on_done is not None:
+                self.on_done(cache, sent)

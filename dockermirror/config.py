@@ -1,0 +1,298 @@
+"""Configuration: typed dataclasses, loaded from YAML with file/line/key errors.
+
+Every key has a default, so an absent or empty file gives a working mirror.
+Sizes ("200GiB") and durations ("5m") are parsed once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_PATH = Path("/etc/docker-mirror/config.yml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, located by file, line and key."""
+
+    def __init__(self, message: str, *, source: str = "", line: int | None = None, key: str = "") -> None:
+        self.message, self.source, self.line, self.key = message, source, line, key
+        where = source + (f":{line}" if line is not None else "")
+        prefix = ": ".join(p for p in (where, key) if p)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+# --- value parsers: each takes the YAML value and returns the typed value or raises ValueError
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``90``, ``"30s"``, ``"5m"``, ``"1h30m"``, ``"7d"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 30s, 5m, 2h or 7d, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    text = str(value).strip().lower()
+    pos, total = 0, 0.0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if not text or pos != len(text):
+        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 2h, 7d or 1h30m)")
+    return total
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``1048576``, ``"500MB"``, ``"200GiB"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 500MB or 200GiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = _SIZE_RE.fullmatch(str(value).strip().lower())
+    if not match or match.group(2) not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {value!r} (use e.g. 500MB, 20GiB or a number of bytes)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def parse_listen(value: Any) -> str:
+    """``HOST:PORT`` or ``[V6]:PORT``; returned unchanged once checked."""
+    split_listen(str(value))
+    return str(value)
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid listen address {text!r} (use HOST:PORT, e.g. 0.0.0.0:5000 or [::]:5000)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"invalid listen address {text!r}: put an IPv6 address in brackets, e.g. [::1]:5000")
+    return host or "0.0.0.0", int(port)
+
+
+def parse_url(value: Any) -> str:
+    text = _string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {text!r} (use e.g. https://registry-1.docker.io)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"URL {text!r} must not have a query or fragment")
+    return text.rstrip("/")
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse_optional(value: Any) -> Any:
+        return None if value is None or value == "" else parse(value)
+
+    return parse_optional
+
+
+def _path(value: Any) -> Path:
+    return Path(_string(value))
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse_choice(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse_choice
+
+
+def _setting(default: Any, parse: Callable[[Any], Any], *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"parse": parse, "secret": secret}, repr=not secret)
+
+
+# --- the schema (etc/docker-mirror/config.yml documents every key)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path | None = _setting(None, _optional(_path))
+    key: Path | None = _setting(None, _optional(_path))
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = _setting("https://registry-1.docker.io", parse_url)
+    # The registry name clients use for this upstream. containerd sends it as ?ns=,
+    # and for docker.io one-component names get the library/ prefix.
+    registry: str = _setting("docker.io", _string)
+    username: str | None = _setting(None, _optional(_string))
+    password: str | None = _setting(None, _optional(_string), secret=True)
+    ca_bundle: Path | None = _setting(None, _optional(_path))
+    connect_timeout: float = _setting(10.0, parse_duration)
+    read_timeout: float = _setting(60.0, parse_duration)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: Path = _setting(Path("/var/cache/docker-mirror"), _path)
+    tag_ttl: float = _setting(300.0, parse_duration)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _setting("info", _choice("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = _setting("0.0.0.0:5000", parse_listen)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = field(default="(defaults)", compare=False, metadata={"internal": True})
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return split_listen(self.listen)
+
+    def with_overrides(self, **dotted: Any) -> Config:
+        """A copy with ``section.key`` values replaced; the values are parsed like YAML ones."""
+        config = self
+        for key, raw in dotted.items():
+            if raw is None:
+                continue
+            config = _replace_dotted(config, key.split("."), raw)
+        return config
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    return "parse" not in f.metadata
+
+
+def _replace_dotted(obj: Any, path: list[str], raw: Any) -> Any:
+    f = _fields(type(obj))[path[0]]
+    if len(path) > 1:
+        return dataclasses.replace(obj, **{f.name: _replace_dotted(getattr(obj, f.name), path[1:], raw)})
+    try:
+        value = f.metadata["parse"](raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key=".".join(path)) from None
+    return dataclasses.replace(obj, **{f.name: value})
+
+
+# --- loading
+
+
+def load(path: Path | str | None = None) -> Config:
+    """Load a config file; ``None`` means the default path if it exists, else defaults."""
+    if path is None:
+        if not DEFAULT_PATH.exists():
+            return Config()
+        path = DEFAULT_PATH
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration: {exc.strerror}", source=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("configuration is not UTF-8 text", source=str(path)) from None
+    return loads(text, source=str(path))
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML: {problem}", source=source,
+                          line=mark.line + 1 if mark else None) from None
+    finally:
+        loader.dispose()
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.value == ""):
+        return Config(source=source)
+    config = _build(Config, node, loader, source, "")
+    return dataclasses.replace(config, source=source)
+
+
+def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, prefix: str) -> Any:
+    line = node.start_mark.line + 1
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError("expected a mapping of keys to values", source=source, line=line, key=prefix or "(top)")
+    fields = _fields(cls)
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
+        dotted = f"{prefix}.{key}" if prefix else key
+        key_line = key_node.start_mark.line + 1
+        f = fields.get(key)
+        if f is None:
+            raise ConfigError(f"unknown key (known here: {', '.join(fields)})",
+                              source=source, line=key_line, key=dotted)
+        if key in values:
+            raise ConfigError("key given twice", source=source, line=key_line, key=dotted)
+        if _is_section(f):
+            if isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null"):
+                continue  # "tls:" with nothing under it keeps the defaults
+            values[key] = _build(f.default_factory, value_node, loader, source, dotted)  # type: ignore[misc]
+            continue
+        if not isinstance(value_node, yaml.ScalarNode):
+            raise ConfigError("expected a single value", source=source, line=key_line, key=dotted)
+        raw = loader.construct_object(value_node, deep=True)
+        try:
+            values[key] = f.metadata["parse"](raw)
+        except ValueError as exc:
+            raise ConfigError(str(exc), source=source, line=value_node.start_mark.line + 1, key=dotted) from None
+    return cls(**values)
+
+
+def dump(config: Config) -> str:
+    """The effective configuration as YAML, secrets masked."""
+
+    def plain(obj: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, f in _fields(type(obj)).items():
+            value = getattr(obj, name)
+            if _is_section(f):
+                out[name] = plain(value)
+            elif f.metadata.get("secret") and value is not None:
+                out[name] = "********"
+            elif isinstance(value, Path):
+                out[name] = str(value)
+            else:
+                out[name] = value
+        return out
+
+    return yaml.safe_dump(plain(config), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,352 @@
+"""The mirror policy: serve from the cache, or fetch once and let everyone follow.
+
+* Manifests and blobs by digest are immutable: once cached they are served with no
+  upstream call at all, whether the upstream is up or not.
+* A tag maps to a digest for ``cache.tag_ttl``; after that it is revalidated with a
+  HEAD (which Docker Hub does not count as a pull), and the manifest is fetched only
+  if the digest changed. If the upstream is unreachable or answers 5xx/429, the
+  cached mapping is served stale.
+* A blob that is not cached is fetched by one transfer; concurrent requests for it
+  follow that transfer (COALESCED).
+
+The result of every call says how it was served (HIT, MISS, STALE, COALESCED) and
+what the upstream answered, for the request log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from dockermirror.cache import Cache, CachedFile, Entry, TagEntry, Transfer
+from dockermirror.errors import (
+    BadUpstreamContent,
+    BlobUnknown,
+    NameInvalid,
+    NameUnknown,
+    RegistryError,
+    Unavailable,
+)
+from dockermirror.oci import MANIFEST_TYPES, OCI_MANIFEST, Digest, InvalidDigest, acceptable, valid_name
+from dockermirror.upstream.client import BlobStream, Reply, UpstreamClient, UpstreamUnreachable, error_for
+
+log = logging.getLogger("dockermirror.mirror")
+
+T = TypeVar("T")
+
+DOCKER_HUB = "docker.io"
+_DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+
+HIT, MISS, STALE, COALESCED = "HIT", "MISS", "STALE", "COALESCED"
+
+
+def registry_key(name: str) -> str:
+    """The canonical name of a registry host (Docker Hub has several)."""
+    name = name.strip().lower()
+    return DOCKER_HUB if name in _DOCKER_HUB_ALIASES else name
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An upstream registry: the name clients know it by, and the client that reaches it."""
+
+    key: str
+    client: UpstreamClient
+
+    def repository(self, name: str) -> str:
+        """The repository name the upstream uses; Docker Hub keeps official images in library/."""
+        if self.key == DOCKER_HUB and "/" not in name:
+            return f"library/{name}"
+        return name
+
+
+@dataclass(frozen=True)
+class Repo:
+    upstream: Upstream
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.upstream.key}/{self.name}"
+
+
+@dataclass
+class Manifest:
+    digest: str
+    media_type: str
+    size: int
+    body: bytes | None          # None for HEAD
+    cache: str
+    upstream_status: int | None = None
+
+
+@dataclass
+class Blob:
+    digest: str
+    size: int | None            # None when the upstream did not announce a length
+    media_type: str | None
+    body: CachedFile | Transfer | None   # None for HEAD
+    cache: str
+    upstream_status: int | None = None
+
+
+class SingleFlight:
+    """Run one call per key at a time; concurrent callers with the same key share its result."""
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, asyncio.Future[Any]] = {}
+
+    async def do(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> T:
+        running = self._running.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._running[key] = future
+        try:
+            result = await call()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved, even if nobody else waited
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._running[key]
+
+
+class Mirror:
+    """Serves registry requests from the cache and one upstream."""
+
+    def __init__(self, upstream: Upstream, cache: Cache, *, tag_ttl: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.upstream = upstream
+        self.cache = cache
+        self.tag_ttl = tag_ttl
+        self.clock = clock
+        self._flights = SingleFlight()
+
+    # --- routing
+
+    def resolve(self, name: str, namespace: str | None = None) -> Repo:
+        """The upstream repository for a request path name and containerd's ``?ns=``."""
+        if not valid_name(name):
+            raise NameInvalid(f"invalid repository name {name!r}", detail={"name": name})
+        if namespace is not None and registry_key(namespace) != self.upstream.key:
+            raise NameUnknown(f"this mirror serves {self.upstream.key}, not {namespace}",
+                              detail={"ns": namespace})
+        return Repo(self.upstream, self.upstream.repository(name))
+
+    # --- manifests
+
+    async def manifest(self, repo: Repo, reference: str, accept: list[str], *, head: bool) -> Manifest:
+        if ":" in reference:
+            return await self._manifest_by_digest(repo, Digest.parse(reference), accept, head=head)
+        return await self._manifest_by_tag(repo, reference, accept, head=head)
+
+    async def _manifest_by_digest(self, repo: Repo, digest: Digest, accept: list[str], *, head: bool) -> Manifest:
+        entry = self.cache.entry(digest)
+        if entry is not None and entry.kind == "manifest":
+            served = await self._from_cache(repo, entry, head=head, cache=HIT, upstream_status=None)
+            if served is not None:
+                return served
+        if head:
+            reply = await self._ask(repo.upstream.client.manifest(repo.name, str(digest), accept, head=True))
+            if reply.status != 200:
+                raise error_for(reply.status, reply.headers, reply.body)
+            return Manifest(str(digest), _media_type(reply), _length(reply), None, MISS, reply.status)
+        return await self._flights.do(("manifest", digest), lambda: self._fetch_manifest(repo, digest, accept))
+
+    async def _manifest_by_tag(self, repo: Repo, tag: str, accept: list[str], *, head: bool) -> Manifest:
+        key = repo.upstream.key
+        row = self.cache.tag(key, repo.name, tag)
+        if row is not None and not acceptable(row.media_type, accept):
+            row = None  # this client cannot take what we have: ask the upstream
+        if row is not None and self.clock() - row.checked < self.tag_ttl:
+            self.cache.touch_tag(key, repo.name, tag)
+            return await self._serve_tag(repo, row, accept, head=head, cache=HIT, upstream_status=None)
+        flight = ("tag", key, repo.name, tag, tuple(accept))
+        try:
+            fresh = await self._flights.do(flight, lambda: self._revalidate(repo, tag, accept))
+        except (Unavailable, UpstreamUnreachable) as exc:
+            return await self._stale(repo, tag, row, accept, exc, head=head)
+        except RegistryError as exc:
+            if exc.code == "TOOMANYREQUESTS" and row is not None:
+                return await self._stale(repo, tag, row, accept, exc, head=head)
+            raise
+        self.cache.touch_tag(key, repo.name, tag)
+        return await self._serve_tag(repo, fresh, accept, head=head, cache=HIT, upstream_status=200)
+
+    async def _serve_tag(self, repo: Repo, row: TagEntry, accept: list[str], *, head: bool, cache: str,
+                         upstream_status: int | None) -> Manifest:
+        """Answer for a tag whose digest is known: from the cache, or by fetching that digest."""
+        digest = Digest.parse(row.digest)
+        entry = self.cache.entry(digest)
+        if entry is not None and entry.kind == "manifest":
+            served = await self._from_cache(repo, entry, head=head, cache=cache, upstream_status=upstream_status)
+            if served is not None:
+                return served
+        if head:  # the mapping alone answers a HEAD
+            label = MISS if cache == HIT and upstream_status is not None else cache
+            return Manifest(row.digest, row.media_type or OCI_MANIFEST, row.size, None, label, upstream_status)
+        if cache == STALE:
+            raise Unavailable(f"the upstream is unreachable and manifest {row.digest} is not cached")
+        return await self._flights.do(("manifest", digest), lambda: self._fetch_manifest(repo, digest, accept))
+
+    async def _revalidate(self, repo: Repo, tag: str, accept: list[str]) -> TagEntry:
+        """Ask the upstream what the tag points at now (HEAD), and record it."""
+        key = repo.upstream.key
+        reply = await repo.upstream.client.manifest(repo.name, tag, accept, head=True)
+        if reply.status == 404:
+            await self.cache.delete_tag(key, repo.name, tag)
+        if reply.status != 200:
+            raise error_for(reply.status, reply.headers, reply.body)
+        try:
+            digest = Digest.parse(reply.headers.get("docker-content-digest", ""))
+        except InvalidDigest:
+            # No usable digest from a HEAD: fetch the manifest by tag and hash it ourselves.
+            manifest = await self._fetch_manifest(repo, None, accept, reference=tag)
+            digest = Digest.parse(manifest.digest)
+            media_type, size = manifest.media_type, manifest.size
+        else:
+            media_type, size = _media_type(reply), _length(reply)
+        now = self.clock()
+        row = TagEntry(key, repo.name, tag, str(digest), media_type, size, now, now)
+        await self.cache.put_tag(row)
+        return row
+
+    async def _stale(self, repo: Repo, tag: str, row: TagEntry | None, accept: list[str],
+                     error: Exception, *, head: bool) -> Manifest:
+        """The upstream failed: serve the last known mapping, if there is one."""
+        if isinstance(error, UpstreamUnreachable):
+            error = Unavailable(f"the upstream is unreachable: {error}")
+        if row is None:
+            raise error
+        try:
+            served = await self._serve_tag(repo, row, accept, head=head, cache=STALE,
+                                           upstream_status=getattr(error, "upstream_status", None))
+        except Unavailable:
+            raise error from None
+        log.warning("upstream failed for %s:%s (%s); serving the cached tag (digest %s, checked %s)",
+                    repo, tag, error, row.digest, _ago(self.clock() - row.checked))
+        return served
+
+    async def _from_cache(self, repo: Repo, entry: Entry, *, head: bool, cache: str,
+                          upstream_status: int | None) -> Manifest | None:
+        body = None
+        if not head:
+            body = await self.cache.read_small(entry)
+            if body is None:
+                return None
+        self.cache.touch(entry.digest, repo.upstream.key, repo.name)
+        return Manifest(entry.digest, entry.media_type or OCI_MANIFEST, entry.size, body, cache, upstream_status)
+
+    async def _fetch_manifest(self, repo: Repo, digest: Digest | None, accept: list[str], *,
+                              reference: str | None = None) -> Manifest:
+        """GET a manifest, check it against its digest, store it."""
+        reply = await self._ask(repo.upstream.client.manifest(repo.name, reference or str(digest), accept,
+                                                              head=False))
+        if reply.status != 200:
+            raise error_for(reply.status, reply.headers, reply.body)
+        algorithm = digest.algorithm if digest else "sha256"
+        actual = Digest.of(reply.body, algorithm)
+        claimed = reply.headers.get("docker-content-digest")
+        expected = digest or (Digest.parse(claimed) if claimed and claimed.startswith(algorithm) else None)
+        if expected is not None and actual != expected:
+            raise BadUpstreamContent(f"upstream manifest does not match its digest {expected} (got {actual})",
+                                     upstream_status=reply.status)
+        media_type = _media_type(reply)
+        await self.cache.put_manifest(actual, reply.body, media_type, repo.upstream.key, repo.name)
+        return Manifest(str(actual), media_type, len(reply.body), reply.body, MISS, reply.status)
+
+    # --- blobs
+
+    async def blob(self, repo: Repo, digest: Digest, *, head: bool) -> Blob:
+        entry = self.cache.entry(digest)
+        if entry is not None:
+            file = None if head else await self.cache.open_file(entry)
+            if head or file is not None:
+                self.cache.touch(entry.digest, repo.upstream.key, repo.name)
+                return Blob(entry.digest, entry.size, entry.media_type, file, HIT)
+        transfer = self.cache.transfer(digest)
+        if transfer is not None:
+            await transfer.started
+            self.cache.touch(str(digest), repo.upstream.key, repo.name)
+            return Blob(str(digest), transfer.size, transfer.media_type, None if head else transfer, COALESCED)
+        if head:
+            reply = await self._ask(repo.upstream.client.head_blob(repo.name, str(digest)))
+            if reply.status != 200:
+                raise error_for(reply.status, reply.headers, reply.body, unknown=BlobUnknown)
+            return Blob(str(digest), _length(reply), None, None, MISS, reply.status)
+
+        async def open_source() -> BlobStream:
+            return await self._ask(repo.upstream.client.open_blob(repo.name, str(digest)))
+
+        transfer = self.cache.start_transfer(digest, open_source, upstream=repo.upstream.key,
+                                             repository=repo.name)
+        await transfer.started
+        return Blob(str(digest), transfer.size, None, transfer, MISS, 200)
+
+    # --- tags
+
+    async def tags(self, repo: Repo, params: list[tuple[str, str]]) -> tuple[Reply | dict[str, Any], str]:
+        """The upstream's tag list, or (upstream down) the tags this cache knows."""
+        try:
+            reply = await self._ask(repo.upstream.client.tags(repo.name, params))
+            if reply.status == 200:
+                return reply, MISS
+            error: RegistryError = error_for(reply.status, reply.headers, reply.body, unknown=NameUnknown)
+        except Unavailable as exc:
+            error = exc
+        if error.status >= 500 or error.status == 429:
+            known = self.cache.tags_of(repo.upstream.key, repo.name)
+            if known:
+                log.warning("upstream failed for the tag list of %s (%s); listing the %d cached tag(s)",
+                            repo, error, len(known))
+                return {"name": repo.name, "tags": known}, STALE
+        raise error
+
+    # --- stats from the request layer
+
+    def record(self, cache: str | None, nbytes: int) -> None:
+        """Count a finished request by how it was served."""
+        if cache:
+            self.cache.count(f"requests_{cache.lower()}")
+            self.cache.count(f"bytes_served_{cache.lower()}", nbytes)
+
+    # --- helpers
+
+    @staticmethod
+    async def _ask(call: Awaitable[T]) -> T:
+        """Await an upstream call; no HTTP answer at all becomes 503 UNAVAILABLE."""
+        try:
+            return await call
+        except UpstreamUnreachable as exc:
+            raise Unavailable(f"the upstream is unreachable: {exc}") from None
+
+
+def _media_type(reply: Reply) -> str:
+    content_type = reply.headers.get("content-type", "").split(";", 1)[0].strip()
+    if content_type in MANIFEST_TYPES:
+        return content_type
+    try:
+        declared = json.loads(reply.body).get("mediaType") if reply.body else None
+    except (ValueError, AttributeError):
+        declared = None
+    return declared or content_type or OCI_MANIFEST
+
+
+def _length(reply: Reply) -> int:
+    value = reply.headers.get("content-length", "")
+    return int(value) if value.isdigit() else len(reply.body)
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"

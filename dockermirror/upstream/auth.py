@@ -1,0 +1,143 @@
+"""Registry authentication: ``WWW-Authenticate`` challenges, bearer tokens, Basic.
+
+Tokens are cached per (realm, service, scope) until shortly before they expire, and
+fetched once however many requests need the same token at the same moment.
+Credentials are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+_PARAM_RE = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+EXPIRY_MARGIN = 10.0      # seconds before a token's expiry at which it is no longer used
+DEFAULT_LIFETIME = 60.0   # the token spec's default when expires_in is absent
+
+
+class AuthError(Exception):
+    """The token service refused or failed; ``status`` is its HTTP status, if it answered."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str                  # "bearer" or "basic"
+    params: dict[str, str]
+
+    @classmethod
+    def parse(cls, header: str) -> Challenge | None:
+        scheme, _, rest = header.strip().partition(" ")
+        if not scheme:
+            return None
+        params = {}
+        for key, value in _PARAM_RE.findall(rest):
+            if value.startswith('"'):
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            params[key.lower()] = value
+        return cls(scheme.lower(), params)
+
+
+class Authenticator:
+    """Answers an upstream's challenges and remembers what it asked for."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        username: str | None,
+        password: str | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._basic = (
+            "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode() if username else None
+        )
+        self._clock = clock
+        self._bearer: Challenge | None = None       # realm/service learned from the last bearer challenge
+        self._use_basic = False                      # the upstream asked for Basic
+        self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self._fetching: dict[tuple[str, str, str], asyncio.Future[str]] = {}
+
+    @property
+    def has_credentials(self) -> bool:
+        return self._basic is not None
+
+    async def header_for(self, scope: str) -> str | None:
+        """The Authorization value to send up front, if the upstream's scheme is known."""
+        if self._use_basic:
+            return self._basic
+        if self._bearer is not None:
+            return "Bearer " + await self._token(self._bearer, scope)
+        return None
+
+    async def answer(self, header: str, scope: str) -> str | None:
+        """The Authorization value answering a 401's challenge, or None if we cannot."""
+        challenge = Challenge.parse(header)
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            if self._basic is None:
+                return None
+            self._use_basic = True
+            return self._basic
+        if challenge.scheme == "bearer" and "realm" in challenge.params:
+            self._bearer = challenge
+            # The challenge's own scope wins: it is what this request needs.
+            wanted = challenge.params.get("scope") or scope
+            self._forget(challenge, wanted)
+            return "Bearer " + await self._token(challenge, wanted)
+        return None
+
+    def _key(self, challenge: Challenge, scope: str) -> tuple[str, str, str]:
+        return challenge.params["realm"], challenge.params.get("service", ""), scope
+
+    def _forget(self, challenge: Challenge, scope: str) -> None:
+        self._tokens.pop(self._key(challenge, scope), None)
+
+    async def _token(self, challenge: Challenge, scope: str) -> str:
+        key = self._key(challenge, scope)
+        cached = self._tokens.get(key)
+        if cached is not None and cached[1] > self._clock():
+            return cached[0]
+        running = self._fetching.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._fetching[key] = future
+        try:
+            token, lifetime = await self._fetch(*key)
+            self._tokens[key] = (token, self._clock() + max(lifetime - EXPIRY_MARGIN, 1.0))
+            future.set_result(token)
+            return token
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters, if any, get it through shield
+            raise
+        finally:
+            del self._fetching[key]
+
+    async def _fetch(self, realm: str, service: str, scope: str) -> tuple[str, float]:
+        params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
+        headers = {"Authorization": self._basic} if self._basic else {}
+        response = await self._client.get(realm, params=params, headers=headers)
+        if response.status_code != 200:
+            raise AuthError(f"token service {httpx.URL(realm).host} answered {response.status_code}",
+                            response.status_code)
+        try:
+            body = response.json()
+            token = body.get("token") or body.get("access_token")
+            lifetime = float(body.get("expires_in") or DEFAULT_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            raise AuthError(f"token service {httpx.URL(realm).host} sent no usable token") from None
+        if not token:
+            raise AuthError(f"token service {httpx.URL(realm).host} sent no token")
+        return token, lifetime
