@@ -75,6 +75,19 @@ def parse_size(value: Any) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
+def format_duration(seconds: float) -> str:
+    """The shortest form :func:`parse_duration` reads back: ``300.0`` -> ``"5m"``."""
+    if seconds != int(seconds):
+        return f"{round(seconds * 1000)}ms"
+    rest, parts = int(seconds), []
+    for unit in ("w", "d", "h", "m", "s"):
+        size = int(_DURATION_UNITS[unit])
+        if rest >= size or (unit == "s" and not parts):
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts)
+
+
 def parse_listen(value: Any) -> str:
     """``HOST:PORT`` or ``[V6]:PORT``; returned unchanged once checked."""
     split_listen(str(value))
@@ -128,8 +141,14 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse_choice
 
 
-def _setting(default: Any, parse: Callable[[Any], Any], *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"parse": parse, "secret": secret}, repr=not secret)
+def _setting(default: Any, parse: Callable[[Any], Any], *, secret: bool = False,
+             show: Callable[[Any], Any] | None = None) -> Any:
+    metadata = {"parse": parse, "secret": secret, "show": show}
+    return field(default=default, metadata=metadata, repr=not secret)
+
+
+def _duration(default: float) -> Any:
+    return _setting(default, parse_duration, show=format_duration)
 
 
 # --- the schema (etc/docker-mirror/config.yml documents every key)
@@ -154,14 +173,14 @@ class UpstreamConfig:
     username: str | None = _setting(None, _optional(_string))
     password: str | None = _setting(None, _optional(_string), secret=True)
     ca_bundle: Path | None = _setting(None, _optional(_path))
-    connect_timeout: float = _setting(10.0, parse_duration)
-    read_timeout: float = _setting(60.0, parse_duration)
+    connect_timeout: float = _duration(10.0)
+    read_timeout: float = _duration(60.0)
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     dir: Path = _setting(Path("/var/cache/docker-mirror"), _path)
-    tag_ttl: float = _setting(300.0, parse_duration)
+    tag_ttl: float = _duration(300.0)
 
 
 @dataclass(frozen=True)
@@ -289,6 +308,8 @@ def dump(config: Config) -> str:
                 out[name] = plain(value)
             elif f.metadata.get("secret") and value is not None:
                 out[name] = "********"
+            elif f.metadata.get("show") and value is not None:
+                out[name] = f.metadata["show"](value)
             elif isinstance(value, Path):
                 out[name] = str(value)
             else:

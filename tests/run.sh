@@ -1,0 +1,24 @@
+#!/bin/sh
+# Install everything the tests need on Debian 12 (run as root), then run them.
+#   tests/run.sh [pytest arguments]
+# The tests start their own registry, mirrors, dockerd and containerd on 127.0.0.1
+# and stop them again; the services these packages bring are not used.
+set -eu
+cd "$(dirname "$0")/.."
+
+PACKAGES="python3 python3-venv ca-certificates docker-registry skopeo podman docker.io containerd"
+missing=""
+for p in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
+
+# Debian's python3, in a virtualenv of the clone
+[ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+exec .venv/bin/pytest "$@"

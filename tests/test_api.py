@@ -1,0 +1,210 @@
+"""The registry API as clients see it: manifests of every kind, blobs, ranges, tags, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import ALL_MANIFESTS, Upstream
+
+MANIFEST_CASES = {
+    # name: (repo as requested, expected media type)
+    "hello": ("library/hello", "application/vnd.oci.image.manifest.v1+json"),
+    "busybox": ("library/busybox", "application/vnd.oci.image.index.v1+json"),
+    "alpine": ("library/alpine", "application/vnd.docker.distribution.manifest.list.v2+json"),
+    "tool": ("acme/tool", "application/vnd.oci.image.manifest.v1+json"),
+}
+
+
+def accept_all() -> list[tuple[str, str]]:
+    return [("Accept", a) for a in ALL_MANIFESTS]
+
+
+def test_version_check(mirror):
+    response = httpx.get(f"{mirror.url}/v2/")
+    assert response.status_code == 200
+    assert response.headers["docker-distribution-api-version"] == "registry/2.0"
+    assert response.json() == {}
+
+
+@pytest.mark.parametrize("name", MANIFEST_CASES)
+def test_manifest_by_tag_matches_upstream(mirror, upstream: Upstream, name):
+    repo, media_type = MANIFEST_CASES[name]
+    seeded = upstream.seeded[name]
+    expected = upstream.get(seeded.repo, seeded.tag)
+    with mirror.client() as client:
+        for _attempt in ("cold", "warm"):
+            response = client.get(f"/v2/{repo}/manifests/{seeded.tag}", headers=accept_all())
+            assert response.status_code == 200, response.text
+            assert response.content == expected.content
+            assert response.headers["content-type"] == media_type == expected.headers["content-type"]
+            assert response.headers["docker-content-digest"] == seeded.digest
+            assert "sha256:" + hashlib.sha256(response.content).hexdigest() == seeded.digest
+            assert int(response.headers["content-length"]) == len(expected.content)
+            assert response.headers["etag"] == f'"{seeded.digest}"'
+    lines = mirror.access_lines(f"/v2/{repo}/manifests/{seeded.tag}", at_least=2)
+    assert "cache=MISS" in lines[0] and "cache=HIT" in lines[1]
+
+
+def test_docker_schema2_child_manifest_by_digest(mirror, upstream: Upstream):
+    """The platform manifests of a Docker manifest list are Docker schema2."""
+    listing = json.loads(upstream.get("library/alpine", "3").content)
+    child = listing["manifests"][0]
+    with mirror.client() as client:
+        response = client.get(f"/v2/library/alpine/manifests/{child['digest']}", headers=accept_all())
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert "sha256:" + hashlib.sha256(response.content).hexdigest() == child["digest"]
+    assert mirror.blob_file(child["digest"]).read_bytes() == response.content
+
+
+def test_every_accept_line_is_forwarded(make_mirror, fault_proxy, upstream: Upstream):
+    mirror = make_mirror(fault_proxy.url)
+    with mirror.client() as client:
+        assert client.get("/v2/library/busybox/manifests/latest", headers=accept_all()).status_code == 200
+    sent = fault_proxy.requests(path=r"/manifests/latest$")[0]
+    assert sorted(sent.header_values("Accept")) == sorted(ALL_MANIFESTS)
+
+
+def test_one_component_name_gets_library_prefix(mirror, upstream: Upstream):
+    seeded = upstream.seeded["hello"]
+    with mirror.client() as client:
+        short = client.get("/v2/hello/manifests/latest", headers=accept_all())
+        full = client.get("/v2/library/hello/manifests/latest", headers=accept_all())
+    assert short.status_code == full.status_code == 200
+    assert short.headers["docker-content-digest"] == full.headers["docker-content-digest"] == seeded.digest
+    assert "cache=HIT" in mirror.access_lines("/v2/library/hello/manifests/latest")[0]
+
+
+def test_head_by_tag_asks_upstream_with_head_only(mirror, upstream: Upstream):
+    seeded = upstream.seeded["tool"]
+    length = len(upstream.get("acme/tool", "1.0").content)
+    mark = upstream.registry.mark()
+    with mirror.client() as client:
+        response = client.head("/v2/acme/tool/manifests/1.0", headers=accept_all())
+    assert response.status_code == 200
+    assert response.headers["docker-content-digest"] == seeded.digest
+    assert int(response.headers["content-length"]) == length
+    assert upstream.registry.requests(mark, path="/v2/acme/tool/manifests") == ["HEAD /v2/acme/tool/manifests/1.0"]
+
+
+def test_manifest_by_digest_is_served_without_upstream_once_cached(mirror, upstream: Upstream):
+    seeded = upstream.seeded["busybox"]
+    with mirror.client() as client:
+        first = client.get(f"/v2/library/busybox/manifests/{seeded.digest}", headers=accept_all())
+        mark = upstream.registry.mark()
+        second = client.get(f"/v2/library/busybox/manifests/{seeded.digest}", headers=accept_all())
+        head = client.head(f"/v2/library/busybox/manifests/{seeded.digest}")
+    assert first.status_code == second.status_code == head.status_code == 200
+    assert first.content == second.content
+    assert head.headers["content-length"] == str(len(first.content))
+    assert upstream.registry.requests(mark) == []
+
+
+def test_blob_full_and_head(mirror, upstream: Upstream):
+    seeded = upstream.seeded["hello"]
+    layer = seeded.image.layers["amd64"][0]
+    expected = upstream.blob(layer)
+    with mirror.client() as client:
+        cold = client.get(f"/v2/library/hello/blobs/{layer}")
+        warm = client.get(f"/v2/hello/blobs/{layer}")
+        head = client.head(f"/v2/library/hello/blobs/{layer}")
+    for response in (cold, warm):
+        assert response.status_code == 200
+        assert response.content == expected
+        assert response.headers["docker-content-digest"] == layer
+    assert head.headers["content-length"] == str(len(expected))
+    assert head.headers["accept-ranges"] == "bytes"
+    assert mirror.blob_file(layer).read_bytes() == expected
+    results = [line.split("cache=")[1].split()[0] for line in mirror.access_lines(f"/blobs/{layer}", at_least=3)]
+    # The second request may still find the first transfer committing (fsync, rename): COALESCED.
+    assert results[0] == "MISS" and set(results[1:]) <= {"HIT", "COALESCED"}, results
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "cached"])
+def test_range_requests(mirror, upstream: Upstream, warm):
+    digest = upstream.big_layer
+    data = upstream.blob(digest)
+    with mirror.client() as client:
+        if warm:
+            assert client.get(f"/v2/library/big/blobs/{digest}").status_code == 200
+        middle = client.get(f"/v2/library/big/blobs/{digest}", headers={"Range": "bytes=5000000-5999999"})
+        assert middle.status_code == 206
+        assert middle.headers["content-range"] == f"bytes 5000000-5999999/{len(data)}"
+        assert middle.content == data[5000000:6000000]
+        suffix = client.get(f"/v2/library/big/blobs/{digest}", headers={"Range": "bytes=-100"})
+        assert suffix.status_code == 206 and suffix.content == data[-100:]
+        bad = client.get(f"/v2/library/big/blobs/{digest}", headers={"Range": f"bytes={len(data)}-"})
+        assert bad.status_code == 416
+        assert bad.headers["content-range"] == f"bytes */{len(data)}"
+
+
+def test_tags_list_is_proxied_with_pagination_parameters(make_mirror, fault_proxy, upstream: Upstream):
+    mirror = make_mirror(fault_proxy.url)
+    for params in ({}, {"n": "1"}, {"n": "1", "last": "1"}):
+        ours = httpx.get(f"{mirror.url}/v2/acme/tool/tags/list", params=params)
+        theirs = httpx.get(f"{upstream.url}/v2/acme/tool/tags/list", params=params)
+        assert ours.status_code == 200
+        assert ours.json() == theirs.json()
+        assert ours.headers.get("link") == theirs.headers.get("link")
+    assert sorted(ours.json()["tags"]) == ["1", "1.0"]
+    forwarded = [seen.path for seen in fault_proxy.requests(path="/tags/list")]
+    assert forwarded == ["/v2/acme/tool/tags/list", "/v2/acme/tool/tags/list?n=1",
+                         "/v2/acme/tool/tags/list?n=1&last=1"]
+
+
+def test_containerd_namespace_parameter(mirror, upstream: Upstream):
+    seeded = upstream.seeded["hello"]
+    with mirror.client() as client:
+        ours = client.get("/v2/library/hello/manifests/latest", params={"ns": "docker.io"}, headers=accept_all())
+        alias = client.head("/v2/library/hello/manifests/latest", params={"ns": "registry-1.docker.io"})
+        other = client.get("/v2/library/hello/manifests/latest", params={"ns": "quay.io"})
+    assert ours.status_code == 200 and ours.headers["docker-content-digest"] == seeded.digest
+    assert ours.headers["oci-namespace"] == "docker.io"
+    assert alias.status_code == 200
+    assert other.status_code == 404
+    assert other.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
+@pytest.mark.parametrize("path", [
+    "/v2/library/hello/manifests/latest",
+    "/v2/library/hello/blobs/uploads/",
+    "/v2/library/hello/blobs/sha256:" + "a" * 64,
+])
+def test_writes_are_refused(mirror, upstream: Upstream, method, path):
+    before = sorted(p.relative_to(mirror.cache_dir) for p in mirror.cache_dir.rglob("*") if p.is_file())
+    mark = upstream.registry.mark()
+    response = httpx.request(method, mirror.url + path, content=b"{}")
+    assert response.status_code == 405
+    assert response.json()["errors"][0]["code"] == "UNSUPPORTED"
+    assert upstream.registry.requests(mark) == []
+    after = sorted(p.relative_to(mirror.cache_dir) for p in mirror.cache_dir.rglob("*") if p.is_file())
+    assert [p for p in after if p.parts[0] == "blobs"] == [p for p in before if p.parts[0] == "blobs"]
+
+
+@pytest.mark.parametrize("path, status, code", [
+    ("/v2/Library/Hello/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/library/hello../manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/library/hello/manifests/-latest", 400, "TAG_INVALID"),
+    ("/v2/library/hello/manifests/sha256:1234", 400, "DIGEST_INVALID"),
+    ("/v2/library/hello/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
+    ("/v2/library/hello/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400, "DIGEST_INVALID"),
+    ("/v2/library/hello/blobs/notadigest", 400, "DIGEST_INVALID"),
+    ("/v2/library/hello/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
+    ("/v2/library/hello/manifests/nosuchtag", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/library/hello/manifests/sha256:" + "0" * 64, 404, "MANIFEST_UNKNOWN"),
+    ("/v2/nobody/nothing/tags/list", 404, "NAME_UNKNOWN"),
+])
+def test_errors_use_spec_codes(mirror, upstream: Upstream, path, status, code):
+    mark = upstream.registry.mark()
+    response = httpx.get(mirror.url + path)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["errors"][0]["code"] == code
+    if status == 400:  # rejected before anything reached the upstream
+        assert upstream.registry.requests(mark) == []
+    assert "Traceback" not in mirror.log_text()

@@ -1,0 +1,171 @@
+"""When the upstream is down, slow, rate limiting or lying: serve what is cached, never corrupt."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+
+import httpx
+import pytest
+
+from tests.conftest import ALL_MANIFESTS, Upstream
+from tests.support import images
+from tests.support.procs import Registry, free_port, wait_until
+
+ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
+
+
+def cache_of(line: str) -> str:
+    return line.split("cache=")[1].split()[0]
+
+
+def indexed(mirror, digest: str) -> bool:
+    db = sqlite3.connect(mirror.cache_dir / "index.sqlite")
+    try:
+        return db.execute("SELECT 1 FROM content WHERE digest = ?", (digest,)).fetchone() is not None
+    finally:
+        db.close()
+
+
+def warm_hello(client: httpx.Client, upstream: Upstream) -> None:
+    image = upstream.seeded["hello"].image
+    assert client.get("/v2/library/hello/manifests/latest", headers=ACCEPT).status_code == 200
+    for digest in image.layers["amd64"]:
+        assert client.get(f"/v2/library/hello/blobs/{digest}").status_code == 200
+
+
+def test_upstream_stopped_serves_cached_content(tmp_path, make_mirror, upstream: Upstream):
+    second = Registry(tmp_path / "second", storage=upstream.registry.storage)
+    second.start()
+    try:
+        mirror = make_mirror(second.url, cache={"tag_ttl": "0s"})
+        with mirror.client() as client:
+            warm_hello(client, upstream)
+    finally:
+        second.stop()
+    seeded = upstream.seeded["hello"]
+    layer = seeded.image.layers["amd64"][0]
+    uncached_layer = upstream.seeded["busybox"].image.layers["amd64"][0]
+    for attempt in ("running", "restarted while the upstream is down"):
+        with mirror.client() as client:
+            by_tag = client.get("/v2/library/hello/manifests/latest", headers=ACCEPT)
+            head = client.head("/v2/library/hello/manifests/latest", headers=ACCEPT)
+            by_digest = client.get(f"/v2/library/hello/manifests/{seeded.digest}", headers=ACCEPT)
+            blob = client.get(f"/v2/library/hello/blobs/{layer}")
+            tags = client.get("/v2/library/hello/tags/list")
+            missing_blob = client.get(f"/v2/library/busybox/blobs/{uncached_layer}")
+            missing_tag = client.get("/v2/library/busybox/manifests/latest", headers=ACCEPT)
+        assert by_tag.status_code == head.status_code == by_digest.status_code == blob.status_code == 200, attempt
+        assert by_tag.headers["docker-content-digest"] == head.headers["docker-content-digest"] == seeded.digest
+        assert blob.content == upstream.blob(layer)
+        assert tags.json() == {"name": "library/hello", "tags": ["latest"]}
+        for response in (missing_blob, missing_tag):
+            assert response.status_code == 503
+            assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
+        assert cache_of(mirror.access_lines(r'"GET /v2/library/hello/manifests/latest"')[-1]) == "STALE"
+        assert cache_of(mirror.access_lines(f"GET /v2/library/hello/blobs/{layer}")[-1]) == "HIT"
+        assert "serving the cached tag" in mirror.log_text()
+        mirror.restart()
+
+
+@pytest.mark.parametrize("status, code", [(503, "UNAVAILABLE"), (429, "TOOMANYREQUESTS")])
+def test_upstream_errors_serve_stale_tags(make_mirror, fault_proxy, upstream: Upstream, status, code):
+    mirror = make_mirror(fault_proxy.url, cache={"tag_ttl": "0s"})
+    with mirror.client() as client:
+        warm_hello(client, upstream)
+        fault_proxy.status = (r"/manifests/", status)
+        cached = client.get("/v2/library/hello/manifests/latest", headers=ACCEPT)
+        uncached = client.get("/v2/acme/tool/manifests/1.0", headers=ACCEPT)
+    assert cached.status_code == 200
+    assert cached.headers["docker-content-digest"] == upstream.seeded["hello"].digest
+    assert cache_of(mirror.access_lines("GET /v2/library/hello/manifests/latest", at_least=2)[-1]) == "STALE"
+    assert uncached.status_code == status
+    assert uncached.json()["errors"][0]["code"] == code
+    assert f"upstream={status}" in mirror.access_lines("/v2/acme/tool/manifests/1.0")[-1]
+
+
+def test_tag_revalidation_uses_head_and_follows_changes(tmp_path, make_mirror, upstream: Upstream):
+    def push(name: str) -> str:
+        image = images.build(tmp_path / name, name, tag="v1", seed=name)
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{tmp_path / name}:v1",
+                        f"docker://{upstream.registry.address}/test/retag:v1"], check=True, capture_output=True)
+        return image.digest
+
+    first = push("first")
+    fresh = make_mirror(cache={"tag_ttl": "1h"})
+    always = make_mirror(cache={"tag_ttl": "0s"})
+    for mirror in (fresh, always):
+        response = httpx.get(f"{mirror.url}/v2/test/retag/manifests/v1", headers=ACCEPT)
+        assert response.headers["docker-content-digest"] == first
+    mark = upstream.registry.mark()
+    assert httpx.get(f"{fresh.url}/v2/test/retag/manifests/v1", headers=ACCEPT).status_code == 200
+    assert upstream.registry.requests(mark) == []  # fresh: no upstream call at all
+    assert httpx.get(f"{always.url}/v2/test/retag/manifests/v1", headers=ACCEPT).status_code == 200
+    assert upstream.registry.requests(mark) == ["HEAD /v2/test/retag/manifests/v1"]  # stale: HEAD, no GET
+
+    second = push("second")
+    mark = upstream.registry.mark()
+    changed = httpx.get(f"{always.url}/v2/test/retag/manifests/v1", headers=ACCEPT)
+    assert changed.headers["docker-content-digest"] == second
+    assert upstream.registry.requests(mark, path="/manifests/") == [
+        "HEAD /v2/test/retag/manifests/v1", f"GET /v2/test/retag/manifests/{second}"]
+    unchanged = httpx.get(f"{fresh.url}/v2/test/retag/manifests/v1", headers=ACCEPT)
+    assert unchanged.headers["docker-content-digest"] == first  # within tag_ttl
+
+
+def test_mirror_starts_with_upstream_down(make_mirror):
+    mirror = make_mirror(f"http://127.0.0.1:{free_port()}")
+    with mirror.client() as client:
+        assert client.get("/v2/").status_code == 200
+        response = client.get("/v2/library/hello/manifests/latest", headers=ACCEPT)
+    assert response.status_code == 503
+    assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert "Traceback" not in mirror.log_text()
+
+
+def test_tampered_blob_is_never_cached_or_served(make_mirror, fault_proxy, upstream: Upstream):
+    layer = upstream.seeded["tool"].image.layers["amd64"][0]
+    fault_proxy.tamper = f"/blobs/{layer}"
+    mirror = make_mirror(fault_proxy.url)
+    url = f"{mirror.url}/v2/acme/tool/blobs/{layer}"
+    for _attempt in range(2):
+        with pytest.raises(httpx.RemoteProtocolError):  # cut off before the last byte
+            httpx.get(url)
+    wait_until(lambda: len(mirror.access_lines(layer, at_least=2)) >= 2, what="request lines")
+    assert not mirror.blob_file(layer).exists()
+    assert not indexed(mirror, layer)
+    assert list((mirror.cache_dir / "tmp").iterdir()) == []
+    assert len(fault_proxy.requests("GET", f"/blobs/{layer}")) == 2  # the second try went upstream again
+    assert all("response cut off" in line for line in mirror.access_lines(layer))
+    assert "hashes to" in mirror.log_text()
+
+    fault_proxy.tamper = None
+    good = httpx.get(url)
+    assert good.status_code == 200 and good.content == upstream.blob(layer)
+
+
+def test_tampered_manifest_is_refused(make_mirror, fault_proxy, upstream: Upstream):
+    seeded = upstream.seeded["tool"]
+    fault_proxy.tamper = "/manifests/sha256:"
+    mirror = make_mirror(fault_proxy.url)
+    by_tag = httpx.get(f"{mirror.url}/v2/acme/tool/manifests/1.0", headers=ACCEPT)
+    by_digest = httpx.get(f"{mirror.url}/v2/acme/tool/manifests/{seeded.digest}", headers=ACCEPT)
+    for response in (by_tag, by_digest):
+        assert response.status_code == 502
+        assert response.json()["errors"][0]["code"] == "DIGEST_INVALID"
+    assert not mirror.blob_file(seeded.digest).exists()
+    assert not indexed(mirror, seeded.digest)
+
+
+def test_upstream_cut_mid_blob(make_mirror, fault_proxy, upstream: Upstream):
+    digest = upstream.big_layer
+    fault_proxy.cut = (f"/blobs/{digest}", 10 * 1024 * 1024)
+    mirror = make_mirror(fault_proxy.url)
+    url = f"{mirror.url}/v2/library/big/blobs/{digest}"
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(url, timeout=60)
+    assert not indexed(mirror, digest)
+    wait_until(lambda: list((mirror.cache_dir / "tmp").iterdir()) == [], what="temp file removed")
+    fault_proxy.cut = None
+    response = httpx.get(url, timeout=60)
+    assert response.status_code == 200 and response.content == upstream.blob(digest)
