@@ -29,7 +29,11 @@ class DockerMirror:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.cache = Cache(config.cache.dir, clock=clock)
-        self.upstream_client = UpstreamClient(config.upstream)
+        up = config.upstream
+        self.upstream_client = UpstreamClient(
+            up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
+            connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
+        )
         upstream = Upstream(registry_key(config.upstream.registry), self.upstream_client)
         self.mirror = Mirror(upstream, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
         self.started_at: float | None = None

@@ -5,7 +5,8 @@
 * A tag maps to a digest for ``cache.tag_ttl``; after that it is revalidated with a
   HEAD (which Docker Hub does not count as a pull), and the manifest is fetched only
   if the digest changed. If the upstream is unreachable or answers 5xx/429, the
-  cached mapping is served stale.
+  cached mapping is served stale; for a while after the upstream could not be
+  reached, cached tags are served stale without trying it first.
 * A blob that is not cached is fetched by one transfer; concurrent requests for it
   follow that transfer (COALESCED).
 
@@ -169,6 +170,9 @@ class Mirror:
         if row is not None and self.clock() - row.checked < self.tag_ttl:
             self.cache.touch_tag(key, repo.name, tag)
             return await self._serve_tag(repo, row, accept, head=head, cache=HIT, upstream_status=None)
+        if row is not None and repo.upstream.client.recently_down:
+            error = UpstreamUnreachable(f"not retried for a while after: {repo.upstream.client.last_error}")
+            return await self._stale(repo, tag, row, accept, error, head=head)
         flight = ("tag", key, repo.name, tag, tuple(accept))
         try:
             fresh = await self._flights.do(flight, lambda: self._revalidate(repo, tag, accept))

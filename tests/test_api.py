@@ -208,3 +208,27 @@ def test_errors_use_spec_codes(mirror, upstream: Upstream, path, status, code):
     if status == 400:  # rejected before anything reached the upstream
         assert upstream.registry.requests(mark) == []
     assert "Traceback" not in mirror.log_text()
+
+
+def test_accept_decides_what_a_cached_tag_can_answer(make_mirror, fault_proxy, upstream: Upstream):
+    """A cached OCI index must not be handed to a client that only accepts Docker schema2."""
+    mirror = make_mirror(fault_proxy.url)
+    docker_only = [("Accept", "application/vnd.docker.distribution.manifest.v2+json")]
+    with mirror.client() as client:
+        assert client.get("/v2/library/busybox/manifests/latest", headers=accept_all()).status_code == 200
+        before = len(fault_proxy.requests(path="/manifests/latest"))
+        narrow = client.get("/v2/library/busybox/manifests/latest", headers=docker_only)
+    direct = httpx.get(f"{upstream.url}/v2/library/busybox/manifests/latest", headers=docker_only)
+    assert len(fault_proxy.requests(path="/manifests/latest")) == before + 1  # asked the upstream again
+    assert narrow.status_code == direct.status_code
+    assert narrow.headers.get("content-type") != "application/vnd.oci.image.index.v1+json"
+
+
+def test_manifest_fetched_through_blobs_endpoint_keeps_its_type(mirror, upstream: Upstream):
+    seeded = upstream.seeded["hello"]
+    with mirror.client() as client:
+        assert client.get(f"/v2/library/hello/manifests/{seeded.digest}", headers=accept_all()).status_code == 200
+        as_blob = client.get(f"/v2/library/hello/blobs/{seeded.digest}")
+    assert as_blob.status_code == 200
+    assert as_blob.headers["content-type"] == "application/vnd.oci.image.manifest.v1+json"
+    assert "sha256:" + hashlib.sha256(as_blob.content).hexdigest() == seeded.digest

@@ -169,3 +169,19 @@ def test_upstream_cut_mid_blob(make_mirror, fault_proxy, upstream: Upstream):
     fault_proxy.cut = None
     response = httpx.get(url, timeout=60)
     assert response.status_code == 200 and response.content == upstream.blob(digest)
+
+
+def test_black_holed_upstream_is_not_retried_for_every_pull(make_mirror, fault_proxy, upstream: Upstream):
+    """An upstream that accepts connections and never answers costs one read timeout, not one per pull."""
+    mirror = make_mirror(fault_proxy.url, cache={"tag_ttl": "0s"}, upstream={"read_timeout": "1s"})
+    with mirror.client() as client:
+        warm_hello(client, upstream)
+        fault_proxy.hang = 5.0
+        before = len(fault_proxy.seen)
+        answers = [client.get("/v2/library/hello/manifests/latest", headers=ACCEPT) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert all(a.headers["docker-content-digest"] == upstream.seeded["hello"].digest for a in answers)
+    assert len(fault_proxy.seen) == before + 1  # only the first pull waited for the upstream
+    lines = mirror.access_lines('"GET /v2/library/hello/manifests/latest"', at_least=5)[-4:]
+    assert [cache_of(line) for line in lines] == ["STALE"] * 4
+    assert "ReadTimeout" in mirror.log_text()

@@ -13,12 +13,12 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urljoin
 
 import httpx
 
 from dockermirror import __version__
-from dockermirror.config import UpstreamConfig
 from dockermirror.errors import (
     BlobUnknown,
     Denied,
@@ -36,6 +36,10 @@ from dockermirror.upstream.auth import AuthError, Authenticator
 log = logging.getLogger("dockermirror.upstream")
 
 REDIRECTS = (301, 302, 303, 307, 308)
+POOL_TIMEOUT = 300.0
+# After the upstream could not be reached, tag revalidation is skipped (cached tags are
+# served stale at once) for this long, so a black-holed upstream does not stall every pull.
+DOWN_WINDOW = 30.0
 MAX_REDIRECTS = 5
 # Headers of a client request worth passing on (Accept is handled on its own).
 Headers = Iterable[tuple[str, str]]
@@ -72,28 +76,46 @@ class BlobStream:
 class UpstreamClient:
     """Talks to one upstream registry."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
-        self.config = config
-        self.base = config.url
+    def __init__(
+        self,
+        url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_bundle: Path | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        self.base = url.rstrip("/")
         verify: ssl.SSLContext | bool = True
-        if config.ca_bundle is not None:
-            verify = ssl.create_default_context(cafile=str(config.ca_bundle))
+        if ca_bundle is not None:
+            verify = ssl.create_default_context(cafile=str(ca_bundle))
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(
-                connect=config.connect_timeout,
-                read=config.read_timeout,
-                write=config.read_timeout,
-                pool=config.connect_timeout,
+                connect=connect_timeout,
+                read=read_timeout,
+                write=read_timeout,
+                # waiting for a free connection is load, not an upstream failure
+                pool=POOL_TIMEOUT,
             ),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             verify=verify,
             follow_redirects=False,
             headers={"User-Agent": f"docker-mirror/{__version__}", "Accept-Encoding": "identity"},
         )
-        self.auth = Authenticator(self._client, config.username, config.password)
+        self.auth = Authenticator(self._client, username, password)
         # None until the first request; then whether the last one got an HTTP answer.
         self.reachable: bool | None = None
         self.last_failure: float | None = None
+        self.last_error = ""
+        # Docker Hub's pull allowance as last reported ("ratelimit-remaining": "97;w=21600").
+        self.ratelimit_remaining: str | None = None
+
+    @property
+    def recently_down(self) -> bool:
+        """The last attempt found the upstream unreachable, less than DOWN_WINDOW ago."""
+        return (self.reachable is False and self.last_failure is not None
+                and time.monotonic() - self.last_failure < DOWN_WINDOW)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -140,8 +162,7 @@ class UpstreamClient:
                             raise ManifestInvalid(f"upstream answer exceeds {limit} bytes",
                                                   status=502, upstream_status=response.status_code)
                 except httpx.TransportError as exc:
-                    self._failed()
-                    raise UpstreamUnreachable(_describe(exc)) from None
+                    raise self._failed(exc) from None
             return Reply(response.status_code, response.headers, bytes(body))
         finally:
             await response.aclose()
@@ -177,15 +198,18 @@ class UpstreamClient:
                 await response.aclose()
                 raise RegistryError("upstream redirected too many times", status=502,
                                     upstream_status=response.status_code)
+        except httpx.PoolTimeout:
+            raise Unavailable("too many upstream requests are in progress; try again") from None
         except httpx.TransportError as exc:
-            self._failed()
-            raise UpstreamUnreachable(_describe(exc)) from None
+            raise self._failed(exc) from None
         except AuthError as exc:
             if exc.status is None or exc.status >= 500:
-                self._failed()
-                raise UpstreamUnreachable(str(exc)) from None
+                raise self._failed(exc) from None
             raise Unauthorized(f"upstream authentication failed: {exc}", upstream_status=exc.status) from None
         self.reachable = True
+        remaining = response.headers.get("ratelimit-remaining")
+        if remaining is not None:
+            self.ratelimit_remaining = remaining
         return response
 
     async def _request(self, method: str, url: str, headers: list[tuple[str, str]],
@@ -194,9 +218,13 @@ class UpstreamClient:
         request = self._client.build_request(method, url, headers=all_headers)
         return await self._client.send(request, stream=stream)
 
-    def _failed(self) -> None:
+    def _failed(self, exc: Exception) -> UpstreamUnreachable:
+        """Record that the upstream could not be reached; the exception to raise."""
+        error = UpstreamUnreachable(_describe(exc) if isinstance(exc, httpx.TransportError) else str(exc))
         self.reachable = False
-        self.last_failure = time.time()
+        self.last_failure = time.monotonic()
+        self.last_error = str(error)
+        return error
 
 
 def _describe(exc: httpx.TransportError) -> str:

@@ -2,19 +2,25 @@
 
 Faults are switched per test: flip a byte in matching response bodies, answer a
 status instead of forwarding, cut a body off after N bytes, slow a body down.
-It records every request it forwards (method, path, header lines).
+It can also act like Docker Hub: demand a bearer token (issued by its own ``/token``
+endpoint, optionally only for Basic credentials) or Basic auth, and redirect blob
+downloads to another host (a second proxy standing in for a CDN).
+It records every request it receives (method, path, header lines).
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import re
+import secrets
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
@@ -36,6 +42,12 @@ class FaultProxy:
         self.status: tuple[str, int] | None = None        # (regex, status): answer this instead
         self.cut: tuple[str, int] | None = None           # (regex, bytes): cut the body off after N bytes
         self.slow: tuple[str, float] | None = None        # (regex, seconds per 64 KiB chunk)
+        self.token_auth = False                           # demand "Bearer <token from /token>"
+        self.basic_auth = False                           # demand Basic credentials
+        self.credentials: tuple[str, str] | None = None   # what /token or Basic auth accepts (None: anyone)
+        self.redirect_blobs: str | None = None            # base URL to 307-redirect blob GETs to
+        self.hang: float = 0.0                            # accept, then say nothing for this long
+        self.tokens: dict[str, str] = {}                  # issued token -> scope
         self.seen: list[Seen] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -79,9 +91,63 @@ class FaultProxy:
             self._server.server_close()
             self._server = None
 
+    def _answer(self, handler: BaseHTTPRequestHandler, status: int, body: dict, headers: dict | None = None) -> None:
+        data = json.dumps(body).encode()
+        handler.send_response(status)
+        for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(data)
+
+    def _basic_ok(self, header: str | None) -> bool:
+        if self.credentials is None:
+            return True
+        expected = base64.b64encode(":".join(self.credentials).encode()).decode()
+        return header == f"Basic {expected}"
+
+    def _auth_refusal(self, handler: BaseHTTPRequestHandler) -> tuple[dict, dict] | None:
+        """None if the request may pass; else the 401 body and headers to send."""
+        path, header = handler.path, handler.headers.get("Authorization")
+        denied = {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}
+        if self.basic_auth and not (header and self._basic_ok(header)):
+            return denied, {"WWW-Authenticate": 'Basic realm="test registry"'}
+        if self.token_auth:
+            match = re.match(r"/v2/(.+)/(manifests|blobs|tags)/", path)
+            scope = f"repository:{match.group(1)}:pull" if match else ""
+            token = header.removeprefix("Bearer ") if header and header.startswith("Bearer ") else None
+            if token is None or (scope and self.tokens.get(token) != scope):
+                challenge = f'Bearer realm="{self.url}/token",service="test-registry"'
+                return denied, {"WWW-Authenticate": challenge + (f',scope="{scope}"' if scope else "")}
+        return None
+
     def _forward(self, handler: BaseHTTPRequestHandler) -> None:
         method, path = handler.command, handler.path
         self.seen.append(Seen(method, path, list(handler.headers.items())))
+        if self.hang:
+            time.sleep(self.hang)
+            handler.close_connection = True
+            return
+        if path.startswith("/token"):
+            if not self._basic_ok(handler.headers.get("Authorization")):
+                self._answer(handler, 401, {"details": "bad credentials"})
+                return
+            scope = re.search(r"scope=([^&]+)", path)
+            token = secrets.token_hex(8)
+            self.tokens[token] = unquote(scope.group(1)) if scope else ""
+            self._answer(handler, 200, {"token": token, "expires_in": 300})
+            return
+        refusal = self._auth_refusal(handler)
+        if refusal is not None:
+            self._answer(handler, 401, *refusal)
+            return
+        if self.redirect_blobs and "/blobs/sha256:" in path and method == "GET":
+            handler.send_response(307)
+            handler.send_header("Location", f"{self.redirect_blobs}{path}?signature=abc")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
         if self.status and re.search(self.status[0], path):
             body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": "injected fault"}]}).encode()
             handler.send_response(self.status[1])
@@ -92,9 +158,9 @@ class FaultProxy:
                 handler.wfile.write(body)
             return
         conn = http.client.HTTPConnection(self.target, timeout=60)
-        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        conn.putrequest(method, path.split("?signature=")[0], skip_host=True, skip_accept_encoding=True)
         for name, value in handler.headers.items():
-            if name.lower() not in HOP_BY_HOP:
+            if name.lower() not in HOP_BY_HOP and name.lower() != "authorization":
                 conn.putheader(name, value)
         conn.endheaders()
         response = conn.getresponse()
