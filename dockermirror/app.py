@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 
 from dockermirror.api.accesslog import AccessLog
 from dockermirror.api.routes import routes
-from dockermirror.cache import Cache
+from dockermirror.cache import Cache, Limits
 from dockermirror.config import Config
 from dockermirror.mirror import Mirror, Upstream, registry_key
 from dockermirror.upstream.client import UpstreamClient
@@ -28,13 +28,16 @@ class DockerMirror:
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self.cache = Cache(config.cache.dir, clock=clock)
         up = config.upstream
         self.upstream_client = UpstreamClient(
             up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
             connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
         )
         upstream = Upstream(registry_key(config.upstream.registry), self.upstream_client)
+        c = config.cache
+        limits = Limits(max_size=c.max_size, min_free=c.min_free, blob_ttl=c.blob_ttl, manifest_ttl=c.manifest_ttl,
+                        pins=tuple(upstream.repository(pattern) for pattern in c.pin))
+        self.cache = Cache(c.dir, limits=limits, clock=clock)
         self.mirror = Mirror(upstream, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
         self.started_at: float | None = None
         starlette = Starlette(routes=routes(self.mirror), lifespan=self._lifespan)

@@ -63,7 +63,7 @@ def parse_duration(value: Any) -> float:
 
 def parse_size(value: Any) -> int:
     """Bytes from ``1048576``, ``"500MB"``, ``"200GiB"``."""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, float)):
         raise ValueError(f"expected a size such as 500MB or 200GiB, got {value!r}")
     if isinstance(value, int):
         if value < 0:
@@ -80,12 +80,48 @@ def format_duration(seconds: float) -> str:
     if seconds != int(seconds):
         return f"{round(seconds * 1000)}ms"
     rest, parts = int(seconds), []
-    for unit in ("w", "d", "h", "m", "s"):
+    for unit in ("d", "h", "m", "s"):
         size = int(_DURATION_UNITS[unit])
         if rest >= size or (unit == "s" and not parts):
             parts.append(f"{rest // size}{unit}")
             rest %= size
     return "".join(parts)
+
+
+def parse_capacity(value: Any) -> int | float:
+    """A size in bytes, or ``"80%"``: a share of the filesystem (returned as a float)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            share = float(value.strip()[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise ValueError(f"invalid share {value!r} (use a percentage from 1% to 100%)")
+        return share
+    return parse_size(value)
+
+
+def format_size(size: int) -> str:
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit.lower()] == 0:
+            return f"{size // _SIZE_UNITS[unit.lower()]}{unit}"
+    return str(size)
+
+
+def format_capacity(value: int | float) -> str | int:
+    return f"{value * 100:g}%" if isinstance(value, float) else format_size(value)
+
+
+def parse_patterns(value: Any) -> tuple[str, ...]:
+    """A list of repository name patterns (``library/centos``, ``myorg/*``)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"expected a list of repository patterns, got {value!r}")
+    for pattern in value:
+        if not re.fullmatch(r"[a-z0-9._/*?\[\]-]+", pattern):
+            raise ValueError(f"invalid repository pattern {pattern!r} (lowercase name, may use * and ?)")
+    return tuple(value)
 
 
 def parse_listen(value: Any) -> str:
@@ -142,8 +178,8 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 
 
 def _setting(default: Any, parse: Callable[[Any], Any], *, secret: bool = False,
-             show: Callable[[Any], Any] | None = None) -> Any:
-    metadata = {"parse": parse, "secret": secret, "show": show}
+             show: Callable[[Any], Any] | None = None, sequence: bool = False) -> Any:
+    metadata = {"parse": parse, "secret": secret, "show": show, "sequence": sequence}
     return field(default=default, metadata=metadata, repr=not secret)
 
 
@@ -180,7 +216,12 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     dir: Path = _setting(Path("/var/cache/docker-mirror"), _path)
+    max_size: int | float = _setting(0.8, parse_capacity, show=format_capacity)
+    min_free: int | float = _setting(0.05, parse_capacity, show=format_capacity)
+    blob_ttl: float = _duration(7 * 86400.0)
+    manifest_ttl: float = _duration(7 * 86400.0)
     tag_ttl: float = _duration(300.0)
+    pin: tuple[str, ...] = _setting((), parse_patterns, sequence=True)
 
 
 @dataclass(frozen=True)
@@ -287,8 +328,11 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
                 continue  # "tls:" with nothing under it keeps the defaults
             values[key] = _build(f.default_factory, value_node, loader, source, dotted)  # type: ignore[misc]
             continue
-        if not isinstance(value_node, yaml.ScalarNode):
-            raise ConfigError("expected a single value", source=source, line=key_line, key=dotted)
+        wanted = yaml.SequenceNode if f.metadata.get("sequence") else yaml.ScalarNode
+        if not isinstance(value_node, wanted) and not (
+                isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")):
+            expected = "a list" if f.metadata.get("sequence") else "a single value"
+            raise ConfigError(f"expected {expected}", source=source, line=key_line, key=dotted)
         raw = loader.construct_object(value_node, deep=True)
         try:
             values[key] = f.metadata["parse"](raw)
@@ -312,6 +356,8 @@ def dump(config: Config) -> str:
                 out[name] = f.metadata["show"](value)
             elif isinstance(value, Path):
                 out[name] = str(value)
+            elif isinstance(value, tuple):
+                out[name] = list(value)
             else:
                 out[name] = value
         return out

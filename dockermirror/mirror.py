@@ -8,7 +8,8 @@
   cached mapping is served stale; for a while after the upstream could not be
   reached, cached tags are served stale without trying it first.
 * A blob that is not cached is fetched by one transfer; concurrent requests for it
-  follow that transfer (COALESCED).
+  follow that transfer (COALESCED). A blob the cache has no room for passes through
+  uncached (PASS).
 
 The result of every call says how it was served (HIT, MISS, STALE, COALESCED) and
 what the upstream answered, for the request log.
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dockermirror.cache import Cache, CachedFile, Entry, TagEntry, Transfer
+from dockermirror.cache import Cache, CachedFile, Entry, Follower, TagEntry
 from dockermirror.errors import (
     BadUpstreamContent,
     BlobUnknown,
@@ -43,13 +44,20 @@ T = TypeVar("T")
 DOCKER_HUB = "docker.io"
 _DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 
-HIT, MISS, STALE, COALESCED = "HIT", "MISS", "STALE", "COALESCED"
+HIT, MISS, STALE, COALESCED, PASS = "HIT", "MISS", "STALE", "COALESCED", "PASS"
 
 
 def registry_key(name: str) -> str:
     """The canonical name of a registry host (Docker Hub has several)."""
     name = name.strip().lower()
     return DOCKER_HUB if name in _DOCKER_HUB_ALIASES else name
+
+
+def upstream_repository(registry: str, name: str) -> str:
+    """The repository name a registry uses; Docker Hub keeps official images in library/."""
+    if registry == DOCKER_HUB and "/" not in name:
+        return f"library/{name}"
+    return name
 
 
 @dataclass(frozen=True)
@@ -60,10 +68,7 @@ class Upstream:
     client: UpstreamClient
 
     def repository(self, name: str) -> str:
-        """The repository name the upstream uses; Docker Hub keeps official images in library/."""
-        if self.key == DOCKER_HUB and "/" not in name:
-            return f"library/{name}"
-        return name
+        return upstream_repository(self.key, name)
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class Blob:
     digest: str
     size: int | None            # None when the upstream did not announce a length
     media_type: str | None
-    body: CachedFile | Transfer | None   # None for HEAD
+    body: CachedFile | Follower | None   # None for HEAD
     cache: str
     upstream_status: int | None = None
 
@@ -280,20 +285,28 @@ class Mirror:
         if transfer is not None:
             await transfer.started
             self.cache.touch(str(digest), repo.upstream.key, repo.name)
-            return Blob(str(digest), transfer.size, transfer.media_type, None if head else transfer, COALESCED)
+            follower = None if head else transfer.follow()
+            if head or follower is not None:
+                return Blob(str(digest), transfer.size, transfer.media_type, follower, COALESCED)
+            # An uncached transfer no longer holds the first bytes: this reader gets its own.
+            return await self._new_transfer(repo, digest, shared=False)
         if head:
             reply = await self._ask(repo.upstream.client.head_blob(repo.name, str(digest)))
             if reply.status != 200:
                 raise error_for(reply.status, reply.headers, reply.body, unknown=BlobUnknown)
             return Blob(str(digest), _length(reply), None, None, MISS, reply.status)
+        return await self._new_transfer(repo, digest, shared=True)
 
+    async def _new_transfer(self, repo: Repo, digest: Digest, *, shared: bool) -> Blob:
         async def open_source() -> BlobStream:
             return await self._ask(repo.upstream.client.open_blob(repo.name, str(digest)))
 
         transfer = self.cache.start_transfer(digest, open_source, upstream=repo.upstream.key,
-                                             repository=repo.name)
+                                             repository=repo.name, shared=shared)
         await transfer.started
-        return Blob(str(digest), transfer.size, None, transfer, MISS, 200)
+        follower = transfer.follow()
+        assert follower is not None  # nothing was dropped before its first reader
+        return Blob(str(digest), transfer.size, None, follower, MISS if transfer.caching else PASS, 200)
 
     # --- tags
 

@@ -28,6 +28,8 @@ def error_response(error: RegistryError, *, head: bool = False) -> Response:
 class Body(Protocol):
     def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]: ...
 
+    def close(self) -> None: ...
+
 
 class StreamResponse:
     """Streams ``body.read(start, end)`` and stops as soon as the client goes away.

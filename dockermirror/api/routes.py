@@ -19,7 +19,6 @@ from starlette.types import ASGIApp
 
 from dockermirror.api.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from dockermirror.api.responses import StreamResponse, error_response
-from dockermirror.cache import CachedFile
 from dockermirror.errors import (
     DigestInvalid,
     NameUnknown,
@@ -143,8 +142,7 @@ class RegistryAPI:
             try:
                 byte_range = parse_range(request.headers.get("range"), size)
             except RangeNotSatisfiable:
-                if isinstance(result.body, CachedFile):
-                    result.body.close()
+                result.body.close()
                 raise RegistryError(f"range not satisfiable for a blob of {size} bytes", status=416,
                                     code="RANGE_INVALID", headers={"Content-Range": f"bytes */{size}"}) from None
         if byte_range is not None:

@@ -1,19 +1,25 @@
 """The cache index: one SQLite database (WAL mode) beside the blob files.
 
-It records every stored digest (size, media type, created, last access, hits), which
-repositories each digest was served for, the tag -> digest map with its freshness,
+It records every stored digest (size, media type, created, last access, hits, pinned),
+which repositories each digest was served for, the tag -> digest map with its freshness,
 and traffic counters. A row in ``content`` means the file is complete and verified.
+Triggers keep ``totals`` (entries and bytes) exact, so any process reads the cache's
+size in O(1); LRU eviction and expiry walk an index on ``last_access``, O(log n) each.
 
 Reads use their own connection and never wait for the writer (WAL). Writes go
 through one connection under a lock and are meant for a worker thread; accesses are
 batched by the caller (:class:`AccessBatch`) so a cache hit costs no write of its own.
+Several processes (the server and ``docker-mirror cache ...``) may use one index at once.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +34,20 @@ CREATE TABLE IF NOT EXISTS content (
     kind        TEXT NOT NULL,          -- 'blob' or 'manifest'
     created     REAL NOT NULL,
     last_access REAL NOT NULL,
-    hits        INTEGER NOT NULL DEFAULT 0
+    hits        INTEGER NOT NULL DEFAULT 0,
+    pinned      INTEGER NOT NULL DEFAULT 0  -- served for a repository matching cache.pin
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS content_by_access ON content (last_access);
+CREATE INDEX IF NOT EXISTS content_lru ON content (pinned, last_access);
+CREATE INDEX IF NOT EXISTS content_expiry ON content (kind, pinned, last_access);
+CREATE TABLE IF NOT EXISTS totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1), entries INTEGER NOT NULL, bytes INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals (id, entries, bytes) VALUES (1, 0, 0);
+CREATE TRIGGER IF NOT EXISTS content_added AFTER INSERT ON content BEGIN
+    UPDATE totals SET entries = entries + 1, bytes = bytes + NEW.size WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS content_removed AFTER DELETE ON content BEGIN
+    UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.size WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS content_resized AFTER UPDATE OF size ON content BEGIN
+    UPDATE totals SET bytes = bytes - OLD.size + NEW.size WHERE id = 1; END;
 CREATE TABLE IF NOT EXISTS refs (       -- digest served for upstream/repository
     upstream    TEXT NOT NULL,
     repository  TEXT NOT NULL,
@@ -49,12 +66,16 @@ CREATE TABLE IF NOT EXISTS tags (
     last_access REAL NOT NULL,
     PRIMARY KEY (upstream, repository, tag)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_by_access ON tags (last_access);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 
+_ENTRY = "digest, size, media_type, kind, created, last_access, hits, pinned"
+_TAG = "upstream, repository, tag, digest, media_type, size, checked, last_access"
+
 
 class ForeignDatabase(Exception):
-    """The file is an SQLite database, but not a docker-mirror cache index."""
+    """The file is not a docker-mirror cache index."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +87,7 @@ class Entry:
     created: float
     last_access: float
     hits: int = 0
+    pinned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +102,9 @@ class TagEntry:
     last_access: float
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    target = f"file:{path}?mode=ro" if readonly else str(path)
+    conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=10.0, uri=readonly)
     conn.execute("PRAGMA busy_timeout = 10000")
     return conn
 
@@ -89,8 +112,11 @@ def _connect(path: Path) -> sqlite3.Connection:
 class Index:
     """Typed access to the index database."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, pins: Iterable[str] = (), create: bool = True) -> None:
         self.path = Path(path)
+        self.pins = tuple(pins)
+        if not create and not self.path.exists():
+            raise ForeignDatabase(f"{self.path} does not exist")
         self._lock = threading.Lock()
         self._writer = _connect(self.path)
         try:
@@ -108,34 +134,53 @@ class Index:
             raise ForeignDatabase(f"{self.path} is not an SQLite database ({exc})") from None
         if tables and "meta" not in tables:
             raise ForeignDatabase(f"{self.path} is an SQLite database of something else")
+        if tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+            if row is None or row[0] != FORMAT:
+                raise ForeignDatabase(f"{self.path} has index format {row[0] if row else None!r}, "
+                                      f"expected {FORMAT!r}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        conn.executescript(_SCHEMA)
-        row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-        if row is None:
-            conn.execute("INSERT INTO meta (key, value) VALUES ('format', ?)", (FORMAT,))
-            conn.execute("INSERT INTO meta (key, value) VALUES ('created', ?)", (str(time.time()),))
-        elif row[0] != FORMAT:
-            raise ForeignDatabase(f"{self.path} has index format {row[0]!r}, expected {FORMAT!r}")
+        with self._lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)", (FORMAT,))
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('created', ?)", (str(time.time()),))
+                known = conn.execute("SELECT value FROM meta WHERE key = 'pins'").fetchone()
+                if known is None or json.loads(known[0]) != list(self.pins):
+                    self._repin(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _repin(self, conn: sqlite3.Connection) -> None:
+        """Recompute ``pinned`` for every entry (the pin list changed)."""
+        conn.execute("UPDATE content SET pinned = 0 WHERE pinned = 1")
+        for pattern in self.pins:
+            conn.execute("UPDATE content SET pinned = 1 WHERE pinned = 0 AND digest IN "
+                         "(SELECT digest FROM refs WHERE repository GLOB ?)", (pattern,))
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pins', ?)", (json.dumps(list(self.pins)),))
+
+    def is_pinned(self, repository: str) -> bool:
+        return any(fnmatch.fnmatchcase(repository, pattern) for pattern in self.pins)
 
     def close(self) -> None:
         with self._lock:
             self._writer.close()
         self._reader.close()
 
-    # --- reads (cheap, any thread)
+    # --- reads (cheap; the reader connection belongs to one thread at a time)
 
     def content(self, digest: str) -> Entry | None:
-        row = self._reader.execute(
-            "SELECT digest, size, media_type, kind, created, last_access, hits FROM content WHERE digest = ?",
-            (digest,),
-        ).fetchone()
-        return Entry(*row) if row else None
+        row = self._reader.execute(f"SELECT {_ENTRY} FROM content WHERE digest = ?", (digest,)).fetchone()
+        return _entry(row) if row else None
 
     def tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
         row = self._reader.execute(
-            "SELECT upstream, repository, tag, digest, media_type, size, checked, last_access"
-            " FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
+            f"SELECT {_TAG} FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
             (upstream, repository, tag),
         ).fetchone()
         return TagEntry(*row) if row else None
@@ -145,78 +190,193 @@ class Index:
                                     (upstream, repository))
         return [row[0] for row in rows]
 
+    def tag_count(self) -> int:
+        return self._reader.execute("SELECT count(*) FROM tags").fetchone()[0]
+
+    def tags_pointing_to(self, digest: str) -> list[tuple[str, str, str]]:
+        """(upstream, repository, tag) of every tag whose digest this is."""
+        return self._reader.execute("SELECT upstream, repository, tag FROM tags WHERE digest = ?",
+                                    (digest,)).fetchall()
+
+    def totals(self) -> tuple[int, int]:
+        """(number of entries, bytes) of stored content, kept exact by triggers."""
+        entries, size = self._reader.execute("SELECT entries, bytes FROM totals WHERE id = 1").fetchone()
+        return entries, size
+
     def counters(self) -> dict[str, int]:
         return dict(self._reader.execute("SELECT name, value FROM counters"))
 
-    def totals(self) -> tuple[int, int]:
-        """(number of entries, bytes) of stored content."""
-        count, size = self._reader.execute("SELECT count(*), coalesce(sum(size), 0) FROM content").fetchone()
-        return count, size
+    def meta(self, key: str) -> str | None:
+        row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def lru(self, limit: int, after: tuple[float, str] | None = None) -> list[Entry]:
+        """Unpinned entries, least recently used first, starting after ``(last_access, digest)``."""
+        if after is None:
+            rows = self._reader.execute(
+                f"SELECT {_ENTRY} FROM content WHERE pinned = 0 ORDER BY last_access, digest LIMIT ?", (limit,))
+        else:
+            rows = self._reader.execute(
+                f"SELECT {_ENTRY} FROM content WHERE pinned = 0 AND (last_access, digest) > (?, ?)"
+                " ORDER BY last_access, digest LIMIT ?", (*after, limit))
+        return [_entry(row) for row in rows]
+
+    def expired(self, kind: str, before: float, limit: int) -> list[Entry]:
+        """Unpinned entries of a kind not accessed since ``before``, oldest first."""
+        rows = self._reader.execute(
+            f"SELECT {_ENTRY} FROM content WHERE kind = ? AND pinned = 0 AND last_access < ?"
+            " ORDER BY last_access LIMIT ?", (kind, before, limit))
+        return [_entry(row) for row in rows]
+
+    def entries(self, batch: int = 1000) -> Iterator[Entry]:
+        """Every entry, in digest order (for verify), read in batches."""
+        last = ""
+        while True:
+            rows = self._reader.execute(
+                f"SELECT {_ENTRY} FROM content WHERE digest > ? ORDER BY digest LIMIT ?", (last, batch)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _entry(row)
+            last = rows[-1][0]
+
+    def repository_digests(self, upstream: str, repository: str) -> dict[str, bool]:
+        """Digests served for a repository -> whether another repository uses them too."""
+        rows = self._reader.execute(
+            "SELECT r.digest, EXISTS (SELECT 1 FROM refs o WHERE o.digest = r.digest AND"
+            " (o.upstream != r.upstream OR o.repository != r.repository))"
+            " FROM refs r WHERE r.upstream = ? AND r.repository = ?", (upstream, repository))
+        return {digest: bool(shared) for digest, shared in rows}
+
+    def oldest_access(self) -> float | None:
+        row = self._reader.execute("SELECT min(last_access) FROM content WHERE pinned = 0").fetchone()
+        return row[0]
+
+    def kinds(self) -> dict[str, tuple[int, int]]:
+        """kind -> (entries, bytes); a full scan, for ``cache stats``."""
+        rows = self._reader.execute("SELECT kind, count(*), coalesce(sum(size), 0) FROM content GROUP BY kind")
+        return {kind: (count, size) for kind, count, size in rows}
+
+    def pinned_totals(self) -> tuple[int, int]:
+        return self._reader.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM content WHERE pinned = 1").fetchone()
 
     # --- writes (blocking: call from a worker thread on the server)
 
-    def add_content(self, entry: Entry, upstream: str, repository: str) -> None:
-        with self._lock:
-            conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute(
-                    "INSERT OR REPLACE INTO content (digest, size, media_type, kind, created, last_access, hits)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (entry.digest, entry.size, entry.media_type, entry.kind, entry.created,
-                     entry.last_access, entry.hits),
-                )
+    def _transaction(self):
+        return _Transaction(self._writer, self._lock)
+
+    def add_content(self, entry: Entry, upstream: str | None, repository: str | None) -> None:
+        """Record stored content, and the repository it was fetched for (if known)."""
+        pinned = int(entry.pinned or (repository is not None and self.is_pinned(repository)))
+        with self._transaction() as conn:
+            conn.execute(
+                f"INSERT INTO content ({_ENTRY}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+                " size = excluded.size, media_type = coalesce(excluded.media_type, media_type),"
+                " kind = excluded.kind, last_access = max(last_access, excluded.last_access),"
+                " pinned = max(pinned, excluded.pinned)",
+                (entry.digest, entry.size, entry.media_type, entry.kind, entry.created, entry.last_access,
+                 entry.hits, pinned),
+            )
+            if upstream is not None and repository is not None:
                 conn.execute("INSERT OR IGNORE INTO refs (upstream, repository, digest) VALUES (?, ?, ?)",
                              (upstream, repository, entry.digest))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
-    def remove_content(self, digest: str) -> None:
-        with self._lock:
-            self._writer.execute("DELETE FROM content WHERE digest = ?", (digest,))
+    def remove_content(self, digests: Iterable[str]) -> int:
+        """Forget entries (and which repositories used them); returns bytes forgotten."""
+        digests = list(digests)
+        with self._transaction() as conn:
+            before = conn.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()[0]
+            conn.executemany("DELETE FROM content WHERE digest = ?", [(d,) for d in digests])
+            conn.executemany("DELETE FROM refs WHERE digest = ?", [(d,) for d in digests])
+            return before - conn.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()[0]
 
     def put_tag(self, entry: TagEntry) -> None:
-        with self._lock:
-            self._writer.execute(
-                "INSERT OR REPLACE INTO tags (upstream, repository, tag, digest, media_type, size, checked,"
-                " last_access) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.upstream, entry.repository, entry.tag, entry.digest, entry.media_type, entry.size,
-                 entry.checked, entry.last_access),
-            )
+        with self._transaction() as conn:
+            conn.execute(f"INSERT OR REPLACE INTO tags ({_TAG}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (entry.upstream, entry.repository, entry.tag, entry.digest, entry.media_type,
+                          entry.size, entry.checked, entry.last_access))
 
     def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
-        with self._lock:
-            self._writer.execute("DELETE FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
-                                 (upstream, repository, tag))
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
+                         (upstream, repository, tag))
+
+    def delete_repository(self, upstream: str, repository: str) -> None:
+        """Forget a repository's tags and its claims on content (not the content)."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM tags WHERE upstream = ? AND repository = ?", (upstream, repository))
+            conn.execute("DELETE FROM refs WHERE upstream = ? AND repository = ?", (upstream, repository))
+
+    def delete_tags_before(self, before: float) -> int:
+        with self._transaction() as conn:
+            return conn.execute("DELETE FROM tags WHERE last_access < ?", (before,)).rowcount
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def apply(self, batch: AccessBatch) -> None:
         """Write a batch of recorded accesses in one transaction."""
-        with self._lock:
-            conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(
-                    "UPDATE content SET last_access = max(last_access, ?), hits = hits + ? WHERE digest = ?",
-                    [(when, hits, digest) for digest, (when, hits) in batch.content.items()],
-                )
-                conn.executemany(
-                    "UPDATE tags SET last_access = max(last_access, ?)"
-                    " WHERE upstream = ? AND repository = ? AND tag = ?",
-                    [(when, *key) for key, when in batch.tags.items()],
-                )
-                conn.executemany("INSERT OR IGNORE INTO refs (upstream, repository, digest) VALUES (?, ?, ?)",
-                                 list(batch.refs))
-                conn.executemany(
-                    "INSERT INTO counters (name, value) VALUES (?, ?)"
-                    " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                    list(batch.counters.items()),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        pinned = [(d,) for (_, repository, d) in batch.refs if self.is_pinned(repository)]
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE content SET last_access = max(last_access, ?), hits = hits + ? WHERE digest = ?",
+                [(when, hits, digest) for digest, (when, hits) in batch.content.items()],
+            )
+            conn.executemany(
+                "UPDATE tags SET last_access = max(last_access, ?) WHERE upstream = ? AND repository = ? AND tag = ?",
+                [(when, *key) for key, when in batch.tags.items()],
+            )
+            conn.executemany("INSERT OR IGNORE INTO refs (upstream, repository, digest) VALUES (?, ?, ?)",
+                             list(batch.refs))
+            conn.executemany("UPDATE content SET pinned = 1 WHERE digest = ? AND pinned = 0", pinned)
+            conn.executemany(
+                "INSERT INTO counters (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                list(batch.counters.items()),
+            )
+
+
+class _Transaction:
+    """``with`` block: one IMMEDIATE transaction on the writer connection, under its lock."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
+        self.conn, self.lock = conn, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.lock.acquire()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
+        return self.conn
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            self.lock.release()
+
+
+def _entry(row: tuple) -> Entry:
+    return Entry(*row[:7], bool(row[7]))
+
+
+def _split(script: str) -> list[str]:
+    """The statements of the schema (triggers contain ';' inside BEGIN ... END)."""
+    statements, current = [], []
+    for line in script.splitlines():
+        line = line.split("--", 1)[0].rstrip()
+        if not line:
+            continue
+        current.append(line)
+        text = "\n".join(current)
+        if text.endswith(";") and sqlite3.complete_statement(text):
+            statements.append(text)
+            current = []
+    return statements
 
 
 @dataclass

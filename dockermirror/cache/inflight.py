@@ -1,9 +1,18 @@
 """One upstream transfer per digest, followed by every reader that wants it.
 
 A :class:`Transfer` streams an upstream body into a temp file of the store, hashing
-as bytes pass, while any number of readers (full or ranged) read the growing file.
-The client that started the transfer is just another reader, so a client that goes
-away stops nothing: the transfer finishes for the others and for the cache.
+as bytes pass, while any number of readers (full or ranged) follow it. The client
+that started the transfer is just another reader, so a client that goes away stops
+nothing: the transfer finishes for the others and for the cache.
+
+Where the bytes live while readers follow:
+
+* normally in the temp file, whose length was reserved (and preallocated) before the
+  first byte: readers ``pread`` it as it grows;
+* when the content may not be cached (larger than the cache, no room, or the disk
+  filled up part-way) the bytes after what reached the file are kept in a bounded
+  in-memory tail. The transfer then goes at the pace of its slowest reader, and
+  ends early if every reader has gone. Nothing of it is ever indexed.
 
 Readers are never given the last byte before the digest has been verified, so a
 client can never receive a complete response with wrong content: a bad transfer
@@ -13,6 +22,9 @@ always ends in a cut-off response.
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
+import itertools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,8 +35,11 @@ from dockermirror.oci import Digest
 
 log = logging.getLogger("dockermirror.cache")
 
-READ_CHUNK = 1024 * 1024   # bytes per read handed to a client
-WRITE_BATCH = 512 * 1024   # bytes gathered before one write+hash in a worker thread
+READ_CHUNK = 1024 * 1024        # bytes per read handed to a client
+WRITE_BATCH = 512 * 1024        # bytes gathered before one hash+write in a worker thread
+RESERVE_STEP = 64 * 1024 * 1024  # reservation growth for a body of unknown length
+MEMORY_TAIL = 64 * 1024 * 1024   # bytes an uncached transfer keeps for slower readers
+SLOW_READER = 60.0               # seconds an uncached transfer waits for a reader that is behind
 
 
 class Source(Protocol):
@@ -41,27 +56,53 @@ class TransferFailed(Exception):
     """The transfer a reader was following did not complete with verified content."""
 
 
+class DigestMismatch(Exception):
+    """The bytes received do not hash to the digest they were fetched for."""
+
+
 async def pread(fd: int, size: int, offset: int) -> bytes:
     """Read from a file at an offset in a worker thread."""
     return await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, size, offset)
 
 
-class Transfer:
-    """A download of one digest into the store, and the readers following it."""
+class Space(Protocol):
+    """What a transfer needs from the cache's accounting."""
 
-    def __init__(self, digest: Digest, store: BlobStore) -> None:
+    async def reserve(self, size: int) -> bool: ...
+
+    def release(self, size: int) -> None: ...
+
+    def disk_full(self) -> None: ...
+
+
+class Transfer:
+    """A download of one digest, and the readers following it."""
+
+    def __init__(self, digest: Digest, store: BlobStore, space: Space, *, cache: bool = True) -> None:
         self.digest = digest
         self.store = store
+        self.space = space
+        self.caching = cache            # False: the bytes only pass through (PASS)
         self.size: int | None = None
         self.media_type: str | None = None
-        self.written = 0
+        self.received = 0               # bytes hashed so far
+        self.file_end = 0               # bytes [0, file_end) are in the temp file
         self.verified = False
         self.error: BaseException | None = None
-        # resolves once the upstream answered and the temp file exists (or with the error)
+        # resolves once the upstream answered and the bytes have a place (or with the error)
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.finished = asyncio.Event()
-        self._progress = asyncio.Event()
+        self._hasher = hashlib.new(digest.algorithm)
         self._temp: TempBlob | None = None
+        self._reserved = 0
+        self._tail: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._tail_start = 0            # offset of the first byte still in the tail
+        self._tail_bytes = 0
+        self._progress = asyncio.Event()
+        self._readers: dict[int, int] = {}   # reader id -> position
+        self._reader_ids = itertools.count()
+        self._reader_moved = asyncio.Event()
+        self._had_readers = False
 
     # --- the writing side
 
@@ -70,18 +111,24 @@ class Transfer:
         open_source: Callable[[], Awaitable[Source]],
         commit: Callable[[TempBlob, Transfer], Awaitable[None]],
     ) -> None:
-        """Fetch, verify and commit; never raises (readers see the outcome)."""
+        """Fetch, verify and (if caching) commit; never raises (readers see the outcome)."""
         source: Source | None = None
         try:
             source = await open_source()
             self.size = source.size
-            self._temp = self.store.new_temp(self.digest)
+            if self.caching:
+                await self._open_file()
             self.started.set_result(None)
             await self._pump(source)
-            self._temp.verify(self.size)
+            if self.size is not None and self.received != self.size:
+                raise DigestMismatch(f"expected {self.size} bytes, got {self.received}")
+            actual = self._hasher.hexdigest()
+            if actual != self.digest.hex:
+                raise DigestMismatch(f"content hashes to {self.digest.algorithm}:{actual}")
             self.verified = True
             self._notify()
-            await commit(self._temp, self)
+            if self.caching and self._temp is not None and self.file_end == self.received:
+                await commit(self._temp, self)
         except BaseException as exc:
             self._fail(exc)
             if not isinstance(exc, Exception):
@@ -89,17 +136,42 @@ class Transfer:
         finally:
             if source is not None:
                 await source.aclose()
+            self.space.release(self._reserved)
+            self._reserved = 0
             # Closed here, on the event loop, so no reader can dup a stale descriptor.
             if self._temp is not None:
                 self._temp.discard()
             self.finished.set()
 
+    async def _open_file(self) -> None:
+        """Reserve room and a temp file for the content, or fall back to passing it through."""
+        if self.size is not None:
+            if not await self.space.reserve(self.size):
+                self._uncached("it does not fit in the cache")
+                return
+            self._reserved = self.size
+        temp = self.store.new_temp(self.digest)
+        try:
+            if self.size is not None:
+                await asyncio.to_thread(temp.preallocate, self.size)
+        except OSError as exc:
+            temp.discard()
+            self.space.disk_full()
+            self._uncached(f"no room on disk ({exc.strerror})")
+            return
+        self._temp = temp
+
+    def _uncached(self, why: str) -> None:
+        if self.caching:
+            log.warning("not caching %s (%s bytes): %s; passing it through", self.digest,
+                        self.size if self.size is not None else "unknown", why)
+        self.caching = False
+        self.space.release(self._reserved)
+        self._reserved = 0
+
     async def _pump(self, source: Source) -> None:
-        """Copy the source into the temp file; the next batch downloads while one is written."""
-        loop = asyncio.get_running_loop()
-        temp = self._temp
-        assert temp is not None
-        pending: asyncio.Future[int] | None = None
+        """Copy the source to the file (or the tail); one batch downloads while the last is absorbed."""
+        pending: asyncio.Task[None] | None = None
         batch: list[bytes] = []
         batched = 0
         async for chunk in source.chunks():
@@ -107,17 +179,86 @@ class Transfer:
             batched += len(chunk)
             if batched >= WRITE_BATCH:
                 if pending is not None:
-                    self._advance(await pending)
-                pending = loop.run_in_executor(None, temp.write, batch)
+                    await pending
+                pending = asyncio.ensure_future(self._absorb(batch, batched))
                 batch, batched = [], 0
         if pending is not None:
-            self._advance(await pending)
+            await pending
         if batch:
-            self._advance(await loop.run_in_executor(None, temp.write, batch))
+            await self._absorb(batch, batched)
 
-    def _advance(self, written: int) -> None:
-        self.written = written
+    async def _absorb(self, batch: list[bytes], size: int) -> None:
+        """Hash a batch and put it where readers find it: the file, or (uncached) the tail."""
+        loop = asyncio.get_running_loop()
+        start = self.received
+        temp = self._temp if self.caching else None
+        grown = temp is None or self._reserved >= self.file_end + size \
+            or await self._grow_reservation(self.file_end + size)
+        if temp is not None and grown:
+            error = await loop.run_in_executor(None, self._hash_and_write, temp, batch)
+            self.received += size
+            self.file_end = temp.written
+            if error is None:
+                self._notify()
+                return
+            self.space.disk_full()
+            self._uncached(f"writing failed at byte {self.file_end} ({error.strerror})")
+            self._keep(b"".join(batch)[self.file_end - start:], self.file_end)
+        else:
+            await loop.run_in_executor(None, self._hash, batch)
+            self.received += size
+            self._keep(b"".join(batch), start)
         self._notify()
+        await self._trim()
+
+    async def _grow_reservation(self, needed: int) -> bool:
+        """A body of unknown length: reserve more room as it grows (a step, or just what is needed)."""
+        for step in (max(RESERVE_STEP, needed - self._reserved), needed - self._reserved):
+            if await self.space.reserve(step):
+                self._reserved += step
+                return True
+        self._uncached("it outgrew the room left in the cache")
+        return False
+
+    def _hash(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            self._hasher.update(chunk)
+
+    def _hash_and_write(self, temp: TempBlob, batch: list[bytes]) -> OSError | None:
+        self._hash(batch)
+        try:
+            temp.write(batch)
+        except OSError as exc:
+            return exc
+        return None
+
+    def _keep(self, data: bytes, offset: int) -> None:
+        if data:
+            self._tail.append((offset, data))
+            self._tail_bytes += len(data)
+            if len(self._tail) == 1:
+                self._tail_start = offset
+
+    async def _trim(self) -> None:
+        """Forget tail bytes every reader has passed; wait for readers that are far behind."""
+        while True:
+            lowest = min(self._readers.values(), default=self.received)
+            while self._tail and self._tail[0][0] + len(self._tail[0][1]) <= lowest:
+                _, data = self._tail.popleft()
+                self._tail_bytes -= len(data)
+            self._tail_start = self._tail[0][0] if self._tail else self.received
+            if not self._readers and self._had_readers:
+                raise TransferFailed("every reader of an uncached transfer has gone")
+            if self._tail_bytes <= MEMORY_TAIL or not self._readers:
+                return
+            moved = self._reader_moved
+            try:
+                await asyncio.wait_for(moved.wait(), SLOW_READER)
+            except TimeoutError:
+                log.warning("a reader of %s fell %d bytes behind; dropping what it has not read",
+                            self.digest, self._tail_bytes)
+                _, data = self._tail.popleft()
+                self._tail_bytes -= len(data)
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
@@ -135,46 +276,87 @@ class Transfer:
     @property
     def available(self) -> int:
         """Bytes readers may have: all once verified, else all but the last."""
-        return self.written if self.verified else max(0, self.written - 1)
+        return self.received if self.verified else max(0, self.received - 1)
 
-    def open_reader(self) -> int:
+    def follow(self, start: int = 0) -> Follower | None:
+        """A reader from ``start``; None if an uncached transfer already dropped those bytes."""
+        if start >= self.file_end and start < self._tail_start:
+            return None
+        return Follower(self, start)
+
+    def _open_fd(self) -> int:
         """A file descriptor for one reader: the file being written (valid after its rename)."""
         if self._temp is not None and self._temp.fd >= 0:
             return os.dup(self._temp.fd)
         if self._temp is not None and self._temp.committed:
             return os.open(self._temp.path, os.O_RDONLY | os.O_CLOEXEC)
-        raise TransferFailed(str(self.error) if self.error else "transfer ended without content")
+        return -1
+
+    def _from_tail(self, pos: int, limit: int) -> bytes:
+        for offset, data in self._tail:
+            if offset <= pos < offset + len(data):
+                return data[pos - offset: pos - offset + min(limit - pos, READ_CHUNK)]
+        raise TransferFailed(f"bytes at {pos} of an uncached transfer are gone (the reader fell behind)")
+
+
+class Follower:
+    """One reader of a transfer; registered (so its bytes are kept) until it finishes or closes."""
+
+    def __init__(self, transfer: Transfer, start: int) -> None:
+        self.transfer = transfer
+        self.size = transfer.size
+        self._id = next(transfer._reader_ids)
+        transfer._readers[self._id] = start
+        transfer._had_readers = True
+
+    def close(self) -> None:
+        transfer = self.transfer
+        if transfer._readers.pop(self._id, None) is not None:
+            transfer._reader_moved.set()
+            transfer._reader_moved = asyncio.Event()
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``[start, end)`` as they arrive; ``end=None`` reads to the end of the content."""
-        await self.started
-        fd = self.open_reader()
+        t = self.transfer
+        fd = -1
         try:
+            await t.started
+            fd = t._open_fd()
             pos = start
             while end is None or pos < end:
-                progress = self._progress
-                limit = self.available if end is None else min(self.available, end)
+                t._readers[self._id] = pos
+                progress = t._progress
+                limit = t.available if end is None else min(t.available, end)
                 if pos < limit:
-                    data = await pread(fd, min(limit - pos, READ_CHUNK), pos)
+                    if pos < t.file_end:
+                        data = await pread(fd, min(limit, t.file_end, pos + READ_CHUNK) - pos, pos)
+                    else:
+                        data = t._from_tail(pos, limit)
                     if not data:
                         raise TransferFailed("temp file shorter than recorded")
                     pos += len(data)
+                    t._readers[self._id] = pos
+                    t._reader_moved.set()
+                    t._reader_moved = asyncio.Event()
                     yield data
-                elif self.verified and pos >= self.written:
+                elif t.verified and pos >= t.received:
                     return  # complete, verified content (even if caching it failed)
-                elif self.error is not None:
-                    raise TransferFailed(str(self.error) or type(self.error).__name__)
+                elif t.error is not None:
+                    raise TransferFailed(str(t.error) or type(t.error).__name__)
                 else:
                     await progress.wait()
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+            self.close()
 
 
 class Transfers:
     """The transfers in flight in this process, one per digest."""
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, space: Space) -> None:
         self.store = store
+        self.space = space
         self._active: dict[Digest, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -186,17 +368,22 @@ class Transfers:
         digest: Digest,
         open_source: Callable[[], Awaitable[Source]],
         commit: Callable[[TempBlob, Transfer], Awaitable[None]],
+        *,
+        shared: bool = True,
     ) -> Transfer:
-        """Start a transfer; the caller checked that none is active for this digest."""
-        assert digest not in self._active
-        transfer = Transfer(digest, self.store)
-        self._active[digest] = transfer
+        """Start a transfer. A shared one is the digest's single transfer (the caller checked
+        there is none); an unshared one serves one late reader of an uncached transfer."""
+        transfer = Transfer(digest, self.store, self.space, cache=shared)
+        if shared:
+            assert digest not in self._active
+            self._active[digest] = transfer
 
         async def run() -> None:
             try:
                 await transfer.run(open_source, commit)
             finally:
-                del self._active[digest]
+                if self._active.get(digest) is transfer:
+                    del self._active[digest]
 
         task = asyncio.get_running_loop().create_task(run(), name=f"transfer {digest}")
         self._tasks.add(task)

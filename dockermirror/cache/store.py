@@ -4,28 +4,29 @@ Layout under the cache directory::
 
     blobs/<algorithm>/<first 2 hex>/<hex>   complete, verified content (layers and manifests)
     tmp/<algorithm>-<hex>.<random>.part     downloads in progress
+    tmp/<algorithm>-<hex>.<random>.evict    content being deleted
 
 A file reaches ``blobs/`` only through :meth:`BlobStore.commit`: written to ``tmp/``
-on the same filesystem, digest checked, fsynced, renamed. Nothing else writes there.
+on the same filesystem, digest checked by the writer, fsynced, renamed. A file leaves
+``blobs/`` by a rename into ``tmp/`` first, so a commit of the same digest that races
+with a deletion is never deleted by it. Everything in ``tmp/`` is garbage at start-up.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
-from dockermirror.oci import Digest
-
-
-class DigestMismatch(Exception):
-    """The bytes written do not hash to the digest they were fetched for."""
+from dockermirror.oci import Digest, InvalidDigest
 
 
 class TempBlob:
-    """A file being written in ``tmp/``; hashes what is written.
+    """A file being written in ``tmp/``.
 
-    ``write`` is blocking and meant for a worker thread; only one thread writes at a time.
+    ``write`` is blocking and meant for a worker thread; one thread writes at a time.
     """
 
     def __init__(self, path: Path, digest: Digest) -> None:
@@ -34,25 +35,26 @@ class TempBlob:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         self.written = 0
         self.committed = False
-        self._hasher = digest.hasher()
+
+    def preallocate(self, size: int) -> None:
+        """Claim the disk space up front, so a full disk shows now rather than mid-download."""
+        if size <= 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise  # ENOSPC, EDQUOT, EIO: the caller decides
 
     def write(self, chunks: list[bytes]) -> int:
-        """Append chunks and feed them to the hash; returns the new file length."""
+        """Append chunks; returns the new length. On an error, ``written`` says what landed."""
         for chunk in chunks:
             view = memoryview(chunk)
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
-            self._hasher.update(chunk)
-            self.written += len(chunk)
+                self.written += n
         return self.written
-
-    def verify(self, expected_size: int | None) -> None:
-        if expected_size is not None and self.written != expected_size:
-            raise DigestMismatch(f"expected {expected_size} bytes, got {self.written}")
-        actual = self._hasher.hexdigest()
-        if actual != self.digest.hex:
-            raise DigestMismatch(f"content hashes to {self.digest.algorithm}:{actual}")
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -93,44 +95,73 @@ class BlobStore:
 
         The file descriptor stays open (readers may be duplicating it); the owner closes it.
         """
+        os.ftruncate(temp.fd, temp.written)  # drop any preallocated tail
         os.fsync(temp.fd)
         final = self.path(temp.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp.path, final)
         temp.path, temp.committed = final, True
-        dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(final.parent)
         return final
 
     def write_bytes(self, digest: Digest, data: bytes) -> Path:
-        """Store small content (a manifest) that is already in memory."""
+        """Store small content (a manifest) already checked against its digest."""
         temp = self.new_temp(digest)
         try:
             temp.write([data])
-            temp.verify(len(data))
             return self.commit(temp)
         finally:
             temp.discard()
 
-    def read_bytes(self, digest: Digest) -> bytes:
-        return self.path(digest).read_bytes()
-
-    def remove(self, digest: Digest) -> None:
+    def remove(self, digest: Digest) -> int:
+        """Delete a stored file; returns the bytes it held (0 if it was not there)."""
+        trash = self.tmp / f"{digest.algorithm}-{digest.hex}.{secrets.token_hex(4)}.evict"
         try:
-            self.path(digest).unlink()
+            os.rename(self.path(digest), trash)
         except FileNotFoundError:
-            pass
+            return 0
+        size = trash.stat().st_blocks * 512
+        trash.unlink()
+        return size
 
     def remove_temp_files(self) -> int:
-        """Delete downloads left behind by a previous process; returns how many."""
+        """Delete downloads and deletions left behind by a previous process; returns how many."""
         count = 0
-        for entry in self.tmp.glob("*.part"):
-            try:
-                entry.unlink()
-                count += 1
-            except FileNotFoundError:
-                pass
+        for entry in self.tmp.iterdir():
+            if entry.suffix in (".part", ".evict"):
+                try:
+                    entry.unlink()
+                    count += 1
+                except FileNotFoundError:
+                    pass
         return count
+
+    def walk(self) -> Iterator[tuple[Digest | None, Path]]:
+        """Every file under ``blobs/``: its digest, or None for a name that is not one."""
+        for algorithm_dir in _subdirs(self.blobs):
+            for prefix_dir in _subdirs(Path(algorithm_dir.path)):
+                with os.scandir(prefix_dir.path) as entries:
+                    for entry in entries:
+                        try:
+                            digest = Digest.parse(f"{algorithm_dir.name}:{entry.name}")
+                        except InvalidDigest:
+                            digest = None
+                        if digest is not None and digest.hex[:2] != prefix_dir.name:
+                            digest = None
+                        yield digest, Path(entry.path)
+
+
+def _subdirs(path: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as entries:
+            return [e for e in entries if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

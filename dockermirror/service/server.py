@@ -8,6 +8,7 @@ import sqlite3
 import uvicorn
 
 from dockermirror.app import DockerMirror
+from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
 from dockermirror.config import Config
 from dockermirror.service.tls import TLSError, server_context
@@ -30,6 +31,8 @@ def build(config: Config) -> tuple[DockerMirror, uvicorn.Server]:
     app = DockerMirror(config)
     try:
         app.open()
+    except CacheBusy as exc:
+        raise StartupError(str(exc)) from None
     except (OSError, sqlite3.Error, ForeignDatabase) as exc:
         detail = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise StartupError(f"cannot open the cache in {config.cache.dir}: {detail}") from None

@@ -47,6 +47,7 @@ class FaultProxy:
         self.credentials: tuple[str, str] | None = None   # what /token or Basic auth accepts (None: anyone)
         self.redirect_blobs: str | None = None            # base URL to 307-redirect blob GETs to
         self.hang: float = 0.0                            # accept, then say nothing for this long
+        self.chunked: str | None = None                   # regex: send these bodies without a length
         self.tokens: dict[str, str] = {}                  # issued token -> scope
         self.seen: list[Seen] = []
         self._server: ThreadingHTTPServer | None = None
@@ -164,13 +165,28 @@ class FaultProxy:
                 conn.putheader(name, value)
         conn.endheaders()
         response = conn.getresponse()
+        chunked = method == "GET" and self.chunked is not None and re.search(self.chunked, path)
         handler.send_response(response.status)
         for name, value in response.getheaders():
-            if name.lower() not in HOP_BY_HOP:
+            if name.lower() not in HOP_BY_HOP and not (chunked and name.lower() == "content-length"):
                 handler.send_header(name, value)
+        if chunked:
+            handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
         if method == "HEAD":
             conn.close()
+            return
+        if chunked:
+            try:
+                while chunk := response.read(65536):
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    if self.slow and re.search(self.slow[0], path):
+                        time.sleep(self.slow[1])
+                handler.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                handler.close_connection = True
+            finally:
+                conn.close()
             return
         tamper = self.tamper is not None and re.search(self.tamper, path)
         cut = self.cut[1] if self.cut and re.search(self.cut[0], path) else None

@@ -72,8 +72,12 @@ class Layout:
 
 
 def build(root: Path, name: str, tag: str = "latest", archs: tuple[str, ...] = ("amd64",),
-          random_bytes: int = 0, seed: str = "", force_index: bool = False) -> Image:
-    """An image with one small gzip layer per arch, plus an optional tar layer of random data."""
+          random_bytes: int = 0, seed: str = "", force_index: bool = False, shared: str = "") -> Image:
+    """An image with one small gzip layer per arch, plus an optional layer of random data.
+
+    ``shared``: a first layer whose content depends only on this string, so images
+    built with the same value share it (same digest).
+    """
     layout = Layout(root)
     image = Image(tag=tag, digest="")
     manifests = []
@@ -84,7 +88,11 @@ def build(root: Path, name: str, tag: str = "latest", archs: tuple[str, ...] = (
             "bin/hello": b"#!/bin/sh\necho hello\n",
         }
         small_tar = tar_bytes(files)
-        layers = [(layout.put(gzip.compress(small_tar, mtime=0), LAYER_GZIP), sha256(small_tar))]
+        layers = []
+        if shared:
+            base_tar = tar_bytes({"etc/base.txt": random.Random(shared).randbytes(4096)})
+            layers.append((layout.put(gzip.compress(base_tar, mtime=0), LAYER_GZIP), sha256(base_tar)))
+        layers.append((layout.put(gzip.compress(small_tar, mtime=0), LAYER_GZIP), sha256(small_tar)))
         if random_bytes:
             data = random.Random(f"{name}/{seed}").randbytes(random_bytes)
             big_tar = tar_bytes({"data/random.bin": data})

@@ -1,0 +1,228 @@
+"""``docker-mirror cache stats | prune | verify | rm``: look after a cache directory.
+
+They work while the server runs: SQLite serialises the index writes, and a file
+removed under a response stays readable through its open descriptor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dockermirror.cache import INDEX_NAME, maintenance
+from dockermirror.cache.index import ForeignDatabase, Index
+from dockermirror.cache.space import filesystem, resolve
+from dockermirror.cache.store import BlobStore
+from dockermirror.config import Config
+from dockermirror.mirror import registry_key, upstream_repository
+from dockermirror.oci import Digest, InvalidDigest, valid_name, valid_tag
+
+
+class CommandError(Exception):
+    """A problem to report in one line, with exit status 1."""
+
+
+@dataclass
+class Opened:
+    config: Config
+    store: BlobStore
+    index: Index
+    upstream: str   # the upstream's key, as in the index
+
+    def capacity(self) -> int:
+        return resolve(self.config.cache.max_size, filesystem(self.store.root).total)
+
+
+def open_cache(config: Config) -> Opened:
+    root = config.cache.dir
+    if not root.is_dir():
+        raise CommandError(f"no cache at {root}: the directory does not exist")
+    if not (root / INDEX_NAME).is_file():
+        raise CommandError(f"{root} is not a docker-mirror cache: it has no {INDEX_NAME}")
+    key = registry_key(config.upstream.registry)
+    pins = tuple(upstream_repository(key, p) for p in config.cache.pin)
+    try:
+        index = Index(root / INDEX_NAME, pins=pins, create=False)
+    except ForeignDatabase as exc:
+        raise CommandError(f"{exc}: not a docker-mirror cache") from None
+    except sqlite3.Error as exc:
+        raise CommandError(f"cannot open {root / INDEX_NAME}: {exc} (run as root or as the cache's owner)") from None
+    return Opened(config, BlobStore(root), index, key)
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
+    age = time.time() - timestamp
+    ago = f"{age / 86400:.0f}d" if age >= 86400 else f"{age / 3600:.0f}h" if age >= 3600 else f"{age / 60:.0f}m"
+    return f"{moment} ({ago} ago)"
+
+
+# --- stats
+
+
+def stats(opened: Opened) -> dict[str, Any]:
+    index = opened.index
+    entries, stored = index.totals()
+    kinds = index.kinds()
+    pinned_entries, pinned_bytes = index.pinned_totals()
+    counters = index.counters()
+    requests = {k.removeprefix("requests_"): v for k, v in counters.items() if k.startswith("requests_")}
+    served = {k.removeprefix("bytes_served_"): v for k, v in counters.items() if k.startswith("bytes_served_")}
+    total_requests = sum(requests.values())
+    tags = index.tag_count()
+    return {
+        "cache_dir": str(opened.store.root),
+        "bytes": stored,
+        "max_bytes": opened.capacity(),
+        "entries": entries,
+        "blobs": {"entries": kinds.get("blob", (0, 0))[0], "bytes": kinds.get("blob", (0, 0))[1]},
+        "manifests": {"entries": kinds.get("manifest", (0, 0))[0], "bytes": kinds.get("manifest", (0, 0))[1]},
+        "tags": tags,
+        "pinned": {"entries": pinned_entries, "bytes": pinned_bytes},
+        "oldest_access": index.oldest_access(),
+        "requests": requests,
+        "hit_ratio": requests.get("hit", 0) / total_requests if total_requests else None,
+        "bytes_served": served,
+        "bytes_served_from_cache": served.get("hit", 0) + served.get("stale", 0),
+        "bytes_fetched_upstream": counters.get("bytes_fetched", 0),
+    }
+
+
+def print_stats(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    share = data["bytes"] / data["max_bytes"] * 100 if data["max_bytes"] else 0.0
+    ratio = "-" if data["hit_ratio"] is None else f"{data['hit_ratio'] * 100:.1f}%"
+    requests = ", ".join(f"{k} {v}" for k, v in sorted(data["requests"].items())) or "none yet"
+    print(f"cache:          {data['cache_dir']}")
+    print(f"size:           {size(data['bytes'])} of {size(data['max_bytes'])} ({share:.1f}%)")
+    print(f"entries:        {data['entries']}: {data['blobs']['entries']} blobs ({size(data['blobs']['bytes'])}),"
+          f" {data['manifests']['entries']} manifests ({size(data['manifests']['bytes'])}); {data['tags']} tags")
+    print(f"pinned:         {data['pinned']['entries']} entries ({size(data['pinned']['bytes'])})")
+    print(f"oldest access:  {when(data['oldest_access'])}")
+    print(f"requests:       {requests}")
+    print(f"hit ratio:      {ratio}")
+    print(f"from cache:     {size(data['bytes_served_from_cache'])} served")
+    print(f"from upstream:  {size(data['bytes_fetched_upstream'])} fetched")
+
+
+# --- prune
+
+
+def prune(opened: Opened, *, older_than: float | None, to_size: int | None, dry_run: bool) -> int:
+    cache = opened.config.cache
+    now = time.time()
+    if older_than is None and to_size is None:  # the configured policy, once
+        cutoffs = {kind: now - ttl for kind, ttl in (("blob", cache.blob_ttl), ("manifest", cache.manifest_ttl))
+                   if ttl > 0}
+        to_size = opened.capacity()
+    else:
+        cutoffs = {} if older_than is None else {"blob": now - older_than, "manifest": now - older_than}
+    removed = maintenance.prune(opened.store, opened.index, cutoffs=cutoffs, to_size=to_size, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    if dry_run:
+        for entry in removed:
+            print(f"{entry.digest}  {size(entry.size):>10}  {entry.kind:8}  last used {when(entry.last_access)}")
+    print(f"{verb} {len(removed)} entries ({size(sum(e.size for e in removed))}); "
+          f"the cache {'would hold' if dry_run else 'holds'} "
+          f"{size(opened.index.totals()[1] - (sum(e.size for e in removed) if dry_run else 0))}")
+    return 0
+
+
+# --- verify
+
+
+def verify(opened: Opened, *, repair: bool) -> int:
+    def progress(entry, problem: str) -> None:
+        print(f"{entry.digest}: {problem}", flush=True)
+
+    report = maintenance.verify(opened.store, opened.index, repair=repair, progress=progress)
+    for stray in report.stray:
+        print(f"{stray}: file without an index entry (not served; removed at the next unclean start)")
+    print(f"{report.checked} entries checked: {len(report.missing)} missing, {len(report.corrupt)} corrupt"
+          + (f"; {report.problems} removed" if repair and report.problems else ""))
+    return 1 if report.problems else 0
+
+
+# --- rm
+
+
+def rm(opened: Opened, target: str) -> int:
+    index, key = opened.index, opened.upstream
+    if target.startswith(("sha256:", "sha512:")):
+        try:
+            digest = Digest.parse(target)
+        except InvalidDigest as exc:
+            raise CommandError(str(exc)) from None
+        entry = index.content(str(digest))
+        tags = index.tags_pointing_to(str(digest))
+        if entry is None and not tags:
+            raise CommandError(f"{digest} is not in the cache")
+        if entry is not None:
+            maintenance.remove(opened.store, index, [entry.digest])
+        for upstream, repository, tag in tags:
+            index.delete_tag(upstream, repository, tag)
+        print(f"removed {digest}" + (f" ({size(entry.size)})" if entry else "")
+              + (f" and {len(tags)} tag(s) pointing at it" if tags else ""))
+        return 0
+    name, _, tag = target.partition(":") if ":" in target.rsplit("/", 1)[-1] else (target, "", "")
+    if not valid_name(name) or (tag and not valid_tag(tag)):
+        raise CommandError(f"{target!r} is neither a digest nor REPOSITORY[:TAG]")
+    repository = upstream_repository(key, name)
+    if tag:
+        row = index.tag(key, repository, tag)
+        if row is None:
+            raise CommandError(f"{repository}:{tag} is not in the cache")
+        index.delete_tag(key, repository, tag)
+        print(f"forgot {repository}:{tag} (was {row.digest}); the next pull asks the upstream")
+        return 0
+    digests = index.repository_digests(key, repository)
+    tags = index.tags_of(key, repository)
+    if not digests and not tags:
+        raise CommandError(f"{repository} is not in the cache")
+    own = [d for d, shared in digests.items() if not shared and index.content(d) is not None]
+    freed = sum(e.size for e in (index.content(d) for d in own) if e)
+    maintenance.remove(opened.store, index, own)
+    index.delete_repository(key, repository)
+    kept = len(digests) - len(own)
+    print(f"removed {repository}: {len(tags)} tag(s), {len(own)} entries ({size(freed)})"
+          + (f"; kept {kept} entries other repositories use" if kept else ""))
+    return 0
+
+
+def run(config: Config, command: str, **options: Any) -> int:
+    opened = open_cache(config)
+    try:
+        if command == "stats":
+            print_stats(stats(opened), options["json"])
+            return 0
+        if command == "prune":
+            return prune(opened, older_than=options["older_than"], to_size=options["to_size"],
+                         dry_run=options["dry_run"])
+        if command == "verify":
+            return verify(opened, repair=options["repair"])
+        if command == "rm":
+            return rm(opened, options["target"])
+        raise AssertionError(command)
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+    finally:
+        opened.index.close()
+

@@ -1,0 +1,91 @@
+"""Helpers for the cache-policy tests: extra images, pulls over HTTP, a disk-usage sampler."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ALL_MANIFESTS, Upstream
+from tests.support import images
+
+MiB = 1024 * 1024
+ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
+
+
+@dataclass
+class Pushed:
+    repo: str
+    image: images.Image
+
+    @property
+    def big(self) -> str:
+        return self.image.layers["amd64"][-1]
+
+
+def push_image(upstream: Upstream, workdir: Path, repo: str, *, random_bytes: int, shared: str = "") -> Pushed:
+    name = repo.replace("/", "-")
+    image = images.build(workdir / name, name, random_bytes=random_bytes, seed=repo, shared=shared)
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{workdir / name}:latest",
+                    f"docker://{upstream.registry.address}/{repo}:latest"], check=True, capture_output=True)
+    return Pushed(repo, image)
+
+
+def pull(client: httpx.Client, repo: str, tag: str = "latest") -> list[str]:
+    """Pull an image like a client would: manifest, config, layers; check every digest."""
+    response = client.get(f"/v2/{repo}/manifests/{tag}", headers=ACCEPT)
+    assert response.status_code == 200, response.text
+    manifest = json.loads(response.content)
+    digests = [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
+    for digest in digests:
+        blob = client.get(f"/v2/{repo}/blobs/{digest}")
+        assert blob.status_code == 200, blob.text
+        assert "sha256:" + hashlib.sha256(blob.content).hexdigest() == digest
+    return [response.headers["docker-content-digest"], *digests]
+
+
+def disk_usage(cache_dir: Path) -> int:
+    """Bytes of content files (stored, in flight, being deleted) under a cache directory."""
+    total = 0
+    for sub in ("blobs", "tmp"):
+        for dirpath, _, files in os.walk(cache_dir / sub):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    pass
+    return total
+
+
+class Sampler(threading.Thread):
+    """Samples disk_usage every few milliseconds while a test runs."""
+
+    def __init__(self, cache_dir: Path, interval: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.cache_dir, self.interval = cache_dir, interval
+        self.samples: list[int] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.samples.append(disk_usage(self.cache_dir))
+
+    def __enter__(self) -> Sampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._halt.set()
+        self.join()
+
+
+def cache_cli(mirror, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dockermirror", "cache", *args, "--config", str(mirror.config_path)],
+                          capture_output=True, text=True, timeout=300)

@@ -1,0 +1,125 @@
+"""docker-mirror cache stats | prune | verify | rm, run while the server serves."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.cachetools import ACCEPT, cache_cli, pull
+from tests.conftest import Upstream
+
+
+@pytest.fixture
+def warm(mirror, upstream: Upstream):
+    with mirror.client() as client:
+        pull(client, "library/hello")
+        pull(client, "acme/tool", "1.0")
+        assert client.get("/v2/library/hello/manifests/latest", headers=ACCEPT).status_code == 200
+    return mirror
+
+
+def rows(mirror) -> dict[str, int]:
+    db = sqlite3.connect(mirror.cache_dir / "index.sqlite")
+    try:
+        return dict(db.execute("SELECT digest, size FROM content"))
+    finally:
+        db.close()
+
+
+def test_stats(warm, upstream: Upstream):
+    time.sleep(1.5)  # let the server flush its access counters
+    result = cache_cli(warm, "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    content = rows(warm)
+    assert data["entries"] == len(content) == data["blobs"]["entries"] + data["manifests"]["entries"]
+    assert data["bytes"] == sum(content.values())
+    on_disk = sum(p.stat().st_size for p in (warm.cache_dir / "blobs").rglob("*") if p.is_file())
+    assert data["bytes"] == on_disk
+    assert data["tags"] == 2
+    assert data["requests"]["hit"] == 1 and data["requests"]["miss"] >= 6
+    assert data["bytes_fetched_upstream"] == on_disk
+    assert 0 < data["hit_ratio"] < 1
+    human = cache_cli(warm, "stats")
+    assert "hit ratio:" in human.stdout and "size:" in human.stdout
+
+
+def test_prune_dry_run_then_for_real(warm):
+    before = rows(warm)
+    dry = cache_cli(warm, "prune", "--older-than", "0s", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would remove {len(before)} entries" in dry.stdout
+    assert rows(warm) == before
+    largest = max(before.values())
+    sized = cache_cli(warm, "prune", "--to-size", str(largest))
+    assert sized.returncode == 0
+    assert sum(rows(warm).values()) <= largest
+    assert cache_cli(warm, "prune", "--older-than", "0s").returncode == 0
+    assert rows(warm) == {}
+    assert not any(p.is_file() for p in (warm.cache_dir / "blobs").rglob("*"))
+    with warm.client() as client:  # and the server simply fetches again
+        pull(client, "library/hello")
+
+
+def test_verify_finds_and_repairs_corruption(warm, upstream: Upstream):
+    layer = upstream.seeded["tool"].image.layers["amd64"][0]
+    assert cache_cli(warm, "verify").returncode == 0
+    path = warm.blob_file(layer)
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    found = cache_cli(warm, "verify")
+    assert found.returncode == 1
+    assert f"{layer}: corrupt" in found.stdout
+    assert "1 corrupt" in found.stdout
+    repaired = cache_cli(warm, "verify", "--repair")
+    assert repaired.returncode == 1 and "1 removed" in repaired.stdout
+    assert layer not in rows(warm) and not path.exists()
+    assert cache_cli(warm, "verify").returncode == 0
+    good = httpx.get(f"{warm.url}/v2/acme/tool/blobs/{layer}")
+    assert good.content == upstream.blob(layer)
+
+
+def test_rm_digest_tag_and_repository(warm, upstream: Upstream):
+    hello = upstream.seeded["hello"]
+    tag_rm = cache_cli(warm, "rm", "hello:latest")
+    assert tag_rm.returncode == 0 and "forgot library/hello:latest" in tag_rm.stdout
+    assert hello.digest in rows(warm)                      # content stays; only the tag is forgotten
+    digest_rm = cache_cli(warm, "rm", hello.digest)
+    assert digest_rm.returncode == 0 and hello.digest not in rows(warm)
+    repo_rm = cache_cli(warm, "rm", "acme/tool")
+    assert repo_rm.returncode == 0, repo_rm.stderr
+    assert not set(upstream.seeded["tool"].image.blob_paths) & set(rows(warm))
+    missing = cache_cli(warm, "rm", "acme/tool")
+    assert missing.returncode == 1 and "acme/tool is not in the cache" in missing.stderr
+    bad = cache_cli(warm, "rm", "Not A Name")
+    assert bad.returncode == 1 and "neither a digest nor REPOSITORY[:TAG]" in bad.stderr
+    with warm.client() as client:
+        pull(client, "acme/tool", "1.0")
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("missing", "no cache at {dir}: the directory does not exist"),
+    ("empty", "{dir} is not a docker-mirror cache: it has no index.sqlite"),
+    ("foreign", "is an SQLite database of something else: not a docker-mirror cache"),
+])
+def test_cache_commands_refuse_what_is_not_a_cache(tmp_path, setup, message):
+    directory = tmp_path / "cache"
+    if setup != "missing":
+        directory.mkdir()
+    if setup == "foreign":
+        sqlite3.connect(directory / "index.sqlite").execute("CREATE TABLE t (x)").connection.commit()
+    for command in (["stats"], ["verify"], ["prune", "--dry-run"], ["rm", "library/x"]):
+        result = subprocess.run([sys.executable, "-m", "dockermirror", "cache", *command, "--cache-dir",
+                                 str(directory)], capture_output=True, text=True)
+        assert result.returncode == 1
+        assert message.format(dir=directory) in result.stderr
+        assert "Traceback" not in result.stderr
+    if setup == "empty":
+        assert list(directory.iterdir()) == []   # nothing created

@@ -1,0 +1,195 @@
+"""A bounded cache: LRU eviction under max_size, shared content, pins, a full disk, a second server."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import subprocess
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cachetools import MiB, Pushed, Sampler, cache_cli, disk_usage, pull, push_image
+from tests.conftest import Upstream
+from tests.support.procs import wait_until
+
+LAYER = 8 * MiB
+
+
+@pytest.fixture(scope="module")
+def fillers(upstream: Upstream, tmp_path_factory) -> list[Pushed]:
+    work = tmp_path_factory.mktemp("fillers")
+    return [push_image(upstream, work, f"fill/img{i}", random_bytes=LAYER) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def sharing(upstream: Upstream, tmp_path_factory) -> tuple[Pushed, Pushed]:
+    work = tmp_path_factory.mktemp("sharing")
+    return (push_image(upstream, work, "share/a", random_bytes=LAYER, shared="common base"),
+            push_image(upstream, work, "share/b", random_bytes=LAYER, shared="common base"))
+
+
+def cached_digests(mirror) -> set[str]:
+    db = sqlite3.connect(mirror.cache_dir / "index.sqlite")
+    try:
+        return {row[0] for row in db.execute("SELECT digest FROM content")}
+    finally:
+        db.close()
+
+
+def test_usage_stays_under_max_size_and_the_most_recently_used_remain(make_mirror, fillers):
+    cap = 40 * MiB
+    mirror = make_mirror(cache={"max_size": "40MiB", "min_free": 0})
+    order: list[str] = []   # big layers, by last use
+    with Sampler(mirror.cache_dir) as sampler, mirror.client() as client:
+        for i in [0, 1, 2, 3, 4, 1, 5, 6, 2, 7, 8, 9]:
+            pull(client, fillers[i].repo)
+            big = fillers[i].big
+            order = [d for d in order if d != big] + [big]
+    peak = max(sampler.samples)
+    print(f"\neviction accuracy: peak usage {peak / MiB:.2f} MiB of a {cap / MiB:.0f} MiB cap "
+          f"= {peak / cap:.3f} ({len(sampler.samples)} samples)")
+    assert len(sampler.samples) > 50
+    assert peak <= cap
+    cached = cached_digests(mirror) & set(order)
+    assert 2 <= len(cached) < len(order)
+    assert cached == set(order[-len(cached):]), "a less recently used layer outlived a more recent one"
+    assert mirror.access_lines("evicted", at_least=0) or "evicted" in mirror.log_text()
+    # everything evicted can be pulled again
+    with mirror.client() as client:
+        for pushed in fillers:
+            pull(client, pushed.repo)
+
+
+def test_shared_blob_survives_eviction_of_one_repository(make_mirror, fillers, sharing):
+    a, b = sharing
+    common = a.image.layers["amd64"][0]
+    assert common == b.image.layers["amd64"][0]
+    mirror = make_mirror(cache={"max_size": "30MiB", "min_free": 0})
+    with mirror.client() as client:
+        pull(client, a.repo)
+        pull(client, b.repo)
+        pull(client, fillers[0].repo)
+        pull(client, fillers[1].repo)
+    cached = cached_digests(mirror)
+    assert a.big not in cached            # a's own layer was the least recently used
+    assert common in cached and mirror.blob_file(common).exists()
+    removed = cache_cli(mirror, "rm", "share/b")
+    assert removed.returncode == 0, removed.stderr
+    assert common in cached_digests(mirror)   # share/a still uses it
+    with mirror.client() as client:           # both still pull after any eviction
+        pull(client, a.repo)
+        pull(client, b.repo)
+        pull(client, fillers[2].repo)
+        pull(client, b.repo)
+        pull(client, a.repo)
+
+
+def test_pinned_content_is_never_evicted(make_mirror, fillers):
+    mirror = make_mirror(cache={"max_size": "30MiB", "min_free": 0, "pin": ["fill/img9"]})
+    with mirror.client() as client:
+        pinned = pull(client, fillers[9].repo)
+        for pushed in fillers[:6]:
+            pull(client, pushed.repo)
+    assert set(pinned) <= cached_digests(mirror)
+    pruned = cache_cli(mirror, "prune", "--older-than", "0s")
+    assert pruned.returncode == 0, pruned.stderr
+    assert cached_digests(mirror) == set(pinned)
+    stats = cache_cli(mirror, "stats", "--json")
+    assert '"pinned": {\n    "entries": 4' in stats.stdout
+
+
+def test_blob_larger_than_the_cache_passes_through(make_mirror, upstream: Upstream):
+    mirror = make_mirror(cache={"max_size": "50MiB", "min_free": 0})
+    digest = upstream.big_layer
+    results: list[tuple[int, str]] = []
+
+    def get() -> None:
+        response = httpx.get(f"{mirror.url}/v2/library/big/blobs/{digest}", timeout=120)
+        results.append((response.status_code, "sha256:" + hashlib.sha256(response.content).hexdigest()))
+
+    threads = [threading.Thread(target=get) for _ in range(3)]
+    mark = upstream.registry.mark()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [(200, digest)] * 3
+    assert len(upstream.registry.requests(mark, "GET", f"/blobs/{digest}")) == 1
+    assert digest not in cached_digests(mirror)
+    assert disk_usage(mirror.cache_dir) == 0
+    assert "cache=PASS" in mirror.access_lines("cache=PASS")[0]
+
+
+@pytest.fixture
+def small_filesystem():
+    """A 40 MiB tmpfs, unmounted after the test."""
+    mountpoint = Path(subprocess.run(["mktemp", "-d", "/tmp/dm-small-XXXXXX"], capture_output=True, text=True,
+                                     check=True).stdout.strip())
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        mountpoint.rmdir()
+
+
+def test_small_filesystem_and_a_disk_that_fills_up(make_mirror, fault_proxy, fillers, upstream: Upstream,
+                                                   small_filesystem: Path):
+    """max_size says 100%, but the filesystem is 40 MiB and something else fills it mid-download."""
+    mirror = make_mirror(fault_proxy.url, cache={"dir": str(small_filesystem / "cache"), "max_size": "100%",
+                                                 "min_free": 0})
+    with mirror.client() as client:
+        for pushed in fillers:             # 80 MiB into 40: eviction keeps up
+            pull(client, pushed.repo)
+        big = client.get(f"/v2/library/big/blobs/{upstream.big_layer}")  # larger than the filesystem
+        assert big.status_code == 200 and big.content == upstream.blob(upstream.big_layer)
+
+        # a body without a length, and a disk that fills up while it downloads, with nothing
+        # left to evict: it must still reach the client, uncached
+        target = fillers[0]
+        emptied = cache_cli(mirror, "prune", "--to-size", "0")
+        assert emptied.returncode == 0, emptied.stderr
+        fault_proxy.chunked = f"/blobs/{target.big}"
+        fault_proxy.slow = (f"/blobs/{target.big}", 0.01)
+        result: list[httpx.Response] = []
+        getter = threading.Thread(target=lambda: result.append(
+            client.get(f"/v2/{target.repo}/blobs/{target.big}", timeout=120)))
+        getter.start()
+        wait_until(lambda: any(p.stat().st_size > MiB for p in (mirror.cache_dir / "tmp").glob("*.part")), 30,
+                   what="download under way")
+        ballast = small_filesystem / "ballast"
+        subprocess.run(["dd", "if=/dev/zero", f"of={ballast}", "bs=1M"], capture_output=True)  # until ENOSPC
+        getter.join(120)
+        ballast.unlink()
+    response = result[0]
+    assert response.status_code == 200
+    assert "sha256:" + hashlib.sha256(response.content).hexdigest() == target.big
+    assert target.big not in cached_digests(mirror)
+    assert mirror.log_text().count(f"not caching {target.big}") == 1   # logged once, not per chunk
+    assert "it outgrew the room left in the cache" in mirror.log_text()
+    assert list((mirror.cache_dir / "tmp").iterdir()) == []
+    verify = cache_cli(mirror, "verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert " 0 missing, 0 corrupt" in verify.stdout
+
+
+def test_second_server_on_the_same_cache_is_refused(make_mirror, mirror):
+    second = make_mirror(cache={"dir": str(mirror.cache_dir)}, start=False)
+    second.start(wait=False)
+    wait_until(lambda: not second.running(), 20, what="second server to give up")
+    assert second.proc.returncode == 1
+    assert f"{mirror.cache_dir} is in use by another docker-mirror server (pid {mirror.pid})" in second.log_text()
+    assert httpx.get(f"{mirror.url}/v2/").status_code == 200
+
+
+def test_clean_restart_keeps_the_cache_and_does_not_check_it(mirror, fillers):
+    with mirror.client() as client:
+        pull(client, fillers[3].repo)
+    mirror.restart()
+    assert "did not stop cleanly" not in mirror.log_text()
+    with mirror.client() as client:
+        assert client.get(f"/v2/{fillers[3].repo}/blobs/{fillers[3].big}").status_code == 200
+    assert "cache=HIT" in mirror.access_lines(fillers[3].big, at_least=2)[-1]
