@@ -240,6 +240,10 @@ class Index:
                 yield _entry(row)
             last = rows[-1][0]
 
+    def sizes(self) -> dict[str, int]:
+        """digest -> size of every entry, in one query (for crash recovery)."""
+        return dict(self._reader.execute("SELECT digest, size FROM content"))
+
     def repository_digests(self, upstream: str, repository: str) -> dict[str, bool]:
         """Digests served for a repository -> whether another repository uses them too."""
         rows = self._reader.execute(

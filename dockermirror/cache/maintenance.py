@@ -59,33 +59,31 @@ class Report:
 def reconcile(store: BlobStore, index: Index, clock: Callable[[], float]) -> Report:
     """After an unclean stop: drop rows whose file is gone or has the wrong length, and
     adopt (after re-hashing) or remove files that have no row. Files with a row and the
-    right length are trusted: they were fsynced before their row was written."""
+    right length are trusted: they were fsynced before their row was written.
+    One query and one walk of the directory tree, whatever the number of entries."""
     report = Report()
-    bad = []
-    for entry in index.entries():
-        report.checked += 1
-        try:
-            size = store.path(Digest.parse(entry.digest)).stat().st_size
-        except FileNotFoundError:
-            report.missing.append(entry.digest)
-            continue
-        if size != entry.size:
-            report.corrupt.append(entry.digest)
-            bad.append(entry.digest)
-    remove(store, index, report.missing + bad)
-    for digest, path in store.walk():
-        if digest is not None and index.content(str(digest)) is not None:
+    known = index.sizes()
+    report.checked = len(known)
+    seen: set[str] = set()
+    for digest, path, size in store.walk():
+        name = str(digest) if digest is not None else None
+        if name is not None and name in known:
+            seen.add(name)
+            if size != known[name]:
+                report.corrupt.append(name)
             continue
         if digest is not None:
             actual, size = hash_file(path, digest.algorithm)
             if actual == digest.hex:
                 mtime = path.stat().st_mtime
-                index.add_content(Entry(str(digest), size, None, "blob", mtime, min(mtime, clock())),
+                index.add_content(Entry(name, size, None, "blob", mtime, min(mtime, clock())),
                                   upstream=None, repository=None)
-                report.adopted.append(str(digest))
+                report.adopted.append(name)
                 continue
         path.unlink(missing_ok=True)
         report.stray.append(path.name)
+    report.missing = [digest for digest in known if digest not in seen]
+    remove(store, index, report.missing + report.corrupt)
     return report
 
 
@@ -108,7 +106,7 @@ def verify(store: BlobStore, index: Index, *, repair: bool,
         if actual != digest.hex or size != entry.size:
             report.corrupt.append(entry.digest)
             progress(entry, f"corrupt ({size} bytes hashing to {digest.algorithm}:{actual})")
-    for digest, path in store.walk():
+    for digest, path, _ in store.walk():
         if digest is None or index.content(str(digest)) is None:
             report.stray.append(str(path.relative_to(store.root)))
     if repair:

@@ -136,8 +136,8 @@ class BlobStore:
                     pass
         return count
 
-    def walk(self) -> Iterator[tuple[Digest | None, Path]]:
-        """Every file under ``blobs/``: its digest, or None for a name that is not one."""
+    def walk(self) -> Iterator[tuple[Digest | None, Path, int]]:
+        """Every file under ``blobs/``: its digest (None for a name that is not one), path, size."""
         for algorithm_dir in _subdirs(self.blobs):
             for prefix_dir in _subdirs(Path(algorithm_dir.path)):
                 with os.scandir(prefix_dir.path) as entries:
@@ -148,7 +148,11 @@ class BlobStore:
                             digest = None
                         if digest is not None and digest.hex[:2] != prefix_dir.name:
                             digest = None
-                        yield digest, Path(entry.path)
+                        try:
+                            size = entry.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            continue
+                        yield digest, Path(entry.path), size
 
 
 def _subdirs(path: Path) -> list[os.DirEntry]:

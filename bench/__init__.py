@@ -1,0 +1,1 @@
+"""Benchmarks for docker-mirror (not tests: they measure, they do not assert)."""
