@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import sqlite3
 import subprocess
 import threading
@@ -193,3 +194,37 @@ def test_clean_restart_keeps_the_cache_and_does_not_check_it(mirror, fillers):
     with mirror.client() as client:
         assert client.get(f"/v2/{fillers[3].repo}/blobs/{fillers[3].big}").status_code == 200
     assert "cache=HIT" in mirror.access_lines(fillers[3].big, at_least=2)[-1]
+
+
+def test_accounting_stays_exact_under_concurrency(make_mirror, fillers, sharing):
+    """Ten clients pull at random while eviction runs; the cap holds and the index matches the disk."""
+    cap = 30 * MiB
+    mirror = make_mirror(cache={"max_size": "30MiB", "min_free": 0})
+    repos = [p.repo for p in fillers] + [p.repo for p in sharing]
+    errors: list[BaseException] = []
+
+    def client_loop(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with mirror.client() as client:
+                for _ in range(6):
+                    pull(client, rng.choice(repos))
+        except BaseException as exc:
+            errors.append(exc)
+
+    with Sampler(mirror.cache_dir) as sampler:
+        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    assert errors == []
+    assert max(sampler.samples) <= cap
+    wait_until(lambda: not any((mirror.cache_dir / "tmp").iterdir()), 10, what="transfers settled")
+    db = sqlite3.connect(mirror.cache_dir / "index.sqlite")
+    entries, total = db.execute("SELECT entries, bytes FROM totals").fetchone()
+    assert (entries, total) == db.execute("SELECT count(*), sum(size) FROM content").fetchone()
+    db.close()
+    assert total == disk_usage(mirror.cache_dir) <= cap
+    verify = cache_cli(mirror, "verify")
+    assert verify.returncode == 0, verify.stdout
