@@ -6,6 +6,7 @@ mirror policy); nothing else in the package keeps mutable state.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -16,35 +17,44 @@ from starlette.applications import Starlette
 from dockermirror.api.accesslog import AccessLog
 from dockermirror.api.routes import routes
 from dockermirror.cache import Cache, Limits
-from dockermirror.config import Config
+from dockermirror.config import CacheConfig, Config, UpstreamConfig
 from dockermirror.mirror import Mirror, Upstream, registry_key
 from dockermirror.upstream.client import UpstreamClient
 
 log = logging.getLogger("dockermirror")
 
 
+def _client(up: UpstreamConfig) -> UpstreamClient:
+    return UpstreamClient(up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
+                          connect_timeout=up.connect_timeout, read_timeout=up.read_timeout)
+
+
+def _limits(c: CacheConfig, upstream: Upstream) -> Limits:
+    return Limits(max_size=c.max_size, min_free=c.min_free, blob_ttl=c.blob_ttl, manifest_ttl=c.manifest_ttl,
+                  pins=tuple(upstream.repository(pattern) for pattern in c.pin))
+
+
 class DockerMirror:
     """One running mirror: config, cache, upstream and the HTTP app around them."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 on_started: Callable[[], None] = lambda: None) -> None:
         self.config = config
-        up = config.upstream
-        self.upstream_client = UpstreamClient(
-            up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
-            connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
-        )
-        upstream = Upstream(registry_key(config.upstream.registry), self.upstream_client)
-        c = config.cache
-        limits = Limits(max_size=c.max_size, min_free=c.min_free, blob_ttl=c.blob_ttl, manifest_ttl=c.manifest_ttl,
-                        pins=tuple(upstream.repository(pattern) for pattern in c.pin))
-        self.cache = Cache(c.dir, limits=limits, clock=clock)
+        upstream = Upstream(registry_key(config.upstream.registry), _client(config.upstream))
+        self.cache = Cache(config.cache.dir, limits=_limits(config.cache, upstream), clock=clock)
         self.mirror = Mirror(upstream, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
         self.started_at: float | None = None
+        self._on_started = on_started
+        self._retired: set[asyncio.Task[None]] = set()
         starlette = Starlette(routes=routes(self.mirror), lifespan=self._lifespan)
         self.asgi = AccessLog(starlette, on_done=self.mirror.record)
 
+    @property
+    def upstream_client(self) -> UpstreamClient:
+        return self.mirror.upstream.client
+
     def open(self) -> None:
-        """Open the cache (index, directories) before the server starts listening."""
+        """Open the cache (lock, index, recovery) before the server starts listening."""
         if self.cache.index is None:
             self.cache.open()
 
@@ -55,8 +65,39 @@ class DockerMirror:
         self.started_at = time.time()
         log.info("mirroring %s (%s) into %s", self.mirror.upstream.key, self.config.upstream.url,
                  self.config.cache.dir)
+        self._on_started()
         try:
             yield
         finally:
             await self.cache.close()
+            for task in self._retired:
+                task.cancel()
             await self.upstream_client.aclose()
+
+    def reconfigure(self, new: Config) -> list[str]:
+        """Apply what a running mirror can change; return the settings that need a restart."""
+        old, restart = self.config, []
+        for name, before, after in (("listen", old.listen, new.listen), ("cache.dir", old.cache.dir, new.cache.dir),
+                                    ("upstream.registry", old.upstream.registry, new.upstream.registry)):
+            if before != after:
+                restart.append(name)
+        if new.upstream != old.upstream and "upstream.registry" not in restart:
+            self._swap_upstream(new.upstream)
+        if new.cache != old.cache:
+            self.cache.set_limits(_limits(new.cache, self.mirror.upstream))
+            self.mirror.tag_ttl = new.cache.tag_ttl
+        self.config = new
+        return restart
+
+    def _swap_upstream(self, config: UpstreamConfig) -> None:
+        """New requests use a new client; the old one closes once the transfers it started are done."""
+        retired = self.upstream_client
+        self.mirror.upstream = Upstream(self.mirror.upstream.key, _client(config))
+
+        async def close_later() -> None:
+            await self.cache.transfers.wait_all(timeout=3600)
+            await retired.aclose()
+
+        task = asyncio.get_running_loop().create_task(close_later(), name="retire upstream client")
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dockermirror.humanize import age, size
 from dockermirror.cache import INDEX_NAME, maintenance
 from dockermirror.cache.index import ForeignDatabase, Index
 from dockermirror.cache.space import filesystem, resolve
@@ -55,21 +56,11 @@ def open_cache(config: Config) -> Opened:
     return Opened(config, BlobStore(root), index, key)
 
 
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
     moment = datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
-    age = time.time() - timestamp
-    ago = f"{age / 86400:.0f}d" if age >= 86400 else f"{age / 3600:.0f}h" if age >= 3600 else f"{age / 60:.0f}m"
-    return f"{moment} ({ago} ago)"
+    return f"{moment} ({age(time.time() - timestamp)} ago)"
 
 
 # --- stats

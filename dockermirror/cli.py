@@ -31,7 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     logs.setup(config.log.level)
     try:
-        return serve(config)
+        return serve(config, reload_config=lambda: _load(args))
     except StartupError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1
@@ -55,6 +55,56 @@ def cmd_cache(args: argparse.Namespace) -> int:
     except cachectl.CommandError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1
+
+
+def _cert_paths(config: Config):
+    from dockermirror.service.certs import Paths
+
+    return Paths(config.tls.certificate, config.tls.key, config.tls.ca)
+
+
+def cmd_cert(args: argparse.Namespace) -> int:
+    from dockermirror.service import certs
+
+    config = _load(args)
+    paths = _cert_paths(config)
+    try:
+        if args.cert_command == "show":
+            for label, path in (("server certificate", paths.certificate), ("CA", paths.ca)):
+                print(f"# {label}")
+                print("\n".join(certs.describe(path)))
+            return 0
+        names, ips = args.hostname or [], args.ip or []
+        if args.cert_command == "ensure":
+            if paths.certificate.exists() and paths.key.exists():
+                print(f"{paths.certificate} exists; nothing to do")
+                return 0
+            if not names and not ips:
+                names, ips = certs.default_names()
+        for line in certs.init(paths, names, ips, args.days):
+            print(line)
+        return 0
+    except (certs.CertError, OSError) as exc:
+        message = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"docker-mirror: {message}", file=sys.stderr)
+        return 1
+
+
+def cmd_client_setup(args: argparse.Namespace) -> int:
+    from dockermirror.mirror import registry_key
+    from dockermirror.service.clientsetup import instructions
+    from dockermirror.service.server import public_hostname
+
+    config = _load(args)
+    host = args.host or f"{public_hostname(config)}:{config.listen_address[1]}"
+    tls = config.tls.active
+    try:
+        ca_pem = config.tls.ca.read_text() if tls else None
+    except OSError:
+        ca_pem = None
+    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca,
+                       registry=registry_key(config.upstream.registry)), end="")
+    return 0
 
 
 def _parsed(parse, what: str):
@@ -110,6 +160,26 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("--repair", action="store_true", help="remove the missing and corrupt entries")
     rm = cache_command("rm", "remove a digest, a repository, or forget a tag")
     rm.add_argument("target", metavar="REPOSITORY[:TAG]|DIGEST")
+
+    cert = commands.add_parser("cert", help="the private CA and the server certificate (paths from tls:)")
+    cert_commands = cert.add_subparsers(dest="cert_command", required=True, metavar="COMMAND")
+    for name, text in (("init", "create the CA if missing, and a new server certificate signed by it"),
+                       ("ensure", "like init, but only if there is no server certificate yet (for packages)"),
+                       ("show", "print subject, names, issuer and expiry of the certificate and the CA")):
+        sub = cert_commands.add_parser(name, help=text)
+        sub.add_argument("--config", type=Path, help=config_help)
+        sub.set_defaults(run=cmd_cert)
+        if name != "show":
+            sub.add_argument("--hostname", action="append", metavar="NAME",
+                             help="a DNS name for the certificate (repeat for more)"
+                                  + ("; default: this host's names and localhost" if name == "ensure" else ""))
+            sub.add_argument("--ip", action="append", metavar="ADDRESS", help="an IP address for it (repeat)")
+            sub.add_argument("--days", type=int, default=825, help="validity of the server certificate")
+
+    setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman here")
+    setup.add_argument("--config", type=Path, help=config_help)
+    setup.add_argument("--host", metavar="HOST:PORT", help="how clients reach the mirror (default: hostname and port)")
+    setup.set_defaults(run=cmd_client_setup)
     return top
 
 

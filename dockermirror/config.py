@@ -190,14 +190,30 @@ def _duration(default: float) -> Any:
 # --- the schema (etc/docker-mirror/config.yml documents every key)
 
 
+def parse_switch(value: Any) -> str:
+    """``auto``, or a YAML boolean (``true``/``false``, ``yes``/``no``, ``on``/``off``)."""
+    if value is True or value is False:
+        return "on" if value else "off"
+    if value in ("auto", "on", "off"):
+        return value
+    raise ValueError(f"expected auto, true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TLSConfig:
-    certificate: Path | None = _setting(None, _optional(_path))
-    key: Path | None = _setting(None, _optional(_path))
+    # auto: TLS when the certificate file exists, else plain HTTP; on: TLS or refuse to start
+    enabled: str = _setting("auto", parse_switch)
+    certificate: Path = _setting(Path("/etc/pki/tls/certs/docker-mirror.crt"), _path)
+    key: Path = _setting(Path("/etc/pki/tls/private/docker-mirror.key"), _path)
+    # the CA clients should trust (docker-mirror cert init keeps ca.key beside it)
+    ca: Path = _setting(Path("/etc/pki/docker-mirror/ca.crt"), _path)
 
     @property
-    def enabled(self) -> bool:
-        return self.certificate is not None
+    def active(self) -> bool:
+        """Whether the server speaks TLS with this configuration (looks at the disk for auto)."""
+        if self.enabled == "auto":
+            return self.certificate.exists()
+        return self.enabled == "on"
 
 
 @dataclass(frozen=True)
@@ -232,6 +248,8 @@ class LogConfig:
 @dataclass(frozen=True)
 class Config:
     listen: str = _setting("0.0.0.0:5000", parse_listen)
+    # the name clients use to reach this mirror (empty: the machine's FQDN)
+    hostname: str = _setting("", lambda v: "" if v in (None, "") else _string(v))
     tls: TLSConfig = field(default_factory=TLSConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from dockermirror import humanize
 from dockermirror.cache import Cache, CachedFile, Entry, Follower, TagEntry
 from dockermirror.errors import (
     BadUpstreamContent,
@@ -241,7 +242,7 @@ class Mirror:
         except Unavailable:
             raise error from None
         log.warning("upstream failed for %s:%s (%s); serving the cached tag (digest %s, checked %s)",
-                    repo, tag, error, row.digest, _ago(self.clock() - row.checked))
+                    repo, tag, error, row.digest, humanize.age(self.clock() - row.checked) + " ago")
         return served
 
     async def _from_cache(self, repo: Repo, entry: Entry, *, head: bool, cache: str,
@@ -360,10 +361,3 @@ def _media_type(reply: Reply) -> str:
 def _length(reply: Reply) -> int:
     value = reply.headers.get("content-length", "")
     return int(value) if value.isdigit() else len(reply.body)
-
-
-def _ago(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support import images
-from tests.support.certs import TestPKI, make_pki
+from tests.support.certs import TestPKI
 from tests.support.faultproxy import FaultProxy
 from tests.support.procs import Mirror, Registry
 
@@ -101,7 +102,17 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Upstream:
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+    """A CA and server certificate made by `docker-mirror cert init`, as an admin would."""
+    directory = tmp_path_factory.mktemp("pki")
+    pki = TestPKI(directory / "ca" / "ca.crt", directory / "server.crt", directory / "server.key",
+                  directory / "certs.d")
+    config = directory / "config.yml"
+    config.write_text(f"tls:\n  certificate: {pki.certificate}\n  key: {pki.key}\n  ca: {pki.ca}\n")
+    subprocess.run([sys.executable, "-m", "dockermirror", "cert", "init", "--config", str(config),
+                    "--hostname", "localhost", "--ip", "127.0.0.1", "--ip", "::1"], check=True, capture_output=True)
+    pki.cert_dir.mkdir()
+    (pki.cert_dir / "ca.crt").write_bytes(pki.ca.read_bytes())  # only the CA: what --cert-dir wants
+    return pki
 
 
 @pytest.fixture

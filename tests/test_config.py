@@ -27,7 +27,15 @@ def test_defaults():
     assert config.upstream.registry == "docker.io"
     assert config.cache.dir == Path("/var/cache/docker-mirror")
     assert config.cache.tag_ttl == 300
-    assert not config.tls.enabled
+    assert config.tls.enabled == "auto"
+    assert config.tls.certificate == Path("/etc/pki/tls/certs/docker-mirror.crt")
+    assert config.tls.key == Path("/etc/pki/tls/private/docker-mirror.key")
+    assert config.tls.ca == Path("/etc/pki/docker-mirror/ca.crt")
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", "on"), ("false", "off"), ("yes", "on")])
+def test_tls_switch(value, expected):
+    assert configuration.loads(f"tls:\n  enabled: {value}\n").tls.enabled == expected
 
 
 def test_shipped_config_is_valid_and_documents_every_key():

@@ -39,7 +39,7 @@ def test_bad_tls_files_are_refused(tmp_path, problem):
         cert = tmp_path / "garbage.crt"
         cert.write_text("hello\n")
     config = tmp_path / "config.yml"
-    config.write_text(f"tls:\n  certificate: {cert}\n  key: {key}\n")
+    config.write_text(f"tls:\n  enabled: true\n  certificate: {cert}\n  key: {key}\n")
     result = serve("--config", str(config), "--cache-dir", str(tmp_path / "cache"),
                    "--listen", f"127.0.0.1:{free_port()}")
     assert result.returncode == 1
@@ -48,8 +48,10 @@ def test_bad_tls_files_are_refused(tmp_path, problem):
     if problem.startswith("missing"):
         missing = cert if problem == "missing certificate" else key
         assert message == f"docker-mirror: cannot read TLS {problem.split()[1]} {missing}: No such file or directory"
+    elif problem == "key of another certificate":
+        assert message == f"docker-mirror: TLS key {key} does not belong to certificate {cert}"
     else:
-        assert message.startswith(f"docker-mirror: cannot use TLS certificate {cert} with key {key}: ")
+        assert message == f"docker-mirror: {cert} is not a PEM certificate"
     assert not (tmp_path / "cache").exists()
 
 

@@ -28,6 +28,7 @@ from dockermirror.cache.index import AccessBatch, Entry, Index, TagEntry
 from dockermirror.cache.inflight import READ_CHUNK, Follower, Source, Transfer, Transfers, pread
 from dockermirror.cache.space import Limits, filesystem, resolve, shortfall
 from dockermirror.cache.store import BlobStore, TempBlob
+from dockermirror import humanize
 from dockermirror.oci import Digest
 
 __all__ = ["Cache", "CachedFile", "Entry", "Follower", "Limits", "TagEntry", "Transfer", "CacheBusy"]
@@ -243,6 +244,12 @@ class Cache:
     async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
         await asyncio.to_thread(self._idx.delete_tag, upstream, repository, tag)
 
+    def set_limits(self, limits: Limits) -> None:
+        """New limits (a reload); pinned flags are recomputed if the pin list changed."""
+        if limits.pins != self.limits.pins and self.index is not None:
+            self.index.set_pins(limits.pins)
+        self.limits = limits
+
     # --- space
 
     def capacity(self) -> int:
@@ -268,7 +275,7 @@ class Cache:
             if need is None:
                 return False
             if need > 0:
-                await self._evict(need, f"to make room for {_mib(size)}")
+                await self._evict(need, f"to make room for {humanize.size(size)}")
                 if self._shortfall(size) != 0:
                     return False
             self.reserved += size
@@ -313,8 +320,8 @@ class Cache:
         used, _, capacity = self.usage()
         level = logging.INFO if freed >= need else logging.WARNING
         log.log(level, "evicted %d entr%s (%s) %s; cache holds %s of %s%s", removed,
-                "y" if removed == 1 else "ies", _mib(freed), why, _mib(used), _mib(capacity),
-                "" if freed >= need else f" (wanted to free {_mib(need)}: the rest is pinned or in use)")
+                "y" if removed == 1 else "ies", humanize.size(freed), why, humanize.size(used), humanize.size(capacity),
+                "" if freed >= need else f" (wanted to free {humanize.size(need)}: the rest is pinned or in use)")
         return freed
 
     async def expire(self) -> tuple[int, int]:
@@ -341,7 +348,7 @@ class Cache:
             await asyncio.to_thread(self._idx.delete_tags_before, now - tag_ttl)
         if entries:
             log.info("expired %d entr%s (%s) not used within their TTL", entries,
-                     "y" if entries == 1 else "ies", _mib(freed))
+                     "y" if entries == 1 else "ies", humanize.size(freed))
         return entries, freed
 
     # --- accesses (memory only until the next flush)
@@ -394,5 +401,3 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _mib(size: int) -> str:
-    return f"{size / 1048576:.1f} MiB"

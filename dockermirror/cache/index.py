@@ -164,6 +164,11 @@ class Index:
                          "(SELECT digest FROM refs WHERE repository GLOB ?)", (pattern,))
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pins', ?)", (json.dumps(list(self.pins)),))
 
+    def set_pins(self, pins: Iterable[str]) -> None:
+        self.pins = tuple(pins)
+        with self._transaction() as conn:
+            self._repin(conn)
+
     def is_pinned(self, repository: str) -> bool:
         return any(fnmatch.fnmatchcase(repository, pattern) for pattern in self.pins)
 

@@ -1,26 +1,52 @@
-"""Logging for the daemon and the CLI: one line per record, tracebacks folded onto it."""
+"""Logging for the daemon and the CLI: one line per record, tracebacks folded onto it.
+
+When stderr is the journal (systemd sets ``JOURNAL_STREAM`` to its device:inode), each
+line starts with its syslog priority (``<3>`` error ... ``<7>`` debug), which journald
+turns into the entry's PRIORITY, and carries no timestamp (journald adds one).
+Otherwise lines are plain: ``2026-11-28 12:00:00 INFO access: ...``.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 # uvicorn reports a response our code cut off on purpose; the request line already says why.
 _CUT_OFF = "ASGI callable returned without completing response."
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
 
 class OneLineFormatter(logging.Formatter):
     """``2026-11-28 12:00:00 INFO access: ...`` with any traceback on the same line."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(component)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    def __init__(self, fmt: str = "%(asctime)s %(levelname)s %(component)s: %(message)s") -> None:
+        super().__init__(fmt, "%Y-%m-%d %H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
         record.component = record.name.removeprefix("dockermirror.")
+        record.priority = _PRIORITY.get(record.levelno, 6)
         return super().format(record).replace("\n", " | ")
 
     def formatException(self, ei) -> str:
         return " | ".join(line.strip() for line in super().formatException(ei).splitlines() if line.strip())
+
+
+class JournalFormatter(OneLineFormatter):
+    """``<6>access: ...``: the priority prefix journald understands, no timestamp."""
+
+    def __init__(self) -> None:
+        super().__init__("<%(priority)d>%(component)s: %(message)s")
+
+
+def stderr_is_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = stream.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return device.isdigit() and inode.isdigit() and (st.st_dev, st.st_ino) == (int(device), int(inode))
 
 
 def _not_cut_off(record: logging.LogRecord) -> bool:
@@ -29,14 +55,19 @@ def _not_cut_off(record: logging.LogRecord) -> bool:
 
 def setup(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter())
+    handler.setFormatter(JournalFormatter() if stderr_is_journal() else OneLineFormatter())
     handler.addFilter(_not_cut_off)
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    set_level(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+def set_level(level: str) -> None:
+    root = logging.getLogger()
     root.setLevel(level.upper())
     # httpx logs every upstream request at INFO; our request line already covers them.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True

@@ -1,59 +1,193 @@
-"""Run the mirror under uvicorn."""
+"""The daemon: the mirror under uvicorn, with TLS, systemd notifications and reloads.
+
+* READY=1 once the listening socket is bound and the cache index is open;
+* WATCHDOG=1 from a task on the event loop; STATUS= kept current;
+* SIGHUP: RELOADING=1, re-read the configuration (a bad one is refused and the old one
+  kept), reload the TLS certificate for new connections, READY=1;
+* SIGTERM/SIGINT: STOPPING=1, stop accepting, let requests in flight finish (up to
+  GRACE seconds), close the cache cleanly.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
+import signal
+import socket
 import sqlite3
+from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 
 from dockermirror.app import DockerMirror
 from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
-from dockermirror.config import Config
-from dockermirror.service.tls import TLSError, server_context
+from dockermirror.config import Config, ConfigError
+from dockermirror.humanize import size
+from dockermirror.service import logs
+from dockermirror.service.systemd import Systemd
+from dockermirror.service.tls import ServerTLS, TLSError
 
 log = logging.getLogger("dockermirror")
+
+GRACE = 20.0            # seconds requests in flight get at shutdown (the unit allows 30)
+STATUS_INTERVAL = 10.0  # seconds between STATUS= updates
 
 
 class StartupError(Exception):
     """The mirror cannot start; the message says why."""
 
 
-def build(config: Config) -> tuple[DockerMirror, uvicorn.Server]:
-    """Everything a server needs, checked before any socket is bound."""
-    ssl_context = None
-    if config.tls.enabled:
+def public_hostname(config: Config) -> str:
+    return config.hostname or socket.getfqdn()
+
+
+class Service:
+    """One daemon process: the application, its TLS context, and systemd."""
+
+    def __init__(self, config: Config, reload_config: Callable[[], Config]) -> None:
+        self.config = config
+        self.reload_config = reload_config
+        self.systemd = Systemd()
+        self.tls: ServerTLS | None = None
+        if config.tls.active:
+            try:
+                self.tls = ServerTLS(config.tls.certificate, config.tls.key, public_hostname(config))
+            except TLSError as exc:
+                raise StartupError(str(exc)) from None
+            for warning in self.tls.checked.warnings:
+                log.warning("%s", warning)
+        elif config.tls.enabled == "auto":
+            log.info("no TLS certificate at %s: serving plain HTTP (tls.enabled: auto)", config.tls.certificate)
+        self.app = DockerMirror(config, on_started=self._lifespan_started)
         try:
-            ssl_context = server_context(config.tls.certificate, config.tls.key)
-        except TLSError as exc:
+            self.app.open()
+        except CacheBusy as exc:
             raise StartupError(str(exc)) from None
-    app = DockerMirror(config)
-    try:
-        app.open()
-    except CacheBusy as exc:
-        raise StartupError(str(exc)) from None
-    except (OSError, sqlite3.Error, ForeignDatabase) as exc:
-        detail = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise StartupError(f"cannot open the cache in {config.cache.dir}: {detail}") from None
-    host, port = config.listen_address
-    uv_config = uvicorn.Config(
-        app.asgi,
-        host=host,
-        port=port,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=30,
-    )
-    uv_config.load()
-    uv_config.ssl = ssl_context
-    return app, uvicorn.Server(uv_config)
+        except (OSError, sqlite3.Error, ForeignDatabase) as exc:
+            detail = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StartupError(f"cannot open the cache in {config.cache.dir}: {detail}") from None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def server(self) -> MirrorServer:
+        host, port = self.config.listen_address
+        uv_config = uvicorn.Config(
+            self.app.asgi, host=host, port=port, lifespan="on", log_config=None, access_log=False,
+            server_header=False, timeout_graceful_shutdown=GRACE,
+        )
+        uv_config.load()
+        uv_config.ssl = self.tls.context if self.tls else None
+        return MirrorServer(uv_config, self)
+
+    # --- lifecycle hooks
+
+    def _lifespan_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+
+    def listening(self) -> None:
+        """The socket is bound and the cache is open: tell systemd."""
+        log.info("serving %s://%s", self.scheme, self.config.listen)
+        self.systemd.ready(self.status())
+        self.systemd.start_watchdog()
+        self._spawn(self._keep_status())
+
+    def stopping(self) -> None:
+        self.systemd.stopping("stopping: finishing requests in flight")
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keep_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            self.systemd.status(self.status())
+
+    # --- reload
+
+    async def reload(self) -> None:
+        self.systemd.reloading()
+        try:
+            new = self.reload_config()
+        except ConfigError as exc:
+            log.error("reload refused, still running with the previous configuration: %s", exc)
+            self.systemd.ready(self.status())
+            return
+        notes = []
+        if new.tls.active != bool(self.tls):
+            notes.append("tls.enabled")
+        elif self.tls is not None:
+            try:
+                checked = self.tls.reload(new.tls.certificate, new.tls.key, public_hostname(new))
+                for warning in checked.warnings:
+                    log.warning("%s", warning)
+                log.info("TLS certificate %s loaded (serial %x); new connections use it",
+                         new.tls.certificate, checked.certificate.serial_number)
+            except TLSError as exc:
+                log.error("reload kept the previous TLS certificate: %s", exc)
+                new = _keep_tls(new, self.config)
+        notes += self.app.reconfigure(new)
+        logs.set_level(new.log.level)
+        self.config = new
+        if notes:
+            log.warning("reloaded %s; restart to apply: %s", new.source, ", ".join(notes))
+        else:
+            log.info("reloaded %s", new.source)
+        self.systemd.ready(self.status())
+
+    # --- status
+
+    def status(self) -> str:
+        """One line for `systemctl status`: address, TLS, cache, hits, upstream."""
+        cache = self.app.cache
+        parts = [f"{self.scheme}://{self.config.listen}"]
+        if cache.index is not None:
+            used, _, capacity = cache.usage()
+            parts.append(f"cache {size(used)} of {size(capacity)} ({used / capacity * 100 if capacity else 0:.0f}%)")
+            counters = cache.index.counters()
+            requests = {k: v for k, v in counters.items() if k.startswith("requests_")}
+            total = sum(requests.values())
+            if total:
+                parts.append(f"hit ratio {requests.get('requests_hit', 0) / total * 100:.0f}% of {total} requests")
+        client = self.app.upstream_client
+        state = {None: "not contacted yet", True: "reachable", False: "UNREACHABLE"}[client.reachable]
+        parts.append(f"upstream {self.app.mirror.upstream.key} {state}")
+        if client.ratelimit_remaining:
+            parts.append(f"pulls left {client.ratelimit_remaining.split(';')[0]}")
+        return " | ".join(parts)
 
 
-def serve(config: Config) -> int:
-    _app, server = build(config)
-    log.info("listening on %s (%s)", config.listen, "TLS" if config.tls.enabled else "plain HTTP")
+def _keep_tls(new: Config, old: Config) -> Config:
+    return dataclasses.replace(new, tls=old.tls)
+
+
+class MirrorServer(uvicorn.Server):
+    """uvicorn's server, telling the service when it is listening and when it is told to stop."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            self.service.listening()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            self.service.stopping()
+        super().handle_exit(sig, frame)
+
+
+def serve(config: Config, reload_config: Callable[[], Config]) -> int:
+    server = Service(config, reload_config).server()
     server.run()
     return 0 if server.started else 1

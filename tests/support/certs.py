@@ -30,9 +30,12 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def make_pki(directory: Path, *, days: int = 30, serial: int | None = None) -> TestPKI:
+def make_pki(directory: Path, *, days: int = 30, serial: int | None = None, start_days: int = 0,
+             names: tuple[str, ...] = ("localhost",)) -> TestPKI:
+    """A CA and a server certificate valid from ``start_days`` to ``days`` days from now."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=start_days)
+    days -= start_days
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()
@@ -52,7 +55,7 @@ def make_pki(directory: Path, *, days: int = 30, serial: int | None = None) -> T
         .public_key(key.public_key()).serial_number(serial or x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"),
+            *(x509.DNSName(name) for name in names),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             x509.IPAddress(ipaddress.ip_address("::1")),
         ]), critical=False)

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -157,7 +158,7 @@ class Mirror(Daemon):
     def __init__(self, workdir: Path, config: dict, name: str = "mirror") -> None:
         self.port = free_port()
         self.workdir = workdir
-        config = {"listen": f"127.0.0.1:{self.port}", **config}
+        config = {"listen": f"127.0.0.1:{self.port}", "tls": {"enabled": False}, **config}
         config.setdefault("cache", {}).setdefault("dir", str(workdir / f"{name}-cache"))
         self.config = config
         self.cache_dir = Path(config["cache"]["dir"])
@@ -206,7 +207,8 @@ class Mirror(Daemon):
         return self.cache_dir / "blobs" / algorithm / hexdigest[:2] / hexdigest
 
     def client(self, ca: Path | None = None, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, verify=str(ca) if ca else True, timeout=60, **kwargs)
+        verify = ssl.create_default_context(cafile=ca) if ca else True
+        return httpx.Client(base_url=self.url, verify=verify, timeout=60, **kwargs)
 
 
 @contextlib.contextmanager
