@@ -2,11 +2,14 @@
 # Install everything the tests need on Debian 12 (run as root), then run them.
 #   tests/run.sh [pytest arguments]
 # The tests start their own registry, mirrors, dockerd and containerd on 127.0.0.1
-# and stop them again; the services these packages bring are not used.
+# and stop them again; the services these packages bring are not used. The systemd
+# tests boot a Debian 12 container (systemd-nspawn); its root filesystem is made with
+# debootstrap once and kept in /var/cache/docker-mirror-tests for later runs.
 set -eu
 cd "$(dirname "$0")/.."
 
-PACKAGES="python3 python3-venv ca-certificates docker-registry skopeo podman docker.io containerd"
+PACKAGES="python3 python3-venv ca-certificates curl openssl docker-registry skopeo podman docker.io containerd
+          systemd systemd-container debootstrap"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -1,0 +1,228 @@
+"""docker-mirror under a real systemd (booted with systemd-nspawn): enable --now, status,
+journal priorities, reload with a new certificate, the watchdog, a clean stop.
+Plus the static checks of the unit files: systemd-analyze verify and security, and the
+keys systemd 219 (CentOS 7) knows."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Upstream
+from tests.support.clients import skopeo_copy
+from tests.support.nspawn import Container, wheelhouse
+from tests.support.procs import free_port, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "systemd" / "docker-mirror.service"
+DROPIN = REPO / "systemd" / "docker-mirror.service.d" / "50-hardening.conf"
+
+# [Service] keys systemd 219 (RHEL/CentOS 7.9) parses, from its load-fragment table: the
+# base unit may use nothing else.
+EL7_SERVICE_KEYS = {
+    "Type", "NotifyAccess", "ExecStart", "ExecReload", "ExecStop", "ExecStartPre", "Restart", "RestartSec",
+    "StartLimitInterval", "StartLimitBurst", "TimeoutStartSec", "TimeoutStopSec", "WatchdogSec", "User", "Group",
+    "UMask", "SyslogIdentifier", "LimitNOFILE", "NoNewPrivileges", "CapabilityBoundingSet", "AmbientCapabilities",
+    "PrivateTmp", "PrivateDevices", "PrivateNetwork", "ProtectHome", "ProtectSystem", "RestrictAddressFamilies",
+    "SystemCallArchitectures", "SystemCallFilter", "SystemCallErrorNumber", "Environment", "EnvironmentFile",
+    "ReadWriteDirectories", "ReadOnlyDirectories", "InaccessibleDirectories", "DevicePolicy", "DeviceAllow",
+}
+EL7_UNIT_KEYS = {"Description", "Documentation", "After", "Wants", "Requires", "Before"}
+
+
+def sections(path: Path) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    section = ""
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(section, []).append((key, value))
+    return out
+
+
+def test_base_unit_uses_only_what_systemd_219_knows():
+    units = sections(UNIT)
+    assert {k for k, _ in units["Service"]} <= EL7_SERVICE_KEYS
+    assert {k for k, _ in units["Unit"]} <= EL7_UNIT_KEYS
+    # 219 turns an allow-list of @groups into five syscalls (SIGSYS at start): only deny-lists here
+    filters = [v for k, v in units["Service"] if k == "SystemCallFilter"]
+    assert filters and all(v.startswith("~") and "@" not in v for v in filters)
+    # the drop-in resets the base's deny-list before its allow-list
+    dropin = [v for k, v in sections(DROPIN)["Service"] if k == "SystemCallFilter"]
+    assert dropin[:2] == ["", "@system-service"]
+
+
+@pytest.fixture(scope="module")
+def analyze_root(tmp_path_factory) -> Path:
+    """A root directory in which systemd-analyze finds the unit's executables."""
+    root = tmp_path_factory.mktemp("analyze")
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "bin").mkdir()
+    shutil.copy("/bin/kill", root / "bin/kill")
+    (root / "usr/bin/docker-mirror").write_text("#!/bin/sh\n")
+    (root / "usr/bin/docker-mirror").chmod(0o755)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize("with_dropin, limit", [(False, 5.0), (True, 1.5)], ids=["el7-base", "with-hardening"])
+def test_unit_verifies_and_scores(analyze_root: Path, tmp_path: Path, with_dropin: bool, limit: float):
+    target = analyze_root / "etc/systemd/system"
+    shutil.copy(UNIT, target)
+    shutil.rmtree(target / "docker-mirror.service.d", ignore_errors=True)
+    if with_dropin:
+        (target / "docker-mirror.service.d").mkdir()
+        shutil.copy(DROPIN, target / "docker-mirror.service.d")
+    verify = subprocess.run(["systemd-analyze", "verify", f"--root={analyze_root}", "docker-mirror.service"],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == ""   # it exits 0 on unknown keys: no output
+    units = tmp_path / "units"
+    units.mkdir()
+    shutil.copy(UNIT, units)
+    if with_dropin:
+        (units / "docker-mirror.service.d").mkdir()
+        shutil.copy(DROPIN, units / "docker-mirror.service.d")
+    out = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(units / "docker-mirror.service")],
+                         capture_output=True, text=True).stdout
+    score = float(re.search(r"Overall exposure level for docker-mirror.service: ([\d.]+)", out).group(1))
+    print(f"\nexposure {'with the drop-in' if with_dropin else 'EL7 base unit'}: {score}")
+    assert score <= limit
+
+
+# --- under a real systemd
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory) -> Path:
+    return wheelhouse(REPO, tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory, wheels: Path, upstream: Upstream):
+    """A booted container with docker-mirror installed as the service would be on a host."""
+    work = tmp_path_factory.mktemp("nspawn")
+    container = Container("dm-systemd", work, binds={wheels: "/wheels", REPO / "systemd": "/units",
+                                                     REPO / "etc": "/shipped-etc"})
+    container.boot()
+    try:
+        port = free_port()
+        c = container
+        c.run("useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+              "--shell", "/usr/sbin/nologin", "docker-mirror")
+        c.run("python3", "-m", "venv", "/opt/docker-mirror")
+        c.run("/opt/docker-mirror/bin/pip", "install", "--quiet", "--no-index", "--find-links", "/wheels",
+              "docker-mirror")
+        c.run("ln", "-s", "/opt/docker-mirror/bin/docker-mirror", "/usr/bin/docker-mirror")
+        c.write("/etc/docker-mirror/config.yml",
+                f"listen: 127.0.0.1:{port}\nhostname: mirror.internal\nupstream:\n  url: {upstream.url}\n")
+        c.run("docker-mirror", "cert", "init", "--hostname", "localhost", "--ip", "127.0.0.1")
+        c.run("cp", "/units/docker-mirror.service", "/etc/systemd/system/")
+        c.run("cp", "-r", "/units/docker-mirror.service.d", "/etc/systemd/system/")
+        c.write("/etc/systemd/system/docker-mirror.service.d/90-test.conf",
+                "[Service]\n# quick for the test; the shipped unit says 30 s\nWatchdogSec=3\n")
+        c.run("systemctl", "daemon-reload")
+        verify = c.run("systemd-analyze", "verify", "docker-mirror.service", check=False)
+        assert verify.stdout + verify.stderr == "", verify.stderr
+        c.run("systemctl", "enable", "docker-mirror")
+        started = time.monotonic()
+        c.run("systemctl", "start", "docker-mirror")   # Type=notify: returns once READY=1 arrived
+        container.ready_seconds = time.monotonic() - started
+        container.address = f"127.0.0.1:{port}"
+        yield container
+    finally:
+        container.stop()
+
+
+def journal(container: Container, since_cursor: str | None = None) -> list[dict]:
+    args = ["journalctl", "-u", "docker-mirror", "-o", "json", "--no-pager"]
+    if since_cursor:
+        args += ["--after-cursor", since_cursor]
+    return [json.loads(line) for line in container.run(*args).stdout.splitlines() if line.strip()]
+
+
+def test_enable_now_gives_an_active_tls_mirror(booted: Container, upstream: Upstream, tmp_path: Path):
+    print(f"\nsystemctl start -> READY=1: {booted.ready_seconds:.2f} s")
+    assert booted.run("systemctl", "is-active", "docker-mirror").stdout.strip() == "active"
+    assert booted.run("systemctl", "is-enabled", "docker-mirror").stdout.strip() == "enabled"
+    assert booted.show("docker-mirror", "User") == "docker-mirror"
+    status = booted.run("systemctl", "status", "--no-pager", "docker-mirror", check=False).stdout
+    assert f"Status: \"https://{booted.address} | cache " in status
+    assert booted.show("docker-mirror", "StatusText").startswith(f"https://{booted.address} | cache ")
+    cert_dir = tmp_path / "certs.d"
+    cert_dir.mkdir()
+    (cert_dir / "ca.crt").write_text(booted.read("/etc/pki/docker-mirror/ca.crt"))   # trust only its CA
+    dest = skopeo_copy(f"{booted.address}/library/busybox:latest", tmp_path / "busybox", cert_dir=cert_dir)
+    assert (dest / "manifest.json").exists()
+    key_mode = booted.run("stat", "-c", "%U:%G %a", "/etc/pki/tls/private/docker-mirror.key").stdout.strip()
+    assert key_mode == "root:docker-mirror 640"
+    assert booted.run("stat", "-c", "%U %a", "/etc/pki/docker-mirror/ca.key").stdout.strip() == "root 600"
+
+
+def test_journal_has_request_lines_at_the_right_priority(booted: Container, upstream: Upstream):
+    subprocess.run(["curl", "-sk", f"https://{booted.address}/v2/library/hello/blobs/sha256:" + "0" * 64],
+                   capture_output=True)
+    entries = wait_until(lambda: [e for e in journal(booted) if "/blobs/sha256:0000" in e.get("MESSAGE", "")],
+                         10, what="the request in the journal")
+    assert entries[0]["PRIORITY"] == "6" and entries[0]["MESSAGE"].startswith("access: 127.0.0.1 \"GET /v2/")
+    assert entries[0]["SYSLOG_IDENTIFIER"] == "docker-mirror"
+    warnings = [e for e in journal(booted) if e.get("PRIORITY") == "4"]
+    assert any("is not valid for mirror.internal" in e["MESSAGE"] for e in warnings)  # hostname not in the SANs
+    assert not any(e["MESSAGE"].startswith("<") for e in journal(booted))
+
+
+def serial(address: str, ca: str) -> str:
+    chain = subprocess.run(["openssl", "s_client", "-connect", address, "-CAfile", ca], input="",
+                           capture_output=True, text=True, timeout=30).stdout
+    return subprocess.run(["openssl", "x509", "-noout", "-serial"], input=chain, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_reload_serves_a_new_certificate(booted: Container, tmp_path: Path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text(booted.read("/etc/pki/docker-mirror/ca.crt"))
+    before = serial(booted.address, str(ca))
+    pid = booted.show("docker-mirror", "MainPID")
+    booted.run("docker-mirror", "cert", "init", "--hostname", "localhost", "--ip", "127.0.0.1")
+    booted.run("systemctl", "reload", "docker-mirror")
+    after = serial(booted.address, str(ca))
+    assert before.startswith("serial=") and after.startswith("serial=") and after != before
+    assert booted.show("docker-mirror", "MainPID") == pid          # same process
+    assert booted.run("systemctl", "is-active", "docker-mirror").stdout.strip() == "active"
+    assert any("TLS certificate" in e["MESSAGE"] and "loaded" in e["MESSAGE"] for e in journal(booted))
+
+
+def test_watchdog_restarts_a_hung_daemon(booted: Container):
+    pid = booted.show("docker-mirror", "MainPID")
+    restarts = int(booted.show("docker-mirror", "NRestarts"))
+    booted.run("kill", "-STOP", pid)
+    wait_until(lambda: booted.show("docker-mirror", "MainPID") not in ("0", pid)
+               and booted.run("systemctl", "is-active", "docker-mirror", check=False).stdout.strip() == "active",
+               30, interval=0.5, what="a restart by the watchdog")
+    assert int(booted.show("docker-mirror", "NRestarts")) == restarts + 1
+    assert any("Watchdog timeout" in e.get("MESSAGE", "") for e in
+               [json.loads(line) for line in booted.run("journalctl", "-o", "json", "--no-pager").stdout.splitlines()])
+
+
+def test_stop_is_clean(booted: Container):
+    booted.run("systemctl", "stop", "docker-mirror")
+    assert booted.run("systemctl", "is-active", "docker-mirror", check=False).stdout.strip() == "inactive"
+    assert booted.show("docker-mirror", "Result") == "success"
+    messages = [e["MESSAGE"] for e in journal(booted)]
+    assert any("Shutting down" in m for m in messages)
+    running = booted.run("/opt/docker-mirror/bin/python", "-c",
+                         "import sqlite3; print(sqlite3.connect('/var/cache/docker-mirror/index.sqlite')"
+                         ".execute(\"select value from meta where key='running'\").fetchone()[0])").stdout.strip()
+    assert running == "0"
+
