@@ -1,0 +1,105 @@
+"""The load: curl for single downloads, wrk for many clients, skopeo for real pulls.
+
+Every response is checked (status, size); anything else raises :class:`BenchError`.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CURL_FORMAT = "%{time_total} %{size_download} %{http_code}"
+
+
+class BenchError(Exception):
+    """The benchmark itself failed: a request failed, a tool broke, a server misbehaved."""
+
+
+@dataclass(frozen=True)
+class Download:
+    seconds: float
+    size: int
+
+
+def _curl_argv(url: str, cacert: Path | None) -> list[str]:
+    return ["curl", "-s", "--max-time", "600", "-o", "/dev/null", "-w", CURL_FORMAT,
+            *(["--cacert", str(cacert)] if cacert else []), url]
+
+
+def _check(url: str, output: str, size: int) -> Download:
+    try:
+        seconds, got, status = output.split()
+    except ValueError:
+        raise BenchError(f"curl {url}: unexpected output {output!r}") from None
+    if status != "200" or int(got) != size:
+        raise BenchError(f"GET {url}: status {status}, {got} bytes (expected 200, {size} bytes)")
+    return Download(float(seconds), int(got))
+
+
+def curl(url: str, size: int, cacert: Path | None = None) -> Download:
+    """One GET with curl, body discarded."""
+    done = subprocess.run(_curl_argv(url, cacert), capture_output=True, text=True)
+    return _check(url, done.stdout, size)
+
+
+def curl_herd(url: str, size: int, clients: int) -> tuple[float, list[Download]]:
+    """``clients`` curls started at once; wall seconds until the last one is done."""
+    started = time.perf_counter()
+    procs = [subprocess.Popen(_curl_argv(url, None), stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    outputs = [proc.communicate()[0] for proc in procs]
+    wall = time.perf_counter() - started
+    return wall, [_check(url, output, size) for output in outputs]
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    rps: float
+    p99: float               # seconds
+    cpu: float               # seconds of CPU wrk itself used
+    text: str
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()
+    return float(number) * _UNITS[unit]
+
+
+def wrk(url: str, connections: int, duration: int, threads: int = 2) -> WrkResult:
+    """``wrk -t2 -cN -dDs --latency URL``; any non-2xx answer or socket error fails."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency", url]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    bad = re.search(r"Non-2xx or 3xx responses: \d+|Socket errors: .*", text)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", text, re.M)
+    count = re.search(r"^\s+(\d+) requests in", text, re.M)
+    if bad or not (rps and p99 and count):
+        raise BenchError(f"{' '.join(argv)}: {bad.group(0) if bad else 'unexpected output'}\n{text}")
+    return WrkResult(int(count.group(1)), float(rps.group(1)), _seconds(p99.group(1)), cpu, text)
+
+
+def skopeo_pull(reference: str, dest: Path) -> Download:
+    """``skopeo copy docker://REFERENCE dir:DEST`` (plain HTTP): seconds, and bytes of the blobs
+    written (skopeo checks every digest). DEST is removed after."""
+    argv = ["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{reference}", f"dir:{dest}"]
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - started
+    try:
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+        blobs = [f for f in dest.iterdir() if f.name not in ("manifest.json", "version")]
+        return Download(seconds, sum(f.stat().st_size for f in blobs))
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)

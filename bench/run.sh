@@ -1,0 +1,24 @@
+#!/bin/sh
+# Benchmark docker-mirror against the reference mirror on Debian 12 (run as root).
+#   bench/run.sh [--rounds 5] [--only warm,warm-tls,clients,cold,herd,pull] [--duration 20] [--big-mib 300]
+# Installs what it needs (only missing packages), then runs python -m bench from the
+# clone's .venv. Everything it starts listens on 127.0.0.1 and is stopped at the end.
+set -eu
+cd "$(dirname "$0")/.."
+
+PACKAGES="python3 python3-venv ca-certificates docker-registry skopeo wrk curl"
+missing=""
+for p in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
+
+# Debian's python3, in a virtualenv of the clone (the benchmark imports tests.support)
+[ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e .
+exec .venv/bin/python -m bench "$@"

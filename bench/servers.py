@@ -1,0 +1,64 @@
+"""The two mirrors under test, each a real process with its own cache directory.
+
+Both are built on the test suite's process wrappers (started and stopped by PID).
+A server knows where a cached blob lands on its disk, so the benchmark can tell
+when a download has settled, and can be restarted with an empty cache.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from tests.support.certs import TestPKI
+from tests.support.procs import Mirror, Registry
+
+
+class Reference(Registry):
+    """CNCF Distribution (Debian's docker-registry) as a pull-through cache of ``upstream``."""
+
+    label = "reference"
+
+    def __init__(self, workdir: Path, upstream: str, pki: TestPKI | None = None) -> None:
+        super().__init__(workdir, tls=(pki.certificate, pki.key) if pki else None)
+        config_path = Path(self.argv[-1])
+        config = yaml.safe_load(config_path.read_text())
+        config["proxy"] = {"remoteurl": upstream}
+        config_path.write_text(yaml.safe_dump(config))
+
+    def blob_file(self, digest: str) -> Path:
+        algorithm, hexdigest = digest.split(":")
+        return self.storage / "docker/registry/v2/blobs" / algorithm / hexdigest[:2] / hexdigest / "data"
+
+    def wipe(self) -> None:
+        shutil.rmtree(self.storage)
+        self.storage.mkdir()
+
+
+class DockerMirror(Mirror):
+    """docker-mirror, ``python -m dockermirror serve --config FILE``, caching without limits."""
+
+    label = "docker-mirror"
+
+    def __init__(self, workdir: Path, upstream: str, pki: TestPKI | None = None) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config: dict = {"upstream": {"url": upstream},
+                        "cache": {"dir": str(workdir / "cache"), "max_size": "100%", "min_free": 0}}
+        if pki:
+            config["tls"] = {"certificate": str(pki.certificate), "key": str(pki.key)}
+        super().__init__(workdir, config, name="docker-mirror")
+
+    def wipe(self) -> None:
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+
+Server = Reference | DockerMirror
+
+
+def restart_empty(server: Server) -> None:
+    """A cold start: stop the process, delete its cache, start it again."""
+    server.stop()
+    server.wipe()
+    server.start()
