@@ -1,6 +1,6 @@
 """The upstream's content: a big single-layer image, a 1 MiB one, and a multi-layer one.
 
-Images are built as OCI layouts by the test suite's builder and pushed with skopeo.
+Images are built as OCI layouts (with the test suite's layout writer) and pushed with skopeo.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.images import LAYER_GZIP, OCI_CONFIG, OCI_MANIFEST, Layout, build, sha256, tar_bytes
+from tests.support.images import LAYER_GZIP, OCI_CONFIG, OCI_MANIFEST, Layout, sha256, tar_bytes
 
 MiB = 1024 * 1024
 LAYERS_MIB = (40, 24, 16, 10, 6, 3, 1)  # the image the skopeo scenario pulls
@@ -37,12 +37,19 @@ class Content:
     layered_blobs: dict[str, int]  # its config and layers: digest -> size
 
 
-def layered_image(root: Path, sizes_mib: tuple[int, ...]) -> dict[str, int]:
-    """An OCI layout tagged ``latest`` with one random (stored, not deflated) layer per size."""
+def random_data(seed: str, size: int) -> bytes:
+    """Reproducible random bytes, made in chunks (``randbytes`` stops short of 256 MiB)."""
+    rng, chunk = random.Random(seed), 64 * MiB
+    return b"".join(rng.randbytes(min(chunk, size - start)) for start in range(0, size, chunk))
+
+
+def image(root: Path, name: str, sizes: tuple[int, ...]) -> tuple[list[Blob], dict[str, int]]:
+    """An OCI layout tagged ``latest`` with one random layer (stored, not deflated) per size in bytes:
+    the layers, and every blob (config and layers) by digest with its size."""
     layout = Layout(root)
     layers = []
-    for i, size in enumerate(sizes_mib):
-        tar = tar_bytes({f"layer{i}/data.bin": random.Random(f"layered/{i}").randbytes(size * MiB)})
+    for i, size in enumerate(sizes):
+        tar = tar_bytes({f"{name}/layer{i}.bin": random_data(f"{name}/{i}", size)})
         layers.append((layout.put(gzip.compress(tar, compresslevel=0, mtime=0), LAYER_GZIP), sha256(tar)))
     config = {"architecture": "amd64", "os": "linux",
               "rootfs": {"type": "layers", "diff_ids": [diff_id for _, diff_id in layers]}}
@@ -50,7 +57,8 @@ def layered_image(root: Path, sizes_mib: tuple[int, ...]) -> dict[str, int]:
     manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc,
                 "layers": [desc for desc, _ in layers]}
     layout.tag(layout.put(json.dumps(manifest, sort_keys=True).encode(), OCI_MANIFEST), "latest")
-    return {desc["digest"]: desc["size"] for desc in (config_desc, *(desc for desc, _ in layers))}
+    blobs = [Blob(f"library/{name}", desc["digest"], desc["size"], layout.path(desc["digest"])) for desc, _ in layers]
+    return blobs, {desc["digest"]: desc["size"] for desc in (config_desc, *(desc for desc, _ in layers))}
 
 
 def push(layout: Path, dest: str) -> None:
@@ -58,19 +66,14 @@ def push(layout: Path, dest: str) -> None:
                     f"oci:{layout}:latest", f"docker://{dest}"], check=True, capture_output=True, timeout=600)
 
 
-def _random_layer(root: Path, name: str, size: int) -> Blob:
-    image = build(root, name, random_bytes=size, seed="bench")
-    digest = image.layers["amd64"][-1]
-    file = image.blob_paths[digest]
-    return Blob(f"library/{name}", digest, file.stat().st_size, file)
-
-
 def seed(registry: str, workdir: Path, big_mib: int) -> Content:
-    """Build the images under ``workdir`` and push them to ``registry`` (HOST:PORT)."""
-    big = _random_layer(workdir / "big", "big", big_mib * MiB)
-    push(workdir / "big", f"{registry}/{big.repo}:latest")
-    mid = _random_layer(workdir / "mid", "mid", MiB)
-    push(workdir / "mid", f"{registry}/{mid.repo}:latest")
-    layered_blobs = layered_image(workdir / "layered", LAYERS_MIB)
-    push(workdir / "layered", f"{registry}/library/layered:latest")
-    return Content(big, mid, "library/layered:latest", layered_blobs)
+    """Build the images under ``workdir`` and push them to ``registry`` (HOST:PORT) as library/NAME:latest."""
+    def build_and_push(name: str, sizes_mib: tuple[int, ...]) -> tuple[list[Blob], dict[str, int]]:
+        built = image(workdir / name, name, tuple(size * MiB for size in sizes_mib))
+        push(workdir / name, f"{registry}/library/{name}:latest")
+        return built
+
+    (big,), _ = build_and_push("big", (big_mib,))
+    (mid,), _ = build_and_push("mid", (1,))
+    _, layered = build_and_push("layered", LAYERS_MIB)
+    return Content(big, mid, "library/layered:latest", layered)
