@@ -13,14 +13,16 @@ import pytest
 
 from tests.cachetools import ACCEPT, cache_cli, pull
 from tests.conftest import Upstream
+from tests.support.procs import wait_until
 
 
 @pytest.fixture
 def warm(mirror, upstream: Upstream):
     with mirror.client() as client:
-        pull(client, "library/hello")
-        pull(client, "acme/tool", "1.0")
+        pulled = pull(client, "library/hello") + pull(client, "acme/tool", "1.0")
         assert client.get("/v2/library/hello/manifests/latest", headers=ACCEPT).status_code == 200
+    # a response ends when the client has the bytes; the commit to the index follows
+    wait_until(lambda: set(pulled) <= set(rows(mirror)), 10, what="every pulled digest indexed")
     return mirror
 
 

@@ -49,6 +49,7 @@ def test_usage_stays_under_max_size_and_the_most_recently_used_remain(make_mirro
             pull(client, fillers[i].repo)
             big = fillers[i].big
             order = [d for d in order if d != big] + [big]
+    wait_until(lambda: order[-1] in cached_digests(mirror), 10, what="the last layer indexed")
     peak = max(sampler.samples)
     print(f"\neviction accuracy: peak usage {peak / MiB:.2f} MiB of a {cap / MiB:.0f} MiB cap "
           f"= {peak / cap:.3f} ({len(sampler.samples)} samples)")
@@ -74,6 +75,7 @@ def test_shared_blob_survives_eviction_of_one_repository(make_mirror, fillers, s
         pull(client, b.repo)
         pull(client, fillers[0].repo)
         pull(client, fillers[1].repo)
+    wait_until(lambda: fillers[1].big in cached_digests(mirror), 10, what="the last layer indexed")
     cached = cached_digests(mirror)
     assert a.big not in cached            # a's own layer was the least recently used
     assert common in cached and mirror.blob_file(common).exists()
