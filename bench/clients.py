@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CURL_FORMAT = "%{time_total} %{size_download} %{http_code}"
+CURL_FORMAT = "%{time_total} %{time_starttransfer} %{size_download} %{http_code}"
 
 
 class BenchError(Exception):
@@ -24,6 +24,7 @@ class BenchError(Exception):
 class Download:
     seconds: float
     size: int
+    first_byte: float = 0.0    # seconds until the first byte of the body (curl only)
 
 
 def _curl_argv(url: str, cacert: Path | None) -> list[str]:
@@ -33,12 +34,12 @@ def _curl_argv(url: str, cacert: Path | None) -> list[str]:
 
 def _check(url: str, output: str, size: int) -> Download:
     try:
-        seconds, got, status = output.split()
+        seconds, first_byte, got, status = output.split()
     except ValueError:
         raise BenchError(f"curl {url}: unexpected output {output!r}") from None
     if status != "200" or int(got) != size:
         raise BenchError(f"GET {url}: status {status}, {got} bytes (expected 200, {size} bytes)")
-    return Download(float(seconds), int(got))
+    return Download(float(seconds), int(got), float(first_byte))
 
 
 def curl(url: str, size: int, cacert: Path | None = None) -> Download:

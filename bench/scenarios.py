@@ -83,7 +83,7 @@ def cold(setup: Setup, server: Server) -> Sample:
     mark = setup.upstream.mark()
     got = curl(_url(server, big), big.size)
     settle(server, big.digest)
-    return Sample({"MB/s": got.size / got.seconds / 1e6,
+    return Sample({"MB/s": got.size / got.seconds / 1e6, "first byte ms": got.first_byte * 1000,
                    "upstream GETs": upstream_gets(setup, mark, big.digest)}, got.size)
 
 
