@@ -1,0 +1,100 @@
+# Packages of docker-mirror. Everything lands in dist/.
+#
+#   make wheelhouse                  the only step that uses the network: pinned dependencies
+#                                    (requirements.lock) as manylinux2014 wheels, for PYVER
+#   make deb                         Debian 12 / Ubuntu 24.04 .deb (dh-virtualenv on python3)
+#   make rpm                         EL8/EL9 RPM: a venv on the system's python$(PYVER)
+#   make rpm-el7 PYTHON_TARBALL=...  EL7 RPM bundling that CPython (python-build-standalone
+#                                    "install_only" tarball) in /opt/docker-mirror/python
+#
+# Options: PYVER (3.11), DEB_VERSION / RPM_RELEASE (rebuilds with a higher version),
+# ALLOW_NEWER_GLIBC_PYTHON=1 (accept a bundled interpreter built against a newer glibc:
+# only for the stand-in from rpm/standin-python.sh, which cannot run on EL7 anyway).
+
+VERSION      := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' dockermirror/__init__.py)
+PYVER        ?= 3.11
+BUILD        := build
+DIST         := dist
+TOOLS        := $(BUILD)/tools
+PIP          := $(TOOLS)/bin/python -m pip --disable-pip-version-check --quiet
+RPM_RELEASE  ?= 1
+DEB_VERSION  ?=
+WHEELS        = $(BUILD)/wheelhouse-py$(PYVER)
+
+.PHONY: all wheelhouse deb rpm rpm-sources rpm-el7 clean
+all: deb rpm
+
+$(TOOLS)/bin/python:
+	/usr/bin/python3 -m venv $(TOOLS)
+
+# --- wheelhouse (network) -----------------------------------------------------------
+
+wheelhouse: $(WHEELS)/.complete
+
+$(WHEELS)/.complete: requirements.lock | $(TOOLS)/bin/python
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	grep -v -E '^(#|sdnotify)' requirements.lock > $(BUILD)/binary-requirements.txt
+	$(PIP) download --only-binary=:all: --no-deps -d $(WHEELS) -r $(BUILD)/binary-requirements.txt \
+	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	    --python-version $(PYVER) --implementation cp --abi cp$(subst .,,$(PYVER)) --abi abi3 --abi none
+	$(PIP) wheel --no-deps -w $(WHEELS) "$$(grep '^sdnotify==' requirements.lock)"   # sdist only: pure Python
+	$(PIP) download --only-binary=:all: --no-deps -d $(WHEELS) setuptools wheel        # to build the app offline
+	python3 rpm/glibc-floor.py --max 2.17 $(WHEELS)
+	touch $@
+
+# The application's own wheel, built offline from the wheelhouse.
+$(BUILD)/app/docker_mirror-$(VERSION)-py3-none-any.whl: $(WHEELS)/.complete $(shell git ls-files dockermirror pyproject.toml 2>/dev/null)
+	rm -rf $(BUILD)/app && mkdir -p $(BUILD)/app
+	$(PIP) wheel --no-deps --no-index --find-links $(WHEELS) -w $(BUILD)/app .
+
+# --- deb ----------------------------------------------------------------------------
+
+DEB_SRC := $(BUILD)/deb/docker-mirror-$(VERSION)
+
+deb: $(WHEELS)/.complete
+	rm -rf $(BUILD)/deb && mkdir -p $(DEB_SRC) $(DIST)
+	git ls-files -z | xargs -0 cp --parents -t $(DEB_SRC)
+	cp -r $(WHEELS) $(DEB_SRC)/wheelhouse
+	if [ -n "$(DEB_VERSION)" ]; then cd $(DEB_SRC) && DEBFULLNAME="docker-mirror build" \
+	    DEBEMAIL=build@localhost dch --newversion $(DEB_VERSION) --distribution unstable "Rebuild."; fi
+	cd $(DEB_SRC) && dpkg-buildpackage -us -uc -b
+	cp $(BUILD)/deb/docker-mirror_*.deb $(DIST)/
+	lintian --fail-on error,warning $(BUILD)/deb/docker-mirror_*.deb
+
+# --- rpm ----------------------------------------------------------------------------
+
+RPMTOP    := $(CURDIR)/$(BUILD)/rpm
+# Debian's rpm lacks EL's systemd macros and %rhel: supply EL7's definitions (rpm/macros.el).
+RPM_MACROS = $(if $(filter /usr/lib/systemd/system,$(shell rpm --eval '%{_unitdir}')),,--load rpm/macros.el)
+RPMBUILD   = rpmbuild --nodeps $(RPM_MACROS) --define "_topdir $(RPMTOP)" --define "version_ $(VERSION)" \
+             --define "release_ $(RPM_RELEASE)" --define "pip $(CURDIR)/$(TOOLS)/bin/python -m pip"
+
+$(RPMTOP)/SOURCES/docker-mirror-$(VERSION).tar.gz: $(shell git ls-files 2>/dev/null)
+	mkdir -p $(RPMTOP)/SOURCES
+	git ls-files -z | tar -czf $@ --null -T - --transform 's,^,docker-mirror-$(VERSION)/,'
+
+
+rpm-sources: $(RPMTOP)/SOURCES/docker-mirror-$(VERSION).tar.gz $(BUILD)/app/docker_mirror-$(VERSION)-py3-none-any.whl
+	rm -rf $(RPMTOP)/wheels && mkdir -p $(RPMTOP)/wheels
+	cp $(WHEELS)/*.whl $(BUILD)/app/*.whl $(RPMTOP)/wheels/
+	tar -czf $(RPMTOP)/SOURCES/wheelhouse-py$(PYVER).tar.gz -C $(RPMTOP) wheels
+
+rpm: rpm-sources
+	mkdir -p $(DIST)
+	$(RPMBUILD) --define "pyver $(PYVER)" --define "dist .el9" -bb rpm/docker-mirror.spec
+	cp $(RPMTOP)/RPMS/x86_64/docker-mirror-$(VERSION)-$(RPM_RELEASE).el9.x86_64.rpm $(DIST)/
+	rpmlint -r rpm/docker-mirror.rpmlintrc $(DIST)/docker-mirror-$(VERSION)-$(RPM_RELEASE).el9.x86_64.rpm
+
+rpm-el7:
+	@test -n "$(PYTHON_TARBALL)" || { echo "set PYTHON_TARBALL to a CPython install_only tarball"; exit 2; }
+	$(MAKE) rpm-sources PYVER=$$(tar -tzf $(PYTHON_TARBALL) | sed -n 's|^python/lib/python\(3\.[0-9]*\)/os.py$$|\1|p')
+	cp $(PYTHON_TARBALL) $(RPMTOP)/SOURCES/python-install-only.tar.gz
+	if [ -z "$(ALLOW_NEWER_GLIBC_PYTHON)" ]; then python3 rpm/glibc-floor.py --max 2.17 $(PYTHON_TARBALL); fi
+	mkdir -p $(DIST)
+	$(RPMBUILD) --with bundled_python --define "pyver $$(tar -tzf $(PYTHON_TARBALL) | \
+	    sed -n 's|^python/lib/python\(3\.[0-9]*\)/os.py$$|\1|p')" --define "dist .el7" -bb rpm/docker-mirror.spec
+	cp $(RPMTOP)/RPMS/x86_64/docker-mirror-$(VERSION)-$(RPM_RELEASE).el7.x86_64.rpm $(DIST)/
+	rpmlint -r rpm/docker-mirror-el7.rpmlintrc $(DIST)/docker-mirror-$(VERSION)-$(RPM_RELEASE).el7.x86_64.rpm
+
+clean:
+	rm -rf $(BUILD) $(DIST)
