@@ -120,11 +120,12 @@ def keep_logs(logs: dict[str, Path]) -> dict[str, list[str]]:
 
 
 def summary(args: argparse.Namespace, results: report.Results, ceiling: WrkResult | None, command: str,
-            date: datetime.datetime, source: str, seconds: float) -> str:
+            date: datetime.datetime, source: str, seconds: float, load: str) -> str:
     """The Markdown that is printed and goes into README.md."""
     parts = [
         f"Measured {date:%Y-%m-%d %H:%M} UTC on {report.machine()}; docker-mirror {source}.",
-        f"Command: `{command}` ({args.rounds} round{'s' if args.rounds > 1 else ''}, run time {seconds / 60:.1f} min). "
+        f"Command: `{command}` ({args.rounds} round{'s' if args.rounds > 1 else ''}, run time {seconds / 60:.1f} min, "
+        f"1-minute load average at the start: {load}). "
         "Values are medians over the rounds (peak RSS: the highest sample, every 50 ms, of the "
         "server's processes; CPU: user + system seconds per GB sent to clients); ratio = docker-mirror / "
         "reference. Everything runs on one machine over loopback; the clients (curl, wrk, skopeo) share its cores.",
@@ -147,6 +148,7 @@ def main(argv: list[str]) -> int:
     command = shlex.join(["bench/run.sh", *argv])
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # stop what we started, as on Ctrl-C
     date, source, started = datetime.datetime.now(datetime.UTC), revision(), time.monotonic()
+    load = Path("/proc/loadavg").read_text().split()[0]   # other work on the machine is noise
     scratch = Path(tempfile.mkdtemp(prefix="dm-bench-", dir="/var/tmp"))
     logs: dict[str, Path] = {}
     try:
@@ -156,7 +158,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
         print("server logs: bench/results/logs/", flush=True)
     seconds = time.monotonic() - started
-    text = summary(args, results, ceiling, command, date, source, seconds)
+    text = summary(args, results, ceiling, command, date, source, seconds, load)
     print("\n" + text + "\n")
     for name, lines in problems.items():
         for line, count in collections.Counter(lines).items():
@@ -164,7 +166,7 @@ def main(argv: list[str]) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps({
         "command": command, "date": date.isoformat(timespec="seconds"),
-        "machine": report.machine(), "revision": source, "seconds": round(seconds, 1),
+        "machine": report.machine(), "revision": source, "seconds": round(seconds, 1), "load_average": load,
         "args": vars(args),
         "load_tool_ceiling": ceiling and {"rps": ceiling.rps, "p99_ms": ceiling.p99 * 1000,
                                           "wrk_cpu_s": ceiling.cpu, "output": ceiling.text},
