@@ -56,7 +56,7 @@ deb: $(WHEELS)/.complete
 	git ls-files -z | xargs -0 cp --parents -t $(DEB_SRC)
 	cp -r $(WHEELS) $(DEB_SRC)/wheelhouse
 	if [ -n "$(DEB_VERSION)" ]; then cd $(DEB_SRC) && DEBFULLNAME="docker-mirror build" \
-	    DEBEMAIL=build@localhost dch --newversion $(DEB_VERSION) --distribution unstable "Rebuild."; fi
+	    DEBEMAIL=maintainers@users.noreply.r-seed-7d2fe5c4.example dch --preserve --newversion $(DEB_VERSION) --distribution unstable "Rebuild."; fi
 	cd $(DEB_SRC) && dpkg-buildpackage -us -uc -b
 	cp $(BUILD)/deb/docker-mirror_*.deb $(DIST)/
 	lintian --fail-on error,warning $(BUILD)/deb/docker-mirror_*.deb

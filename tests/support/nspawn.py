@@ -9,6 +9,7 @@ host's network, so services inside listen on the host's loopback.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -18,13 +19,13 @@ from pathlib import Path
 from tests.support.procs import wait_until
 
 CACHE = Path(os.environ.get("DM_TEST_CACHE", "/var/cache/docker-mirror-tests"))
-PACKAGES = "systemd,systemd-sysv,dbus,procps,python3,python3-venv,ca-certificates"
+PACKAGES = "systemd,systemd-sysv,dbus,procps,python3,python3-venv,ca-certificates,adduser,passwd,rpm"
 PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def rootfs() -> Path:
     """The cached Debian 12 root filesystem, built on first use (about a minute)."""
-    root = CACHE / "rootfs-bookworm"
+    root = CACHE / f"rootfs-bookworm-{hashlib.sha256(PACKAGES.encode()).hexdigest()[:8]}"
     if (root / "usr/lib/systemd/systemd").exists():
         return root
     CACHE.mkdir(parents=True, exist_ok=True)

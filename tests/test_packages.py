@@ -1,0 +1,186 @@
+"""The packages, built with the README's commands and installed under a real systemd.
+
+* .deb: `apt install ./docker-mirror_*.deb` in a booted Debian 12 container; the service
+  runs with TLS from a certificate the package made, a real client pulls through it,
+  reload works, an upgrade keeps config and cache and restarts it, remove stops it.
+* EL8/EL9 RPM: content and scriptlet checks, and `rpm -i --nodeps` in the same kind of
+  container creating the user, the certificate and the enabled, running service.
+* EL7 RPM (with a stand-in interpreter built from Debian's python3.11 source): layout,
+  the glibc 2.17 floor of the wheelhouse, gzip payload, no hardening drop-in, and
+  `--version` from an `rpm --root` install.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Upstream
+from tests.support.clients import skopeo_copy
+from tests.support.nspawn import CACHE, Container
+from tests.support.procs import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DIST = REPO / "dist"
+VERSION = next(line.split('"')[1] for line in (REPO / "dockermirror/__init__.py").read_text().splitlines()
+               if line.startswith("__version__"))
+UPGRADE = f"{VERSION}+upgrade1"
+STANDIN = CACHE / "python-standin-3.11-x86_64.tar.gz"
+
+
+def make(*targets: str, **variables: str) -> float:
+    started = time.monotonic()
+    result = subprocess.run(["make", "-C", str(REPO), *targets, *(f"{k}={v}" for k, v in variables.items())],
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, \
+        f"make {' '.join(targets)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return time.monotonic() - started
+
+
+def rpm_query(path: Path, *args: str) -> str:
+    return subprocess.run(["rpm", "-qp", *args, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def packages() -> dict[str, Path]:
+    """Build the three packages (and an upgrade of the .deb) with the Makefile."""
+    times = {"wheelhouse": make("wheelhouse"), "deb": make("deb"), "rpm": make("rpm"),
+             "deb upgrade": make("deb", DEB_VERSION=UPGRADE)}
+    if not STANDIN.exists():
+        STANDIN.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(REPO / "rpm/standin-python.sh"), str(STANDIN)], check=True, capture_output=True,
+                       timeout=3600)
+    times["rpm-el7"] = make("rpm-el7", PYTHON_TARBALL=str(STANDIN), ALLOW_NEWER_GLIBC_PYTHON="1")
+    built = {"deb": DIST / f"docker-mirror_{VERSION}_amd64.deb",
+             "upgrade": DIST / f"docker-mirror_{UPGRADE}_amd64.deb",
+             "rpm": DIST / f"docker-mirror-{VERSION}-1.el9.x86_64.rpm",
+             "rpm-el7": DIST / f"docker-mirror-{VERSION}-1.el7.x86_64.rpm"}
+    print("\nbuild times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print("sizes: " + ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in built.values()))
+    return built
+
+
+def preseed(container: Container, upstream: Upstream) -> str:
+    """A configuration in place before the package arrives: loopback, the test upstream."""
+    address = f"127.0.0.1:{free_port()}"
+    container.write("/etc/docker-mirror/config.yml",
+                    f"# preseeded by the test\nlisten: {address}\nhostname: localhost\n"
+                    f"upstream:\n  url: {upstream.url}\n")
+    return address
+
+
+def active(container: Container) -> str:
+    return container.run("systemctl", "is-active", "docker-mirror", check=False).stdout.strip()
+
+
+def test_deb_install_reload_upgrade_remove(packages, upstream: Upstream, tmp_path: Path):
+    container = Container("dm-deb", tmp_path, binds={DIST: "/dist"})
+    container.boot()
+    try:
+        c = container
+        address = preseed(c, upstream)
+        config_before = c.read("/etc/docker-mirror/config.yml")
+        c.run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
+              f"/dist/{packages['deb'].name}", timeout=600)
+        assert active(c) == "active"                          # Debian starts what it installs
+        assert c.run("systemctl", "is-enabled", "docker-mirror").stdout.strip() == "enabled"
+        assert c.run("stat", "-c", "%U:%G %a", "/etc/pki/tls/private/docker-mirror.key").stdout.strip() == \
+            "root:docker-mirror 640"
+        assert c.run("test", "-f", "/lib/systemd/system/docker-mirror.service.d/50-hardening.conf").returncode == 0
+        cert_dir = tmp_path / "certs.d"
+        cert_dir.mkdir()
+        (cert_dir / "ca.crt").write_text(c.read("/etc/pki/docker-mirror/ca.crt"))   # trust only its CA
+        skopeo_copy(f"{address}/library/busybox:latest", tmp_path / "busybox", cert_dir=cert_dir)
+        lines = c.run("journalctl", "-u", "docker-mirror", "-o", "cat", "--no-pager").stdout
+        assert 'access: 127.0.0.1 "GET /v2/library/busybox/manifests/latest" 200' in lines
+        c.run("systemctl", "reload", "docker-mirror")
+        assert active(c) == "active"
+        assert "reloaded" in c.run("journalctl", "-u", "docker-mirror", "-o", "cat", "--no-pager").stdout
+
+        blobs_before = c.run("find", "/var/cache/docker-mirror/blobs", "-type", "f").stdout.split()
+        assert blobs_before
+        pid = c.show("docker-mirror", "MainPID")
+        c.run("apt-get", "install", "-y", "-q", f"/dist/{packages['upgrade'].name}", timeout=600)
+        assert UPGRADE in c.run("dpkg-query", "-W", "-f", "${Version}", "docker-mirror").stdout
+        assert c.read("/etc/docker-mirror/config.yml") == config_before      # the admin's config stays
+        assert c.run("find", "/var/cache/docker-mirror/blobs", "-type", "f").stdout.split() == blobs_before
+        assert active(c) == "active" and c.show("docker-mirror", "MainPID") != pid   # restarted
+
+        c.run("apt-get", "remove", "-y", "-q", "docker-mirror", timeout=600)
+        assert active(c) == "inactive"
+        assert c.run("test", "-d", "/var/cache/docker-mirror/blobs").returncode == 0     # kept...
+        assert c.run("test", "-f", "/etc/pki/docker-mirror/ca.crt").returncode == 0
+        c.run("apt-get", "purge", "-y", "-q", "docker-mirror", timeout=600)
+        assert c.run("test", "-e", "/var/cache/docker-mirror", check=False).returncode == 1   # ...until purge
+        assert c.run("test", "-e", "/etc/pki/docker-mirror", check=False).returncode == 1
+    finally:
+        container.stop()
+
+
+def test_rpm_contents_and_scriptlets(packages):
+    rpm = packages["rpm"]
+    files = rpm_query(rpm, "-l").split()
+    for path in ("/opt/docker-mirror/bin/docker-mirror", "/usr/bin/docker-mirror",
+                 "/usr/lib/systemd/system/docker-mirror.service",
+                 "/usr/lib/systemd/system/docker-mirror.service.d/50-hardening.conf",
+                 "/var/cache/docker-mirror", "/var/lib/docker-mirror", "/usr/share/doc/docker-mirror/README.md"):
+        assert path in files, path
+    assert rpm_query(rpm, "-c").split() == ["/etc/docker-mirror/config.yml"]          # %config(noreplace)
+    owners = dict(line.split(" ", 1) for line in rpm_query(
+        rpm, "--qf", "[%{FILENAMES} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILEMODES:perms}\n]").splitlines())
+    assert owners["/var/cache/docker-mirror"] == "docker-mirror:docker-mirror drwxr-x---"
+    scripts = rpm_query(rpm, "--scripts")
+    for needle in ("groupadd -r docker-mirror", "useradd -r -g docker-mirror", "systemctl preset docker-mirror",
+                   "docker-mirror cert ensure", "systemctl try-restart docker-mirror", "systemctl stop docker-mirror"):
+        assert needle in scripts, needle
+    requires = rpm_query(rpm, "--requires").splitlines()
+    assert "python3.11" in requires and not any(r.startswith("(") for r in requires)   # no rich dependencies
+    assert rpm_query(rpm, "--qf", "%{PAYLOADCOMPRESSOR}") == "gzip"
+
+
+def test_rpm_install_creates_user_certificate_and_enabled_service(packages, upstream: Upstream, tmp_path: Path):
+    container = Container("dm-rpm", tmp_path, binds={DIST: "/dist"})
+    container.boot()
+    try:
+        c = container
+        address = preseed(c, upstream)
+        out = c.run("rpm", "-i", "--nodeps", "--force-debian", f"/dist/{packages['rpm'].name}", timeout=600)
+        assert "error" not in out.stderr.lower(), out.stderr
+        assert c.run("getent", "passwd", "docker-mirror").stdout.split(":")[6].strip() == "/sbin/nologin"
+        assert c.run("test", "-f", "/etc/pki/tls/certs/docker-mirror.crt").returncode == 0
+        assert c.run("test", "-f", "/etc/docker-mirror/config.yml.rpmnew").returncode == 0   # ours kept
+        assert c.run("systemctl", "is-enabled", "docker-mirror").stdout.strip() == "enabled"
+        c.run("systemctl", "start", "docker-mirror")
+        assert active(c) == "active"
+        status = c.show("docker-mirror", "StatusText")
+        assert status.startswith(f"https://{address} | cache ")
+    finally:
+        container.stop()
+
+
+def test_el7_rpm(packages, tmp_path: Path):
+    rpm = packages["rpm-el7"]
+    files = rpm_query(rpm, "-l").split()
+    assert "/opt/docker-mirror/python/bin/python3.11" in files
+    assert "/opt/docker-mirror/python/lib/python3.11/site-packages/dockermirror/__init__.py" in files
+    assert not any("docker-mirror.service.d" in f for f in files)                # never the drop-in on EL7
+    assert "/usr/lib/systemd/system/docker-mirror.service" in files
+    assert rpm_query(rpm, "--qf", "%{PAYLOADCOMPRESSOR}") == "gzip"             # EL7's rpm reads no zstd
+    requires = rpm_query(rpm, "--requires").splitlines()
+    assert not any(r.startswith("(") for r in requires) and not any("python3" in r for r in requires)
+    floor = subprocess.run(["python3", str(REPO / "rpm/glibc-floor.py"), "--max", "2.17",
+                            str(REPO / "build/wheelhouse-py3.11")], capture_output=True, text=True)
+    assert floor.returncode == 0, floor.stdout
+    assert "(floor 2.17): ok" in floor.stdout
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["rpm", "--root", str(root), "-i", "--nodeps", "--noscripts", str(rpm)], check=True,
+                   capture_output=True)
+    version = subprocess.run([str(root / "opt/docker-mirror/bin/docker-mirror"), "--version"], capture_output=True,
+                             text=True, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert version.returncode == 0 and version.stdout.strip() == f"docker-mirror {VERSION}"
+
