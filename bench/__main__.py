@@ -17,6 +17,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import hashlib
 import json
 import re
 import shlex
@@ -34,7 +35,7 @@ from bench.clients import WrkResult
 from bench.monitor import Monitor
 from bench.scenarios import CLIENTS, SCENARIOS, Setup
 from bench.seed import seed
-from bench.servers import DockerMirror, Reference, Server
+from bench.servers import DockerMirror, Reference, Server, snapshot
 from tests.support.certs import make_pki
 from tests.support.procs import Daemon, Registry
 
@@ -59,19 +60,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def revision() -> str:
-    """The docker-mirror source measured: commit, and whether dockermirror/ had local changes."""
+def revision(source: Path) -> str:
+    """The docker-mirror code measured: the commit, and a hash of the copy if dockermirror/ had local changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + (" + uncommitted changes in dockermirror/" if git("status", "--porcelain", "dockermirror") else "")
+    if not git("status", "--porcelain", "dockermirror"):
+        return commit
+    digest = hashlib.sha256()
+    for path in sorted(source.rglob("*.py")):
+        digest.update(path.relative_to(source).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{commit} + uncommitted changes in dockermirror/ (sources sha256 {digest.hexdigest()[:12]})"
 
 
-def measure(args: argparse.Namespace, scratch: Path,
+def measure(args: argparse.Namespace, scratch: Path, code: Path,
             logs: dict[str, Path]) -> tuple[report.Results, WrkResult | None]:
     """Start everything, run the scenarios, stop everything (also on failure).
 
-    ``logs`` gets each server's log file, by name, as the server starts.
+    docker-mirror runs from the copy of its package in ``code``; ``logs`` gets each
+    server's log file, by name, as the server starts.
     """
     results: report.Results = {}
     ceiling = None
@@ -90,8 +97,9 @@ def measure(args: argparse.Namespace, scratch: Path,
         servers: dict[bool, list[Server]] = {}
         for tls in sorted({SCENARIOS[name].tls for name in args.only}):
             kind, cert = ("tls", pki) if tls else ("http", None)
-            servers[tls] = [start(f"docker-mirror-{kind}", DockerMirror(scratch / f"dm-{kind}", upstream.url, cert)),
-                            start(f"reference-{kind}", Reference(scratch / f"ref-{kind}", upstream.url, cert))]
+            mirror = DockerMirror(scratch / f"dm-{kind}", upstream.url, code, cert)
+            reference = Reference(scratch / f"ref-{kind}", upstream.url, cert)
+            servers[tls] = [start(f"docker-mirror-{kind}", mirror), start(f"reference-{kind}", reference)]
             print(f"{kind}: docker-mirror {servers[tls][0].url}, reference {servers[tls][1].url}", flush=True)
         setup = Setup(upstream, content, pki, scratch, args.duration)
         if "clients" in args.only:
@@ -147,12 +155,14 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     command = shlex.join(["bench/run.sh", *argv])
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # stop what we started, as on Ctrl-C
-    date, source, started = datetime.datetime.now(datetime.UTC), revision(), time.monotonic()
+    date, started = datetime.datetime.now(datetime.UTC), time.monotonic()
     load = Path("/proc/loadavg").read_text().split()[0]   # other work on the machine is noise
     scratch = Path(tempfile.mkdtemp(prefix="dm-bench-", dir="/var/tmp"))
     logs: dict[str, Path] = {}
     try:
-        results, ceiling = measure(args, scratch, logs)
+        code = snapshot(ROOT / "dockermirror", scratch / "src")
+        source = revision(code)
+        results, ceiling = measure(args, scratch, code, logs)
     finally:
         problems = keep_logs(logs)
         shutil.rmtree(scratch, ignore_errors=True)

@@ -3,11 +3,14 @@
 Both are built on the test suite's process wrappers (started and stopped by PID).
 A server knows where a cached blob lands on its disk, so the benchmark can tell
 when a download has settled, and can be restarted with an empty cache.
+docker-mirror runs from a snapshot of its source taken at the start, so every
+restart runs the same code even if the working tree changes during the run.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
@@ -37,18 +40,28 @@ class Reference(Registry):
         self.storage.mkdir()
 
 
+def snapshot(package: Path, dest: Path) -> Path:
+    """Copy the ``package`` directory into ``dest``; return ``dest`` (a PYTHONPATH entry)."""
+    shutil.copytree(package, dest / package.name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 class DockerMirror(Mirror):
-    """docker-mirror, ``python -m dockermirror serve --config FILE``, caching without limits."""
+    """docker-mirror, ``python -m dockermirror serve --config FILE``, caching without limits,
+    its code imported from ``source`` (a :func:`snapshot`)."""
 
     label = "docker-mirror"
 
-    def __init__(self, workdir: Path, upstream: str, pki: TestPKI | None = None) -> None:
+    def __init__(self, workdir: Path, upstream: str, source: Path, pki: TestPKI | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         config: dict = {"upstream": {"url": upstream},
                         "cache": {"dir": str(workdir / "cache"), "max_size": "100%", "min_free": 0}}
         if pki:
             config["tls"] = {"certificate": str(pki.certificate), "key": str(pki.key)}
         super().__init__(workdir, config, name="docker-mirror")
+        # -P: no working directory on sys.path, so PYTHONPATH's copy wins over the clone's
+        self.argv = [sys.executable, "-P", *self.argv[1:]]
+        self.env = {**(self.env or {}), "PYTHONPATH": str(source)}
 
     def wipe(self) -> None:
         shutil.rmtree(self.cache_dir, ignore_errors=True)
