@@ -52,16 +52,19 @@ def pull(client: httpx.Client, repo: str, tag: str = "latest") -> list[str]:
 
 
 def disk_usage(cache_dir: Path) -> int:
-    """Bytes of content files (stored, in flight, being deleted) under a cache directory."""
-    total = 0
+    """Bytes of content files (stored, in flight, being deleted) under a cache directory.
+
+    Files move between blobs/ and tmp/ by rename while we walk: each inode counts once."""
+    sizes: dict[tuple[int, int], int] = {}
     for sub in ("blobs", "tmp"):
         for dirpath, _, files in os.walk(cache_dir / sub):
             for name in files:
                 try:
-                    total += os.stat(os.path.join(dirpath, name)).st_size
+                    st = os.stat(os.path.join(dirpath, name))
                 except FileNotFoundError:
-                    pass
-    return total
+                    continue
+                sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
 
 
 class Sampler(threading.Thread):

@@ -40,6 +40,10 @@ class AccessLog:
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
+            elif message["type"] == "http.response.zerocopysend":
+                await send(message)
+                sent += message["count"]  # counted once it went out
+                return
             await send(message)
 
         try:

@@ -25,13 +25,13 @@ from pathlib import Path
 
 from dockermirror.cache import maintenance
 from dockermirror.cache.index import AccessBatch, Entry, Index, TagEntry
-from dockermirror.cache.inflight import READ_CHUNK, Follower, Source, Transfer, Transfers, pread
+from dockermirror.cache.inflight import Follower, Source, Transfer, Transfers
 from dockermirror.cache.space import Limits, filesystem, resolve, shortfall
-from dockermirror.cache.store import BlobStore, TempBlob
+from dockermirror.cache.store import BlobStore, FileRange, TempBlob
 from dockermirror import humanize
 from dockermirror.oci import Digest
 
-__all__ = ["Cache", "CachedFile", "Entry", "Follower", "Limits", "TagEntry", "Transfer", "CacheBusy"]
+__all__ = ["Cache", "CacheBusy", "CachedFile", "Entry", "FileRange", "Follower", "Limits", "TagEntry", "Transfer"]
 
 log = logging.getLogger("dockermirror.cache")
 
@@ -53,16 +53,10 @@ class CachedFile:
         self.size = size
         self._on_close = on_close
 
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        end = self.size if end is None else end
-        pos = start
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[FileRange]:
+        """The range asked for, as one piece of the open file."""
         try:
-            while pos < end:
-                data = await pread(self.fd, min(end - pos, READ_CHUNK), pos)
-                if not data:
-                    raise OSError(f"cache file shorter than its recorded size {self.size}")
-                pos += len(data)
-                yield data
+            yield FileRange(self.fd, start, (self.size if end is None else end) - start)
         finally:
             self.close()
 
@@ -179,7 +173,10 @@ class Cache:
         file = await self.open_file(entry)
         if file is None:
             return None
-        return b"".join([chunk async for chunk in file.read()])
+        try:
+            return await asyncio.to_thread(os.pread, file.fd, entry.size, 0)
+        finally:
+            file.close()
 
     def transfer(self, digest: Digest) -> Transfer | None:
         return self.transfers.get(digest)

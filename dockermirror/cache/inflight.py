@@ -30,13 +30,14 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-from dockermirror.cache.store import BlobStore, TempBlob
+from dockermirror.cache.store import BlobStore, FileRange, TempBlob
 from dockermirror.oci import Digest
 
 log = logging.getLogger("dockermirror.cache")
 
-READ_CHUNK = 1024 * 1024        # bytes per read handed to a client
-WRITE_BATCH = 512 * 1024        # bytes gathered before one hash+write in a worker thread
+READ_CHUNK = 1024 * 1024        # most bytes of the in-memory tail handed out at once
+WRITE_BATCH = 512 * 1024        # bytes gathered before they are hashed and written in worker threads
+PIPELINE = 4                    # batches that may wait to be hashed, or written, while more download
 RESERVE_STEP = 64 * 1024 * 1024  # reservation growth for a body of unknown length
 MEMORY_TAIL = 64 * 1024 * 1024   # bytes an uncached transfer keeps for slower readers
 SLOW_READER = 60.0               # seconds an uncached transfer waits for a reader that is behind
@@ -58,11 +59,6 @@ class TransferFailed(Exception):
 
 class DigestMismatch(Exception):
     """The bytes received do not hash to the digest they were fetched for."""
-
-
-async def pread(fd: int, size: int, offset: int) -> bytes:
-    """Read from a file at an offset in a worker thread."""
-    return await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, size, offset)
 
 
 class Space(Protocol):
@@ -170,46 +166,71 @@ class Transfer:
         self._reserved = 0
 
     async def _pump(self, source: Source) -> None:
-        """Copy the source to the file (or the tail); one batch downloads while the last is absorbed."""
-        pending: asyncio.Task[None] | None = None
-        batch: list[bytes] = []
-        batched = 0
-        async for chunk in source.chunks():
-            batch.append(chunk)
-            batched += len(chunk)
-            if batched >= WRITE_BATCH:
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(self._absorb(batch, batched))
-                batch, batched = [], 0
-        if pending is not None:
-            await pending
-        if batch:
-            await self._absorb(batch, batched)
+        """Copy the source into two ordered lanes running beside the download: one hashes,
+        one stores (the file, or the tail); up to PIPELINE batches may wait in each."""
+        lanes = [(asyncio.Queue(PIPELINE), self._hash_lane), (asyncio.Queue(PIPELINE), self._store_lane)]
+        tasks = [asyncio.ensure_future(run(queue)) for queue, run in lanes]
+        try:
+            batch: list[bytes] = []
+            batched = 0
+            async for chunk in source.chunks():
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= WRITE_BATCH:
+                    await self._feed(lanes, tasks, (batch, batched))
+                    batch, batched = [], 0
+            if batch:
+                await self._feed(lanes, tasks, (batch, batched))
+            await self._feed(lanes, tasks, None)
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
 
-    async def _absorb(self, batch: list[bytes], size: int) -> None:
-        """Hash a batch and put it where readers find it: the file, or (uncached) the tail."""
+    @staticmethod
+    async def _feed(lanes: list, tasks: list[asyncio.Future[None]], item: tuple[list[bytes], int] | None) -> None:
+        """Give an item to every lane, waiting for room; a lane that failed stops the transfer."""
+        for (queue, _), task in zip(lanes, tasks, strict=True):
+            if queue.full():
+                put = asyncio.ensure_future(queue.put(item))
+                await asyncio.wait({put, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not put.done():
+                    put.cancel()
+            else:
+                queue.put_nowait(item)
+            if task.done() and item is not None:  # after the final None, a finished lane is expected
+                task.result()  # raises what stopped the lane
+                raise TransferFailed("a transfer lane ended early")
+
+    async def _hash_lane(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
-        start = self.received
-        temp = self._temp if self.caching else None
-        grown = temp is None or self._reserved >= self.file_end + size \
-            or await self._grow_reservation(self.file_end + size)
-        if temp is not None and grown:
-            error = await loop.run_in_executor(None, self._hash_and_write, temp, batch)
-            self.received += size
-            self.file_end = temp.written
-            if error is None:
-                self._notify()
-                return
-            self.space.disk_full()
-            self._uncached(f"writing failed at byte {self.file_end} ({error.strerror})")
-            self._keep(b"".join(batch)[self.file_end - start:], self.file_end)
-        else:
-            await loop.run_in_executor(None, self._hash, batch)
-            self.received += size
-            self._keep(b"".join(batch), start)
-        self._notify()
-        await self._trim()
+        while (item := await queue.get()) is not None:
+            await loop.run_in_executor(None, self._hash, item[0])
+
+    async def _store_lane(self, queue: asyncio.Queue) -> None:
+        """Put each batch where readers find it: the file, or (uncached) the tail; tell them."""
+        loop = asyncio.get_running_loop()
+        while (item := await queue.get()) is not None:
+            batch, size = item
+            start = self.received
+            temp = self._temp if self.caching else None
+            grown = temp is None or self._reserved >= self.file_end + size \
+                or await self._grow_reservation(self.file_end + size)
+            if temp is not None and grown:
+                error = await loop.run_in_executor(None, self._write, temp, batch)
+                self.received += size
+                self.file_end = temp.written
+                if error is None:
+                    self._notify()
+                    continue
+                self.space.disk_full()
+                self._uncached(f"writing failed at byte {self.file_end} ({error.strerror})")
+                self._keep(b"".join(batch)[self.file_end - start:], self.file_end)
+            else:
+                self.received += size
+                self._keep(b"".join(batch), start)
+            self._notify()
+            await self._trim()
 
     async def _grow_reservation(self, needed: int) -> bool:
         """A body of unknown length: reserve more room as it grows (a step, or just what is needed)."""
@@ -224,8 +245,8 @@ class Transfer:
         for chunk in batch:
             self._hasher.update(chunk)
 
-    def _hash_and_write(self, temp: TempBlob, batch: list[bytes]) -> OSError | None:
-        self._hash(batch)
+    @staticmethod
+    def _write(temp: TempBlob, batch: list[bytes]) -> OSError | None:
         try:
             temp.write(batch)
         except OSError as exc:
@@ -315,8 +336,9 @@ class Follower:
             transfer._reader_moved.set()
             transfer._reader_moved = asyncio.Event()
 
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes ``[start, end)`` as they arrive; ``end=None`` reads to the end of the content."""
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | FileRange]:
+        """Bytes ``[start, end)`` as they arrive, as ranges of the file being written (or bytes
+        kept in memory); ``end=None`` reads to the end of the content."""
         t = self.transfer
         fd = -1
         try:
@@ -329,16 +351,17 @@ class Follower:
                 limit = t.available if end is None else min(t.available, end)
                 if pos < limit:
                     if pos < t.file_end:
-                        data = await pread(fd, min(limit, t.file_end, pos + READ_CHUNK) - pos, pos)
+                        piece: bytes | FileRange = FileRange(fd, pos, min(limit, t.file_end) - pos)
+                        size = piece.count
                     else:
-                        data = t._from_tail(pos, limit)
-                    if not data:
-                        raise TransferFailed("temp file shorter than recorded")
-                    pos += len(data)
+                        piece = t._from_tail(pos, limit)
+                        size = len(piece)
+                    # the bytes stay where they are until the reader has sent them
+                    yield piece
+                    pos += size
                     t._readers[self._id] = pos
                     t._reader_moved.set()
                     t._reader_moved = asyncio.Event()
-                    yield data
                 elif t.verified and pos >= t.received:
                     return  # complete, verified content (even if caching it failed)
                 elif t.error is not None:

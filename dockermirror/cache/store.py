@@ -18,9 +18,23 @@ import errno
 import os
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from dockermirror.oci import Digest, InvalidDigest
+
+
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """Bytes ``[offset, offset + count)`` of an open file, for a response to send as it can
+    (``sendfile`` on plain TCP, reads otherwise). The file stays open while the range is used."""
+
+    fd: int
+    offset: int
+    count: int
+
+    def fileno(self) -> int:
+        return self.fd
 
 
 class TempBlob:

@@ -17,7 +17,9 @@ import signal
 import socket
 import sqlite3
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -28,12 +30,16 @@ from dockermirror.config import Config, ConfigError
 from dockermirror.humanize import size
 from dockermirror.service import logs
 from dockermirror.service.systemd import Systemd
-from dockermirror.service.tls import ServerTLS, TLSError
+from dockermirror.service.zerocopy import ZeroCopyHttpToolsProtocol
+
+if TYPE_CHECKING:
+    from dockermirror.service.tls import ServerTLS
 
 log = logging.getLogger("dockermirror")
 
 GRACE = 20.0            # seconds requests in flight get at shutdown (the unit allows 30)
 STATUS_INTERVAL = 10.0  # seconds between STATUS= updates
+WORKER_THREADS = 32
 
 
 class StartupError(Exception):
@@ -53,6 +59,9 @@ class Service:
         self.systemd = Systemd()
         self.tls: ServerTLS | None = None
         if config.tls.active:
+            # imported only for TLS: cryptography costs about 14 MB of memory
+            from dockermirror.service.tls import ServerTLS, TLSError
+
             try:
                 self.tls = ServerTLS(config.tls.certificate, config.tls.key, public_hostname(config))
             except TLSError as exc:
@@ -79,7 +88,7 @@ class Service:
         host, port = self.config.listen_address
         uv_config = uvicorn.Config(
             self.app.asgi, host=host, port=port, lifespan="on", log_config=None, access_log=False,
-            server_header=False, timeout_graceful_shutdown=GRACE,
+            server_header=False, timeout_graceful_shutdown=GRACE, http=ZeroCopyHttpToolsProtocol,
         )
         uv_config.load()
         uv_config.ssl = self.tls.context if self.tls else None
@@ -90,6 +99,9 @@ class Service:
     def _lifespan_started(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        # file reads, hashing and index writes of many transfers at once: more than the
+        # default min(32, cores + 4) threads (they mostly wait on I/O or run without the GIL)
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="worker"))
 
     def listening(self) -> None:
         """The socket is bound and the cache is open: tell systemd."""
@@ -125,6 +137,8 @@ class Service:
         if new.tls.active != bool(self.tls):
             notes.append("tls.enabled")
         elif self.tls is not None:
+            from dockermirror.service.tls import TLSError
+
             try:
                 checked = self.tls.reload(new.tls.certificate, new.tls.key, public_hostname(new))
                 for warning in checked.warnings:

