@@ -36,8 +36,8 @@ from dockermirror.oci import Digest
 log = logging.getLogger("dockermirror.cache")
 
 READ_CHUNK = 1024 * 1024        # most bytes of the in-memory tail handed out at once
-WRITE_BATCH = 512 * 1024        # bytes gathered before they are hashed and written in worker threads
-PIPELINE = 4                    # batches that may wait to be hashed, or written, while more download
+WRITE_BATCH = 1024 * 1024       # bytes gathered before they are hashed and written in worker threads
+PIPELINE = 6                    # batches that may wait to be hashed, or written, while more download
 RESERVE_STEP = 64 * 1024 * 1024  # reservation growth for a body of unknown length
 MEMORY_TAIL = 64 * 1024 * 1024   # bytes an uncached transfer keeps for slower readers
 SLOW_READER = 60.0               # seconds an uncached transfer waits for a reader that is behind
