@@ -7,16 +7,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 PACKAGES="python3 python3-venv ca-certificates docker-registry skopeo wrk curl"
-missing=""
-for p in $PACKAGES; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    # shellcheck disable=SC2086
-    apt-get install -y -q --no-install-recommends $missing
-fi
+tests/apt-ensure.sh $PACKAGES
 
 # Debian's python3, in a virtualenv of the clone (the benchmark imports tests.support)
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv

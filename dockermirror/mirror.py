@@ -17,11 +17,10 @@ what the upstream answered, for the request log.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,6 +34,7 @@ from dockermirror.errors import (
     RegistryError,
     Unavailable,
 )
+from dockermirror.singleflight import SingleFlight
 from dockermirror.oci import MANIFEST_TYPES, OCI_MANIFEST, Digest, InvalidDigest, acceptable, valid_name
 from dockermirror.upstream.client import BlobStream, Reply, UpstreamClient, UpstreamUnreachable, error_for
 
@@ -99,31 +99,6 @@ class Blob:
     body: CachedFile | Follower | None   # None for HEAD
     cache: str
     upstream_status: int | None = None
-
-
-class SingleFlight:
-    """Run one call per key at a time; concurrent callers with the same key share its result."""
-
-    def __init__(self) -> None:
-        self._running: dict[Hashable, asyncio.Future[Any]] = {}
-
-    async def do(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> T:
-        running = self._running.get(key)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._running[key] = future
-        try:
-            result = await call()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved, even if nobody else waited
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._running[key]
 
 
 class Mirror:

@@ -14,16 +14,7 @@ PACKAGES="python3 python3-venv ca-certificates curl openssl git make docker-regi
           containerd systemd systemd-container debootstrap
           dh-virtualenv debhelper devscripts fakeroot lintian rpm rpmlint
           build-essential dpkg-dev xz-utils libssl-dev zlib1g-dev libffi-dev libbz2-dev liblzma-dev libsqlite3-dev"
-missing=""
-for p in $PACKAGES; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    # shellcheck disable=SC2086
-    apt-get install -y -q --no-install-recommends $missing
-fi
+tests/apt-ensure.sh $PACKAGES
 
 # Debian's python3, in a virtualenv of the clone
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv

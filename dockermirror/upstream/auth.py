@@ -7,7 +7,6 @@ Credentials are never logged.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import time
@@ -15,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+
+from dockermirror.singleflight import SingleFlight
 
 _PARAM_RE = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 EXPIRY_MARGIN = 10.0      # seconds before a token's expiry at which it is no longer used
@@ -65,7 +66,7 @@ class Authenticator:
         self._bearer: Challenge | None = None       # realm/service learned from the last bearer challenge
         self._use_basic = False                      # the upstream asked for Basic
         self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}
-        self._fetching: dict[tuple[str, str, str], asyncio.Future[str]] = {}
+        self._fetching = SingleFlight()   # one token request per key, however many ask
 
     @property
     def has_credentials(self) -> bool:
@@ -108,22 +109,13 @@ class Authenticator:
         cached = self._tokens.get(key)
         if cached is not None and cached[1] > self._clock():
             return cached[0]
-        running = self._fetching.get(key)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._fetching[key] = future
-        try:
+
+        async def fetch() -> str:
             token, lifetime = await self._fetch(*key)
             self._tokens[key] = (token, self._clock() + max(lifetime - EXPIRY_MARGIN, 1.0))
-            future.set_result(token)
             return token
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters, if any, get it through shield
-            raise
-        finally:
-            del self._fetching[key]
+
+        return await self._fetching.do(key, fetch)
 
     async def _fetch(self, realm: str, service: str, scope: str) -> tuple[str, float]:
         params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
