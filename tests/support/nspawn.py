@@ -49,6 +49,14 @@ class Container:
         self.leader = 0
 
     def boot(self) -> Container:
+        """Start the container and wait until systemd inside is up; on failure, stop it again."""
+        try:
+            return self._boot()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _boot(self) -> Container:
         argv = ["systemd-nspawn", "-D", str(rootfs()), "--volatile=overlay", "-b", "--register=no", "--keep-unit",
                 f"--machine={self.name}", "--console=passive"]
         argv += [f"--bind-ro={host}:{guest}" for host, guest in self.binds.items()]
