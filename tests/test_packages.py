@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,16 +75,23 @@ def preseed(container: Container, upstream: Upstream) -> str:
     return address
 
 
+@contextlib.contextmanager
+def install_host(name: str, workdir: Path, upstream: Upstream) -> Iterator[tuple[Container, str]]:
+    """A booted container that sees dist/ as /dist, with a preseeded configuration."""
+    container = Container(name, workdir, binds={DIST: "/dist"})
+    container.boot()
+    try:
+        yield container, preseed(container, upstream)
+    finally:
+        container.stop()
+
+
 def active(container: Container) -> str:
     return container.run("systemctl", "is-active", "docker-mirror", check=False).stdout.strip()
 
 
 def test_deb_install_reload_upgrade_remove(packages, upstream: Upstream, tmp_path: Path):
-    container = Container("dm-deb", tmp_path, binds={DIST: "/dist"})
-    container.boot()
-    try:
-        c = container
-        address = preseed(c, upstream)
+    with install_host("dm-deb", tmp_path, upstream) as (c, address):
         config_before = c.read("/etc/docker-mirror/config.yml")
         c.run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
               f"/dist/{packages['deb'].name}", timeout=600)
@@ -117,8 +126,6 @@ def test_deb_install_reload_upgrade_remove(packages, upstream: Upstream, tmp_pat
         c.run("apt-get", "purge", "-y", "-q", "docker-mirror", timeout=600)
         assert c.run("test", "-e", "/var/cache/docker-mirror", check=False).returncode == 1   # ...until purge
         assert c.run("test", "-e", "/etc/pki/docker-mirror", check=False).returncode == 1
-    finally:
-        container.stop()
 
 
 def test_rpm_contents_and_scriptlets(packages):
@@ -143,11 +150,7 @@ def test_rpm_contents_and_scriptlets(packages):
 
 
 def test_rpm_install_creates_user_certificate_and_enabled_service(packages, upstream: Upstream, tmp_path: Path):
-    container = Container("dm-rpm", tmp_path, binds={DIST: "/dist"})
-    container.boot()
-    try:
-        c = container
-        address = preseed(c, upstream)
+    with install_host("dm-rpm", tmp_path, upstream) as (c, address):
         out = c.run("rpm", "-i", "--nodeps", "--force-debian", f"/dist/{packages['rpm'].name}", timeout=600)
         assert "error" not in out.stderr.lower(), out.stderr
         assert c.run("getent", "passwd", "docker-mirror").stdout.split(":")[6].strip() == "/sbin/nologin"
@@ -158,8 +161,6 @@ def test_rpm_install_creates_user_certificate_and_enabled_service(packages, upst
         assert active(c) == "active"
         status = c.show("docker-mirror", "StatusText")
         assert status.startswith(f"https://{address} | cache ")
-    finally:
-        container.stop()
 
 
 def test_el7_rpm(packages, tmp_path: Path):
