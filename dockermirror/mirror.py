@@ -263,7 +263,7 @@ class Mirror:
             self.cache.touch(str(digest), repo.upstream.key, repo.name)
             follower = None if head else transfer.follow()
             if head or follower is not None:
-                return Blob(str(digest), transfer.size, transfer.media_type, follower, COALESCED)
+                return Blob(str(digest), transfer.size, None, follower, COALESCED)
             # An uncached transfer no longer holds the first bytes: this reader gets its own.
             return await self._new_transfer(repo, digest, shared=False)
         if head:

@@ -194,7 +194,7 @@ class Cache:
 
         async def commit(temp: TempBlob, transfer: Transfer) -> None:
             now = self.clock()
-            entry = Entry(str(digest), temp.written, transfer.media_type, "blob", now, now)
+            entry = Entry(str(digest), temp.written, None, "blob", now, now)
             await asyncio.to_thread(self._commit, temp, entry, upstream, repository)
             self.count("bytes_fetched", temp.written)
 

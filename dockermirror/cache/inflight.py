@@ -80,7 +80,6 @@ class Transfer:
         self.space = space
         self.caching = cache            # False: the bytes only pass through (PASS)
         self.size: int | None = None
-        self.media_type: str | None = None
         self.received = 0               # bytes hashed so far
         self.file_end = 0               # bytes [0, file_end) are in the temp file
         self.verified = False
