@@ -118,7 +118,7 @@ def test_blob_full_and_head(mirror, upstream: Upstream):
         assert response.headers["docker-content-digest"] == layer
     assert head.headers["content-length"] == str(len(expected))
     assert head.headers["accept-ranges"] == "bytes"
-    assert mirror.blob_file(layer).read_bytes() == expected
+    assert mirror.committed_blob(layer) == expected
     results = [line.split("cache=")[1].split()[0] for line in mirror.access_lines(f"/blobs/{layer}", at_least=3)]
     # The second request may still find the first transfer committing (fsync, rename): COALESCED.
     assert results[0] == "MISS" and set(results[1:]) <= {"HIT", "COALESCED"}, results

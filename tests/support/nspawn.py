@@ -72,9 +72,13 @@ class Container:
         self.leader = wait_until(lambda: leader() or self.proc.poll() is not None, 60, what="container PID 1")
         if self.proc.poll() is not None:
             raise RuntimeError(f"systemd-nspawn exited: {(self.workdir / f'{self.name}-console.log').read_text()}")
-        # systemctl answers once PID 1 has set up its private socket; then --wait blocks until booted
-        state = wait_until(lambda: self.run("systemctl", "is-system-running", "--wait", check=False).stdout.strip(),
-                           60, interval=0.2, what="systemd in the container")
+        # Until PID 1 has set up its private socket, systemctl cannot reach it and prints "offline"
+        # (or nothing); once it answers, --wait blocks until the boot has finished.
+        def booted() -> str:
+            state = self.run("systemctl", "is-system-running", "--wait", check=False).stdout.strip()
+            return "" if state in ("", "offline") else state
+
+        state = wait_until(booted, 60, interval=0.2, what="systemd in the container")
         if state not in ("running", "degraded"):
             raise RuntimeError(f"container did not boot: {state}")
         return self

@@ -206,6 +206,13 @@ class Mirror(Daemon):
         algorithm, hexdigest = digest.split(":")
         return self.cache_dir / "blobs" / algorithm / hexdigest[:2] / hexdigest
 
+    def committed_blob(self, digest: str, timeout: float = 30) -> bytes:
+        """The cached file's bytes, once the transfer has committed it (a response ends when the
+        client has its bytes; the fsync and rename into blobs/ follow a moment later)."""
+        path = self.blob_file(digest)
+        wait_until(path.exists, timeout, what=f"{digest} committed to {path.parent}")
+        return path.read_bytes()
+
     def client(self, ca: Path | None = None, **kwargs) -> httpx.Client:
         verify = ssl.create_default_context(cafile=ca) if ca else True
         return httpx.Client(base_url=self.url, verify=verify, timeout=60, **kwargs)
