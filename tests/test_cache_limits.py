@@ -58,7 +58,7 @@ def test_usage_stays_under_max_size_and_the_most_recently_used_remain(make_mirro
     cached = cached_digests(mirror) & set(order)
     assert 2 <= len(cached) < len(order)
     assert cached == set(order[-len(cached):]), "a less recently used layer outlived a more recent one"
-    assert mirror.access_lines("evicted", at_least=0) or "evicted" in mirror.log_text()
+    assert "evicted" in mirror.log_text()
     # everything evicted can be pulled again
     with mirror.client() as client:
         for pushed in fillers:
@@ -95,7 +95,9 @@ def test_pinned_content_is_never_evicted(make_mirror, fillers):
     with mirror.client() as client:
         pinned = pull(client, fillers[9].repo)
         for pushed in fillers[:6]:
-            pull(client, pushed.repo)
+            last = pull(client, pushed.repo)
+    # a prune that ran before the last commits would leave them behind
+    wait_until(lambda: set(last) <= cached_digests(mirror), 10, what="the last pull indexed")
     assert set(pinned) <= cached_digests(mirror)
     pruned = cache_cli(mirror, "prune", "--older-than", "0s")
     assert pruned.returncode == 0, pruned.stderr
