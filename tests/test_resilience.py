@@ -8,6 +8,8 @@ import subprocess
 import httpx
 import pytest
 
+from dockermirror.upstream.client import RESUMES
+from tests.cachetools import MiB
 from tests.conftest import ALL_MANIFESTS, Upstream
 from tests.support import images
 from tests.support.procs import Registry, free_port, wait_until
@@ -158,18 +160,49 @@ def test_tampered_manifest_is_refused(make_mirror, fault_proxy, upstream: Upstre
     assert not indexed(mirror, seeded.digest)
 
 
-def test_upstream_cut_mid_blob(make_mirror, fault_proxy, upstream: Upstream):
+def test_upstream_cut_mid_blob_is_resumed_where_it_stopped(make_mirror, fault_proxy, upstream: Upstream):
     digest = upstream.big_layer
-    fault_proxy.cut = (f"/blobs/{digest}", 10 * 1024 * 1024)
+    data = upstream.blob(digest)
+    fault_proxy.cut = (f"/blobs/{digest}", 10 * MiB)
+    fault_proxy.cuts = 2
+    mirror = make_mirror(fault_proxy.url)
+    response = httpx.get(f"{mirror.url}/v2/library/big/blobs/{digest}", timeout=60)
+    assert response.status_code == 200 and response.content == data
+    gets = fault_proxy.requests("GET", f"/blobs/{digest}")
+    assert [get.header_values("Range") for get in gets] == [[], [f"bytes={10 * MiB}-"], [f"bytes={20 * MiB}-"]]
+    assert mirror.committed_blob(digest) == data
+    assert mirror.log_text().count(f"upstream broke off library/big@{digest}") == 2
+    assert "cache=MISS" in mirror.access_lines(f"/blobs/{digest}")[0]
+
+
+def test_upstream_cut_every_time_fails_the_transfer(make_mirror, fault_proxy, upstream: Upstream):
+    digest = upstream.big_layer
+    fault_proxy.cut = (f"/blobs/{digest}", 10 * MiB)
     mirror = make_mirror(fault_proxy.url)
     url = f"{mirror.url}/v2/library/big/blobs/{digest}"
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(url, timeout=60)
+    assert len(fault_proxy.requests("GET", f"/blobs/{digest}")) == 1 + RESUMES
     assert not indexed(mirror, digest)
     wait_until(lambda: list((mirror.cache_dir / "tmp").iterdir()) == [], what="temp file removed")
     fault_proxy.cut = None
     response = httpx.get(url, timeout=60)
     assert response.status_code == 200 and response.content == upstream.blob(digest)
+
+
+def test_upstream_that_ignores_range_is_not_resumed(make_mirror, fault_proxy, upstream: Upstream):
+    """A 200 with the whole body is no continuation: the transfer fails rather than guess."""
+    digest = upstream.big_layer
+    fault_proxy.cut = (f"/blobs/{digest}", 10 * MiB)
+    fault_proxy.cuts = 1
+    fault_proxy.ignore_range = True
+    mirror = make_mirror(fault_proxy.url)
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"{mirror.url}/v2/library/big/blobs/{digest}", timeout=60)
+    assert len(fault_proxy.requests("GET", f"/blobs/{digest}")) == 2
+    assert f"did not resume {digest} at byte {10 * MiB} (answered 200" in mirror.log_text()
+    assert not indexed(mirror, digest)
+    wait_until(lambda: list((mirror.cache_dir / "tmp").iterdir()) == [], what="temp file removed")
 
 
 def test_black_holed_upstream_is_not_retried_for_every_pull(make_mirror, fault_proxy, upstream: Upstream):

@@ -11,7 +11,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
@@ -48,6 +48,8 @@ POOL_TIMEOUT = 300.0
 # served stale at once) for this long, so a black-holed upstream does not stall every pull.
 DOWN_WINDOW = 30.0
 MAX_REDIRECTS = 5
+# Times a blob download that breaks off mid-body is resumed with Range where it stopped.
+RESUMES = 3
 # Headers of a client request worth passing on (Accept is handled on its own).
 Headers = Iterable[tuple[str, str]]
 
@@ -66,15 +68,42 @@ class Reply:
 
 
 class BlobStream:
-    """An upstream blob body being streamed; satisfies the cache's ``Source``."""
+    """An upstream blob body being streamed; satisfies the cache's ``Source``.
 
-    def __init__(self, response: httpx.Response) -> None:
+    When the connection breaks mid-body (reset, closed early, stalled past the read
+    timeout), the rest is asked for with ``Range`` and the stream goes on where it
+    stopped, up to RESUMES times. The cache verifies the digest over the whole body,
+    so a bad resume can only fail the transfer, never corrupt the cache.
+    """
+
+    def __init__(self, response: httpx.Response, resume: Callable[[int, int], Awaitable[httpx.Response]],
+                 what: str) -> None:
         self._response = response
+        self._resume = resume
+        self._what = what
         length = response.headers.get("content-length")
         self.size: int | None = int(length) if length and length.isdigit() else None
+        self.received = 0
+        self.resumes = 0
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        return self._response.aiter_raw()
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                async for chunk in self._response.aiter_raw():
+                    self.received += len(chunk)
+                    yield chunk
+                return
+            except httpx.TransportError as exc:
+                # without a length there is nothing to check the remainder against
+                if self.size is None or self.resumes == RESUMES:
+                    raise
+                if self.received >= self.size:
+                    return          # every byte is here; the digest check decides
+                self.resumes += 1
+                log.warning("upstream broke off %s at byte %d of %d (%s); resuming there (%d of %d)",
+                            self._what, self.received, self.size, _describe(exc), self.resumes, RESUMES)
+                await self._response.aclose()
+                self._response = await self._resume(self.received, self.size)
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -147,7 +176,18 @@ class UpstreamClient:
             finally:
                 await response.aclose()
             raise error_for(response.status_code, response.headers, body, unknown=BlobUnknown)
-        return BlobStream(response)
+
+        async def resume(offset: int, size: int) -> httpx.Response:
+            """The rest of the blob from ``offset``; anything but exactly that is an error."""
+            rest = await self._send("GET", repository, f"blobs/{digest}", [("Range", f"bytes={offset}-")],
+                                    stream=True)
+            if rest.status_code == 206 and rest.headers.get("content-range") == f"bytes {offset}-{size - 1}/{size}":
+                return rest
+            await rest.aclose()
+            raise UpstreamUnreachable(f"the upstream did not resume {digest} at byte {offset} (answered "
+                                      f"{rest.status_code}, Content-Range {rest.headers.get('content-range')!r})")
+
+        return BlobStream(response, resume, f"{repository}@{digest}")
 
     async def tags(self, repository: str, params: Headers) -> Reply:
         query = "&".join(f"{k}={v}" for k, v in params)

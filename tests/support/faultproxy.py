@@ -1,7 +1,8 @@
 """A small real HTTP proxy in front of the upstream registry that breaks things on purpose.
 
 Faults are switched per test: flip a byte in matching response bodies, answer a
-status instead of forwarding, cut a body off after N bytes, slow a body down.
+status instead of forwarding, cut a body off after N bytes (every time, or the first
+N times), ignore Range, slow a body down.
 It can also act like Docker Hub: demand a bearer token (issued by its own ``/token``
 endpoint, optionally only for Basic credentials) or Basic auth, and redirect blob
 downloads to another host (a second proxy standing in for a CDN).
@@ -41,6 +42,8 @@ class FaultProxy:
         self.tamper: str | None = None                    # regex: flip one byte in these bodies
         self.status: tuple[str, int] | None = None        # (regex, status): answer this instead
         self.cut: tuple[str, int] | None = None           # (regex, bytes): cut the body off after N bytes
+        self.cuts: int | None = None                      # with cut: cut only this many responses (None: all)
+        self.ignore_range = False                         # drop Range from requests (answer 200, whole body)
         self.slow: tuple[str, float] | None = None        # (regex, seconds per 64 KiB chunk)
         self.token_auth = False                           # demand "Bearer <token from /token>"
         self.basic_auth = False                           # demand Basic credentials
@@ -161,7 +164,8 @@ class FaultProxy:
         conn = http.client.HTTPConnection(self.target, timeout=60)
         conn.putrequest(method, path.split("?signature=")[0], skip_host=True, skip_accept_encoding=True)
         for name, value in handler.headers.items():
-            if name.lower() not in HOP_BY_HOP and name.lower() != "authorization":
+            if name.lower() not in HOP_BY_HOP and name.lower() != "authorization" \
+                    and not (self.ignore_range and name.lower() == "range"):
                 conn.putheader(name, value)
         conn.endheaders()
         response = conn.getresponse()
@@ -189,7 +193,9 @@ class FaultProxy:
                 conn.close()
             return
         tamper = self.tamper is not None and re.search(self.tamper, path)
-        cut = self.cut[1] if self.cut and re.search(self.cut[0], path) else None
+        cut = self.cut[1] if self.cut and re.search(self.cut[0], path) and self.cuts != 0 else None
+        if cut is not None and self.cuts is not None:
+            self.cuts -= 1
         slow = self.slow[1] if self.slow and re.search(self.slow[0], path) else 0.0
         sent = 0
         try:
