@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import ALL_MANIFESTS
-from tests.support.procs import Mirror, wait_until
+from tests.support.procs import Mirror, free_port, wait_until
 
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
 
@@ -198,3 +198,61 @@ def test_journal_priorities(tmp_path, upstream):
     assert any(line.startswith("<3>dockermirror: reload refused") for line in lines)
     assert any(line.startswith("<4>dockermirror: reloaded") and "restart to apply: listen" in line for line in lines)
     assert not any(line[3:7].isdigit() for line in lines)  # no timestamps: journald adds them
+
+
+def socket_activated(mirror: Mirror, notify: NotifySocket, *options: str) -> int:
+    """Start ``mirror`` under systemd-socket-activate on a free port (returned), once it listens.
+    The tool drops NOTIFY_SOCKET from the environment it passes on, unless given with -E."""
+    port = free_port()
+    mirror.argv = ["systemd-socket-activate", *options, "-l", f"127.0.0.1:{port}",
+                   "-E", f"NOTIFY_SOCKET={notify.path}", *mirror.argv]
+    mirror.start(wait=False)
+    wait_until(lambda: f"Listening on 127.0.0.1:{port} as 3." in mirror.log_text(), 10, what="the socket bound")
+    return port
+
+
+def test_socket_activation_serves_on_the_socket_systemd_passes(tmp_path, notify, upstream):
+    """systemd-socket-activate, systemd's own tool, binds the port and passes it as descriptor 3
+    with LISTEN_FDS/LISTEN_PID, exactly as docker-mirror.socket does. The mirror serves there,
+    never binds its configured address, and does not apply `listen` on reload."""
+    mirror = daemon(tmp_path, notify, {}, upstream.url)
+    taken = socket.create_server(("127.0.0.1", mirror.port))   # binding `listen` would fail
+    try:
+        passed = socket_activated(mirror, notify)
+        layer = upstream.seeded["hello"].image.layers["amd64"][0]
+        # the first connection starts the mirror; it waits in the socket's backlog meanwhile
+        with httpx.Client(base_url=f"http://127.0.0.1:{passed}", timeout=30) as client:
+            assert client.get("/v2/").status_code == 200
+            blob = client.get(f"/v2/library/hello/blobs/{layer}")
+        assert blob.status_code == 200 and blob.content == upstream.blob(layer)
+        notify.wait_for("READY=1")
+        assert any(m.startswith(f"READY=1\nSTATUS=http://127.0.0.1:{passed} | cache ") for _, m in notify.messages)
+        log = mirror.log_text()
+        assert (f"listening on the socket(s) systemd passed (127.0.0.1:{passed}); "
+                f"listen: 127.0.0.1:{mirror.port} is not used") in log
+        assert f"serving http://127.0.0.1:{passed}" in log
+
+        changed = yaml.safe_load(mirror.config_path.read_text())
+        changed["listen"] = "127.0.0.1:1"
+        mirror.config_path.write_text(yaml.safe_dump(changed))
+        mirror.proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1", count=2)
+        assert "restart to apply" not in mirror.log_text()
+    finally:
+        mirror.stop()
+        taken.close()
+    assert mirror.proc.returncode in (0, -signal.SIGTERM)
+
+
+def test_socket_activation_refuses_a_datagram_socket(tmp_path, notify, upstream):
+    mirror = daemon(tmp_path, notify, {}, upstream.url)
+    try:
+        passed = socket_activated(mirror, notify, "--datagram")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:   # a datagram starts it
+            udp.sendto(b"x", ("127.0.0.1", passed))
+        assert mirror.proc.wait(30) != 0
+    finally:
+        mirror.stop()
+    assert "systemd passed descriptor 3, which is not a TCP socket (use ListenStream=)" in mirror.log_text()
+    assert "Traceback" not in mirror.log_text()
+    assert not (mirror.cache_dir / "index.sqlite").exists()   # refused before touching the cache

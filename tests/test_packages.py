@@ -100,6 +100,9 @@ def test_deb_install_reload_upgrade_remove(packages, upstream: Upstream, tmp_pat
         assert c.run("stat", "-c", "%U:%G %a", "/etc/pki/tls/private/docker-mirror.key").stdout.strip() == \
             "root:docker-mirror 640"
         assert c.run("test", "-f", "/lib/systemd/system/docker-mirror.service.d/50-hardening.conf").returncode == 0
+        # shipped for ports below 1024, but neither enabled nor started by the package
+        assert c.run("systemctl", "is-enabled", "docker-mirror.socket", check=False).stdout.strip() == "disabled"
+        assert c.run("systemctl", "is-active", "docker-mirror.socket", check=False).stdout.strip() == "inactive"
         cert_dir = tmp_path / "certs.d"
         cert_dir.mkdir()
         (cert_dir / "ca.crt").write_text(c.read("/etc/pki/docker-mirror/ca.crt"))   # trust only its CA
@@ -132,7 +135,7 @@ def test_rpm_contents_and_scriptlets(packages):
     rpm = packages["rpm"]
     files = rpm_query(rpm, "-l").split()
     for path in ("/opt/docker-mirror/bin/docker-mirror", "/usr/bin/docker-mirror",
-                 "/usr/lib/systemd/system/docker-mirror.service",
+                 "/usr/lib/systemd/system/docker-mirror.service", "/usr/lib/systemd/system/docker-mirror.socket",
                  "/usr/lib/systemd/system/docker-mirror.service.d/50-hardening.conf",
                  "/var/cache/docker-mirror", "/var/lib/docker-mirror", "/usr/share/doc/docker-mirror/README.md"):
         assert path in files, path
@@ -142,7 +145,8 @@ def test_rpm_contents_and_scriptlets(packages):
     assert owners["/var/cache/docker-mirror"] == "docker-mirror:docker-mirror drwxr-x---"
     scripts = rpm_query(rpm, "--scripts")
     for needle in ("groupadd -r docker-mirror", "useradd -r -g docker-mirror", "systemctl preset docker-mirror",
-                   "docker-mirror cert ensure", "systemctl try-restart docker-mirror", "systemctl stop docker-mirror"):
+                   "docker-mirror cert ensure", "systemctl try-restart docker-mirror",
+                   "systemctl stop docker-mirror.service docker-mirror.socket"):
         assert needle in scripts, needle
     requires = rpm_query(rpm, "--requires").splitlines()
     assert "python3.11" in requires and not any(r.startswith("(") for r in requires)   # no rich dependencies
@@ -157,6 +161,7 @@ def test_rpm_install_creates_user_certificate_and_enabled_service(packages, upst
         assert c.run("test", "-f", "/etc/pki/tls/certs/docker-mirror.crt").returncode == 0
         assert c.run("test", "-f", "/etc/docker-mirror/config.yml.rpmnew").returncode == 0   # ours kept
         assert c.run("systemctl", "is-enabled", "docker-mirror").stdout.strip() == "enabled"
+        assert c.run("systemctl", "is-enabled", "docker-mirror.socket", check=False).stdout.strip() == "disabled"
         c.run("systemctl", "start", "docker-mirror")
         assert active(c) == "active"
         status = c.show("docker-mirror", "StatusText")
@@ -169,7 +174,7 @@ def test_el7_rpm(packages, tmp_path: Path):
     assert "/opt/docker-mirror/python/bin/python3.11" in files
     assert "/opt/docker-mirror/python/lib/python3.11/site-packages/dockermirror/__init__.py" in files
     assert not any("docker-mirror.service.d" in f for f in files)                # never the drop-in on EL7
-    assert "/usr/lib/systemd/system/docker-mirror.service" in files
+    assert {f"/usr/lib/systemd/system/docker-mirror.{unit}" for unit in ("service", "socket")} <= set(files)
     assert rpm_query(rpm, "--qf", "%{PAYLOADCOMPRESSOR}") == "gzip"             # EL7's rpm reads no zstd
     requires = rpm_query(rpm, "--requires").splitlines()
     assert not any(r.startswith("(") for r in requires) and not any("python3" in r for r in requires)

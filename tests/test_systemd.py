@@ -1,17 +1,20 @@
 """docker-mirror under a real systemd (booted with systemd-nspawn): enable --now, status,
-journal priorities, reload with a new certificate, the watchdog, a clean stop.
-Plus the static checks of the unit files: systemd-analyze verify and security, and the
-keys systemd 219 (CentOS 7) knows."""
+journal priorities, reload with a new certificate, the watchdog, a clean stop, socket
+activation on a privileged port. Plus the static checks of the unit files: systemd-analyze
+verify and security, and the keys systemd 219 (CentOS 7) knows."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import Upstream
@@ -22,6 +25,7 @@ from tests.support.procs import free_port, wait_until
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "docker-mirror.service"
 DROPIN = REPO / "systemd" / "docker-mirror.service.d" / "50-hardening.conf"
+SOCKET = REPO / "systemd" / "docker-mirror.socket"
 
 # [Service] keys systemd 219 (RHEL/CentOS 7.9) parses, from its load-fragment table: the
 # base unit may use nothing else.
@@ -34,6 +38,7 @@ EL7_SERVICE_KEYS = {
     "ReadWriteDirectories", "ReadOnlyDirectories", "InaccessibleDirectories", "DevicePolicy", "DeviceAllow",
 }
 EL7_UNIT_KEYS = {"Description", "Documentation", "After", "Wants", "Requires", "Before"}
+EL7_SOCKET_KEYS = {"ListenStream", "BindIPv6Only", "Backlog", "NoDelay", "FreeBind", "Service"}
 
 
 def sections(path: Path) -> dict[str, list[tuple[str, str]]]:
@@ -63,6 +68,13 @@ def test_base_unit_uses_only_what_systemd_219_knows():
     assert dropin[:2] == ["", "@system-service"]
 
 
+def test_socket_unit_uses_only_what_systemd_219_knows():
+    units = sections(SOCKET)
+    assert {k for k, _ in units["Socket"]} <= EL7_SOCKET_KEYS
+    assert {k for k, _ in units["Unit"]} <= EL7_UNIT_KEYS
+    assert units["Install"] == [("WantedBy", "sockets.target")]
+
+
 @pytest.fixture(scope="module")
 def analyze_root(tmp_path_factory) -> Path:
     """A root directory in which systemd-analyze finds the unit's executables."""
@@ -85,8 +97,9 @@ def test_unit_verifies_and_scores(analyze_root: Path, tmp_path: Path, with_dropi
     if with_dropin:
         (target / "docker-mirror.service.d").mkdir()
         shutil.copy(DROPIN, target / "docker-mirror.service.d")
-    verify = subprocess.run(["systemd-analyze", "verify", f"--root={analyze_root}", "docker-mirror.service"],
-                            capture_output=True, text=True)
+    shutil.copy(SOCKET, target)
+    verify = subprocess.run(["systemd-analyze", "verify", f"--root={analyze_root}", "docker-mirror.service",
+                             "docker-mirror.socket"], capture_output=True, text=True)
     assert verify.returncode == 0 and verify.stdout + verify.stderr == ""   # it exits 0 on unknown keys: no output
     units = tmp_path / "units"
     units.mkdir()
@@ -133,7 +146,8 @@ def booted(tmp_path_factory, wheels: Path, upstream: Upstream):
         c.write("/etc/systemd/system/docker-mirror.service.d/90-test.conf",
                 "[Service]\n# quick for the test; the shipped unit says 30 s\nWatchdogSec=3\n")
         c.run("systemctl", "daemon-reload")
-        verify = c.run("systemd-analyze", "verify", "docker-mirror.service", check=False)
+        c.run("cp", "/units/docker-mirror.socket", "/etc/systemd/system/")
+        verify = c.run("systemd-analyze", "verify", "docker-mirror.service", "docker-mirror.socket", check=False)
         assert verify.stdout + verify.stderr == "", verify.stderr
         c.run("systemctl", "enable", "docker-mirror")
         started = time.monotonic()
@@ -226,3 +240,46 @@ def test_stop_is_clean(booted: Container):
                          ".execute(\"select value from meta where key='running'\").fetchone()[0])").stdout.strip()
     assert running == "0"
 
+
+
+def privileged_port() -> int:
+    """A port below 1024 that is free on loopback (the container shares the host's network)."""
+    for port in range(444, 1024):
+        try:
+            socket.create_server(("127.0.0.1", port)).close()
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port below 1024 on 127.0.0.1")
+
+
+def test_socket_activation_serves_a_privileged_port_without_privileges(booted: Container, tmp_path: Path):
+    """systemd binds a port below 1024 and starts the unprivileged service on the first connection."""
+    port = privileged_port()
+    booted.run("systemctl", "stop", "docker-mirror")
+    booted.write("/etc/systemd/system/docker-mirror.socket.d/50-port.conf",
+                 f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")
+    booted.run("systemctl", "daemon-reload")
+    booted.run("systemctl", "enable", "--now", "docker-mirror.socket")
+    try:
+        assert booted.run("systemctl", "is-active", "docker-mirror", check=False).stdout.strip() == "inactive"
+        ca = tmp_path / "ca.crt"
+        ca.write_text(booted.read("/etc/pki/docker-mirror/ca.crt"))
+        # the first connection starts the service (Type=notify: it answers once READY)
+        answer = httpx.get(f"https://127.0.0.1:{port}/v2/", verify=ssl.create_default_context(cafile=ca),
+                           timeout=60)
+        assert answer.status_code == 200
+        assert answer.headers["docker-distribution-api-version"] == "registry/2.0"
+        assert booted.run("systemctl", "is-active", "docker-mirror").stdout.strip() == "active"
+        pid = booted.show("docker-mirror", "MainPID")
+        assert booted.run("ps", "-o", "user=", "-p", pid).stdout.strip() == "docker-mirror"
+        capabilities = booted.run("grep", "CapEff", f"/proc/{pid}/status").stdout.split()
+        assert capabilities == ["CapEff:", "0000000000000000"]       # no CAP_NET_BIND_SERVICE needed
+        messages = [e["MESSAGE"] for e in journal(booted)]
+        assert any(f"listening on the socket(s) systemd passed (127.0.0.1:{port})" in m for m in messages)
+        assert booted.show("docker-mirror", "StatusText").startswith(f"https://127.0.0.1:{port} | cache ")
+    finally:
+        booted.run("systemctl", "disable", "--now", "docker-mirror.socket", check=False)
+        booted.run("systemctl", "stop", "docker-mirror", check=False)
+        booted.run("rm", "-rf", "/etc/systemd/system/docker-mirror.socket.d", check=False)
+        booted.run("systemctl", "daemon-reload", check=False)

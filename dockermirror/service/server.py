@@ -1,5 +1,6 @@
 """The daemon: the mirror under uvicorn, with TLS, systemd notifications and reloads.
 
+* it listens on the sockets systemd passed (socket activation), else binds ``listen``;
 * READY=1 once the listening socket is bound and the cache index is open;
 * WATCHDOG=1 from a task on the event loop; STATUS= kept current;
 * SIGHUP: RELOADING=1, re-read the configuration (a bad one is refused and the old one
@@ -29,6 +30,7 @@ from dockermirror.cache.index import ForeignDatabase
 from dockermirror.config import Config, ConfigError
 from dockermirror.humanize import size
 from dockermirror.service import logs
+from dockermirror.service import systemd
 from dockermirror.service.systemd import Systemd
 from dockermirror.service.zerocopy import ZeroCopyHttpToolsProtocol
 
@@ -57,6 +59,13 @@ class Service:
         self.config = config
         self.reload_config = reload_config
         self.systemd = Systemd()
+        try:
+            self.sockets = systemd.listen_sockets()
+        except systemd.SocketError as exc:
+            raise StartupError(str(exc)) from None
+        if self.sockets:
+            log.info("listening on the socket(s) systemd passed (%s); listen: %s is not used", self.address,
+                     config.listen)
         self.tls: ServerTLS | None = None
         if config.tls.active:
             # imported only for TLS: cryptography costs about 14 MB of memory
@@ -84,6 +93,11 @@ class Service:
     def scheme(self) -> str:
         return "https" if self.tls else "http"
 
+    @property
+    def address(self) -> str:
+        """Where it listens: the sockets systemd passed, else ``listen``."""
+        return ", ".join(map(systemd.describe, self.sockets)) if self.sockets else self.config.listen
+
     def server(self) -> MirrorServer:
         host, port = self.config.listen_address
         uv_config = uvicorn.Config(
@@ -105,7 +119,7 @@ class Service:
 
     def listening(self) -> None:
         """The socket is bound and the cache is open: tell systemd."""
-        log.info("serving %s://%s", self.scheme, self.config.listen)
+        log.info("serving %s://%s", self.scheme, self.address)
         self.systemd.ready(self.status())
         self.systemd.start_watchdog()
         self._spawn(self._keep_status())
@@ -149,6 +163,8 @@ class Service:
                 log.error("reload kept the previous TLS certificate: %s", exc)
                 new = _keep_tls(new, self.config)
         notes += self.app.reconfigure(new)
+        if self.sockets:   # systemd owns the address: listen never applies
+            notes = [note for note in notes if note != "listen"]
         logs.set_level(new.log.level)
         self.config = new
         if notes:
@@ -162,7 +178,7 @@ class Service:
     def status(self) -> str:
         """One line for `systemctl status`: address, TLS, cache, hits, upstream."""
         cache = self.app.cache
-        parts = [f"{self.scheme}://{self.config.listen}"]
+        parts = [f"{self.scheme}://{self.address}"]
         if cache.index is not None:
             used, _, capacity = cache.usage()
             parts.append(f"cache {size(used)} of {size(capacity)} ({used / capacity * 100 if capacity else 0:.0f}%)")
@@ -202,6 +218,7 @@ class MirrorServer(uvicorn.Server):
 
 
 def serve(config: Config, reload_config: Callable[[], Config]) -> int:
-    server = Service(config, reload_config).server()
-    server.run()
+    service = Service(config, reload_config)
+    server = service.server()
+    server.run(sockets=service.sockets or None)
     return 0 if server.started else 1

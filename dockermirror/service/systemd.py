@@ -1,8 +1,10 @@
-"""Talking to systemd: sd_notify states, the watchdog, the status line.
+"""Talking to systemd: sd_notify states, the watchdog, the status line, and the
+listening sockets it passes (socket activation).
 
-Everything here is a no-op outside systemd (no ``NOTIFY_SOCKET``). Messages are the
-ones systemd 219 understands (READY, RELOADING, STOPPING, STATUS, WATCHDOG); newer
-fields (MONOTONIC_USEC, for Type=notify-reload) are ignored by older managers.
+Everything here is a no-op outside systemd (no ``NOTIFY_SOCKET``, no ``LISTEN_FDS``).
+Messages are the ones systemd 219 understands (READY, RELOADING, STOPPING, STATUS,
+WATCHDOG); newer fields (MONOTONIC_USEC, for Type=notify-reload) are ignored by older
+managers.
 """
 
 from __future__ import annotations
@@ -10,11 +12,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 
 import sdnotify
 
 log = logging.getLogger("dockermirror.systemd")
+
+LISTEN_FDS_START = 3   # SD_LISTEN_FDS_START: the first descriptor systemd passes
+
+
+class SocketError(Exception):
+    """What systemd passed is not something to serve on."""
+
+
+def listen_sockets() -> list[socket.socket]:
+    """The listening sockets systemd passed to this process (socket activation), or none.
+
+    Like ``sd_listen_fds(1)``: the variables are removed from the environment, and the
+    descriptors are not inherited by anything this process starts.
+    """
+    pid = os.environ.pop("LISTEN_PID", "")
+    count = os.environ.pop("LISTEN_FDS", "")
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid != str(os.getpid()) or not count.isdigit():
+        return []
+    sockets = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise SocketError(f"systemd passed descriptor {fd}, which is not a socket ({exc.strerror})") from None
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise SocketError(f"systemd passed descriptor {fd}, which is not a TCP socket (use ListenStream=)")
+        sock.set_inheritable(False)
+        sockets.append(sock)
+    return sockets
+
+
+def describe(sock: socket.socket) -> str:
+    """HOST:PORT of a listening socket, IPv6 hosts in brackets."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Systemd:
