@@ -253,6 +253,6 @@ def test_socket_activation_refuses_a_datagram_socket(tmp_path, notify, upstream)
         assert mirror.proc.wait(30) != 0
     finally:
         mirror.stop()
-    assert "systemd passed descriptor 3, which is not a TCP socket (use ListenStream=)" in mirror.log_text()
+    assert "systemd passed descriptor 3, which is not a TCP socket (use ListenStream=PORT" in mirror.log_text()
     assert "Traceback" not in mirror.log_text()
     assert not (mirror.cache_dir / "index.sqlite").exists()   # refused before touching the cache

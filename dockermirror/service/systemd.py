@@ -44,7 +44,8 @@ def listen_sockets() -> list[socket.socket]:
         except OSError as exc:
             raise SocketError(f"systemd passed descriptor {fd}, which is not a socket ({exc.strerror})") from None
         if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-            raise SocketError(f"systemd passed descriptor {fd}, which is not a TCP socket (use ListenStream=)")
+            raise SocketError(f"systemd passed descriptor {fd}, which is not a TCP socket "
+                              f"(use ListenStream=PORT or ListenStream=ADDRESS:PORT)")
         sock.set_inheritable(False)
         sockets.append(sock)
     return sockets
