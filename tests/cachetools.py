@@ -51,10 +51,9 @@ def pull(client: httpx.Client, repo: str, tag: str = "latest") -> list[str]:
     return [response.headers["docker-content-digest"], *digests]
 
 
-def disk_usage(cache_dir: Path) -> int:
-    """Bytes of content files (stored, in flight, being deleted) under a cache directory.
-
-    Files move between blobs/ and tmp/ by rename while we walk: each inode counts once."""
+def content_files(cache_dir: Path) -> dict[tuple[int, int], int]:
+    """Size of every content file (stored, in flight, being deleted) under a cache directory,
+    by (device, inode): files move between blobs/ and tmp/ by rename while we walk."""
     sizes: dict[tuple[int, int], int] = {}
     for sub in ("blobs", "tmp"):
         for dirpath, _, files in os.walk(cache_dir / sub):
@@ -64,11 +63,31 @@ def disk_usage(cache_dir: Path) -> int:
                 except FileNotFoundError:
                     continue
                 sizes[(st.st_dev, st.st_ino)] = st.st_size
-    return sum(sizes.values())
+    return sizes
+
+
+def disk_usage(cache_dir: Path) -> int:
+    """Bytes of content files under a cache directory (for a cache nothing is writing to)."""
+    return sum(content_files(cache_dir).values())
+
+
+def consistent_usage(cache_dir: Path, attempts: int = 50) -> int | None:
+    """Bytes of content files at one real moment, or None if the cache never held still.
+
+    One walk is not a snapshot: it can count a file in blobs/ that is evicted before the walk
+    reaches tmp/, and there a new download that only the eviction made room for. Two walks
+    that see the same files describe a moment between them, when all of those files existed."""
+    previous = None
+    for _ in range(attempts):
+        current = content_files(cache_dir)
+        if current == previous:
+            return sum(current.values())
+        previous = current
+    return None
 
 
 class Sampler(threading.Thread):
-    """Samples disk_usage every few milliseconds while a test runs."""
+    """Samples the cache's disk usage (at real moments) every few milliseconds while a test runs."""
 
     def __init__(self, cache_dir: Path, interval: float = 0.005) -> None:
         super().__init__(daemon=True)
@@ -78,7 +97,9 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
-            self.samples.append(disk_usage(self.cache_dir))
+            usage = consistent_usage(self.cache_dir)
+            if usage is not None:
+                self.samples.append(usage)
 
     def __enter__(self) -> Sampler:
         self.start()

@@ -224,6 +224,8 @@ def test_accounting_stays_exact_under_concurrency(make_mirror, fillers, sharing)
         for t in threads:
             t.join(300)
     assert errors == []
+    print(f"\n{len(sampler.samples)} samples, peak {max(sampler.samples) / MiB:.2f} MiB of {cap / MiB:.0f} MiB")
+    assert len(sampler.samples) > 50
     assert max(sampler.samples) <= cap
     wait_until(lambda: not any((mirror.cache_dir / "tmp").iterdir()), 10, what="transfers settled")
     db = sqlite3.connect(mirror.cache_dir / "index.sqlite")

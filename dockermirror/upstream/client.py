@@ -184,8 +184,9 @@ class UpstreamClient:
             if rest.status_code == 206 and rest.headers.get("content-range") == f"bytes {offset}-{size - 1}/{size}":
                 return rest
             await rest.aclose()
-            raise UpstreamUnreachable(f"the upstream did not resume {digest} at byte {offset} (answered "
-                                      f"{rest.status_code}, Content-Range {rest.headers.get('content-range')!r})")
+            raise RegistryError(f"the upstream did not resume {digest} at byte {offset} (answered "
+                                f"{rest.status_code}, Content-Range {rest.headers.get('content-range')!r})",
+                                status=502, upstream_status=rest.status_code)
 
         return BlobStream(response, resume, f"{repository}@{digest}")
 
