@@ -106,23 +106,27 @@ def test_pinned_content_is_never_evicted(make_mirror, fillers):
     assert '"pinned": {\n    "entries": 4' in stats.stdout
 
 
-def test_blob_larger_than_the_cache_passes_through(make_mirror, upstream: Upstream):
-    mirror = make_mirror(cache={"max_size": "50MiB", "min_free": 0})
+def test_blob_larger_than_the_cache_passes_through(make_mirror, fault_proxy, upstream: Upstream):
     digest = upstream.big_layer
+    # An uncached transfer drops bytes every reader has passed, so a reader that comes later
+    # gets a download of its own. The upstream answers after a second: all three meet the first.
+    fault_proxy.delay = (f"/blobs/{digest}", 1.0)
+    mirror = make_mirror(fault_proxy.url, cache={"max_size": "50MiB", "min_free": 0})
     results: list[tuple[int, str]] = []
+    barrier = threading.Barrier(3)
 
     def get() -> None:
+        barrier.wait()
         response = httpx.get(f"{mirror.url}/v2/library/big/blobs/{digest}", timeout=120)
         results.append((response.status_code, "sha256:" + hashlib.sha256(response.content).hexdigest()))
 
     threads = [threading.Thread(target=get) for _ in range(3)]
-    mark = upstream.registry.mark()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert results == [(200, digest)] * 3
-    assert len(upstream.registry.requests(mark, "GET", f"/blobs/{digest}")) == 1
+    assert len(fault_proxy.requests("GET", f"/blobs/{digest}")) == 1
     assert digest not in cached_digests(mirror)
     assert disk_usage(mirror.cache_dir) == 0
     assert "cache=PASS" in mirror.access_lines("cache=PASS")[0]

@@ -22,10 +22,12 @@ def _get_all(url: str, headers: dict | None = None) -> tuple[int, str, int]:
         return response.status_code, "sha256:" + digest.hexdigest(), size
 
 
-def test_concurrent_cold_gets_make_one_upstream_fetch(mirror, upstream: Upstream):
+def test_concurrent_cold_gets_make_one_upstream_fetch(make_mirror, fault_proxy, upstream: Upstream):
+    # a download of a few seconds, so that all eight requests meet it in flight even on a busy machine
+    fault_proxy.slow = (r"/blobs/", 0.002)
+    mirror = make_mirror(fault_proxy.url)
     digest = upstream.big_layer
     url = f"{mirror.url}/v2/library/big/blobs/{digest}"
-    mark = upstream.registry.mark()
     results: list[tuple[int, str, int]] = []
     barrier = threading.Barrier(8)
 
@@ -40,8 +42,8 @@ def test_concurrent_cold_gets_make_one_upstream_fetch(mirror, upstream: Upstream
         t.join(180)
     size = len(upstream.blob(digest))
     assert results == [(200, digest, size)] * 8
-    assert upstream.registry.requests(mark, method="GET", path=f"/blobs/{digest}") == [
-        f"GET /v2/library/big/blobs/{digest}"]
+    assert [seen.path for seen in fault_proxy.requests("GET", f"/blobs/{digest}")] == [
+        f"/v2/library/big/blobs/{digest}"]
     results_logged = [line.split("cache=")[1].split()[0] for line in mirror.access_lines(digest, at_least=8)]
     assert sorted(results_logged) == ["COALESCED"] * 7 + ["MISS"]
     wait_until(lambda: mirror.blob_file(digest).exists(), 30, what="blob committed")

@@ -2,7 +2,7 @@
 
 Faults are switched per test: flip a byte in matching response bodies, answer a
 status instead of forwarding, cut a body off after N bytes (every time, or the first
-N times), ignore Range, slow a body down.
+N times), ignore Range, answer late, slow a body down.
 It can also act like Docker Hub: demand a bearer token (issued by its own ``/token``
 endpoint, optionally only for Basic credentials) or Basic auth, and redirect blob
 downloads to another host (a second proxy standing in for a CDN).
@@ -50,6 +50,7 @@ class FaultProxy:
         self.credentials: tuple[str, str] | None = None   # what /token or Basic auth accepts (None: anyone)
         self.redirect_blobs: str | None = None            # base URL to 307-redirect blob GETs to
         self.hang: float = 0.0                            # accept, then say nothing for this long
+        self.delay: tuple[str, float] | None = None       # (regex, seconds): wait this long, then answer
         self.chunked: str | None = None                   # regex: send these bodies without a length
         self.tokens: dict[str, str] = {}                  # issued token -> scope
         self.seen: list[Seen] = []
@@ -152,6 +153,8 @@ class FaultProxy:
             handler.send_header("Content-Length", "0")
             handler.end_headers()
             return
+        if self.delay and re.search(self.delay[0], path):
+            time.sleep(self.delay[1])
         if self.status and re.search(self.status[0], path):
             body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": "injected fault"}]}).encode()
             handler.send_response(self.status[1])
