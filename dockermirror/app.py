@@ -77,7 +77,7 @@ class DockerMirror:
     def reconfigure(self, new: Config) -> list[str]:
         """Apply what a running mirror can change; return the settings that need a restart."""
         old, restart = self.config, []
-        for name, before, after in (("listen", old.listen, new.listen), ("cache.dir", old.cache.dir, new.cache.dir),
+        for name, before, after in (("cache.dir", old.cache.dir, new.cache.dir),
                                     ("upstream.registry", old.upstream.registry, new.upstream.registry)):
             if before != after:
                 restart.append(name)

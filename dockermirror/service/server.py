@@ -30,8 +30,7 @@ from dockermirror.cache.index import ForeignDatabase
 from dockermirror.config import Config, ConfigError
 from dockermirror.humanize import size
 from dockermirror.service import logs
-from dockermirror.service import systemd
-from dockermirror.service.systemd import Systemd
+from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
 from dockermirror.service.zerocopy import ZeroCopyHttpToolsProtocol
 
 if TYPE_CHECKING:
@@ -60,8 +59,8 @@ class Service:
         self.reload_config = reload_config
         self.systemd = Systemd()
         try:
-            self.sockets = systemd.listen_sockets()
-        except systemd.SocketError as exc:
+            self.sockets = listen_sockets()
+        except SocketError as exc:
             raise StartupError(str(exc)) from None
         if self.sockets:
             log.info("listening on the socket(s) systemd passed (%s); listen: %s is not used", self.address,
@@ -96,7 +95,7 @@ class Service:
     @property
     def address(self) -> str:
         """Where it listens: the sockets systemd passed, else ``listen``."""
-        return ", ".join(map(systemd.describe, self.sockets)) if self.sockets else self.config.listen
+        return ", ".join(map(describe, self.sockets)) if self.sockets else self.config.listen
 
     def server(self) -> MirrorServer:
         host, port = self.config.listen_address
@@ -162,9 +161,9 @@ class Service:
             except TLSError as exc:
                 log.error("reload kept the previous TLS certificate: %s", exc)
                 new = _keep_tls(new, self.config)
+        if new.listen != self.config.listen and not self.sockets:   # with sockets, systemd owns the address
+            notes.append("listen")
         notes += self.app.reconfigure(new)
-        if self.sockets:   # systemd owns the address: listen never applies
-            notes = [note for note in notes if note != "listen"]
         logs.set_level(new.log.level)
         self.config = new
         if notes:
