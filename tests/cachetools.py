@@ -15,6 +15,7 @@ import httpx
 
 from tests.conftest import ALL_MANIFESTS, Upstream
 from tests.support import images
+from tests.support.clients import skopeo_push
 
 MiB = 1024 * 1024
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
@@ -33,8 +34,7 @@ class Pushed:
 def push_image(upstream: Upstream, workdir: Path, repo: str, *, random_bytes: int, shared: str = "") -> Pushed:
     name = repo.replace("/", "-")
     image = images.build(workdir / name, name, random_bytes=random_bytes, seed=repo, shared=shared)
-    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{workdir / name}:latest",
-                    f"docker://{upstream.registry.address}/{repo}:latest"], check=True, capture_output=True)
+    skopeo_push(workdir / name, "latest", f"{upstream.registry.address}/{repo}:latest")
     return Pushed(repo, image)
 
 

@@ -1,8 +1,9 @@
 """Real clients pull through the mirror, over plain HTTP and over TLS.
 
-Docker Hub's names are pinned to 127.0.0.1 for the whole module, so a client that
-falls back from the mirror to "Docker Hub" fails at once and never leaves loopback;
-a passing pull therefore came through the mirror (its request log is checked too).
+Every client runs in a sandbox (tests/support/sandbox.py) whose private /etc/hosts pins
+Docker Hub's names to 127.0.0.1, so a client that falls back from the mirror to "Docker
+Hub" fails at once and never leaves loopback; a passing pull therefore came through the
+mirror (its request log is checked too). The host's /etc is never written.
 Each pulled image's digest must equal the upstream's; the clients verify every blob
 against its digest as they pull.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ from tests.support.clients import (
     Containerd,
     Dockerd,
     Podman,
-    hosts_pinned,
     dir_manifest_digest,
     skopeo_copy,
 )
@@ -31,12 +30,6 @@ IMAGES = [  # (seeded name, docker-style reference)
     ("alpine", "library/alpine:3"),          # Docker manifest list
     ("tool", "acme/tool:1.0"),               # not an official image
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pinned():
-    with hosts_pinned():
-        yield
 
 
 @pytest.fixture(params=["http", "tls"])
@@ -63,27 +56,10 @@ def test_skopeo(served, upstream: Upstream, pki, tmp_path: Path):
         assert pulled_through(served, ref.split(":")[0])
 
 
-@pytest.fixture
-def docker_certs(served, pki):
-    """dockerd reads a mirror's CA only from /etc/docker/certs.d/HOST:PORT/."""
-    if not served.tls:
-        yield
-        return
-    certs_d = Path("/etc/docker/certs.d")
-    created = [p for p in (certs_d.parent, certs_d) if not p.exists()]
-    directory = certs_d / served.address
-    directory.mkdir(parents=True)
-    shutil.copy(pki.ca, directory / "ca.crt")
-    try:
-        yield
-    finally:
-        shutil.rmtree(directory)
-        for path in reversed(created):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def test_docker_pull(served, upstream: Upstream, docker_certs):
-    daemon = Dockerd(served.url, insecure=None if served.tls else served.address)
+def test_docker_pull(served, upstream: Upstream, pki):
+    # dockerd reads a mirror's CA only from /etc/docker/certs.d/HOST:PORT/ (its sandbox's)
+    daemon = Dockerd(served.url, insecure=None if served.tls else served.address,
+                     ca=pki.ca if served.tls else None, mirror_address=served.address)
     daemon.start()
     try:
         assert served.url in daemon.docker("info", "--format", "{{json .RegistryConfig.Mirrors}}").stdout

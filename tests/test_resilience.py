@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import subprocess
 
 import httpx
 import pytest
@@ -12,6 +11,7 @@ from dockermirror.upstream.client import RESUMES
 from tests.cachetools import MiB
 from tests.conftest import ALL_MANIFESTS, Upstream
 from tests.support import images
+from tests.support.clients import skopeo_push
 from tests.support.procs import Registry, free_port, wait_until
 
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
@@ -89,8 +89,7 @@ def test_upstream_errors_serve_stale_tags(make_mirror, fault_proxy, upstream: Up
 def test_tag_revalidation_uses_head_and_follows_changes(tmp_path, make_mirror, upstream: Upstream):
     def push(name: str) -> str:
         image = images.build(tmp_path / name, name, tag="v1", seed=name)
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{tmp_path / name}:v1",
-                        f"docker://{upstream.registry.address}/test/retag:v1"], check=True, capture_output=True)
+        skopeo_push(tmp_path / name, "v1", f"{upstream.registry.address}/test/retag:v1")
         return image.digest
 
     first = push("first")

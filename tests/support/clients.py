@@ -1,8 +1,11 @@
 """Real registry clients: skopeo, podman, dockerd + docker, containerd + ctr.
 
-Daemons get their own state directories and sockets and are stopped by PID.
-While they run, Docker Hub's names are pinned to 127.0.0.1 (see :func:`hosts_pinned`)
-so a client's fallback to the real Docker Hub fails at once instead of leaving loopback.
+Daemons get their own state directories and sockets and are stopped by PID. Every client
+runs in a :class:`~tests.support.sandbox.Sandbox`: a private /etc and /var/lib in which
+Docker Hub's names are pinned to 127.0.0.1 (so a client's fallback to the real Docker Hub
+fails at once instead of leaving loopback), the client's own configuration is the test's
+(the host's registries.conf, policy.json, certs.d and daemon.json are hidden), and whatever
+the client writes there stays there. The host's files are never touched.
 """
 
 from __future__ import annotations
@@ -10,52 +13,43 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support.procs import Daemon, wait_until
+from tests.support.sandbox import Sandbox
 
-HUB_NAMES = ("registry-1.docker.io", "index.docker.io", "docker.io", "auth.docker.io",
-             "production.cloudflare.docker.com", "production.cloudfront.docker.com", "registry.docker.io")
-PIN_BEGIN = "# >>> docker-mirror tests: pin Docker Hub to loopback >>>"
-PIN_END = "# <<< docker-mirror tests <<<"
+# The containers-image configuration every sandboxed client sees instead of the host's.
+CONTAINERS_ETC = {
+    "containers/policy.json": json.dumps({"default": [{"type": "insecureAcceptAnything"}]}),
+    "containers/registries.conf": 'unqualified-search-registries = ["docker.io"]\n',
+}
+HIDDEN_ETC = ("containers/registries.conf.d", "containers/registries.d", "containers/containers.conf",
+              "containers/containers.conf.d", "containers/storage.conf", "containers/certs.d",
+              "docker/certs.d", "docker/daemon.json", "containerd/certs.d")
 
 
-def run(argv: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a client command; fail with its output if it fails."""
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+def client_sandbox(parent: Path, etc: dict[str, str | bytes] | None = None) -> Sandbox:
+    return Sandbox(parent, etc={**CONTAINERS_ETC, **(etc or {})}, hide=HIDDEN_ETC)
+
+
+def client_env(home: Path) -> dict[str, str]:
+    """A client's whole environment: nothing of the host's (credentials, proxies, XDG dirs)."""
+    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home), "LC_ALL": "C.UTF-8",
+            **({"DM_TESTS_RUN": os.environ["DM_TESTS_RUN"]} if "DM_TESTS_RUN" in os.environ else {})}
+
+
+def run(argv: list[str], timeout: float = 300, env: dict | None = None,
+        sandbox: Sandbox | None = None) -> subprocess.CompletedProcess:
+    """Run a client command (in ``sandbox``, if given); fail with its output if it fails."""
+    full = sandbox.argv(argv) if sandbox else argv
+    result = subprocess.run(full, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def _unpin(text: str) -> str:
-    out, skipping = [], False
-    for line in text.splitlines(keepends=True):
-        if line.strip() == PIN_BEGIN:
-            skipping = True
-        elif line.strip() == PIN_END:
-            skipping = False
-        elif not skipping:
-            out.append(line)
-    return "".join(out)
-
-
-@contextlib.contextmanager
-def hosts_pinned(hosts: Path = Path("/etc/hosts")) -> Iterator[None]:
-    """Map Docker Hub's names to 127.0.0.1 while the block runs (written in place: keep the inode)."""
-    original = _unpin(hosts.read_text())
-    block = "".join(f"127.0.0.1 {name}\n" for name in HUB_NAMES)
-    with open(hosts, "w") as f:
-        f.write(original + ("" if original.endswith("\n") else "\n") + f"{PIN_BEGIN}\n{block}{PIN_END}\n")
-    try:
-        yield
-    finally:
-        with open(hosts, "w") as f:
-            f.write(_unpin(hosts.read_text()))
 
 
 def short_tmpdir(prefix: str) -> Path:
@@ -66,12 +60,27 @@ def short_tmpdir(prefix: str) -> Path:
 # --- skopeo
 
 
+def skopeo(*args: str, parent: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """skopeo in a sandbox of its own under ``parent`` (it writes /var/lib/containers/cache)."""
+    sandbox = client_sandbox(parent)
+    try:
+        return run(["skopeo", *args], timeout=timeout, env=client_env(sandbox.dir), sandbox=sandbox)
+    finally:
+        sandbox.cleanup()
+
+
+def skopeo_push(layout: Path, tag: str, dest: str, *extra: str, all_images: bool = False) -> None:
+    """Copy an OCI layout's ``tag`` to ``docker://dest`` (the test upstream, plain HTTP)."""
+    skopeo("copy", "--quiet", *(["--all"] if all_images else []), "--dest-tls-verify=false", *extra,
+           f"oci:{layout}:{tag}", f"docker://{dest}", parent=layout.parent)
+
+
 def skopeo_copy(source: str, dest_dir: Path, *, all_images: bool = False, cert_dir: Path | None = None) -> Path:
-    args = ["skopeo", "copy", "--quiet"]
+    args = ["copy", "--quiet"]
     if all_images:
         args.append("--all")
     args += ["--src-cert-dir", str(cert_dir)] if cert_dir else ["--src-tls-verify=false"]
-    run([*args, f"docker://{source}", f"dir:{dest_dir}"])
+    skopeo(*args, f"docker://{source}", f"dir:{dest_dir}", parent=dest_dir.parent)
     return dest_dir
 
 
@@ -86,14 +95,12 @@ def dir_manifest_digest(directory: Path) -> str:
 class Podman:
     def __init__(self, registries_conf: str) -> None:
         self.root = short_tmpdir("dm-podman-")  # podman refuses a runroot longer than 50 bytes
-        self.conf = self.root / "registries.conf"
-        self.conf.write_text(registries_conf)
+        self.sandbox = client_sandbox(self.root, {"containers/registries.conf": registries_conf})
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess:
         return run(["podman", "--root", str(self.root / "storage"), "--runroot", str(self.root / "run"),
                     "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
-                    *args], env={"CONTAINERS_REGISTRIES_CONF": str(self.conf), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                 "HOME": str(self.root)})
+                    *args], env=client_env(self.root), sandbox=self.sandbox)
 
     def repo_digests(self, image: str) -> list[str]:
         out = self("image", "inspect", "--format", "{{json .RepoDigests}}", image).stdout
@@ -112,8 +119,15 @@ DOCKER_CLI = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
 
 
 class Dockerd(Daemon):
-    def __init__(self, mirror_url: str, insecure: str | None = None) -> None:
+    """dockerd with the mirror as its registry mirror; ``ca`` (with ``mirror_address``) is
+    put where dockerd looks for a mirror's CA: /etc/docker/certs.d/HOST:PORT/ca.crt (in its
+    sandbox, not on the host)."""
+
+    def __init__(self, mirror_url: str, insecure: str | None = None, *, ca: Path | None = None,
+                 mirror_address: str | None = None) -> None:
         self.dir = short_tmpdir("dm-dockerd-")
+        certs = {f"docker/certs.d/{mirror_address}/ca.crt": ca.read_bytes()} if ca and mirror_address else {}
+        self.sandbox = client_sandbox(self.dir, certs)
         self.socket = self.dir / "docker.sock"
         config = self.dir / "daemon.json"
         config.write_text("{}")
@@ -123,7 +137,7 @@ class Dockerd(Daemon):
                 "--pidfile", str(self.dir / "dockerd.pid"), "-H", f"unix://{self.socket}"]
         if insecure:
             argv += ["--insecure-registry", insecure]
-        super().__init__(argv, self.dir / "dockerd.log")
+        super().__init__(self.sandbox.argv(argv), self.dir / "dockerd.log")
 
     def start(self) -> None:
         super().start()
@@ -166,7 +180,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [plugins."io.containerd.internal.v1.opt"]
   path = "{self.dir}/opt"
 """)
-        super().__init__(["containerd", "--config", str(config)], self.dir / "containerd.log")
+        self.sandbox = client_sandbox(self.dir)
+        super().__init__(self.sandbox.argv(["containerd", "--config", str(config)]), self.dir / "containerd.log")
 
     def start(self) -> None:
         super().start()
@@ -177,7 +192,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             raise RuntimeError(f"containerd did not start:\n{self.log_text()[-3000:]}")
 
     def ctr(self, *args: str) -> subprocess.CompletedProcess:
-        return run(["ctr", "-a", str(self.socket), *args])
+        """ctr does the pulling itself (resolving, fetching): it runs in the sandbox too."""
+        return run(["ctr", "-a", str(self.socket), *args], env=client_env(self.dir), sandbox=self.sandbox)
 
     def hosts_dir(self, mirror: str, ca: Path | None = None) -> Path:
         """A --hosts-dir that sends docker.io pulls to the mirror (the hosts.toml recipe)."""
