@@ -37,7 +37,7 @@ $(WHEELS)/.complete: requirements.lock | $(TOOLS)/bin/python
 	$(PIP) download --only-binary=:all: --no-deps -d $(WHEELS) -r $(BUILD)/binary-requirements.txt \
 	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
 	    --python-version $(PYVER) --implementation cp --abi cp$(subst .,,$(PYVER)) --abi abi3 --abi none
-	$(PIP) wheel --no-deps -w $(WHEELS) "$$(grep '^sdnotify==' requirements.lock)"   # sdist only: pure Python
+	$(PIP) wheel --use-pep517 --no-deps -w $(WHEELS) "$$(grep '^sdnotify==' requirements.lock)"   # sdist only: pure Python
 	$(PIP) download --only-binary=:all: --no-deps -d $(WHEELS) setuptools wheel        # to build the app offline
 	python3 rpm/glibc-floor.py --max 2.17 $(WHEELS)
 	touch $@
