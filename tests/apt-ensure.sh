@@ -1,14 +1,56 @@
 #!/bin/sh
 # Install those of the given Debian packages that are missing (as root), nothing else.
 #   tests/apt-ensure.sh PACKAGE...
+# When another apt or dpkg holds its lock (a fresh cloud machine runs unattended-upgrades
+# at first boot), wait for it, saying so every 30 s, for up to APT_LOCK_WAIT seconds (1200).
+# APT_GET and DPKG_QUERY name the commands to use (the tests point them at stand-ins).
 set -eu
+APT_GET=${APT_GET:-apt-get}
+DPKG_QUERY=${DPKG_QUERY:-dpkg-query}
+LOCK_WAIT=${APT_LOCK_WAIT:-1200}
+POLL=${APT_LOCK_POLL:-5}
+err=$(mktemp)
+trap 'rm -f "$err"' EXIT
+
+# apt-get "$@", retried while it fails for a lock another process holds
+apt_get() {
+    started=$(date +%s)
+    said=0
+    while :; do
+        status=0
+        "$APT_GET" -o DPkg::Lock::Timeout="$POLL" "$@" 2>"$err" || status=$?
+        if [ "$status" -eq 0 ]; then
+            cat "$err" >&2
+            return 0
+        fi
+        waited=$(( $(date +%s) - started ))
+        if grep -q -i -e "could not get lock" -e "unable to acquire the dpkg frontend lock" -e "unable to lock" "$err" \
+                && [ "$waited" -lt "$LOCK_WAIT" ]; then
+            if [ "$said" -eq 0 ] || [ $((waited - said)) -ge 30 ]; then
+                holder=$(grep -o -i "held by process [0-9]* ([^)]*)" "$err" | head -1)
+                echo "tests/apt-ensure.sh: apt-get $1: another package manager holds the lock${holder:+ ($holder)}; waiting (${waited} s of ${LOCK_WAIT} s)" >&2
+                said=$waited
+                [ "$said" -gt 0 ] || said=1
+            fi
+            sleep "$POLL"
+            continue
+        fi
+        cat "$err" >&2
+        if [ "$waited" -ge "$LOCK_WAIT" ]; then
+            echo "tests/apt-ensure.sh: gave up waiting for the apt/dpkg lock after ${waited} s (APT_LOCK_WAIT=${LOCK_WAIT})" >&2
+        fi
+        return "$status"
+    done
+}
+
 missing=""
 for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+    "$DPKG_QUERY" -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
+    echo "tests/apt-ensure.sh: installing${missing}" >&2
+    apt_get update -q
     # shellcheck disable=SC2086
-    apt-get install -y -q --no-install-recommends $missing
+    apt_get install -y -q --no-install-recommends $missing
 fi
