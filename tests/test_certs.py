@@ -13,6 +13,9 @@ import yaml
 
 from tests.support.certs import make_pki
 from tests.support.procs import free_port
+from tests.support.sandbox import Sandbox
+
+NSSWITCH = "passwd: files\ngroup: files\nshadow: files\nhosts: files\n"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -59,9 +62,14 @@ def test_init_makes_a_chain_that_verifies(tmp_path: Path, tls_config: Path):
 
 
 def test_ensure_only_acts_when_nothing_is_there(tmp_path: Path, tls_config: Path):
-    first = cli("cert", "ensure", "--config", str(tls_config))
-    assert first.returncode == 0 and "created CA" in first.stdout and "issued" in first.stdout
-    assert "localhost, 127.0.0.1, ::1" in first.stdout
+    # The default names are this host's: give the command a host name and /etc/hosts of the
+    # test's own (a UTS and mount namespace), so the result does not depend on the machine.
+    names = Sandbox(tmp_path, hostname="dm-test-box", etc={"nsswitch.conf": NSSWITCH},
+                    hosts="127.0.0.1\tlocalhost\n127.0.1.1\tdm-test-box.example.test dm-test-box\n")
+    first = names.run([sys.executable, "-m", "dockermirror", "cert", "ensure", "--config", str(tls_config)],
+                      capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and "created CA" in first.stdout and "issued" in first.stdout, first.stderr
+    assert " for dm-test-box.example.test, dm-test-box, localhost, 127.0.0.1, ::1 (serial " in first.stdout
     cert = tmp_path / "certs" / "server.crt"
     before = cert.read_bytes()
     again = cli("cert", "ensure", "--config", str(tls_config))

@@ -6,6 +6,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -13,9 +14,15 @@ from tests.support.certs import make_pki
 from tests.support.procs import free_port
 
 
-def serve(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dockermirror", "serve", "--upstream", "http://127.0.0.1:9",
-                           *args], capture_output=True, text=True, timeout=timeout)
+def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``serve`` with the given options; without ``--config``, a configuration of the test's own
+    (plain HTTP), so that nothing in the host's /etc/docker-mirror or /etc/pki decides the outcome."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as config:
+        config.write("tls:\n  enabled: false\n")
+        config.flush()
+        own = () if "--config" in args else ("--config", config.name)
+        return subprocess.run([sys.executable, "-m", "dockermirror", "serve", "--upstream", "http://127.0.0.1:9",
+                               *own, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_version():
