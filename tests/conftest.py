@@ -1,23 +1,98 @@
-"""Shared fixtures: a real upstream registry seeded with test images, mirror processes, a test CA.
+"""Shared fixtures and the run's ground rules.
 
-Everything listens on 127.0.0.1 and is stopped at the end, even when a test fails.
+Two tiers: ``tests/unit/`` is the fast tier (in-process, no root, no network, seconds);
+everything else is the system tier (marked ``system``): a real upstream registry seeded
+with test images, mirror processes, real clients and systemd containers, all on
+127.0.0.1 and stopped at the end, even when a test fails. The fast tier runs first.
+
+For the whole run: the environment is cleaned of what the host may have set (proxies,
+systemd's notify and socket variables, locale); every process the tests start carries a
+mark and is stopped at the end if it is still there; SIGTERM and SIGHUP stop the run the
+way Ctrl-C does, so every fixture's clean-up runs; and the system files a test could
+touch are compared before and after (see tests/support/hostguard.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import images
+from tests.support import hostguard, images, progress
 from tests.support.certs import TestPKI
+from tests.support.clients import skopeo_push
 from tests.support.faultproxy import FaultProxy
 from tests.support.procs import Mirror, Registry
+
+FAST_TIER = Path(__file__).resolve().parent / "unit"
+# Set by the host, never by a test: each changes how our processes or the clients behave.
+HOST_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                  "NO_PROXY", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC",
+                  "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                  "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "DOCKER_HOST", "DOCKER_CONFIG", "CONTAINERS_CONF",
+                  "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR",
+                  "XDG_CONFIG_HOME", "XDG_DATA_HOME", "DM_TESTS_RUN", "LANGUAGE", "LC_ALL", "LANG")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest's capture is suspended here: fd 1 is still the terminal (or CI's pipe)
+    progress.install(os.dup(1))
+    for name in HOST_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ["LC_ALL"] = "C.UTF-8"
+    os.environ[hostguard.MARK] = uuid.uuid4().hex
+    os.umask(0o022)
+
+    def interrupt(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)      # a second one ends the run at once
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything outside tests/unit is the system tier; the fast tier runs first."""
+    for item in items:
+        if not item.path.is_relative_to(FAST_TIER):
+            item.add_marker(pytest.mark.system)
+    items.sort(key=lambda item: 0 if item.path.is_relative_to(FAST_TIER) else 1)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    with progress.step(f"running {item.nodeid}", announce=False):
+        return (yield)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_left_as_found(request: pytest.FixtureRequest):
+    """With any system test in the run: fail it if system files changed or processes remain."""
+    if not any(item.get_closest_marker("system") for item in request.session.items):
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.exit("the system tier needs root (tests/run.sh does it all); without root, run only the fast "
+                    "tier: .venv/bin/pytest -m 'not system'", returncode=2)
+    before = hostguard.snapshot()
+    yield
+    run_id = os.environ[hostguard.MARK]
+    left = hostguard.leftovers(run_id, exclude={os.getpid()})
+    hostguard.stop(left)
+    changed = hostguard.changes(before, hostguard.snapshot())
+    problems = [f"still running at the end (now stopped): PID {pid}: {cmd}" for pid, cmd in left.items()]
+    problems += [f"system file {line}" for line in changed]
+    if problems:
+        pytest.fail("the run did not leave the machine as it found it:\n  " + "\n  ".join(problems), pytrace=False)
+
 
 ALL_MANIFESTS = [  # what docker and c/image send: one Accept line per type
     "application/vnd.oci.image.index.v1+json",
@@ -65,8 +140,7 @@ class Upstream:
 
 
 def _push(layout: Path, tag: str, dest: str, *extra: str) -> None:
-    subprocess.run(["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false", *extra,
-                    f"oci:{layout}:{tag}", f"docker://{dest}"], check=True, capture_output=True, timeout=300)
+    skopeo_push(layout, tag, dest, *extra, all_images=True)
 
 
 @pytest.fixture(scope="session")
@@ -77,24 +151,25 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Upstream:
     registry.start()
     up = Upstream(registry)
     try:
-        img = work / "img"
-        plan = {
-            # name: (repo, tag, build kwargs, extra skopeo args)
-            "hello": ("library/hello", "latest", {}, ()),
-            "busybox": ("library/busybox", "latest", {"archs": ("amd64", "arm64")}, ()),
-            "alpine": ("library/alpine", "3", {"archs": ("amd64", "arm64")}, ("--format", "v2s2")),
-            "tool": ("acme/tool", "1.0", {}, ()),
-            "big": ("library/big", "latest", {"random_bytes": BIG_BYTES}, ()),
-        }
-        for name, (repo, tag, kwargs, extra) in plan.items():
-            image = images.build(img / name, name, tag=tag, seed=name, **kwargs)
-            _push(img / name, tag, f"{registry.address}/{repo}:{tag}", *extra)
-            up.seeded[name] = Seeded(repo, tag, image)
-        _push(img / "tool", "1.0", f"{registry.address}/acme/tool:1")
-        for seeded in up.seeded.values():
-            response = up.head(seeded.repo, seeded.tag)
-            response.raise_for_status()
-            seeded.digest = response.headers["docker-content-digest"]
+        with progress.step("seeding the test upstream registry (5 images, one of 100 MiB)"):
+            img = work / "img"
+            plan = {
+                # name: (repo, tag, build kwargs, extra skopeo args)
+                "hello": ("library/hello", "latest", {}, ()),
+                "busybox": ("library/busybox", "latest", {"archs": ("amd64", "arm64")}, ()),
+                "alpine": ("library/alpine", "3", {"archs": ("amd64", "arm64")}, ("--format", "v2s2")),
+                "tool": ("acme/tool", "1.0", {}, ()),
+                "big": ("library/big", "latest", {"random_bytes": BIG_BYTES}, ()),
+            }
+            for name, (repo, tag, kwargs, extra) in plan.items():
+                image = images.build(img / name, name, tag=tag, seed=name, **kwargs)
+                _push(img / name, tag, f"{registry.address}/{repo}:{tag}", *extra)
+                up.seeded[name] = Seeded(repo, tag, image)
+            _push(img / "tool", "1.0", f"{registry.address}/acme/tool:1")
+            for seeded in up.seeded.values():
+                response = up.head(seeded.repo, seeded.tag)
+                response.raise_for_status()
+                seeded.digest = response.headers["docker-content-digest"]
         yield up
     finally:
         registry.stop()

@@ -109,7 +109,7 @@ def test_ready_after_bind_then_watchdog_and_stopping(tmp_path, notify, upstream)
         assert seen_at_ready["listening"] and seen_at_ready["index"]
         assert f"STATUS=http://127.0.0.1:{mirror.port} | cache " in seen_at_ready["status"]
         assert "upstream docker.io not contacted yet" in seen_at_ready["status"]
-        notify.wait_for("WATCHDOG=1", count=4, timeout=5)     # every WATCHDOG_USEC/2 = 0.2 s
+        notify.wait_for("WATCHDOG=1", count=4, timeout=30)     # every WATCHDOG_USEC/2 = 0.2 s
         assert httpx.get(f"{mirror.url}/v2/library/hello/manifests/latest", headers=ACCEPT).status_code == 200
     finally:
         mirror.stop()

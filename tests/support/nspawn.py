@@ -16,7 +16,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.support.procs import wait_until
+from tests.support import progress
+from tests.support.procs import PDEATHSIG, wait_until
 
 CACHE = Path(os.environ.get("DM_TEST_CACHE", "/var/cache/docker-mirror-tests"))
 PACKAGES = "systemd,systemd-sysv,dbus,procps,python3,python3-venv,ca-certificates,adduser,passwd,rpm"
@@ -29,10 +30,20 @@ def rootfs() -> Path:
     if (root / "usr/lib/systemd/systemd").exists():
         return root
     CACHE.mkdir(parents=True, exist_ok=True)
+    for stale in CACHE.glob("rootfs-building-*"):       # left by a run that was killed
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+            shutil.rmtree(stale, ignore_errors=True)
     building = CACHE / f"rootfs-building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
-    subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(building)],
-                   check=True, capture_output=True, timeout=900)
+    with progress.step(f"debootstrap: a Debian 12 root filesystem for the systemd containers into {root} "
+                       "(once; about 100 MB downloaded, 1-3 minutes)"):
+        result = subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm",
+                                 str(building)], capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0:
+            shutil.rmtree(building, ignore_errors=True)
+            raise RuntimeError(f"debootstrap failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                               f"{result.stderr[-3000:]}")
     (building / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
     building.rename(root)
     return root
@@ -61,7 +72,7 @@ class Container:
                 f"--machine={self.name}", "--console=passive"]
         argv += [f"--bind-ro={host}:{guest}" for host, guest in self.binds.items()]
         self._console = open(self.workdir / f"{self.name}-console.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self._console, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([*PDEATHSIG, *argv], stdout=self._console, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
 
         def leader() -> int:
@@ -117,6 +128,7 @@ def wheelhouse(project: Path, dest: Path) -> Path:
     """Wheels of the project and its dependencies, to install inside without a network."""
     dest.mkdir(parents=True, exist_ok=True)
     pip = [str(project / ".venv/bin/python"), "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-           "-w", str(dest), str(project)]
-    subprocess.run(pip, check=True, capture_output=True, timeout=600)
+           "--use-pep517", "-c", str(project / "requirements.lock"), "-w", str(dest), str(project)]
+    with progress.step("building wheels of docker-mirror and its dependencies for the containers"):
+        subprocess.run(pip, check=True, capture_output=True, timeout=600)
     return dest

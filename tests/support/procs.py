@@ -52,8 +52,16 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
     return proc.returncode
 
 
+# Each daemon gets SIGTERM when the test process dies, however it dies (even kill -9).
+PDEATHSIG = ["setpriv", "--pdeathsig", "TERM", "--"]
+
+
 class Daemon:
-    """A background process with its output in a log file."""
+    """A background process with its output in a log file.
+
+    It runs in a session of its own (a Ctrl-C at the terminal goes to pytest, whose clean-up
+    stops it by PID) and is sent SIGTERM if pytest itself dies first.
+    """
 
     def __init__(self, argv: list[str], log_path: Path, env: dict | None = None) -> None:
         self.argv = argv
@@ -63,7 +71,7 @@ class Daemon:
 
     def start(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([*PDEATHSIG, *self.argv], stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
 
     @property
@@ -124,7 +132,7 @@ class Registry(Daemon):
 
     def start(self) -> None:
         super().start()
-        wait_until(lambda: _answers(f"{self.url}/v2/", verify=False) or not self.running(), 20,
+        wait_until(lambda: _answers(f"{self.url}/v2/", verify=False) or not self.running(), 60,
                    what=f"registry on {self.address}")
         if not self.running():
             raise RuntimeError(f"registry did not start:\n{self.log_text()[-2000:]}")
@@ -182,7 +190,7 @@ class Mirror(Daemon):
         super().start()
         if wait:
             wait_until(lambda: "Application startup complete" in self.log_text()[offset:] or not self.running(),
-                       20, what="mirror startup")
+                       60, what="mirror startup")
             if not self.running():
                 raise RuntimeError(f"mirror did not start:\n{self.log_text()[-3000:]}")
 
