@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
+import httpx
 from starlette.applications import Starlette
 
 from dockermirror.api.accesslog import AccessLog
@@ -24,9 +25,9 @@ from dockermirror.upstream.client import UpstreamClient
 log = logging.getLogger("dockermirror")
 
 
-def _client(up: UpstreamConfig) -> UpstreamClient:
+def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None) -> UpstreamClient:
     return UpstreamClient(up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
-                          connect_timeout=up.connect_timeout, read_timeout=up.read_timeout)
+                          connect_timeout=up.connect_timeout, read_timeout=up.read_timeout, transport=transport)
 
 
 def _limits(c: CacheConfig, upstream: Upstream) -> Limits:
@@ -38,15 +39,19 @@ class DockerMirror:
     """One running mirror: config, cache, upstream and the HTTP app around them."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
-                 on_started: Callable[[], None] = lambda: None) -> None:
+                 on_started: Callable[[], None] = lambda: None,
+                 upstream_transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """``clock`` is wall-clock time for TTLs and expiry; ``upstream_transport`` replaces the
+        network under the upstream client (the in-process tests fake the upstream with it)."""
         self.config = config
-        upstream = Upstream(registry_key(config.upstream.registry), _client(config.upstream))
+        self._transport = upstream_transport
+        upstream = Upstream(registry_key(config.upstream.registry), _client(config.upstream, upstream_transport))
         self.cache = Cache(config.cache.dir, limits=_limits(config.cache, upstream), clock=clock)
         self.mirror = Mirror(upstream, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
         self.started_at: float | None = None
         self._on_started = on_started
         self._retired: set[asyncio.Task[None]] = set()
-        starlette = Starlette(routes=routes(self.mirror), lifespan=self._lifespan)
+        starlette = Starlette(routes=routes(self.mirror), lifespan=lambda app: self.running())
         self.asgi = AccessLog(starlette, on_done=self.mirror.record)
 
     @property
@@ -59,7 +64,9 @@ class DockerMirror:
             self.cache.open()
 
     @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+    async def running(self) -> AsyncIterator[None]:
+        """Start the cache's background work; on exit, drain transfers and close everything.
+        The ASGI lifespan runs this; code that drives ``asgi`` without a server enters it itself."""
         self.open()
         await self.cache.start()
         self.started_at = time.time()
@@ -92,7 +99,7 @@ class DockerMirror:
     def _swap_upstream(self, config: UpstreamConfig) -> None:
         """New requests use a new client; the old one closes once the transfers it started are done."""
         retired = self.upstream_client
-        self.mirror.upstream = Upstream(self.mirror.upstream.key, _client(config))
+        self.mirror.upstream = Upstream(self.mirror.upstream.key, _client(config, self._transport))
 
         async def close_later() -> None:
             await self.cache.transfers.wait_all(timeout=3600)

@@ -121,7 +121,9 @@ class UpstreamClient:
         ca_bundle: Path | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport`` replaces the network (tests pass an ``httpx.MockTransport``)."""
         self.base = url.rstrip("/")
         verify: ssl.SSLContext | bool = True
         if ca_bundle is not None:
@@ -136,6 +138,7 @@ class UpstreamClient:
             ),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             verify=verify,
+            transport=transport,
             follow_redirects=False,
             headers={"User-Agent": f"docker-mirror/{__version__}", "Accept-Encoding": "identity"},
         )

@@ -1,0 +1,198 @@
+"""An upstream registry faked in memory (served through ``httpx.MockTransport``) and a clock.
+
+:class:`FakeRegistry` answers the pull side of the distribution API the way Distribution and
+Docker Hub do: manifests by tag or digest with ``Docker-Content-Digest``, content negotiated
+by ``Accept``, blobs, tag lists; optionally a bearer-token challenge, a redirect of blobs to
+another host, tampered bytes or no answer at all. It records every request it gets, so a
+test asserts what the upstream saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+ALL_MANIFESTS = [OCI_INDEX, OCI_MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json",
+                 "application/vnd.docker.distribution.manifest.v2+json"]
+UPSTREAM = "https://registry.test"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class FakeClock:
+    """Wall-clock time that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Image:
+    repo: str
+    tag: str
+    manifest: bytes
+    media_type: str
+    blobs: dict[str, bytes]
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.manifest)
+
+    @property
+    def layer(self) -> str:
+        return json.loads(self.manifest)["layers"][0]["digest"]
+
+
+@dataclass
+class Seen:
+    method: str
+    url: httpx.URL
+    headers: httpx.Headers
+
+    @property
+    def path(self) -> str:
+        return self.url.path
+
+
+@dataclass
+class FakeRegistry:
+    manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)   # (repo, ref) -> body, type
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+    down: bool = False                    # no HTTP answer at all (connection refused)
+    status: int | None = None             # answer every registry request with this status
+    token: str | None = None              # require "Bearer <token>", issued by https://auth.test/token
+    redirect_blobs: bool = False          # blobs answer 307 to https://cdn.test/...
+    tamper: set[str] = field(default_factory=set)   # blob digests served with wrong bytes
+    on_request: Callable[[httpx.Request], None] | None = None
+
+    # --- content
+
+    def push(self, repo: str, tag: str, layer: bytes = b"layer bytes\n" * 100, *,
+             config: bytes | None = None) -> Image:
+        config = config if config is not None else json.dumps({"architecture": "amd64", "os": "linux",
+                                                               "tag": tag}).encode()
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": digest_of(layer), "size": len(layer)}],
+        }, indent=3).encode()
+        self.blobs[digest_of(config)] = config
+        self.blobs[digest_of(layer)] = layer
+        self.manifests[(repo, tag)] = self.manifests[(repo, digest_of(manifest))] = (manifest, OCI_MANIFEST)
+        return Image(repo, tag, manifest, OCI_MANIFEST, {digest_of(config): config, digest_of(layer): layer})
+
+    # --- what it saw
+
+    def requests(self, method: str | None = None, path_contains: str = "") -> list[Seen]:
+        return [s for s in self.seen if (method is None or s.method == method) and path_contains in s.path]
+
+    # --- the transport
+
+    @property
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(Seen(request.method, request.url, request.headers))
+        if self.on_request is not None:
+            self.on_request(request)
+        if self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.host == "auth.test":
+            return response(200, json_body={"token": self.token, "expires_in": 300})
+        if request.url.host == "cdn.test":
+            return self._blob(request.url.path.rsplit("/", 1)[-1], request)
+        if self.token is not None and request.headers.get("authorization") != f"Bearer {self.token}":
+            scope = ""
+            if request.url.path.startswith("/v2/") and request.url.path.count("/") >= 4:
+                repo = request.url.path[4:].rsplit("/", 2)[0]
+                scope = f',scope="repository:{repo}:pull"'
+            return response(401, {"WWW-Authenticate": f'Bearer realm="https://auth.test/token",'
+                                                      f'service="registry.test"{scope}'},
+                            json_body={"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]})
+        if self.status is not None:
+            return _error(self.status, "UNKNOWN", "upstream trouble")
+        path = request.url.path.removeprefix("/v2/")
+        if path == "":
+            return response(200, json_body={})
+        if "/manifests/" in path:
+            repo, _, reference = path.rpartition("/manifests/")
+            return self._manifest(repo, reference, request)
+        if "/blobs/" in path:
+            if self.redirect_blobs:
+                digest = path.rsplit("/", 1)[-1]
+                return response(307, {"Location": f"https://cdn.test/signed/{digest}"})
+            return self._blob(path.rsplit("/", 1)[-1], request)
+        if path.endswith("/tags/list"):
+            repo = path.removesuffix("/tags/list")
+            tags = sorted(ref for r, ref in self.manifests if r == repo and ":" not in ref)
+            if not tags:
+                return _error(404, "NAME_UNKNOWN", "repository name not known to registry")
+            return response(200, json_body={"name": repo, "tags": tags})
+        return _error(404, "NAME_UNKNOWN", "no such endpoint")
+
+    def _manifest(self, repo: str, reference: str, request: httpx.Request) -> httpx.Response:
+        found = self.manifests.get((repo, reference))
+        if found is None:
+            return _error(404, "MANIFEST_UNKNOWN", "manifest unknown")
+        body, media_type = found
+        accept = ",".join(request.headers.get_list("accept"))
+        if accept and media_type not in accept:
+            return _error(404, "MANIFEST_UNKNOWN", "manifest unknown in the accepted formats")
+        headers = {"Content-Type": media_type, "Docker-Content-Digest": digest_of(body),
+                   "Content-Length": str(len(body))}
+        return response(200, headers, b"" if request.method == "HEAD" else body)
+
+    def _blob(self, digest: str, request: httpx.Request) -> httpx.Response:
+        data = self.blobs.get(digest)
+        if data is None:
+            return _error(404, "BLOB_UNKNOWN", "blob unknown to registry")
+        if digest in self.tamper:
+            data = bytes(b ^ 0xFF for b in data)
+        headers = {"Content-Length": str(len(data)), "Docker-Content-Digest": digest,
+                   "Content-Type": "application/octet-stream"}
+        return response(200, headers, b"" if request.method == "HEAD" else data)
+
+
+class Body(httpx.AsyncByteStream):
+    """A body that is streamed, like a real connection's (``content=`` would be read at once,
+    and the mirror reads upstream bodies with ``aiter_raw``)."""
+
+    def __init__(self, data: bytes, chunk: int = 64 * 1024) -> None:
+        self.data = data
+        self.chunk = chunk
+
+    async def __aiter__(self):
+        for offset in range(0, len(self.data), self.chunk):
+            yield self.data[offset:offset + self.chunk]
+
+
+def response(status: int, headers: dict[str, str] | None = None, body: bytes = b"", *,
+             json_body: object = None) -> httpx.Response:
+    headers = dict(headers or {})
+    if json_body is not None:
+        body = json.dumps(json_body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    headers.setdefault("Content-Length", str(len(body)))
+    return httpx.Response(status, headers=headers, stream=Body(body))
+
+
+def _error(status: int, code: str, message: str) -> httpx.Response:
+    return response(status, json_body={"errors": [{"code": code, "message": message}]})

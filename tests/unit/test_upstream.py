@@ -1,0 +1,188 @@
+"""The upstream client against a fake registry: challenges, tokens, redirects, failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from dockermirror.errors import RegistryError, Unauthorized
+from dockermirror.upstream.auth import AuthError, Authenticator, Challenge
+from dockermirror.upstream.client import UpstreamClient, UpstreamUnreachable
+from tests.unit.fakes import ALL_MANIFESTS, UPSTREAM, FakeClock, FakeRegistry, response
+
+
+@pytest.mark.parametrize("header, scheme, params", [
+    ('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull"',
+     "bearer", {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
+                "scope": "repository:library/busybox:pull"}),
+    ('Basic realm="Registry Realm"', "basic", {"realm": "Registry Realm"}),
+    ('BEARER Realm="https://r/t", Service=svc', "bearer", {"realm": "https://r/t", "service": "svc"}),
+    # a comma and an escaped quote inside a quoted value
+    (r'Bearer realm="https://r/t",scope="repository:a:pull,push",error="say \"no\""', "bearer",
+     {"realm": "https://r/t", "scope": "repository:a:pull,push", "error": 'say "no"'}),
+    ("Bearer", "bearer", {}),
+])
+def test_challenge_parse(header, scheme, params):
+    challenge = Challenge.parse(header)
+    assert challenge is not None
+    assert challenge.scheme == scheme and challenge.params == params
+
+
+def test_challenge_parse_empty():
+    assert Challenge.parse("") is None
+    assert Challenge.parse("   ") is None
+
+
+pytestmark = pytest.mark.anyio
+
+
+def client_for(registry: FakeRegistry, **kwargs) -> UpstreamClient:
+    return UpstreamClient(UPSTREAM, transport=registry.transport, **kwargs)
+
+
+async def test_token_is_fetched_once_for_many_requests_and_reused():
+    registry = FakeRegistry(token="s3cret")
+    registry.push("library/busybox", "latest")
+    client = client_for(registry)
+    try:
+        replies = await asyncio.gather(*(client.manifest("library/busybox", "latest", ALL_MANIFESTS, head=True)
+                                         for _ in range(5)))
+        assert {r.status for r in replies} == {200}
+        await client.manifest("library/busybox", "latest", ALL_MANIFESTS, head=True)
+    finally:
+        await client.aclose()
+    tokens = registry.requests(path_contains="/token")
+    assert len(tokens) == 1
+    assert tokens[0].url.params["scope"] == "repository:library/busybox:pull"
+    assert tokens[0].url.params["service"] == "registry.test"
+    assert "authorization" not in tokens[0].headers        # anonymous: no credentials to send
+    # after the first challenge, the token goes along up front
+    last = registry.requests("HEAD")[-1]
+    assert last.headers["authorization"] == "Bearer s3cret"
+
+
+async def test_credentials_go_to_the_token_service_as_basic():
+    registry = FakeRegistry(token="t")
+    registry.push("org/private", "1")
+    client = client_for(registry, username="robot", password="pw")
+    try:
+        assert (await client.manifest("org/private", "1", ALL_MANIFESTS, head=True)).status == 200
+    finally:
+        await client.aclose()
+    token_request = registry.requests(path_contains="/token")[0]
+    assert token_request.headers["authorization"] == "Basic cm9ib3Q6cHc="
+
+
+async def test_tokens_expire_by_the_clock():
+    clock = FakeClock(1000.0)
+    registry = FakeRegistry(token="t")
+    async with httpx.AsyncClient(transport=registry.transport) as http:
+        auth = Authenticator(http, None, None, clock=clock)
+        challenge = 'Bearer realm="https://auth.test/token",service="registry.test"'
+        assert await auth.answer(challenge, "repository:a:pull") == "Bearer t"
+        assert await auth.header_for("repository:a:pull") == "Bearer t"
+        clock.advance(280)                                   # 300 s token, 10 s margin: still good
+        await auth.header_for("repository:a:pull")
+        assert len(registry.requests(path_contains="/token")) == 1
+        clock.advance(15)
+        await auth.header_for("repository:a:pull")
+        assert len(registry.requests(path_contains="/token")) == 2
+
+
+async def test_a_refusing_token_service_is_an_auth_error():
+    def handle(request: httpx.Request) -> httpx.Response:
+        return response(403, json_body={"details": "no"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as http:
+        auth = Authenticator(http, None, None)
+        with pytest.raises(AuthError) as caught:
+            await auth.answer('Bearer realm="https://auth.test/token"', "repository:a:pull")
+    assert caught.value.status == 403
+
+
+@pytest.mark.parametrize("token_status, expected", [(401, Unauthorized), (403, Unauthorized),
+                                                     (500, UpstreamUnreachable)])
+async def test_a_token_service_that_refuses(token_status, expected):
+    registry = FakeRegistry(token="t")
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.test":
+            registry.seen.append(request)
+            return response(token_status, json_body={"details": "refused"})
+        return registry.handle(request)
+
+    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
+    try:
+        with pytest.raises(expected):
+            await client.manifest("a/b", "1", ALL_MANIFESTS, head=True)
+    finally:
+        await client.aclose()
+
+
+async def test_redirects_to_blob_storage_never_carry_our_authorization():
+    registry = FakeRegistry(token="t", redirect_blobs=True)
+    image = registry.push("library/busybox", "latest")
+    client = client_for(registry)
+    try:
+        stream = await client.open_blob("library/busybox", image.layer)
+        data = b"".join([chunk async for chunk in stream.chunks()])
+        await stream.aclose()
+    finally:
+        await client.aclose()
+    assert data == image.blobs[image.layer]
+    cdn = registry.requests(path_contains="/signed/")
+    assert len(cdn) == 1 and cdn[0].url.host == "cdn.test"
+    assert "authorization" not in cdn[0].headers
+    assert registry.requests("GET", "/blobs/")[-1].headers["authorization"] == "Bearer t"
+
+
+async def test_endless_redirects_are_an_error():
+    def handle(request: httpx.Request) -> httpx.Response:
+        return response(302, {"Location": str(request.url.copy_with(path=request.url.path + "x"))})
+
+    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
+    try:
+        with pytest.raises(RegistryError) as caught:
+            await client.open_blob("a/b", "sha256:" + "0" * 64)
+    finally:
+        await client.aclose()
+    assert caught.value.status == 502 and "redirected too many times" in caught.value.message
+
+
+async def test_no_answer_is_unreachable_and_remembered():
+    registry = FakeRegistry(down=True)
+    client = client_for(registry)
+    try:
+        with pytest.raises(UpstreamUnreachable):
+            await client.manifest("a/b", "1", ALL_MANIFESTS, head=True)
+    finally:
+        await client.aclose()
+    assert client.reachable is False and client.recently_down
+    assert "ConnectError" in client.last_error
+
+
+async def test_oversized_manifest_answer_is_refused():
+    def handle(request: httpx.Request) -> httpx.Response:
+        return response(200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, b"{" * (5 << 20))
+
+    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
+    try:
+        with pytest.raises(RegistryError) as caught:
+            await client.manifest("a/b", "1", ALL_MANIFESTS, head=False)
+    finally:
+        await client.aclose()
+    assert caught.value.code == "MANIFEST_INVALID" and caught.value.status == 502
+
+
+async def test_docker_hub_pull_allowance_is_recorded():
+    def handle(request: httpx.Request) -> httpx.Response:
+        return response(200, {"ratelimit-remaining": "97;w=21600", "Docker-Content-Digest": "sha256:" + "a" * 64})
+
+    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
+    try:
+        await client.manifest("a/b", "1", ALL_MANIFESTS, head=True)
+    finally:
+        await client.aclose()
+    assert client.ratelimit_remaining == "97;w=21600"
