@@ -1,22 +1,44 @@
 #!/bin/sh
-# Install everything the tests need on Debian 12 (run as root), then run them.
-#   tests/run.sh [pytest arguments]
-# The tests start their own registry, mirrors, dockerd and containerd on 127.0.0.1
-# and stop them again; the services these packages bring are not used. The systemd
-# tests boot a Debian 12 container (systemd-nspawn); its root filesystem is made with
-# debootstrap once and kept in /var/cache/docker-mirror-tests for later runs. The package
-# tests build the .deb and RPMs with the Makefile (`make wheelhouse` downloads the pinned
-# wheels), and compile a stand-in CPython for the EL7 RPM once (cached there too).
+# Install everything the tests need on Debian 12 (as root), then run them.
+#   tests/run.sh [pytest arguments]     both tiers (the README's test command, and CI's)
+#   tests/run.sh --fast [arguments]     only the fast tier: no root, no Debian packages, seconds
+# The tests start their own registry, mirrors, dockerd and containerd on 127.0.0.1 and stop
+# them again; the services these packages bring are not used. Clients run in mount
+# namespaces with a private /etc and /var/lib (tests/support/sandbox.py): the host's files
+# are never written. The systemd tests boot a Debian 12 container (systemd-nspawn); its root
+# filesystem is made with debootstrap once and kept in /var/cache/docker-mirror-tests
+# (DM_TEST_CACHE) for later runs, with the stand-in CPython for the EL7 RPM; remove that
+# directory to reclaim the space. The package tests build the .deb and RPMs with the Makefile.
 set -eu
 cd "$(dirname "$0")/.."
+say() { echo "[tests $(date +%H:%M:%S)] $*"; }
+
+fast=""
+if [ "${1:-}" = "--fast" ]; then
+    fast=1
+    shift
+fi
 
 PACKAGES="python3 python3-venv ca-certificates curl openssl git make docker-registry skopeo podman docker.io
-          containerd systemd systemd-container debootstrap
+          containerd systemd systemd-container debootstrap util-linux
           dh-virtualenv debhelper devscripts fakeroot lintian rpm rpmlint
           build-essential dpkg-dev xz-utils libssl-dev zlib1g-dev libffi-dev libbz2-dev liblzma-dev libsqlite3-dev"
-tests/apt-ensure.sh $PACKAGES
+if [ -z "$fast" ]; then
+    say "checking the Debian packages the tests need"
+    # shellcheck disable=SC2086
+    tests/apt-ensure.sh $PACKAGES
+fi
 
-# Debian's python3, in a virtualenv of the clone
-[ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
-exec .venv/bin/pytest "$@"
+# Debian's python3, in a virtualenv of the clone, with the pinned versions
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv"
+    /usr/bin/python3 -m venv .venv
+fi
+say "installing docker-mirror and the test tools into .venv (pinned: requirements.lock, tests/requirements.txt)"
+.venv/bin/pip install -q --disable-pip-version-check --use-pep517 -c requirements.lock \
+    -r tests/requirements.txt -e .
+say "running the tests"
+if [ -n "$fast" ]; then
+    exec .venv/bin/pytest -m "not system" "$@"
+fi
+exec .venv/bin/pytest -v "$@"
