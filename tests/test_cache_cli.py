@@ -6,7 +6,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -35,10 +34,13 @@ def rows(mirror) -> dict[str, int]:
 
 
 def test_stats(warm, upstream: Upstream):
-    time.sleep(1.5)  # let the server flush its access counters
-    result = cache_cli(warm, "stats", "--json")
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+    def flushed() -> dict | None:
+        result = cache_cli(warm, "stats", "--json")
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        return data if data["requests"]["hit"] >= 1 else None
+
+    data = wait_until(flushed, 30, interval=0.3, what="the server's access counters flushed to the index")
     content = rows(warm)
     assert data["entries"] == len(content) == data["blobs"]["entries"] + data["manifests"]["entries"]
     assert data["bytes"] == sum(content.values())

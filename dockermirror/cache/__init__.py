@@ -19,6 +19,7 @@ import collections
 import fcntl
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -272,7 +273,13 @@ class Cache:
             if need is None:
                 return False
             if need > 0:
-                await self._evict(need, f"to make room for {humanize.size(size)}")
+                try:
+                    await self._evict(need, f"to make room for {humanize.size(size)}")
+                except (sqlite3.Error, OSError) as exc:
+                    # a full disk can fail the index's own writes: do not cache, keep serving
+                    log.warning("could not make room for %s in the cache (%s); not caching it",
+                                humanize.size(size), exc)
+                    return False
                 if self._shortfall(size) != 0:
                     return False
             self.reserved += size

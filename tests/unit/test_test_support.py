@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 from tests.support import hostguard
+from tests.support.procs import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +46,9 @@ def test_leftovers_finds_only_processes_with_this_runs_mark(tmp_path: Path):
     marked = subprocess.Popen(["sleep", "60"], env={**os.environ, hostguard.MARK: "run-a"})
     other = subprocess.Popen(["sleep", "60"], env={**os.environ, hostguard.MARK: "run-b"})
     try:
-        found = hostguard.leftovers("run-a", exclude={os.getpid()})
+        # until exec has happened, /proc shows the forked copy of this process
+        found = wait_until(lambda: (f := hostguard.leftovers("run-a", exclude={os.getpid()})).get(marked.pid)
+                           == "sleep 60" and f, 10, what="sleep to start")
         assert marked.pid in found and other.pid not in found
         assert found[marked.pid] == "sleep 60"
         hostguard.stop({marked.pid: "sleep 60"}, grace=5)
