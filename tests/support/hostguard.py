@@ -23,7 +23,7 @@ from pathlib import Path
 WATCHED = (
     "/etc/hosts", "/etc/hostname", "/etc/passwd", "/etc/group", "/etc/shadow",
     "/etc/gshadow", "/etc/subuid", "/etc/subgid", "/etc/docker", "/etc/containers", "/etc/containerd",
-    "/etc/docker-mirror", "/etc/pki", "/etc/systemd/system", "/etc/ssl/certs", "/etc/ca-certificates.conf",
+    "/etc/docker-mirror", "/etc/pki", "/etc/cni", "/etc/systemd/system", "/etc/ssl/certs", "/etc/ca-certificates.conf",
     "/etc/apt/sources.list", "/etc/apt/sources.list.d", "/etc/sysconfig",
     "/var/lib/containers", "/var/lib/docker-mirror", "/var/cache/docker-mirror", "/var/lib/machines",
     "/root/.docker", "/root/.config/containers", "/root/.local/share/containers",
