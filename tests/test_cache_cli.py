@@ -38,7 +38,7 @@ def test_stats(warm, upstream: Upstream):
         result = cache_cli(warm, "stats", "--json")
         assert result.returncode == 0, result.stderr
         data = json.loads(result.stdout)
-        return data if data["requests"]["hit"] >= 1 else None
+        return data if data["requests"].get("hit", 0) >= 1 else None
 
     data = wait_until(flushed, 30, interval=0.3, what="the server's access counters flushed to the index")
     content = rows(warm)
