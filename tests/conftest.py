@@ -139,10 +139,6 @@ class Upstream:
         return self.seeded["big"].image.layers["amd64"][-1]
 
 
-def _push(layout: Path, tag: str, dest: str, *extra: str) -> None:
-    skopeo_push(layout, tag, dest, *extra, all_images=True)
-
-
 @pytest.fixture(scope="session")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Upstream:
     """Debian's docker-registry on a free loopback port, seeded with images built here."""
@@ -163,9 +159,9 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Upstream:
             }
             for name, (repo, tag, kwargs, extra) in plan.items():
                 image = images.build(img / name, name, tag=tag, seed=name, **kwargs)
-                _push(img / name, tag, f"{registry.address}/{repo}:{tag}", *extra)
+                skopeo_push(img / name, tag, f"{registry.address}/{repo}:{tag}", *extra, all_images=True)
                 up.seeded[name] = Seeded(repo, tag, image)
-            _push(img / "tool", "1.0", f"{registry.address}/acme/tool:1")
+            skopeo_push(img / "tool", "1.0", f"{registry.address}/acme/tool:1", all_images=True)
             for seeded in up.seeded.values():
                 response = up.head(seeded.repo, seeded.tag)
                 response.raise_for_status()

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tests.support.hostguard import MARK
 from tests.support.procs import Daemon, wait_until
 from tests.support.sandbox import Sandbox
 
@@ -39,7 +40,7 @@ def client_sandbox(parent: Path, etc: dict[str, str | bytes] | None = None) -> S
 def client_env(home: Path) -> dict[str, str]:
     """A client's whole environment: nothing of the host's (credentials, proxies, XDG dirs)."""
     return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home), "LC_ALL": "C.UTF-8",
-            **({"DM_TESTS_RUN": os.environ["DM_TESTS_RUN"]} if "DM_TESTS_RUN" in os.environ else {})}
+            **({MARK: os.environ[MARK]} if MARK in os.environ else {})}
 
 
 def run(argv: list[str], timeout: float = 300, env: dict | None = None,
