@@ -189,7 +189,7 @@ def test_writes_are_refused(mirror, upstream: Upstream, method, path):
 @pytest.mark.parametrize("path, status, code", [
     ("/v2/Library/Hello/manifests/latest", 400, "NAME_INVALID"),
     ("/v2/library/hello../manifests/latest", 400, "NAME_INVALID"),
-    ("/v2/library/hello/manifests/-latest", 400, "TAG_INVALID"),
+    ("/v2/library/hello/manifests/-latest", 404, "MANIFEST_UNKNOWN"),
     ("/v2/library/hello/manifests/sha256:1234", 400, "DIGEST_INVALID"),
     ("/v2/library/hello/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
     ("/v2/library/hello/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400, "DIGEST_INVALID"),

@@ -3,6 +3,9 @@
 Handlers leave notes for the line in ``scope["state"]``: ``cache`` (HIT, MISS, STALE,
 COALESCED, PASS), ``upstream`` (the upstream's HTTP status) and ``note`` (why a
 request failed).
+
+Everything in the line that a client (or an upstream, through a note) chose is escaped
+like nginx does (``\x0d``, ``\x1b``, ``\x22``): a request cannot forge or split a line.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dockermirror.humanize import printable
 
 log = logging.getLogger("dockermirror.access")
 
@@ -51,14 +56,15 @@ class AccessLog:
         finally:
             state = scope.get("state") or {}
             cache = state.get("cache")
-            path = scope["path"] + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
+            query = scope.get("query_string") or b""
+            path = printable(scope["path"]) + ("?" + printable(query) if query else "")
             client = scope.get("client") or ("-", 0)
             note = state.get("note") or ("" if complete or not status else "incomplete")
             log.info(
                 '%s "%s %s" %d %d %.1fms cache=%s upstream=%s%s',
-                client[0], scope["method"], path, status, sent,
-                (time.perf_counter() - started) * 1000, cache or "-", state.get("upstream") or "-",
-                f' note="{note}"' if note else "",
+                printable(str(client[0])), printable(scope["method"]), path, status, sent,
+                (time.perf_counter() - started) * 1000, cache or "-", printable(str(state.get("upstream") or "-")),
+                f' note="{printable(str(note))}"' if note else "",
             )
             if self.on_done is not None:
                 self.on_done(cache, sent)

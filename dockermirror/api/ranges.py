@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# ASCII digits only (``\d`` would take other scripts' digits), spaces tolerated around the parts
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII)
+# A position with more digits than this is beyond any content (and int() refuses ~4,300 digits)
+_MAX_DIGITS = 18
 
 
 class RangeNotSatisfiable(Exception):
@@ -25,11 +28,18 @@ class ByteRange:
         return self.end - self.start
 
 
+def _position(digits: str) -> int:
+    """A byte position; an absurdly long one counts as "beyond the end" (10**18 bytes)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
 def parse_range(header: str | None, size: int) -> ByteRange | None:
     """The one range asked for, or None to send the whole content.
 
     Multiple ranges and malformed headers are ignored (a server may always answer
-    200 with the full content); an unsatisfiable range raises.
+    200 with the full content); an unsatisfiable range raises. Nothing else raises,
+    whatever the header holds.
     """
     if not header:
         return None
@@ -40,14 +50,14 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if not first and not last:
         return None
     if not first:  # suffix: the last N bytes
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             raise RangeNotSatisfiable
         return ByteRange(max(0, size - suffix), size)
-    start = int(first)
-    if last and int(last) < start:
+    start = _position(first)
+    if last and _position(last) < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable
-    end = size if not last else min(int(last) + 1, size)
+    end = size if not last else min(_position(last) + 1, size)
     return ByteRange(start, end)

@@ -6,20 +6,32 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from dockermirror.errors import RegistryError
+from dockermirror.humanize import printable
 
 log = logging.getLogger("dockermirror.api")
+
+# A header value we send: visible ASCII, spaces and tabs (RFC 9110 field-content without
+# obs-text: no media type, digest or host name needs more), so never a CR, LF or NUL.
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*", re.ASCII)
+
+
+def sendable(value: object) -> bool:
+    """May this be sent as a header value (or forwarded upstream as one)?"""
+    return isinstance(value, str) and _FIELD_VALUE.fullmatch(value) is not None
 
 
 def error_response(error: RegistryError, *, head: bool = False) -> Response:
     body = json.dumps(error.body()).encode()
-    headers = dict(error.headers)
+    # a header from the upstream (Retry-After) that could not be sent as it is, is left out
+    headers = {name: value for name, value in error.headers.items() if sendable(value)}
     if head:  # same headers, no body
         headers["Content-Length"] = str(len(body))
         return Response(b"", status_code=error.status, headers=headers, media_type="application/json")
@@ -52,6 +64,11 @@ class StreamResponse:
     (``sendfile``: no byte passes through Python), else in reads of READ_CHUNK bytes.
     If the body fails part-way (a transfer whose bytes did not verify, a read error),
     the response is cut off rather than completed, so the client sees an error.
+
+    The response owns its body from the moment it is made: the body (an open file and its
+    lease, or a reader registered with a transfer) is closed when the response ends, however
+    it ends (sent, client gone, the response start refused, cancelled), or by :meth:`close`
+    if the response is never sent.
     """
 
     def __init__(self, body: Body, *, status: int, headers: list[tuple[bytes, bytes]],
@@ -62,15 +79,25 @@ class StreamResponse:
         self.start = start
         self.end = end
 
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.headers
+
+    def close(self) -> None:
+        """Release the body without sending anything (the response will not be sent)."""
+        self.body.close()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
-        # sendfile cannot frame chunked encoding: only a response of known length goes zero-copy
-        zero_copy = ZERO_COPY in scope.get("extensions", {}) and any(
-            name == b"content-length" for name, _ in self.headers)
-        disconnected = asyncio.get_running_loop().create_task(_wait_disconnect(receive))
-        pieces = self.body.read(self.start, self.end)
+        disconnected: asyncio.Task[Message] | None = None
+        pieces: AsyncGenerator[bytes | Piece, None] | None = None
         note = None
         try:
+            await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+            # sendfile cannot frame chunked encoding: only a response of known length goes zero-copy
+            zero_copy = ZERO_COPY in scope.get("extensions", {}) and any(
+                name == b"content-length" for name, _ in self.headers)
+            disconnected = asyncio.get_running_loop().create_task(_wait_disconnect(receive))
+            pieces = self.body.read(self.start, self.end)
             async for piece in pieces:
                 if disconnected.done():
                     note = "client went away"
@@ -95,12 +122,18 @@ class StreamResponse:
             note = "client went away"
         except Exception as exc:
             note = f"response cut off: {exc}"
-            log.error("%s %s: response cut off: %s", scope["method"], scope["path"], exc)
+            log.error("%s %s: response cut off: %s", scope["method"], printable(scope["path"]), exc)
         finally:
             if note:
                 scope.setdefault("state", {})["note"] = note
-            disconnected.cancel()
-            await pieces.aclose()
+            if disconnected is not None:
+                disconnected.cancel()
+            try:
+                if pieces is not None:
+                    await pieces.aclose()
+            finally:
+                # a reader that never started (or whose clean-up was cut short) is released here
+                self.body.close()
 
 
 async def _wait_disconnect(receive: Receive) -> Message:

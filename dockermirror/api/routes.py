@@ -1,8 +1,11 @@
 """The pull side of the OCI distribution API, over the mirror policy.
 
-Every request is validated (method, name, reference, digest) before the mirror,
-the cache or the upstream is touched; failures are answered in the spec's JSON
-error format. The mirror is read-only: other methods get 405 UNSUPPORTED.
+Every request is validated (method, name, reference, digest, and every header and
+query parameter that is read, forwarded or echoed) before the mirror, the cache or
+the upstream is touched; failures are answered in the spec's JSON error format, with
+a 4xx status for anything the client chose. The mirror is read-only: other methods
+get 405 UNSUPPORTED. No response header carries a control character: a value we could
+not send is refused before the response starts.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from dockermirror.api.ranges import ByteRange, RangeNotSatisfiable, parse_range
-from dockermirror.api.responses import StreamResponse, error_response
+from dockermirror.api.responses import StreamResponse, error_response, sendable
 from dockermirror.errors import (
     DigestInvalid,
+    ManifestUnknown,
+    NameInvalid,
     NameUnknown,
     RegistryError,
     TagInvalid,
     Unsupported,
 )
+from dockermirror.humanize import printable
 from dockermirror.mirror import Blob, Mirror, Repo
 from dockermirror.oci import OCTET_STREAM, Digest, InvalidDigest, valid_tag
 
@@ -34,18 +40,71 @@ log = logging.getLogger("dockermirror.api")
 READ_METHODS = ("GET", "HEAD")
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
-_UPLOADS = re.compile(r"(?P<name>.+)/blobs/uploads(?:/.*)?")
-_MANIFEST = re.compile(r"(?P<name>.+)/manifests/(?P<reference>[^/]+)")
-_BLOB = re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)")
-_TAGS = re.compile(r"(?P<name>.+)/tags/list")
+# DOTALL: a name with a newline is an invalid name (400), not an unknown endpoint
+_UPLOADS = re.compile(r"(?P<name>.+)/blobs/uploads(?:/.*)?", re.DOTALL)
+_MANIFEST = re.compile(r"(?P<name>.+)/manifests/(?P<reference>[^/]+)", re.DOTALL)
+_BLOB = re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)", re.DOTALL)
+_TAGS = re.compile(r"(?P<name>.+)/tags/list", re.DOTALL)
+
+# ?ns= (containerd): a registry host, optionally with a port; an IPv6 address in brackets
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_NAMESPACE = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?", re.ASCII)
+# tags/list?n=: ASCII digits (str.isdigit() also takes "²"); larger pages are asked as MAX_PAGE
+_PAGE_SIZE = re.compile(r"[0-9]{1,10}", re.ASCII)
+MAX_PAGE = 10_000
+
+
+class BadUpstreamHeader(RegistryError):
+    """A header value from the upstream (or the cache) that cannot be sent to a client."""
+
+    status = 502
 
 
 def routes(mirror: Mirror) -> list[Route]:
     api = RegistryAPI(mirror)
     return [
-        Route("/v2/", api.endpoint(api.version_check), methods=ALL_METHODS),
-        Route("/v2/{path:path}", api.endpoint(api.dispatch), methods=ALL_METHODS),
+        _whole_path(Route("/v2/", api.endpoint(api.version_check), methods=ALL_METHODS)),
+        _whole_path(Route("/v2/{path:path}", api.endpoint(api.dispatch), methods=ALL_METHODS)),
     ]
+
+
+def _whole_path(route: Route) -> Route:
+    """Match the whole path, newlines included. Starlette's patterns end in ``$`` (which matches
+    before a final newline) and their ``.`` stops at a newline: ``.../manifests/1.0%0A`` would be
+    served as ``1.0``, and a name with a newline would get a plain-text 404 instead of an OCI error."""
+    assert route.path_regex.pattern.endswith("$")
+    route.path_regex = re.compile(route.path_regex.pattern[:-1] + r"\Z", re.DOTALL)
+    return route
+
+
+def _namespace(request: Request) -> str | None:
+    """The ``ns`` query parameter, if any, once it is known to be a registry host name."""
+    namespace = request.query_params.get("ns")
+    if namespace is not None and (len(namespace) > 255 or not _NAMESPACE.fullmatch(namespace)):
+        raise NameInvalid(f"invalid namespace {namespace!r}: expected a registry host name",
+                          detail={"ns": namespace})
+    return namespace
+
+
+def _accept(request: Request) -> list[str]:
+    """The ``Accept`` lines, forwarded upstream as they are: so they must be plain ASCII."""
+    values = request.headers.getlist("accept")
+    for value in values:
+        if not sendable(value):
+            raise Unsupported(f"invalid Accept header {value!r}: media types are ASCII", status=400,
+                              detail={"accept": value})
+    return values
+
+
+def _header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """Response headers, checked before the response exists. Client values were checked as they
+    were read, so a value that cannot be sent came from the upstream (or the cache): 502."""
+    encoded = []
+    for name, value in headers.items():
+        if not sendable(value):
+            raise BadUpstreamHeader(f"the upstream's {name} cannot be forwarded: {value!r}")
+        encoded.append((name.lower().encode(), value.encode("ascii")))
+    return encoded
 
 
 def _digest(text: str) -> Digest:
@@ -76,7 +135,8 @@ class RegistryAPI:
                 return error_response(exc, head=head)
             except Exception as exc:
                 trace = " | ".join(line.strip() for line in traceback.format_exception(exc) if line.strip())
-                log.error("internal error on %s %s: %s", request.method, request.url.path, trace)
+                log.error("internal error on %s %s: %s", printable(request.method), printable(request.url.path),
+                          printable(trace, quote=False))
                 request.state.note = f"internal error: {type(exc).__name__}"
                 return error_response(RegistryError("internal error, see the mirror's log"), head=head)
 
@@ -87,7 +147,7 @@ class RegistryAPI:
 
     async def dispatch(self, request: Request) -> ASGIApp:
         path = request.path_params["path"]
-        namespace = request.query_params.get("ns")
+        namespace = _namespace(request)
         if _UPLOADS.fullmatch(path):
             raise Unsupported("this registry is a read-only mirror: uploads are not supported")
         if match := _MANIFEST.fullmatch(path):
@@ -108,41 +168,60 @@ class RegistryAPI:
         if ":" in reference:
             reference = str(_digest(reference))
         elif not valid_tag(reference):
-            raise TagInvalid(f"invalid tag {reference!r}", detail={"tag": reference})
-        accept = request.headers.getlist("accept")
+            # neither a tag nor a digest: no such manifest can exist (OCI conformance wants 404)
+            raise ManifestUnknown(f"no manifest can be named {reference!r}: it is neither a tag nor a digest",
+                                  detail={"reference": reference})
+        accept = _accept(request)
         result = await self.mirror.manifest(repo, reference, accept, head=request.method == "HEAD")
         self._note(request, result.cache, result.upstream_status)
-        headers = {
+        headers = _header_list({
+            "Content-Type": result.media_type,
             "Docker-Content-Digest": result.digest,
             "ETag": f'"{result.digest}"',
             "Content-Length": str(result.size),
             **self._namespace_header(request),
-        }
-        return Response(result.body or b"", headers=headers, media_type=result.media_type)
+        })
+        response = Response(result.body or b"")
+        response.raw_headers = headers
+        return response
 
     async def blob(self, request: Request, repo: Repo, digest: Digest) -> ASGIApp:
         head = request.method == "HEAD"
         result = await self.mirror.blob(repo, digest, head=head)
+        # From here the body (an open cache file and its lease, or a reader of a transfer) is
+        # ours: it goes to the StreamResponse, which closes it, or it is closed here.
+        try:
+            return self._blob_response(request, result, head=head)
+        except BaseException:
+            if result.body is not None:
+                result.body.close()
+            raise
+
+    def _blob_response(self, request: Request, result: Blob, *, head: bool) -> ASGIApp:
         self._note(request, result.cache, result.upstream_status)
-        headers = [
-            (b"content-type", (result.media_type or OCTET_STREAM).encode()),
-            (b"docker-content-digest", result.digest.encode()),
-            (b"etag", f'"{result.digest}"'.encode()),
-            (b"cache-control", b"max-age=31536000, immutable"),
-        ] + [(k.lower().encode(), v.encode()) for k, v in self._namespace_header(request).items()]
+        headers = _header_list({
+            "Content-Type": result.media_type or OCTET_STREAM,
+            "Docker-Content-Digest": result.digest,
+            "ETag": f'"{result.digest}"',
+            "Cache-Control": "max-age=31536000, immutable",
+            **self._namespace_header(request),
+        })
         size = result.size
         if size is not None:
             headers.append((b"accept-ranges", b"bytes"))
         if head or result.body is None:
             if size is not None:
                 headers.append((b"content-length", str(size).encode()))
-            return Response(b"", headers={k.decode(): v.decode() for k, v in headers})
+            if result.body is not None:
+                result.body.close()
+            response = Response(b"")
+            response.raw_headers = headers
+            return response
         byte_range: ByteRange | None = None
         if size is not None and self._range_applies(request, result):
             try:
                 byte_range = parse_range(request.headers.get("range"), size)
             except RangeNotSatisfiable:
-                result.body.close()
                 raise RegistryError(f"range not satisfiable for a blob of {size} bytes", status=416,
                                     code="RANGE_INVALID", headers={"Content-Range": f"bytes */{size}"}) from None
         if byte_range is not None:
@@ -161,20 +240,30 @@ class RegistryAPI:
         return if_range is None or if_range.strip('"') == result.digest
 
     async def tags(self, request: Request, repo: Repo) -> Response:
-        params = [(k, v) for k, v in request.query_params.multi_items() if k in ("n", "last")]
-        for key, value in params:
-            if key == "n" and not value.isdigit():
-                raise RegistryError(f"invalid n={value!r}: expected a number", status=400,
-                                    code="PAGINATION_NUMBER_INVALID")
+        params = []
+        n = request.query_params.get("n")
+        if n is not None:
+            if not _PAGE_SIZE.fullmatch(n):
+                raise RegistryError(f"invalid n={n!r}: expected a number", status=400,
+                                    code="PAGINATION_NUMBER_INVALID", detail={"n": n})
+            params.append(("n", str(min(int(n), MAX_PAGE))))
+        last = request.query_params.get("last")
+        if last:  # the tag the previous page ended with
+            if not valid_tag(last):
+                raise TagInvalid(f"invalid last={last!r}: expected a tag", detail={"last": last})
+            params.append(("last", last))
         reply, cache = await self.mirror.tags(repo, params)
         if isinstance(reply, dict):
             self._note(request, cache, None)
             return JSONResponse(reply, headers=self._namespace_header(request))
         self._note(request, cache, reply.status)
-        headers = {"Link": reply.headers["link"]} if "link" in reply.headers else {}
+        headers = {"Content-Type": reply.headers.get("content-type", "application/json")}
+        if "link" in reply.headers:
+            headers["Link"] = reply.headers["link"]
         headers.update(self._namespace_header(request))
-        return Response(reply.body, headers=headers,
-                        media_type=reply.headers.get("content-type", "application/json"))
+        response = Response(reply.body)
+        response.raw_headers = [*_header_list(headers), (b"content-length", str(len(reply.body)).encode())]
+        return response
 
     @staticmethod
     def _note(request: Request, cache: str, upstream_status: int | None) -> None:
@@ -184,7 +273,8 @@ class RegistryAPI:
 
     @staticmethod
     def _namespace_header(request: Request) -> dict[str, str]:
-        """The spec's answer to ``?ns=``: say which namespace scoped the request."""
-        namespace = request.query_params.get("ns")
+        """The spec's answer to ``?ns=``: say which namespace scoped the request (checked by
+        dispatch before anything else)."""
+        namespace = _namespace(request)
         return {"OCI-Namespace": namespace} if namespace else {}
 

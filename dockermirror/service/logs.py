@@ -1,4 +1,5 @@
-"""Logging for the daemon and the CLI: one line per record, tracebacks folded onto it.
+"""Logging for the daemon and the CLI: one line per record, tracebacks folded onto it,
+control characters escaped (``\x0d``, ``\x1b``) so that no text in a message forges a line.
 
 When stderr is the journal (systemd sets ``JOURNAL_STREAM`` to its device:inode), each
 line starts with its syslog priority (``<3>`` error ... ``<7>`` debug), which journald
@@ -11,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+from dockermirror.humanize import controls_escaped
 
 # uvicorn reports a response our code cut off on purpose; the request line already says why.
 _CUT_OFF = "ASGI callable returned without completing response."
@@ -26,7 +29,8 @@ class OneLineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         record.component = record.name.removeprefix("dockermirror.")
         record.priority = _PRIORITY.get(record.levelno, 6)
-        return super().format(record).replace("\n", " | ")
+        # a newline folds; any other control character (CR, ESC, ...) is shown, never obeyed
+        return controls_escaped(super().format(record).replace("\n", " | "))
 
     def formatException(self, ei) -> str:
         return " | ".join(line.strip() for line in super().formatException(ei).splitlines() if line.strip())

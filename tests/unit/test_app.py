@@ -100,7 +100,7 @@ async def test_writes_are_refused(mirror, method, path):
 
 @pytest.mark.parametrize("path, status, code", [
     ("/v2/UPPER/case/manifests/latest", 400, "NAME_INVALID"),
-    ("/v2/acme/tool/manifests/-bad-tag", 400, "TAG_INVALID"),
+    ("/v2/acme/tool/manifests/-bad-tag", 404, "MANIFEST_UNKNOWN"),   # neither tag nor digest
     ("/v2/acme/tool/blobs/sha256:1234", 400, "DIGEST_INVALID"),
     ("/v2/acme/tool/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400, "DIGEST_INVALID"),
     ("/v2/acme/tool/manifests/latest?ns=quay.io", 404, "NAME_UNKNOWN"),
