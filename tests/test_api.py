@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import os
+import socket
+import struct
+import time
 
 import httpx
 import pytest
 
 from tests.conftest import ALL_MANIFESTS, Upstream
+from tests.support.procs import wait_until
 
 MANIFEST_CASES = {
     # name: (repo as requested, expected media type)
@@ -190,6 +196,7 @@ def test_writes_are_refused(mirror, upstream: Upstream, method, path):
     ("/v2/Library/Hello/manifests/latest", 400, "NAME_INVALID"),
     ("/v2/library/hello../manifests/latest", 400, "NAME_INVALID"),
     ("/v2/library/hello/manifests/-latest", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/library/hello/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),   # OCI conformance
     ("/v2/library/hello/manifests/sha256:1234", 400, "DIGEST_INVALID"),
     ("/v2/library/hello/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
     ("/v2/library/hello/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400, "DIGEST_INVALID"),
@@ -232,3 +239,106 @@ def test_manifest_fetched_through_blobs_endpoint_keeps_its_type(mirror, upstream
     assert as_blob.status_code == 200
     assert as_blob.headers["content-type"] == "application/vnd.oci.image.manifest.v1+json"
     assert "sha256:" + hashlib.sha256(as_blob.content).hexdigest() == seeded.digest
+
+
+def open_descriptors(pid: int) -> dict[int, str]:
+    """The process's open file descriptors and what each refers to."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue    # closed meanwhile
+    return found
+
+
+def settled_descriptors(pid: int) -> dict[int, str]:
+    """The descriptors once two readings a moment apart agree (connections finish closing)."""
+
+    def settled() -> dict[int, str] | None:
+        first = open_descriptors(pid)
+        time.sleep(0.2)
+        second = open_descriptors(pid)
+        return second if first == second else None
+
+    return wait_until(settled, 30, what="the descriptor table to settle")
+
+
+def abandoned_request(address: str, request: bytes) -> None:
+    """Send a request and close the connection without reading the answer."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # RST, not FIN
+
+
+def test_malformed_requests_leak_no_descriptor_and_the_blob_stays_evictable(make_mirror, upstream: Upstream):
+    """Issue 10, item 6: each of these used to leave the cache file open with its eviction lease
+    (a Range with a 5,000-digit number answered 500; ?ns=docker.io%0A a dropped connection).
+    300 of them; then the process holds no more descriptors than before, and the blob is still
+    evicted when room is needed."""
+    small = upstream.seeded["hello"].image.layers["amd64"][0]
+    big = upstream.big_layer
+    small_size, big_size = len(upstream.blob(small)), len(upstream.blob(big))
+    # room for the big layer, not for both: caching it must evict the small one
+    mirror = make_mirror(cache={"max_size": big_size + small_size - 1, "min_free": 0})
+    url = f"/v2/library/hello/blobs/{small}"
+    with mirror.client() as client:
+        assert client.get(url).content == upstream.blob(small)
+    mirror.committed_blob(small)
+    before = settled_descriptors(mirror.pid)
+    path = str(mirror.blob_file(small))
+
+    huge = "9" * 5000
+    outcomes: collections.Counter[str] = collections.Counter()
+    with mirror.client() as client:
+        for i in range(300):
+            kind = ("range-start", "namespace", "range-end", "abandoned")[i % 4]
+            try:
+                if kind == "range-start":
+                    outcomes[f"{kind} {client.get(url, headers={'Range': f'bytes={huge}-'}).status_code}"] += 1
+                elif kind == "namespace":
+                    outcomes[f"{kind} {client.get(url + '?ns=docker.io%0A').status_code}"] += 1
+                elif kind == "range-end":
+                    outcomes[f"{kind} {client.get(url, headers={'Range': f'bytes=0-{huge}'}).status_code}"] += 1
+                else:
+                    abandoned_request(mirror.address, f"GET {url} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+                    outcomes[kind] += 1
+            except httpx.HTTPError as exc:
+                outcomes[f"{kind} {type(exc).__name__}"] += 1
+
+    def no_leak() -> dict[int, str] | None:
+        now = open_descriptors(mirror.pid)
+        return now if len(now) <= len(before) and path not in now.values() else None
+
+    try:
+        wait_until(no_leak, 30, what="the descriptors to be closed")
+    except TimeoutError:
+        now = open_descriptors(mirror.pid)
+        on_blob = sum(target.startswith(path) for target in now.values())
+        raise AssertionError(f"{len(now)} descriptors open, {len(before)} before; {on_blob} on the blob file; "
+                             f"answers: {dict(outcomes)}") from None
+    assert outcomes == {"range-start 416": 75, "namespace 400": 75, "range-end 206": 75, "abandoned": 75}, outcomes
+
+    # no lease left behind: making room for the big layer evicts the small one
+    with mirror.client() as client:
+        response = client.get(f"/v2/library/big/blobs/{big}")
+    assert response.status_code == 200 and len(response.content) == big_size
+    mirror.committed_blob(big, timeout=60)
+    wait_until(lambda: not mirror.blob_file(small).exists(), 30, what="the small blob evicted")
+    assert "cache=MISS" in mirror.access_lines(f"/blobs/{big}")[0]
+    assert "Traceback" not in mirror.log_text()
+
+
+def test_control_characters_in_a_request_are_escaped_in_the_log(mirror):
+    """Issue 10, item 17: a request cannot write CR, LF or ESC into the log (nor forge a line)."""
+    forged = "%0D%0A2026-01-01 00:00:00 INFO access: 10.0.0.1 %22GET /v2/x%22 200%1B[2K"
+    response = httpx.get(f"{mirror.url}/v2/acme/tool{forged}/manifests/1.0?ns=%1B%5B31m")
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["code"] == "NAME_INVALID"
+    [line] = mirror.access_lines(r"/v2/acme/tool\\x0d\\x0a")   # waits for the line
+    text = mirror.log_text()
+    assert "\r" not in text and "\x1b" not in text
+    assert ('"GET /v2/acme/tool\\x0d\\x0a2026-01-01 00:00:00 INFO access: 10.0.0.1 \\x22GET /v2/x\\x22 200'
+            '\\x1b[2K/manifests/1.0?ns=%1B%5B31m" 400 ') in line
+    assert sum(" access: " in line for line in text.splitlines()) == 1
