@@ -335,4 +335,5 @@ def _media_type(reply: Reply) -> str:
 
 def _length(reply: Reply) -> int:
     value = reply.headers.get("content-length", "")
-    return int(value) if value.isdigit() else len(reply.body)
+    # ASCII digits only ("²".isdigit() is true), and few enough for int()
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else len(reply.body)

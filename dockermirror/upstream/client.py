@@ -82,7 +82,9 @@ class BlobStream:
         self._resume = resume
         self._what = what
         length = response.headers.get("content-length")
-        self.size: int | None = int(length) if length and length.isdigit() else None
+        # ASCII digits only ("²".isdigit() is true), and few enough for int()
+        self.size: int | None = int(length) if length and length.isascii() and length.isdigit() \
+            and len(length) <= 18 else None
         self.received = 0
         self.resumes = 0
 

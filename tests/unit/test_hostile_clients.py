@@ -358,3 +358,14 @@ def test_printable():
     assert printable('say "hi"', quote=False) == 'say "hi"'
     assert controls_escaped("tab\tstays, CR\rdoes not") == "tab\tstays, CR\\x0ddoes not"
     assert json.dumps(printable("\ud800")) == '"\\\\xed\\\\xa0\\\\x80"'
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "9" * 5000])
+async def test_an_upstream_length_that_is_no_number_is_not_a_500(mirror, length):
+    """str.isdigit() takes "²", and int() refuses 5,000 digits: the length counts as unknown."""
+    image = mirror.registry.push("acme/tool", "1.0")
+    mirror.registry.extra_headers = {"Content-Length": length}
+    blob = await mirror.client.get(f"/v2/acme/tool/blobs/{image.layer}")
+    assert blob.status_code == 200 and blob.content == image.blobs[image.layer]
+    head = await mirror.client.head("/v2/acme/tool/manifests/1.0", headers=ACCEPT)
+    assert head.status_code == 200 and head.headers["docker-content-digest"] == image.digest
