@@ -38,7 +38,6 @@ from dockermirror.oci import OCTET_STREAM, Digest, InvalidDigest, valid_tag
 log = logging.getLogger("dockermirror.api")
 
 READ_METHODS = ("GET", "HEAD")
-ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 # DOTALL: a name with a newline is an invalid name (400), not an unknown endpoint
 _UPLOADS = re.compile(r"(?P<name>.+)/blobs/uploads(?:/.*)?", re.DOTALL)
@@ -62,16 +61,17 @@ class BadUpstreamHeader(RegistryError):
 
 def routes(mirror: Mirror) -> list[Route]:
     api = RegistryAPI(mirror)
-    return [
-        _whole_path(Route("/v2/", api.endpoint(api.version_check), methods=ALL_METHODS)),
-        _whole_path(Route("/v2/{path:path}", api.endpoint(api.dispatch), methods=ALL_METHODS)),
-    ]
+    return [_route("/v2/", api.endpoint(api.version_check)), _route("/v2/{path:path}", api.endpoint(api.dispatch))]
 
 
-def _whole_path(route: Route) -> Route:
-    """Match the whole path, newlines included. Starlette's patterns end in ``$`` (which matches
-    before a final newline) and their ``.`` stops at a newline: ``.../manifests/1.0%0A`` would be
-    served as ``1.0``, and a name with a newline would get a plain-text 404 instead of an OCI error."""
+def _route(path: str, endpoint: Callable[[Request], Awaitable[ASGIApp]]) -> Route:
+    """A route for every method (the endpoint's read-only check answers 405 in the spec's JSON,
+    where Starlette would answer a method it was not told about in plain text) that matches the
+    whole path, newlines included: Starlette's patterns end in ``$`` (which matches before a final
+    newline) and their ``.`` stops at a newline, so ``.../manifests/1.0%0A`` would be served as
+    ``1.0``, and a name with a newline would get a plain-text 404 instead of an OCI error."""
+    route = Route(path, endpoint)
+    route.methods = None
     assert route.path_regex.pattern.endswith("$")
     route.path_regex = re.compile(route.path_regex.pattern[:-1] + r"\Z", re.DOTALL)
     return route

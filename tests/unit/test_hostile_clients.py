@@ -276,6 +276,15 @@ async def test_bad_input_gets_a_4xx_oci_error_and_never_reaches_the_upstream(mir
     assert mirror.registry.seen == []
 
 
+@pytest.mark.parametrize("method", ["PROPFIND", "TRACE", "CONNECT", "OPTIONS", "FOO"])
+async def test_any_other_method_is_a_405_in_json(mirror, method):
+    for path in ("/v2/", "/v2/acme/tool/manifests/1.0"):
+        response = await mirror.client.request(method, path)
+        assert_oci_error(response, 405, "UNSUPPORTED")
+        assert response.headers["allow"] == "GET, HEAD"
+    assert mirror.registry.seen == []
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_conformance_nonexistent_manifest_is_404(mirror, method):
     response = await mirror.client.request(method, "/v2/acme/tool/manifests/.INVALID_MANIFEST_NAME")
