@@ -27,11 +27,9 @@ def printable(text: str | bytes, *, quote: bool = True) -> str:
     non-ASCII) becomes its UTF-8 bytes (or, given bytes, its byte) as ``\\xHH``, and so do
     ``"`` and ``\\`` when ``quote`` is true, so that nobody can end a quoted field, start a
     line or move the cursor of the terminal that shows the log."""
+    encoding = "latin-1" if isinstance(text, bytes) else "utf-8"   # bytes: one character per byte
     if isinstance(text, bytes):
         text = text.decode("latin-1")
-        encode = lambda char: char.encode("latin-1")  # noqa: E731 - one byte per character
-    else:
-        encode = lambda char: char.encode("utf-8", "surrogatepass")  # noqa: E731
     if text.isascii() and text.isprintable() and (not quote or ('"' not in text and "\\" not in text)):
         return text
     out = []
@@ -39,7 +37,7 @@ def printable(text: str | bytes, *, quote: bool = True) -> str:
         if " " <= char <= "~" and not (quote and char in '"\\'):
             out.append(char)
         else:
-            out.extend(f"\\x{byte:02x}" for byte in encode(char))
+            out.extend(f"\\x{byte:02x}" for byte in char.encode(encoding, "surrogatepass"))
     return "".join(out)
 
 
