@@ -1,0 +1,215 @@
+"""Tags and content negotiation: a tag maps to a digest per accept class.
+
+A client that takes no manifest list gets one platform's manifest (or a 404) from the
+upstream; that must never change what a client that takes lists gets, in either order,
+for HEAD and GET, fresh, revalidated and stale; and its 404 must not forget the tag for
+the others. The upstream is faked (tests/unit/fakes.py) and negotiates like Docker Hub
+(``dockerhub=True``) or Distribution.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from dockermirror.cache.index import Index
+from dockermirror.oci import AS_STORED, accept_class
+from tests.unit.fakes import ALL_MANIFESTS, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+
+pytestmark = pytest.mark.anyio
+
+EVERYTHING = [("Accept", a) for a in ALL_MANIFESTS]
+SCHEMA2_ONLY = [("Accept", DOCKER_MANIFEST)]      # an old client: no lists, no OCI
+PATH = "/v2/library/alpine/manifests/3"
+
+
+def tag_rows(mirror) -> list[tuple[str, str, str]]:
+    """(accept class, digest, media type) of every row of library/alpine:3 in the index."""
+    db = sqlite3.connect(mirror.cache_dir / "index.sqlite")
+    try:
+        return sorted(db.execute("SELECT accept, digest, media_type FROM tags WHERE repository = ? AND tag = ?",
+                                 ("library/alpine", "3")).fetchall())
+    finally:
+        db.close()
+
+
+class Clients:
+    """The two kinds of client and what each must get."""
+
+    def __init__(self, mirror, image, method: str, single_gets: str | None) -> None:
+        self.mirror, self.image, self.method = mirror, image, method
+        self.single_gets = single_gets      # the platform digest a schema2-only client gets, None: 404
+
+    async def list_client(self, phase: str) -> None:
+        response = await self.mirror.client.request(self.method, PATH, headers=EVERYTHING)
+        assert response.status_code == 200, (phase, response.text)
+        assert response.headers["docker-content-digest"] == self.image.digest, phase
+        assert response.headers["content-type"] == self.image.media_type, phase
+        assert response.headers["content-length"] == str(len(self.image.manifest)), phase
+        if self.method == "GET":
+            assert response.content == self.image.manifest, phase
+
+    async def single_client(self, phase: str, *, down: bool = False) -> None:
+        response = await self.mirror.client.request(self.method, PATH, headers=SCHEMA2_ONLY)
+        if self.single_gets is None:
+            # never had an answer of its own: 404 from the upstream, 503 while it is down
+            assert response.status_code == (503 if down else 404), (phase, response.text)
+            return
+        child = self.image.children["amd64"]
+        assert response.status_code == 200, (phase, response.text)
+        assert response.headers["docker-content-digest"] == self.single_gets == child.digest, phase
+        assert response.headers["content-type"] == DOCKER_MANIFEST, phase
+        if self.method == "GET":
+            assert response.content == child.manifest, phase
+
+    async def both(self, order: str, phase: str, *, down: bool = False) -> None:
+        first, second = ((self.single_client, self.list_client) if order == "single-first"
+                         else (self.list_client, self.single_client))
+        for client in (first, second, first):
+            if client == self.single_client:
+                await client(phase, down=down)
+            else:
+                await client(phase)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("order", ["single-first", "list-first"])
+@pytest.mark.parametrize("list_type, dockerhub", [
+    (DOCKER_LIST, True), (OCI_INDEX, True),      # Docker Hub: amd64 for a client that takes no list
+    (DOCKER_LIST, False), (OCI_INDEX, False),    # Distribution: amd64 for a Docker list, 404 for an OCI index
+])
+async def test_a_client_that_takes_no_list_never_changes_what_list_clients_get(mirror, method, order,
+                                                                             list_type, dockerhub):
+    mirror.registry.dockerhub = dockerhub
+    # schema2 platform manifests (also in the OCI index), so that amd64's suits a schema2-only client
+    image = mirror.registry.push_list("library/alpine", "3", list_type, child_type=DOCKER_MANIFEST)
+    picks_amd64 = list_type == DOCKER_LIST or dockerhub
+    clients = Clients(mirror, image, method, image.children["amd64"].digest if picks_amd64 else None)
+
+    def asked() -> list[str]:
+        """The upstream requests made for clients that have an answer to cache (a 404 is not cached)."""
+        return [s.headers.get("accept", "") for s in mirror.registry.seen
+                if picks_amd64 or s.headers.get("accept") != DOCKER_MANIFEST]
+
+    await clients.both(order, "first pulls")
+    before = asked()
+    await clients.both(order, "fresh")
+    assert asked() == before                            # answered from the cache
+    mirror.clock.advance(301)
+    await clients.both(order, "revalidated")
+    mirror.clock.advance(3600)
+    mirror.registry.down = True
+    await clients.both(order, "stale", down=True)
+
+
+async def test_a_404_for_one_client_leaves_the_tag_to_the_others(mirror):
+    """Distribution answers 404 for an OCI index to a client that takes no index; the cached
+    tag must still be there for the clients that can take it when the upstream goes down."""
+    image = mirror.registry.push_list("library/alpine", "3", OCI_INDEX)
+    assert (await mirror.client.get(PATH, headers=EVERYTHING)).status_code == 200
+    mirror.clock.advance(301)
+    narrow = await mirror.client.get(PATH, headers=[("Accept", OCI_MANIFEST)])
+    assert narrow.status_code == 404 and narrow.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    mirror.registry.down = True
+    stale = await mirror.client.get(PATH, headers=EVERYTHING)
+    assert stale.status_code == 200 and stale.content == image.manifest
+    assert stale.headers["docker-content-digest"] == image.digest
+    assert tag_rows(mirror) == [(AS_STORED, image.digest, OCI_INDEX)]
+
+
+async def test_a_tag_gone_for_everyone_is_forgotten(mirror):
+    image = mirror.registry.push_list("library/alpine", "3", DOCKER_LIST)
+    assert (await mirror.client.get(PATH, headers=EVERYTHING)).status_code == 200
+    assert (await mirror.client.get(PATH, headers=SCHEMA2_ONLY)).status_code == 200
+    assert {row[0] for row in tag_rows(mirror)} == {AS_STORED, accept_class([DOCKER_MANIFEST])}
+    del mirror.registry.manifests[("library/alpine", "3")]
+    mirror.clock.advance(301)
+    assert (await mirror.client.get(PATH, headers=EVERYTHING)).status_code == 404
+    assert (await mirror.client.get(PATH, headers=SCHEMA2_ONLY)).status_code == 404
+    assert tag_rows(mirror) == []
+    mirror.registry.down = True
+    assert (await mirror.client.get(PATH, headers=EVERYTHING)).status_code == 503
+    assert image.digest  # the list itself stays cached by digest
+
+
+async def test_a_single_platform_tag_is_shared_by_every_client_that_takes_its_type(mirror):
+    image = mirror.registry.push("library/alpine", "3", media_type=DOCKER_MANIFEST)
+    for accept in (EVERYTHING, SCHEMA2_ONLY, EVERYTHING):
+        response = await mirror.client.get(PATH, headers=accept)
+        assert response.status_code == 200 and response.content == image.manifest
+    # the list client's answer is the tag as stored: the schema2-only client took it from the cache
+    assert len(mirror.registry.requests("HEAD", "/manifests/3")) == 1
+    assert tag_rows(mirror) == [(AS_STORED, image.digest, DOCKER_MANIFEST)]
+
+
+async def test_a_tag_that_becomes_a_list_is_not_asked_again_on_every_pull(mirror):
+    """A schema2-only client that once shared the tag's own manifest and is now answered with
+    one platform of a list gets a mapping of its own (and no HEAD on every pull)."""
+    mirror.registry.push("library/alpine", "3", media_type=DOCKER_MANIFEST)
+    assert (await mirror.client.get(PATH, headers=EVERYTHING)).status_code == 200
+    image = mirror.registry.push_list("library/alpine", "3", DOCKER_LIST)
+    mirror.clock.advance(301)
+    for _ in range(3):
+        response = await mirror.client.get(PATH, headers=SCHEMA2_ONLY)
+        assert response.headers["docker-content-digest"] == image.children["amd64"].digest
+    assert len(mirror.registry.requests("HEAD", "/manifests/3")) == 2
+    response = await mirror.client.get(PATH, headers=EVERYTHING)
+    assert response.headers["docker-content-digest"] == image.digest
+
+
+@pytest.mark.parametrize("accept, expected", [
+    ([], "*/*"),
+    (["*/*"], "*/*"),
+    (["application/json"], "*/*"),
+    ([DOCKER_MANIFEST], DOCKER_MANIFEST),
+    ([f"{DOCKER_MANIFEST};q=0.5, {DOCKER_LIST}"], f"{DOCKER_LIST},{DOCKER_MANIFEST}"),
+    ([", ".join(ALL_MANIFESTS)], AS_STORED),
+    ([a.upper() for a in ALL_MANIFESTS] + ["application/x-anything-else"], AS_STORED),
+])
+def test_accept_class(accept, expected):
+    assert accept_class(accept) == expected
+
+
+def test_an_index_from_before_accept_classes_keeps_its_tags(tmp_path):
+    """Schema 1 (one row per tag) upgrades in place: a list stays fresh for every client; a
+    single manifest (maybe one platform picked for a client that took no list) stays, but is
+    revalidated before it is served fresh again."""
+    path = tmp_path / "index.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('format', 'docker-mirror-cache/1');
+        CREATE TABLE tags (upstream TEXT NOT NULL, repository TEXT NOT NULL, tag TEXT NOT NULL,
+            digest TEXT NOT NULL, media_type TEXT, size INTEGER NOT NULL, checked REAL NOT NULL,
+            last_access REAL NOT NULL, PRIMARY KEY (upstream, repository, tag)) WITHOUT ROWID;
+        CREATE INDEX tags_by_access ON tags (last_access);
+    """)
+    db.execute("INSERT INTO tags VALUES ('docker.io', 'library/alpine', '3', 'sha256:' || hex(zeroblob(32)),"
+               " ?, 500, 1000.0, 1001.0)", (DOCKER_LIST,))
+    db.execute("INSERT INTO tags VALUES ('docker.io', 'library/hello', 'latest', 'sha256:' || hex(zeroblob(32)),"
+               " ?, 400, 1000.0, 1002.0)", (DOCKER_MANIFEST,))
+    db.commit()
+    db.close()
+    for _ in range(2):      # upgraded once; opening it again changes nothing
+        index = Index(path)
+        try:
+            listed = index.tag("docker.io", "library/alpine", "3", AS_STORED)
+            single = index.tag("docker.io", "library/hello", "latest", AS_STORED)
+            assert listed is not None and listed.checked == 1000.0 and listed.last_access == 1001.0
+            assert listed.media_type == DOCKER_LIST and listed.size == 500
+            assert single is not None and single.checked == 0 and single.last_access == 1002.0
+            assert index.meta("schema") == "2"
+            assert index.tag_count() == 2 and index.tags_of("docker.io", "library/alpine") == ["3"]
+            # a second accept class for the same tag is a row of its own
+            index.put_tag(type(single)("docker.io", "library/hello", "latest", single.digest, DOCKER_MANIFEST,
+                                       400, 5.0, 5.0, accept_class([DOCKER_MANIFEST])))
+            assert index.tag_count() == 2
+        finally:
+            index.close()
+    check = sqlite3.connect(path)
+    try:
+        assert {row[0] for row in check.execute("SELECT name FROM sqlite_master")} >= {"tags", "tags_by_access"}
+        assert "tags_v1" not in {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
+    finally:
+        check.close()
