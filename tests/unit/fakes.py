@@ -76,6 +76,22 @@ class ImageList:
 
 
 @dataclass
+class Answer:
+    """A manifest answer about to be sent: raw headers, so that a test can put any bytes in them;
+    the Content-Length is added from the body unless the headers have one."""
+
+    status: int
+    headers: dict[str, bytes]
+    body: bytes
+
+    def response(self, head: bool) -> httpx.Response:
+        raw = [(k.encode(), v) for k, v in self.headers.items()]
+        if "content-length" not in self.headers:
+            raw.append((b"content-length", str(len(self.body)).encode()))
+        return httpx.Response(self.status, headers=raw, stream=Body(b"" if head else self.body))
+
+
+@dataclass
 class Seen:
     method: str
     url: httpx.URL
@@ -98,8 +114,8 @@ class FakeRegistry:
     tamper: set[str] = field(default_factory=set)   # blob digests served with wrong bytes
     on_request: Callable[[httpx.Request], None] | None = None
     dockerhub: bool = False               # an OCI index falls back to amd64 too (Distribution: 404)
-    # replaces the answer to a manifest request (a hostile upstream): (request, answer) -> answer
-    alter_manifest: Callable[[httpx.Request, httpx.Response], httpx.Response] | None = None
+    # changes the answer to a manifest request (a hostile upstream) before it is sent
+    alter_manifest: Callable[[httpx.Request, Answer], None] | None = None
 
     # --- content
 
@@ -187,11 +203,13 @@ class FakeRegistry:
 
     def _manifest(self, repo: str, reference: str, request: httpx.Request) -> httpx.Response:
         answer = self._negotiate(repo, reference, request)
+        if isinstance(answer, httpx.Response):
+            return answer
         if self.alter_manifest is not None:
-            answer = self.alter_manifest(request, answer)
-        return answer
+            self.alter_manifest(request, answer)
+        return answer.response(head=request.method == "HEAD")
 
-    def _negotiate(self, repo: str, reference: str, request: httpx.Request) -> httpx.Response:
+    def _negotiate(self, repo: str, reference: str, request: httpx.Request) -> Answer | httpx.Response:
         found = self.manifests.get((repo, reference))
         if found is None:
             return _error(404, "MANIFEST_UNKNOWN", "manifest unknown")
@@ -209,9 +227,8 @@ class FakeRegistry:
             body, media_type = self.manifests[(repo, platform["digest"])]
             if media_type not in accepted:
                 return _error(404, "MANIFEST_UNKNOWN", "manifest unknown in the accepted formats")
-        headers = {"Content-Type": media_type, "Docker-Content-Digest": digest_of(body),
-                   "Content-Length": str(len(body))}
-        return response(200, headers, b"" if request.method == "HEAD" else body)
+        return Answer(200, {"content-type": media_type.encode(), "docker-content-digest": digest_of(body).encode(),
+                            "content-length": str(len(body)).encode()}, body)
 
     def _blob(self, digest: str, request: httpx.Request) -> httpx.Response:
         data = self.blobs.get(digest)

@@ -9,13 +9,24 @@ the others. The upstream is faked (tests/unit/fakes.py) and negotiates like Dock
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from dataclasses import dataclass, field
 
+import httpx
 import pytest
 
 from dockermirror.cache.index import Index
 from dockermirror.oci import AS_STORED, accept_class
-from tests.unit.fakes import ALL_MANIFESTS, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from tests.unit.fakes import (
+    ALL_MANIFESTS,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Answer,
+    digest_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -213,3 +224,117 @@ def test_an_index_from_before_accept_classes_keeps_its_tags(tmp_path):
         assert "tags_v1" not in {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
     finally:
         check.close()
+
+
+# --- a hostile upstream: whatever its manifest answers hold, never a 500
+
+@dataclass
+class Hostile:
+    """What a hostile upstream changes in its manifest answers (to HEAD and/or GET)."""
+
+    headers: dict[str, bytes | None] = field(default_factory=dict)   # None removes the header
+    body: bytes | None = None
+    status: int | None = None
+    methods: tuple[str, ...] = ("HEAD", "GET")
+    expected: int = 200             # what a client gets, if the hostile answer reaches it
+    stored: tuple[bytes, str] | None = None     # the manifest it holds (by tag and digest) and its type
+
+    def __call__(self, request: httpx.Request, answer: Answer) -> None:
+        if request.method not in self.methods:
+            return
+        for name, value in self.headers.items():
+            if value is None:
+                answer.headers.pop(name, None)
+            else:
+                answer.headers[name] = value
+        if self.body is not None:
+            answer.body = self.body
+            if "content-length" not in self.headers:
+                answer.headers.pop("content-length", None)
+        if self.status is not None:
+            answer.status = self.status
+
+
+NOT_A_MANIFEST = 502
+HOSTILE = {
+    "digest header not a digest": Hostile({"docker-content-digest": b"sha256:zzz"}),
+    "digest header upper case": Hostile({"docker-content-digest": b"sha256:" + b"AB" * 32}),
+    "digest header not ASCII": Hostile({"docker-content-digest": b"sha256:\xe2\x82\xac"}),
+    "digest header empty": Hostile({"docker-content-digest": b""}),
+    # (a HEAD's valid digest is what the tag maps to: only the GET that follows can check it)
+    "digest header other algorithm": Hostile({"docker-content-digest": b"sha512:" + b"0" * 128}, methods=("GET",)),
+    "digest header a different digest": Hostile({"docker-content-digest": b"sha256:" + b"0" * 64}, methods=("GET",)),
+    "HEAD without a digest": Hostile({"docker-content-digest": None}, methods=("HEAD",)),
+    "HEAD without anything": Hostile({"docker-content-digest": None, "content-type": None,
+                                      "content-length": None}, methods=("HEAD",)),
+    "content type not ASCII": Hostile({"content-type": b"application/vnd.oci.image.manifest.v1+json\xe2\x82\xac"}),
+    "content type with controls": Hostile({"content-type": b"text/\x7f\x01"}),
+    "content type with parameters": Hostile({"content-type": b"application/vnd.oci.image.manifest.v1+json; x=y"}),
+    "content length superscript": Hostile({"content-length": "²".encode()}, methods=("HEAD",)),
+    "content length 5000 digits": Hostile({"content-length": b"9" * 5000}, methods=("HEAD",)),
+    "content length beyond SQLite": Hostile({"content-length": b"1" + b"0" * 30}, methods=("HEAD",)),
+    "content length negative": Hostile({"content-length": b"-1"}, methods=("HEAD",)),
+    "content length zero": Hostile({"content-length": b"0"}, methods=("HEAD",)),
+    "content length not a number": Hostile({"content-length": b"lots"}, methods=("HEAD",)),
+    "content length disagrees": Hostile({"content-length": b"3"}, methods=("GET",)),
+    "mediaType a number": Hostile(stored=(json.dumps({"schemaVersion": 2, "mediaType": 5}).encode(),
+                                          "application/json")),
+    "mediaType an object": Hostile(stored=(json.dumps({"schemaVersion": 2, "mediaType": {"a": OCI_MANIFEST}}).encode(),
+                                           "application/json")),
+    "mediaType not a media type": Hostile(stored=(b'{"mediaType": "\\u20ac/\\r\\n"}', "application/json")),
+    "body a JSON array": Hostile(stored=(b"[1, 2]", "application/json"), expected=NOT_A_MANIFEST),
+    "body a JSON string": Hostile(stored=(b'"manifest"', OCI_MANIFEST), expected=NOT_A_MANIFEST),
+    "body nested too deep": Hostile(stored=(b"[" * 100_000, OCI_MANIFEST), expected=NOT_A_MANIFEST),
+    "body not UTF-8": Hostile(stored=(b"\xff\xfe{}", OCI_MANIFEST), expected=NOT_A_MANIFEST),
+    "body not JSON": Hostile(stored=(b"<html>hello</html>", OCI_MANIFEST), expected=NOT_A_MANIFEST),
+    "error body nested too deep": Hostile({"content-type": b"application/json"}, b"[" * 100_000,
+                                          status=404, expected=404),
+    "status 204": Hostile({}, b"", status=204, expected=502),
+    "status 304": Hostile({}, status=304, expected=502),
+}
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("by", ["tag", "digest"])
+@pytest.mark.parametrize("case", HOSTILE)
+async def test_hostile_manifest_answers_never_cause_a_500(mirror, case, by, method):
+    hostile = HOSTILE[case]
+    if hostile.stored is not None:
+        expected_body, expected_type = hostile.stored
+        mirror.registry.manifests[("acme/tool", "1.0")] = hostile.stored
+        mirror.registry.manifests[("acme/tool", digest_of(expected_body))] = hostile.stored
+    else:
+        image = mirror.registry.push("acme/tool", "1.0")
+        expected_body, expected_type = image.manifest, OCI_MANIFEST
+    mirror.registry.alter_manifest = hostile
+    reference = "1.0" if by == "tag" else digest_of(expected_body)
+    response = await mirror.client.request(method, f"/v2/acme/tool/manifests/{reference}",
+                                           headers=[("Accept", t) for t in (*ALL_MANIFESTS, "application/json")])
+    assert response.status_code != 500 and "Traceback" not in response.text
+    # The hostile part reaches the client unless it is only in a GET that a HEAD never needs.
+    head_is_enough = method == "HEAD" and ("HEAD" not in hostile.methods or hostile.stored is not None)
+    if hostile.expected == 200 or head_is_enough:
+        assert response.status_code == 200, response.text
+        assert response.headers["docker-content-digest"] == digest_of(expected_body)
+        assert response.headers["content-type"] == expected_type
+        assert response.headers["content-length"] == str(len(expected_body))
+        assert response.content == (b"" if method == "HEAD" else expected_body)
+        return
+    assert response.status_code == hostile.expected, response.text
+    if method == "GET":
+        assert response.json()["errors"][0]["code"]
+    assert mirror.cached_files() == []          # nothing of it kept
+
+
+async def test_a_blob_head_with_a_content_length_that_is_not_a_number(mirror):
+    image = mirror.registry.push("acme/tool", "1.0")
+    original = mirror.registry._blob
+
+    def blob(digest: str, request: httpx.Request) -> httpx.Response:
+        answer = original(digest, request)
+        headers = [(k, v) for k, v in answer.headers.raw if k.lower() != b"content-length"]
+        return httpx.Response(200, headers=headers + [(b"content-length", "²".encode())], content=b"")
+
+    mirror.registry._blob = blob
+    response = await mirror.client.head(f"/v2/acme/tool/blobs/{image.layer}")
+    assert response.status_code == 200 and response.headers["docker-content-digest"] == image.layer
