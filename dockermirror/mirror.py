@@ -242,16 +242,16 @@ class Mirror:
     def _head_answer(self, reply: Reply) -> tuple[str, str, int] | None:
         """(digest, media type, size) from a manifest HEAD, or None if it does not tell them."""
         try:
-            digest = str(Digest.parse(reply.headers.get("docker-content-digest", "")))
+            digest = Digest.parse(reply.headers.get("docker-content-digest", ""))
         except InvalidDigest:
             return None
         media_type, size = _content_type(reply), _manifest_length(reply)
         if size is None or not valid_media_type(media_type):
-            entry = self.cache.entry(Digest.parse(digest))    # a manifest we hold tells them
+            entry = self.cache.entry(digest)    # a manifest we hold tells them
             if entry is None or entry.kind != "manifest":
                 return None
             media_type, size = _or_default(entry.media_type), entry.size
-        return digest, media_type, size
+        return str(digest), media_type, size
 
     async def _stale(self, repo: Repo, tag: str, row: TagEntry | None, accept: list[str],
                      error: Exception, *, head: bool) -> Manifest:

@@ -326,6 +326,17 @@ async def test_hostile_manifest_answers_never_cause_a_500(mirror, case, by, meth
     assert mirror.cached_files() == []          # nothing of it kept
 
 
+async def test_a_head_that_says_too_little_about_a_cached_manifest_costs_no_get(mirror):
+    image = mirror.registry.push("acme/tool", "1.0")
+    assert (await mirror.client.get("/v2/acme/tool/manifests/1.0", headers=EVERYTHING)).status_code == 200
+    mirror.registry.alter_manifest = Hostile({"content-type": None, "content-length": b"x"}, methods=("HEAD",))
+    mirror.clock.advance(301)
+    again = await mirror.client.get("/v2/acme/tool/manifests/1.0", headers=EVERYTHING)
+    assert again.status_code == 200 and again.content == image.manifest
+    assert again.headers["content-type"] == OCI_MANIFEST
+    assert len(mirror.registry.requests("GET", "/manifests/")) == 1      # the first pull's only
+
+
 async def test_a_blob_head_with_a_content_length_that_is_not_a_number(mirror):
     image = mirror.registry.push("acme/tool", "1.0")
     original = mirror.registry._blob
