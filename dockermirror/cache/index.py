@@ -65,12 +65,14 @@ CREATE TABLE IF NOT EXISTS tags (
     upstream    TEXT NOT NULL,
     repository  TEXT NOT NULL,
     tag         TEXT NOT NULL,
+    accept      TEXT NOT NULL DEFAULT '',  -- accept class ('' = as stored upstream), oci.accept_class
     digest      TEXT NOT NULL,
     media_type  TEXT,
     size        INTEGER NOT NULL,
     checked     REAL NOT NULL,          -- last time the upstream confirmed it
     last_access REAL NOT NULL,
-    accept      TEXT NOT NULL DEFAULT '',  -- accept class ('' = as stored upstream), oci.accept_class
+    -- (the key's columns come first: SQLite 3.40's integrity_check misreads WITHOUT ROWID
+    -- tables whose key has a column declared after others)
     PRIMARY KEY (upstream, repository, tag, accept)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_by_access ON tags (last_access);
@@ -181,7 +183,8 @@ class Index:
     @staticmethod
     def _tags_before_2(conn: sqlite3.Connection) -> None:
         """Schema 1 keyed tags without the accept class: move them aside for _tags_to_2."""
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tags'").fetchone():
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(tags)")}
+        if columns and "accept" not in columns:
             conn.execute("DROP INDEX IF EXISTS tags_by_access")
             conn.execute("ALTER TABLE tags RENAME TO tags_v1")
 

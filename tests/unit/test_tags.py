@@ -222,6 +222,7 @@ def test_an_index_from_before_accept_classes_keeps_its_tags(tmp_path):
     try:
         assert {row[0] for row in check.execute("SELECT name FROM sqlite_master")} >= {"tags", "tags_by_access"}
         assert "tags_v1" not in {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
+        assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     finally:
         check.close()
 
