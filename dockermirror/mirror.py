@@ -9,9 +9,10 @@
   manifest types, or to any client that takes its type when it is the tag's own
   manifest (a list, or the answer to a client that names every manifest type). So a
   client that takes no list (and gets one platform's manifest, or a 404) never changes
-  what a client that takes lists gets, and a 404 forgets only its own class's row. If the upstream is unreachable or answers 5xx/429, the
-  cached mapping is served stale; for a while after the upstream could not be
-  reached, cached tags are served stale without trying it first.
+  what a client that takes lists gets, and a 404 forgets only its own class's row.
+  If the upstream is unreachable or answers 5xx/429, the cached mapping is served
+  stale; for a while after the upstream could not be reached, cached tags are served
+  stale without trying it first.
 * A blob that is not cached is fetched by one transfer; concurrent requests for it
   follow that transfer (COALESCED). A blob the cache has no room for passes through
   uncached (PASS).
@@ -230,9 +231,9 @@ class Mirror:
             manifest = await self._fetch_manifest(repo, None, accept, reference=tag)
             known = manifest.digest, manifest.media_type, manifest.size
         digest, media_type, size = known
-        # A list is what the tag is for every client that takes lists; anything else answers
-        # this accept class only, unless it names every type (it may be one platform's manifest
-        # that the upstream picked from a list for a client that takes no list).
+        # A list is the tag as stored, for every client that takes lists. Anything else is the
+        # tag as stored only if this client named every manifest type (asked == AS_STORED);
+        # otherwise it may be one platform's manifest picked for it: it answers its class only.
         answers = AS_STORED if media_type.lower() in LIST_TYPES else asked
         now = self.clock()
         row = TagEntry(key, repo.name, tag, digest, media_type, size, now, now, answers)

@@ -4,8 +4,9 @@
 Docker Hub do: manifests by tag or digest with ``Docker-Content-Digest``, content negotiated
 by ``Accept`` (a client that takes no list gets the list's linux/amd64 manifest, as Docker Hub
 and Distribution answer for a Docker manifest list, or 404, as Distribution answers for an OCI
-index; ``dockerhub=True`` picks the platform for both), blobs, tag lists; optionally a bearer-token challenge, a redirect of blobs to
-another host, tampered bytes or no answer at all. It records every request it gets, so a
+index; ``dockerhub=True`` picks the platform for both), blobs, tag lists; optionally a
+bearer-token challenge, a redirect of blobs to another host, tampered bytes, altered manifest
+answers (``alter_manifest``) or no answer at all. It records every request it gets, so a
 test asserts what the upstream saw.
 """
 
