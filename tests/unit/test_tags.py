@@ -75,13 +75,11 @@ class Clients:
             assert response.content == child.manifest, phase
 
     async def both(self, order: str, phase: str, *, down: bool = False) -> None:
-        first, second = ((self.single_client, self.list_client) if order == "single-first"
-                         else (self.list_client, self.single_client))
-        for client in (first, second, first):
-            if client == self.single_client:
-                await client(phase, down=down)
-            else:
-                await client(phase)
+        """One of each in this order, then the first again."""
+        single, multi = (lambda: self.single_client(phase, down=down)), (lambda: self.list_client(phase))
+        first, second = (single, multi) if order == "single-first" else (multi, single)
+        for pull in (first, second, first):
+            await pull()
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
@@ -130,7 +128,7 @@ async def test_a_404_for_one_client_leaves_the_tag_to_the_others(mirror):
 
 
 async def test_a_tag_gone_for_everyone_is_forgotten(mirror):
-    image = mirror.registry.push_list("library/alpine", "3", DOCKER_LIST)
+    mirror.registry.push_list("library/alpine", "3", DOCKER_LIST)
     assert (await mirror.client.get(PATH, headers=EVERYTHING)).status_code == 200
     assert (await mirror.client.get(PATH, headers=SCHEMA2_ONLY)).status_code == 200
     assert {row[0] for row in tag_rows(mirror)} == {AS_STORED, accept_class([DOCKER_MANIFEST])}
@@ -141,7 +139,6 @@ async def test_a_tag_gone_for_everyone_is_forgotten(mirror):
     assert tag_rows(mirror) == []
     mirror.registry.down = True
     assert (await mirror.client.get(PATH, headers=EVERYTHING)).status_code == 503
-    assert image.digest  # the list itself stays cached by digest
 
 
 async def test_a_single_platform_tag_is_shared_by_every_client_that_takes_its_type(mirror):
