@@ -4,9 +4,15 @@
   upstream call at all, whether the upstream is up or not.
 * A tag maps to a digest for ``cache.tag_ttl``; after that it is revalidated with a
   HEAD (which Docker Hub does not count as a pull), and the manifest is fetched only
-  if the digest changed. If the upstream is unreachable or answers 5xx/429, the
-  cached mapping is served stale; for a while after the upstream could not be
-  reached, cached tags are served stale without trying it first.
+  if the digest changed. The mapping is kept per accept class (``oci.accept_class``):
+  what the upstream answered a client is served only to clients that accept the same
+  manifest types, or to any client that takes its type when it is the tag's own
+  manifest (a list, or the answer to a client that names every manifest type). So a
+  client that takes no list (and gets one platform's manifest, or a 404) never changes
+  what a client that takes lists gets, and a 404 forgets only its own class's row.
+  If the upstream is unreachable or answers 5xx/429, the cached mapping is served
+  stale; for a while after the upstream could not be reached, cached tags are served
+  stale without trying it first.
 * A blob that is not cached is fetched by one transfer; concurrent requests for it
   follow that transfer (COALESCED). A blob the cache has no room for passes through
   uncached (PASS).
@@ -17,6 +23,7 @@ what the upstream answered, for the request log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -29,13 +36,26 @@ from dockermirror.cache import Cache, CachedFile, Entry, Follower, TagEntry
 from dockermirror.errors import (
     BadUpstreamContent,
     BlobUnknown,
+    ManifestInvalid,
     NameInvalid,
     NameUnknown,
     RegistryError,
     Unavailable,
 )
 from dockermirror.singleflight import SingleFlight
-from dockermirror.oci import MANIFEST_TYPES, OCI_MANIFEST, Digest, InvalidDigest, acceptable, valid_name
+from dockermirror.oci import (
+    AS_STORED,
+    LIST_TYPES,
+    MANIFEST_TYPES,
+    MAX_MANIFEST_SIZE,
+    OCI_MANIFEST,
+    Digest,
+    InvalidDigest,
+    accept_class,
+    acceptable,
+    valid_media_type,
+    valid_name,
+)
 from dockermirror.upstream.client import BlobStream, Reply, UpstreamClient, UpstreamUnreachable, error_for
 
 log = logging.getLogger("dockermirror.mirror")
@@ -140,14 +160,16 @@ class Mirror:
             reply = await self._ask(repo.upstream.client.manifest(repo.name, str(digest), accept, head=True))
             if reply.status != 200:
                 raise error_for(reply.status, reply.headers, reply.body)
-            return Manifest(str(digest), _media_type(reply), _length(reply), None, MISS, reply.status)
-        return await self._flights.do(("manifest", digest), lambda: self._fetch_manifest(repo, digest, accept))
+            size, media_type = _manifest_length(reply), _content_type(reply)
+            if size is not None and valid_media_type(media_type):
+                return Manifest(str(digest), media_type, size, None, MISS, reply.status)
+            # The HEAD does not say what it is: fetch (and cache) it to answer.
+        fetched = await self._flights.do(("manifest", digest), lambda: self._fetch_manifest(repo, digest, accept))
+        return dataclasses.replace(fetched, body=None) if head else fetched
 
     async def _manifest_by_tag(self, repo: Repo, tag: str, accept: list[str], *, head: bool) -> Manifest:
         key = repo.upstream.key
-        row = self.cache.tag(key, repo.name, tag)
-        if row is not None and not acceptable(row.media_type, accept):
-            row = None  # this client cannot take what we have: ask the upstream
+        row = self._tag_row(repo, tag, accept)
         if row is not None and self.clock() - row.checked < self.tag_ttl:
             self.cache.touch_tag(key, repo.name, tag)
             return await self._serve_tag(repo, row, accept, head=head, cache=HIT, upstream_status=None)
@@ -166,6 +188,15 @@ class Mirror:
         self.cache.touch_tag(key, repo.name, tag)
         return await self._serve_tag(repo, fresh, accept, head=head, cache=HIT, upstream_status=200)
 
+    def _tag_row(self, repo: Repo, tag: str, accept: list[str]) -> TagEntry | None:
+        """The known mapping that answers this client, if any: the upstream's answer to clients
+        of its accept class, else the tag's own manifest if this client takes its type."""
+        for answers in dict.fromkeys((accept_class(accept), AS_STORED)):
+            row = self.cache.tag(repo.upstream.key, repo.name, tag, answers)
+            if row is not None and acceptable(row.media_type, accept):
+                return row
+        return None  # this client cannot take what we have: ask the upstream
+
     async def _serve_tag(self, repo: Repo, row: TagEntry, accept: list[str], *, head: bool, cache: str,
                          upstream_status: int | None) -> Manifest:
         """Answer for a tag whose digest is known: from the cache, or by fetching that digest."""
@@ -177,32 +208,51 @@ class Mirror:
                 return served
         if head:  # the mapping alone answers a HEAD
             label = MISS if cache == HIT and upstream_status is not None else cache
-            return Manifest(row.digest, row.media_type or OCI_MANIFEST, row.size, None, label, upstream_status)
+            return Manifest(row.digest, _or_default(row.media_type), row.size, None, label, upstream_status)
         if cache == STALE:
             raise Unavailable(f"the upstream is unreachable and manifest {row.digest} is not cached")
         return await self._flights.do(("manifest", digest), lambda: self._fetch_manifest(repo, digest, accept))
 
     async def _revalidate(self, repo: Repo, tag: str, accept: list[str]) -> TagEntry:
-        """Ask the upstream what the tag points at now (HEAD), and record it."""
+        """Ask the upstream what the tag points at now for this client (HEAD), and record it
+        for the clients it answers."""
         key = repo.upstream.key
+        asked = accept_class(accept)
         reply = await repo.upstream.client.manifest(repo.name, tag, accept, head=True)
         if reply.status == 404:
-            await self.cache.delete_tag(key, repo.name, tag)
+            # Gone for the clients that accept what this one does. Others keep their mapping:
+            # distribution answers 404 for an OCI index to a client that takes no index.
+            await self.cache.delete_tag(key, repo.name, tag, asked)
         if reply.status != 200:
             raise error_for(reply.status, reply.headers, reply.body)
+        known = self._head_answer(reply)
+        if known is None:
+            # No usable digest, type or length from a HEAD: fetch the manifest by tag and hash it ourselves.
+            manifest = await self._fetch_manifest(repo, None, accept, reference=tag)
+            known = manifest.digest, manifest.media_type, manifest.size
+        digest, media_type, size = known
+        # A list is the tag as stored, for every client that takes lists. Anything else is the
+        # tag as stored only if this client named every manifest type (asked == AS_STORED);
+        # otherwise it may be one platform's manifest picked for it: it answers its class only.
+        answers = AS_STORED if media_type.lower() in LIST_TYPES else asked
+        now = self.clock()
+        row = TagEntry(key, repo.name, tag, digest, media_type, size, now, now, answers)
+        await self.cache.put_tag(row)
+        return row
+
+    def _head_answer(self, reply: Reply) -> tuple[str, str, int] | None:
+        """(digest, media type, size) from a manifest HEAD, or None if it does not tell them."""
         try:
             digest = Digest.parse(reply.headers.get("docker-content-digest", ""))
         except InvalidDigest:
-            # No usable digest from a HEAD: fetch the manifest by tag and hash it ourselves.
-            manifest = await self._fetch_manifest(repo, None, accept, reference=tag)
-            digest = Digest.parse(manifest.digest)
-            media_type, size = manifest.media_type, manifest.size
-        else:
-            media_type, size = _media_type(reply), _length(reply)
-        now = self.clock()
-        row = TagEntry(key, repo.name, tag, str(digest), media_type, size, now, now)
-        await self.cache.put_tag(row)
-        return row
+            return None
+        media_type, size = _content_type(reply), _manifest_length(reply)
+        if size is None or not valid_media_type(media_type):
+            entry = self.cache.entry(digest)    # a manifest we hold tells them
+            if entry is None or entry.kind != "manifest":
+                return None
+            media_type, size = _or_default(entry.media_type), entry.size
+        return str(digest), media_type, size
 
     async def _stale(self, repo: Repo, tag: str, row: TagEntry | None, accept: list[str],
                      error: Exception, *, head: bool) -> Manifest:
@@ -228,7 +278,7 @@ class Mirror:
             if body is None:
                 return None
         self.cache.touch(entry.digest, repo.upstream.key, repo.name)
-        return Manifest(entry.digest, entry.media_type or OCI_MANIFEST, entry.size, body, cache, upstream_status)
+        return Manifest(entry.digest, _or_default(entry.media_type), entry.size, body, cache, upstream_status)
 
     async def _fetch_manifest(self, repo: Repo, digest: Digest | None, accept: list[str], *,
                               reference: str | None = None) -> Manifest:
@@ -239,12 +289,15 @@ class Mirror:
             raise error_for(reply.status, reply.headers, reply.body)
         algorithm = digest.algorithm if digest else "sha256"
         actual = Digest.of(reply.body, algorithm)
-        claimed = reply.headers.get("docker-content-digest")
-        expected = digest or (Digest.parse(claimed) if claimed and claimed.startswith(algorithm) else None)
+        expected = digest or _claimed_digest(reply, algorithm)
         if expected is not None and actual != expected:
             raise BadUpstreamContent(f"upstream manifest does not match its digest {expected} (got {actual})",
                                      upstream_status=reply.status)
-        media_type = _media_type(reply)
+        document = _json_object(reply.body)
+        if document is None:
+            raise ManifestInvalid(f"the upstream's manifest {actual} is not a JSON object", status=502,
+                                  upstream_status=reply.status)
+        media_type = _media_type(reply, document)
         await self.cache.put_manifest(actual, reply.body, media_type, repo.upstream.key, repo.name)
         return Manifest(str(actual), media_type, len(reply.body), reply.body, MISS, reply.status)
 
@@ -322,18 +375,53 @@ class Mirror:
             raise Unavailable(f"the upstream is unreachable: {exc}") from None
 
 
-def _media_type(reply: Reply) -> str:
-    content_type = reply.headers.get("content-type", "").split(";", 1)[0].strip()
+# Everything below reads an untrusted upstream answer: whatever it holds, the result is a
+# value that is safe to store and to send in a header, or None.
+
+def _content_type(reply: Reply) -> str:
+    return reply.headers.get("content-type", "").split(";", 1)[0].strip()
+
+
+def _media_type(reply: Reply, document: dict[str, Any]) -> str:
+    """A manifest's type: the Content-Type if it names a manifest type, else the manifest's own
+    ``mediaType``, else any valid Content-Type, else OCI's."""
+    content_type = _content_type(reply)
     if content_type in MANIFEST_TYPES:
         return content_type
+    declared = document.get("mediaType")
+    if valid_media_type(declared):
+        return declared
+    return _or_default(content_type)
+
+
+def _or_default(media_type: str | None) -> str:
+    return media_type if valid_media_type(media_type) else OCI_MANIFEST
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        declared = json.loads(reply.body).get("mediaType") if reply.body else None
-    except (ValueError, AttributeError):
-        declared = None
-    return declared or content_type or OCI_MANIFEST
+        document = json.loads(body)
+    except (ValueError, RecursionError):     # not JSON, not UTF-8, nested too deep
+        return None
+    return document if isinstance(document, dict) else None
 
 
-def _length(reply: Reply) -> int:
-    value = reply.headers.get("content-length", "")
-    # ASCII digits only ("²".isdigit() is true), and few enough for int()
-    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else len(reply.body)
+def _claimed_digest(reply: Reply, algorithm: str) -> Digest | None:
+    """The upstream's Docker-Content-Digest if it is a valid digest of this algorithm (the
+    bytes are hashed here anyway; a malformed claim is ignored, a wrong one refused)."""
+    try:
+        claimed = Digest.parse(reply.headers.get("docker-content-digest", ""))
+    except InvalidDigest:
+        return None
+    return claimed if claimed.algorithm == algorithm else None
+
+
+def _length(reply: Reply) -> int | None:
+    """The Content-Length if it is a plain decimal number (not ``+1``, ``²``, 5000 digits)."""
+    value = reply.headers.get("content-length", "").strip()
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
+
+
+def _manifest_length(reply: Reply) -> int | None:
+    size = _length(reply)
+    return size if size is not None and 0 < size <= MAX_MANIFEST_SIZE else None

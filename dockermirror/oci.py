@@ -13,6 +13,7 @@ from dataclasses import dataclass
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 _DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 MAX_NAME_LENGTH = 255
 
@@ -27,6 +28,12 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1)
+LIST_TYPES = (OCI_INDEX, DOCKER_LIST)
+# A client that names all of these gets a tag's manifest as the registry stores it; one that
+# does not may get something else (Docker Hub and distribution pick the linux/amd64 manifest
+# of a list for a client that takes no list, or answer 404).
+_UNNEGOTIATED = frozenset({OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST})
+AS_STORED = ""      # the accept class of those clients
 OCTET_STREAM = "application/octet-stream"
 
 # Manifests larger than this are refused (distribution uses the same bound).
@@ -95,3 +102,22 @@ def acceptable(media_type: str | None, accept_values: list[str]) -> bool:
         return True
     types = accepted_types(accept_values)
     return "*/*" in types or (media_type or "").lower() in types
+
+
+
+def accept_class(accept_values: list[str]) -> str:
+    """What a registry's content negotiation makes of these ``Accept`` lines, as a short key.
+
+    ``AS_STORED`` for a client that names every current manifest type (it gets the tag's own
+    manifest); otherwise the manifest types it names, sorted (``*/*`` when it names none), so
+    that at most ``2 ** len(MANIFEST_TYPES)`` keys exist whatever clients send.
+    """
+    named = accepted_types(accept_values).intersection(MANIFEST_TYPES)
+    if named >= _UNNEGOTIATED:
+        return AS_STORED
+    return ",".join(sorted(named)) or "*/*"
+
+
+def valid_media_type(value: object) -> bool:
+    """A ``type/subtype`` (RFC 6838 names, no parameters) that is safe to send in a header."""
+    return isinstance(value, str) and _MEDIA_TYPE_RE.fullmatch(value) is not None

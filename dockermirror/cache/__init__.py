@@ -230,8 +230,8 @@ class Cache:
 
     # --- tags
 
-    def tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
-        return self._idx.tag(upstream, repository, tag)
+    def tag(self, upstream: str, repository: str, tag: str, accept: str | None = None) -> TagEntry | None:
+        return self._idx.tag(upstream, repository, tag, accept)
 
     def tags_of(self, upstream: str, repository: str) -> list[str]:
         return self._idx.tags_of(upstream, repository)
@@ -239,8 +239,8 @@ class Cache:
     async def put_tag(self, entry: TagEntry) -> None:
         await asyncio.to_thread(self._idx.put_tag, entry)
 
-    async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
-        await asyncio.to_thread(self._idx.delete_tag, upstream, repository, tag)
+    async def delete_tag(self, upstream: str, repository: str, tag: str, accept: str | None = None) -> None:
+        await asyncio.to_thread(self._idx.delete_tag, upstream, repository, tag, accept)
 
     def set_limits(self, limits: Limits) -> None:
         """New limits (a reload); pinned flags are recomputed if the pin list changed."""

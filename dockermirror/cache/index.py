@@ -1,8 +1,9 @@
 """The cache index: one SQLite database (WAL mode) beside the blob files.
 
 It records every stored digest (size, media type, created, last access, hits, pinned),
-which repositories each digest was served for, the tag -> digest map with its freshness,
-and traffic counters. A row in ``content`` means the file is complete and verified.
+which repositories each digest was served for, the tag -> digest map with its freshness
+(one row per tag and accept class: what the upstream answered clients that accept the same
+manifest types), and traffic counters. A row in ``content`` means the file is complete and verified.
 Triggers keep ``totals`` (entries and bytes) exact, so any process reads the cache's
 size in O(1); LRU eviction and expiry walk an index on ``last_access``, O(log n) each.
 
@@ -24,6 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT = "docker-mirror-cache/1"
+# Compatible changes within FORMAT, applied at open (meta 'schema'; absent means 1):
+# 2: tags gain ``accept`` (their accept class) in their primary key.
+SCHEMA_VERSION = 2
+_LIST_TYPES = ("application/vnd.oci.image.index.v1+json",
+               "application/vnd.docker.distribution.manifest.list.v2+json")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,19 +65,22 @@ CREATE TABLE IF NOT EXISTS tags (
     upstream    TEXT NOT NULL,
     repository  TEXT NOT NULL,
     tag         TEXT NOT NULL,
+    accept      TEXT NOT NULL DEFAULT '',  -- accept class ('' = as stored upstream), oci.accept_class
     digest      TEXT NOT NULL,
     media_type  TEXT,
     size        INTEGER NOT NULL,
     checked     REAL NOT NULL,          -- last time the upstream confirmed it
     last_access REAL NOT NULL,
-    PRIMARY KEY (upstream, repository, tag)
+    -- (the key's columns come first: SQLite 3.40's integrity_check misreads WITHOUT ROWID
+    -- tables whose key has a column declared after others)
+    PRIMARY KEY (upstream, repository, tag, accept)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_by_access ON tags (last_access);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 _ENTRY = "digest, size, media_type, kind, created, last_access, hits, pinned"
-_TAG = "upstream, repository, tag, digest, media_type, size, checked, last_access"
+_TAG = "upstream, repository, tag, digest, media_type, size, checked, last_access, accept"
 
 
 class ForeignDatabase(Exception):
@@ -100,6 +109,7 @@ class TagEntry:
     size: int
     checked: float
     last_access: float
+    accept: str = ""        # the accept class this answer is for (oci.accept_class)
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -144,8 +154,15 @@ class Index:
         with self._lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                version = self._schema_version(conn)
+                if version < 2:
+                    self._tags_before_2(conn)
                 for statement in _split(_SCHEMA):
                     conn.execute(statement)
+                if version < 2:
+                    self._tags_to_2(conn)
+                conn.execute(f"INSERT OR {'REPLACE' if version < SCHEMA_VERSION else 'IGNORE'} INTO meta"
+                             " (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)", (FORMAT,))
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('created', ?)", (str(time.time()),))
                 known = conn.execute("SELECT value FROM meta WHERE key = 'pins'").fetchone()
@@ -155,6 +172,34 @@ class Index:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+
+    @staticmethod
+    def _schema_version(conn: sqlite3.Connection) -> int:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+            return SCHEMA_VERSION       # a new index
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        return int(row[0]) if row and row[0].isascii() and row[0].isdigit() else 1
+
+    @staticmethod
+    def _tags_before_2(conn: sqlite3.Connection) -> None:
+        """Schema 1 keyed tags without the accept class: move them aside for _tags_to_2."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(tags)")}
+        if columns and "accept" not in columns:
+            conn.execute("DROP INDEX IF EXISTS tags_by_access")
+            conn.execute("ALTER TABLE tags RENAME TO tags_v1")
+
+    @staticmethod
+    def _tags_to_2(conn: sqlite3.Connection) -> None:
+        """Keep schema 1 tags as answers for every client ('' class). A list is what every
+        client that takes lists gets; any other type may have been one platform's manifest
+        picked for a client that takes no list, so it is revalidated before it is served
+        fresh (it still answers while the upstream is down, as before)."""
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tags_v1'").fetchone():
+            conn.execute(
+                f"INSERT OR IGNORE INTO tags ({_TAG}) SELECT upstream, repository, tag, digest, media_type, size,"
+                " CASE WHEN media_type IN (?, ?) THEN checked ELSE 0 END, last_access, '' FROM tags_v1",
+                _LIST_TYPES)
+            conn.execute("DROP TABLE tags_v1")
 
     def _repin(self, conn: sqlite3.Connection) -> None:
         """Recompute ``pinned`` for every entry (the pin list changed)."""
@@ -183,24 +228,30 @@ class Index:
         row = self._reader.execute(f"SELECT {_ENTRY} FROM content WHERE digest = ?", (digest,)).fetchone()
         return _entry(row) if row else None
 
-    def tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
-        row = self._reader.execute(
-            f"SELECT {_TAG} FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
-            (upstream, repository, tag),
-        ).fetchone()
+    def tag(self, upstream: str, repository: str, tag: str, accept: str | None = None) -> TagEntry | None:
+        """The tag's row for an accept class; ``None``: any of its rows (the '' class first)."""
+        if accept is None:
+            row = self._reader.execute(
+                f"SELECT {_TAG} FROM tags WHERE upstream = ? AND repository = ? AND tag = ? ORDER BY accept LIMIT 1",
+                (upstream, repository, tag)).fetchone()
+        else:
+            row = self._reader.execute(
+                f"SELECT {_TAG} FROM tags WHERE upstream = ? AND repository = ? AND tag = ? AND accept = ?",
+                (upstream, repository, tag, accept)).fetchone()
         return TagEntry(*row) if row else None
 
     def tags_of(self, upstream: str, repository: str) -> list[str]:
-        rows = self._reader.execute("SELECT tag FROM tags WHERE upstream = ? AND repository = ? ORDER BY tag",
-                                    (upstream, repository))
+        rows = self._reader.execute(
+            "SELECT DISTINCT tag FROM tags WHERE upstream = ? AND repository = ? ORDER BY tag", (upstream, repository))
         return [row[0] for row in rows]
 
     def tag_count(self) -> int:
-        return self._reader.execute("SELECT count(*) FROM tags").fetchone()[0]
+        return self._reader.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT upstream, repository, tag FROM tags)").fetchone()[0]
 
     def tags_pointing_to(self, digest: str) -> list[tuple[str, str, str]]:
-        """(upstream, repository, tag) of every tag whose digest this is."""
-        return self._reader.execute("SELECT upstream, repository, tag FROM tags WHERE digest = ?",
+        """(upstream, repository, tag) of every tag whose digest this is (for some accept class)."""
+        return self._reader.execute("SELECT DISTINCT upstream, repository, tag FROM tags WHERE digest = ?",
                                     (digest,)).fetchall()
 
     def totals(self) -> tuple[int, int]:
@@ -302,14 +353,19 @@ class Index:
 
     def put_tag(self, entry: TagEntry) -> None:
         with self._transaction() as conn:
-            conn.execute(f"INSERT OR REPLACE INTO tags ({_TAG}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            conn.execute(f"INSERT OR REPLACE INTO tags ({_TAG}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (entry.upstream, entry.repository, entry.tag, entry.digest, entry.media_type,
-                          entry.size, entry.checked, entry.last_access))
+                          entry.size, entry.checked, entry.last_access, entry.accept))
 
-    def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
+    def delete_tag(self, upstream: str, repository: str, tag: str, accept: str | None = None) -> None:
+        """Forget a tag's row for one accept class (``None``: every row of the tag)."""
         with self._transaction() as conn:
-            conn.execute("DELETE FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
-                         (upstream, repository, tag))
+            if accept is None:
+                conn.execute("DELETE FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
+                             (upstream, repository, tag))
+            else:
+                conn.execute("DELETE FROM tags WHERE upstream = ? AND repository = ? AND tag = ? AND accept = ?",
+                             (upstream, repository, tag, accept))
 
     def delete_repository(self, upstream: str, repository: str) -> None:
         """Forget a repository's tags and its claims on content (not the content)."""
@@ -393,7 +449,7 @@ class AccessBatch:
     """Accesses recorded in memory between two flushes to the index."""
 
     content: dict[str, tuple[float, int]] = field(default_factory=dict)   # digest -> (last access, hits)
-    tags: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (upstream, repo, tag) -> when
+    tags: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (upstream, repo, tag) -> when (all classes)
     refs: set[tuple[str, str, str]] = field(default_factory=set)           # (upstream, repo, digest)
     counters: dict[str, int] = field(default_factory=dict)
 

@@ -309,6 +309,9 @@ def error_for(status: int, headers: httpx.Headers, body: bytes, *,
                                upstream_status=429)
     if status >= 500:
         return Unavailable(f"the upstream failed with HTTP {status}{suffix}", upstream_status=status)
+    if status < 400:    # not an answer this call can use (a 204, 206, 304, a redirect without a way on)
+        return RegistryError(f"the upstream answered HTTP {status}, which this request cannot use",
+                             status=502, upstream_status=status)
     code = (_upstream_codes(body) or ["UNKNOWN"])[0]
     return RegistryError(f"the upstream answered HTTP {status}{suffix}", status=status, code=code,
                          upstream_status=status)
@@ -317,7 +320,7 @@ def error_for(status: int, headers: httpx.Headers, body: bytes, *,
 def _errors(body: bytes) -> list[dict]:
     try:
         errors = json.loads(body).get("errors")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):     # not JSON, not an object, nested too deep
         return []
     return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
 

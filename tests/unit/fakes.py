@@ -2,8 +2,11 @@
 
 :class:`FakeRegistry` answers the pull side of the distribution API the way Distribution and
 Docker Hub do: manifests by tag or digest with ``Docker-Content-Digest``, content negotiated
-by ``Accept``, blobs, tag lists; optionally a bearer-token challenge, a redirect of blobs to
-another host, tampered bytes or no answer at all. It records every request it gets, so a
+by ``Accept`` (a client that takes no list gets the list's linux/amd64 manifest, as Docker Hub
+and Distribution answer for a Docker manifest list, or 404, as Distribution answers for an OCI
+index; ``dockerhub=True`` picks the platform for both), blobs, tag lists; optionally a
+bearer-token challenge, a redirect of blobs to another host, tampered bytes, altered manifest
+answers (``alter_manifest``) or no answer at all. It records every request it gets, so a
 test asserts what the upstream saw.
 """
 
@@ -20,8 +23,9 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-ALL_MANIFESTS = [OCI_INDEX, OCI_MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json",
-                 "application/vnd.docker.distribution.manifest.v2+json"]
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+ALL_MANIFESTS = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST]
 UPSTREAM = "https://registry.test"
 
 
@@ -60,6 +64,35 @@ class Image:
 
 
 @dataclass
+class ImageList:
+    repo: str
+    tag: str
+    manifest: bytes
+    media_type: str
+    children: dict[str, Image]      # architecture -> its image
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.manifest)
+
+
+@dataclass
+class Answer:
+    """A manifest answer about to be sent: raw headers, so that a test can put any bytes in them;
+    the Content-Length is added from the body unless the headers have one."""
+
+    status: int
+    headers: dict[str, bytes]
+    body: bytes
+
+    def response(self, head: bool) -> httpx.Response:
+        raw = [(k.encode(), v) for k, v in self.headers.items()]
+        if "content-length" not in self.headers:
+            raw.append((b"content-length", str(len(self.body)).encode()))
+        return httpx.Response(self.status, headers=raw, stream=Body(b"" if head else self.body))
+
+
+@dataclass
 class Seen:
     method: str
     url: httpx.URL
@@ -81,22 +114,43 @@ class FakeRegistry:
     redirect_blobs: bool = False          # blobs answer 307 to https://cdn.test/...
     tamper: set[str] = field(default_factory=set)   # blob digests served with wrong bytes
     on_request: Callable[[httpx.Request], None] | None = None
+    dockerhub: bool = False               # an OCI index falls back to amd64 too (Distribution: 404)
+    # changes the answer to a manifest request (a hostile upstream) before it is sent
+    alter_manifest: Callable[[httpx.Request, Answer], None] | None = None
 
     # --- content
 
-    def push(self, repo: str, tag: str, layer: bytes = b"layer bytes\n" * 100, *,
-             config: bytes | None = None) -> Image:
-        config = config if config is not None else json.dumps({"architecture": "amd64", "os": "linux",
+    def push(self, repo: str, tag: str | None, layer: bytes = b"layer bytes\n" * 100, *,
+             config: bytes | None = None, media_type: str = OCI_MANIFEST, architecture: str = "amd64") -> Image:
+        """An image; ``tag=None`` stores it by digest only (a list's child)."""
+        config = config if config is not None else json.dumps({"architecture": architecture, "os": "linux",
                                                                "tag": tag}).encode()
         manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "schemaVersion": 2, "mediaType": media_type,
             "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
             "layers": [{"mediaType": OCI_LAYER, "digest": digest_of(layer), "size": len(layer)}],
         }, indent=3).encode()
         self.blobs[digest_of(config)] = config
         self.blobs[digest_of(layer)] = layer
-        self.manifests[(repo, tag)] = self.manifests[(repo, digest_of(manifest))] = (manifest, OCI_MANIFEST)
-        return Image(repo, tag, manifest, OCI_MANIFEST, {digest_of(config): config, digest_of(layer): layer})
+        self.manifests[(repo, digest_of(manifest))] = (manifest, media_type)
+        if tag is not None:
+            self.manifests[(repo, tag)] = (manifest, media_type)
+        return Image(repo, tag or "", manifest, media_type, {digest_of(config): config, digest_of(layer): layer})
+
+    def push_list(self, repo: str, tag: str, media_type: str = DOCKER_LIST,
+                  architectures: tuple[str, ...] = ("amd64", "arm64"), child_type: str | None = None) -> ImageList:
+        """A multi-platform image: a Docker manifest list of Docker schema2 manifests, or an OCI
+        index of OCI manifests (unless ``child_type`` says otherwise)."""
+        child_type = child_type or (DOCKER_MANIFEST if media_type == DOCKER_LIST else OCI_MANIFEST)
+        children = {arch: self.push(repo, None, f"{arch} layer of {repo}:{tag}\n".encode() * 50,
+                                    media_type=child_type, architecture=arch) for arch in architectures}
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": media_type,
+            "manifests": [{"mediaType": child_type, "digest": child.digest, "size": len(child.manifest),
+                           "platform": {"architecture": arch, "os": "linux"}} for arch, child in children.items()],
+        }, indent=3).encode()
+        self.manifests[(repo, tag)] = self.manifests[(repo, digest_of(manifest))] = (manifest, media_type)
+        return ImageList(repo, tag, manifest, media_type, children)
 
     # --- what it saw
 
@@ -149,16 +203,33 @@ class FakeRegistry:
         return _error(404, "NAME_UNKNOWN", "no such endpoint")
 
     def _manifest(self, repo: str, reference: str, request: httpx.Request) -> httpx.Response:
+        answer = self._negotiate(repo, reference, request)
+        if isinstance(answer, httpx.Response):
+            return answer
+        if self.alter_manifest is not None:
+            self.alter_manifest(request, answer)
+        return answer.response(head=request.method == "HEAD")
+
+    def _negotiate(self, repo: str, reference: str, request: httpx.Request) -> Answer | httpx.Response:
         found = self.manifests.get((repo, reference))
         if found is None:
             return _error(404, "MANIFEST_UNKNOWN", "manifest unknown")
         body, media_type = found
-        accept = ",".join(request.headers.get_list("accept"))
-        if accept and media_type not in accept:
-            return _error(404, "MANIFEST_UNKNOWN", "manifest unknown in the accepted formats")
-        headers = {"Content-Type": media_type, "Docker-Content-Digest": digest_of(body),
-                   "Content-Length": str(len(body))}
-        return response(200, headers, b"" if request.method == "HEAD" else body)
+        accepted = {item.split(";", 1)[0].strip() for value in request.headers.get_list("accept")
+                    for item in value.split(",")}
+        if accepted and media_type not in accepted:
+            platform = None
+            if media_type == DOCKER_LIST or (media_type == OCI_INDEX and self.dockerhub):
+                # what Docker Hub and Distribution give a client that takes no list: linux/amd64
+                entries = json.loads(body)["manifests"]
+                platform = next((e for e in entries if e["platform"]["architecture"] == "amd64"), None)
+            if platform is None:
+                return _error(404, "MANIFEST_UNKNOWN", "manifest unknown in the accepted formats")
+            body, media_type = self.manifests[(repo, platform["digest"])]
+            if media_type not in accepted:
+                return _error(404, "MANIFEST_UNKNOWN", "manifest unknown in the accepted formats")
+        return Answer(200, {"content-type": media_type.encode(), "docker-content-digest": digest_of(body).encode(),
+                            "content-length": str(len(body)).encode()}, body)
 
     def _blob(self, digest: str, request: httpx.Request) -> httpx.Response:
         data = self.blobs.get(digest)
