@@ -157,6 +157,8 @@ class Index:
         conn = self._writer
         try:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.OperationalError:
+            raise   # cannot be read now (read-only or full filesystem, I/O error): not a verdict on the file
         except sqlite3.DatabaseError as exc:
             raise ForeignDatabase(f"{self.path} is not an SQLite database ({exc})") from None
         if tables and "meta" not in tables:
