@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -335,7 +336,10 @@ class Cache:
 
             async def run() -> str | None:
                 try:
-                    actual, size = await asyncio.to_thread(maintenance.hash_fd, own, digest.algorithm)
+                    try:
+                        actual, size = await asyncio.to_thread(maintenance.hash_fd, own, digest.algorithm)
+                    except OSError as exc:
+                        return f"cannot be read: {exc.strerror or exc}"
                     if size != entry.size or actual != digest.hex:
                         return f"{size} bytes hashing to {digest.algorithm}:{actual}"
                     if entry.stamp is not None:
@@ -463,7 +467,10 @@ class Cache:
     def set_limits(self, limits: Limits) -> None:
         """New limits (a reload); pinned flags are recomputed if the pin list changed."""
         if limits.pins != self.limits.pins and self.index is not None:
-            self.index.set_pins(limits.pins)
+            try:
+                self.index.set_pins(limits.pins)
+            except (sqlite3.Error, OSError) as exc:
+                self._degrade(exc, "recording the new pins")
         self.limits = limits
 
     # --- space
@@ -539,7 +546,9 @@ class Cache:
                 if freed >= need:
                     break
             if chosen:
-                await asyncio.to_thread(maintenance.remove, self.store, self._idx, chosen)
+                if not await self._write("evicting", maintenance.remove, self.store, self._idx, chosen):
+                    freed -= sum(e.size for e in candidates if e.digest in chosen)
+                    break
                 removed += len(chosen)
         used, _, capacity = self.usage()
         level = logging.INFO if freed >= need else logging.WARNING
@@ -564,7 +573,9 @@ class Cache:
                 chosen = [e for e in batch if e.digest not in leased]
                 if not chosen:
                     break
-                await asyncio.to_thread(maintenance.remove, self.store, self._idx, [e.digest for e in chosen])
+                if not await self._write("expiring", maintenance.remove, self.store, self._idx,
+                                         [e.digest for e in chosen]):
+                    break
                 entries += len(chosen)
                 freed += sum(e.size for e in chosen)
         tag_ttl = max(self.limits.blob_ttl, self.limits.manifest_ttl)
@@ -614,13 +625,20 @@ class Cache:
             log.error("%s was deleted while the server runs: writing it out again from the open database",
                       index.path)
             try:
-                await asyncio.to_thread(index.recreate)
+                placed = index.recreate()   # on the event loop, which owns the reader: a moment, once
             except (sqlite3.Error, OSError) as exc:
                 log.error("could not write %s again (%s): the next start re-adopts the cached files",
                           index.path, exc)
                 self._index_lost = True
                 return
-            index.reopen_reader()
+            if not placed:
+                log.error("another file appeared at %s meanwhile: this server uses its copy %s until it "
+                          "stops; the next start checks every cached file against %s", self.root / INDEX_NAME,
+                          index.path, self.root / INDEX_NAME)
+                self._index_lost = True
+                with contextlib.suppress(OSError):
+                    (self.root / RECHECK_NAME).touch()
+                return
             self._index_id = index.identity()
             entries, nbytes = index.totals()
             log.warning("%s written again (%d entries, %s)", index.path, entries, humanize.size(nbytes))

@@ -132,6 +132,9 @@ class Index:
         self._cols = _ENTRY
         if not create and not self.path.exists():
             raise ForeignDatabase(f"{self.path} does not exist")
+        if mode == RW and not self.path.exists():
+            for suffix in ("-wal", "-shm"):   # left by a deleted database: never replay them into a new one
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         self._lock = threading.Lock()
         if mode == MEMORY:
             self._writer = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
@@ -194,10 +197,11 @@ class Index:
                 conn.execute("ROLLBACK")
                 raise
 
-    def recreate(self) -> None:
+    def recreate(self) -> bool:
         """The file was deleted under the open database: write the database out again at ``path``
-        (SQLite's online backup), then use that file. Blocking; the reader is swapped by
-        :meth:`reopen_reader` on the thread that reads."""
+        (SQLite's online backup) and use that file. Call it from the thread that reads (the
+        reader is swapped too). False if another file appeared at ``path`` meanwhile: the copy
+        is used where it was written, and ``path`` is left alone."""
         temp = self.path.with_name(self.path.name + ".restore")
         with self._lock:
             temp.unlink(missing_ok=True)
@@ -206,20 +210,27 @@ class Index:
                 self._writer.backup(copy)
                 copy.execute("PRAGMA journal_mode = WAL")
             finally:
-                copy.close()
+                copy.close()   # the last connection: its -wal is checkpointed and deleted
             with open(temp, "rb") as f:
                 os.fsync(f.fileno())
+            # Close the deleted database first: its -wal and -shm files still have the names
+            # the new file's would have, and closing the last connection removes them.
+            self._reader.close()
+            self._writer.close()
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
             try:
                 os.link(temp, self.path)        # never over a file someone else put there meanwhile
-            finally:
-                temp.unlink(missing_ok=True)
-            old, self._writer = self._writer, _connect(self.path)
-            old.close()
+            except OSError:   # another file there now (or the name cannot be made): use the copy
+                self.path = temp
+                placed = False
+            else:
+                temp.unlink()
+                placed = True
+            self._writer = _connect(self.path)
             self._writer.execute("PRAGMA synchronous = NORMAL")
-
-    def reopen_reader(self) -> None:
-        old, self._reader = self._reader, _connect(self.path)
-        old.close()
+            self._reader = _connect(self.path)
+            return placed
 
     def _repin(self, conn: sqlite3.Connection) -> None:
         """Recompute ``pinned`` for every entry (the pin list changed)."""
