@@ -137,6 +137,7 @@ class Cache:
         self._readers: dict[str, set[CachedFile]] = {}
         self._bad: dict[str, str] = {}        # digest -> what a check found, until it is gone or fetched again
         self._checks: dict[tuple[str, str], asyncio.Task[str | None]] = {}
+        self._verified: dict[str, str] = {}   # digest -> stamp verified while the index could not record it
         self.verify_start = VERIFY_START
         self.verified_rounds = 0
 
@@ -301,7 +302,7 @@ class Cache:
             problem = self._bad.get(entry.digest)
             if problem is None and st.st_size != entry.size:
                 problem = f"the file has {st.st_size} bytes, the index says {entry.size}"
-            if problem is None and stamp(st) != entry.stamp:
+            if problem is None and stamp(st) != entry.stamp and self._verified.get(entry.digest) != stamp(st):
                 problem = await self._check(entry, fd, st)
         except BaseException:
             os.close(fd)
@@ -345,7 +346,8 @@ class Cache:
                     if entry.stamp is not None:
                         log.warning("cache file of %s changed on disk (inode, mtime or ctime) but still "
                                     "matches its digest; serving it", entry.digest)
-                    await self._write("recording a verified file", self._idx.set_stamp, entry.digest, key[1])
+                    if not await self._write("recording a verified file", self._idx.set_stamp, entry.digest, key[1]):
+                        self._verified[entry.digest] = key[1]   # the index cannot say it: remember it here
                     return None
                 finally:
                     os.close(own)
@@ -361,6 +363,7 @@ class Cache:
             log.warning("cache file of %s is corrupt (%s): removing it; the next request fetches it again",
                         digest, problem)
         self._bad[digest] = problem
+        self._verified.pop(digest, None)
         for file in self._readers.get(digest, ()):
             file.bad = f"the cached file is corrupt ({problem})"
         path = self.store.path(Digest.parse(digest))

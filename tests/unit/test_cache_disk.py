@@ -20,7 +20,7 @@ from dockermirror.cache.index import Index
 from dockermirror.cache.store import stamp
 from dockermirror.oci import Digest
 from tests.unit.conftest import config_text
-from tests.unit.fakes import ALL_MANIFESTS, digest_of
+from tests.unit.fakes import ALL_MANIFESTS
 
 pytestmark = pytest.mark.anyio
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
