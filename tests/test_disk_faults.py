@@ -125,6 +125,16 @@ def test_full_filesystem_serves_cached_passes_through_the_rest_and_restarts(make
         assert any("cache DEGRADED" in message for _, message in notify.messages if "STATUS=" in message)
         assert all(" 500 " not in line for line in mirror.access_lines())
         assert set(files(mirror.cache_dir)) == set(rows(mirror.cache_dir))
+
+        # room again: caching resumes without a restart
+        for path in mountpoint.iterdir():
+            if path.is_file():
+                path.unlink()
+        wait_until(lambda: "the cache can be written again" in mirror.log_text(), 60, what="caching to resume")
+        with mirror.client() as client:
+            assert pull(client, "acme/tool", "1.0") == tool
+        wait_until(lambda: set(tool) <= set(rows(mirror.cache_dir)), 10, what="tool cached")
+        assert set(files(mirror.cache_dir)) == set(rows(mirror.cache_dir))
         mirror.stop()
 
 

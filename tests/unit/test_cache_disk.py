@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import sqlite3
@@ -321,3 +322,21 @@ async def test_index_writes_that_fail_never_fail_a_request(mirror, monkeypatch, 
     on_disk = {f"sha256:{p.name}" for p in mirror.cached_files()}
     assert on_disk == set(mirror.app.cache.index.sizes())           # no file without its row
     assert not on_disk & {image.digest, *image.blobs}                # none of it cached
+
+
+async def test_a_filesystem_turned_read_only_passes_uncached_blobs_through(mirror, monkeypatch):
+    """(The kernel remounts a filesystem read-only on errors, with the server's files open.)"""
+    from dockermirror.cache.store import BlobStore
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(BlobStore, "new_temp", read_only)
+    image = mirror.registry.push("acme/tool", "1.0", layer=b"a layer" * 1000)
+    manifest = await mirror.client.get("/v2/acme/tool/manifests/1.0", headers=ACCEPT)
+    assert manifest.status_code == 200 and manifest.content == image.manifest
+    for digest, data in image.blobs.items():
+        blob = await mirror.client.get(f"/v2/acme/tool/blobs/{digest}")
+        assert blob.status_code == 200 and blob.content == data
+    await mirror.app.cache.transfers.wait_all(5)
+    assert mirror.cached_files() == []
