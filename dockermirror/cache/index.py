@@ -358,21 +358,28 @@ class Index:
     def _transaction(self):
         return _Transaction(self._writer, self._lock)
 
+    _UPSERT = (f"INSERT INTO content ({_ENTRY}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+               " size = excluded.size, media_type = coalesce(excluded.media_type, media_type),"
+               " kind = excluded.kind, last_access = max(last_access, excluded.last_access),"
+               " pinned = max(pinned, excluded.pinned), stamp = excluded.stamp")
+
     def add_content(self, entry: Entry, upstream: str | None, repository: str | None) -> None:
         """Record stored content, and the repository it was fetched for (if known)."""
         pinned = int(entry.pinned or (repository is not None and self.is_pinned(repository)))
         with self._transaction() as conn:
-            conn.execute(
-                f"INSERT INTO content ({_ENTRY}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
-                " size = excluded.size, media_type = coalesce(excluded.media_type, media_type),"
-                " kind = excluded.kind, last_access = max(last_access, excluded.last_access),"
-                " pinned = max(pinned, excluded.pinned), stamp = excluded.stamp",
-                (entry.digest, entry.size, entry.media_type, entry.kind, entry.created, entry.last_access,
-                 entry.hits, pinned, entry.stamp),
-            )
+            conn.execute(self._UPSERT, (entry.digest, entry.size, entry.media_type, entry.kind, entry.created,
+                                        entry.last_access, entry.hits, pinned, entry.stamp))
             if upstream is not None and repository is not None:
                 conn.execute("INSERT OR IGNORE INTO refs (upstream, repository, digest) VALUES (?, ?, ?)",
                              (upstream, repository, entry.digest))
+
+    def add_contents(self, entries: Iterable[Entry]) -> None:
+        """Record stored content of no known repository, in one transaction (files re-adopted)."""
+        rows = [(e.digest, e.size, e.media_type, e.kind, e.created, e.last_access, e.hits, int(e.pinned), e.stamp)
+                for e in entries]
+        if rows:
+            with self._transaction() as conn:
+                conn.executemany(self._UPSERT, rows)
 
     def remove_content(self, digests: Iterable[str]) -> int:
         """Forget entries (and which repositories used them); returns bytes forgotten."""

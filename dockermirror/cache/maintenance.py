@@ -24,6 +24,7 @@ from dockermirror.oci import MANIFEST_TYPES, Digest
 
 HASH_CHUNK = 4 * 1024 * 1024
 MANIFEST_MAX = 4 * 1024 * 1024   # the largest manifest a file without a row is looked into for
+ADOPT_BATCH = 1000               # files without a row indexed per transaction
 
 
 def _unlink(path: os.PathLike) -> None:
@@ -78,13 +79,14 @@ def _kind(fd: int, size: int) -> tuple[str, str | None]:
     return "blob", None
 
 
-def adopt(store: BlobStore, index: Index, digest: Digest, path: os.PathLike, clock: Callable[[], float]) -> bool:
-    """Index a file that has no row if its bytes hash to its name (a manifest as a manifest);
-    else delete it. True if adopted. Its access time is its mtime, so eviction takes it early."""
+def adoptable(digest: Digest, path: os.PathLike, clock: Callable[[], float]) -> Entry | None:
+    """The entry for a file that has no row, if its bytes hash to its name (a manifest as a
+    manifest); else None, and the file is deleted. Its access time is its mtime, so eviction
+    takes it early."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        return False
+        return None
     except OSError:   # a symbolic link, or nothing we can read
         fd = -1
     try:
@@ -93,15 +95,21 @@ def adopt(store: BlobStore, index: Index, digest: Digest, path: os.PathLike, clo
             actual, size = hash_fd(fd, digest.algorithm)
             if actual == digest.hex and size == st.st_size:
                 kind, media_type = _kind(fd, size)
-                index.add_content(Entry(str(digest), size, media_type, kind, st.st_mtime,
-                                        min(st.st_mtime, clock()), stamp=store_stamp(st)),
-                                  upstream=None, repository=None)
-                return True
+                return Entry(str(digest), size, media_type, kind, st.st_mtime, min(st.st_mtime, clock()),
+                             stamp=store_stamp(st))
     finally:
         if fd >= 0:
             os.close(fd)
     _unlink(path)
-    return False
+    return None
+
+
+def adopt(index: Index, digest: Digest, path: os.PathLike, clock: Callable[[], float]) -> bool:
+    """Index a file that has no row if it is what its name says, else delete it; True if adopted."""
+    entry = adoptable(digest, path, clock)
+    if entry is not None:
+        index.add_contents([entry])
+    return entry is not None
 
 
 @dataclass
@@ -130,6 +138,7 @@ def reconcile(store: BlobStore, index: Index, clock: Callable[[], float]) -> Rep
     known = index.sizes()
     report.checked = len(known)
     seen: set[str] = set()
+    adopted: list[Entry] = []
     for digest, path, size in store.walk():
         name = str(digest) if digest is not None else None
         if name is not None and name in known:
@@ -137,12 +146,19 @@ def reconcile(store: BlobStore, index: Index, clock: Callable[[], float]) -> Rep
             if size != known[name]:
                 report.corrupt.append(name)
             continue
-        if digest is not None and adopt(store, index, digest, path, clock):
-            report.adopted.append(name)
+        entry = adoptable(digest, path, clock) if digest is not None else None
+        if entry is not None:
+            adopted.append(entry)
+            if len(adopted) >= ADOPT_BATCH:
+                index.add_contents(adopted)
+                report.adopted += [e.digest for e in adopted]
+                adopted = []
             continue
         if digest is None:
             _unlink(path)
         report.stray.append(path.name)
+    index.add_contents(adopted)
+    report.adopted += [e.digest for e in adopted]
     report.missing = [digest for digest in known if digest not in seen]
     remove(store, index, report.missing + report.corrupt)
     return report
@@ -182,7 +198,7 @@ def verify(store: BlobStore, index: Index, *, repair: bool,
             index.set_stamp(entry.digest, store_stamp(st))
     for digest, path, _ in store.walk():
         if digest is None or index.content(str(digest)) is None:
-            if repair and digest is not None and adopt(store, index, digest, path, clock):
+            if repair and digest is not None and adopt(index, digest, path, clock):
                 report.adopted.append(str(digest))
                 continue
             if repair and digest is None:
