@@ -32,7 +32,7 @@ def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None) -> U
 
 def _limits(c: CacheConfig, upstream: Upstream) -> Limits:
     return Limits(max_size=c.max_size, min_free=c.min_free, blob_ttl=c.blob_ttl, manifest_ttl=c.manifest_ttl,
-                  pins=tuple(upstream.repository(pattern) for pattern in c.pin))
+                  pins=tuple(upstream.repository(pattern) for pattern in c.pin), verify_rate=c.verify_rate)
 
 
 class DockerMirror:

@@ -144,10 +144,15 @@ def verify(opened: Opened, *, repair: bool) -> int:
         print(f"{entry.digest}: {problem}", flush=True)
 
     report = maintenance.verify(opened.store, opened.index, repair=repair, progress=progress)
+    for adopted in report.adopted:
+        print(f"{adopted}: file without an index entry, matches its digest: adopted")
     for stray in report.stray:
-        print(f"{stray}: file without an index entry (not served; removed at the next unclean start)")
+        print(f"{stray}: file without an index entry " + (
+            "that does not match its name: removed" if repair else "(not served; --repair adopts or removes it)"))
     print(f"{report.checked} entries checked: {len(report.missing)} missing, {len(report.corrupt)} corrupt"
-          + (f"; {report.problems} removed" if repair and report.problems else ""))
+          + (f"; {report.problems} removed" if repair and report.problems else "")
+          + ("; the server re-hashes the corrupt ones before serving them, and removes them"
+             if report.corrupt and not repair else ""))
     return 1 if report.problems else 0
 
 

@@ -238,6 +238,8 @@ class CacheConfig:
     manifest_ttl: float = _duration(7 * 86400.0)
     tag_ttl: float = _duration(300.0)
     pin: tuple[str, ...] = _setting((), parse_patterns, sequence=True)
+    # bytes per second the background re-verification of cached files may read (0: off)
+    verify_rate: int = _setting(8 * 1024 * 1024, parse_size, show=format_size)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,25 @@ def test_verify_finds_and_repairs_corruption(warm, upstream: Upstream):
     assert good.content == upstream.blob(layer)
 
 
+def test_verify_repair_adopts_or_removes_files_without_a_row(warm, upstream: Upstream):
+    layer = upstream.seeded["tool"].image.layers["amd64"][0]
+    db = sqlite3.connect(warm.cache_dir / "index.sqlite")
+    db.execute("DELETE FROM content WHERE digest = ?", (layer,))   # a file the index lost
+    db.commit()
+    db.close()
+    liar = warm.cache_dir / "blobs" / "sha256" / "ab" / ("ab" + "0" * 62)
+    liar.parent.mkdir(parents=True, exist_ok=True)
+    liar.write_bytes(b"not what its name says")
+    found = cache_cli(warm, "verify")
+    assert "file without an index entry" in found.stdout and liar.exists()
+    repaired = cache_cli(warm, "verify", "--repair")
+    assert f"{layer}: file without an index entry, matches its digest: adopted" in repaired.stdout
+    assert "that does not match its name: removed" in repaired.stdout
+    assert layer in rows(warm) and not liar.exists()
+    clean = cache_cli(warm, "verify")
+    assert clean.returncode == 0 and "file without an index entry" not in clean.stdout
+
+
 def test_rm_digest_tag_and_repository(warm, upstream: Upstream):
     hello = upstream.seeded["hello"]
     tag_rm = cache_cli(warm, "rm", "hello:latest")

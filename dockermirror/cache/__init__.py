@@ -9,14 +9,23 @@
   least recently used content first) before its first byte, or passes through uncached;
 * an open file (a response reading it) is never evicted; pinned content never is;
 * a cache hit costs no index write of its own: accesses are batched and flushed
-  by a background task.
+  by a background task;
+* a file is served only if its size is the index's and it is unchanged since it was
+  verified (inode, mtime, ctime), else it is re-hashed first; a file a check found bad is
+  never served again, and a response reading it is cut off before its last byte;
+* an index write that fails (a full or read-only filesystem) never fails a request:
+  the cache runs degraded (serves what it has, passes the rest through uncached).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import dataclasses
+import errno
 import fcntl
+import hashlib
 import logging
 import os
 import sqlite3
@@ -25,41 +34,73 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from dockermirror.cache import maintenance
-from dockermirror.cache.index import AccessBatch, Entry, Index, TagEntry
+from dockermirror.cache.index import IMMUTABLE, MEMORY, RW, AccessBatch, Entry, ForeignDatabase, Index, TagEntry
 from dockermirror.cache.inflight import Follower, Source, Transfer, Transfers
 from dockermirror.cache.space import Limits, filesystem, resolve, shortfall
-from dockermirror.cache.store import BlobStore, FileRange, TempBlob
+from dockermirror.cache.store import BlobStore, FileRange, TempBlob, stamp
 from dockermirror import humanize
 from dockermirror.oci import Digest
 
-__all__ = ["Cache", "CacheBusy", "CachedFile", "Entry", "FileRange", "Follower", "Limits", "TagEntry", "Transfer"]
+__all__ = ["Cache", "CacheBusy", "CachedFile", "CorruptFile", "Entry", "FileRange", "Follower", "Limits", "TagEntry",
+           "Transfer"]
 
 log = logging.getLogger("dockermirror.cache")
 
 INDEX_NAME = "index.sqlite"
 LOCK_NAME = "lock"
+RECHECK_NAME = "index.recheck"   # present: check every file against the index at the next start
 MAINTENANCE_INTERVAL = 60.0      # check limits this often
 EXPIRY_INTERVAL = 600.0          # expire by TTL this often
+PROBE_INTERVAL = 10.0            # degraded: try an index write this often
+VERIFY_START = 300.0             # the background re-verification starts this long after start-up
+VERIFY_ROUND = 86400.0           # and begins a new round of every file at most this often
+VERIFY_CHUNK = 1024 * 1024
+VERIFY_MIN_COST = 64 * 1024      # bytes of the rate a small file counts for
 
 
 class CacheBusy(Exception):
     """Another server process holds this cache directory."""
 
 
-class CachedFile:
-    """An open, committed cache file, read by one response. Holds a lease until closed."""
+class CorruptFile(Exception):
+    """A cached file a response was reading turned out not to be what its digest says."""
 
-    def __init__(self, fd: int, size: int, on_close: Callable[[], None] = lambda: None) -> None:
+
+class CachedFile:
+    """An open, committed cache file, read by one response. Holds a lease until closed.
+
+    Its last byte is sent only after a last check: a file that a check found bad (``bad``)
+    or that changed on disk while it was sent ends in a cut-off response, never a complete one.
+    """
+
+    def __init__(self, fd: int, size: int, on_close: Callable[[], None] = lambda: None,
+                 stamp: str | None = None) -> None:
         self.fd = fd
         self.size = size
+        self.stamp = stamp
+        self.bad: str | None = None
         self._on_close = on_close
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[FileRange]:
-        """The range asked for, as one piece of the open file."""
+        """The range asked for, as pieces of the open file (the last byte apart)."""
         try:
-            yield FileRange(self.fd, start, (self.size if end is None else end) - start)
+            end = self.size if end is None else end
+            if end - start > 1:
+                yield FileRange(self.fd, start, end - 1 - start)
+                start = end - 1
+            self.check()
+            if end > start:
+                yield FileRange(self.fd, start, end - start)
         finally:
             self.close()
+
+    def check(self) -> None:
+        if self.bad is None and self.stamp is not None and self.fd >= 0:
+            st = os.fstat(self.fd)
+            if st.st_size != self.size or stamp(st) != self.stamp:
+                self.bad = "the file changed on disk while it was sent"
+        if self.bad is not None:
+            raise CorruptFile(self.bad)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -88,26 +129,112 @@ class Cache:
         self._lock_fd = -1
         self._last_expiry = 0.0
         self._enforcing: asyncio.Task[None] | None = None
+        self.degraded: str | None = None      # why the cache cannot be written, while it cannot
+        self._write_failed = False            # a write failed this run: check the files at the next start
+        self._last_probe = 0.0
+        self._index_id: tuple[int, int] | None = None
+        self._index_lost = False              # the index file was replaced (or could not be rewritten)
+        self._readers: dict[str, set[CachedFile]] = {}
+        self._bad: dict[str, str] = {}        # digest -> what a check found, until it is gone or fetched again
+        self._checks: dict[tuple[str, str], asyncio.Task[str | None]] = {}
+        self._verified: dict[str, str] = {}   # digest -> stamp verified while the index could not record it
+        self.verify_start = VERIFY_START
+        self.verified_rounds = 0
 
     # --- lifecycle
 
     def open(self) -> None:
-        """Lock the directory, open the index; after an unclean stop, make files and index agree."""
-        self.store.create_dirs()
+        """Lock the directory, open the index; after an unclean stop, or with files the index does
+        not know (it was deleted or replaced), make files and index agree. A filesystem that is
+        full or read-only does not stop the start: the cache then runs degraded."""
+        try:
+            self.store.create_dirs()
+        except OSError as exc:
+            log.warning("cannot create the cache directories in %s: %s", self.root, exc.strerror or exc)
         self._lock_fd = _lock(self.root / LOCK_NAME)
         try:
-            self.index = Index(self.root / INDEX_NAME, pins=self.limits.pins)
-            removed = self.store.remove_temp_files()
-            if removed:
-                log.info("removed %d unfinished file(s) left in %s", removed, self.store.tmp)
-            if self.index.meta("running") == "1":
-                log.warning("the previous run did not stop cleanly; checking the cache against its index")
-                report = maintenance.reconcile(self.store, self.index, self.clock)
-                log.warning("cache checked: %s", report)
-            self.index.set_meta("running", "1")
+            self._open_index()
         except BaseException:
+            if self.index is not None:
+                self.index.close()
+                self.index = None
             self._release_lock()
             raise
+
+    def _open_index(self) -> None:
+        path = self.root / INDEX_NAME
+        try:
+            self.index = Index(path, pins=self.limits.pins)
+        except ForeignDatabase:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            self._degrade(exc, "opening the index")
+            try:
+                self.index = Index(path, pins=self.limits.pins, mode=IMMUTABLE)
+                log.error("serving the cache as it is, read-only, from %s", path)
+            except (sqlite3.Error, OSError, ForeignDatabase) as again:
+                self.index = Index(path, pins=self.limits.pins, mode=MEMORY)
+                log.error("cannot read %s either (%s): nothing cached is served; everything passes through",
+                          path, again)
+            return
+        self._index_id = self.index.identity()
+        try:
+            try:
+                removed = self.store.remove_temp_files()
+            except FileNotFoundError:
+                removed = 0
+            if removed:
+                log.info("removed %d unfinished file(s) left in %s", removed, self.store.tmp)
+            recheck = self.root / RECHECK_NAME
+            why = None
+            if self.index.meta("running") == "1":
+                why = "the previous run did not stop cleanly"
+            elif recheck.exists():
+                why = f"{path} was replaced while the previous run used it"
+            elif self.index.totals()[0] == 0 and self.store.has_files():
+                why = f"{path} is new or empty, but {self.store.blobs} holds files"
+            if why is not None:
+                log.warning("%s; checking the cache against its index", why)
+                report = maintenance.reconcile(self.store, self.index, self.clock)
+                log.warning("cache checked: %s", report)
+                recheck.unlink(missing_ok=True)
+            self.index.set_meta("running", "1")
+        except (sqlite3.Error, OSError) as exc:
+            self._degrade(exc, "starting")
+
+    def _degrade(self, exc: BaseException, doing: str) -> None:
+        """A write to the cache failed: say so once, and run degraded until a write succeeds."""
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+        self._write_failed = True
+        if self.degraded is None:
+            self.degraded = reason
+            log.error("the cache cannot be written (%s, while %s): serving what is cached and passing "
+                      "everything else through uncached until it can", reason, doing)
+        else:
+            log.debug("cache write failed while %s: %s", doing, reason)
+
+    async def _write(self, doing: str, call: Callable[..., object], *args: object) -> bool:
+        """An index (or file) write from the request path: False, never an error, if it fails."""
+        try:
+            await asyncio.to_thread(call, *args)
+        except (sqlite3.Error, OSError) as exc:
+            self._degrade(exc, doing)
+            return False
+        return True
+
+    async def _probe(self) -> None:
+        """Degraded: is the index writable again?"""
+        if self.degraded is None or self.index is None or self.index.mode != RW:
+            return
+        if time.monotonic() - self._last_probe < PROBE_INTERVAL:
+            return
+        self._last_probe = time.monotonic()
+        try:
+            await asyncio.to_thread(self.index.set_meta, "running", "1")
+        except (sqlite3.Error, OSError):
+            return
+        log.warning("the cache can be written again (it could not: %s); caching resumes", self.degraded)
+        self.degraded = None
 
     async def start(self) -> None:
         if self.index is None:
@@ -116,7 +243,8 @@ class Cache:
         self._last_expiry = time.monotonic() - EXPIRY_INTERVAL + MAINTENANCE_INTERVAL
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._flush_periodically(), name="index flush"),
-                       loop.create_task(self._maintain_periodically(), name="cache limits")]
+                       loop.create_task(self._maintain_periodically(), name="cache limits"),
+                       loop.create_task(self._verify_periodically(), name="cache verification")]
 
     async def close(self, drain: float = 5.0) -> None:
         await self.transfers.wait_all(drain)
@@ -130,7 +258,13 @@ class Cache:
                 pass
         await self.flush()
         if self.index is not None:
-            self.index.set_meta("running", "0")
+            await self._watch_index()
+            if self.index.mode == RW and not self._index_lost:
+                try:
+                    # a write failed: the files may not match the index, check them at the next start
+                    self.index.set_meta("running", "1" if self._write_failed else "0")
+                except (sqlite3.Error, OSError) as exc:
+                    log.warning("could not record a clean stop in the index (%s)", exc)
             self.index.close()
             self.index = None
         self._release_lock()
@@ -152,22 +286,95 @@ class Cache:
         return self._idx.content(str(digest))
 
     async def open_file(self, entry: Entry) -> CachedFile | None:
-        """Open a stored file for reading; a row whose file is gone counts as a miss."""
+        """Open a stored file for reading; None (a miss: fetch it again) if the file is gone, has
+        another size than the index says, or changed since it was verified and no longer
+        hashes to its digest (it is then removed)."""
         path = self.store.path(Digest.parse(entry.digest))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             if self._idx.content(entry.digest) is not None:
                 log.warning("cache file of %s is missing; dropping its index entry", entry.digest)
-                await asyncio.to_thread(self._idx.remove_content, [entry.digest])
+                await self._write("dropping the entry of a missing file", self._idx.remove_content, [entry.digest])
+            return None
+        try:
+            st = os.fstat(fd)
+            problem = self._bad.get(entry.digest)
+            if problem is None and st.st_size != entry.size:
+                problem = f"the file has {st.st_size} bytes, the index says {entry.size}"
+            if problem is None and stamp(st) != entry.stamp and self._verified.get(entry.digest) != stamp(st):
+                problem = await self._check(entry, fd, st)
+        except BaseException:
+            os.close(fd)
+            raise
+        if problem is not None:
+            os.close(fd)
+            await self._discard(entry.digest, st, problem)
             return None
         self._leases[entry.digest] += 1
-        return CachedFile(fd, entry.size, lambda: self._unlease(entry.digest))
+        file = CachedFile(fd, entry.size, lambda: self._unlease(entry.digest, file), stamp=stamp(st))
+        self._readers.setdefault(entry.digest, set()).add(file)
+        return file
 
-    def _unlease(self, digest: str) -> None:
+    def _unlease(self, digest: str, file: CachedFile | None = None) -> None:
+        readers = self._readers.get(digest)
+        if readers is not None:
+            readers.discard(file)
+            if not readers:
+                del self._readers[digest]
         self._leases[digest] -= 1
         if self._leases[digest] <= 0:
             del self._leases[digest]
+
+    async def _check(self, entry: Entry, fd: int, st: os.stat_result) -> str | None:
+        """Re-hash a file that changed since it was verified (once for concurrent readers of it);
+        what is wrong with it, or None (then its present state is recorded as verified)."""
+        key = (entry.digest, stamp(st))
+        task = self._checks.get(key)
+        if task is None:
+            digest = Digest.parse(entry.digest)
+            own = os.dup(fd)
+
+            async def run() -> str | None:
+                try:
+                    try:
+                        actual, size = await asyncio.to_thread(maintenance.hash_fd, own, digest.algorithm)
+                    except OSError as exc:
+                        return f"cannot be read: {exc.strerror or exc}"
+                    if size != entry.size or actual != digest.hex:
+                        return f"{size} bytes hashing to {digest.algorithm}:{actual}"
+                    if entry.stamp is not None:
+                        log.warning("cache file of %s changed on disk (inode, mtime or ctime) but still "
+                                    "matches its digest; serving it", entry.digest)
+                    if not await self._write("recording a verified file", self._idx.set_stamp, entry.digest, key[1]):
+                        self._verified[entry.digest] = key[1]   # the index cannot say it: remember it here
+                    return None
+                finally:
+                    os.close(own)
+                    self._checks.pop(key, None)
+
+            task = self._checks[key] = asyncio.get_running_loop().create_task(run(), name=f"check {digest}")
+        return await asyncio.shield(task)
+
+    async def _discard(self, digest: str, st: os.stat_result, problem: str) -> None:
+        """A stored file is not what its digest says: never serve it again; cut off the responses
+        reading it before their last byte; remove it (unless a good copy replaced it meanwhile)."""
+        if digest not in self._bad:
+            log.warning("cache file of %s is corrupt (%s): removing it; the next request fetches it again",
+                        digest, problem)
+        self._bad[digest] = problem
+        self._verified.pop(digest, None)
+        for file in self._readers.get(digest, ()):
+            file.bad = f"the cached file is corrupt ({problem})"
+        path = self.store.path(Digest.parse(digest))
+        try:
+            if os.stat(path).st_ino != st.st_ino:
+                self._bad.pop(digest, None)   # a new, verified copy was committed meanwhile
+                return
+        except FileNotFoundError:
+            pass
+        if await self._write("removing a corrupt file", maintenance.remove, self.store, self._idx, [digest]):
+            self._bad.pop(digest, None)
 
     async def read_small(self, entry: Entry) -> bytes | None:
         """The bytes of a small stored file (a manifest); None if the file is gone."""
@@ -196,14 +403,20 @@ class Cache:
         async def commit(temp: TempBlob, transfer: Transfer) -> None:
             now = self.clock()
             entry = Entry(str(digest), temp.written, None, "blob", now, now)
-            await asyncio.to_thread(self._commit, temp, entry, upstream, repository)
-            self.count("bytes_fetched", temp.written)
+            if await self._write(f"storing {digest}", self._commit, temp, entry, upstream, repository):
+                self._bad.pop(str(digest), None)
+                self.count("bytes_fetched", temp.written)
 
         return self.transfers.start(digest, open_source, commit, shared=shared)
 
-    def _commit(self, temp: TempBlob, entry: Entry, upstream: str, repository: str) -> None:
+    def _commit(self, temp: TempBlob, entry: Entry, upstream: str | None, repository: str | None) -> None:
+        """Move a verified file into place and index it; without its row, no file stays."""
         self.store.commit(temp)
-        self._idx.add_content(entry, upstream, repository)
+        try:
+            self._idx.add_content(dataclasses.replace(entry, stamp=temp.stamp), upstream, repository)
+        except BaseException:
+            self.store.remove(temp.digest)
+            raise
 
     async def put_manifest(self, digest: Digest, data: bytes, media_type: str | None,
                            upstream: str, repository: str) -> bool:
@@ -215,16 +428,27 @@ class Cache:
             entry = Entry(str(digest), len(data), media_type, "manifest", now, now)
 
             def write() -> None:
-                self.store.write_bytes(digest, data)
-                self._idx.add_content(entry, upstream, repository)
+                temp = self.store.new_temp(digest)
+                try:
+                    temp.write([data])
+                    self._commit(temp, entry, upstream, repository)
+                finally:
+                    temp.discard()
 
             await asyncio.to_thread(write)
         except OSError as exc:
             log.warning("could not cache manifest %s: %s", digest, exc.strerror or exc)
-            self.disk_full()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.disk_full()
+            else:
+                self._degrade(exc, f"storing manifest {digest}")
+            return False
+        except sqlite3.Error as exc:
+            self._degrade(exc, f"indexing manifest {digest}")
             return False
         finally:
             self.release(len(data))
+        self._bad.pop(str(digest), None)
         self.count("bytes_fetched", len(data))
         return True
 
@@ -236,16 +460,21 @@ class Cache:
     def tags_of(self, upstream: str, repository: str) -> list[str]:
         return self._idx.tags_of(upstream, repository)
 
-    async def put_tag(self, entry: TagEntry) -> None:
-        await asyncio.to_thread(self._idx.put_tag, entry)
+    async def put_tag(self, entry: TagEntry) -> bool:
+        """Record a tag's digest; False (the tag is just not cached) if the index cannot be written."""
+        return await self._write(f"recording tag {entry.tag}", self._idx.put_tag, entry)
 
-    async def delete_tag(self, upstream: str, repository: str, tag: str, accept: str | None = None) -> None:
-        await asyncio.to_thread(self._idx.delete_tag, upstream, repository, tag, accept)
+    async def delete_tag(self, upstream: str, repository: str, tag: str, accept: str | None = None) -> bool:
+        """Forget a tag's row for one accept class (None: every row); False if the index cannot be written."""
+        return await self._write(f"forgetting tag {tag}", self._idx.delete_tag, upstream, repository, tag, accept)
 
     def set_limits(self, limits: Limits) -> None:
         """New limits (a reload); pinned flags are recomputed if the pin list changed."""
         if limits.pins != self.limits.pins and self.index is not None:
-            self.index.set_pins(limits.pins)
+            try:
+                self.index.set_pins(limits.pins)
+            except (sqlite3.Error, OSError) as exc:
+                self._degrade(exc, "recording the new pins")
         self.limits = limits
 
     # --- space
@@ -268,6 +497,8 @@ class Cache:
     async def reserve(self, size: int) -> bool:
         """Room for ``size`` more bytes, evicting if needed; False means: do not cache it."""
         assert self._space_lock is not None, "cache not started"
+        if self.degraded is not None:
+            return False
         async with self._space_lock:
             need = self._shortfall(size)
             if need is None:
@@ -319,7 +550,9 @@ class Cache:
                 if freed >= need:
                     break
             if chosen:
-                await asyncio.to_thread(maintenance.remove, self.store, self._idx, chosen)
+                if not await self._write("evicting", maintenance.remove, self.store, self._idx, chosen):
+                    freed -= sum(e.size for e in candidates if e.digest in chosen)
+                    break
                 removed += len(chosen)
         used, _, capacity = self.usage()
         level = logging.INFO if freed >= need else logging.WARNING
@@ -344,12 +577,14 @@ class Cache:
                 chosen = [e for e in batch if e.digest not in leased]
                 if not chosen:
                     break
-                await asyncio.to_thread(maintenance.remove, self.store, self._idx, [e.digest for e in chosen])
+                if not await self._write("expiring", maintenance.remove, self.store, self._idx,
+                                         [e.digest for e in chosen]):
+                    break
                 entries += len(chosen)
                 freed += sum(e.size for e in chosen)
         tag_ttl = max(self.limits.blob_ttl, self.limits.manifest_ttl)
         if tag_ttl > 0:
-            await asyncio.to_thread(self._idx.delete_tags_before, now - tag_ttl)
+            await self._write("expiring tags", self._idx.delete_tags_before, now - tag_ttl)
         if entries:
             log.info("expired %d entr%s (%s) not used within their TTL", entries,
                      "y" if entries == 1 else "ies", humanize.size(freed))
@@ -369,15 +604,130 @@ class Cache:
     async def flush(self) -> None:
         batch, self._batch = self._batch, AccessBatch()
         if batch and self.index is not None:
-            await asyncio.to_thread(self.index.apply, batch)
+            await self._write("recording accesses", self.index.apply, batch)  # if it fails, they are lost
 
     async def _flush_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._flush_interval)
             try:
+                await self._watch_index()
                 await self.flush()
+                await self._probe()
             except Exception:
                 log.exception("could not record cache accesses in the index")
+
+    async def _watch_index(self) -> None:
+        """The index file deleted under the server: write it out again from the open database.
+        Replaced by another file: say so loudly, and have the next start check every file."""
+        index = self.index
+        if index is None or index.mode != RW or self._index_id is None or self._index_lost:
+            return
+        now = index.identity()
+        if now == self._index_id:
+            return
+        if now is None:
+            log.error("%s was deleted while the server runs: writing it out again from the open database",
+                      index.path)
+            try:
+                placed = index.recreate()   # on the event loop, which owns the reader: a moment, once
+            except (sqlite3.Error, OSError) as exc:
+                log.error("could not write %s again (%s): the next start re-adopts the cached files",
+                          index.path, exc)
+                self._index_lost = True
+                return
+            if not placed:
+                log.error("another file appeared at %s meanwhile: this server uses its copy %s until it "
+                          "stops; the next start checks every cached file against %s", self.root / INDEX_NAME,
+                          index.path, self.root / INDEX_NAME)
+                self._index_lost = True
+                with contextlib.suppress(OSError):
+                    (self.root / RECHECK_NAME).touch()
+                return
+            self._index_id = index.identity()
+            entries, nbytes = index.totals()
+            log.warning("%s written again (%d entries, %s)", index.path, entries, humanize.size(nbytes))
+            return
+        log.error("%s was replaced by another file while the server runs: this server keeps using the "
+                  "index it opened until it stops (what it records is lost); the next start checks "
+                  "every cached file against the new index", index.path)
+        self._index_lost = True
+        try:
+            (self.root / RECHECK_NAME).touch()
+        except OSError as exc:
+            log.error("could not leave %s for the next start (%s): run `docker-mirror cache verify --repair` "
+                      "after a restart", self.root / RECHECK_NAME, exc)
+
+    # --- background re-verification of stored files
+
+    async def _verify_periodically(self) -> None:
+        await asyncio.sleep(self.verify_start)
+        while True:
+            began = time.monotonic()
+            try:
+                await self.verify_round()
+            except Exception:
+                log.exception("background verification of the cache failed")
+            await asyncio.sleep(max(MAINTENANCE_INTERVAL, VERIFY_ROUND - (time.monotonic() - began)))
+
+    async def verify_round(self) -> tuple[int, int, int]:
+        """Re-hash every stored file once, at most ``limits.verify_rate`` bytes a second, removing
+        the ones that do not match their digest; resumes where the last round (or run) stopped.
+        Returns (files, bytes, corrupt)."""
+        cursor = self._idx.meta("verify_cursor") or ""
+        files = nbytes = corrupt = 0
+        saved = time.monotonic()
+        while True:
+            if self.limits.verify_rate <= 0:
+                await asyncio.sleep(MAINTENANCE_INTERVAL)
+                continue
+            batch = self._idx.entries_after(cursor, 64)
+            if not batch:
+                break
+            for entry in batch:
+                cursor = entry.digest
+                result = await self._reverify(entry)
+                if result is not None:
+                    files += 1
+                    nbytes += entry.size
+                    corrupt += not result
+            if time.monotonic() - saved >= MAINTENANCE_INTERVAL and self.degraded is None:
+                saved = time.monotonic()
+                await self._write("recording verification progress", self._idx.set_meta, "verify_cursor", cursor)
+        if self.degraded is None:
+            await self._write("recording verification progress", self._idx.set_meta, "verify_cursor", "")
+        self.verified_rounds += 1
+        log.log(logging.WARNING if corrupt else logging.INFO,
+                "re-verified %d cached file(s) (%s): %d corrupt (removed)", files, humanize.size(nbytes), corrupt)
+        return files, nbytes, corrupt
+
+    async def _reverify(self, entry: Entry) -> bool | None:
+        """Re-hash one stored file at the configured rate: True if good, False if corrupt (then
+        removed), None if it is gone."""
+        digest = Digest.parse(entry.digest)
+        try:
+            fd = os.open(self.store.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            hasher = hashlib.new(digest.algorithm)
+            offset = 0
+            while True:
+                got = await asyncio.to_thread(_hash_chunk, hasher, fd, offset)
+                offset += got
+                await asyncio.sleep(max(got, VERIFY_MIN_COST) / max(self.limits.verify_rate, 1))
+                if got < VERIFY_CHUNK:
+                    break
+            if offset != entry.size or hasher.hexdigest() != digest.hex:
+                await self._discard(entry.digest, st,
+                                    f"{offset} bytes hashing to {digest.algorithm}:{hasher.hexdigest()}")
+                return False
+            now = stamp(os.fstat(fd))
+            if now == stamp(st) != entry.stamp:
+                await self._write("recording a verified file", self._idx.set_stamp, entry.digest, now)
+            return True
+        finally:
+            os.close(fd)
 
     async def _maintain_periodically(self) -> None:
         while True:
@@ -393,15 +743,33 @@ class Cache:
 
 def _lock(path: Path) -> int:
     """Hold an exclusive lock on the cache directory for this process's lifetime."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        try:  # a read-only filesystem: lock what is there (nothing can change the cache anyway)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            log.warning("%s is on a read-only filesystem and has no lock file: not locked", path.parent)
+            return -1
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise CacheBusy(f"{path.parent} is in use by another docker-mirror server (pid {holder})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # read-only or full: the lock holds without the pid in it
     return fd
+
+
+def _hash_chunk(hasher: "hashlib._Hash", fd: int, offset: int) -> int:
+    data = os.pread(fd, VERIFY_CHUNK, offset)
+    hasher.update(data)
+    return len(data)
 
 

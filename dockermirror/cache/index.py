@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -41,7 +42,8 @@ CREATE TABLE IF NOT EXISTS content (
     created     REAL NOT NULL,
     last_access REAL NOT NULL,
     hits        INTEGER NOT NULL DEFAULT 0,
-    pinned      INTEGER NOT NULL DEFAULT 0  -- served for a repository matching cache.pin
+    pinned      INTEGER NOT NULL DEFAULT 0, -- served for a repository matching cache.pin
+    stamp       TEXT    -- the file at commit or last verification: inode:mtime_ns:ctime_ns (NULL: unknown)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS content_lru ON content (pinned, last_access);
 CREATE INDEX IF NOT EXISTS content_expiry ON content (kind, pinned, last_access);
@@ -79,7 +81,7 @@ CREATE INDEX IF NOT EXISTS tags_by_access ON tags (last_access);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 
-_ENTRY = "digest, size, media_type, kind, created, last_access, hits, pinned"
+_ENTRY = "digest, size, media_type, kind, created, last_access, hits, pinned, stamp"
 _TAG = "upstream, repository, tag, digest, media_type, size, checked, last_access, accept"
 
 
@@ -97,6 +99,7 @@ class Entry:
     last_access: float
     hits: int = 0
     pinned: bool = False
+    stamp: str | None = None    # the file's inode:mtime_ns:ctime_ns when it was stored or last verified
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,34 +115,63 @@ class TagEntry:
     accept: str = ""        # the accept class this answer is for (oci.accept_class)
 
 
-def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    target = f"file:{path}?mode=ro" if readonly else str(path)
-    conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=10.0, uri=readonly)
+def _connect(path: Path, *, readonly: bool = False, immutable: bool = False) -> sqlite3.Connection:
+    if immutable:    # a read-only or full filesystem: no lock, no -wal or -shm file, nothing written
+        target = f"file:{path}?mode=ro&immutable=1"
+    else:
+        target = f"file:{path}?mode=ro" if readonly else str(path)
+    conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=10.0,
+                           uri=readonly or immutable)
     conn.execute("PRAGMA busy_timeout = 10000")
     return conn
+
+
+RW, IMMUTABLE, MEMORY = "rw", "immutable", "memory"
 
 
 class Index:
     """Typed access to the index database."""
 
-    def __init__(self, path: Path, *, pins: Iterable[str] = (), create: bool = True) -> None:
+    def __init__(self, path: Path, *, pins: Iterable[str] = (), create: bool = True, mode: str = RW) -> None:
+        """``mode``: RW (normal); IMMUTABLE: read the file as it is and never write to it (the
+        filesystem is read-only or full: every write raises); MEMORY: an empty index that lives
+        in memory only (the file cannot be opened at all)."""
         self.path = Path(path)
         self.pins = tuple(pins)
+        self.mode = mode
+        self._cols = _ENTRY
         if not create and not self.path.exists():
             raise ForeignDatabase(f"{self.path} does not exist")
+        if mode == RW and not self.path.exists():
+            for suffix in ("-wal", "-shm"):   # left by a deleted database: never replay them into a new one
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         self._lock = threading.Lock()
-        self._writer = _connect(self.path)
+        if mode == MEMORY:
+            self._writer = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        else:
+            self._writer = _connect(self.path, immutable=mode == IMMUTABLE)
         try:
             self._init_schema()
         except BaseException:
             self._writer.close()
             raise
-        self._reader = _connect(self.path)
+        # one connection in memory (a second would be another database)
+        self._reader = self._writer if mode == MEMORY else _connect(self.path, immutable=mode == IMMUTABLE)
+
+    def identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the index file now at ``path``; None if there is none."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
 
     def _init_schema(self) -> None:
         conn = self._writer
         try:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.OperationalError:
+            raise   # cannot be read now (read-only or full filesystem, I/O error): not a verdict on the file
         except sqlite3.DatabaseError as exc:
             raise ForeignDatabase(f"{self.path} is not an SQLite database ({exc})") from None
         if tables and "meta" not in tables:
@@ -149,8 +181,18 @@ class Index:
             if row is None or row[0] != FORMAT:
                 raise ForeignDatabase(f"{self.path} has index format {row[0] if row else None!r}, "
                                       f"expected {FORMAT!r}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        if self.mode == IMMUTABLE:
+            if not tables:
+                raise ForeignDatabase(f"{self.path} is empty")
+            if "stamp" not in {row[1] for row in conn.execute("PRAGMA table_info(content)")}:
+                self._cols = _ENTRY.replace("stamp", "NULL")   # written by a version without it
+            if self._schema_version(conn) < SCHEMA_VERSION:
+                # its tags are keyed the old way and it cannot be upgraded here: not used
+                raise sqlite3.OperationalError(f"{self.path} is of an older schema and cannot be upgraded now")
+            return
+        if self.mode == RW:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
         with self._lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -163,6 +205,8 @@ class Index:
                     self._tags_to_2(conn)
                 conn.execute(f"INSERT OR {'REPLACE' if version < SCHEMA_VERSION else 'IGNORE'} INTO meta"
                              " (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                if "stamp" not in {row[1] for row in conn.execute("PRAGMA table_info(content)")}:
+                    conn.execute("ALTER TABLE content ADD COLUMN stamp TEXT")   # an index of an older version
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)", (FORMAT,))
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('created', ?)", (str(time.time()),))
                 known = conn.execute("SELECT value FROM meta WHERE key = 'pins'").fetchone()
@@ -201,6 +245,41 @@ class Index:
                 _LIST_TYPES)
             conn.execute("DROP TABLE tags_v1")
 
+    def recreate(self) -> bool:
+        """The file was deleted under the open database: write the database out again at ``path``
+        (SQLite's online backup) and use that file. Call it from the thread that reads (the
+        reader is swapped too). False if another file appeared at ``path`` meanwhile: the copy
+        is used where it was written, and ``path`` is left alone."""
+        temp = self.path.with_name(self.path.name + ".restore")
+        with self._lock:
+            temp.unlink(missing_ok=True)
+            copy = sqlite3.connect(temp, isolation_level=None)
+            try:
+                self._writer.backup(copy)
+                copy.execute("PRAGMA journal_mode = WAL")
+            finally:
+                copy.close()   # the last connection: its -wal is checkpointed and deleted
+            with open(temp, "rb") as f:
+                os.fsync(f.fileno())
+            # Close the deleted database first: its -wal and -shm files still have the names
+            # the new file's would have, and closing the last connection removes them.
+            self._reader.close()
+            self._writer.close()
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            try:
+                os.link(temp, self.path)        # never over a file someone else put there meanwhile
+            except OSError:   # another file there now (or the name cannot be made): use the copy
+                self.path = temp
+                placed = False
+            else:
+                temp.unlink()
+                placed = True
+            self._writer = _connect(self.path)
+            self._writer.execute("PRAGMA synchronous = NORMAL")
+            self._reader = _connect(self.path)
+            return placed
+
     def _repin(self, conn: sqlite3.Connection) -> None:
         """Recompute ``pinned`` for every entry (the pin list changed)."""
         conn.execute("UPDATE content SET pinned = 0 WHERE pinned = 1")
@@ -220,12 +299,13 @@ class Index:
     def close(self) -> None:
         with self._lock:
             self._writer.close()
-        self._reader.close()
+        if self._reader is not self._writer:
+            self._reader.close()
 
     # --- reads (cheap; the reader connection belongs to one thread at a time)
 
     def content(self, digest: str) -> Entry | None:
-        row = self._reader.execute(f"SELECT {_ENTRY} FROM content WHERE digest = ?", (digest,)).fetchone()
+        row = self._reader.execute(f"SELECT {self._cols} FROM content WHERE digest = ?", (digest,)).fetchone()
         return _entry(row) if row else None
 
     def tag(self, upstream: str, repository: str, tag: str, accept: str | None = None) -> TagEntry | None:
@@ -270,17 +350,17 @@ class Index:
         """Unpinned entries, least recently used first, starting after ``(last_access, digest)``."""
         if after is None:
             rows = self._reader.execute(
-                f"SELECT {_ENTRY} FROM content WHERE pinned = 0 ORDER BY last_access, digest LIMIT ?", (limit,))
+                f"SELECT {self._cols} FROM content WHERE pinned = 0 ORDER BY last_access, digest LIMIT ?", (limit,))
         else:
             rows = self._reader.execute(
-                f"SELECT {_ENTRY} FROM content WHERE pinned = 0 AND (last_access, digest) > (?, ?)"
+                f"SELECT {self._cols} FROM content WHERE pinned = 0 AND (last_access, digest) > (?, ?)"
                 " ORDER BY last_access, digest LIMIT ?", (*after, limit))
         return [_entry(row) for row in rows]
 
     def expired(self, kind: str, before: float, limit: int) -> list[Entry]:
         """Unpinned entries of a kind not accessed since ``before``, oldest first."""
         rows = self._reader.execute(
-            f"SELECT {_ENTRY} FROM content WHERE kind = ? AND pinned = 0 AND last_access < ?"
+            f"SELECT {self._cols} FROM content WHERE kind = ? AND pinned = 0 AND last_access < ?"
             " ORDER BY last_access LIMIT ?", (kind, before, limit))
         return [_entry(row) for row in rows]
 
@@ -289,12 +369,18 @@ class Index:
         last = ""
         while True:
             rows = self._reader.execute(
-                f"SELECT {_ENTRY} FROM content WHERE digest > ? ORDER BY digest LIMIT ?", (last, batch)).fetchall()
+                f"SELECT {self._cols} FROM content WHERE digest > ? ORDER BY digest LIMIT ?", (last, batch)).fetchall()
             if not rows:
                 return
             for row in rows:
                 yield _entry(row)
             last = rows[-1][0]
+
+    def entries_after(self, digest: str, limit: int) -> list[Entry]:
+        """Up to ``limit`` entries after ``digest`` in digest order (a resumable walk)."""
+        rows = self._reader.execute(
+            f"SELECT {self._cols} FROM content WHERE digest > ? ORDER BY digest LIMIT ?", (digest, limit))
+        return [_entry(row) for row in rows]
 
     def sizes(self) -> dict[str, int]:
         """digest -> size of every entry, in one query (for crash recovery)."""
@@ -326,21 +412,28 @@ class Index:
     def _transaction(self):
         return _Transaction(self._writer, self._lock)
 
+    _UPSERT = (f"INSERT INTO content ({_ENTRY}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+               " size = excluded.size, media_type = coalesce(excluded.media_type, media_type),"
+               " kind = excluded.kind, last_access = max(last_access, excluded.last_access),"
+               " pinned = max(pinned, excluded.pinned), stamp = excluded.stamp")
+
     def add_content(self, entry: Entry, upstream: str | None, repository: str | None) -> None:
         """Record stored content, and the repository it was fetched for (if known)."""
         pinned = int(entry.pinned or (repository is not None and self.is_pinned(repository)))
         with self._transaction() as conn:
-            conn.execute(
-                f"INSERT INTO content ({_ENTRY}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
-                " size = excluded.size, media_type = coalesce(excluded.media_type, media_type),"
-                " kind = excluded.kind, last_access = max(last_access, excluded.last_access),"
-                " pinned = max(pinned, excluded.pinned)",
-                (entry.digest, entry.size, entry.media_type, entry.kind, entry.created, entry.last_access,
-                 entry.hits, pinned),
-            )
+            conn.execute(self._UPSERT, (entry.digest, entry.size, entry.media_type, entry.kind, entry.created,
+                                        entry.last_access, entry.hits, pinned, entry.stamp))
             if upstream is not None and repository is not None:
                 conn.execute("INSERT OR IGNORE INTO refs (upstream, repository, digest) VALUES (?, ?, ?)",
                              (upstream, repository, entry.digest))
+
+    def add_contents(self, entries: Iterable[Entry]) -> None:
+        """Record stored content of no known repository, in one transaction (files re-adopted)."""
+        rows = [(e.digest, e.size, e.media_type, e.kind, e.created, e.last_access, e.hits, int(e.pinned), e.stamp)
+                for e in entries]
+        if rows:
+            with self._transaction() as conn:
+                conn.executemany(self._UPSERT, rows)
 
     def remove_content(self, digests: Iterable[str]) -> int:
         """Forget entries (and which repositories used them); returns bytes forgotten."""
@@ -350,6 +443,11 @@ class Index:
             conn.executemany("DELETE FROM content WHERE digest = ?", [(d,) for d in digests])
             conn.executemany("DELETE FROM refs WHERE digest = ?", [(d,) for d in digests])
             return before - conn.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()[0]
+
+    def set_stamp(self, digest: str, stamp: str | None) -> None:
+        """Record the file as verified in its present state (or, with None, as to be re-hashed)."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE content SET stamp = ? WHERE digest = ?", (stamp, digest))
 
     def put_tag(self, entry: TagEntry) -> None:
         with self._transaction() as conn:
@@ -426,7 +524,7 @@ class _Transaction:
 
 
 def _entry(row: tuple) -> Entry:
-    return Entry(*row[:7], bool(row[7]))
+    return Entry(*row[:7], bool(row[7]), row[8])
 
 
 def _split(script: str) -> list[str]:

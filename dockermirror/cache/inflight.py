@@ -145,12 +145,14 @@ class Transfer:
                 self._uncached("it does not fit in the cache")
                 return
             self._reserved = self.size
-        temp = self.store.new_temp(self.digest)
+        temp = None
         try:
+            temp = self.store.new_temp(self.digest)   # fails on a read-only filesystem
             if self.size is not None:
                 await asyncio.to_thread(temp.preallocate, self.size)
         except OSError as exc:
-            temp.discard()
+            if temp is not None:
+                temp.discard()
             self.space.disk_full()
             self._uncached(f"no room on disk ({exc.strerror})")
             return

@@ -9,15 +9,33 @@ stays readable through the reader's open descriptor).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import stat
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from dockermirror.cache.index import Entry, Index
 from dockermirror.cache.store import BlobStore
-from dockermirror.oci import Digest
+from dockermirror.cache.store import stamp as store_stamp
+from dockermirror.oci import MANIFEST_TYPES, Digest
 
 HASH_CHUNK = 4 * 1024 * 1024
+MANIFEST_MAX = 4 * 1024 * 1024   # the largest manifest a file without a row is looked into for
+ADOPT_BATCH = 1000               # files without a row indexed per transaction
+
+
+def _unlink(path: os.PathLike) -> None:
+    """Remove something under blobs/ that is not content (a file, a link, a directory)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def remove(store: BlobStore, index: Index, digests: Iterable[str]) -> int:
@@ -30,13 +48,68 @@ def remove(store: BlobStore, index: Index, digests: Iterable[str]) -> int:
 
 def hash_file(path: os.PathLike, algorithm: str) -> tuple[str, int]:
     """(hex digest, size) of a file, read in large chunks."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return hash_fd(fd, algorithm)
+    finally:
+        os.close(fd)
+
+
+def hash_fd(fd: int, algorithm: str) -> tuple[str, int]:
+    """(hex digest, size) of an open file, from its start."""
     hasher = hashlib.new(algorithm)
     size = 0
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(HASH_CHUNK):
-            hasher.update(chunk)
-            size += len(chunk)
+    while chunk := os.pread(fd, HASH_CHUNK, size):
+        hasher.update(chunk)
+        size += len(chunk)
     return hasher.hexdigest(), size
+
+
+def _kind(fd: int, size: int) -> tuple[str, str | None]:
+    """('manifest', its media type) for a file that is a manifest which names its type, else ('blob', None)."""
+    if size > MANIFEST_MAX:
+        return "blob", None
+    try:
+        document = json.loads(os.pread(fd, size, 0))
+    except ValueError:
+        return "blob", None
+    media_type = document.get("mediaType") if isinstance(document, dict) else None
+    if isinstance(media_type, str) and media_type in MANIFEST_TYPES and "schemaVersion" in document:
+        return "manifest", media_type
+    return "blob", None
+
+
+def adoptable(digest: Digest, path: os.PathLike, clock: Callable[[], float]) -> Entry | None:
+    """The entry for a file that has no row, if its bytes hash to its name (a manifest as a
+    manifest); else None, and the file is deleted. Its access time is its mtime, so eviction
+    takes it early."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:   # a symbolic link, or nothing we can read
+        fd = -1
+    try:
+        st = os.fstat(fd) if fd >= 0 else None
+        if st is not None and stat.S_ISREG(st.st_mode):
+            actual, size = hash_fd(fd, digest.algorithm)
+            if actual == digest.hex and size == st.st_size:
+                kind, media_type = _kind(fd, size)
+                return Entry(str(digest), size, media_type, kind, st.st_mtime, min(st.st_mtime, clock()),
+                             stamp=store_stamp(st))
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    _unlink(path)
+    return None
+
+
+def adopt(index: Index, digest: Digest, path: os.PathLike, clock: Callable[[], float]) -> bool:
+    """Index a file that has no row if it is what its name says, else delete it; True if adopted."""
+    entry = adoptable(digest, path, clock)
+    if entry is not None:
+        index.add_contents([entry])
+    return entry is not None
 
 
 @dataclass
@@ -65,6 +138,7 @@ def reconcile(store: BlobStore, index: Index, clock: Callable[[], float]) -> Rep
     known = index.sizes()
     report.checked = len(known)
     seen: set[str] = set()
+    adopted: list[Entry] = []
     for digest, path, size in store.walk():
         name = str(digest) if digest is not None else None
         if name is not None and name in known:
@@ -72,29 +146,36 @@ def reconcile(store: BlobStore, index: Index, clock: Callable[[], float]) -> Rep
             if size != known[name]:
                 report.corrupt.append(name)
             continue
-        if digest is not None:
-            actual, size = hash_file(path, digest.algorithm)
-            if actual == digest.hex:
-                mtime = path.stat().st_mtime
-                index.add_content(Entry(name, size, None, "blob", mtime, min(mtime, clock())),
-                                  upstream=None, repository=None)
-                report.adopted.append(name)
-                continue
-        path.unlink(missing_ok=True)
+        entry = adoptable(digest, path, clock) if digest is not None else None
+        if entry is not None:
+            adopted.append(entry)
+            if len(adopted) >= ADOPT_BATCH:
+                index.add_contents(adopted)
+                report.adopted += [e.digest for e in adopted]
+                adopted = []
+            continue
+        if digest is None:
+            _unlink(path)
         report.stray.append(path.name)
+    index.add_contents(adopted)
+    report.adopted += [e.digest for e in adopted]
     report.missing = [digest for digest in known if digest not in seen]
     remove(store, index, report.missing + report.corrupt)
     return report
 
 
 def verify(store: BlobStore, index: Index, *, repair: bool,
-           progress: Callable[[Entry, str], None] = lambda entry, problem: None) -> Report:
-    """Re-hash every indexed file; with ``repair``, remove the bad ones."""
+           progress: Callable[[Entry, str], None] = lambda entry, problem: None,
+           clock: Callable[[], float] = time.time) -> Report:
+    """Re-hash every indexed file. A bad one is removed with ``repair``, else flagged in the
+    index, so that the server re-hashes it before serving it again (and then removes it).
+    A good one whose file was touched is recorded as verified in its present state. With
+    ``repair``, files without a row are adopted (if they hash to their name) or removed."""
     report = Report()
     for entry in index.entries():
         digest = Digest.parse(entry.digest)
         try:
-            actual, size = hash_file(store.path(digest), digest.algorithm)
+            fd = os.open(store.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             if index.content(entry.digest) is None:
                 continue  # removed meanwhile (the server evicted it)
@@ -102,12 +183,26 @@ def verify(store: BlobStore, index: Index, *, repair: bool,
             report.missing.append(entry.digest)
             progress(entry, "missing")
             continue
+        try:
+            st = os.fstat(fd)
+            actual, size = hash_fd(fd, digest.algorithm)
+        finally:
+            os.close(fd)
         report.checked += 1
         if actual != digest.hex or size != entry.size:
             report.corrupt.append(entry.digest)
             progress(entry, f"corrupt ({size} bytes hashing to {digest.algorithm}:{actual})")
+            if not repair:
+                index.set_stamp(entry.digest, None)
+        elif store_stamp(st) != entry.stamp and index.content(entry.digest) is not None:
+            index.set_stamp(entry.digest, store_stamp(st))
     for digest, path, _ in store.walk():
         if digest is None or index.content(str(digest)) is None:
+            if repair and digest is not None and adopt(index, digest, path, clock):
+                report.adopted.append(str(digest))
+                continue
+            if repair and digest is None:
+                _unlink(path)
             report.stray.append(str(path.relative_to(store.root)))
     if repair:
         remove(store, index, report.missing + report.corrupt)

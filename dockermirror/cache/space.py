@@ -19,6 +19,7 @@ class Limits:
     blob_ttl: float = 7 * DAY       # 0: never expire
     manifest_ttl: float = 7 * DAY
     pins: tuple[str, ...] = ()      # repository patterns never evicted or expired
+    verify_rate: int = 0            # bytes/s the background re-verification of stored files reads (0: off)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class TempBlob:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         self.written = 0
         self.committed = False
+        self.stamp: str | None = None   # the committed file's stamp (see :func:`stamp`)
 
     def preallocate(self, size: int) -> None:
         """Claim the disk space up front, so a full disk shows now rather than mid-download."""
@@ -115,15 +116,17 @@ class BlobStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp.path, final)
         temp.path, temp.committed = final, True
+        temp.stamp = stamp(os.fstat(temp.fd))   # after the rename, which changes ctime
         _fsync_dir(final.parent)
         return final
 
-    def write_bytes(self, digest: Digest, data: bytes) -> Path:
-        """Store small content (a manifest) already checked against its digest."""
+    def write_bytes(self, digest: Digest, data: bytes) -> str | None:
+        """Store small content (a manifest) already checked against its digest; returns its stamp."""
         temp = self.new_temp(digest)
         try:
             temp.write([data])
-            return self.commit(temp)
+            self.commit(temp)
+            return temp.stamp
         finally:
             temp.discard()
 
@@ -150,6 +153,10 @@ class BlobStore:
                     pass
         return count
 
+    def has_files(self) -> bool:
+        """Whether anything is under ``blobs/`` (stops at the first file)."""
+        return next(self.walk(), None) is not None
+
     def walk(self) -> Iterator[tuple[Digest | None, Path, int]]:
         """Every file under ``blobs/``: its digest (None for a name that is not one), path, size."""
         for algorithm_dir in _subdirs(self.blobs):
@@ -167,6 +174,12 @@ class BlobStore:
                         except FileNotFoundError:
                             continue
                         yield digest, Path(entry.path), size
+
+
+def stamp(st: os.stat_result) -> str:
+    """What changes when a file is written, truncated, touched or replaced: its inode, mtime and
+    ctime (ctime cannot be set back by anyone but the kernel). The size is checked apart."""
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _subdirs(path: Path) -> list[os.DirEntry]:

@@ -186,6 +186,8 @@ class Service:
             total = sum(requests.values())
             if total:
                 parts.append(f"hit ratio {requests.get('requests_hit', 0) / total * 100:.0f}% of {total} requests")
+        if cache.degraded is not None:
+            parts.append(f"cache DEGRADED ({cache.degraded}): serving what is cached, not caching")
         client = self.app.upstream_client
         state = {None: "not contacted yet", True: "reachable", False: "UNREACHABLE"}[client.reachable]
         parts.append(f"upstream {self.app.mirror.upstream.key} {state}")
