@@ -247,6 +247,22 @@ def test_manifests_and_tokens_never_wait_behind_blob_bodies(make_mirror, fault_p
     assert "Traceback" not in mirror.log_text()
 
 
+def test_answer_headers_that_trickle_are_a_stall(make_mirror, fault_proxy, upstream: Upstream):
+    """A status line and headers sent a byte every 0.2 s never trip the read timeout; they
+    get 2 x read_timeout, then the upstream counts as unreachable."""
+    fault_proxy.trickle_headers = r"/manifests/"
+    fault_proxy.hold_interval = 0.2
+    mirror = make_mirror(fault_proxy.url, upstream={"read_timeout": "2s"})
+    try:
+        response = httpx.get(f"{mirror.url}/v2/acme/tool/manifests/1.0", headers=ACCEPT, timeout=60)
+    finally:
+        fault_proxy.released.set()
+    assert response.status_code == 503
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNAVAILABLE"
+    assert "UpstreamStalled: the answer's headers were not complete within 4 s" in error["message"]
+
+
 def test_upstream_that_ignores_range_is_not_resumed(make_mirror, fault_proxy, upstream: Upstream):
     """A 200 with the whole body is no continuation: the transfer fails rather than guess."""
     digest = upstream.big_layer

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import httpx
 
 from dockermirror.singleflight import SingleFlight
-from dockermirror.upstream.bodies import BadEncoding, BodyTooLarge, read_capped
+from dockermirror.upstream.bodies import BadEncoding, BodyTooLarge, read_capped, send
 
 _PARAM_RE = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 EXPIRY_MARGIN = 10.0      # seconds before a token's expiry at which it is no longer used
@@ -124,17 +124,21 @@ class Authenticator:
         params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
         headers = {"Authorization": self._basic} if self._basic else {}
         host = httpx.URL(realm).host
+        window = self._client.timeout.read or 60.0
         # Streamed and capped: a token service's body (or its gzip "bomb") is never read whole.
-        async with self._client.stream("GET", realm, params=params, headers=headers) as response:
+        response = await send(self._client, self._client.build_request("GET", realm, params=params,
+                                                                       headers=headers), window)
+        try:
             if response.status_code != 200:
                 raise AuthError(f"token service {host} answered {response.status_code}", response.status_code)
-            try:
-                data = await read_capped(response, MAX_TOKEN_RESPONSE, self._client.timeout.read or 60.0)
-            except BodyTooLarge:
-                raise AuthError(f"token service {host} sent a response larger than "
-                                f"{MAX_TOKEN_RESPONSE // 1024} KiB") from None
-            except BadEncoding as exc:
-                raise AuthError(f"token service {host}: {exc}") from None
+            data = await read_capped(response, MAX_TOKEN_RESPONSE, window)
+        except BodyTooLarge:
+            raise AuthError(f"token service {host} sent a response larger than "
+                            f"{MAX_TOKEN_RESPONSE // 1024} KiB") from None
+        except BadEncoding as exc:
+            raise AuthError(f"token service {host}: {exc}") from None
+        finally:
+            await response.aclose()
         try:
             body = json.loads(data)
             token = body.get("token") or body.get("access_token")

@@ -7,6 +7,9 @@ Two rules for every body the upstream client reads:
   forever. :func:`paced` ends a body that delivers fewer than :data:`MIN_PROGRESS` bytes in
   a window of ``read_timeout`` seconds (time spent waiting on the upstream only: a consumer
   that stops reading does not count against the upstream), and optionally at a deadline.
+* **Its headers must arrive in time.** A status line and headers that trickle in a byte
+  at a time never trip the read timeout either: :func:`send` gives them ``2 * read_timeout``
+  from the moment the request is written (the wait for a free connection is not counted).
 * **What is read into memory is capped, after decoding.** We ask for
   ``Accept-Encoding: identity`` and read the raw bytes, so httpx never inflates anything;
   a body the upstream compresses anyway (gzip or deflate) is inflated here at most up to
@@ -80,6 +83,27 @@ async def paced(response: httpx.Response, window: float, *, deadline: float | No
             yield chunk
     finally:
         await raw.aclose()
+
+
+async def send(client: httpx.AsyncClient, request: httpx.Request, window: float) -> httpx.Response:
+    """Send ``request`` and return its response, streamed; :class:`UpstreamStalled` if its
+    headers are not complete within ``2 * window`` of the request being written."""
+    loop = asyncio.get_running_loop()
+    limit = 2 * window
+    try:
+        async with asyncio.timeout(None) as scope:
+            async def trace(event: str, info: dict) -> None:
+                # also on a retry over a fresh connection; never after the headers are in
+                if event.endswith("send_request_headers.started") and scope.expired() is False:
+                    scope.reschedule(loop.time() + limit)
+
+            request.extensions["trace"] = trace
+            try:
+                return await client.send(request, stream=True)
+            finally:
+                del request.extensions["trace"]
+    except TimeoutError:
+        raise UpstreamStalled(f"the answer's headers were not complete within {limit:g} s") from None
 
 
 def _stalled(window: float) -> str:

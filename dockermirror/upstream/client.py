@@ -45,6 +45,7 @@ from dockermirror.upstream.bodies import (
     DeadlinePassed,
     paced,
     read_capped,
+    send,
 )
 
 log = logging.getLogger("dockermirror.upstream")
@@ -240,7 +241,7 @@ class UpstreamClient:
 
     async def open_blob(self, repository: str, digest: str) -> BlobStream:
         """Start streaming a blob; raises a RegistryError unless the upstream answers 200."""
-        response = await self._send("GET", repository, f"blobs/{digest}", [], stream=True, blob=True)
+        response = await self._send("GET", repository, f"blobs/{digest}", [], blob=True)
         if response.status_code != 200:
             try:
                 body = await self._error_body(response) if response.status_code != 404 else b""
@@ -252,7 +253,7 @@ class UpstreamClient:
             """The rest of the blob from ``offset``; anything but exactly that is an error
             (a 5xx or 429 is an upstream that may recover: an attempt without progress)."""
             rest = await self._send("GET", repository, f"blobs/{digest}", [("Range", f"bytes={offset}-")],
-                                    stream=True, blob=True)
+                                    blob=True)
             if rest.status_code == 206 and rest.headers.get("content-range") == f"bytes {offset}-{size - 1}/{size}":
                 return rest
             await rest.aclose()
@@ -276,7 +277,7 @@ class UpstreamClient:
                      limit: int = 0) -> Reply:
         """A small answer read whole: at most ``limit`` bytes (decoded) of a success, at most
         ERROR_BODY bytes of anything else (the rest is dropped with its connection)."""
-        response = await self._send(method, repository, path, headers, stream=True)
+        response = await self._send(method, repository, path, headers)
         try:
             body = b""
             if method != "HEAD":
@@ -303,19 +304,19 @@ class UpstreamClient:
             return b""
 
     async def _send(self, method: str, repository: str, path: str, headers: Headers,
-                    *, stream: bool, blob: bool = False) -> httpx.Response:
+                    *, blob: bool = False) -> httpx.Response:
         url = f"{self.base}/v2/{repository}/{path}"
         scope = f"repository:{repository}:pull"
         headers = list(headers)
         try:
             authorization = await self.auth.header_for(scope)
-            response = await self._request(method, url, headers, authorization, stream, blob)
+            response = await self._request(method, url, headers, authorization, blob)
             if response.status_code == 401 and "www-authenticate" in response.headers:
                 answer = await self.auth.answer(response.headers["www-authenticate"], scope)
                 if answer is not None:
                     await response.aclose()
                     authorization = answer
-                    response = await self._request(method, url, headers, authorization, stream, blob)
+                    response = await self._request(method, url, headers, authorization, blob)
             for _ in range(MAX_REDIRECTS):
                 if response.status_code not in REDIRECTS or "location" not in response.headers:
                     break
@@ -327,7 +328,7 @@ class UpstreamClient:
                 log.debug("upstream redirect %s -> %s", url, httpx.URL(location).host)
                 # Signed blob-storage URLs carry their own authorization: never send ours across hosts.
                 response = await self._request(method, location, headers,
-                                               authorization if same_origin else None, stream, blob)
+                                               authorization if same_origin else None, blob)
                 url = location
             else:
                 await response.aclose()
@@ -349,11 +350,11 @@ class UpstreamClient:
         return response
 
     async def _request(self, method: str, url: str, headers: list[tuple[str, str]],
-                       authorization: str | None, stream: bool, blob: bool) -> httpx.Response:
+                       authorization: str | None, blob: bool) -> httpx.Response:
         all_headers = headers + ([("Authorization", authorization)] if authorization else [])
         client = self._blobs if blob else self._client
         request = client.build_request(method, url, headers=all_headers)
-        return await client.send(request, stream=stream)
+        return await send(client, request, self.read_timeout)
 
     def _failed(self, exc: Exception) -> UpstreamUnreachable:
         """Record that the upstream could not be reached; the exception to raise."""

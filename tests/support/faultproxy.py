@@ -62,6 +62,7 @@ class FaultProxy:
         self.chunked: str | None = None                   # regex: send these bodies without a length
         self.cut_at: tuple[str, int] | None = None        # (regex, offset): never send a byte at or past it
         self.hold: str | None = None                      # regex: hold these blob GETs (trickled, never done)
+        self.trickle_headers: str | None = None           # regex: answer headers a byte at a time, never done
         self.hold_size = 1024 * 1024                      # the length a held body announces
         self.hold_interval = 0.5                          # seconds between the bytes of a held body
         self.released = threading.Event()                 # set: every held body is cut off
@@ -163,6 +164,9 @@ class FaultProxy:
         if refusal is not None:
             self._answer(handler, 401, *refusal)
             return
+        if self.trickle_headers and re.search(self.trickle_headers, path):
+            self._trickle_headers(handler)
+            return
         if self.hold and method == "GET" and re.search(self.hold, path):
             self._hold(handler)
             return
@@ -247,6 +251,18 @@ class FaultProxy:
             handler.close_connection = True
         finally:
             conn.close()
+
+    def _trickle_headers(self, handler: BaseHTTPRequestHandler) -> None:
+        """A status line, then one header whose value grows a byte every hold_interval."""
+        handler.close_connection = True
+        head = b"HTTP/1.1 200 OK\r\nX-Padding: "
+        try:
+            handler.wfile.write(head)
+            while not self.released.wait(self.hold_interval):
+                handler.wfile.write(b"a")
+                handler.wfile.flush()
+        except OSError:
+            return
 
     def _hold(self, handler: BaseHTTPRequestHandler) -> None:
         """A 200 (or 206 for ``Range: bytes=N-``) of hold_size bytes, one every hold_interval."""
