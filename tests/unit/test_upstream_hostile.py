@@ -359,3 +359,17 @@ def test_the_promises_spelled_out_here_are_the_code_s():
 
     assert (bodies.ERROR_BODY, auth.MAX_TOKEN_RESPONSE, bodies.MIN_PROGRESS, upstream_client.NO_PROGRESS_ATTEMPTS) \
         == (ERROR_BODY, MAX_TOKEN_RESPONSE, MIN_PROGRESS, NO_PROGRESS_ATTEMPTS)
+
+
+# --- item 9: a full connection pool is load: 503 with Retry-After, not a hang
+
+
+@pytest.mark.parametrize("path", ["/v2/acme/tool/blobs/sha256:" + "e" * 64, "/v2/acme/tool/manifests/sha256:" + "e" * 64])
+async def test_a_full_connection_pool_is_a_503_with_retry_after(tmp_path, path):
+    def handle(request: httpx.Request) -> httpx.Response:
+        raise httpx.PoolTimeout("no free connection", request=request)
+
+    async with mirror_with(tmp_path, handle) as client:
+        answer = await client.get(path, headers=ACCEPT)
+    assert answer.status_code == 503 and oci_error(answer) == "UNAVAILABLE"
+    assert int(answer.headers["retry-after"]) > 0
