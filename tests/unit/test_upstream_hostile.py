@@ -22,8 +22,8 @@ import pytest
 from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
 from dockermirror.errors import RegistryError
-from dockermirror.upstream import client as upstream_client
 from dockermirror.oci import MAX_MANIFEST_SIZE
+from dockermirror.upstream import client as upstream_client
 from dockermirror.upstream.client import UpstreamClient
 from tests.unit.conftest import config_text
 from tests.unit.fakes import ALL_MANIFESTS, UPSTREAM, FakeRegistry, digest_of, response
@@ -364,7 +364,8 @@ def test_the_promises_spelled_out_here_are_the_code_s():
 # --- item 9: a full connection pool is load: 503 with Retry-After, not a hang
 
 
-@pytest.mark.parametrize("path", ["/v2/acme/tool/blobs/sha256:" + "e" * 64, "/v2/acme/tool/manifests/sha256:" + "e" * 64])
+@pytest.mark.parametrize("path", ["/v2/acme/tool/blobs/sha256:" + "e" * 64,
+                                  "/v2/acme/tool/manifests/sha256:" + "e" * 64])
 async def test_a_full_connection_pool_is_a_503_with_retry_after(tmp_path, path):
     def handle(request: httpx.Request) -> httpx.Response:
         raise httpx.PoolTimeout("no free connection", request=request)
