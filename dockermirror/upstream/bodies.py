@@ -158,7 +158,9 @@ async def read_capped(response: httpx.Response, limit: int, window: float, *, tr
             return b""
         raise
     length = response.headers.get("content-length", "")
-    if decoder.coding is None and length.isdigit() and int(length) > limit and not truncate:
+    # ASCII digits only ("²".isdigit() is true); more digits than a body could have is too large
+    announced = length.isascii() and length.isdigit()
+    if decoder.coding is None and announced and not truncate and (len(length) > 18 or int(length) > limit):
         raise BodyTooLarge(limit)
     body = bytearray()
     async for chunk in paced(response, window):

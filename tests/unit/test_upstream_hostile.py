@@ -374,3 +374,14 @@ async def test_a_full_connection_pool_is_a_503_with_retry_after(tmp_path, path):
         answer = await client.get(path, headers=ACCEPT)
     assert answer.status_code == 503 and oci_error(answer) == "UNAVAILABLE"
     assert int(answer.headers["retry-after"]) > 0
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"9" * 5000])     # "²".isdigit(); int() takes at most 4300 digits
+async def test_an_odd_content_length_on_a_manifest_is_no_500(tmp_path, length):
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=[(b"Content-Type", b"application/vnd.oci.image.manifest.v1+json"),
+                                            (b"Content-Length", length)], stream=Lazy(b"{}", 2))
+
+    async with mirror_with(tmp_path, handle) as client:
+        answer = await client.get("/v2/acme/tool/manifests/sha256:" + "f" * 64, headers=ACCEPT)
+    assert answer.status_code == 502
