@@ -143,7 +143,7 @@ class Authenticator:
             body = json.loads(data)
             token = body.get("token") or body.get("access_token")
             lifetime = float(body.get("expires_in") or DEFAULT_LIFETIME)
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):   # RecursionError: [[[[...
             raise AuthError(f"token service {host} sent no usable token") from None
         if not token or not isinstance(token, str):
             raise AuthError(f"token service {host} sent no token")

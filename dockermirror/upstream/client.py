@@ -402,7 +402,7 @@ def error_for(status: int, headers: httpx.Headers, body: bytes, *,
 def _errors(body: bytes) -> list[dict]:
     try:
         errors = json.loads(body).get("errors")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):    # RecursionError: [[[[...
         return []
     return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
 

@@ -385,3 +385,23 @@ async def test_an_odd_content_length_on_a_manifest_is_no_500(tmp_path, length):
     async with mirror_with(tmp_path, handle) as client:
         answer = await client.get("/v2/acme/tool/manifests/sha256:" + "f" * 64, headers=ACCEPT)
     assert answer.status_code == 502
+
+
+@pytest.mark.parametrize("where", ["error body", "token response"])
+async def test_deeply_nested_json_from_the_upstream_is_no_500(tmp_path, where):
+    """json.loads('[' * 60000) raises RecursionError, not ValueError."""
+    registry = FakeRegistry(token="t" if where == "token response" else None)
+    registry.push("acme/tool", "1.0")
+    nested = b"[" * 60000
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if where == "token response" and request.url.host == "auth.test":
+            return response(200, {"Content-Type": "application/json"}, nested)
+        if where == "error body":
+            return response(500, {"Content-Type": "application/json"}, nested)
+        return registry.handle(request)
+
+    reference = "1.0" if where == "token response" else "sha256:" + "a" * 64   # a GET: an error body
+    async with mirror_with(tmp_path, handle) as client:
+        answer = await client.get(f"/v2/acme/tool/manifests/{reference}", headers=ACCEPT)
+    assert answer.status_code == 503 and oci_error(answer) == "UNAVAILABLE"
