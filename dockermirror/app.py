@@ -27,7 +27,8 @@ log = logging.getLogger("dockermirror")
 
 def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None) -> UpstreamClient:
     return UpstreamClient(up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
-                          connect_timeout=up.connect_timeout, read_timeout=up.read_timeout, transport=transport)
+                          connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
+                          transfer_timeout=up.transfer_timeout, transport=transport)
 
 
 def _limits(c: CacheConfig, upstream: Upstream) -> Limits:

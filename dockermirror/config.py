@@ -227,6 +227,8 @@ class UpstreamConfig:
     ca_bundle: Path | None = _setting(None, _optional(_path))
     connect_timeout: float = _duration(10.0)
     read_timeout: float = _duration(60.0)
+    # the longest one blob download from the upstream may take, resumes included
+    transfer_timeout: float = _duration(6 * 3600.0)
 
 
 @dataclass(frozen=True)

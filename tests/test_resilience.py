@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
+import socket
 import sqlite3
+from urllib.parse import unquote
 
 import httpx
 import pytest
 
-from dockermirror.upstream.client import RESUMES
+from dockermirror.upstream.client import NO_PROGRESS_ATTEMPTS
 from tests.cachetools import MiB
 from tests.conftest import ALL_MANIFESTS, Upstream
 from tests.support import images
@@ -174,19 +177,90 @@ def test_upstream_cut_mid_blob_is_resumed_where_it_stopped(make_mirror, fault_pr
     assert "cache=MISS" in mirror.access_lines(f"/blobs/{digest}")[0]
 
 
-def test_upstream_cut_every_time_fails_the_transfer(make_mirror, fault_proxy, upstream: Upstream):
+def test_upstream_cut_every_few_mib_is_resumed_to_the_end(make_mirror, fault_proxy, upstream: Upstream):
+    """A link that drops every 4 MiB: resumed as long as each attempt moves forward, like wget."""
     digest = upstream.big_layer
-    fault_proxy.cut = (f"/blobs/{digest}", 10 * MiB)
+    data = upstream.blob(digest)
+    fault_proxy.cut = (f"/blobs/{digest}", 4 * MiB)        # every response, the resumed ones too
+    mirror = make_mirror(fault_proxy.url)
+    response = httpx.get(f"{mirror.url}/v2/library/big/blobs/{digest}", timeout=120)
+    assert response.status_code == 200 and response.content == data
+    gets = fault_proxy.requests("GET", f"/blobs/{digest}")
+    assert len(gets) == -(-len(data) // (4 * MiB)) > 1 + 3   # more than the 3 resumes there used to be
+    assert [get.header_values("Range") for get in gets[:3]] == [[], [f"bytes={4 * MiB}-"], [f"bytes={8 * MiB}-"]]
+    assert mirror.committed_blob(digest) == data
+    assert mirror.log_text().count(f"upstream broke off library/big@{digest}") == len(gets) - 1
+
+
+def test_upstream_cut_at_the_same_offset_gives_up(make_mirror, fault_proxy, upstream: Upstream):
+    """No attempt gets past 10 MiB: after NO_PROGRESS_ATTEMPTS resumes without progress the
+    transfer fails (nothing cached), and the next pull after the upstream heals succeeds."""
+    digest = upstream.big_layer
+    fault_proxy.cut_at = (f"/blobs/{digest}", 10 * MiB)
     mirror = make_mirror(fault_proxy.url)
     url = f"{mirror.url}/v2/library/big/blobs/{digest}"
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(url, timeout=60)
-    assert len(fault_proxy.requests("GET", f"/blobs/{digest}")) == 1 + RESUMES
+    gets = fault_proxy.requests("GET", f"/blobs/{digest}")
+    assert [get.header_values("Range") for get in gets] == [[]] + [[f"bytes={10 * MiB}-"]] * NO_PROGRESS_ATTEMPTS
+    assert f"giving up after {NO_PROGRESS_ATTEMPTS} attempts in a row without progress" in mirror.log_text()
     assert not indexed(mirror, digest)
     wait_until(lambda: list((mirror.cache_dir / "tmp").iterdir()) == [], what="temp file removed")
-    fault_proxy.cut = None
+    fault_proxy.cut_at = None
     response = httpx.get(url, timeout=60)
     assert response.status_code == 200 and response.content == upstream.blob(digest)
+
+
+def test_manifests_and_tokens_never_wait_behind_blob_bodies(make_mirror, fault_proxy, upstream: Upstream):
+    """72 blob downloads pinned by an upstream that trickles a byte every 0.5 s (never silent
+    long enough for a read timeout): an uncached manifest, and the token it needs, are still
+    answered while they are held; the trickles are then taken for the stalls they are."""
+    fault_proxy.token_auth = True
+    fault_proxy.hold = r"/blobs/sha256:00000000"
+    mirror = make_mirror(fault_proxy.url, upstream={"read_timeout": "30s"})
+    held = [f"sha256:00000000{secrets.token_hex(28)}" for _ in range(72)]
+    host, port = mirror.url.removeprefix("http://").rsplit(":", 1)
+    sockets = []
+    try:
+        for digest in held:
+            sock = socket.create_connection((host, int(port)), timeout=60)
+            sock.sendall(f"GET /v2/library/hello/blobs/{digest} HTTP/1.1\r\nHost: mirror\r\n\r\n".encode())
+            sockets.append(sock)
+        wait_until(lambda: fault_proxy.holding >= 64, timeout=120, what="64 blob bodies held upstream")
+        seeded = upstream.seeded["tool"]
+        response = httpx.get(f"{mirror.url}/v2/acme/tool/manifests/1.0", headers=ACCEPT, timeout=60)
+        assert response.status_code == 200
+        assert response.headers["docker-content-digest"] == seeded.digest
+        # what the upstream saw for it (token, HEAD, GET) came while 64 blob bodies were held
+        asked = [s for s in fault_proxy.seen if "acme/tool" in unquote(s.path)]
+        assert {s.method for s in asked} == {"GET", "HEAD"} and any(s.path.startswith("/token") for s in asked)
+        assert all(s.holding >= 64 for s in asked), [(s.method, s.path, s.holding) for s in asked]
+        # the trickling bodies are stalls: each is resumed where it stopped
+        wait_until(lambda: "(UpstreamStalled: fewer than 64 KiB arrived in 30 s); resuming there"
+                   in mirror.log_text(), timeout=120, what="a trickling body taken for a stall")
+        wait_until(lambda: any(g.header_values("Range") for g in fault_proxy.requests("GET", "/blobs/sha256:0{8}")),
+                   what="a resumed held body")
+    finally:
+        fault_proxy.released.set()
+        for sock in sockets:
+            sock.close()
+    assert "Traceback" not in mirror.log_text()
+
+
+def test_answer_headers_that_trickle_are_a_stall(make_mirror, fault_proxy, upstream: Upstream):
+    """A status line and headers sent a byte every 0.2 s never trip the read timeout; they
+    get 2 x read_timeout, then the upstream counts as unreachable."""
+    fault_proxy.trickle_headers = r"/manifests/"
+    fault_proxy.hold_interval = 0.2
+    mirror = make_mirror(fault_proxy.url, upstream={"read_timeout": "2s"})
+    try:
+        response = httpx.get(f"{mirror.url}/v2/acme/tool/manifests/1.0", headers=ACCEPT, timeout=60)
+    finally:
+        fault_proxy.released.set()
+    assert response.status_code == 503
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNAVAILABLE"
+    assert "UpstreamStalled: the answer's headers were not complete within 4 s" in error["message"]
 
 
 def test_upstream_that_ignores_range_is_not_resumed(make_mirror, fault_proxy, upstream: Upstream):

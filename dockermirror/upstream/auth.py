@@ -8,6 +8,7 @@ Credentials are never logged.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from collections.abc import Callable
@@ -16,10 +17,12 @@ from dataclasses import dataclass
 import httpx
 
 from dockermirror.singleflight import SingleFlight
+from dockermirror.upstream.bodies import BadEncoding, BodyTooLarge, read_capped, send
 
 _PARAM_RE = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 EXPIRY_MARGIN = 10.0      # seconds before a token's expiry at which it is no longer used
 DEFAULT_LIFETIME = 60.0   # the token spec's default when expires_in is absent
+MAX_TOKEN_RESPONSE = 1024 * 1024   # most bytes of a token response read (decoded); real ones are a few KiB
 
 
 class AuthError(Exception):
@@ -120,16 +123,28 @@ class Authenticator:
     async def _fetch(self, realm: str, service: str, scope: str) -> tuple[str, float]:
         params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
         headers = {"Authorization": self._basic} if self._basic else {}
-        response = await self._client.get(realm, params=params, headers=headers)
-        if response.status_code != 200:
-            raise AuthError(f"token service {httpx.URL(realm).host} answered {response.status_code}",
-                            response.status_code)
+        host = httpx.URL(realm).host
+        window = self._client.timeout.read or 60.0
+        # Streamed and capped: a token service's body (or its gzip "bomb") is never read whole.
+        response = await send(self._client, self._client.build_request("GET", realm, params=params,
+                                                                       headers=headers), window)
         try:
-            body = response.json()
+            if response.status_code != 200:
+                raise AuthError(f"token service {host} answered {response.status_code}", response.status_code)
+            data = await read_capped(response, MAX_TOKEN_RESPONSE, window)
+        except BodyTooLarge:
+            raise AuthError(f"token service {host} sent a response larger than "
+                            f"{MAX_TOKEN_RESPONSE // 1024} KiB") from None
+        except BadEncoding as exc:
+            raise AuthError(f"token service {host}: {exc}") from None
+        finally:
+            await response.aclose()
+        try:
+            body = json.loads(data)
             token = body.get("token") or body.get("access_token")
             lifetime = float(body.get("expires_in") or DEFAULT_LIFETIME)
-        except (ValueError, AttributeError, TypeError):
-            raise AuthError(f"token service {httpx.URL(realm).host} sent no usable token") from None
-        if not token:
-            raise AuthError(f"token service {httpx.URL(realm).host} sent no token")
+        except (ValueError, AttributeError, TypeError, RecursionError):   # RecursionError: [[[[...
+            raise AuthError(f"token service {host} sent no usable token") from None
+        if not token or not isinstance(token, str):
+            raise AuthError(f"token service {host} sent no token")
         return token, lifetime

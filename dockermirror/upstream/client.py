@@ -1,12 +1,16 @@
-"""The upstream registry client: one pooled httpx client per upstream.
+"""The upstream registry client: two pooled httpx clients per upstream.
 
+Blob bodies, which may take minutes, have their own connection pool; manifests, HEADs,
+tag lists and tokens use another, so they never wait behind slow blob downloads.
 It answers auth challenges, follows redirects to blob storage without sending
-``Authorization`` to another host, applies connect and stalled-read timeouts, and
-turns the upstream's failures into :mod:`dockermirror.errors`.
+``Authorization`` to another host, applies connect, stalled-read and minimum-progress
+timeouts, caps every body it reads into memory (see :mod:`.bodies`), and turns the
+upstream's failures into :mod:`dockermirror.errors`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -33,6 +37,16 @@ from dockermirror.errors import (
 )
 from dockermirror.oci import MAX_MANIFEST_SIZE
 from dockermirror.upstream.auth import AuthError, Authenticator
+from dockermirror.upstream.bodies import (
+    ERROR_BODY,
+    MIN_PROGRESS,
+    BadEncoding,
+    BodyTooLarge,
+    DeadlinePassed,
+    paced,
+    read_capped,
+    send,
+)
 
 log = logging.getLogger("dockermirror.upstream")
 
@@ -43,13 +57,23 @@ if hasattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES"):
     httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 256 * 1024
 
 REDIRECTS = (301, 302, 303, 307, 308)
-POOL_TIMEOUT = 300.0
+# Connections to the upstream: blob bodies in one pool, everything else (manifests, HEADs,
+# tag lists, tokens) in another, so slow blob downloads can never hold up a manifest.
+API_POOL = httpx.Limits(max_connections=32, max_keepalive_connections=16)
+BLOB_POOL = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+# How long a request waits for a free connection of its pool; then 503 with Retry-After.
+POOL_TIMEOUT = 60.0
+RETRY_AFTER = "10"
 # After the upstream could not be reached, tag revalidation is skipped (cached tags are
 # served stale at once) for this long, so a black-holed upstream does not stall every pull.
 DOWN_WINDOW = 30.0
 MAX_REDIRECTS = 5
-# Times a blob download that breaks off mid-body is resumed with Range where it stopped.
-RESUMES = 3
+# A blob download that breaks off mid-body is resumed with Range where it stopped, as long
+# as each attempt brings at least MIN_PROGRESS bytes; it gives up after this many attempts
+# in a row that did not, or at upstream.transfer_timeout.
+NO_PROGRESS_ATTEMPTS = 3
+BACKOFF = 1.0       # seconds before the first retry without progress; doubles with each
+TRANSFER_TIMEOUT = 6 * 3600.0
 # Headers of a client request worth passing on (Accept is handled on its own).
 Headers = Iterable[tuple[str, str]]
 
@@ -71,16 +95,23 @@ class BlobStream:
     """An upstream blob body being streamed; satisfies the cache's ``Source``.
 
     When the connection breaks mid-body (reset, closed early, stalled past the read
-    timeout), the rest is asked for with ``Range`` and the stream goes on where it
-    stopped, up to RESUMES times. The cache verifies the digest over the whole body,
-    so a bad resume can only fail the transfer, never corrupt the cache.
+    timeout, or trickling: fewer than MIN_PROGRESS bytes in a read_timeout window), the
+    rest is asked for with ``Range`` and the stream goes on where it stopped. It resumes
+    as long as each attempt moves forward (at least MIN_PROGRESS bytes), like wget; it
+    gives up after NO_PROGRESS_ATTEMPTS attempts in a row that did not, and at its
+    deadline (``upstream.transfer_timeout``) whatever happens. The cache verifies the
+    digest over the whole body, so a bad resume can only fail the transfer, never
+    corrupt the cache.
     """
 
     def __init__(self, response: httpx.Response, resume: Callable[[int, int], Awaitable[httpx.Response]],
-                 what: str) -> None:
-        self._response = response
+                 what: str, *, window: float = 60.0, timeout: float = TRANSFER_TIMEOUT) -> None:
+        self._response: httpx.Response | None = response
         self._resume = resume
         self._what = what
+        self._window = window
+        self._timeout = timeout
+        self._deadline = asyncio.get_running_loop().time() + timeout if timeout > 0 else None
         length = response.headers.get("content-length")
         # ASCII digits only ("²".isdigit() is true), and few enough for int()
         self.size: int | None = int(length) if length and length.isascii() and length.isdigit() \
@@ -89,26 +120,55 @@ class BlobStream:
         self.resumes = 0
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        behind = 0          # attempts in a row that brought fewer than MIN_PROGRESS bytes
+        start = 0           # where the current attempt began
         while True:
             try:
-                async for chunk in self._response.aiter_raw():
+                if self._response is None:
+                    self._response = await self._resume(self.received, self.size or 0)
+                async for chunk in paced(self._response, self._window, deadline=self._deadline):
                     self.received += len(chunk)
                     yield chunk
                 return
-            except httpx.TransportError as exc:
+            except DeadlinePassed:
+                raise self._timed_out() from None
+            except (httpx.TransportError, UpstreamUnreachable, Unavailable) as exc:
                 # without a length there is nothing to check the remainder against
-                if self.size is None or self.resumes == RESUMES:
+                if self.size is None:
                     raise
                 if self.received >= self.size:
                     return          # every byte is here; the digest check decides
+                behind = 0 if self.received - start >= MIN_PROGRESS else behind + 1
+                reason = _describe(exc) if isinstance(exc, httpx.TransportError) else str(exc)
+                if behind >= NO_PROGRESS_ATTEMPTS:
+                    log.warning("upstream broke off %s at byte %d of %d (%s); giving up after %d attempts "
+                                "in a row without progress", self._what, self.received, self.size, reason, behind)
+                    raise
                 self.resumes += 1
-                log.warning("upstream broke off %s at byte %d of %d (%s); resuming there (%d of %d)",
-                            self._what, self.received, self.size, _describe(exc), self.resumes, RESUMES)
-                await self._response.aclose()
-                self._response = await self._resume(self.received, self.size)
+                log.warning("upstream broke off %s at byte %d of %d (%s); resuming there (resume %d, "
+                            "%d in a row without progress)", self._what, self.received, self.size, reason,
+                            self.resumes, behind)
+                if self._response is not None:
+                    await self._response.aclose()
+                    self._response = None
+                if behind:          # back off before asking again an upstream that is not moving
+                    pause = BACKOFF * 2.0 ** (behind - 1)
+                    if self._deadline is not None:
+                        pause = min(pause, self._deadline - asyncio.get_running_loop().time())
+                    if pause <= 0:
+                        raise self._timed_out() from None
+                    await asyncio.sleep(pause)
+                start = self.received
+
+    def _timed_out(self) -> RegistryError:
+        log.warning("upstream transfer of %s did not finish within upstream.transfer_timeout (%g s); "
+                    "ended at byte %d of %s", self._what, self._timeout, self.received, self.size)
+        return RegistryError(f"the upstream transfer of {self._what} did not finish within "
+                             f"upstream.transfer_timeout", status=504, code="UNAVAILABLE")
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        if self._response is not None:
+            await self._response.aclose()
 
 
 class UpstreamClient:
@@ -123,27 +183,35 @@ class UpstreamClient:
         ca_bundle: Path | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        transfer_timeout: float = TRANSFER_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """``transport`` replaces the network (tests pass an ``httpx.MockTransport``)."""
         self.base = url.rstrip("/")
+        self.read_timeout = read_timeout
+        self.transfer_timeout = transfer_timeout
         verify: ssl.SSLContext | bool = True
         if ca_bundle is not None:
             verify = ssl.create_default_context(cafile=str(ca_bundle))
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=connect_timeout,
-                read=read_timeout,
-                write=read_timeout,
-                # waiting for a free connection is load, not an upstream failure
-                pool=POOL_TIMEOUT,
-            ),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            verify=verify,
-            transport=transport,
-            follow_redirects=False,
-            headers={"User-Agent": f"docker-mirror/{__version__}", "Accept-Encoding": "identity"},
-        )
+
+        def pool(limits: httpx.Limits) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                timeout=httpx.Timeout(
+                    connect=connect_timeout,
+                    read=read_timeout,
+                    write=read_timeout,
+                    # waiting for a free connection is load, not an upstream failure
+                    pool=POOL_TIMEOUT,
+                ),
+                limits=limits,
+                verify=verify,
+                transport=transport,
+                follow_redirects=False,
+                headers={"User-Agent": f"docker-mirror/{__version__}", "Accept-Encoding": "identity"},
+            )
+
+        self._client = pool(API_POOL)       # manifests, HEADs, tag lists, tokens
+        self._blobs = pool(BLOB_POOL)       # blob bodies (and the redirects they follow)
         self.auth = Authenticator(self._client, username, password)
         # None until the first request; then whether the last one got an HTTP answer.
         self.reachable: bool | None = None
@@ -160,6 +228,7 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._blobs.aclose()
 
     # --- the registry API
 
@@ -174,26 +243,30 @@ class UpstreamClient:
 
     async def open_blob(self, repository: str, digest: str) -> BlobStream:
         """Start streaming a blob; raises a RegistryError unless the upstream answers 200."""
-        response = await self._send("GET", repository, f"blobs/{digest}", [], stream=True)
+        response = await self._send("GET", repository, f"blobs/{digest}", [], blob=True)
         if response.status_code != 200:
             try:
-                body = await response.aread() if response.status_code != 404 else b""
+                body = await self._error_body(response) if response.status_code != 404 else b""
             finally:
                 await response.aclose()
             raise error_for(response.status_code, response.headers, body, unknown=BlobUnknown)
 
         async def resume(offset: int, size: int) -> httpx.Response:
-            """The rest of the blob from ``offset``; anything but exactly that is an error."""
+            """The rest of the blob from ``offset``; anything but exactly that is an error
+            (a 5xx or 429 is an upstream that may recover: an attempt without progress)."""
             rest = await self._send("GET", repository, f"blobs/{digest}", [("Range", f"bytes={offset}-")],
-                                    stream=True)
+                                    blob=True)
             if rest.status_code == 206 and rest.headers.get("content-range") == f"bytes {offset}-{size - 1}/{size}":
                 return rest
             await rest.aclose()
+            if rest.status_code >= 500 or rest.status_code == 429:
+                raise UpstreamUnreachable(f"the upstream answered HTTP {rest.status_code} to a resume")
             raise RegistryError(f"the upstream did not resume {digest} at byte {offset} (answered "
                                 f"{rest.status_code}, Content-Range {rest.headers.get('content-range')!r})",
                                 status=502, upstream_status=rest.status_code)
 
-        return BlobStream(response, resume, f"{repository}@{digest}")
+        return BlobStream(response, resume, f"{repository}@{digest}", window=self.read_timeout,
+                          timeout=self.transfer_timeout)
 
     async def tags(self, repository: str, params: Headers) -> Reply:
         query = "&".join(f"{k}={v}" for k, v in params)
@@ -204,36 +277,48 @@ class UpstreamClient:
 
     async def _reply(self, method: str, repository: str, path: str, headers: Headers,
                      limit: int = 0) -> Reply:
-        response = await self._send(method, repository, path, headers, stream=True)
+        """A small answer read whole: at most ``limit`` bytes (decoded) of a success, at most
+        ERROR_BODY bytes of anything else (the rest is dropped with its connection)."""
+        response = await self._send(method, repository, path, headers)
         try:
-            body = bytearray()
+            body = b""
             if method != "HEAD":
+                success = 200 <= response.status_code < 300
                 try:
-                    async for chunk in response.aiter_raw():
-                        body += chunk
-                        if len(body) > limit:
-                            raise ManifestInvalid(f"upstream answer exceeds {limit} bytes",
-                                                  status=502, upstream_status=response.status_code)
+                    body = await read_capped(response, limit if success else ERROR_BODY, self.read_timeout,
+                                             truncate=not success)
+                except BodyTooLarge:
+                    raise ManifestInvalid(f"upstream answer exceeds {limit} bytes",
+                                          status=502, upstream_status=response.status_code) from None
+                except BadEncoding as exc:
+                    raise RegistryError(str(exc), status=502, upstream_status=response.status_code) from None
                 except httpx.TransportError as exc:
                     raise self._failed(exc) from None
-            return Reply(response.status_code, response.headers, bytes(body))
+            return Reply(response.status_code, response.headers, body)
         finally:
             await response.aclose()
 
+    async def _error_body(self, response: httpx.Response) -> bytes:
+        """The first ERROR_BODY bytes of an error answer, for its message; nothing if it breaks off."""
+        try:
+            return await read_capped(response, ERROR_BODY, self.read_timeout, truncate=True)
+        except httpx.TransportError:
+            return b""
+
     async def _send(self, method: str, repository: str, path: str, headers: Headers,
-                    *, stream: bool) -> httpx.Response:
+                    *, blob: bool = False) -> httpx.Response:
         url = f"{self.base}/v2/{repository}/{path}"
         scope = f"repository:{repository}:pull"
         headers = list(headers)
         try:
             authorization = await self.auth.header_for(scope)
-            response = await self._request(method, url, headers, authorization, stream)
+            response = await self._request(method, url, headers, authorization, blob)
             if response.status_code == 401 and "www-authenticate" in response.headers:
                 answer = await self.auth.answer(response.headers["www-authenticate"], scope)
                 if answer is not None:
                     await response.aclose()
                     authorization = answer
-                    response = await self._request(method, url, headers, authorization, stream)
+                    response = await self._request(method, url, headers, authorization, blob)
             for _ in range(MAX_REDIRECTS):
                 if response.status_code not in REDIRECTS or "location" not in response.headers:
                     break
@@ -245,14 +330,15 @@ class UpstreamClient:
                 log.debug("upstream redirect %s -> %s", url, httpx.URL(location).host)
                 # Signed blob-storage URLs carry their own authorization: never send ours across hosts.
                 response = await self._request(method, location, headers,
-                                               authorization if same_origin else None, stream)
+                                               authorization if same_origin else None, blob)
                 url = location
             else:
                 await response.aclose()
                 raise RegistryError("upstream redirected too many times", status=502,
                                     upstream_status=response.status_code)
         except httpx.PoolTimeout:
-            raise Unavailable("too many upstream requests are in progress; try again") from None
+            raise Unavailable("too many upstream requests are in progress; try again",
+                              headers={"Retry-After": RETRY_AFTER}) from None
         except httpx.TransportError as exc:
             raise self._failed(exc) from None
         except AuthError as exc:
@@ -266,10 +352,11 @@ class UpstreamClient:
         return response
 
     async def _request(self, method: str, url: str, headers: list[tuple[str, str]],
-                       authorization: str | None, stream: bool) -> httpx.Response:
+                       authorization: str | None, blob: bool) -> httpx.Response:
         all_headers = headers + ([("Authorization", authorization)] if authorization else [])
-        request = self._client.build_request(method, url, headers=all_headers)
-        return await self._client.send(request, stream=stream)
+        client = self._blobs if blob else self._client
+        request = client.build_request(method, url, headers=all_headers)
+        return await send(client, request, self.read_timeout)
 
     def _failed(self, exc: Exception) -> UpstreamUnreachable:
         """Record that the upstream could not be reached; the exception to raise."""

@@ -2,7 +2,10 @@
 
 Faults are switched per test: flip a byte in matching response bodies, answer a
 status instead of forwarding, cut a body off after N bytes (every time, or the first
-N times), ignore Range, answer late, slow a body down.
+N times), or at the same offset of the blob every time (however it was asked for), ignore
+Range, answer late, slow a body down, or hold bodies: answer any matching blob with a
+length and trickle it a byte at a time until released (a hostile upstream that pins
+connections without ever being silent for a read timeout).
 It can also act like Docker Hub: demand a bearer token (issued by its own ``/token``
 endpoint, optionally only for Basic credentials) or Basic auth, and redirect blob
 downloads to another host (a second proxy standing in for a CDN).
@@ -31,9 +34,14 @@ class Seen:
     method: str
     path: str
     headers: list[tuple[str, str]] = field(default_factory=list)
+    holding: int = 0                # bodies the proxy was holding when this request arrived
 
     def header_values(self, name: str) -> list[str]:
         return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+class _CutNow(Exception):
+    """The body is cut before its first byte."""
 
 
 class FaultProxy:
@@ -52,6 +60,14 @@ class FaultProxy:
         self.hang: float = 0.0                            # accept, then say nothing for this long
         self.delay: tuple[str, float] | None = None       # (regex, seconds): wait this long, then answer
         self.chunked: str | None = None                   # regex: send these bodies without a length
+        self.cut_at: tuple[str, int] | None = None        # (regex, offset): never send a byte at or past it
+        self.hold: str | None = None                      # regex: hold these blob GETs (trickled, never done)
+        self.trickle_headers: str | None = None           # regex: answer headers a byte at a time, never done
+        self.hold_size = 1024 * 1024                      # the length a held body announces
+        self.hold_interval = 0.5                          # seconds between the bytes of a held body
+        self.released = threading.Event()                 # set: every held body is cut off
+        self.holding = 0                                  # held bodies now being sent
+        self._lock = threading.Lock()
         self.tokens: dict[str, str] = {}                  # issued token -> scope
         self.seen: list[Seen] = []
         self._server: ThreadingHTTPServer | None = None
@@ -91,6 +107,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self.released.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -129,7 +146,7 @@ class FaultProxy:
 
     def _forward(self, handler: BaseHTTPRequestHandler) -> None:
         method, path = handler.command, handler.path
-        self.seen.append(Seen(method, path, list(handler.headers.items())))
+        self.seen.append(Seen(method, path, list(handler.headers.items()), self.holding))
         if self.hang:
             time.sleep(self.hang)
             handler.close_connection = True
@@ -146,6 +163,12 @@ class FaultProxy:
         refusal = self._auth_refusal(handler)
         if refusal is not None:
             self._answer(handler, 401, *refusal)
+            return
+        if self.trickle_headers and re.search(self.trickle_headers, path):
+            self._trickle_headers(handler)
+            return
+        if self.hold and method == "GET" and re.search(self.hold, path):
+            self._hold(handler)
             return
         if self.redirect_blobs and "/blobs/sha256:" in path and method == "GET":
             handler.send_response(307)
@@ -199,9 +222,14 @@ class FaultProxy:
         cut = self.cut[1] if self.cut and re.search(self.cut[0], path) and self.cuts != 0 else None
         if cut is not None and self.cuts is not None:
             self.cuts -= 1
+        if self.cut_at and re.search(self.cut_at[0], path) and response.status in (200, 206):
+            start = re.match(r"bytes (\d+)-", response.getheader("Content-Range") or "bytes 0-")
+            cut = max(0, self.cut_at[1] - int(start.group(1)))
         slow = self.slow[1] if self.slow and re.search(self.slow[0], path) else 0.0
         sent = 0
         try:
+            if cut == 0:
+                raise _CutNow
             while chunk := response.read(65536):
                 if tamper and sent == 0:
                     chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
@@ -215,7 +243,54 @@ class FaultProxy:
                 sent += len(chunk)
                 if slow:
                     time.sleep(slow)
+        except _CutNow:
+            handler.wfile.flush()
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            handler.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             handler.close_connection = True
         finally:
             conn.close()
+
+    def _trickle_headers(self, handler: BaseHTTPRequestHandler) -> None:
+        """A status line, then one header whose value grows a byte every hold_interval."""
+        handler.close_connection = True
+        head = b"HTTP/1.1 200 OK\r\nX-Padding: "
+        try:
+            handler.wfile.write(head)
+            while not self.released.wait(self.hold_interval):
+                handler.wfile.write(b"a")
+                handler.wfile.flush()
+        except OSError:
+            return
+
+    def _hold(self, handler: BaseHTTPRequestHandler) -> None:
+        """A 200 (or 206 for ``Range: bytes=N-``) of hold_size bytes, one every hold_interval."""
+        size = self.hold_size
+        asked = re.fullmatch(r"bytes=(\d+)-", handler.headers.get("Range", ""))
+        start = int(asked.group(1)) if asked else 0
+        handler.send_response(206 if asked else 200)
+        handler.send_header("Content-Type", "application/octet-stream")
+        handler.send_header("Content-Length", str(size - start))
+        if asked:
+            handler.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        handler.end_headers()
+        handler.close_connection = True
+        with self._lock:
+            self.holding += 1
+        try:
+            # never the last byte: a held body never completes
+            for _ in range(size - start - 1):
+                if self.released.wait(self.hold_interval):
+                    break
+                handler.wfile.write(b"\0")
+                handler.wfile.flush()
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self.holding -= 1
+        try:
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

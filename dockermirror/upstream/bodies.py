@@ -1,0 +1,178 @@
+"""Reading upstream bodies without trusting them.
+
+Two rules for every body the upstream client reads:
+
+* **It must keep moving.** httpx's read timeout only fires when *no* byte arrives for
+  ``read_timeout``; a body that trickles one byte a minute would hold its connection
+  forever. :func:`paced` ends a body that delivers fewer than :data:`MIN_PROGRESS` bytes in
+  a window of ``read_timeout`` seconds (time spent waiting on the upstream only: a consumer
+  that stops reading does not count against the upstream), and optionally at a deadline.
+* **Its headers must arrive in time.** A status line and headers that trickle in a byte
+  at a time never trip the read timeout either: :func:`send` gives them ``2 * read_timeout``
+  from the moment the request is written (the wait for a free connection is not counted).
+* **What is read into memory is capped, after decoding.** We ask for
+  ``Accept-Encoding: identity`` and read the raw bytes, so httpx never inflates anything;
+  a body the upstream compresses anyway (gzip or deflate) is inflated here at most up to
+  the cap (a gzip bomb costs its cap, not its inflated size). Other encodings are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+MIN_PROGRESS = 64 * 1024    # bytes a body must deliver in every read_timeout window
+ERROR_BODY = 64 * 1024      # most bytes of an error answer read (for its message); the rest is dropped
+
+
+class UpstreamStalled(httpx.ReadTimeout):
+    """A body delivered fewer than MIN_PROGRESS bytes in a read_timeout window (a trickle)."""
+
+
+class DeadlinePassed(Exception):
+    """A body was still being read at its deadline."""
+
+
+class BodyTooLarge(Exception):
+    """A body is larger than what may be read into memory."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"larger than {limit} bytes")
+        self.limit = limit
+
+
+class BadEncoding(Exception):
+    """A body in a content-coding we cannot (or will not) decode, or corrupt."""
+
+
+async def paced(response: httpx.Response, window: float, *, deadline: float | None = None) -> AsyncIterator[bytes]:
+    """The raw bytes of ``response``, ended with :class:`UpstreamStalled` if fewer than
+    MIN_PROGRESS arrive in a ``window`` of waiting, or :class:`DeadlinePassed` at ``deadline``
+    (event-loop time)."""
+    loop = asyncio.get_running_loop()
+    raw = response.aiter_raw()
+    left, got = window, 0
+    try:
+        while True:
+            limit = None if got >= MIN_PROGRESS else max(left, 0.0)
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise DeadlinePassed("the transfer deadline passed")
+                limit = remaining if limit is None else min(limit, remaining)
+            started = loop.time()
+            try:
+                async with asyncio.timeout(limit):
+                    chunk = await anext(raw)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise DeadlinePassed("the transfer deadline passed") from None
+                raise UpstreamStalled(_stalled(window)) from None
+            left -= loop.time() - started
+            got += len(chunk)
+            if left <= 0:
+                if got < MIN_PROGRESS:
+                    raise UpstreamStalled(_stalled(window))
+                left, got = window, 0
+            yield chunk
+    finally:
+        await raw.aclose()
+
+
+async def send(client: httpx.AsyncClient, request: httpx.Request, window: float) -> httpx.Response:
+    """Send ``request`` and return its response, streamed; :class:`UpstreamStalled` if its
+    headers are not complete within ``2 * window`` of the request being written."""
+    loop = asyncio.get_running_loop()
+    limit = 2 * window
+    try:
+        async with asyncio.timeout(None) as scope:
+            async def trace(event: str, info: dict) -> None:
+                # also on a retry over a fresh connection; never after the headers are in
+                if event.endswith("send_request_headers.started") and scope.expired() is False:
+                    scope.reschedule(loop.time() + limit)
+
+            request.extensions["trace"] = trace
+            try:
+                return await client.send(request, stream=True)
+            finally:
+                del request.extensions["trace"]
+    except TimeoutError:
+        raise UpstreamStalled(f"the answer's headers were not complete within {limit:g} s") from None
+
+
+def _stalled(window: float) -> str:
+    return f"fewer than {MIN_PROGRESS // 1024} KiB arrived in {window:g} s"
+
+
+class _Decoder:
+    """Inflates a gzip or deflate body at most ``room`` bytes at a time; identity passes."""
+
+    def __init__(self, header: str) -> None:
+        codings = [c.strip().lower() for c in header.split(",") if c.strip().lower() not in ("", "identity")]
+        if len(codings) > 1 or (codings and codings[0] not in ("gzip", "x-gzip", "deflate")):
+            raise BadEncoding(f"the upstream sent a body encoded as {header!r} (identity was asked for)")
+        self.coding = codings[0] if codings else None
+        self._inflate: Any = None
+        if self.coding in ("gzip", "x-gzip"):
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif self.coding == "deflate":
+            self._inflate = zlib.decompressobj()
+        self._first = True
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        """Up to ``room + 1`` decoded bytes of ``data`` (more than ``room``: over the cap)."""
+        if self._inflate is None:
+            return data[: room + 1]
+        try:
+            try:
+                out = self._inflate.decompress(data, room + 1)
+            except zlib.error:
+                if not (self._first and self.coding == "deflate"):
+                    raise
+                self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some servers send
+                out = self._inflate.decompress(data, room + 1)
+        except zlib.error as exc:
+            raise BadEncoding(f"the upstream sent a corrupt {self.coding} body ({exc})") from None
+        self._first = False
+        return out
+
+
+async def read_capped(response: httpx.Response, limit: int, window: float, *, truncate: bool = False) -> bytes:
+    """The decoded body, at most ``limit`` bytes of it.
+
+    Over the limit: :class:`BodyTooLarge`, or with ``truncate`` the first ``limit`` bytes
+    (an error answer, read for its message). An encoding we cannot decode: :class:`BadEncoding`,
+    or with ``truncate`` nothing. The caller closes the response: a body not read to its end
+    closes its connection rather than going back to the pool.
+    """
+    try:
+        decoder = _Decoder(response.headers.get("content-encoding", ""))
+    except BadEncoding:
+        if truncate:
+            return b""
+        raise
+    length = response.headers.get("content-length", "")
+    # ASCII digits only ("²".isdigit() is true), and few enough for int(): anything else is no
+    # length at all (as the mirror reads it), and the cap below still holds while reading
+    announced = length.isascii() and length.isdigit() and len(length) <= 18
+    if decoder.coding is None and announced and not truncate and int(length) > limit:
+        raise BodyTooLarge(limit)
+    body = bytearray()
+    async for chunk in paced(response, window):
+        try:
+            body += decoder.feed(chunk, limit - len(body))
+        except BadEncoding:
+            if truncate:
+                return b""
+            raise
+        if len(body) > limit:
+            if truncate:
+                return bytes(body[:limit])
+            raise BodyTooLarge(limit)
+    return bytes(body)
