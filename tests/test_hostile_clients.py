@@ -51,6 +51,7 @@ class SlowReader:
 
     def finish(self, timeout: float = 120) -> bytes:
         """Read the rest at full speed; the whole body."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.setblocking(True)
         self.sock.settimeout(timeout)
         while chunk := self.sock.recv(1 << 20):
@@ -107,3 +108,144 @@ def test_slow_readers_do_not_starve_other_clients(make_mirror, upstream: Upstrea
     finally:
         for reader in readers:
             reader.sock.close()
+
+
+def raw_request(mirror: Mirror, head: bytes, then=None, timeout: float = 30) -> bytes:
+    """Send ``head`` (and whatever ``then(sock)`` sends, from a thread); everything the
+    mirror answers until it closes the connection."""
+    sock = socket.create_connection(("127.0.0.1", mirror.port))
+    sender = None
+    try:
+        sock.sendall(head)
+        if then is not None:
+            sender = threading.Thread(target=then, args=(sock,), daemon=True)
+            sender.start()
+        sock.settimeout(timeout)
+        answer = bytearray()
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+        return bytes(answer)
+    finally:
+        sock.close()
+        if sender is not None:
+            sender.join(30)
+
+
+def test_oversized_request_heads_are_refused_without_buffering(make_mirror):
+    """A 64 MiB header is answered 431 after the first 64 KiB, and never held in memory;
+    1000 header fields get 431, an 9000-byte path 414; the mirror serves on."""
+    mirror = make_mirror()
+    hwm_before = rss_kib(mirror.pid, "VmHWM")
+
+    def endless_header(sock: socket.socket) -> None:
+        chunk = b"a" * (1 << 20)
+        try:
+            for _ in range(64):
+                sock.sendall(chunk)
+        except OSError:
+            pass                                 # the mirror may close once it has answered
+
+    answers = [raw_request(mirror, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: ", then=endless_header)
+               for _ in range(4)]
+    fields = raw_request(mirror, b"GET /v2/ HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(1000))
+                         + b"\r\n")
+    target = raw_request(mirror, b"GET /v2/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    for answer in (*answers, fields):
+        assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:100]
+        assert b"\r\nconnection: close\r\n" in answer
+    assert target.startswith(b"HTTP/1.1 414 "), target[:100]
+    assert rss_kib(mirror.pid, "VmHWM") - hwm_before < 50 * 1024     # peak memory: not 4 x 64 MiB
+    with mirror.client() as client:
+        assert client.get("/v2/").status_code == 200
+    lines = mirror.access_lines('"-" 431', at_least=5)
+    assert len(lines) == 5 and 'note="request line and headers over 65536 bytes"' in lines[0]
+    assert "Traceback" not in mirror.log_text()
+
+
+def test_slow_and_idle_clients_are_closed_after_the_header_timeout(make_mirror, upstream: Upstream):
+    """Slowloris: a client sending one header byte a second gets 408 and is closed after
+    header_timeout, one that sends nothing is closed; meanwhile another client is served."""
+    mirror = make_mirror(server={"header_timeout": "2s"})
+    idle = socket.create_connection(("127.0.0.1", mirror.port))
+    slow = socket.create_connection(("127.0.0.1", mirror.port))
+    slow.sendall(b"GET /v2/ HTTP/1.1\r\n")
+    answer = bytearray()
+    closed = threading.Event()
+
+    def drip() -> None:                 # one byte a second, reading whatever comes back
+        slow.settimeout(1.0)
+        for byte in b"X-Slow: " + b"a" * 60:
+            try:
+                slow.sendall(bytes([byte]))
+                chunk = slow.recv(65536)
+                if not chunk:
+                    break
+                answer.extend(chunk)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        closed.set()
+
+    dripping = threading.Thread(target=drip, daemon=True)
+    dripping.start()
+    try:
+        layer = upstream.seeded["hello"].image.layers["amd64"][0]
+        with mirror.client() as client:
+            assert client.get(f"/v2/library/hello/blobs/{layer}").content == upstream.blob(layer)
+        assert closed.wait(30), "the slow client was never closed"
+        assert bytes(answer).startswith(b"HTTP/1.1 408 Request Timeout\r\n"), bytes(answer[:100])
+        idle.settimeout(30)
+        assert idle.recv(100) == b""    # closed without a word: it never asked anything
+    finally:
+        dripping.join(30)
+        idle.close()
+        slow.close()
+    assert mirror.access_lines('"-" 408')
+
+
+def open_fds(pid: int) -> int:
+    import os
+
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_client_that_stops_reading_is_dropped_after_send_timeout(make_mirror, upstream: Upstream):
+    """A client that takes no byte of a large response for send_timeout is dropped, and the
+    cache file and connection it held are released; one that reads slowly but steadily is
+    not dropped, however long it takes, and gets every byte right."""
+    mirror = make_mirror(server={"send_timeout": "2s"})
+    big = upstream.big_layer
+    path = f"/v2/library/big/blobs/{big}"
+    with mirror.client() as client:
+        assert client.get(path).status_code == 200
+    mirror.committed_blob(big)
+    before = open_fds(mirror.pid)
+    steady = SlowReader(mirror, path)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", mirror.port))
+    try:
+        stuck.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_until(lambda: len(mirror.access_lines(f'"GET {path}"', at_least=2)) >= 2, 60,
+                   what="the stuck client's request line")
+        line = mirror.access_lines(f'"GET {path}"', at_least=2)[-1]
+        assert 'note="client went away"' in line
+        deadline = time.monotonic() + 8        # four times send_timeout, at ~2 KB a second
+        while time.monotonic() < deadline:
+            steady.read(1024)
+            time.sleep(0.5)
+        assert not steady.closed and len(steady.body()) < 1024 * 1024
+        assert hashlib.sha256(steady.finish()).hexdigest() == big.split(":")[1]
+        steady.sock.close()
+        wait_until(lambda: open_fds(mirror.pid) <= before, 30, what="descriptors released")
+    finally:
+        stuck.close()
+        steady.sock.close()
+    assert "Traceback" not in mirror.log_text()
