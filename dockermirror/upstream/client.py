@@ -129,13 +129,7 @@ class UpstreamClient:
         if ca_bundle is not None:
             verify = ssl.create_default_context(cafile=str(ca_bundle))
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=connect_timeout,
-                read=read_timeout,
-                write=read_timeout,
-                # waiting for a free connection is load, not an upstream failure
-                pool=POOL_TIMEOUT,
-            ),
+            timeout=_timeouts(connect_timeout, read_timeout),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             verify=verify,
             transport=transport,
@@ -158,6 +152,15 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    def closer(self) -> Callable[[], Awaitable[None]]:
+        """What closes this client's connections, without holding the client itself (so that
+        its owner can close them once the client is no longer referenced by anyone)."""
+        return self._client.aclose
+
+    def set_timeouts(self, connect_timeout: float, read_timeout: float) -> None:
+        """New timeouts for requests from now on (those in flight keep theirs)."""
+        self._client.timeout = _timeouts(connect_timeout, read_timeout)
 
     # --- the registry API
 
@@ -276,6 +279,11 @@ class UpstreamClient:
         self.last_failure = time.monotonic()
         self.last_error = str(error)
         return error
+
+
+def _timeouts(connect_timeout: float, read_timeout: float) -> httpx.Timeout:
+    # waiting for a free connection is load, not an upstream failure
+    return httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=POOL_TIMEOUT)
 
 
 def _describe(exc: httpx.TransportError) -> str:
