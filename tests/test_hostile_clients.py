@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import ssl
 import threading
 import time
 
@@ -249,3 +250,66 @@ def test_a_client_that_stops_reading_is_dropped_after_send_timeout(make_mirror, 
         stuck.close()
         steady.sock.close()
     assert "Traceback" not in mirror.log_text()
+
+
+class SlowTLSReader(SlowReader):
+    def __init__(self, mirror: Mirror, path: str, context: ssl.SSLContext) -> None:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        raw.connect(("127.0.0.1", mirror.port))
+        self.sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {mirror.address}\r\n\r\n".encode())
+        self.sock.setblocking(False)
+        self.data = bytearray()
+        self.closed = False
+
+    def read(self, limit: int) -> None:
+        try:
+            chunk = self.sock.recv(limit)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.closed = True
+        self.data += chunk
+
+
+def test_slow_tls_readers_neither_starve_others_nor_hold_much_memory(make_mirror, upstream: Upstream, pki):
+    """Over TLS (no zero-copy): 130 slow readers of a cached blob leave another client served,
+    and each holds a bounded amount of the mirror's memory (not several MiB of the blob)."""
+    mirror = make_mirror(tls={"enabled": True, "certificate": str(pki.certificate), "key": str(pki.key)})
+    big = upstream.big_layer
+    small = upstream.seeded["hello"].image.layers["amd64"][0]
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    with httpx.Client(base_url=mirror.url, verify=context, timeout=120) as client:
+        assert client.get(f"/v2/library/big/blobs/{big}").status_code == 200
+        assert client.get(f"/v2/library/hello/blobs/{small}").status_code == 200
+    mirror.committed_blob(big)
+    rss_before = rss_kib(mirror.pid)
+    readers = [SlowTLSReader(mirror, f"/v2/library/big/blobs/{big}", context) for _ in range(SLOW_READERS)]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            for reader in readers:
+                reader.read(1024)
+            stop.wait(1.0)
+
+    reading = threading.Thread(target=trickle, daemon=True)
+    reading.start()
+    try:
+        wait_until(lambda: all(b"\r\n\r\n" in r.data for r in readers), 120, interval=0.5,
+                   what="every slow reader's response headers")
+        time.sleep(2)                   # what each response holds settles
+        with httpx.Client(base_url=mirror.url, verify=context, timeout=20) as client:
+            response = client.get(f"/v2/library/hello/blobs/{small}")
+        assert response.status_code == 200 and response.content == upstream.blob(small)
+        growth = rss_kib(mirror.pid) - rss_before
+        assert growth < SLOW_READERS * 2 * 1024, f"{growth // SLOW_READERS} KiB per slow TLS reader"
+        assert not any(r.closed for r in readers)
+    finally:
+        stop.set()
+        reading.join()
+        for reader in readers:
+            reader.sock.close()

@@ -46,6 +46,7 @@ BURST = 4 * 1024 * 1024     # most bytes one sendfile call sends before its thre
 SENDFILE_THREADS = 8        # threads only ever copy (never wait for a client): a few are plenty
 LINGER = 5.0                # seconds a refused request's remaining input is read and dropped
 PROGRESS_CHECK = 1.0        # seconds between looks at a waiting client's progress
+WRITE_PIECE = 64 * 1024     # larger bodies are handed to uvicorn in pieces of this size
 _threads = ThreadPoolExecutor(max_workers=SENDFILE_THREADS, thread_name_prefix="sendfile")
 
 
@@ -175,9 +176,24 @@ class _Send:
         if message["type"] == EXTENSION and self.zero_copy:
             await self._send_file(message)
             return
+        body = message.get("body", b"")
+        if message["type"] == "http.response.body" and len(body) > WRITE_PIECE:
+            # in pieces, each once the last has (nearly) gone: a slow client's bytes wait in
+            # the caller's buffer, not in a copy in uvicorn's and another in the TLS layer's
+            view = memoryview(body)
+            for start in range(0, len(body), WRITE_PIECE):
+                piece = view[start:start + WRITE_PIECE]
+                last = start + WRITE_PIECE >= len(body)
+                await self._send_body(piece, message.get("more_body", False) if last else True)
+            return
         if not await self._drained():
             self.cycle.disconnected = True   # what is left of the response goes nowhere (as uvicorn does)
         await self.send(message)
+
+    async def _send_body(self, body: bytes | memoryview, more_body: bool) -> None:
+        if not await self._drained():
+            self.cycle.disconnected = True
+        await self.send({"type": "http.response.body", "body": body, "more_body": more_body})
 
     async def _drained(self, *, empty: bool = False) -> bool:
         """Wait while uvicorn's write buffer is over its limit (with ``empty``: not empty), as long
