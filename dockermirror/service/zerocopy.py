@@ -130,8 +130,7 @@ async def sendfile(out: int, fd: int, offset: int, count: int, stall: float) -> 
     sent = 0
     try:
         while sent < count:
-            n, state = await loop.run_in_executor(_threads, sendfile_some, out, fd, offset + sent,
-                                                  min(count - sent, BURST))
+            n, state = await _in_thread(out, fd, offset + sent, min(count - sent, BURST))
             sent += n
             if state == FAILED:
                 break
@@ -141,6 +140,18 @@ async def sendfile(out: int, fd: int, offset: int, count: int, stall: float) -> 
         if cork:
             _set_cork(out, 0)
     return sent
+
+
+async def _in_thread(out: int, fd: int, offset: int, count: int) -> tuple[int, str]:
+    """``sendfile_some`` in a sendfile thread. If the caller is cancelled meanwhile, the call
+    is let finish first (it is short: it never waits for the client): its descriptors must
+    not be closed, and their numbers reused, while it still uses them."""
+    call = asyncio.wrap_future(_threads.submit(sendfile_some, out, fd, offset, count))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        await asyncio.wait([call])
+        raise
 
 
 async def _wait_progress(loop: asyncio.AbstractEventLoop, fd: int, stall: float) -> bool:
