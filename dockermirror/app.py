@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from starlette.applications import Starlette
@@ -51,7 +54,10 @@ class DockerMirror:
         self.mirror = Mirror(upstream, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
         self.started_at: float | None = None
         self._on_started = on_started
-        self._retired: set[asyncio.Task[None]] = set()
+        # connections of upstream clients replaced by a reload, until nothing uses the client
+        self._retired: dict[int, Callable[[], Awaitable[None]]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._retire_keys = itertools.count()
         starlette = Starlette(routes=routes(self.mirror), lifespan=lambda app: self.running())
         self.asgi = AccessLog(starlette, on_done=self.mirror.record)
 
@@ -78,9 +84,12 @@ class DockerMirror:
             yield
         finally:
             await self.cache.close()
-            for task in self._retired:
-                task.cancel()
             await self.upstream_client.aclose()
+            for close in list(self._retired.values()):
+                await close()
+            self._retired.clear()
+            if self._closing:
+                await asyncio.wait(self._closing, timeout=5)
 
     def reconfigure(self, new: Config) -> list[str]:
         """Apply what a running mirror can change; return the settings that need a restart."""
@@ -98,14 +107,31 @@ class DockerMirror:
         return restart
 
     def _swap_upstream(self, config: UpstreamConfig) -> None:
-        """New requests use a new client; the old one closes once the transfers it started are done."""
-        retired = self.upstream_client
+        """New requests use a new client; the old one's connections are closed as soon as
+        nothing uses it any more. Every request and transfer that started with a client holds
+        a reference to it (through its ``Repo``), so the moment the last of them is done,
+        the client is collected and its connections closed. Only new timeouts: the same
+        client takes them, for requests from now on."""
+        client = self.upstream_client
+        timeouts = {"connect_timeout": 0, "read_timeout": 0, "transfer_timeout": 0}
+        if dataclasses.replace(config, **timeouts) == dataclasses.replace(self.config.upstream, **timeouts):
+            client.set_timeouts(config.connect_timeout, config.read_timeout, config.transfer_timeout)
+            return
         self.mirror.upstream = Upstream(self.mirror.upstream.key, _client(config, self._transport))
+        key, loop = next(self._retire_keys), asyncio.get_running_loop()
+        self._retired[key] = client.closer()
 
-        async def close_later() -> None:
-            await self.cache.transfers.wait_all(timeout=3600)
-            await retired.aclose()
+        def collected() -> None:        # may run in any thread, or after the loop stopped
+            try:
+                loop.call_soon_threadsafe(self._close_retired, key)
+            except RuntimeError:
+                pass
 
-        task = asyncio.get_running_loop().create_task(close_later(), name="retire upstream client")
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        weakref.finalize(client, collected)
+
+    def _close_retired(self, key: int) -> None:
+        close = self._retired.pop(key, None)
+        if close is not None:
+            task = asyncio.get_running_loop().create_task(close(), name="close a retired upstream client")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)

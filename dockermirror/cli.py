@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -25,13 +26,17 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # First of all: a SIGHUP (reload) while the server starts would otherwise kill it.
+    # Remembered here, applied once the server is ready.
+    hups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: hups.append(signum))
     from dockermirror.service import logs
     from dockermirror.service.server import StartupError, serve
 
     config = _load(args)
     logs.setup(config.log.level)
     try:
-        return serve(config, reload_config=lambda: _load(args))
+        return serve(config, reload_config=lambda: _load(args), reload_requested=lambda: bool(hups))
     except StartupError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1

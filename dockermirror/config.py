@@ -244,6 +244,37 @@ class CacheConfig:
     verify_rate: int = _setting(8 * 1024 * 1024, parse_size, show=format_size)
 
 
+def parse_count(value: Any) -> int:
+    """A whole number, 0 or more."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number (0 or more), got {value!r}")
+    return value
+
+
+def _at_least(minimum: float, parse: Callable[[Any], Any], what: str) -> Callable[[Any], Any]:
+    def parse_at_least(value: Any) -> Any:
+        parsed = parse(value)
+        if parsed < minimum:
+            raise ValueError(f"must be at least {what}")
+        return parsed
+
+    return parse_at_least
+
+
+def _timeout(default: float) -> Any:
+    return _setting(default, _at_least(0.1, parse_duration, "100ms"), show=format_duration)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # what one client connection may send, and how slowly (see etc/docker-mirror/config.yml)
+    max_header_size: int = _setting(64 * 1024, _at_least(1024, parse_size, "1KiB"), show=format_size)
+    header_timeout: float = _timeout(10.0)
+    keepalive_timeout: float = _timeout(5.0)
+    send_timeout: float = _timeout(60.0)
+    max_connections: int = _setting(10000, parse_count)
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = _setting("info", _choice("debug", "info", "warning", "error"))
@@ -257,6 +288,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="(defaults)", compare=False, metadata={"internal": True})
 

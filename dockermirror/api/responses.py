@@ -54,7 +54,7 @@ class Body(Protocol):
 
 
 ZERO_COPY = "http.response.zerocopysend"
-READ_CHUNK = 1024 * 1024
+READ_CHUNK = 256 * 1024
 
 
 class StreamResponse:

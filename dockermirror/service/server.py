@@ -4,7 +4,9 @@
 * READY=1 once the listening socket is bound and the cache index is open;
 * WATCHDOG=1 from a task on the event loop; STATUS= kept current;
 * SIGHUP: RELOADING=1, re-read the configuration (a bad one is refused and the old one
-  kept), reload the TLS certificate for new connections, READY=1;
+  kept), reload the TLS certificate for new connections, READY=1. A SIGHUP that arrives
+  while the server is starting is remembered and applied once it is ready (``cli`` takes
+  the signal over before anything else is loaded);
 * SIGTERM/SIGINT: STOPPING=1, stop accepting, let requests in flight finish (up to
   GRACE seconds), close the cache cleanly.
 """
@@ -27,11 +29,11 @@ import uvicorn
 from dockermirror.app import DockerMirror
 from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
-from dockermirror.config import Config, ConfigError
+from dockermirror.config import Config, ConfigError, ServerConfig
 from dockermirror.humanize import size
 from dockermirror.service import logs
 from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
-from dockermirror.service.zerocopy import ZeroCopyHttpToolsProtocol
+from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
 
 if TYPE_CHECKING:
     from dockermirror.service.tls import ServerTLS
@@ -54,9 +56,18 @@ def public_hostname(config: Config) -> str:
 class Service:
     """One daemon process: the application, its TLS context, and systemd."""
 
-    def __init__(self, config: Config, reload_config: Callable[[], Config]) -> None:
+    def __init__(self, config: Config, reload_config: Callable[[], Config],
+                 reload_requested: Callable[[], bool] = lambda: False) -> None:
+        """``reload_requested``: whether a SIGHUP came before the server could handle it."""
         self.config = config
         self.reload_config = reload_config
+        self._reload_requested = reload_requested
+        self._ready = False
+        self._reload_pending = False
+        # the HTTP protocol of this server; its limits change on reload (for new connections)
+        self.protocol = type("MirrorHttpProtocol", (ZeroCopyHttpToolsProtocol,),
+                             {"limits": client_limits(config.server)})
+        self._uv_config: uvicorn.Config | None = None
         self.systemd = Systemd()
         try:
             self.sockets = listen_sockets()
@@ -101,17 +112,19 @@ class Service:
         host, port = self.config.listen_address
         uv_config = uvicorn.Config(
             self.app.asgi, host=host, port=port, lifespan="on", log_config=None, access_log=False,
-            server_header=False, timeout_graceful_shutdown=GRACE, http=ZeroCopyHttpToolsProtocol,
+            server_header=False, timeout_graceful_shutdown=GRACE, http=self.protocol,
         )
+        _apply_server(uv_config, self.config.server)
         uv_config.load()
         uv_config.ssl = self.tls.context if self.tls else None
+        self._uv_config = uv_config
         return MirrorServer(uv_config, self)
 
     # --- lifecycle hooks
 
     def _lifespan_started(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         # file reads, hashing and index writes of many transfers at once: more than the
         # default min(32, cores + 4) threads (they mostly wait on I/O or run without the GIL)
         loop.set_default_executor(ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="worker"))
@@ -122,6 +135,16 @@ class Service:
         self.systemd.ready(self.status())
         self.systemd.start_watchdog()
         self._spawn(self._keep_status())
+        self._ready = True
+        if self._reload_pending or self._reload_requested():
+            log.info("a reload was asked for while starting; reloading now")
+            self._spawn(self.reload())
+
+    def _sighup(self) -> None:
+        if self._ready:
+            self._spawn(self.reload())
+        else:
+            self._reload_pending = True     # applied once the server is ready (after READY=1)
 
     def stopping(self) -> None:
         self.systemd.stopping("stopping: finishing requests in flight")
@@ -164,6 +187,10 @@ class Service:
         if new.listen != self.config.listen and not self.sockets:   # with sockets, systemd owns the address
             notes.append("listen")
         notes += self.app.reconfigure(new)
+        if new.server != self.config.server:
+            self.protocol.limits = client_limits(new.server)
+            if self._uv_config is not None:
+                _apply_server(self._uv_config, new.server)
         logs.set_level(new.log.level)
         self.config = new
         if notes:
@@ -196,6 +223,17 @@ class Service:
         return " | ".join(parts)
 
 
+def client_limits(server: ServerConfig) -> ClientLimits:
+    return ClientLimits(max_header_size=server.max_header_size, header_timeout=server.header_timeout,
+                        send_timeout=server.send_timeout)
+
+
+def _apply_server(uv_config: uvicorn.Config, server: ServerConfig) -> None:
+    """uvicorn's own settings; each connection reads them when it is made."""
+    uv_config.timeout_keep_alive = server.keepalive_timeout  # type: ignore[assignment]
+    uv_config.limit_concurrency = server.max_connections or None
+
+
 def _keep_tls(new: Config, old: Config) -> Config:
     return dataclasses.replace(new, tls=old.tls)
 
@@ -218,8 +256,12 @@ class MirrorServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(config: Config, reload_config: Callable[[], Config]) -> int:
-    service = Service(config, reload_config)
+def serve(config: Config, reload_config: Callable[[], Config],
+          reload_requested: Callable[[], bool] = lambda: False) -> int:
+    service = Service(config, reload_config, reload_requested)
     server = service.server()
-    server.run(sockets=service.sockets or None)
+    try:
+        server.run(sockets=service.sockets or None)
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)   # the loop is gone: a late SIGHUP must not kill the exit
     return 0 if server.started else 1

@@ -1,87 +1,243 @@
-"""The ASGI "Zero Copy Send" extension on uvicorn's httptools protocol, for plain TCP.
+"""The HTTP protocol the daemon serves with: uvicorn's httptools protocol, plus
 
-A response that offers a file range (``{"type": "http.response.zerocopysend", "file":
-..., "offset": ..., "count": ...}``) is sent with ``os.sendfile``: the kernel copies from
-the page cache to the socket and no byte passes through Python.
+* the ASGI "Zero Copy Send" extension on plain TCP. A response that offers a file range
+  (``{"type": "http.response.zerocopysend", "file": ..., "offset": ..., "count": ...}``)
+  is sent with ``os.sendfile``: the kernel copies from the page cache to the socket and no
+  byte passes through Python;
+* limits on what a client may send and how slowly (request line and header size, header
+  count, time to send the headers, request body size), answered 414/431/408/413 like
+  nginx or Go's net/http would, and a deadline on a client that stops taking the response.
 
-uvloop neither implements ``loop.sendfile`` nor lets anyone else poll a transport's
-socket, so the copy runs in a worker thread on a duplicate of the socket's descriptor
-(the connection cannot be swapped under it if the transport closes meanwhile), waiting
-with ``poll`` when the socket buffer is full. uvicorn writes nothing else on the
-connection while the response is being sent; afterwards its own byte accounting is
-told how much went out, so Content-Length is still enforced. TLS connections do not get
-the extension (the bytes must be encrypted in user space).
+Zero-copy without a thread per client: the socket is non-blocking, so a ``sendfile`` call
+takes only what fits in the socket buffer and never waits for the client. The calls run
+in a small pool of threads (a file not in the page cache is read from disk inside
+``sendfile``: that must not stall the event loop), at most BURST bytes per call; waiting
+for the client to take more happens on the event loop, on a duplicate of the socket's
+descriptor (uvloop refuses ``add_writer`` on a descriptor its transport owns, and the
+duplicate stays this connection even if the transport closes meanwhile). So a slow
+client costs one watched descriptor, not a thread, and cannot delay anyone else.
+uvicorn writes nothing else on the connection while the range is sent; afterwards its
+own byte accounting is told how much went out, so Content-Length is still enforced.
+TLS connections do not get the extension (the bytes must be encrypted in user space).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import http
+import logging
 import os
-import select
 import socket
+import struct
+import termios
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+log = logging.getLogger("dockermirror.access")
+
 EXTENSION = "http.response.zerocopysend"
-STALL_MS = 60_000          # a client that takes nothing for this long is given up on
-CORK_FROM = 256 * 1024     # ranges at least this large are sent corked
-_threads = ThreadPoolExecutor(max_workers=128, thread_name_prefix="sendfile")
+CORK_FROM = 256 * 1024      # ranges at least this large are sent corked
+BURST = 4 * 1024 * 1024     # most bytes one sendfile call sends before its thread is handed back
+SENDFILE_THREADS = 8        # threads only ever copy (never wait for a client): a few are plenty
+LINGER = 5.0                # seconds a refused request's remaining input is read and dropped
+PROGRESS_CHECK = 1.0        # seconds between looks at a waiting client's progress
+WRITE_PIECE = 64 * 1024     # larger bodies are handed to uvicorn in pieces of this size
+_threads = ThreadPoolExecutor(max_workers=SENDFILE_THREADS, thread_name_prefix="sendfile")
 
 
-def sendfile_all(sock: socket.socket, fd: int, offset: int, count: int) -> int:
-    """Send ``count`` bytes of ``fd`` from ``offset`` on a non-blocking socket; returns bytes sent
-    (fewer if the peer went away or stalled). A large range is sent corked (full segments
-    only, flushed at the end): 15-20% faster on loopback, measured."""
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    cork = count >= CORK_FROM
-    if cork:
-        _set_cork(sock, 1)
+@dataclass(frozen=True)
+class ClientLimits:
+    """What one client connection may do (the ``server:`` section of the configuration)."""
+
+    max_header_size: int = 64 * 1024    # request line and headers, bytes
+    max_headers: int = 100
+    max_url: int = 8 * 1024             # request target, bytes
+    max_body: int = 1024 * 1024         # a registry mirror takes no uploads
+    header_timeout: float = 10.0        # to send the request line and headers
+    send_timeout: float = 60.0          # a client that takes no byte of the response for this long is dropped
+
+
+# --- sendfile on a non-blocking socket, never waiting in the thread
+
+DONE, BLOCKED, FAILED = "done", "blocked", "failed"
+
+
+def sendfile_some(out: int, fd: int, offset: int, count: int) -> tuple[int, str]:
+    """Send up to ``count`` bytes of ``fd`` from ``offset`` to the non-blocking socket ``out``:
+    as much as the socket buffer takes. Returns the bytes sent and DONE (all of them),
+    BLOCKED (the buffer is full) or FAILED (the peer went away, or the file ended early)."""
+    sent = 0
+    while sent < count:
+        try:
+            n = os.sendfile(out, fd, offset + sent, count - sent)
+        except BlockingIOError:
+            return sent, BLOCKED
+        except OSError:
+            return sent, FAILED
+        if n == 0:
+            return sent, FAILED
+        sent += n
+    return sent, DONE
+
+
+def _unsent(fd: int) -> int:
+    """Bytes in the socket's send queue not yet acknowledged by the peer."""
     try:
-        return _send(sock, fd, offset, count, poller)
-    finally:
-        if cork:
-            _set_cork(sock, 0)
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return -1
 
 
-def _set_cork(sock: socket.socket, value: int) -> None:
+def _set_cork(fd: int, value: int) -> None:
+    sock = socket.socket(fileno=fd)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, value)
     except OSError:
         pass
+    finally:
+        sock.detach()
 
 
-def _send(sock: socket.socket, fd: int, offset: int, count: int, poller: select.poll) -> int:
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> bool:
+    """Whether ``fd`` became writable (or failed) within ``timeout`` seconds."""
+    ready = loop.create_future()
+    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        async with asyncio.timeout(timeout):
+            await ready
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_writer(fd)
+
+
+async def sendfile(out: int, fd: int, offset: int, count: int, stall: float) -> int:
+    """Send ``count`` bytes of ``fd`` from ``offset`` on the non-blocking socket ``out``;
+    returns the bytes sent: fewer if the peer went away or took nothing for ``stall``
+    seconds. Progress is what the peer acknowledges (the send queue shrinking), so a slow
+    reader is never mistaken for a stalled one. A large range is sent corked (full
+    segments only, flushed at the end): 15-20% faster on loopback, measured."""
+    loop = asyncio.get_running_loop()
+    cork = count >= CORK_FROM
+    if cork:
+        _set_cork(out, 1)
     sent = 0
-    while sent < count:
-        try:
-            n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
-        except BlockingIOError:
-            events = poller.poll(STALL_MS)
-            if not events or events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+    try:
+        while sent < count:
+            n, state = await _in_thread(out, fd, offset + sent, min(count - sent, BURST))
+            sent += n
+            if state == FAILED:
                 break
-            continue
-        except OSError:
-            break
-        if n == 0:
-            break
-        sent += n
+            if state == BLOCKED and not await _wait_progress(loop, out, stall):
+                break
+    finally:
+        if cork:
+            _set_cork(out, 0)
     return sent
 
 
-class _ZeroCopyCycle:
-    """Wraps one request's ``send`` so that zero-copy messages become sendfile calls."""
+async def _in_thread(out: int, fd: int, offset: int, count: int) -> tuple[int, str]:
+    """``sendfile_some`` in a sendfile thread. If the caller is cancelled meanwhile, the call
+    is let finish first (it is short: it never waits for the client): its descriptors must
+    not be closed, and their numbers reused, while it still uses them."""
+    call = asyncio.wrap_future(_threads.submit(sendfile_some, out, fd, offset, count))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        await asyncio.wait([call])
+        raise
 
-    def __init__(self, cycle: RequestResponseCycle) -> None:
+
+async def _wait_progress(loop: asyncio.AbstractEventLoop, fd: int, stall: float) -> bool:
+    """Wait until the socket takes more; False if the peer acknowledged nothing for ``stall`` s."""
+    unsent = _unsent(fd)
+    waited = 0.0
+    while waited < stall:
+        step = min(PROGRESS_CHECK, stall - waited)
+        if await _writable(loop, fd, step):
+            return True
+        now = _unsent(fd)
+        if now < unsent:            # the peer is reading, just slowly
+            unsent, waited = now, 0.0
+        else:
+            waited += step
+    return False
+
+
+# --- the response side: zero-copy, and a deadline on a client that takes nothing
+
+
+class _Send:
+    """Wraps one request's ``send``: zero-copy messages become sendfile calls (plain TCP), and
+    a client that takes no byte of the response for ``send_timeout`` is dropped."""
+
+    def __init__(self, cycle: RequestResponseCycle, limits: ClientLimits, zero_copy: bool) -> None:
         self.cycle = cycle
         self.send = cycle.send
+        self.limits = limits
+        self.zero_copy = zero_copy
 
     async def __call__(self, message: Any) -> None:
-        if message["type"] != EXTENSION:
-            await self.send(message)
+        if message["type"] == EXTENSION and self.zero_copy:
+            await self._send_file(message)
             return
+        body = message.get("body", b"")
+        if message["type"] == "http.response.body" and len(body) > WRITE_PIECE:
+            # in pieces, each once the last has (nearly) gone: a slow client's bytes wait in
+            # the caller's buffer, not in a copy in uvicorn's and another in the TLS layer's
+            view = memoryview(body)
+            for start in range(0, len(body), WRITE_PIECE):
+                piece = view[start:start + WRITE_PIECE]
+                last = start + WRITE_PIECE >= len(body)
+                await self._send_body(piece, message.get("more_body", False) if last else True)
+            return
+        if not await self._drained():
+            self.cycle.disconnected = True   # what is left of the response goes nowhere (as uvicorn does)
+        await self.send(message)
+
+    async def _send_body(self, body: bytes | memoryview, more_body: bool) -> None:
+        if not await self._drained():
+            self.cycle.disconnected = True
+        await self.send({"type": "http.response.body", "body": body, "more_body": more_body})
+
+    async def _drained(self, *, empty: bool = False) -> bool:
+        """Wait while uvicorn's write buffer is over its limit (with ``empty``: not empty), as long
+        as the client takes bytes. False if the client went away, or took nothing for
+        ``send_timeout`` seconds (then the connection is dropped)."""
+        cycle, transport = self.cycle, self.cycle.transport
+        last = transport.get_write_buffer_size()
+        waited, delay = 0.0, 0.001
+        while (transport.get_write_buffer_size() if empty else cycle.flow.write_paused) and not cycle.disconnected:
+            if empty:
+                await asyncio.sleep(delay)
+                step, delay = delay, min(delay * 2, PROGRESS_CHECK)
+            else:
+                step = PROGRESS_CHECK
+                try:
+                    async with asyncio.timeout(step):
+                        await cycle.flow.drain()
+                    continue
+                except TimeoutError:
+                    pass
+            size = transport.get_write_buffer_size()
+            if size < last:
+                last, waited = size, 0.0
+                continue
+            waited += step
+            if waited >= self.limits.send_timeout:
+                log.info("dropping %s: it took nothing for %g s", _client(cycle), self.limits.send_timeout)
+                cycle.keep_alive = False
+                transport.abort()
+                return False
+        return not cycle.disconnected
+
+    async def _send_file(self, message: Any) -> None:
         cycle = self.cycle
         if cycle.disconnected:
             raise ConnectionError("the client went away")
@@ -90,34 +246,182 @@ class _ZeroCopyCycle:
         count = message["count"]
         if count > cycle.expected_content_length:
             raise RuntimeError("Response content longer than Content-Length")
-        if cycle.flow.write_paused:
-            await cycle.flow.drain()  # what uvicorn buffered (the headers) goes first
+        if not await self._drained(empty=True):     # what uvicorn buffered (the headers) goes first
+            raise ConnectionError("the client went away or stopped reading")
         transport = cycle.transport
-        while transport.get_write_buffer_size():
-            await asyncio.sleep(0.001)
         # our own descriptor of the connection: it stays this connection even if the transport closes
-        sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        out = os.dup(transport.get_extra_info("socket").fileno())
         try:
-            sent = await asyncio.get_running_loop().run_in_executor(
-                _threads, sendfile_all, sock, message["file"].fileno(), message.get("offset", 0), count)
+            sent = await sendfile(out, message["file"].fileno(), message.get("offset", 0), count,
+                                  self.limits.send_timeout)
         finally:
-            sock.close()
+            os.close(out)
         cycle.expected_content_length -= sent
         if sent < count:
             cycle.keep_alive = False
-            transport.close()
-            raise ConnectionError(f"the client went away after {sent} of {count} bytes")
+            transport.abort()
+            raise ConnectionError(f"the client went away or stopped reading after {sent} of {count} bytes")
         if not message.get("more_body", False):
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def _client(cycle: RequestResponseCycle) -> str:
+    client = cycle.scope.get("client") or ("-", 0)
+    return f'{client[0]} "{cycle.scope["method"]} {cycle.scope["path"]}"'
+
+
+# --- the request side: limits on what a client sends, and how slowly
+
+
+class _Refused(Exception):
+    pass
+
+
 class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, offering the zero-copy extension on plain TCP connections."""
+    """uvicorn's httptools protocol with client limits, and the zero-copy extension on plain TCP.
+
+    Request bytes are counted before they reach the parser (httptools gathers a header line
+    in memory, by repeated concatenation, until it ends): the request line and headers may
+    take ``max_header_size`` bytes, a request body ``max_body``. A request over a limit is
+    answered (431, 414 or 413, ``Connection: close``), the rest of its input is read and
+    dropped for up to LINGER seconds so that the client sees the answer, and the connection
+    closes. A client that has not sent its whole request head ``header_timeout`` seconds
+    after its first byte (or after connecting) gets 408 and is closed; an idle keep-alive
+    connection is closed by uvicorn after ``timeout_keep_alive``.
+    """
+
+    limits = ClientLimits()          # the Service replaces it on start and reload (new connections)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._limits = type(self).limits
+        self._head_pending = True
+        self._budget = self._limits.max_header_size
+        self._header_count = 0
+        self._refusal: tuple[int, str] | None = None
+        self._refused = False
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return                                  # a refused request's remaining input: dropped
+        self._unset_keepalive_if_required()
+        if self._head_pending and self._header_timer is None:
+            self._arm_header_timer()
+        while True:
+            if len(data) <= self._budget:
+                self._budget -= len(data)
+                self._feed(data)
+                return
+            if self._budget <= 0:
+                if self._head_pending:
+                    self._refuse(431, f"request line and headers over {self._limits.max_header_size} bytes")
+                else:
+                    self._refuse(413, f"request body over {self._limits.max_body} bytes")
+                return
+            head, data = data[:self._budget], data[self._budget:]
+            self._budget = 0
+            if not self._feed(head):
+                return
+
+    def _feed(self, data: bytes) -> bool:
+        """Parse ``data``; False once the connection is done with (refused, bad, closing)."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return False
+        except httptools.HttpParserError:
+            if self._refusal is not None:
+                self._refuse(*self._refusal)
+            else:
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+            return False
+        return not self.transport.is_closing()
+
+    # parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > self._limits.max_url:
+            self._refusal = (414, f"request target over {self._limits.max_url} bytes")
+            raise _Refused
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self._limits.max_headers:
+            self._refusal = (431, f"more than {self._limits.max_headers} header fields")
+            raise _Refused
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        self._head_pending = False
+        self._budget = self._limits.max_body
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is None or self.transport.get_extra_info("sslcontext") is not None:
+        if cycle is None or cycle.scope is not self.scope:
             return
-        cycle.scope.setdefault("extensions", {})[EXTENSION] = {}
-        cycle.send = _ZeroCopyCycle(cycle)  # type: ignore[method-assign]
+        plain = self.transport.get_extra_info("sslcontext") is None
+        if plain:
+            cycle.scope.setdefault("extensions", {})[EXTENSION] = {}
+        cycle.send = _Send(cycle, self._limits, zero_copy=plain)  # type: ignore[method-assign]
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_pending = True
+        self._budget = self._limits.max_header_size
+
+    # refusals and the header deadline
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self._limits.header_timeout, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if not self._head_pending or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_header_timer()       # a response is still going out: the next request waits its turn
+            return
+        if self._budget < self._limits.max_header_size:    # part of a request came: say why it ends
+            self._refuse(408, f"request head not complete within {self._limits.header_timeout:g} s")
+        else:
+            self.transport.close()
+
+    def _refuse(self, status: int, why: str) -> None:
+        """Answer ``status`` and close; the rest of the client's input is dropped meanwhile."""
+        self._refused = True
+        self._cancel_header_timer()
+        self._unset_keepalive_if_required()
+        client = self.client[0] if self.client else "-"
+        log.info('%s "-" %d 0 note="%s"', client, status, why)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.abort()          # mid-response: no room for an answer
+            return
+        phrase = http.HTTPStatus(status).phrase
+        body = f"{status} {phrase}: {why}\n".encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER, self.transport.close)

@@ -193,16 +193,10 @@ class UpstreamClient:
         verify: ssl.SSLContext | bool = True
         if ca_bundle is not None:
             verify = ssl.create_default_context(cafile=str(ca_bundle))
-
         def pool(limits: httpx.Limits) -> httpx.AsyncClient:
             return httpx.AsyncClient(
-                timeout=httpx.Timeout(
-                    connect=connect_timeout,
-                    read=read_timeout,
-                    write=read_timeout,
-                    # waiting for a free connection is load, not an upstream failure
-                    pool=POOL_TIMEOUT,
-                ),
+                # waiting for a free connection (POOL_TIMEOUT) is load, not an upstream failure
+                timeout=_timeouts(connect_timeout, read_timeout),
                 limits=limits,
                 verify=verify,
                 transport=transport,
@@ -229,6 +223,26 @@ class UpstreamClient:
     async def aclose(self) -> None:
         await self._client.aclose()
         await self._blobs.aclose()
+
+    def closer(self) -> Callable[[], Awaitable[None]]:
+        """What closes this client's connections, without holding the client itself (so that
+        its owner can close them once the client is no longer referenced by anyone)."""
+        api, blobs = self._client, self._blobs
+
+        async def close() -> None:
+            try:
+                await api.aclose()
+            finally:
+                await blobs.aclose()
+
+        return close
+
+    def set_timeouts(self, connect_timeout: float, read_timeout: float, transfer_timeout: float) -> None:
+        """New timeouts for requests from now on (those in flight keep theirs)."""
+        self.read_timeout = read_timeout
+        self.transfer_timeout = transfer_timeout
+        for client in (self._client, self._blobs):
+            client.timeout = _timeouts(connect_timeout, read_timeout)
 
     # --- the registry API
 
@@ -365,6 +379,11 @@ class UpstreamClient:
         self.last_failure = time.monotonic()
         self.last_error = str(error)
         return error
+
+
+def _timeouts(connect_timeout: float, read_timeout: float) -> httpx.Timeout:
+    # waiting for a free connection is load, not an upstream failure
+    return httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=POOL_TIMEOUT)
 
 
 def _describe(exc: httpx.TransportError) -> str:

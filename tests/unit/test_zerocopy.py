@@ -1,0 +1,85 @@
+"""sendfile on a non-blocking socket, waiting on the event loop: a slow reader gets every byte,
+one that takes nothing is given up on, and no thread waits for either."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from dockermirror.service import zerocopy
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def connected_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(server.getsockname())
+        peer, _ = server.accept()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setblocking(False)
+    return peer, client
+
+
+async def test_a_slow_steady_reader_gets_every_byte_however_long_it_takes(tmp_path):
+    data = os.urandom(512 * 1024)
+    (tmp_path / "blob").write_bytes(data)
+    peer, client = connected_pair()
+    client.setblocking(False)
+    received = bytearray()
+
+    async def read_slowly() -> None:        # 4 KiB every 5 ms, ~1 s in all: a stall deadline of
+        while len(received) < len(data):    # 0.2 s is passed many times over, never without progress
+            try:
+                received.extend(client.recv(4096))
+            except BlockingIOError:
+                pass
+            await asyncio.sleep(0.005)
+
+    with open(tmp_path / "blob", "rb") as f:
+        reader = asyncio.create_task(read_slowly())
+        sent = await zerocopy.sendfile(peer.fileno(), f.fileno(), 0, len(data), stall=0.2)
+        await asyncio.wait_for(reader, 30)
+    assert sent == len(data) and bytes(received) == data
+    peer.close()
+    client.close()
+
+
+async def test_a_reader_that_takes_nothing_is_given_up_on_after_the_stall_deadline(tmp_path):
+    (tmp_path / "blob").write_bytes(b"x" * (8 * 1024 * 1024))
+    peer, client = connected_pair()
+    with open(tmp_path / "blob", "rb") as f:
+        sent = await asyncio.wait_for(zerocopy.sendfile(peer.fileno(), f.fileno(), 0, 8 * 1024 * 1024, stall=0.3),
+                                      30)
+    assert 0 < sent < 8 * 1024 * 1024
+    peer.close()
+    client.close()
+
+
+async def test_many_stalled_readers_hold_no_thread(tmp_path):
+    """More stalled transfers than there are sendfile threads: another one still goes through."""
+    (tmp_path / "blob").write_bytes(b"y" * (4 * 1024 * 1024))
+    pairs = [connected_pair() for _ in range(zerocopy.SENDFILE_THREADS * 2)]
+    with open(tmp_path / "blob", "rb") as f:
+        stalled = [asyncio.create_task(zerocopy.sendfile(p.fileno(), f.fileno(), 0, 4 * 1024 * 1024, stall=60))
+                   for p, _ in pairs]
+        await asyncio.sleep(0.2)
+        peer, client = connected_pair()
+        sent = await asyncio.wait_for(zerocopy.sendfile(peer.fileno(), f.fileno(), 0, 1000, stall=60), 10)
+        assert sent == 1000 and client.recv(1000, socket.MSG_WAITALL) == b"y" * 1000
+        assert not any(task.done() for task in stalled)
+        for task in stalled:
+            task.cancel()
+        await asyncio.gather(*stalled, return_exceptions=True)
+    for p, c in [*pairs, (peer, client)]:
+        p.close()
+        c.close()
