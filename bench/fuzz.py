@@ -64,6 +64,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the largest header or target sent, in MiB (default 1)")
     parser.add_argument("--only", type=lambda v: {int(x) for x in v.split(",")}, default=None,
                         help="replay only these case numbers (of the same --seed and --requests)")
+    parser.add_argument("--kinds", type=lambda v: set(v.split(",")), default=None,
+                        help="send only cases of these kinds (path, reference, method, accept, range, headers, "
+                             "query, framing, pipeline, pipeline-garbage, session, early-close)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds a case may take (default 30)")
     parser.add_argument("--fd-limit", type=int, default=0,
                         help="run the mirror with this RLIMIT_NOFILE (default: inherited)")
@@ -99,7 +102,8 @@ def main(argv: list[str]) -> int:
 
             report = fuzzing.fuzz_mirror(mirror, registry, targets, seed=args.seed, count=args.requests,
                                          workers=args.workers, huge=int(args.huge_mib * 1024 * 1024),
-                                         only=args.only, timeout=args.timeout, progress=progress)
+                                         only=args.only, timeout=args.timeout, progress=progress,
+                                         kinds=args.kinds)
             text = report.text(limit=200)
             print(text, flush=True)
             RESULTS.mkdir(parents=True, exist_ok=True)
