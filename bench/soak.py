@@ -7,14 +7,15 @@ it (tests/support/faultproxy.py) and a mirror whose upstream is the proxy, all o
 a cache smaller than the content (so pulls evict and fetch again). Then, until the time is up:
 
 * pullers pull random images (manifest, config, layers; every digest checked), cold and warm
-  (the cache is pruned with ``docker-mirror cache prune`` now and then);
+  (the cache is smaller than the content, and pruned with ``docker-mirror cache prune`` every 20-50 s);
 * slow readers read big blobs at 32-256 KiB/s, for up to 20 s each;
 * idle clients hold keep-alive connections open and reopen them when the server closes them;
 * a reloader sends SIGHUP every ~15 s, every other time with a changed configuration
   (tag_ttl, upstream.read_timeout, the upstream URL: the same proxy under another name);
 * a fault injector switches the proxy every ~12 s between: no fault, bodies cut off, bodies
   slowed down, manifests answered 503, manifests delayed 2 s;
-* a normal client reads a small cached blob and a cached manifest twice a second, timed.
+* a normal client reads a small cached blob and a cached manifest twice a second, timed (both of
+  library/hello, which ``cache.pin`` keeps cached through evictions and prunes).
 
 Every ``--interval`` seconds it samples the mirror's RSS, threads and open descriptors (by kind:
 cache files, client sockets, upstream sockets) and the normal client's latency percentiles.
@@ -58,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MiB = 1024 * 1024
 ACCEPT = [("Accept", a) for a in fuzzing.ALL_MANIFESTS]
-BIG = ("library/soakbig", "latest", 24 * MiB)           # a bigger image for slow readers and cold pulls
+BIG = ("library/soakbig", "latest", 20 * MiB)           # a bigger image for slow readers and cold pulls
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,7 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pullers", type=int, default=3, help="concurrent pullers (default 3)")
     parser.add_argument("--slow", type=int, default=8, help="concurrent slow readers (default 8)")
     parser.add_argument("--idle", type=int, default=50, help="idle keep-alive connections (default 50)")
-    parser.add_argument("--cache-mib", type=int, default=40, help="the mirror's cache.max_size in MiB (default 40)")
+    parser.add_argument("--cache-mib", type=int, default=24, help="the mirror's cache.max_size in MiB (default 24: less than the content)")
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 32)
@@ -248,7 +249,7 @@ def fault_injector(proxy: FaultProxy, rng: random.Random, shared: Shared, stop: 
 
 def pruner(mirror: Mirror, rng: random.Random, shared: Shared, stop: threading.Event, t0: float):
     """Now and then empty the cache (next pulls are cold), with the CLI, while the server serves."""
-    while not stop.wait(rng.uniform(40, 80)):
+    while not stop.wait(rng.uniform(20, 50)):
         result = subprocess.run([sys.executable, "-m", "dockermirror", "cache", "prune", "--older-than", "0s",
                                  "--config", str(mirror.config_path)], capture_output=True, text=True, timeout=120)
         shared.event(t0, f"cache prune --older-than 0s: exit {result.returncode} {result.stdout.strip()[-80:]}")
@@ -339,7 +340,7 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     threads: list[threading.Thread] = []
     samples: list[dict] = []
-    final = None
+    final = baseline = None
     log = b""
     code = 0
     try:
@@ -357,20 +358,23 @@ def main(argv: list[str]) -> int:
             stack.callback(proxy.stop)
             proxy_urls = [proxy.url, f"http://localhost:{proxy.port}"]
             mirror = Mirror(scratch, {"upstream": {"url": proxy.url, "registry": "docker.io"},
-                                      "cache": {"max_size": f"{args.cache_mib}MiB", "min_free": 0, "tag_ttl": "1m"}})
+                                      "cache": {"max_size": f"{args.cache_mib}MiB", "min_free": 0, "tag_ttl": "1m",
+                                                "pin": ["library/hello"]}})
             stack.callback(mirror.stop)
             mirror.start()
             print(f"upstream {registry.url}, fault proxy {proxy.url}, mirror {mirror.url} (pid {mirror.pid})",
                   flush=True)
             targets = fuzzing.warm(mirror.url, [(r, t) for r, t in pushed if r != BIG[0]])
-            small = min(targets.blobs(), key=lambda b: b[2])
-            hello = targets.images[0]
+            hello = targets.images[0]             # pinned: the normal client always reads cached content
+            small = min(((hello.repo, d, n) for d, n in hello.blobs.items()), key=lambda b: b[2])
             blobs = [b for b in targets.blobs() if b[2] > 100_000]
             big_manifest = httpx.get(f"{mirror.url}/v2/{BIG[0]}/manifests/{BIG[1]}", headers=ACCEPT, timeout=60)
             for layer in json.loads(big_manifest.content)["layers"]:
                 blobs.append((BIG[0], layer["digest"], layer["size"]))
             address = ("127.0.0.1", mirror.port)
+            time.sleep(2)                      # the warm-up's connections close, its accesses are flushed
             t0 = time.monotonic()
+            baseline = sample(mirror, shared, t0)
             plan = [(puller, (mirror.url, pushed, random.Random(rng.random()), shared, stop))
                     for _ in range(args.pullers)]
             plan += [(slow_reader, (address, blobs, random.Random(rng.random()), shared, stop))
@@ -386,7 +390,6 @@ def main(argv: list[str]) -> int:
                 thread.start()
                 threads.append(thread)
             deadline = t0 + args.minutes * 60
-            samples.append(sample(mirror, shared, t0))
             while time.monotonic() < deadline:
                 time.sleep(min(args.interval, max(0.0, deadline - time.monotonic())))
                 if not mirror.running():
@@ -431,11 +434,18 @@ def main(argv: list[str]) -> int:
                 text = line.split(level, 1)[1]
                 log_lines[(level.strip() + " " + " ".join(text.split()[:8]))[:120]] += 1
     table = summarize(samples, final)
+    verdicts = []
+    if final is not None and baseline is not None:
+        for name, why in (("cache_fds", "cache files open"), ("client_sockets", "client connections open"),
+                          ("threads", "threads")):
+            verdicts.append(f"{why}: {baseline[name]} before the load, {final[name]} 10 s after it"
+                            + ("" if final[name] <= baseline[name] else "  <-- not back"))
+        verdicts.append(f"RSS: {baseline['rss_mib']} MiB before the load, {final['rss_mib']} MiB after it")
     text = [f"soak: {args.minutes} min, seed {args.seed}, sampled every {args.interval}s; "
             f"{shared.counts.get('pulls ok', 0)} pulls ok, {shared.counts.get('pulls failed', 0)} failed, "
             f"{shared.counts.get('slow reads', 0)} slow reads, {shared.counts.get('reloads', 0)} reloads, "
             f"{shared.counts.get('idle connections closed by the server', 0)} idle connections closed by the server",
-            "", *table, "", "client-side errors:"]
+            "", *table, "", *verdicts, "client-side errors:"]
     text += [f"  {n:5d} x {what}" for what, n in shared.errors.most_common(20)] or ["  none"]
     text += ["mirror log, warnings and errors (first words):"]
     text += [f"  {n:5d} x {what}" for what, n in log_lines.most_common(20)] or ["  none"]
@@ -447,7 +457,7 @@ def main(argv: list[str]) -> int:
         writer.writeheader()
         writer.writerows(samples)
     (RESULTS / "soak.json").write_text(json.dumps({
-        "args": vars(args), "samples": samples, "after_load": final, "events": shared.events,
+        "args": vars(args), "baseline": baseline, "samples": samples, "after_load": final, "events": shared.events,
         "counts": dict(shared.counts), "client_errors": dict(shared.errors),
         "log_lines": {k: v for k, v in log_lines.most_common(50)}, "summary": text,
     }, indent=2) + "\n")
