@@ -436,10 +436,11 @@ def main(argv: list[str]) -> int:
     table = summarize(samples, final)
     verdicts = []
     if final is not None and baseline is not None:
-        for name, why in (("cache_fds", "cache files open"), ("client_sockets", "client connections open"),
-                          ("threads", "threads")):
+        for name, why in (("cache_fds", "cache files open"), ("client_sockets", "client connections open")):
             verdicts.append(f"{why}: {baseline[name]} before the load, {final[name]} 10 s after it"
-                            + ("" if final[name] <= baseline[name] else "  <-- not back"))
+                            + ("" if final[name] <= baseline[name] else "  <-- NOT BACK"))
+        verdicts.append(f"threads: {baseline['threads']} before the load, {final['threads']} after it (thread pools "
+                        "keep their threads: at most 128 sendfile + 32 workers)")
         verdicts.append(f"RSS: {baseline['rss_mib']} MiB before the load, {final['rss_mib']} MiB after it")
     text = [f"soak: {args.minutes} min, seed {args.seed}, sampled every {args.interval}s; "
             f"{shared.counts.get('pulls ok', 0)} pulls ok, {shared.counts.get('pulls failed', 0)} failed, "

@@ -439,7 +439,10 @@ class Generator:
         repo = image.repo
         nss = ["docker.io%0A", "docker.io%0D%0A", "docker.io%0d%0aX-Evil:%201", "%00", "docker.io%00", "%E2%80%AE",
                "%C4%B0", "DOCKER.IO", "docker.io.", "quay.io", "", "%FF", "docker.io%09", "%1b[2J",
-               "docker.io&ns=quay.io", "x" * min(self.huge, 100000), "%C3%A9", "docker.io%20", "index.docker.io"]
+               "docker.io&ns=quay.io", "x" * min(self.huge, 100000), "%C3%A9", "docker.io%20", "index.docker.io",
+               "doc%E2%84%AAer.io",                  # a Kelvin sign: lower() makes it docker.io
+               "%E2%80%83docker.io",                 # an em space: strip() removes it
+               "docker.io%C2%A0"]
         ns = "ns=" + self.pick(nss)
         ns_only = self.rng.random() < 0.5
         ns_targets = [f"/v2/{repo}/manifests/{image.tag}", f"/v2/{repo}/manifests/{self.pick(image.manifests)}",
