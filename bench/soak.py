@@ -49,7 +49,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from bench.fuzz import IMAGES, seed_upstream
+from bench.fuzz import seed_upstream
 from tests.support import fuzzing, images
 from tests.support.clients import skopeo_push
 from tests.support.faultproxy import FaultProxy
@@ -70,7 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pullers", type=int, default=3, help="concurrent pullers (default 3)")
     parser.add_argument("--slow", type=int, default=8, help="concurrent slow readers (default 8)")
     parser.add_argument("--idle", type=int, default=50, help="idle keep-alive connections (default 50)")
-    parser.add_argument("--cache-mib", type=int, default=24, help="the mirror's cache.max_size in MiB (default 24: less than the content)")
+    parser.add_argument("--cache-mib", type=int, default=24,
+                        help="the mirror's cache.max_size in MiB (default 24: less than the content)")
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 32)
