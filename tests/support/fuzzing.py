@@ -1073,6 +1073,7 @@ def exceptions_in_log(log: bytes) -> list[str]:
 class Report:
     seed: int
     run: Run
+    count: int = 0                # cases generated (before --only / --kinds picked some)
     checks: dict[str, list[str]] = field(default_factory=dict)   # check -> what failed (empty: it held)
     notes: list[str] = field(default_factory=list)               # worth knowing, not failures
 
@@ -1107,8 +1108,8 @@ class Report:
             else:
                 lines += [f"FAILED {check}: {message}" for message in messages]
         lines += [f"note: {note}" for note in self.notes]
-        lines.append(f"replay one case: python -m bench.fuzz --seed {self.seed} --requests {len(self.run.cases)} "
-                     "--only NUMBER")
+        lines.append(f"replay one case: python -m bench.fuzz --seed {self.seed} --requests "
+                     f"{self.count or len(self.run.cases)} --only NUMBER")
         return "\n".join(lines)
 
 
@@ -1133,7 +1134,7 @@ def fuzz_mirror(mirror, registry, targets: Targets, *, seed: int, count: int, wo
     registry_mark = len(registry.log_text().splitlines())
 
     result = run(cases, "127.0.0.1", mirror.port, workers=workers, timeout=timeout, progress=progress)
-    report = Report(seed, result)
+    report = Report(seed, result, count)
     if not mirror.running():
         report.fail("process", f"the mirror process died (exit status {mirror.proc.returncode})")
         return report
