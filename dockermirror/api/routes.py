@@ -51,6 +51,8 @@ _NAMESPACE = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-
 # tags/list?n=: ASCII digits (str.isdigit() also takes "²"); larger pages are asked as MAX_PAGE
 _PAGE_SIZE = re.compile(r"[0-9]{1,10}", re.ASCII)
 MAX_PAGE = 10_000
+# longest Accept line forwarded (clients send a few hundred bytes)
+MAX_ACCEPT = 4096
 
 
 class BadUpstreamHeader(RegistryError):
@@ -87,13 +89,20 @@ def _namespace(request: Request) -> str | None:
 
 
 def _accept(request: Request) -> list[str]:
-    """The ``Accept`` lines, forwarded upstream as they are: so they must be plain ASCII."""
+    """The ``Accept`` lines, forwarded upstream: so they must be plain ASCII, and are sent
+    without the spaces around them (a field value may not begin or end with one) and without
+    the empty ones."""
     values = request.headers.getlist("accept")
     for value in values:
-        if not sendable(value):
-            raise Unsupported(f"invalid Accept header {value!r}: media types are ASCII", status=400,
-                              detail={"accept": value})
-    return values
+        if not sendable(value) or len(value) > MAX_ACCEPT:
+            raise Unsupported(f"invalid Accept header {_clip(value)!r}: media types are ASCII, at most "
+                              f"{MAX_ACCEPT} bytes a line", status=400, detail={"accept": _clip(value)})
+    return [stripped for value in values if (stripped := value.strip(" \t"))]
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """Client input quoted in an error: at most ``limit`` characters of it."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

@@ -353,6 +353,10 @@ class UpstreamClient:
         except httpx.PoolTimeout:
             raise Unavailable("too many upstream requests are in progress; try again",
                               headers={"Retry-After": RETRY_AFTER}) from None
+        except httpx.LocalProtocolError as exc:
+            # our request could not be written (a header value h11 refuses): nothing was sent,
+            # so this says nothing about the upstream's reachability
+            raise RegistryError(f"the request could not be sent upstream: {exc}", status=502) from None
         except httpx.TransportError as exc:
             raise self._failed(exc) from None
         except AuthError as exc:

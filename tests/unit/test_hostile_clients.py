@@ -378,3 +378,22 @@ async def test_an_upstream_length_that_is_no_number_is_not_a_500(mirror, length)
     assert blob.status_code == 200 and blob.content == image.blobs[image.layer]
     head = await mirror.client.head("/v2/acme/tool/manifests/1.0", headers=ACCEPT)
     assert head.status_code == 200 and head.headers["docker-content-digest"] == image.digest
+
+
+async def test_accept_lines_are_forwarded_without_surrounding_spaces(mirror):
+    """A field value may not begin or end with a space (h11 refuses to send one, which the mirror
+    took for an unreachable upstream: 503, then 30 s of stale tags): they are stripped."""
+    image = mirror.registry.push("acme/tool", "1.0")
+    accept = [("Accept", f" {a}\t ") for a in ALL_MANIFESTS] + [("Accept", "  ")]
+    response = await mirror.client.get("/v2/acme/tool/manifests/1.0", headers=accept)
+    assert response.status_code == 200 and response.content == image.manifest
+    sent = mirror.registry.requests(path_contains="/manifests/1.0")[-1].headers.get_list("accept")
+    assert sent == ALL_MANIFESTS
+
+
+async def test_a_long_accept_line_is_refused_and_not_echoed_whole(mirror):
+    mirror.registry.push("acme/tool", "1.0")
+    response = await mirror.client.get("/v2/acme/tool/manifests/1.0", headers=[("Accept", "a/b," * 2000)])
+    assert_oci_error(response, 400, "UNSUPPORTED")
+    assert len(response.content) < 1000
+    assert not mirror.registry.requests(path_contains="/manifests/")
