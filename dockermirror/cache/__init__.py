@@ -5,9 +5,13 @@
 * a digest in the index means a complete, verified, fsynced file;
 * at most one transfer per digest runs at a time, and every other reader follows it;
 * bytes stored + bytes reserved by transfers in flight <= max_size, and at least
-  min_free stays free on the filesystem: a transfer reserves its length (evicting
-  least recently used content first) before its first byte, or passes through uncached;
-* an open file (a response reading it) is never evicted; pinned content never is;
+  min_free stays free on the filesystem: a transfer reserves room (evicting least
+  recently used content first) a bounded step ahead of the bytes it has received, so a
+  lying length cannot empty the cache; content that does not fit passes through
+  uncached, in a file outside max_size while min_free allows (deleted after its last
+  reader), else through memory;
+* a file being read (by a response reading it, or by a follower of the transfer that
+  wrote it) is leased and never evicted; pinned content never is;
 * a cache hit costs no index write of its own: accesses are batched and flushed
   by a background task.
 """
@@ -164,6 +168,11 @@ class Cache:
         self._leases[entry.digest] += 1
         return CachedFile(fd, entry.size, lambda: self._unlease(entry.digest))
 
+    def lease(self, digest: str) -> Callable[[], None]:
+        """Keep ``digest`` from eviction and expiry until the returned function is called."""
+        self._leases[digest] += 1
+        return lambda: self._unlease(digest)
+
     def _unlease(self, digest: str) -> None:
         self._leases[digest] -= 1
         if self._leases[digest] <= 0:
@@ -287,6 +296,12 @@ class Cache:
 
     def release(self, size: int) -> None:
         self.reserved -= size
+
+    def spill_room(self, size: int) -> bool:
+        """Room for ``size`` bytes of content passing through outside the cache (not counted
+        in max_size): the filesystem must keep min_free."""
+        fs = filesystem(self.root)
+        return fs.available - size >= resolve(self.limits.min_free, fs.total)
 
     def disk_full(self) -> None:
         """A write failed for lack of space: bring the cache back within its limits soon."""
