@@ -8,6 +8,7 @@ the other blobs stay cached and are served with no upstream call.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,9 @@ import pytest
 
 from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
+from dockermirror.cache.inflight import LATE_FETCHES
+from dockermirror.errors import Unavailable
+from dockermirror.oci import Digest
 from tests.unit.conftest import Harness, config_text
 from tests.unit.fakes import Body, FakeRegistry, Seen, digest_of
 
@@ -123,3 +127,60 @@ async def test_wrong_bytes_without_a_length_evict_only_as_they_arrive(full_cache
     harness.lies[wanted] = httpx.Response(200, stream=Body(os.urandom(2 * MiB)))   # chunked: no length
     await fails(harness, wanted)
     assert await still_served_from_cache(harness, digests) >= FILLERS - 2
+
+
+class Gated(httpx.AsyncByteStream):
+    """A body that sends one MiB per permit put in its queue."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.permits: asyncio.Queue[None] = asyncio.Queue()
+
+    async def __aiter__(self):
+        for offset in range(0, len(self.data), MiB):
+            await self.permits.get()
+            for chunk in range(offset, min(offset + MiB, len(self.data)), 64 * 1024):
+                yield self.data[chunk:chunk + 64 * 1024]
+
+
+async def test_late_readers_of_a_pass_through_in_memory_get_a_bounded_number_of_fetches(tmp_path: Path, clock):
+    """No room for the content anywhere on disk: it passes through memory, and a reader that
+    comes after its start was dropped needs a fetch of its own. Those are bounded; past the
+    bound a client is told to come back (503 with Retry-After), not given another 64 MiB tail."""
+    data = os.urandom(8 * MiB)
+    digest = digest_of(data)
+    bodies: list[Gated] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        bodies.append(Gated(data))
+        return httpx.Response(200, headers={"Content-Length": str(len(data))}, stream=bodies[-1])
+
+    # a 1 MiB cache, and min_free the whole filesystem: nothing may be written, not even outside the cache
+    text = config_text(tmp_path / "cache", "  max_size: 1MiB\n  min_free: 100%\n")
+    app = DockerMirror(configuration.loads(text), clock=clock, upstream_transport=httpx.MockTransport(handle))
+    async with app.running():
+        repo = app.mirror.resolve("acme/big")
+        first = await app.mirror.blob(repo, Digest.parse(digest), head=False)
+        assert first.cache == "PASS"
+        reader = first.body.read()
+        read = 0
+        for mib in range(1, 4):   # the first reader moves on, and the start of the content is dropped
+            bodies[0].permits.put_nowait(None)
+            while read < mib * MiB - 1:
+                read += len(await anext(reader))
+        transfer = app.cache.transfer(Digest.parse(digest))
+        assert transfer is not None and transfer.follow() is None      # byte 0 is gone
+        late = [await app.mirror.blob(repo, Digest.parse(digest), head=False) for _ in range(LATE_FETCHES)]
+        assert [b.cache for b in late] == ["PASS"] * LATE_FETCHES
+        with pytest.raises(Unavailable) as refused:
+            await app.mirror.blob(repo, Digest.parse(digest), head=False)
+        assert refused.value.headers["Retry-After"] == "10"
+        assert len(bodies) == 1 + LATE_FETCHES                          # the refused one cost no fetch
+        for blob in late:
+            blob.body.close()
+        await reader.aclose()
+        for body in bodies:
+            for _ in range(8):
+                body.permits.put_nowait(None)
+        await app.cache.transfers.wait_all(5)
+        assert app.cache.transfers.late_fetches_left == LATE_FETCHES
