@@ -339,3 +339,34 @@ def test_followers_of_a_finished_download_keep_its_file_from_eviction(make_mirro
     assert sorted(cache_of(line) for line in mirror.access_lines(big, at_least=2)) == ["COALESCED", "MISS"]
     assert len(sampler.samples) > 20
     assert peak <= cap + MiB       # + directories and the lock file
+
+
+def test_a_lying_length_evicts_only_what_really_arrived(make_mirror, fault_proxy, fillers):
+    """A full cache; the upstream announces 39 MiB for an 8 MiB blob, sends the 8 MiB and hangs up.
+    The download fails (never completed to the client, nothing stored), and what it cost the cache
+    is bounded by the bytes that came, not by the length it claimed."""
+    mirror = make_mirror(fault_proxy.url, cache={"max_size": "40MiB", "min_free": 0})
+    with mirror.client() as client:
+        for pushed in fillers[:4]:
+            pull(client, pushed.repo)
+    held = [pushed.big for pushed in fillers[:4]]
+    wait_until(lambda: set(held) <= cached_digests(mirror), 10, what="the fillers indexed")
+    target = fillers[4]
+    fault_proxy.lie = (f"/blobs/{target.big}", 39 * MiB)
+    with pytest.raises(httpx.HTTPError):
+        with httpx.stream("GET", f"{mirror.url}/v2/{target.repo}/blobs/{target.big}", timeout=60) as response:
+            assert response.headers["content-length"] == str(39 * MiB)
+            for _ in response.iter_bytes():
+                pass
+    wait_until(lambda: not any((mirror.cache_dir / "tmp").iterdir()), 30, what="the failed download removed")
+    assert target.big not in cached_digests(mirror)
+    kept = [digest for digest in held if digest in cached_digests(mirror)]
+    print(f"\na 39 MiB lie with 8 MiB of body: {len(kept)} of {len(held)} cached layers kept")
+    assert len(kept) >= len(held) - 1          # before: all of them went at the first byte
+    gets = len(fault_proxy.requests("GET", "/blobs/"))
+    with mirror.client() as client:
+        for digest, pushed in zip(held, fillers[:4], strict=True):
+            if digest in kept:
+                response = client.get(f"/v2/{pushed.repo}/blobs/{digest}")
+                assert response.status_code == 200 and "sha256:" + hashlib.sha256(response.content).hexdigest() == digest
+    assert len(fault_proxy.requests("GET", "/blobs/")) == gets    # served from the cache

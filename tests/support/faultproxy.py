@@ -2,7 +2,7 @@
 
 Faults are switched per test: flip a byte in matching response bodies, answer a
 status instead of forwarding, cut a body off after N bytes (every time, or the first
-N times), ignore Range, answer late, slow a body down.
+N times), ignore Range, answer late, slow a body down, announce a false length.
 It can also act like Docker Hub: demand a bearer token (issued by its own ``/token``
 endpoint, optionally only for Basic credentials) or Basic auth, and redirect blob
 downloads to another host (a second proxy standing in for a CDN).
@@ -52,6 +52,7 @@ class FaultProxy:
         self.hang: float = 0.0                            # accept, then say nothing for this long
         self.delay: tuple[str, float] | None = None       # (regex, seconds): wait this long, then answer
         self.chunked: str | None = None                   # regex: send these bodies without a length
+        self.lie: tuple[str, int] | None = None           # (regex, length): announce it, send the real body, close
         self.tokens: dict[str, str] = {}                  # issued token -> scope
         self.seen: list[Seen] = []
         self._server: ThreadingHTTPServer | None = None
@@ -173,12 +174,16 @@ class FaultProxy:
         conn.endheaders()
         response = conn.getresponse()
         chunked = method == "GET" and self.chunked is not None and re.search(self.chunked, path)
+        lie = self.lie[1] if method == "GET" and self.lie and re.search(self.lie[0], path) else None
         handler.send_response(response.status)
         for name, value in response.getheaders():
-            if name.lower() not in HOP_BY_HOP and not (chunked and name.lower() == "content-length"):
+            if name.lower() not in HOP_BY_HOP and not ((chunked or lie is not None) and name.lower() == "content-length"):
                 handler.send_header(name, value)
         if chunked:
             handler.send_header("Transfer-Encoding", "chunked")
+        if lie is not None:
+            handler.send_header("Content-Length", str(lie))
+            handler.close_connection = True
         handler.end_headers()
         if method == "HEAD":
             conn.close()
