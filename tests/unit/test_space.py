@@ -184,3 +184,36 @@ async def test_late_readers_of_a_pass_through_in_memory_get_a_bounded_number_of_
                 body.permits.put_nowait(None)
         await app.cache.transfers.wait_all(5)
         assert app.cache.transfers.late_fetches_left == LATE_FETCHES
+
+
+async def _read_all(blob) -> bytes:
+    out = bytearray()
+    async for piece in blob.body.read():
+        out += piece if isinstance(piece, bytes) else os.pread(piece.fileno(), piece.count, piece.offset)
+    return bytes(out)
+
+
+async def test_a_reader_that_comes_after_a_pass_through_ended_shares_its_file(tmp_path: Path, registry, clock):
+    """Too big for the cache: the content passes through a file outside it. A reader that comes
+    after the download ended, while an earlier reader still reads, follows that file: one fetch.
+    The file goes with the last reader."""
+    data = os.urandom(3 * MiB)
+    digest = Digest.parse(digest_of(data))
+    registry.blobs[str(digest)] = data
+    text = config_text(tmp_path / "cache", "  max_size: 1MiB\n  min_free: 0\n")
+    app = DockerMirror(configuration.loads(text), clock=clock, upstream_transport=registry.transport)
+    async with app.running():
+        repo = app.mirror.resolve("acme/big")
+        first = await app.mirror.blob(repo, digest, head=False)
+        assert first.cache == "PASS"
+        transfer = app.cache.transfer(digest)
+        await transfer.finished.wait()                  # the download is over; the first reader has read nothing
+        late = await app.mirror.blob(repo, digest, head=False)
+        assert late.cache == "COALESCED"
+        assert await _read_all(late) == data
+        assert await _read_all(first) == data
+        assert len(registry.requests("GET", "/blobs/")) == 1
+        await app.cache.transfers.wait_all(5)
+        assert app.cache.transfer(digest) is None and app.cache.entry(str(digest)) is None
+        assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+        assert app.cache.usage()[:2] == (0, 0)
