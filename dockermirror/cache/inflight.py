@@ -202,6 +202,8 @@ class Transfer:
         except OSError as exc:
             self._to_memory(f"no temp file ({exc.strerror})")
             return
+        if self.spilling:
+            self._temp.passing_through()
         if self.size:
             # only a step ahead: a length is a claim, not bytes (it may be a lie)
             await self._claim(min(self.size, self._ahead))
@@ -215,6 +217,8 @@ class Transfer:
         self.spilling = True
         self.space.release(self._reserved)
         self._reserved = 0
+        if self._temp is not None:
+            self._temp.passing_through()
 
     def _to_memory(self, why: str) -> None:
         """No room for the file either: what follows goes through the in-memory tail."""

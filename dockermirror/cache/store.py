@@ -4,6 +4,7 @@ Layout under the cache directory::
 
     blobs/<algorithm>/<first 2 hex>/<hex>   complete, verified content (layers and manifests)
     tmp/<algorithm>-<hex>.<random>.part     downloads in progress
+    tmp/<algorithm>-<hex>.<random>.pass     content passing through, not cached (outside max_size)
     tmp/<algorithm>-<hex>.<random>.evict    content being deleted
 
 A file reaches ``blobs/`` only through :meth:`BlobStore.commit`: written to ``tmp/``
@@ -49,6 +50,16 @@ class TempBlob:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         self.written = 0
         self.committed = False
+
+    def passing_through(self) -> None:
+        """Rename to ``.pass``: this content will not be cached (it is outside max_size)."""
+        if self.path.suffix == ".part":
+            target = self.path.with_suffix(".pass")
+            try:
+                os.rename(self.path, target)
+            except OSError:
+                return
+            self.path = target
 
     def preallocate(self, size: int) -> None:
         """Claim the disk space up front, so a full disk shows now rather than mid-download."""
@@ -142,7 +153,7 @@ class BlobStore:
         """Delete downloads and deletions left behind by a previous process; returns how many."""
         count = 0
         for entry in self.tmp.iterdir():
-            if entry.suffix in (".part", ".evict"):
+            if entry.suffix in (".part", ".pass", ".evict"):
                 try:
                     entry.unlink()
                     count += 1
