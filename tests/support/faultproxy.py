@@ -177,7 +177,8 @@ class FaultProxy:
         lie = self.lie[1] if method == "GET" and self.lie and re.search(self.lie[0], path) else None
         handler.send_response(response.status)
         for name, value in response.getheaders():
-            if name.lower() not in HOP_BY_HOP and not ((chunked or lie is not None) and name.lower() == "content-length"):
+            replaced = (chunked or lie is not None) and name.lower() == "content-length"
+            if name.lower() not in HOP_BY_HOP and not replaced:
                 handler.send_header(name, value)
         if chunked:
             handler.send_header("Transfer-Encoding", "chunked")
