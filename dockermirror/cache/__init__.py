@@ -334,7 +334,14 @@ class Cache:
                 if freed >= need:
                     break
             if chosen:
-                await asyncio.to_thread(maintenance.remove, self.store, self._idx, chosen)
+                # a transfer cancelled while it makes room must not leave the removal running
+                # outside the space lock: finish it, then stop
+                work = asyncio.ensure_future(asyncio.to_thread(maintenance.remove, self.store, self._idx, chosen))
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    await work
+                    raise
                 removed += len(chosen)
         used, _, capacity = self.usage()
         level = logging.INFO if freed >= need else logging.WARNING
