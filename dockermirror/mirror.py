@@ -66,6 +66,7 @@ DOCKER_HUB = "docker.io"
 _DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 
 HIT, MISS, STALE, COALESCED, PASS = "HIT", "MISS", "STALE", "COALESCED", "PASS"
+LATE_RETRY_AFTER = 10   # seconds a client is asked to wait when too many late pass-through fetches run
 
 
 def registry_key(name: str) -> str:
@@ -317,7 +318,11 @@ class Mirror:
             follower = None if head else transfer.follow()
             if head or follower is not None:
                 return Blob(str(digest), transfer.size, None, follower, COALESCED)
-            # An uncached transfer no longer holds the first bytes: this reader gets its own.
+            # A transfer passing through memory no longer holds the first bytes (there was no room
+            # on disk even outside the cache): this reader gets its own, within a bound.
+            if self.cache.transfers.late_fetches_left <= 0:
+                raise Unavailable(f"blob {digest} is passing through and its start is gone; try again later",
+                                  headers={"Retry-After": str(LATE_RETRY_AFTER)})
             return await self._new_transfer(repo, digest, shared=False)
         if head:
             reply = await self._ask(repo.upstream.client.head_blob(repo.name, str(digest)))

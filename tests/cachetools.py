@@ -53,11 +53,14 @@ def pull(client: httpx.Client, repo: str, tag: str = "latest") -> list[str]:
 
 def content_files(cache_dir: Path) -> dict[tuple[int, int], int]:
     """Size of every content file (stored, in flight, being deleted) under a cache directory,
-    by (device, inode): files move between blobs/ and tmp/ by rename while we walk."""
+    by (device, inode): files move between blobs/ and tmp/ by rename while we walk.
+    Content passing through uncached (``tmp/*.pass``) is outside max_size: not counted."""
     sizes: dict[tuple[int, int], int] = {}
     for sub in ("blobs", "tmp"):
         for dirpath, _, files in os.walk(cache_dir / sub):
             for name in files:
+                if name.endswith(".pass"):
+                    continue
                 try:
                     st = os.stat(os.path.join(dirpath, name))
                 except FileNotFoundError:

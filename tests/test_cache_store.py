@@ -117,6 +117,15 @@ def test_write_failure_mid_download_serves_the_rest_from_memory(tmp_path: Path, 
         def disk_full(self) -> None:
             self.full = getattr(self, "full", 0) + 1
 
+        def capacity(self) -> int:
+            return 1 << 40
+
+        def spill_room(self, size: int) -> bool:
+            return True
+
+        def lease(self, digest: str):
+            return lambda: None
+
     async def scenario() -> tuple[bytes, bytes, Transfer]:
         store = BlobStore(mount)
         store.create_dirs()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
+import time
 
 import httpx
 
@@ -89,3 +90,54 @@ def test_download_continues_when_its_client_leaves(make_mirror, fault_proxy, ups
     assert _get_all(url) == (200, digest, size[0])
     assert len(fault_proxy.requests("GET", f"/blobs/{digest}")) == 1
     assert "cache=HIT" in mirror.access_lines("cache=HIT")[0]
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_late_slow_readers_of_a_blob_too_big_for_the_cache_share_one_fetch(make_mirror, fault_proxy,
+                                                                            upstream: Upstream):
+    """12 clients read a 100 MiB blob at ~8 MiB/s, arriving 0.7 s apart, from a 50 MiB cache: the
+    content passes through a file outside the cache that every reader follows, fetched once,
+    whoever is behind; memory does not grow with the readers; nothing remains afterwards."""
+    digest = upstream.big_layer
+    size = len(upstream.blob(digest))
+    mirror = make_mirror(fault_proxy.url, cache={"max_size": "50MiB", "min_free": 0})
+    baseline = _peak_rss(mirror.pid)
+    url = f"{mirror.url}/v2/library/big/blobs/{digest}"
+    results: list[tuple[int, str, int]] = []
+
+    def slow_client(delay: float) -> None:
+        time.sleep(delay)
+        sha, got = hashlib.sha256(), 0
+        with httpx.stream("GET", url, timeout=120) as response:
+            for chunk in response.iter_bytes(64 * 1024):
+                sha.update(chunk)
+                got += len(chunk)
+                time.sleep(len(chunk) / (8 * 1024 * 1024))
+            results.append((response.status_code, "sha256:" + sha.hexdigest(), got))
+
+    threads = [threading.Thread(target=slow_client, args=(0.7 * i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    peak = _peak_rss(mirror.pid)
+    fetches = len(fault_proxy.requests("GET", f"/blobs/{digest}"))
+    print(f"\n12 late slow readers of a blob larger than the cache: {fetches} upstream GET(s), "
+          f"mirror peak RSS {peak / 2**20:.0f} MiB (at start {baseline / 2**20:.0f} MiB)")
+    assert results == [(200, digest, size)] * 12
+    assert fetches == 1
+    lines = mirror.access_lines(digest, at_least=12)
+    assert sorted(line.split("cache=")[1].split()[0] for line in lines) == ["COALESCED"] * 11 + ["PASS"]
+    assert peak - baseline < 64 * 2**20       # no copy of the content per reader (it was > 500 MiB)
+    # the spilled file goes with its last reader; nothing was cached
+    wait_until(lambda: list((mirror.cache_dir / "tmp").iterdir()) == [], 30, what="spilled file removed")
+    db = sqlite3.connect(mirror.cache_dir / "index.sqlite")
+    assert db.execute("SELECT count(*) FROM content WHERE digest = ?", (digest,)).fetchone() == (0,)
+    db.close()

@@ -5,9 +5,13 @@
 * a digest in the index means a complete, verified, fsynced file;
 * at most one transfer per digest runs at a time, and every other reader follows it;
 * bytes stored + bytes reserved by transfers in flight <= max_size, and at least
-  min_free stays free on the filesystem: a transfer reserves its length (evicting
-  least recently used content first) before its first byte, or passes through uncached;
-* an open file (a response reading it) is never evicted; pinned content never is;
+  min_free stays free on the filesystem: a transfer reserves room (evicting least
+  recently used content first) a bounded step ahead of the bytes it has received, so a
+  lying length cannot empty the cache; content that does not fit passes through
+  uncached, in a file outside max_size while min_free allows (deleted after its last
+  reader), else through memory;
+* a file being read (by a response reading it, or by a follower of the transfer that
+  wrote it) is leased and never evicted; pinned content never is;
 * a cache hit costs no index write of its own: accesses are batched and flushed
   by a background task;
 * a file is served only if its size is the index's and it is unchanged since it was
@@ -316,6 +320,11 @@ class Cache:
         self._readers.setdefault(entry.digest, set()).add(file)
         return file
 
+    def lease(self, digest: str) -> Callable[[], None]:
+        """Keep ``digest`` from eviction and expiry until the returned function is called."""
+        self._leases[digest] += 1
+        return lambda: self._unlease(digest)
+
     def _unlease(self, digest: str, file: CachedFile | None = None) -> None:
         readers = self._readers.get(digest)
         if readers is not None:
@@ -519,6 +528,12 @@ class Cache:
     def release(self, size: int) -> None:
         self.reserved -= size
 
+    def spill_room(self, size: int) -> bool:
+        """Room for ``size`` bytes of content passing through outside the cache (not counted
+        in max_size): the filesystem must keep min_free."""
+        fs = filesystem(self.root)
+        return fs.available - size >= resolve(self.limits.min_free, fs.total)
+
     def disk_full(self) -> None:
         """A write failed for lack of space: bring the cache back within its limits soon."""
         if self._enforcing is None or self._enforcing.done():
@@ -550,7 +565,16 @@ class Cache:
                 if freed >= need:
                     break
             if chosen:
-                if not await self._write("evicting", maintenance.remove, self.store, self._idx, chosen):
+                # a transfer cancelled while it makes room must not leave the removal running
+                # outside the space lock: finish it, then stop
+                work = asyncio.ensure_future(self._write("evicting", maintenance.remove, self.store, self._idx,
+                                                         chosen))
+                try:
+                    written = await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    await work
+                    raise
+                if not written:
                     freed -= sum(e.size for e in candidates if e.digest in chosen)
                     break
                 removed += len(chosen)

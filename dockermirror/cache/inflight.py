@@ -7,12 +7,21 @@ nothing: the transfer finishes for the others and for the cache.
 
 Where the bytes live while readers follow:
 
-* normally in the temp file, whose length was reserved (and preallocated) before the
-  first byte: readers ``pread`` it as it grows;
-* when the content may not be cached (larger than the cache, no room, or the disk
-  filled up part-way) the bytes after what reached the file are kept in a bounded
-  in-memory tail. The transfer then goes at the pace of its slowest reader, and
-  ends early if every reader has gone. Nothing of it is ever indexed.
+* normally in the temp file, reserved in the cache's accounting (and preallocated) a
+  step ahead of the bytes received: readers ``pread`` it as it grows. An unverified
+  body can make the cache evict at most what it really sent plus one step
+  (:func:`ahead`), whatever length it announced;
+* when the content may not be cached (larger than the cache, no room left after
+  eviction) it is *spilled*: the same temp file, outside the cache's accounting, as
+  long as the filesystem keeps ``min_free``. Readers follow it exactly the same way,
+  and readers that arrive after the download ended still share it while any reader
+  remains, so the content is fetched once. It is deleted after the last reader;
+* when not even that is possible (the disk is full, or filled up part-way), the bytes
+  after what reached the file are kept in a bounded in-memory tail. The transfer then
+  goes at the pace of its slowest reader, and ends early if every reader has gone.
+
+Nothing but verified, cached content is ever indexed. Every reader holds a lease on the
+digest (like a reader of a cached file), so the file it reads is never evicted under it.
 
 Readers are never given the last byte before the digest has been verified, so a
 client can never receive a complete response with wrong content: a bad transfer
@@ -38,9 +47,10 @@ log = logging.getLogger("dockermirror.cache")
 READ_CHUNK = 1024 * 1024        # most bytes of the in-memory tail handed out at once
 WRITE_BATCH = 1024 * 1024       # bytes gathered before they are hashed and written in worker threads
 PIPELINE = 6                    # batches that may wait to be hashed, or written, while more download
-RESERVE_STEP = 64 * 1024 * 1024  # reservation growth for a body of unknown length
+RESERVE_STEP = 64 * 1024 * 1024  # most room reserved ahead of the bytes received (see ahead())
 MEMORY_TAIL = 64 * 1024 * 1024   # bytes an uncached transfer keeps for slower readers
 SLOW_READER = 60.0               # seconds an uncached transfer waits for a reader that is behind
+LATE_FETCHES = 4                 # most extra fetches in flight at once, for readers an in-memory tail left behind
 
 
 class Source(Protocol):
@@ -70,6 +80,20 @@ class Space(Protocol):
 
     def disk_full(self) -> None: ...
 
+    def capacity(self) -> int: ...
+
+    def spill_room(self, size: int) -> bool:
+        """True if ``size`` more bytes may be written outside the cache (the filesystem keeps min_free)."""
+
+    def lease(self, digest: str) -> Callable[[], None]:
+        """Keep ``digest`` from eviction and expiry until the returned function is called."""
+
+
+def ahead(capacity: int) -> int:
+    """Most bytes a transfer reserves (and so may evict) beyond what it has received:
+    an eighth of the cache, at most RESERVE_STEP, at least one write batch."""
+    return max(WRITE_BATCH, min(RESERVE_STEP, capacity // 8))
+
 
 class Transfer:
     """A download of one digest, and the readers following it."""
@@ -78,7 +102,8 @@ class Transfer:
         self.digest = digest
         self.store = store
         self.space = space
-        self.caching = cache            # False: the bytes only pass through (PASS)
+        self.caching = cache            # the file is reserved in the cache and committed if verified
+        self.spilling = False           # the file is outside the cache, deleted after its last reader
         self.size: int | None = None
         self.received = 0               # bytes hashed so far
         self.file_end = 0               # bytes [0, file_end) are in the temp file
@@ -86,10 +111,13 @@ class Transfer:
         self.error: BaseException | None = None
         # resolves once the upstream answered and the bytes have a place (or with the error)
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.finished = asyncio.Event()
+        self.finished = asyncio.Event()  # the download ended (readers may still read a spilled file)
+        self.closed = asyncio.Event()    # ... and the temp file is closed: no new reader may join
         self._hasher = hashlib.new(digest.algorithm)
         self._temp: TempBlob | None = None
-        self._reserved = 0
+        self._reserved = 0              # bytes reserved in the cache's accounting
+        self._claimed = 0               # bytes of the file reserved or checked for room (and preallocated)
+        self._ahead = RESERVE_STEP
         self._tail: collections.deque[tuple[int, bytes]] = collections.deque()
         self._tail_start = 0            # offset of the first byte still in the tail
         self._tail_bytes = 0
@@ -108,11 +136,11 @@ class Transfer:
     ) -> None:
         """Fetch, verify and (if caching) commit; never raises (readers see the outcome)."""
         source: Source | None = None
+        unlease = None
         try:
             source = await open_source()
             self.size = source.size
-            if self.caching:
-                await self._open_file()
+            await self._open_file()
             self.started.set_result(None)
             await self._pump(source)
             if self.size is not None and self.received != self.size:
@@ -123,6 +151,8 @@ class Transfer:
             self.verified = True
             self._notify()
             if self.caching and self._temp is not None and self.file_end == self.received:
+                # from the commit on, readers that join read the indexed file: keep it from eviction
+                unlease = self.space.lease(str(self.digest))
                 await commit(self._temp, self)
         except BaseException as exc:
             self._fail(exc)
@@ -133,38 +163,98 @@ class Transfer:
                 await source.aclose()
             self.space.release(self._reserved)
             self._reserved = 0
-            # Closed here, on the event loop, so no reader can dup a stale descriptor.
-            if self._temp is not None:
-                self._temp.discard()
             self.finished.set()
+            self._close_if_unread()
+            if unlease is not None:
+                unlease()
+
+    @property
+    def _shared_after_end(self) -> bool:
+        """A complete, verified spilled file: readers may still join until the last one leaves."""
+        return self.verified and self.spilling and self._temp is not None and self.file_end == self.received
+
+    def _close_if_unread(self) -> None:
+        """Close (and, unless committed, delete) the temp file once the download has ended and,
+        for a spilled file, its last reader has gone."""
+        if not self.finished.is_set() or self.closed.is_set():
+            return
+        if self._shared_after_end and self._readers:
+            return
+        self.discard()
+
+    def discard(self) -> None:
+        """Close the temp file now; readers that have it open keep reading it."""
+        # Closed on the event loop, so no reader can dup a stale descriptor.
+        if self._temp is not None:
+            self._temp.discard()
+        self.closed.set()
 
     async def _open_file(self) -> None:
-        """Reserve room and a temp file for the content, or fall back to passing it through."""
-        if self.size is not None:
-            if not await self.space.reserve(self.size):
-                self._uncached("it does not fit in the cache")
-                return
-            self._reserved = self.size
-        temp = None
+        """Find the content a place: the cache, a spilled file, or (failing both) memory."""
+        capacity = self.space.capacity()
+        self._ahead = ahead(capacity)
+        if self.caching and self.size is not None and self.size > capacity:
+            self._not_cached("it is larger than the cache")
+        elif not self.caching:
+            self.spilling = True
         try:
-            temp = self.store.new_temp(self.digest)   # fails on a read-only filesystem
-            if self.size is not None:
-                await asyncio.to_thread(temp.preallocate, self.size)
+            self._temp = self.store.new_temp(self.digest)
         except OSError as exc:
-            if temp is not None:
-                temp.discard()
-            self.space.disk_full()
-            self._uncached(f"no room on disk ({exc.strerror})")
+            self._to_memory(f"no temp file ({exc.strerror})")
             return
-        self._temp = temp
+        if self.spilling:
+            self._temp.passing_through()
+        if self.size:
+            # only a step ahead: a length is a claim, not bytes (it may be a lie)
+            await self._claim(min(self.size, self._ahead))
 
-    def _uncached(self, why: str) -> None:
+    def _not_cached(self, why: str) -> None:
+        """The content will not be cached: the file goes on outside the cache's accounting."""
         if self.caching:
             log.warning("not caching %s (%s bytes): %s; passing it through", self.digest,
                         self.size if self.size is not None else "unknown", why)
         self.caching = False
+        self.spilling = True
         self.space.release(self._reserved)
         self._reserved = 0
+        if self._temp is not None:
+            self._temp.passing_through()
+
+    def _to_memory(self, why: str) -> None:
+        """No room for the file either: what follows goes through the in-memory tail."""
+        if self.caching:
+            self._not_cached(why)
+        elif self.spilling:
+            log.warning("passing %s through from memory from byte %d: %s", self.digest, self.file_end, why)
+        self.caching = self.spilling = False
+        self.space.release(self._reserved)
+        self._reserved = 0
+
+    async def _claim(self, needed: int) -> bool:
+        """Room for the file to reach ``needed`` bytes, claimed (and preallocated) up to one step
+        ahead, never past the announced length; False (and the bytes go to memory) if there is none."""
+        step = max(self._ahead, needed - self._claimed)
+        if self.size is not None:
+            step = min(step, max(self.size, needed) - self._claimed)
+        if self.caching:
+            if await self.space.reserve(step):
+                self._reserved += step
+            else:
+                self._not_cached("it outgrew the room left in the cache" if self.file_end or self.size is None
+                                 else "there is no room for it in the cache")
+        if not self.caching and self.spilling and not self.space.spill_room(step):
+            self._to_memory("not enough free disk space for it outside the cache")
+        if not (self.caching or self.spilling) or self._temp is None:
+            return False
+        try:
+            if self.size is not None:  # a body of unknown length is not preallocated: it may be short
+                await asyncio.to_thread(self._temp.preallocate, self._claimed + step)
+        except OSError as exc:
+            self.space.disk_full()
+            self._to_memory(f"no room on disk ({exc.strerror})")
+            return False
+        self._claimed += step
+        return True
 
     async def _pump(self, source: Source) -> None:
         """Copy the source into two ordered lanes running beside the download: one hashes,
@@ -174,7 +264,11 @@ class Transfer:
         try:
             batch: list[bytes] = []
             batched = 0
+            pumped = 0
             async for chunk in source.chunks():
+                pumped += len(chunk)
+                if self.size is not None and pumped > self.size:
+                    raise DigestMismatch(f"the upstream sent more than the {self.size} bytes it announced")
                 batch.append(chunk)
                 batched += len(chunk)
                 if batched >= WRITE_BATCH:
@@ -209,15 +303,18 @@ class Transfer:
             await loop.run_in_executor(None, self._hash, item[0])
 
     async def _store_lane(self, queue: asyncio.Queue) -> None:
-        """Put each batch where readers find it: the file, or (uncached) the tail; tell them."""
+        """Put each batch where readers find it: the file, or the tail; tell them."""
         loop = asyncio.get_running_loop()
         while (item := await queue.get()) is not None:
             batch, size = item
             start = self.received
-            temp = self._temp if self.caching else None
-            grown = temp is None or self._reserved >= self.file_end + size \
-                or await self._grow_reservation(self.file_end + size)
-            if temp is not None and grown:
+            if self.spilling and self._had_readers and not self._readers:
+                raise TransferFailed("every reader of an uncached transfer has gone")
+            to_file = (self.caching or self.spilling) and self._temp is not None
+            if to_file and self.file_end + size > self._claimed:
+                to_file = await self._claim(self.file_end + size)
+            if to_file:
+                temp = self._temp
                 error = await loop.run_in_executor(None, self._write, temp, batch)
                 self.received += size
                 self.file_end = temp.written
@@ -225,22 +322,13 @@ class Transfer:
                     self._notify()
                     continue
                 self.space.disk_full()
-                self._uncached(f"writing failed at byte {self.file_end} ({error.strerror})")
+                self._to_memory(f"writing failed at byte {self.file_end} ({error.strerror})")
                 self._keep(b"".join(batch)[self.file_end - start:], self.file_end)
             else:
                 self.received += size
                 self._keep(b"".join(batch), start)
             self._notify()
             await self._trim()
-
-    async def _grow_reservation(self, needed: int) -> bool:
-        """A body of unknown length: reserve more room as it grows (a step, or just what is needed)."""
-        for step in (max(RESERVE_STEP, needed - self._reserved), needed - self._reserved):
-            if await self.space.reserve(step):
-                self._reserved += step
-                return True
-        self._uncached("it outgrew the room left in the cache")
-        return False
 
     def _hash(self, batch: list[bytes]) -> None:
         for chunk in batch:
@@ -301,8 +389,11 @@ class Transfer:
         return self.received if self.verified else max(0, self.received - 1)
 
     def follow(self, start: int = 0) -> Follower | None:
-        """A reader from ``start``; None if an uncached transfer already dropped those bytes."""
+        """A reader from ``start``; None if an uncached transfer already dropped those bytes,
+        or its file is gone."""
         if start >= self.file_end and start < self._tail_start:
+            return None
+        if self.closed.is_set() and not (self._temp is not None and self._temp.committed):
             return None
         return Follower(self, start)
 
@@ -330,12 +421,18 @@ class Follower:
         self._id = next(transfer._reader_ids)
         transfer._readers[self._id] = start
         transfer._had_readers = True
+        # like a reader of a cached file: the file this reader reads once committed is not evicted
+        self._unlease: Callable[[], None] | None = transfer.space.lease(str(transfer.digest))
 
     def close(self) -> None:
         transfer = self.transfer
         if transfer._readers.pop(self._id, None) is not None:
             transfer._reader_moved.set()
             transfer._reader_moved = asyncio.Event()
+            transfer._close_if_unread()
+        if self._unlease is not None:
+            unlease, self._unlease = self._unlease, None
+            unlease()
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | FileRange]:
         """Bytes ``[start, end)`` as they arrive, as ranges of the file being written (or bytes
@@ -382,6 +479,7 @@ class Transfers:
         self.store = store
         self.space = space
         self._active: dict[Digest, Transfer] = {}
+        self._late = 0                  # unshared transfers running (each may hold a MEMORY_TAIL)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, digest: Digest) -> Transfer | None:
@@ -401,13 +499,19 @@ class Transfers:
         if shared:
             assert digest not in self._active
             self._active[digest] = transfer
+        else:
+            self._late += 1
 
         async def run() -> None:
             try:
                 await transfer.run(open_source, commit)
+                await transfer.closed.wait()   # a spilled file: until its last reader has gone
             finally:
+                transfer.discard()
                 if self._active.get(digest) is transfer:
                     del self._active[digest]
+                if not shared:
+                    self._late -= 1
 
         task = asyncio.get_running_loop().create_task(run(), name=f"transfer {digest}")
         self._tasks.add(task)
@@ -416,6 +520,11 @@ class Transfers:
 
     def __len__(self) -> int:
         return len(self._active)
+
+    @property
+    def late_fetches_left(self) -> int:
+        """How many more unshared transfers (for late readers of an in-memory pass-through) may start."""
+        return LATE_FETCHES - self._late
 
     async def wait_all(self, timeout: float) -> None:
         """Let running transfers finish (shutdown), up to ``timeout`` seconds."""

@@ -4,6 +4,7 @@ Layout under the cache directory::
 
     blobs/<algorithm>/<first 2 hex>/<hex>   complete, verified content (layers and manifests)
     tmp/<algorithm>-<hex>.<random>.part     downloads in progress
+    tmp/<algorithm>-<hex>.<random>.pass     content passing through, not cached (outside max_size)
     tmp/<algorithm>-<hex>.<random>.evict    content being deleted
 
 A file reaches ``blobs/`` only through :meth:`BlobStore.commit`: written to ``tmp/``
@@ -50,6 +51,16 @@ class TempBlob:
         self.written = 0
         self.committed = False
         self.stamp: str | None = None   # the committed file's stamp (see :func:`stamp`)
+
+    def passing_through(self) -> None:
+        """Rename to ``.pass``: this content will not be cached (it is outside max_size)."""
+        if self.path.suffix == ".part":
+            target = self.path.with_suffix(".pass")
+            try:
+                os.rename(self.path, target)
+            except OSError:
+                return
+            self.path = target
 
     def preallocate(self, size: int) -> None:
         """Claim the disk space up front, so a full disk shows now rather than mid-download."""
@@ -145,7 +156,7 @@ class BlobStore:
         """Delete downloads and deletions left behind by a previous process; returns how many."""
         count = 0
         for entry in self.tmp.iterdir():
-            if entry.suffix in (".part", ".evict"):
+            if entry.suffix in (".part", ".pass", ".evict"):
                 try:
                     entry.unlink()
                     count += 1

@@ -5,7 +5,7 @@ status instead of forwarding, cut a body off after N bytes (every time, or the f
 N times), or at the same offset of the blob every time (however it was asked for), ignore
 Range, answer late, slow a body down, or hold bodies: answer any matching blob with a
 length and trickle it a byte at a time until released (a hostile upstream that pins
-connections without ever being silent for a read timeout).
+connections without ever being silent for a read timeout), or announce a false length.
 It can also act like Docker Hub: demand a bearer token (issued by its own ``/token``
 endpoint, optionally only for Basic credentials) or Basic auth, and redirect blob
 downloads to another host (a second proxy standing in for a CDN).
@@ -68,6 +68,7 @@ class FaultProxy:
         self.released = threading.Event()                 # set: every held body is cut off
         self.holding = 0                                  # held bodies now being sent
         self._lock = threading.Lock()
+        self.lie: tuple[str, int] | None = None           # (regex, length): announce it, send the real body, close
         self.tokens: dict[str, str] = {}                  # issued token -> scope
         self.seen: list[Seen] = []
         self._server: ThreadingHTTPServer | None = None
@@ -196,12 +197,17 @@ class FaultProxy:
         conn.endheaders()
         response = conn.getresponse()
         chunked = method == "GET" and self.chunked is not None and re.search(self.chunked, path)
+        lie = self.lie[1] if method == "GET" and self.lie and re.search(self.lie[0], path) else None
         handler.send_response(response.status)
         for name, value in response.getheaders():
-            if name.lower() not in HOP_BY_HOP and not (chunked and name.lower() == "content-length"):
+            replaced = (chunked or lie is not None) and name.lower() == "content-length"
+            if name.lower() not in HOP_BY_HOP and not replaced:
                 handler.send_header(name, value)
         if chunked:
             handler.send_header("Transfer-Encoding", "chunked")
+        if lie is not None:
+            handler.send_header("Content-Length", str(lie))
+            handler.close_connection = True
         handler.end_headers()
         if method == "HEAD":
             conn.close()
