@@ -181,7 +181,7 @@ def test_journal_priorities(tmp_path, upstream):
         proc = subprocess.Popen([sys.executable, "-m", "dockermirror", "serve", "--config", str(config)],
                                 stdout=f, stderr=f, env=env)
         try:
-            wait_until(lambda: b"Application startup complete" in log.read_bytes(), 20, what="startup")
+            wait_until(lambda: b"serving http://" in log.read_bytes(), 20, what="startup")
             httpx.get(f"http://{address}/v2/library/hello/manifests/latest", headers=ACCEPT)
             config.write_text("cache: [broken\n")                       # an error...
             proc.send_signal(signal.SIGHUP)

@@ -189,7 +189,9 @@ class Mirror(Daemon):
         offset = len(self.log_text())
         super().start()
         if wait:
-            wait_until(lambda: "Application startup complete" in self.log_text()[offset:] or not self.running(),
+            # "serving" is logged once the socket listens (uvicorn's "Application startup complete"
+            # comes before it binds: a connection then could be refused)
+            wait_until(lambda: " dockermirror: serving " in self.log_text()[offset:] or not self.running(),
                        60, what="mirror startup")
             if not self.running():
                 raise RuntimeError(f"mirror did not start:\n{self.log_text()[-3000:]}")
