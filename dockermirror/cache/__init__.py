@@ -101,7 +101,14 @@ class CachedFile:
     def check(self) -> None:
         if self.bad is None and self.stamp is not None and self.fd >= 0:
             st = os.fstat(self.fd)
-            if st.st_size != self.size or stamp(st) != self.stamp:
+            now = stamp(st)
+            if st.st_nlink == 0:
+                # removed while it was sent (an eviction that chose it just before this response
+                # leased it, or `cache prune`): unlinking changes the ctime, not the bytes
+                now, then = now.rsplit(":", 1)[0], self.stamp.rsplit(":", 1)[0]
+            else:
+                then = self.stamp
+            if st.st_size != self.size or now != then:
                 self.bad = "the file changed on disk while it was sent"
         if self.bad is not None:
             raise CorruptFile(self.bad)
@@ -301,6 +308,8 @@ class Cache:
                 log.warning("cache file of %s is missing; dropping its index entry", entry.digest)
                 await self._write("dropping the entry of a missing file", self._idx.remove_content, [entry.digest])
             return None
+        # leased before the first await: an eviction must not remove it while it is checked
+        self._leases[entry.digest] += 1
         try:
             st = os.fstat(fd)
             problem = self._bad.get(entry.digest)
@@ -310,12 +319,13 @@ class Cache:
                 problem = await self._check(entry, fd, st)
         except BaseException:
             os.close(fd)
+            self._unlease(entry.digest)
             raise
         if problem is not None:
             os.close(fd)
+            self._unlease(entry.digest)
             await self._discard(entry.digest, st, problem)
             return None
-        self._leases[entry.digest] += 1
         file = CachedFile(fd, entry.size, lambda: self._unlease(entry.digest, file), stamp=stamp(st))
         self._readers.setdefault(entry.digest, set()).add(file)
         return file

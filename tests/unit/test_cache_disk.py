@@ -154,6 +154,39 @@ async def test_a_file_changed_while_it_is_sent_is_cut_off(mirror):
         await anext(pieces)
 
 
+async def test_a_file_removed_while_it_is_sent_is_sent_whole(mirror):
+    """An eviction (or `cache prune`) may remove a file a response has just opened: the bytes
+    are intact, only the ctime moved; the response completes."""
+    image = await pulled(mirror)
+    file = await mirror.app.cache.open_file(row(mirror, image.layer))
+    pieces = file.read()
+    first = await anext(pieces)
+    os.unlink(mirror.blob_file(image.layer))
+    last = await anext(pieces)
+    assert os.pread(last.fd, last.count, last.offset) == LAYER[-1:] and first.count + last.count == len(LAYER)
+    await pieces.aclose()
+
+
+async def test_a_file_being_opened_is_leased_before_it_is_checked(mirror, monkeypatch):
+    """The re-hash of a changed file waits on a thread: the file must be leased during it, or
+    an eviction in that window removes it under the response."""
+    image = await pulled(mirror)
+    cache = mirror.app.cache
+    os.utime(mirror.blob_file(image.layer), (1, 1))                  # changed: re-hashed on open
+    leased_during_check = []
+    check = cache._check
+
+    async def watched(entry, fd, st):
+        leased_during_check.append(entry.digest in cache._leases)
+        return await check(entry, fd, st)
+
+    monkeypatch.setattr(cache, "_check", watched)
+    file = await cache.open_file(row(mirror, image.layer))
+    assert leased_during_check == [True]
+    file.close()
+    assert image.layer not in cache._leases
+
+
 async def test_cache_verify_flags_a_corrupt_file_so_the_server_does_not_serve_it(mirror):
     image = await pulled(mirror)
     flip_in_place(mirror.blob_file(image.layer))
