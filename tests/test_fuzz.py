@@ -7,8 +7,8 @@ test below checks one property of what happened. The seed and every failing case
 ``DM_FUZZ_SEED=N`` (and ``DM_FUZZ_REQUESTS``) replay a run, ``python -m bench.fuzz --seed N
 --requests M --only K`` one case of it. The longer run is ``python -m bench.fuzz``.
 
-These tests show defects of issue 10 until they are fixed (items 1, 2, 6, 16, 17 at least):
-they are not marked xfail on purpose.
+Before issue 10 was fixed these tests failed (items 1, 2, 6, 16, 17); each still names the
+items it guards.
 """
 
 from __future__ import annotations

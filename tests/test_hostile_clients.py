@@ -169,6 +169,30 @@ def test_oversized_request_heads_are_refused_without_buffering(make_mirror):
     assert "Traceback" not in mirror.log_text()
 
 
+def test_a_refused_request_after_others_on_its_connection_is_answered_after_them(make_mirror, upstream: Upstream):
+    """Pipelined (or sent as soon as the previous answer arrived): the requests before a refused
+    one are answered whole, then the refusal; the refusal used to abort the response still
+    going out (the fuzzer's 'only 1 of 2 requests answered')."""
+    mirror = make_mirror()
+    hello = upstream.seeded["hello"]
+    layer = hello.image.layers["amd64"][-1]
+    with mirror.client() as client:
+        assert client.get(f"/v2/{hello.repo}/blobs/{layer}").status_code == 200     # cached
+    size = len(upstream.blob(layer))
+    blob = f"GET /v2/{hello.repo}/blobs/{layer} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    ranged = f"GET /v2/{hello.repo}/blobs/{layer} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-0\r\n\r\n".encode()
+    refused = b"HEAD /v2/ HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n"
+    for _ in range(20):
+        answer = raw_request(mirror, blob + ranged + refused)
+        first, rest = answer.split(b"\r\n\r\n", 1)
+        assert first.startswith(b"HTTP/1.1 200 ") and b"content-length: %d" % size in first.lower(), answer[:300]
+        assert rest[:size] == upstream.blob(layer)
+        second, rest = rest[size:].split(b"\r\n\r\n", 1)
+        assert second.startswith(b"HTTP/1.1 206 ") and rest[:1] == upstream.blob(layer)[:1], answer[:300]
+        assert rest[1:].startswith(b"HTTP/1.1 431 "), rest[:200]
+    assert "went away" not in mirror.log_text() and "cut off" not in mirror.log_text()
+
+
 def test_slow_and_idle_clients_are_closed_after_the_header_timeout(make_mirror, upstream: Upstream):
     """Slowloris: a client sending one header byte a second gets 408 and is closed after
     header_timeout, one that sends nothing is closed; meanwhile another client is served."""

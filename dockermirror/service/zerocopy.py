@@ -250,7 +250,11 @@ class _Send:
             raise ConnectionError("the client went away or stopped reading")
         transport = cycle.transport
         # our own descriptor of the connection: it stays this connection even if the transport closes
-        out = os.dup(transport.get_extra_info("socket").fileno())
+        sock = transport.get_extra_info("socket")
+        fileno = sock.fileno() if sock is not None and not transport.is_closing() else -1
+        if fileno < 0:      # closed since (the client went away): nothing to duplicate
+            raise ConnectionError("the client went away")
+        out = os.dup(fileno)
         try:
             sent = await sendfile(out, message["file"].fileno(), message.get("offset", 0), count,
                                   self.limits.send_timeout)
@@ -300,6 +304,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._refusal: tuple[int, str] | None = None
         self._refused = False
+        self._pending_refusal: tuple[int, str] | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._arm_header_timer()
 
@@ -414,9 +419,23 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         client = self.client[0] if self.client else "-"
         log.info('%s "-" %d 0 note="%s"', client, status, why)
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.abort()          # mid-response: no room for an answer
+        if self._busy():
+            # the requests before it (a response going out, pipelined ones) are answered first
+            self._pending_refusal = (status, why)
             return
+        self._answer_refusal(status, why)
+
+    def _busy(self) -> bool:
+        return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._pending_refusal is not None and not self._busy() and not self.transport.is_closing():
+            status, why = self._pending_refusal
+            self._pending_refusal = None
+            self._answer_refusal(status, why)
+
+    def _answer_refusal(self, status: int, why: str) -> None:
         phrase = http.HTTPStatus(status).phrase
         body = f"{status} {phrase}: {why}\n".encode()
         self.transport.write(
