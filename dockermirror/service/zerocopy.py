@@ -184,6 +184,11 @@ class _Send:
         self.zero_copy = zero_copy
 
     async def __call__(self, message: Any) -> None:
+        if self.cycle.transport.is_closing():
+            # closed under this response (a pipelined request after a parse error, which uvicorn
+            # answers 400 at once; it marks only the newest request disconnected): what is left
+            # of the response goes nowhere, as for any client that went away
+            self.cycle.disconnected = True
         if message["type"] == EXTENSION and self.zero_copy:
             await self._send_file(message)
             return
