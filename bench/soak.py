@@ -50,6 +50,8 @@ import httpx
 import yaml
 
 from bench.fuzz import seed_upstream
+from dockermirror.service.server import WORKER_THREADS
+from dockermirror.service.zerocopy import SENDFILE_THREADS
 from tests.support import fuzzing, images
 from tests.support.clients import skopeo_push
 from tests.support.faultproxy import FaultProxy
@@ -441,7 +443,8 @@ def main(argv: list[str]) -> int:
             verdicts.append(f"{why}: {baseline[name]} before the load, {final[name]} 10 s after it"
                             + ("" if final[name] <= baseline[name] else "  <-- NOT BACK"))
         verdicts.append(f"threads: {baseline['threads']} before the load, {final['threads']} after it (thread pools "
-                        "keep their threads: at most 128 sendfile + 32 workers)")
+                        "keep their threads: at most "
+                        f"{SENDFILE_THREADS} sendfile + {WORKER_THREADS} workers)")
         verdicts.append(f"RSS: {baseline['rss_mib']} MiB before the load, {final['rss_mib']} MiB after it")
     text = [f"soak: {args.minutes} min, seed {args.seed}, sampled every {args.interval}s; "
             f"{shared.counts.get('pulls ok', 0)} pulls ok, {shared.counts.get('pulls failed', 0)} failed, "
