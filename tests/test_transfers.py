@@ -83,9 +83,12 @@ def test_download_continues_when_its_client_leaves(make_mirror, fault_proxy, ups
     with httpx.stream("GET", url, timeout=60) as response:
         assert response.status_code == 200
         next(response.iter_bytes())  # take a little, then hang up
-    wait_until(lambda: mirror.blob_file(digest).exists(), 120, what="blob committed after the client left")
     db = sqlite3.connect(mirror.cache_dir / "index.sqlite")
-    size = db.execute("SELECT size FROM content WHERE digest = ?", (digest,)).fetchone()
+
+    def indexed():  # the file is renamed into blobs/ a moment before its row is written
+        return db.execute("SELECT size FROM content WHERE digest = ?", (digest,)).fetchone()
+
+    size = wait_until(indexed, 120, what="blob committed and indexed after the client left")
     assert size == (len(upstream.blob(digest)),)
     assert _get_all(url) == (200, digest, size[0])
     assert len(fault_proxy.requests("GET", f"/blobs/{digest}")) == 1
