@@ -56,6 +56,7 @@ from dockermirror.oci import (
     valid_media_type,
     valid_name,
 )
+from dockermirror.upstream.bodies import content_length
 from dockermirror.upstream.client import BlobStream, Reply, UpstreamClient, UpstreamUnreachable, error_for
 
 log = logging.getLogger("dockermirror.mirror")
@@ -423,8 +424,7 @@ def _claimed_digest(reply: Reply, algorithm: str) -> Digest | None:
 
 def _length(reply: Reply) -> int | None:
     """The Content-Length if it is a plain decimal number (not ``+1``, ``²``, 5000 digits)."""
-    value = reply.headers.get("content-length", "").strip()
-    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
+    return content_length(reply.headers)
 
 
 def _manifest_length(reply: Reply) -> int | None:

@@ -143,6 +143,13 @@ class _Decoder:
         return out
 
 
+def content_length(headers: httpx.Headers) -> int | None:
+    """The Content-Length if it is a plain decimal number: ASCII digits only ("²".isdigit() is
+    true), few enough for int() (it refuses ~4,300), no sign; anything else is no length at all."""
+    value = headers.get("content-length", "").strip()
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
+
+
 async def read_capped(response: httpx.Response, limit: int, window: float, *, truncate: bool = False) -> bytes:
     """The decoded body, at most ``limit`` bytes of it.
 
@@ -157,11 +164,9 @@ async def read_capped(response: httpx.Response, limit: int, window: float, *, tr
         if truncate:
             return b""
         raise
-    length = response.headers.get("content-length", "")
-    # ASCII digits only ("²".isdigit() is true), and few enough for int(): anything else is no
-    # length at all (as the mirror reads it), and the cap below still holds while reading
-    announced = length.isascii() and length.isdigit() and len(length) <= 18
-    if decoder.coding is None and announced and not truncate and int(length) > limit:
+    # a length that is no plain number is no length at all: the cap below still holds while reading
+    announced = content_length(response.headers)
+    if decoder.coding is None and announced is not None and not truncate and announced > limit:
         raise BodyTooLarge(limit)
     body = bytearray()
     async for chunk in paced(response, window):

@@ -43,6 +43,7 @@ from dockermirror.upstream.bodies import (
     BadEncoding,
     BodyTooLarge,
     DeadlinePassed,
+    content_length,
     paced,
     read_capped,
     send,
@@ -112,10 +113,7 @@ class BlobStream:
         self._window = window
         self._timeout = timeout
         self._deadline = asyncio.get_running_loop().time() + timeout if timeout > 0 else None
-        length = response.headers.get("content-length")
-        # ASCII digits only ("²".isdigit() is true), and few enough for int()
-        self.size: int | None = int(length) if length and length.isascii() and length.isdigit() \
-            and len(length) <= 18 else None
+        self.size: int | None = content_length(response.headers)
         self.received = 0
         self.resumes = 0
 
