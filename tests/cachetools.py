@@ -1,13 +1,15 @@
-"""Helpers for the cache-policy tests: extra images, pulls over HTTP, a disk-usage sampler."""
+"""Helpers for the cache-policy tests: extra images, pulls over HTTP, a disk-usage sampler, a tmpfs."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,19 @@ from tests.support.clients import skopeo_push
 
 MiB = 1024 * 1024
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
+
+
+@contextlib.contextmanager
+def tmpfs(size: str, name: str = "dm-tmpfs") -> Iterator[Path]:
+    """A tmpfs of ``size`` of the test's own under /tmp, unmounted and removed afterwards."""
+    mountpoint = Path(subprocess.run(["mktemp", "-d", f"/tmp/{name}-XXXXXX"], capture_output=True, text=True,
+                                     check=True).stdout.strip())
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        mountpoint.rmdir()
 
 
 @dataclass

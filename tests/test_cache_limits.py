@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cachetools import MiB, Pushed, Sampler, cache_cli, disk_usage, pull, push_image
+from tests.cachetools import MiB, Pushed, Sampler, cache_cli, disk_usage, pull, push_image, tmpfs
 from tests.conftest import Upstream
 from tests.support.procs import wait_until
 
@@ -143,14 +143,8 @@ def test_blob_larger_than_the_cache_passes_through(make_mirror, fault_proxy, ups
 @pytest.fixture
 def small_filesystem():
     """A 40 MiB tmpfs, unmounted after the test."""
-    mountpoint = Path(subprocess.run(["mktemp", "-d", "/tmp/dm-small-XXXXXX"], capture_output=True, text=True,
-                                     check=True).stdout.strip())
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mountpoint)], check=True)
-    try:
+    with tmpfs("40m", "dm-small") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-        mountpoint.rmdir()
 
 
 def test_small_filesystem_and_a_disk_that_fills_up(make_mirror, fault_proxy, fillers, upstream: Upstream,
@@ -254,14 +248,8 @@ def test_accounting_stays_exact_under_concurrency(make_mirror, fillers, sharing)
 @pytest.fixture
 def tmpfs_300m():
     """A 300 MiB tmpfs of its own, so that the disk it uses (open files included) can be measured."""
-    mountpoint = Path(subprocess.run(["mktemp", "-d", "/tmp/dm-lease-XXXXXX"], capture_output=True, text=True,
-                                     check=True).stdout.strip())
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mountpoint)], check=True)
-    try:
+    with tmpfs("300m", "dm-lease") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-        mountpoint.rmdir()
 
 
 class FilesystemSampler(threading.Thread):

@@ -5,46 +5,21 @@ Each test mounts its own small tmpfs and unmounts it in a finally."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.cachetools import cache_cli
+from tests.cachetools import cache_cli, tmpfs
 from tests.conftest import ALL_MANIFESTS, Upstream
 from tests.support.procs import wait_until
-from tests.test_daemon import NotifySocket
+from tests.test_daemon import notify  # noqa: F401 (a fixture these tests use)
 
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
-
-
-@contextlib.contextmanager
-def small_tmpfs(size: str = "40m") -> Iterator[Path]:
-    mountpoint = Path(subprocess.run(["mktemp", "-d", "/tmp/dm-disk-XXXXXX"], capture_output=True, text=True,
-                                     check=True).stdout.strip())
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)], check=True)
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-        mountpoint.rmdir()
-
-
-@pytest.fixture
-def notify():
-    directory = Path(subprocess.run(["mktemp", "-d", "/tmp/dm-notify-XXXXXX"], capture_output=True, text=True,
-                                    check=True).stdout.strip())
-    sock = NotifySocket(directory / "notify.sock")
-    yield sock
-    sock.close()
-    subprocess.run(["rm", "-rf", str(directory)], check=False)
 
 
 def rows(cache_dir: Path, immutable: bool = False) -> dict[str, tuple[int, str]]:
@@ -93,7 +68,7 @@ def cache_results(mirror, since: int) -> list[str]:
 
 def test_full_filesystem_serves_cached_passes_through_the_rest_and_restarts(make_mirror, fault_proxy, notify,
                                                                             upstream: Upstream):
-    with small_tmpfs() as mountpoint:
+    with tmpfs("40m", "dm-disk") as mountpoint:
         mirror = make_mirror(fault_proxy.url, start=False,
                              cache={"dir": str(mountpoint / "cache"), "max_size": "100%", "min_free": 0,
                                     "tag_ttl": "1s", "pin": ["library/hello"]})   # nothing to evict
@@ -104,7 +79,6 @@ def test_full_filesystem_serves_cached_passes_through_the_rest_and_restarts(make
         wait_until(lambda: set(hello) <= set(rows(mirror.cache_dir)), 10, what="hello indexed")
         fill(mountpoint)
         time.sleep(1.5)   # tag_ttl passes: the cached tag is revalidated, and its row rewritten
-        since = len(mirror.log_text())
         with mirror.client() as client:
             assert pull(client, "library/hello", "latest") == hello          # cached tag, past tag_ttl
             tool = pull(client, "acme/tool", "1.0")                          # nothing of it cached
@@ -114,7 +88,6 @@ def test_full_filesystem_serves_cached_passes_through_the_rest_and_restarts(make
 
         # and it starts on the full filesystem: degraded, said in the log and in STATUS=
         mirror.restart()
-        since = len(mirror.log_text())
         fault_proxy.seen.clear()
         with mirror.client() as client:
             assert pull(client, "library/hello", "latest") == hello
@@ -141,7 +114,7 @@ def test_full_filesystem_serves_cached_passes_through_the_rest_and_restarts(make
 def test_read_only_filesystem_serves_cached_passes_through_the_rest_and_starts(make_mirror, upstream: Upstream):
     """(Linux refuses to remount a filesystem read-only while files on it are open for writing,
     so the server starts on it: after an admin's remount, or the kernel's errors=remount-ro.)"""
-    with small_tmpfs() as mountpoint:
+    with tmpfs("40m", "dm-disk") as mountpoint:
         try:
             mirror = make_mirror(cache={"dir": str(mountpoint / "cache"), "max_size": "100%", "min_free": 0,
                                         "tag_ttl": "1s"})
