@@ -94,14 +94,7 @@ def machine_left_as_found(request: pytest.FixtureRequest):
         pytest.fail("the run did not leave the machine as it found it:\n  " + "\n  ".join(problems), pytrace=False)
 
 
-ALL_MANIFESTS = [  # what docker and c/image send: one Accept line per type
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    "application/json",
-]
+ALL_MANIFESTS = images.ALL_MANIFESTS
 BIG_BYTES = 100 * 1024 * 1024 + 12345
 
 

@@ -40,16 +40,10 @@ from pathlib import Path
 
 import httpx
 
+from tests.support.images import ALL_MANIFESTS
+
 VALID, INVALID, LENIENT, PARTIAL = "VALID", "INVALID", "LENIENT", "PARTIAL"
 
-ALL_MANIFESTS = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    "application/json",
-]
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
 BODY_CAP = 256 * 1024       # the reader stops (and closes) after this many body bytes
 
