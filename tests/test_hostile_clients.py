@@ -3,11 +3,13 @@ others their service, and each is answered with the status code HTTP clients exp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -60,6 +62,29 @@ class SlowReader:
         return self.body()
 
 
+@contextlib.contextmanager
+def trickling(readers: list) -> Iterator[None]:
+    """Every reader takes ~1 KB a second (from a thread) while the block runs; the block starts
+    once every reader's response is under way (its headers are in)."""
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            for reader in readers:
+                reader.read(1024)
+            stop.wait(1.0)
+
+    reading = threading.Thread(target=trickle, daemon=True)
+    reading.start()
+    try:
+        wait_until(lambda: all(b"\r\n\r\n" in r.data for r in readers), 120, interval=0.5,
+                   what="every slow reader's response headers")
+        yield
+    finally:
+        stop.set()
+        reading.join()
+
+
 def test_slow_readers_do_not_starve_other_clients(make_mirror, upstream: Upstream):
     """130 clients reading a cached 100 MiB blob at ~1 KB/s each: another client still gets a
     small blob (and a manifest) at once, while they are all still connected and reading; and
@@ -74,20 +99,7 @@ def test_slow_readers_do_not_starve_other_clients(make_mirror, upstream: Upstrea
     expected = upstream.blob(big)
 
     readers = [SlowReader(mirror, f"/v2/library/big/blobs/{big}") for _ in range(SLOW_READERS)]
-    stop = threading.Event()
-
-    def trickle() -> None:               # every reader takes ~1 KB a second
-        while not stop.is_set():
-            for reader in readers:
-                reader.read(1024)
-            stop.wait(1.0)
-
-    reading = threading.Thread(target=trickle, daemon=True)
-    reading.start()
-    try:
-        # every slow reader's response is under way (its headers are in)
-        wait_until(lambda: all(b"\r\n\r\n" in r.data for r in readers), 120, interval=0.5,
-                   what="every slow reader's response headers")
+    with trickling(readers):
         # (20 s: far more than it takes, far less than the 60 s after which a client that takes
         # nothing is dropped, which would free whatever the slow readers hold)
         with httpx.Client(base_url=mirror.url, timeout=20) as client:
@@ -97,9 +109,6 @@ def test_slow_readers_do_not_starve_other_clients(make_mirror, upstream: Upstrea
         assert ranged.status_code == 206 and ranged.content == expected[:65536]
         assert not any(r.closed for r in readers)                  # all still connected...
         assert all(len(r.body()) < len(expected) for r in readers)  # ...and still reading
-    finally:
-        stop.set()
-        reading.join()
     try:
         for reader in readers[:3]:       # the bytes are right when a slow reader speeds up
             assert hashlib.sha256(reader.finish()).hexdigest() == big.split(":")[1]
@@ -312,28 +321,15 @@ def test_slow_tls_readers_neither_starve_others_nor_hold_much_memory(make_mirror
     mirror.committed_blob(big)
     rss_before = rss_kib(mirror.pid)
     readers = [SlowTLSReader(mirror, f"/v2/library/big/blobs/{big}", context) for _ in range(SLOW_READERS)]
-    stop = threading.Event()
-
-    def trickle() -> None:
-        while not stop.is_set():
-            for reader in readers:
-                reader.read(1024)
-            stop.wait(1.0)
-
-    reading = threading.Thread(target=trickle, daemon=True)
-    reading.start()
     try:
-        wait_until(lambda: all(b"\r\n\r\n" in r.data for r in readers), 120, interval=0.5,
-                   what="every slow reader's response headers")
-        time.sleep(2)                   # what each response holds settles
-        with httpx.Client(base_url=mirror.url, verify=context, timeout=20) as client:
-            response = client.get(f"/v2/library/hello/blobs/{small}")
-        assert response.status_code == 200 and response.content == upstream.blob(small)
-        growth = rss_kib(mirror.pid) - rss_before
-        assert growth < SLOW_READERS * 2 * 1024, f"{growth // SLOW_READERS} KiB per slow TLS reader"
-        assert not any(r.closed for r in readers)
+        with trickling(readers):
+            time.sleep(2)                   # what each response holds settles
+            with httpx.Client(base_url=mirror.url, verify=context, timeout=20) as client:
+                response = client.get(f"/v2/library/hello/blobs/{small}")
+            assert response.status_code == 200 and response.content == upstream.blob(small)
+            growth = rss_kib(mirror.pid) - rss_before
+            assert growth < SLOW_READERS * 2 * 1024, f"{growth // SLOW_READERS} KiB per slow TLS reader"
+            assert not any(r.closed for r in readers)
     finally:
-        stop.set()
-        reading.join()
         for reader in readers:
             reader.sock.close()
