@@ -22,7 +22,8 @@ from dockermirror.api.accesslog import AccessLog
 from dockermirror.api.routes import routes
 from dockermirror.cache import Cache, Limits
 from dockermirror.config import CacheConfig, Config, UpstreamConfig
-from dockermirror.mirror import Mirror, Upstream, registry_key
+from dockermirror.mirror import Mirror, Upstream, Upstreams
+from dockermirror.routing import RegistryTable, registry_key
 from dockermirror.upstream.client import UpstreamClient
 
 log = logging.getLogger("dockermirror")
@@ -34,13 +35,20 @@ def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None) -> U
                           transfer_timeout=up.transfer_timeout, transport=transport)
 
 
-def _limits(c: CacheConfig, upstream: Upstream) -> Limits:
+def _upstream(up: UpstreamConfig, client: UpstreamClient) -> Upstream:
+    return Upstream(registry_key(up.registry), client, aliases=up.aliases, tag_ttl=up.tag_ttl)
+
+
+def _limits(config: Config) -> Limits:
+    """The cache's limits; pins as ``registry/repository`` patterns (see RegistryTable.pattern)."""
+    c = config.cache
+    table = RegistryTable((up.registry, up.aliases) for up in config.registries)
     return Limits(max_size=c.max_size, min_free=c.min_free, blob_ttl=c.blob_ttl, manifest_ttl=c.manifest_ttl,
-                  pins=tuple(upstream.repository(pattern) for pattern in c.pin), verify_rate=c.verify_rate)
+                  pins=tuple(table.pattern(pattern) for pattern in c.pin), verify_rate=c.verify_rate)
 
 
 class DockerMirror:
-    """One running mirror: config, cache, upstream and the HTTP app around them."""
+    """One running mirror: config, cache, upstreams and the HTTP app around them."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
                  on_started: Callable[[], None] = lambda: None,
@@ -49,9 +57,9 @@ class DockerMirror:
         network under the upstream client (the in-process tests fake the upstream with it)."""
         self.config = config
         self._transport = upstream_transport
-        upstream = Upstream(registry_key(config.upstream.registry), _client(config.upstream, upstream_transport))
-        self.cache = Cache(config.cache.dir, limits=_limits(config.cache, upstream), clock=clock)
-        self.mirror = Mirror(upstream, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
+        upstreams = Upstreams(_upstream(up, _client(up, upstream_transport)) for up in config.registries)
+        self.cache = Cache(config.cache.dir, limits=_limits(config), clock=clock)
+        self.mirror = Mirror(upstreams, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
         self.started_at: float | None = None
         self._on_started = on_started
         # connections of upstream clients replaced by a reload, until nothing uses the client
@@ -63,6 +71,7 @@ class DockerMirror:
 
     @property
     def upstream_client(self) -> UpstreamClient:
+        """The default upstream's client."""
         return self.mirror.upstream.client
 
     def open(self) -> None:
@@ -77,14 +86,17 @@ class DockerMirror:
         self.open()
         await self.cache.start()
         self.started_at = time.time()
-        log.info("mirroring %s (%s) into %s", self.mirror.upstream.key, self.config.upstream.url,
-                 self.config.cache.dir)
+        for up in self.config.registries:
+            log.info("mirroring %s (%s)%s into %s", registry_key(up.registry), up.url,
+                     " as the default upstream" if up is self.config.default_upstream and len(self.config.registries) > 1
+                     else "", self.config.cache.dir)
         self._on_started()
         try:
             yield
         finally:
             await self.cache.close()
-            await self.upstream_client.aclose()
+            for upstream in self.mirror.upstreams:
+                await upstream.client.aclose()
             for close in list(self._retired.values()):
                 await close()
             self._retired.clear()
@@ -92,32 +104,50 @@ class DockerMirror:
                 await asyncio.wait(self._closing, timeout=5)
 
     def reconfigure(self, new: Config) -> list[str]:
-        """Apply what a running mirror can change; return the settings that need a restart."""
+        """Apply what a running mirror can change; return the settings that need a restart.
+
+        Upstreams are added, removed and changed in place: requests and transfers that started
+        keep the client they started with (through their ``Repo``); a removed upstream's
+        cached content stays until it expires or is evicted."""
         old, restart = self.config, []
-        for name, before, after in (("cache.dir", old.cache.dir, new.cache.dir),
-                                    ("upstream.registry", old.upstream.registry, new.upstream.registry)):
-            if before != after:
-                restart.append(name)
-        if new.upstream != old.upstream and "upstream.registry" not in restart:
-            self._swap_upstream(new.upstream)
-        if new.cache != old.cache:
-            self.cache.set_limits(_limits(new.cache, self.mirror.upstream))
+        if new.cache.dir != old.cache.dir:
+            restart.append("cache.dir")
+        if new.registries != old.registries:
+            self._swap_upstreams(new)
+        if new.cache != old.cache or new.registries != old.registries:
+            self.cache.set_limits(_limits(new))
             self.mirror.tag_ttl = new.cache.tag_ttl
         self.config = new
         return restart
 
-    def _swap_upstream(self, config: UpstreamConfig) -> None:
-        """New requests use a new client; the old one's connections are closed as soon as
-        nothing uses it any more. Every request and transfer that started with a client holds
-        a reference to it (through its ``Repo``), so the moment the last of them is done,
-        the client is collected and its connections closed. Only new timeouts: the same
-        client takes them, for requests from now on."""
-        client = self.upstream_client
-        timeouts = {"connect_timeout": 0, "read_timeout": 0, "transfer_timeout": 0}
-        if dataclasses.replace(config, **timeouts) == dataclasses.replace(self.config.upstream, **timeouts):
-            client.set_timeouts(config.connect_timeout, config.read_timeout, config.transfer_timeout)
-            return
-        self.mirror.upstream = Upstream(self.mirror.upstream.key, _client(config, self._transport))
+    def _swap_upstreams(self, new: Config) -> None:
+        """A new routing table; each upstream keeps its client (and token cache, reachability)
+        unless its connection settings changed. Only new timeouts: the same client takes them."""
+        before = {registry_key(up.registry): (up, u) for up, u in zip(self.config.registries, self.mirror.upstreams)}
+        timeouts = {"connect_timeout": 0, "read_timeout": 0, "transfer_timeout": 0, "tag_ttl": None, "aliases": ()}
+        upstreams = []
+        for up in new.registries:
+            key = registry_key(up.registry)
+            old_up, old = before.pop(key, (None, None))
+            if old is not None and dataclasses.replace(up, **timeouts) == dataclasses.replace(old_up, **timeouts):
+                old.client.set_timeouts(up.connect_timeout, up.read_timeout, up.transfer_timeout)
+                upstreams.append(_upstream(up, old.client))
+                continue
+            if old is not None:
+                self._retire(old.client)
+                log.info("upstream %s changed (%s); new requests use the new settings", key, up.url)
+            else:
+                log.info("upstream %s (%s) added", key, up.url)
+            upstreams.append(_upstream(up, _client(up, self._transport)))
+        for key, (_, old) in before.items():
+            log.info("upstream %s removed; its cached content stays until it expires or is evicted", key)
+            self._retire(old.client)
+        self.mirror.upstreams = Upstreams(upstreams)
+
+    def _retire(self, client: UpstreamClient) -> None:
+        """Close a replaced client's connections as soon as nothing uses it any more. Every
+        request and transfer that started with it holds a reference to it (through its
+        ``Repo``), so the moment the last of them is done, it is collected."""
         key, loop = next(self._retire_keys), asyncio.get_running_loop()
         self._retired[key] = client.closer()
 

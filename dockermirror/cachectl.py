@@ -20,7 +20,7 @@ from dockermirror.cache.index import ForeignDatabase, Index
 from dockermirror.cache.space import filesystem, resolve
 from dockermirror.cache.store import BlobStore
 from dockermirror.config import Config
-from dockermirror.mirror import registry_key, upstream_repository
+from dockermirror.routing import RegistryTable, registry_key, upstream_repository
 from dockermirror.oci import Digest, InvalidDigest, valid_name, valid_tag
 
 
@@ -45,8 +45,9 @@ def open_cache(config: Config) -> Opened:
         raise CommandError(f"no cache at {root}: the directory does not exist")
     if not (root / INDEX_NAME).is_file():
         raise CommandError(f"{root} is not a docker-mirror cache: it has no {INDEX_NAME}")
-    key = registry_key(config.upstream.registry)
-    pins = tuple(upstream_repository(key, p) for p in config.cache.pin)
+    key = registry_key(config.default_upstream.registry)
+    table = RegistryTable((up.registry, up.aliases) for up in config.registries)
+    pins = tuple(table.pattern(p) for p in config.cache.pin)
     try:
         index = Index(root / INDEX_NAME, pins=pins, create=False)
     except ForeignDatabase as exc:

@@ -96,7 +96,7 @@ def cmd_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_client_setup(args: argparse.Namespace) -> int:
-    from dockermirror.mirror import registry_key
+    from dockermirror.routing import registry_key
     from dockermirror.service.clientsetup import instructions
     from dockermirror.service.server import public_hostname
 
@@ -108,7 +108,7 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
     except OSError:
         ca_pem = None
     print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca,
-                       registry=registry_key(config.upstream.registry)), end="")
+                       registry=registry_key(config.default_upstream.registry)), end="")
     return 0
 
 

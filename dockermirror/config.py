@@ -144,6 +144,8 @@ def split_listen(text: str) -> tuple[str, int]:
 def parse_url(value: Any) -> str:
     text = _string(value)
     parts = urlsplit(text)
+    if "://" not in text:
+        raise ValueError(f"URL {text!r} has no scheme: write https://{text} (or http:// for a plain-HTTP registry)")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"invalid URL {text!r} (use e.g. https://registry-1.docker.io)")
     if parts.query or parts.fragment:
@@ -216,19 +218,50 @@ class TLSConfig:
         return self.enabled == "on"
 
 
+# a registry name: a host, optionally with a port (as clients write it before a repository)
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_REGISTRY_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?")
+
+
+def parse_registry(value: Any) -> str:
+    """A registry name clients use (``docker.io``, ``ghcr.io``, ``registry.example.org:5000``)."""
+    text = _string(value)
+    if not _REGISTRY_RE.fullmatch(text) or len(text) > 255:
+        raise ValueError(f"invalid registry name {text!r} (a lowercase host name, optionally with :PORT, "
+                         "e.g. ghcr.io or registry.example.org:5000)")
+    if "." not in text and ":" not in text and text != "localhost":
+        raise ValueError(f"registry name {text!r} needs a dot or a :PORT (or be localhost): clients tell a "
+                         "registry from a repository namespace that way")
+    return text
+
+
+def parse_registries(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of registry names, got {value!r}")
+    return tuple(parse_registry(v) for v in value)
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     url: str = _setting("https://registry-1.docker.io", parse_url)
     # The registry name clients use for this upstream. containerd sends it as ?ns=,
     # and for docker.io one-component names get the library/ prefix.
-    registry: str = _setting("docker.io", _string)
+    registry: str = _setting("docker.io", parse_registry)
+    # other names clients may use for it (in ?ns= or as a path prefix)
+    aliases: tuple[str, ...] = _setting((), parse_registries, sequence=True)
     username: str | None = _setting(None, _optional(_string))
     password: str | None = _setting(None, _optional(_string), secret=True)
+    # a file holding the password (its first line), readable by the service user only
+    password_file: Path | None = _setting(None, _optional(_path))
     ca_bundle: Path | None = _setting(None, _optional(_path))
     connect_timeout: float = _duration(10.0)
     read_timeout: float = _duration(60.0)
     # the longest one blob download from the upstream may take, resumes included
     transfer_timeout: float = _duration(6 * 3600.0)
+    # this upstream's cache.tag_ttl (None: cache.tag_ttl)
+    tag_ttl: float | None = _setting(None, _optional(parse_duration), show=format_duration)
 
 
 @dataclass(frozen=True)
@@ -287,6 +320,8 @@ class Config:
     hostname: str = _setting("", lambda v: "" if v in (None, "") else _string(v))
     tls: TLSConfig = field(default_factory=TLSConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    # several upstreams: a list of upstream sections, the default first (instead of upstream:)
+    upstreams: tuple[UpstreamConfig, ...] = field(default=(), metadata={"items": UpstreamConfig})
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -296,13 +331,27 @@ class Config:
     def listen_address(self) -> tuple[str, int]:
         return split_listen(self.listen)
 
+    @property
+    def registries(self) -> tuple[UpstreamConfig, ...]:
+        """Every upstream, the default first: ``upstreams``, or else the one ``upstream``."""
+        return self.upstreams or (self.upstream,)
+
+    @property
+    def default_upstream(self) -> UpstreamConfig:
+        return self.registries[0]
+
     def with_overrides(self, **dotted: Any) -> Config:
         """A copy with ``section.key`` values replaced; the values are parsed like YAML ones."""
         config = self
         for key, raw in dotted.items():
             if raw is None:
                 continue
-            config = _replace_dotted(config, key.split("."), raw)
+            path = key.split(".")
+            if path[0] == "upstream" and config.upstreams:    # the default upstream of the list
+                first = _replace_dotted(config.upstreams[0], path[1:], raw, prefix="upstreams[0]")
+                config = dataclasses.replace(config, upstreams=(first, *config.upstreams[1:]))
+                continue
+            config = _replace_dotted(config, path, raw)
         return config
 
 
@@ -311,17 +360,17 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _is_section(f: dataclasses.Field) -> bool:
-    return "parse" not in f.metadata
+    return "parse" not in f.metadata and "items" not in f.metadata
 
 
-def _replace_dotted(obj: Any, path: list[str], raw: Any) -> Any:
+def _replace_dotted(obj: Any, path: list[str], raw: Any, prefix: str = "") -> Any:
     f = _fields(type(obj))[path[0]]
     if len(path) > 1:
         return dataclasses.replace(obj, **{f.name: _replace_dotted(getattr(obj, f.name), path[1:], raw)})
     try:
         value = f.metadata["parse"](raw)
     except ValueError as exc:
-        raise ConfigError(str(exc), key=".".join(path)) from None
+        raise ConfigError(str(exc), key=".".join([prefix, *path] if prefix else path)) from None
     return dataclasses.replace(obj, **{f.name: value})
 
 
@@ -361,12 +410,16 @@ def loads(text: str, source: str = "<string>") -> Config:
     return dataclasses.replace(config, source=source)
 
 
-def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, prefix: str) -> Any:
+def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, prefix: str,
+           lines: dict[str, int] | None = None) -> Any:
+    """Build a section from its mapping node; ``lines`` collects the line of each key given."""
     line = node.start_mark.line + 1
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError("expected a mapping of keys to values", source=source, line=line, key=prefix or "(top)")
     fields = _fields(cls)
     values: dict[str, Any] = {}
+    lines = {} if lines is None else lines
+    lines[""] = line
     for key_node, value_node in node.value:
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
         dotted = f"{prefix}.{key}" if prefix else key
@@ -375,16 +428,24 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
         if f is None:
             raise ConfigError(f"unknown key (known here: {', '.join(fields)})",
                               source=source, line=key_line, key=dotted)
-        if key in values:
+        if key in values or key in lines:
             raise ConfigError("key given twice", source=source, line=key_line, key=dotted)
+        lines[key] = key_line
+        null = isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")
+        if "items" in f.metadata:
+            if null:
+                continue
+            if not isinstance(value_node, yaml.SequenceNode):
+                raise ConfigError("expected a list of sections", source=source, line=key_line, key=dotted)
+            values[key] = _build_items(f.metadata["items"], value_node, loader, source, dotted)
+            continue
         if _is_section(f):
-            if isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null"):
+            if null:
                 continue  # "tls:" with nothing under it keeps the defaults
             values[key] = _build(f.default_factory, value_node, loader, source, dotted)  # type: ignore[misc]
             continue
         wanted = yaml.SequenceNode if f.metadata.get("sequence") else yaml.ScalarNode
-        if not isinstance(value_node, wanted) and not (
-                isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")):
+        if not isinstance(value_node, wanted) and not null:
             expected = "a list" if f.metadata.get("sequence") else "a single value"
             raise ConfigError(f"expected {expected}", source=source, line=key_line, key=dotted)
         raw = loader.construct_object(value_node, deep=True)
@@ -392,7 +453,101 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
             values[key] = f.metadata["parse"](raw)
         except ValueError as exc:
             raise ConfigError(str(exc), source=source, line=value_node.start_mark.line + 1, key=dotted) from None
-    return cls(**values)
+    built = cls(**values)
+    if cls is UpstreamConfig:
+        built = _check_upstream(built, lines, source, prefix)
+    if cls is Config and "upstream" in lines and "upstreams" in lines:
+        raise ConfigError("give either upstream: (one registry) or upstreams: (a list, the default first), "
+                          f"not both (upstream: is on line {lines['upstream']})", source=source,
+                          line=lines["upstreams"], key="upstreams")
+    if cls is Config and values.get("cache") is not None:
+        _check_pins(built, source, node)
+    return built
+
+
+def _build_items(cls: type, node: yaml.SequenceNode, loader: yaml.SafeLoader, source: str,
+                 prefix: str) -> tuple[Any, ...]:
+    """A list of upstream sections: each checked, then checked against each other."""
+    if not node.value:
+        raise ConfigError("the list is empty: give at least one upstream, or leave the key out",
+                          source=source, line=node.start_mark.line + 1, key=prefix)
+    items, owners = [], {}    # owners: registry name or alias -> (item, its line)
+    for i, item in enumerate(node.value):
+        lines: dict[str, int] = {}
+        built = _build(cls, item, loader, source, f"{prefix}[{i}]", lines)
+        names = [("registry", built.registry)] + [("aliases", alias) for alias in built.aliases]
+        for key, name in names:
+            canonical = _registry_key(name)
+            if canonical in owners:
+                other, other_line = owners[canonical]
+                what = "the same upstream" if other == i else f"{prefix}[{other}] (line {other_line})"
+                raise ConfigError(f"{name!r} is already a name of {what}: each registry name and alias must "
+                                  "name one upstream", source=source, line=lines.get(key, lines[""]),
+                                  key=f"{prefix}[{i}].{key}")
+            owners[canonical] = (i, lines.get(key, lines[""]))
+        items.append(built)
+    return tuple(items)
+
+
+def _registry_key(name: str) -> str:
+    from dockermirror.routing import registry_key
+
+    return registry_key(name)
+
+
+def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, prefix: str) -> UpstreamConfig:
+    """Credentials that go together; the password file read (and refused if others can read it)."""
+    def fail(message: str, key: str) -> ConfigError:
+        return ConfigError(message, source=source, line=lines.get(key, lines.get("")),
+                           key=f"{prefix}.{key}" if prefix else key)
+
+    if up.password is not None and up.password_file is not None:
+        raise fail("give password or password_file, not both", "password_file")
+    if up.password_file is not None:
+        path = up.password_file
+        try:
+            mode = path.stat().st_mode
+            with path.open(encoding="utf-8") as f:
+                first = f.readline(4096).strip("\r\n")
+        except OSError as exc:
+            raise fail(f"cannot read {path}: {exc.strerror}", "password_file") from None
+        except UnicodeDecodeError:
+            raise fail(f"{path} is not UTF-8 text", "password_file") from None
+        if mode & 0o004:
+            raise fail(f"{path} can be read by every user: make it readable by the service user only "
+                       f"(chmod 600, or 640 with group docker-mirror)", "password_file")
+        if not first:
+            raise fail(f"{path} has no password on its first line", "password_file")
+        up = dataclasses.replace(up, password=first)
+    if up.password is not None and up.username is None:
+        raise fail("a password needs a username", "password" if "password" in lines else "password_file")
+    if up.username is not None and up.password is None:
+        raise fail("a username needs a password (or password_file)", "username")
+    return up
+
+
+def _check_pins(config: Config, source: str, node: yaml.MappingNode) -> None:
+    """Every ``cache.pin`` pattern that names a registry names a configured one."""
+    from dockermirror.routing import RegistryTable, UnknownRegistry
+
+    table = RegistryTable((up.registry, up.aliases) for up in config.registries)
+    for pattern in config.cache.pin:
+        try:
+            table.pattern(pattern)
+        except UnknownRegistry as exc:
+            raise ConfigError(f"pin {pattern!r}: {exc}", source=source, line=_pin_line(node, pattern),
+                              key="cache.pin") from None
+
+
+def _pin_line(node: yaml.MappingNode, pattern: str) -> int | None:
+    for key_node, value_node in node.value:
+        if getattr(key_node, "value", None) == "cache" and isinstance(value_node, yaml.MappingNode):
+            for k, v in value_node.value:
+                if getattr(k, "value", None) == "pin" and isinstance(v, yaml.SequenceNode):
+                    for item in v.value:
+                        if getattr(item, "value", None) == pattern:
+                            return item.start_mark.line + 1
+    return None
 
 
 def dump(config: Config) -> str:
@@ -402,7 +557,12 @@ def dump(config: Config) -> str:
         out: dict[str, Any] = {}
         for name, f in _fields(type(obj)).items():
             value = getattr(obj, name)
-            if _is_section(f):
+            if name == "upstream" and getattr(obj, "upstreams", None):
+                continue    # upstreams: replaces it
+            if "items" in f.metadata:
+                if value:
+                    out[name] = [plain(item) for item in value]
+            elif _is_section(f):
                 out[name] = plain(value)
             elif f.metadata.get("secret") and value is not None:
                 out[name] = "********"

@@ -27,7 +27,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,6 +42,7 @@ from dockermirror.errors import (
     RegistryError,
     Unavailable,
 )
+from dockermirror.routing import RegistryTable, UnknownRegistry, upstream_repository
 from dockermirror.singleflight import SingleFlight
 from dockermirror.oci import (
     AS_STORED,
@@ -63,24 +64,8 @@ log = logging.getLogger("dockermirror.mirror")
 
 T = TypeVar("T")
 
-DOCKER_HUB = "docker.io"
-_DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
-
 HIT, MISS, STALE, COALESCED, PASS = "HIT", "MISS", "STALE", "COALESCED", "PASS"
 LATE_RETRY_AFTER = 10   # seconds a client is asked to wait when too many late pass-through fetches run
-
-
-def registry_key(name: str) -> str:
-    """The canonical name of a registry host (Docker Hub has several)."""
-    name = name.strip().lower()
-    return DOCKER_HUB if name in _DOCKER_HUB_ALIASES else name
-
-
-def upstream_repository(registry: str, name: str) -> str:
-    """The repository name a registry uses; Docker Hub keeps official images in library/."""
-    if registry == DOCKER_HUB and "/" not in name:
-        return f"library/{name}"
-    return name
 
 
 @dataclass(frozen=True)
@@ -89,9 +74,34 @@ class Upstream:
 
     key: str
     client: UpstreamClient
+    aliases: tuple[str, ...] = ()
+    tag_ttl: float | None = None    # None: the mirror's
 
     def repository(self, name: str) -> str:
         return upstream_repository(self.key, name)
+
+
+class Upstreams:
+    """The configured upstreams by key, the default first, and the table that routes to them."""
+
+    def __init__(self, upstreams: Iterable[Upstream]) -> None:
+        self.by_key: dict[str, Upstream] = {}
+        for upstream in upstreams:
+            self.by_key.setdefault(upstream.key, upstream)
+        self.table = RegistryTable((u.key, u.aliases) for u in self.by_key.values())
+
+    @property
+    def default(self) -> Upstream:
+        return self.by_key[self.table.default]
+
+    def __iter__(self) -> Iterator[Upstream]:
+        return iter(self.by_key.values())
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def get(self, key: str) -> Upstream | None:
+        return self.by_key.get(key)
 
 
 @dataclass(frozen=True)
@@ -124,26 +134,38 @@ class Blob:
 
 
 class Mirror:
-    """Serves registry requests from the cache and one upstream."""
+    """Serves registry requests from the cache and the upstreams."""
 
-    def __init__(self, upstream: Upstream, cache: Cache, *, tag_ttl: float,
+    def __init__(self, upstreams: Upstreams | Upstream, cache: Cache, *, tag_ttl: float,
                  clock: Callable[[], float] = time.time) -> None:
-        self.upstream = upstream
+        self.upstreams = upstreams if isinstance(upstreams, Upstreams) else Upstreams([upstreams])
         self.cache = cache
         self.tag_ttl = tag_ttl
         self.clock = clock
         self._flights = SingleFlight()
 
+    @property
+    def upstream(self) -> Upstream:
+        """The default upstream."""
+        return self.upstreams.default
+
     # --- routing
 
     def resolve(self, name: str, namespace: str | None = None) -> Repo:
-        """The upstream repository for a request path name and containerd's ``?ns=``."""
+        """The upstream repository for a request path name and containerd's ``?ns=``
+        (see :mod:`dockermirror.routing`): an unknown registry is 404 NAME_UNKNOWN, at once."""
         if not valid_name(name):
             raise NameInvalid(f"invalid repository name {name!r}", detail={"name": name})
-        if namespace is not None and registry_key(namespace) != self.upstream.key:
-            raise NameUnknown(f"this mirror serves {self.upstream.key}, not {namespace}",
-                              detail={"ns": namespace})
-        return Repo(self.upstream, self.upstream.repository(name))
+        upstreams = self.upstreams      # one table for the whole lookup, whatever a reload does
+        try:
+            route = upstreams.table.route(name, namespace)
+        except UnknownRegistry as exc:
+            detail = {"ns": namespace} if namespace is not None else {"registry": exc.registry}
+            raise NameUnknown(str(exc), detail=detail) from None
+        return Repo(upstreams.by_key[route.registry], route.repository)
+
+    def tag_ttl_of(self, upstream: Upstream) -> float:
+        return self.tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl
 
     # --- manifests
 
@@ -172,7 +194,7 @@ class Mirror:
     async def _manifest_by_tag(self, repo: Repo, tag: str, accept: list[str], *, head: bool) -> Manifest:
         key = repo.upstream.key
         row = self._tag_row(repo, tag, accept)
-        if row is not None and self.clock() - row.checked < self.tag_ttl:
+        if row is not None and self.clock() - row.checked < self.tag_ttl_of(repo.upstream):
             self.cache.touch_tag(key, repo.name, tag)
             return await self._serve_tag(repo, row, accept, head=head, cache=HIT, upstream_status=None)
         if row is not None and repo.upstream.client.recently_down:
@@ -364,11 +386,16 @@ class Mirror:
 
     # --- stats from the request layer
 
-    def record(self, cache: str | None, nbytes: int) -> None:
-        """Count a finished request by how it was served."""
+    def record(self, cache: str | None, nbytes: int, upstream: str | None = None) -> None:
+        """Count a finished request by how it was served, in all and for its upstream
+        (``upstream/<key>/requests_hit``...)."""
         if cache:
-            self.cache.count(f"requests_{cache.lower()}")
-            self.cache.count(f"bytes_served_{cache.lower()}", nbytes)
+            kind = cache.lower()
+            self.cache.count(f"requests_{kind}")
+            self.cache.count(f"bytes_served_{kind}", nbytes)
+            if upstream:
+                self.cache.count(f"upstream/{upstream}/requests_{kind}")
+                self.cache.count(f"upstream/{upstream}/bytes_served_{kind}", nbytes)
 
     # --- helpers
 

@@ -86,7 +86,7 @@ def test_upstream_errors_serve_stale_tags(make_mirror, fault_proxy, upstream: Up
     assert cache_of(mirror.access_lines("GET /v2/library/hello/manifests/latest", at_least=2)[-1]) == "STALE"
     assert uncached.status_code == status
     assert uncached.json()["errors"][0]["code"] == code
-    assert f"upstream={status}" in mirror.access_lines("/v2/acme/tool/manifests/1.0")[-1]
+    assert f"upstream_status={status}" in mirror.access_lines("/v2/acme/tool/manifests/1.0")[-1]
 
 
 def test_tag_revalidation_uses_head_and_follows_changes(tmp_path, make_mirror, upstream: Upstream):

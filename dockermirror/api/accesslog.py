@@ -1,8 +1,8 @@
 """One log line per request, and the registry API version header on every response.
 
 Handlers leave notes for the line in ``scope["state"]``: ``cache`` (HIT, MISS, STALE,
-COALESCED, PASS), ``upstream`` (the upstream's HTTP status) and ``note`` (why a
-request failed).
+COALESCED, PASS), ``upstream`` (the upstream the request was routed to),
+``upstream_status`` (the upstream's HTTP status) and ``note`` (why a request failed).
 
 Everything in the line that a client (or an upstream, through a note) chose is escaped
 like nginx does (``\x0d``, ``\x1b``, ``\x22``): a request cannot forge or split a line.
@@ -24,7 +24,7 @@ API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
 
 
 class AccessLog:
-    def __init__(self, app: ASGIApp, on_done: Callable[[str | None, int], None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, on_done: Callable[[str | None, int, str | None], None] | None = None) -> None:
         self.app = app
         self.on_done = on_done
 
@@ -60,11 +60,13 @@ class AccessLog:
             path = printable(scope["path"]) + ("?" + printable(query) if query else "")
             client = scope.get("client") or ("-", 0)
             note = state.get("note") or ("" if complete or not status else "incomplete")
+            upstream = state.get("upstream")
             log.info(
-                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s%s',
+                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s',
                 printable(str(client[0])), printable(scope["method"]), path, status, sent,
-                (time.perf_counter() - started) * 1000, cache or "-", printable(str(state.get("upstream") or "-")),
+                (time.perf_counter() - started) * 1000, cache or "-", printable(str(upstream or "-")),
+                printable(str(state.get("upstream_status") or "-")),
                 f' note="{printable(str(note))}"' if note else "",
             )
             if self.on_done is not None:
-                self.on_done(cache, sent)
+                self.on_done(cache, sent, upstream)

@@ -139,7 +139,7 @@ class RegistryAPI:
                 return await handler(request)
             except RegistryError as exc:
                 if exc.upstream_status is not None:
-                    request.state.upstream = exc.upstream_status
+                    request.state.upstream_status = exc.upstream_status
                 request.state.note = f"{exc.code}: {exc.message}"
                 return error_response(exc, head=head)
             except Exception as exc:
@@ -160,18 +160,23 @@ class RegistryAPI:
         if _UPLOADS.fullmatch(path):
             raise Unsupported("this registry is a read-only mirror: uploads are not supported")
         if match := _MANIFEST.fullmatch(path):
-            repo = self.mirror.resolve(match["name"], namespace)
+            repo = self._resolve(request, match["name"], namespace)
             return await self.manifest(request, repo, match["reference"])
         if match := _BLOB.fullmatch(path):
             digest = _digest(match["digest"])
-            repo = self.mirror.resolve(match["name"], namespace)
+            repo = self._resolve(request, match["name"], namespace)
             return await self.blob(request, repo, digest)
         if match := _TAGS.fullmatch(path):
-            repo = self.mirror.resolve(match["name"], namespace)
+            repo = self._resolve(request, match["name"], namespace)
             return await self.tags(request, repo)
         if path.endswith("/_catalog") or path == "_catalog":
             raise Unsupported("this mirror does not list repositories")
         raise NameUnknown("no such registry endpoint", detail={"path": "/v2/" + path})
+
+    def _resolve(self, request: Request, name: str, namespace: str | None) -> Repo:
+        repo = self.mirror.resolve(name, namespace)
+        request.state.upstream = repo.upstream.key      # for the request log and the counters
+        return repo
 
     async def manifest(self, request: Request, repo: Repo, reference: str) -> Response:
         if ":" in reference:
@@ -278,7 +283,7 @@ class RegistryAPI:
     def _note(request: Request, cache: str, upstream_status: int | None) -> None:
         request.state.cache = cache
         if upstream_status is not None:
-            request.state.upstream = upstream_status
+            request.state.upstream_status = upstream_status
 
     @staticmethod
     def _namespace_header(request: Request) -> dict[str, str]:

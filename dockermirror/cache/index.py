@@ -285,7 +285,7 @@ class Index:
         conn.execute("UPDATE content SET pinned = 0 WHERE pinned = 1")
         for pattern in self.pins:
             conn.execute("UPDATE content SET pinned = 1 WHERE pinned = 0 AND digest IN "
-                         "(SELECT digest FROM refs WHERE repository GLOB ?)", (pattern,))
+                         "(SELECT digest FROM refs WHERE upstream || '/' || repository GLOB ?)", (pattern,))
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('pins', ?)", (json.dumps(list(self.pins)),))
 
     def set_pins(self, pins: Iterable[str]) -> None:
@@ -293,8 +293,10 @@ class Index:
         with self._transaction() as conn:
             self._repin(conn)
 
-    def is_pinned(self, repository: str) -> bool:
-        return any(fnmatch.fnmatchcase(repository, pattern) for pattern in self.pins)
+    def is_pinned(self, upstream: str, repository: str) -> bool:
+        """Whether ``upstream/repository`` matches a pin pattern (patterns name the registry too)."""
+        name = f"{upstream}/{repository}"
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.pins)
 
     def close(self) -> None:
         with self._lock:
@@ -419,7 +421,8 @@ class Index:
 
     def add_content(self, entry: Entry, upstream: str | None, repository: str | None) -> None:
         """Record stored content, and the repository it was fetched for (if known)."""
-        pinned = int(entry.pinned or (repository is not None and self.is_pinned(repository)))
+        pinned = int(entry.pinned or (upstream is not None and repository is not None
+                                      and self.is_pinned(upstream, repository)))
         with self._transaction() as conn:
             conn.execute(self._UPSERT, (entry.digest, entry.size, entry.media_type, entry.kind, entry.created,
                                         entry.last_access, entry.hits, pinned, entry.stamp))
@@ -481,7 +484,7 @@ class Index:
 
     def apply(self, batch: AccessBatch) -> None:
         """Write a batch of recorded accesses in one transaction."""
-        pinned = [(d,) for (_, repository, d) in batch.refs if self.is_pinned(repository)]
+        pinned = [(d,) for (upstream, repository, d) in batch.refs if self.is_pinned(upstream, repository)]
         with self._transaction() as conn:
             conn.executemany(
                 "UPDATE content SET last_access = max(last_access, ?), hits = hits + ? WHERE digest = ?",

@@ -18,7 +18,7 @@ class Limits:
     low_watermark: float = 0.9      # eviction frees down to this share of max_size
     blob_ttl: float = 7 * DAY       # 0: never expire
     manifest_ttl: float = 7 * DAY
-    pins: tuple[str, ...] = ()      # repository patterns never evicted or expired
+    pins: tuple[str, ...] = ()      # registry/repository patterns (RegistryTable.pattern) never evicted or expired
     verify_rate: int = 0            # bytes/s the background re-verification of stored files reads (0: off)
 
 

@@ -215,12 +215,27 @@ class Service:
                 parts.append(f"hit ratio {requests.get('requests_hit', 0) / total * 100:.0f}% of {total} requests")
         if cache.degraded is not None:
             parts.append(f"cache DEGRADED ({cache.degraded}): serving what is cached, not caching")
-        client = self.app.upstream_client
-        state = {None: "not contacted yet", True: "reachable", False: "UNREACHABLE"}[client.reachable]
-        parts.append(f"upstream {self.app.mirror.upstream.key} {state}")
-        if client.ratelimit_remaining:
-            parts.append(f"pulls left {client.ratelimit_remaining.split(';')[0]}")
+        parts += upstream_status(list(self.app.mirror.upstreams))
         return " | ".join(parts)
+
+
+def upstream_status(upstreams: list) -> list[str]:
+    """``upstream docker.io reachable`` for one; ``upstreams 2 of 3 reachable (ghcr.io UNREACHABLE)``
+    for several; and Docker Hub's pull allowance where an upstream reports one."""
+    states = {None: "not contacted yet", True: "reachable", False: "UNREACHABLE"}
+    parts = []
+    if len(upstreams) == 1:
+        parts.append(f"upstream {upstreams[0].key} {states[upstreams[0].client.reachable]}")
+    else:
+        down = [u.key for u in upstreams if u.client.reachable is False]
+        text = f"upstreams {len(upstreams) - len(down)} of {len(upstreams)} reachable"
+        parts.append(text + (f" ({', '.join(down)} UNREACHABLE)" if down else ""))
+    for upstream in upstreams:
+        remaining = upstream.client.ratelimit_remaining
+        if remaining:
+            label = "pulls left" if len(upstreams) == 1 else f"{upstream.key} pulls left"
+            parts.append(f"{label} {remaining.split(';')[0]}")
+    return parts
 
 
 def client_limits(server: ServerConfig) -> ClientLimits:
