@@ -42,7 +42,7 @@ from dockermirror.errors import (
     RegistryError,
     Unavailable,
 )
-from dockermirror.routing import RegistryTable, UnknownRegistry, upstream_repository
+from dockermirror.routing import RegistryTable, UnknownRegistry, host_with_port, upstream_repository
 from dockermirror.singleflight import SingleFlight
 from dockermirror.oci import (
     AS_STORED,
@@ -154,7 +154,8 @@ class Mirror:
     def resolve(self, name: str, namespace: str | None = None) -> Repo:
         """The upstream repository for a request path name and containerd's ``?ns=``
         (see :mod:`dockermirror.routing`): an unknown registry is 404 NAME_UNKNOWN, at once."""
-        if not valid_name(name):
+        first, _, rest = name.partition("/")
+        if not (valid_name(name) or (rest and host_with_port(first) and valid_name(rest))):
             raise NameInvalid(f"invalid repository name {name!r}", detail={"name": name})
         upstreams = self.upstreams      # one table for the whole lookup, whatever a reload does
         try:
