@@ -317,6 +317,8 @@ def test_status_says_how_many_upstreams_are_reachable(tmp_path: Path, notify, th
     mirror.start()
     try:
         notify.wait_for("READY=1")
+        ready = next(message for _, message in notify.messages if "READY=1" in message)
+        assert "upstreams 0 of 3 reachable (docker.io, ghcr.test, registry.test:5443 not contacted yet)" in ready
         with mirror.client() as client:
             for path in ("/v2/hello/manifests/latest", "/v2/registry.test:5443/team/app/manifests/v1"):
                 assert client.get(path, headers=ACCEPT).status_code == 200

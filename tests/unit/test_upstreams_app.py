@@ -321,3 +321,19 @@ async def test_reload_keeps_a_client_unless_its_connection_changes(fleet_mirror:
              .replace("https://private.test", "https://private.test:8443"))
     assert h.client_of(PRIVATE) is not first[PRIVATE]
     assert h.client_of(GHCR) is third and h.client_of(HUB) is first[HUB]
+
+
+def test_status_line_counts_only_upstreams_that_answered():
+    from types import SimpleNamespace
+
+    from dockermirror.service.server import upstream_status
+
+    def up(key: str, reachable: bool | None):
+        return SimpleNamespace(key=key, client=SimpleNamespace(reachable=reachable, ratelimit_remaining=None))
+
+    assert upstream_status([up(HUB, None), up(GHCR, None)]) == [
+        "upstreams 0 of 2 reachable (docker.io, ghcr.io not contacted yet)"]
+    assert upstream_status([up(HUB, True), up(GHCR, False), up(PRIVATE, None)]) == [
+        "upstreams 1 of 3 reachable (ghcr.io UNREACHABLE; registry.example.org:5000 not contacted yet)"]
+    assert upstream_status([up(HUB, True), up(GHCR, True)]) == ["upstreams 2 of 2 reachable"]
+    assert upstream_status([up(HUB, None)]) == ["upstream docker.io not contacted yet"]
