@@ -52,6 +52,12 @@ def blob_gets(site: Site, name: str, since: int = 0) -> dict[str, int]:
             for digest in seeded.image.blob_paths if not is_manifest(seeded, digest)}
 
 
+def committed(mirror: Mirror, site: Site, name: str) -> None:
+    """Wait until each blob of the image is in the cache (committed just after its last byte is sent)."""
+    for digest in blob_gets(site, name):
+        mirror.committed_blob(digest)
+
+
 def errors(response: httpx.Response) -> list[str]:
     return [e["code"] for e in response.json()["errors"]]
 
@@ -86,6 +92,7 @@ def test_pull_by_ns_then_by_prefix_is_one_cache_entry(make_mirror, three_upstrea
     mirror = make_mirror(upstreams=three_upstreams.config())
     with mirror.client() as client:
         pull(client, site, name, by_ns, ns=key)
+        committed(mirror, site, name)
         after_first = site.mark()
         pull(client, site, name, by_prefix)
     # the upstream saw each blob once, and nothing at all for the second pull
