@@ -337,3 +337,20 @@ def test_status_line_counts_only_upstreams_that_answered():
         "upstreams 1 of 3 reachable (ghcr.io UNREACHABLE; registry.example.org:5000 not contacted yet)"]
     assert upstream_status([up(HUB, True), up(GHCR, True)]) == ["upstreams 2 of 2 reachable"]
     assert upstream_status([up(HUB, None)]) == ["upstream docker.io not contacted yet"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read {path}: No such file or directory"),
+    (b"", "{path} holds no PEM certificate"),
+    (b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n", "{path} holds no PEM certificate"),
+])
+def test_a_bad_ca_bundle_is_a_config_error_with_its_line(tmp_path: Path, content, message):
+    """Not a traceback when the upstream client is built (at start, or half way through a reload)."""
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_bytes(content)
+    text = upstreams_text(tmp_path / "cache", ghcr_io=f"ca_bundle: {path}")
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.loads(text)
+    line = next(n for n, text_line in enumerate(text.splitlines(), 1) if "ca_bundle" in text_line)
+    assert str(caught.value) == f"<string>:{line}: upstreams[1].ca_bundle: " + message.format(path=path)
