@@ -354,3 +354,25 @@ def test_a_bad_ca_bundle_is_a_config_error_with_its_line(tmp_path: Path, content
         configuration.loads(text)
     line = next(n for n, text_line in enumerate(text.splitlines(), 1) if "ca_bundle" in text_line)
     assert str(caught.value) == f"<string>:{line}: upstreams[1].ca_bundle: " + message.format(path=path)
+
+
+async def test_reload_with_a_new_ca_bundle_content_makes_a_new_client(tmp_path: Path):
+    """A CA bundle rotated in place (same path, other certificates), then a reload: the upstream
+    gets a client built with the new bundle, as for a new password_file; the others keep theirs."""
+    from tests.support.certs import make_pki
+
+    bundle = tmp_path / "private-ca.pem"
+    bundle.write_bytes(make_pki(tmp_path / "ca1").ca.read_bytes())
+    text = upstreams_text(tmp_path / "cache", registry_example_org_5000=f"ca_bundle: {bundle}")
+    app = DockerMirror(configuration.loads(text), clock=FakeClock(), upstream_transport=Fleet().transport)
+    async with app.running():
+        first = {u.key: u.client for u in app.mirror.upstreams}
+        app.reconfigure(configuration.loads(text))                  # unchanged: the same clients
+        assert {u.key: u.client for u in app.mirror.upstreams} == first
+        bundle.write_bytes(make_pki(tmp_path / "ca2").ca.read_bytes())
+        app.reconfigure(configuration.loads(text))
+        now = {u.key: u.client for u in app.mirror.upstreams}
+        assert now[PRIVATE] is not first[PRIVATE]
+        assert now[HUB] is first[HUB] and now[GHCR] is first[GHCR]
+        app.reconfigure(configuration.loads(text))                  # and kept from then on
+        assert app.mirror.upstreams.get(PRIVATE).client is now[PRIVATE]
