@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from dockermirror.api.links import next_page_link
 from dockermirror.api.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from dockermirror.api.responses import StreamResponse, error_response, sendable
 from dockermirror.errors import (
@@ -168,7 +169,7 @@ class RegistryAPI:
             return await self.blob(request, repo, digest)
         if match := _TAGS.fullmatch(path):
             repo = self._resolve(request, match["name"], namespace)
-            return await self.tags(request, repo)
+            return await self.tags(request, repo, match["name"])
         if path.endswith("/_catalog") or path == "_catalog":
             raise Unsupported("this mirror does not list repositories")
         raise NameUnknown("no such registry endpoint", detail={"path": "/v2/" + path})
@@ -253,7 +254,7 @@ class RegistryAPI:
         if_range = request.headers.get("if-range")
         return if_range is None or if_range.strip('"') == result.digest
 
-    async def tags(self, request: Request, repo: Repo) -> Response:
+    async def tags(self, request: Request, repo: Repo, name: str) -> Response:
         params = []
         n = request.query_params.get("n")
         if n is not None:
@@ -273,7 +274,12 @@ class RegistryAPI:
         self._note(request, cache, reply.status)
         headers = {"Content-Type": reply.headers.get("content-type", "application/json")}
         if "link" in reply.headers:
-            headers["Link"] = reply.headers["link"]
+            link = reply.headers["link"]
+            # the next page by the client's own name for the repository (one that cannot be
+            # sent at all is refused below, as any upstream header is)
+            link = next_page_link(link, name, _namespace(request)) if sendable(link) else link
+            if link is not None:
+                headers["Link"] = link
         headers.update(self._namespace_header(request))
         response = Response(reply.body)
         response.raw_headers = [*_header_list(headers), (b"content-length", str(len(reply.body)).encode())]

@@ -17,6 +17,7 @@ import pytest
 from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
 from tests.unit.fakes import ALL_MANIFESTS, FakeClock, FakeRegistry, Image
+from tests.unit.fakes import response as fake_response
 
 pytestmark = pytest.mark.anyio
 
@@ -37,6 +38,13 @@ def upstreams_text(cache_dir: Path, keys: tuple[str, ...] = (HUB, GHCR, PRIVATE)
     return "\n".join(lines) + "\n"
 
 
+class Answered(Exception):
+    """Raised by a registry's ``on_request`` hook: answer this instead."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+
 class Fleet:
     """The fake registries, each behind its own host (and its token service's host)."""
 
@@ -55,7 +63,10 @@ class Fleet:
         if registry is None:
             self.strangers.append(request)
             raise httpx.ConnectError("no such host", request=request)
-        return registry.handle(request)
+        try:
+            return registry.handle(request)
+        except Answered as answered:
+            return answered.response
 
     @property
     def transport(self) -> httpx.MockTransport:
@@ -376,3 +387,59 @@ async def test_reload_with_a_new_ca_bundle_content_makes_a_new_client(tmp_path: 
         assert now[HUB] is first[HUB] and now[GHCR] is first[GHCR]
         app.reconfigure(configuration.loads(text))                  # and kept from then on
         assert app.mirror.upstreams.get(PRIVATE).client is now[PRIVATE]
+
+
+# --- the tag list's next page
+
+
+@pytest.mark.parametrize("path_name, ns, expected", [
+    ("ghcr.io/org/app", None, '</v2/ghcr.io/org/app/tags/list?last=a&n=1>; rel="next"'),
+    ("org/app", GHCR, '</v2/org/app/tags/list?last=a&n=1&ns=ghcr.io>; rel="next"'),
+    (f"{PRIVATE}/org/app", None, f'</v2/{PRIVATE}/org/app/tags/list?last=a&n=1>; rel="next"'),
+])
+async def test_the_next_page_link_names_the_repository_as_the_client_did(fleet_mirror: Harness, path_name, ns,
+                                                                         expected):
+    """Followed as the upstream wrote it (``/v2/org/app/...``), the next page would come from
+    the default upstream."""
+    h = fleet_mirror
+    key = ns or path_name.split("/")[0]
+    for tag in ("a", "b"):
+        h.fleet[key].push("org/app", tag)
+        h.fleet[HUB].push("org/app", f"hub-{tag}")          # the same name on the default upstream
+
+    def paginate(request: httpx.Request) -> None:
+        registry = h.fleet[key]
+        if request.url.path.endswith("/tags/list") and request.url.params.get("n") == "1":
+            last = request.url.params.get("last")
+            tags = sorted(ref for repo, ref in registry.manifests if repo == "org/app" and ":" not in ref)
+            page = [t for t in tags if last is None or t > last][:1]
+            headers = {"Link": f'</v2/org/app/tags/list?last={page[0]}&n=1>; rel="next"'} if page[0] != tags[-1] \
+                else {}
+            raise Answered(fake_response(200, headers, json_body={"name": "org/app", "tags": page}))
+
+    h.fleet[key].on_request = paginate
+    params = {"n": "1", **({"ns": ns} if ns else {})}
+    first = await h.client.get(f"/v2/{path_name}/tags/list", params=params)
+    assert first.status_code == 200 and first.json()["tags"] == ["a"]
+    assert first.headers["link"] == expected
+    following = await h.client.get(expected[1:expected.index(">")])
+    assert following.status_code == 200 and following.json()["tags"] == ["b"]
+    assert "link" not in following.headers
+    assert h.fleet[HUB].requests(path_contains="/tags/") == []
+
+
+@pytest.mark.parametrize("link, expected", [
+    ('</v2/org/app/tags/list?last=b&n=2>; rel="next"', '</v2/x.io/org/app/tags/list?last=b&n=2&ns=x.io>; rel="next"'),
+    ('<https://ghcr.io/v2/org/app/tags/list?n=2&last=b>;rel=next', '</v2/x.io/org/app/tags/list?n=2&last=b&ns=x.io>; '
+                                                                   'rel="next"'),
+    ('</v2/org/app/tags/list?last=b&n=2&evil=%0d%0a>; rel="next"', '</v2/x.io/org/app/tags/list?last=b&n=2&ns=x.io>; '
+                                                                   'rel="next"'),
+    ('</v2/org/app/tags/list?n=2>; rel="next"', None),                        # no next tag named
+    ('</v2/org/app/tags/list?last=%0a&n=2>; rel="next"', None),               # not a tag
+    ('</v2/org/app/tags/list?last=b>; rel="prev"', None),
+    ("garbage", None),
+])
+def test_next_page_link(link, expected):
+    from dockermirror.api.links import next_page_link
+
+    assert next_page_link(link, "x.io/org/app", "x.io") == expected
