@@ -5,6 +5,7 @@ from a private CA); see tests/support/upstreams.py. Each test asserts what the c
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import signal
 import socket
@@ -20,7 +21,7 @@ import yaml
 from tests.support.clients import dir_manifest_digest, skopeo_copy
 from tests.support.faultproxy import FaultProxy
 from tests.support.procs import Mirror, wait_until
-from tests.support.upstreams import ALL_MANIFESTS, DOCKER_IO, GHCR, PRIVATE, Site, ThreeUpstreams
+from tests.support.upstreams import ALL_MANIFESTS, DOCKER_IO, GHCR, PASSWORD, PRIVATE, USER, Site, ThreeUpstreams
 from tests.test_daemon import notify  # noqa: F401 - the notify fixture
 
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
@@ -99,8 +100,11 @@ def test_pull_by_ns_then_by_prefix_is_one_cache_entry(make_mirror, three_upstrea
     assert set(blob_gets(site, name, marks[key]).values()) == {1}
     assert site.requests(after_first) == []
     assert all(s.requests(marks[s.key]) == [] for s in others)
-    if site.proxy is not None:     # the token registry: asked with the mirror's credentials
-        assert site.requests(marks[key], path=r"^/token\?") != []
+    if site.proxy is not None:     # the token registry: tokens asked with the password file's credentials
+        basic = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        token_requests = site.proxy.requests("GET", r"^/token\?")
+        assert token_requests and all(seen.header_values("Authorization") == [basic] for seen in token_requests)
+        assert PASSWORD not in mirror.log_text()
     lines = mirror.access_lines(rf"/v2/{by_ns}/manifests/{site.seeded[name].tag}\?ns=")
     assert len(lines) == 1 and "cache=MISS" in lines[0] and f"upstream={key} upstream_status=200" in lines[0]
     lines = mirror.access_lines(rf"/v2/{by_prefix}/")
