@@ -5,7 +5,6 @@ reloads that add, remove and change upstreams."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
