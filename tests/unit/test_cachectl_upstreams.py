@@ -6,13 +6,16 @@ import hashlib
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from dockermirror import cachectl, cli, config as configuration
+from dockermirror.app import DockerMirror
 from dockermirror.cache import INDEX_NAME
 from dockermirror.cache.index import AccessBatch, Entry, Index, TagEntry
 from dockermirror.cache.store import BlobStore
 from dockermirror.oci import Digest
+from tests.unit.fakes import UPSTREAM
 
 CONFIG = """\
 upstreams:
@@ -57,10 +60,10 @@ class Cache:
     def tag(self, upstream: str, repository: str, tag: str, digest: str) -> None:
         self.index.put_tag(TagEntry(upstream, repository, tag, digest, None, 1, 1.0, 1.0))
 
-    def count(self, **counters: int) -> None:
+    def count(self, counters: dict[str, int]) -> None:
         batch = AccessBatch()
         for name, value in counters.items():
-            batch.count(name.replace("__", "/").replace("_DOT_", "."), value)
+            batch.count(name, value)
         self.index.apply(batch)
 
     def rows(self) -> set[str]:
@@ -101,11 +104,11 @@ def filled(cache):
     c.tag("ghcr.io", "org/hello", "2", c.ghcr)
     c.tag("ghcr.io", "org/app", "1", c.ghcr_app)
     c.tag("old.example", "team/tool", "1", c.old)
-    c.count(**{"requests_hit": 4, "requests_miss": 2, "bytes_served_hit": 4000, "bytes_fetched": 1135,
-               "upstream__docker.io__requests_hit": 3, "upstream__docker.io__requests_miss": 1,
-               "upstream__docker.io__bytes_served_hit": 3000, "upstream__docker.io__bytes_fetched": 1100,
-               "upstream__ghcr.io__requests_hit": 1, "upstream__ghcr.io__requests_miss": 1,
-               "upstream__ghcr.io__bytes_served_hit": 1000, "upstream__ghcr.io__bytes_fetched": 30})
+    c.count({"requests_hit": 4, "requests_miss": 2, "bytes_served_hit": 4000, "bytes_fetched": 1135,
+             "upstream/docker.io/requests_hit": 3, "upstream/docker.io/requests_miss": 1,
+             "upstream/docker.io/bytes_served_hit": 3000, "upstream/docker.io/bytes_fetched": 1100,
+             "upstream/ghcr.io/requests_hit": 1, "upstream/ghcr.io/requests_miss": 1,
+             "upstream/ghcr.io/bytes_served_hit": 1000, "upstream/ghcr.io/bytes_fetched": 30})
     return c
 
 
@@ -241,3 +244,59 @@ def test_open_cache_reads_the_configured_upstreams(cache):
         assert opened.table.keys == ["docker.io", "ghcr.io", "registry.example.org:5000"]
     finally:
         opened.index.close()
+
+
+TWO_UPSTREAMS = f"""\
+listen: 127.0.0.1:5000
+tls:
+  enabled: false
+upstreams:
+  - registry: docker.io
+    url: {UPSTREAM}
+  - registry: ghcr.io
+    url: {UPSTREAM}
+cache:
+  dir: {{dir}}
+"""
+
+
+@pytest.mark.anyio
+async def test_mirror_counts_each_upstreams_traffic(tmp_path, registry, clock, capsys):
+    """What the server counts per upstream (requests, bytes served, bytes fetched) is what stats shows."""
+    config_path = tmp_path / "config.yml"
+    config_path.write_text(TWO_UPSTREAMS.format(dir=tmp_path / "cache"))
+    hello = registry.push("library/hello", "latest", b"hello layer" * 10)
+    app_image = registry.push("acme/app", "1", b"app layer" * 30)
+    app = DockerMirror(configuration.load(config_path), clock=clock, upstream_transport=registry.transport)
+    async with app.running():
+        transport = httpx.ASGITransport(app=app.asgi, client=("192.0.2.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://mirror.test") as client:
+            async def pull(name: str, image) -> int:
+                got = await client.get(f"/v2/{name}/manifests/{image.tag}", headers={"Accept": image.media_type})
+                assert got.status_code == 200
+                size = len(got.content)
+                for digest, data in image.blobs.items():
+                    blob = await client.get(f"/v2/{name}/blobs/{digest}")
+                    assert blob.content == data
+                    size += len(data)
+                return size
+
+            hub_bytes = await pull("hello", hello)                  # docker.io's library/hello
+            ghcr_bytes = await pull("ghcr.io/acme/app", app_image)
+            await pull("ghcr.io/acme/app", app_image)               # hits
+            await app.cache.transfers.wait_all(5)
+            await app.cache.flush()
+            counters = app.cache.index.counters()
+            code = cli.main(["cache", "stats", "--json", "--config", str(config_path)])
+    out, err = capsys.readouterr()
+    assert counters["upstream/docker.io/bytes_fetched"] == hub_bytes
+    assert counters["upstream/ghcr.io/bytes_fetched"] == ghcr_bytes
+    assert counters["bytes_fetched"] == hub_bytes + ghcr_bytes
+    assert code == 0, err
+    ups = json.loads(out)["upstreams"]
+    assert (ups["docker.io"]["bytes_fetched_upstream"], ups["ghcr.io"]["bytes_fetched_upstream"]) == (
+        hub_bytes, ghcr_bytes)
+    assert ups["docker.io"]["requests"] == {"miss": 3}
+    assert ups["ghcr.io"]["requests"] == {"miss": 3, "hit": 3}
+    assert ups["ghcr.io"]["hit_ratio"] == 0.5 and ups["ghcr.io"]["bytes_served_from_cache"] == ghcr_bytes
+    assert ups["ghcr.io"]["tags"] == 1 and ups["ghcr.io"]["entries"] == 3
