@@ -283,8 +283,8 @@ async def test_mirror_counts_each_upstreams_traffic(tmp_path, registry, clock, c
 
             hub_bytes = await pull("hello", hello)                  # docker.io's library/hello
             ghcr_bytes = await pull("ghcr.io/acme/app", app_image)
-            await pull("ghcr.io/acme/app", app_image)               # hits
-            await app.cache.transfers.wait_all(5)
+            await app.cache.transfers.wait_all(5)    # committed: the same pull again is all hits
+            await pull("ghcr.io/acme/app", app_image)
             await app.cache.flush()
             counters = app.cache.index.counters()
             code = cli.main(["cache", "stats", "--json", "--config", str(config_path)])
