@@ -3,15 +3,19 @@ and key; secrets never shown; ``--upstream`` and the single ``upstream:`` sectio
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from dockermirror import cli, config as configuration
+from dockermirror.app import DockerMirror
 from dockermirror.config import ConfigError
+from tests.unit.fakes import UPSTREAM
 
 TWO = """\
 upstreams:
@@ -229,3 +233,33 @@ def _write(directory: Path, text: str) -> Path:
     path = directory / "other.yml"
     path.write_text(text)
     return path
+
+
+@pytest.mark.anyio
+async def test_reload_uses_a_rotated_password_file(tmp_path, registry, clock):
+    """systemctl reload: the password file is read again and the upstream's next token request
+    carries the new password."""
+    registry.token = "t0ken"
+    first = registry.push("acme/one", "1")
+    second = registry.push("acme/two", "1")
+    pw = secret_file(tmp_path, "first-password\n")
+    path = tmp_path / "config.yml"
+    path.write_text(f"upstreams:\n  - registry: docker.io\n    url: {UPSTREAM}\n    username: me\n"
+                    f"    password_file: {pw}\ncache:\n  dir: {tmp_path / 'cache'}\n")
+    app = DockerMirror(configuration.load(path), clock=clock, upstream_transport=registry.transport)
+
+    def sent() -> list[str]:
+        return [base64.b64decode(s.headers["authorization"].removeprefix("Basic ")).decode()
+                for s in registry.requests("GET") if s.url.host == "auth.test"]
+
+    async with app.running():
+        transport = httpx.ASGITransport(app=app.asgi, client=("192.0.2.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://mirror.test") as client:
+            got = await client.get("/v2/acme/one/manifests/1", headers={"Accept": first.media_type})
+            assert got.status_code == 200
+            assert sent() == ["me:first-password"]
+            pw.write_text("second-password\n")
+            assert app.reconfigure(configuration.load(path)) == []
+            got = await client.get("/v2/acme/two/manifests/1", headers={"Accept": second.media_type})
+            assert got.status_code == 200
+            assert sent()[-1] == "me:second-password"
