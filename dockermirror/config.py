@@ -443,6 +443,8 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
         if key in values or key in lines:
             raise ConfigError("key given twice", source=source, line=key_line, key=dotted)
         lines[key] = key_line
+        if isinstance(value_node, yaml.SequenceNode):    # the line of each item: aliases[1]
+            lines.update((f"{key}[{j}]", item.start_mark.line + 1) for j, item in enumerate(value_node.value))
         null = isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")
         if "items" in f.metadata:
             if null:
@@ -496,8 +498,10 @@ def _build_items(cls: type, node: yaml.SequenceNode, loader: yaml.SafeLoader, so
                               key=f"{prefix}[{i}]")
         if "url" not in lines:    # the registry's own address (Docker Hub's API is elsewhere)
             built = dataclasses.replace(built, url=default_url(built.registry))
-        names = [("registry", built.registry)] + [("aliases", alias) for alias in built.aliases]
-        for key, name in names:
+        names = [("registry", "registry", built.registry)]
+        names += [("aliases", f"aliases[{j}]", alias) for j, alias in enumerate(built.aliases)]
+        for key, where, name in names:
+            line = lines.get(where, lines.get(key, lines[""]))
             canonical = registry_key(name)
             if canonical in owners:
                 other, other_line = owners[canonical]
@@ -505,9 +509,8 @@ def _build_items(cls: type, node: yaml.SequenceNode, loader: yaml.SafeLoader, so
                 what = (f"the same upstream{f' ({hub})' if hub else ''}" if other == i
                         else f"{prefix}[{other}] (line {other_line}{f'; {hub}' if hub else ''})")
                 raise ConfigError(f"{name!r} is already a name of {what}: each registry name and alias "
-                                  "must name one upstream", source=source, line=lines.get(key, lines[""]),
-                                  key=f"{prefix}[{i}].{key}")
-            owners[canonical] = (i, lines.get(key, lines[""]))
+                                  "must name one upstream", source=source, line=line, key=f"{prefix}[{i}].{key}")
+            owners[canonical] = (i, line)
         items.append(built)
     return tuple(items)
 

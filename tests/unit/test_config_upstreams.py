@@ -55,6 +55,10 @@ MISTAKES = [
                  3, "upstreams[1].registry", "already a name of upstreams[0]", id="docker-hub-twice"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    aliases: [ghcr.io]\n",
                  3, "upstreams[0].aliases", "already a name of the same upstream", id="alias-is-own-name"),
+    pytest.param("upstreams:\n  - registry: ghcr.io\n    aliases:\n      - a.example\n      - b.example\n"
+                 "  - registry: quay.io\n    aliases:\n      - c.example\n      - b.example\n",
+                 9, "upstreams[1].aliases", "'b.example' is already a name of upstreams[0] (line 5)",
+                 id="alias-in-block-list"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    url: ghcr.io\n",
                  3, "upstreams[0].url", "has no scheme: write https://ghcr.io", id="url-without-scheme"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    url: ftp://ghcr.io\n",
@@ -227,6 +231,11 @@ def test_single_upstream_section_unchanged(tmp_path):
     assert cli._load(args).upstream.url == "http://127.0.0.1:5001"
     printed = yaml.safe_load(configuration.dump(config))
     assert "upstreams" not in printed and printed["upstream"]["registry"] == "r.example:5000"
+    pw = secret_file(tmp_path, "from-file\n")       # the new keys work in upstream: too
+    single = configuration.load(_write(tmp_path, f"upstream:\n  username: me\n  password_file: {pw}\n"
+                                                 "  aliases: [hub.example]\n  tag_ttl: 1m\n"))
+    assert (single.upstream.password, single.upstream.aliases, single.upstream.tag_ttl) == (
+        "from-file", ("hub.example",), 60)
 
 
 def _write(directory: Path, text: str) -> Path:
