@@ -4,7 +4,8 @@ It records every stored digest (size, media type, created, last access, hits, pi
 which repositories each digest was served for, the tag -> digest map with its freshness
 (one row per tag and accept class: what the upstream answered clients that accept the same
 manifest types), the referrers answers (subject digest and artifactType filter -> the digest
-of the image index the upstream answered, stored as content), and traffic counters. A row in ``content`` means the file is complete and verified.
+of the image index the upstream answered, stored as content), and traffic counters. A row
+in ``content`` means the file is complete and verified.
 Triggers keep ``totals`` (entries and bytes) exact, so any process reads the cache's
 size in O(1); LRU eviction and expiry walk an index on ``last_access``, O(log n) each.
 
