@@ -16,6 +16,7 @@ import pytest
 
 from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
+from dockermirror.cache import maintenance
 from dockermirror.cache.index import IMMUTABLE, Index, ReferrersEntry
 from dockermirror.oci import MAX_MANIFEST_SIZE, Digest
 from tests.unit.conftest import config_text
@@ -368,3 +369,28 @@ def test_a_schema_2_index_is_still_read_as_it_is(tmp_path):
         assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
     finally:
         db.close()
+
+
+async def test_an_answer_whose_content_was_evicted_is_asked_for_again(mirror):
+    image = seed(mirror.registry)
+    url = f"/v2/acme/tool/referrers/{image.digest}"
+    body = (await mirror.client.get(url)).content
+    cache = mirror.app.cache
+    maintenance.remove(cache.store, cache.index, [digest_of(body)])     # as eviction does
+    again = await mirror.client.get(url)
+    assert again.status_code == 200 and again.content == body
+    assert len(asked(mirror.registry)) == 2
+    assert mirror.blob_file(digest_of(body)).read_bytes() == body
+    maintenance.remove(cache.store, cache.index, [digest_of(body)])
+    mirror.clock.advance(301)
+    mirror.registry.down = True
+    assert (await mirror.client.get(url)).status_code == 503         # nothing left to serve stale
+
+
+async def test_answers_expire_with_tags(mirror):
+    image = seed(mirror.registry)
+    url = f"/v2/acme/tool/referrers/{image.digest}"
+    assert (await mirror.client.get(url)).status_code == 200
+    mirror.clock.advance(8 * 86400)          # past blob_ttl and manifest_ttl (7d)
+    await mirror.app.cache.expire()
+    assert rows(mirror.cache_dir) == [] and mirror.cached_files() == []
