@@ -394,3 +394,18 @@ async def test_answers_expire_with_tags(mirror):
     mirror.clock.advance(8 * 86400)          # past blob_ttl and manifest_ttl (7d)
     await mirror.app.cache.expire()
     assert rows(mirror.cache_dir) == [] and mirror.cached_files() == []
+
+
+async def test_a_paginated_answer_is_served_as_its_first_page_without_the_link(mirror, caplog):
+    """Following the upstream's Link through the mirror would get the cached first page again
+    (the next page's query is not forwarded): the Link is not passed on, and the log says why."""
+    image = seed(mirror.registry)
+
+    def paginate(request: httpx.Request, answer: Answer) -> None:
+        answer.headers["link"] = f'</v2/acme/tool/referrers/{image.digest}?n=1&last=x>; rel="next"'.encode()
+
+    mirror.registry.alter_referrers = paginate
+    response = await mirror.client.get(f"/v2/acme/tool/referrers/{image.digest}")
+    assert response.status_code == 200 and "link" not in response.headers
+    assert response.content == mirror.registry.referrers_body("acme/tool", image.digest)
+    assert any("paginates the referrers" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
