@@ -80,8 +80,6 @@ MISTAKES = [
                  3, "upstreams[0].password", "a password needs a username", id="password-without-username"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    password_file: {pw}\n",
                  3, "upstreams[0].password_file", "a password needs a username", id="file-without-username"),
-    pytest.param("upstreams:\n  - registry: ghcr.io\n    username: me\n",
-                 3, "upstreams[0].username", "a username needs a password", id="username-without-password"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    username: me\n    password_file: {pw}.missing\n",
                  4, "upstreams[0].password_file", "No such file or directory", id="password-file-missing"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    username: me\n    password_file: {world}\n",
