@@ -1,0 +1,49 @@
+"""``docker-mirror client-setup``'s output, pasted as an admin would.
+
+:func:`heredocs` reads the files the steps write (in-process, for the fast tier);
+:func:`paste` runs the steps with ``sh -e`` with /etc moved under a scratch directory and
+stand-ins for the commands that would touch the machine (systemctl, docker,
+update-ca-trust), and returns the files they wrote, by their real /etc paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+_HEREDOC = re.compile(r"^cat > (\S+) <<'EOF'\n(.*?)^EOF$", re.MULTILINE | re.DOTALL)
+STUBBED = ("systemctl", "docker", "update-ca-trust")
+
+
+def heredocs(script: str) -> dict[str, str]:
+    """Every ``cat > PATH <<'EOF'`` in ``script``: {PATH: content}; a path written twice is an error."""
+    files: dict[str, str] = {}
+    for path, content in _HEREDOC.findall(script):
+        assert path not in files, f"{path} is written twice"
+        files[path] = content
+    return files
+
+
+def paste(script: str, root: Path) -> tuple[dict[str, str], list[str]]:
+    """Run ``script`` as pasted into a root shell, its /etc being ``root``/etc: the files it
+    wrote under /etc ({/etc/...: content}, paths in the content mapped back) and the
+    stand-in commands it ran."""
+    etc = f"{root}/etc/"
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True)
+    calls = root / "calls"
+    for name in STUBBED:
+        stub = bin_dir / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n')
+        stub.chmod(0o755)
+    result = subprocess.run(["sh", "-eu"], input=script.replace("/etc/", etc), capture_output=True, text=True,
+                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(root)}, timeout=60)
+    assert result.returncode == 0, f"the pasted steps failed:\n{result.stderr}"
+    files = {}
+    for dirpath, _, filenames in os.walk(root / "etc"):
+        for filename in filenames:
+            path = Path(dirpath, filename)
+            files["/etc/" + str(path.relative_to(root / "etc"))] = path.read_text().replace(etc, "/etc/")
+    return files, calls.read_text().splitlines() if calls.exists() else []
