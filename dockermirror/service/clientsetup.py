@@ -91,12 +91,12 @@ def instructions(host: str, *, tls: bool, ca_pem: str | None, ca_path: Path,
     out += _dockerd(host, url, ca_text, keys, prefixes)
     out += _containerd(url, ca_text, names)
     out += _containers(host, ca_text, names, prefixes)
-    out += ["## check", ""]
+    out += ["## check (by hand: pull an image you use)", ""]
     for key in (key for key in keys if prefixes[key] is not None):
         example = "busybox" if key == DOCKER_HUB else f"{key}/<repository>"
-        out.append(f"podman pull {example}")
+        out.append(f"#   podman pull {example}")
     first = next(prefix for prefix in prefixes.values() if prefix is not None)
-    out += ["# or: docker pull busybox, ctr --hosts-dir /etc/containerd/certs.d images pull ..., "
+    out += ["#   or: docker pull busybox, ctr --hosts-dir /etc/containerd/certs.d images pull ..., "
             f"skopeo copy docker://{host}/{first + '/' if first else ''}<repository> ...", ""]
     return "\n".join(out)
 

@@ -2,19 +2,22 @@
 
 :func:`heredocs` reads the files the steps write (in-process, for the fast tier);
 :func:`paste` runs the steps with ``sh -e`` with /etc moved under a scratch directory and
-stand-ins for the commands that would touch the machine (systemctl, docker,
-update-ca-trust), and returns the files they wrote, by their real /etc paths.
+stand-ins for every command that would touch the machine (systemctl, docker,
+update-ca-trust, the clients; nothing else is on its PATH but mkdir and cat), and returns the files they wrote, by their real /etc paths.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 _HEREDOC = re.compile(r"^cat > (\S+) <<'EOF'\n(.*?)^EOF$", re.MULTILINE | re.DOTALL)
-STUBBED = ("systemctl", "docker", "update-ca-trust")
+# what the steps may run: stand-ins that record their arguments, and real file tools
+STUBBED = ("systemctl", "docker", "update-ca-trust", "podman", "ctr", "skopeo", "nerdctl")
+ALLOWED = ("mkdir", "cat")
 
 
 def heredocs(script: str) -> dict[str, str]:
@@ -38,8 +41,11 @@ def paste(script: str, root: Path) -> tuple[dict[str, str], list[str]]:
         stub = bin_dir / name
         stub.write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n')
         stub.chmod(0o755)
-    result = subprocess.run(["sh", "-eu"], input=script.replace("/etc/", etc), capture_output=True, text=True,
-                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(root)}, timeout=60)
+    for name in ALLOWED:
+        (bin_dir / name).symlink_to(shutil.which(name))
+    # PATH has nothing else: any other command in the steps fails them (and never runs here)
+    result = subprocess.run(["/bin/sh", "-eu"], input=script.replace("/etc/", etc), capture_output=True,
+                            text=True, env={"PATH": str(bin_dir), "HOME": str(root)}, timeout=60)
     assert result.returncode == 0, f"the pasted steps failed:\n{result.stderr}"
     files = {}
     for dirpath, _, filenames in os.walk(root / "etc"):
