@@ -180,7 +180,8 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--ip", action="append", metavar="ADDRESS", help="an IP address for it (repeat)")
             sub.add_argument("--days", type=int, default=825, help="validity of the server certificate")
 
-    setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman here (every upstream)")
+    setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
+                                                     "here (for every upstream)")
     setup.add_argument("--config", type=Path, help=config_help)
     setup.add_argument("--host", metavar="HOST:PORT", help="how clients reach the mirror (default: hostname and port)")
     setup.set_defaults(run=cmd_client_setup)

@@ -51,13 +51,18 @@ def served(make_mirror, three_upstreams: ThreeUpstreams, pki) -> Mirror:
     return mirror_of_three(make_mirror, three_upstreams, pki)
 
 
-def pasted(mirror: Mirror, tmp_path: Path) -> dict[str, str]:
-    """client-setup for ``mirror``, run as pasted: {path under /etc, relative: content}."""
+def setup_steps(mirror: Mirror) -> str:
+    """client-setup's output for ``mirror``."""
     result = subprocess.run([sys.executable, "-m", "dockermirror", "client-setup", "--config",
                              str(mirror.config_path), "--host", mirror.address],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    files, _ = paste(result.stdout, tmp_path / "pasted")
+    return result.stdout
+
+
+def pasted(mirror: Mirror, tmp_path: Path, steps: str | None = None) -> dict[str, str]:
+    """client-setup for ``mirror``, run as pasted: {path under /etc, relative: content}."""
+    files, _ = paste(steps or setup_steps(mirror), tmp_path / "pasted")
     return {path.removeprefix("/etc/"): content for path, content in files.items()}
 
 
@@ -126,15 +131,24 @@ def test_skopeo_by_prefix(served, three_upstreams, pki, tmp_path):
 
 def test_dockerd_mirrors_docker_hub_from_the_default_upstream(make_mirror, three_upstreams, tmp_path):
     served = mirror_of_three(make_mirror, three_upstreams)      # plain HTTP: insecure-registries
-    files = pasted(served, tmp_path)
+    steps = setup_steps(served)
+    files = pasted(served, tmp_path, steps)
+    # what client-setup says dockerd can do for the other registries: name them in the mirror's path
+    hint = re.search(rf"^#   docker pull ({re.escape(served.address)}/{GHCR})/<repository>", steps, re.MULTILINE)
+    assert hint, steps
+    widget = f"{hint.group(1)}/acme/widget:1.0"
     daemon = Dockerd(None, etc=only(files, "docker/"))
     daemon.start()
     try:
         assert served.url in daemon.docker("info", "--format", "{{json .RegistryConfig.Mirrors}}").stdout
-        daemon.docker("pull", "hello")
-        digests = daemon.docker("image", "inspect", "--format", "{{json .RepoDigests}}", "hello").stdout
-        assert f"hello@{three_upstreams.docker.seeded['hello'].digest}" in digests
+        for ref, digest in (("hello", three_upstreams.docker.seeded["hello"].digest),
+                            (widget, three_upstreams.ghcr.seeded["widget"].digest)):
+            daemon.docker("pull", ref)
+            digests = daemon.docker("image", "inspect", "--format", "{{json .RepoDigests}}", ref).stdout
+            assert f"{ref.rsplit(':', 1)[0]}@{digest}" in digests, ref
     finally:
         daemon.stop()
-    # dockerd names no registry: the mirror's default upstream, with Docker Hub's library/
-    assert ("/v2/library/hello/manifests/latest", {}, DOCKER_IO) in requests(served)
+    routed = {(path, upstream) for path, _, upstream in requests(served) if "/manifests/" in path and ":" not in path}
+    # dockerd names no registry for Docker Hub names: the mirror's default upstream, with library/
+    assert routed == {("/v2/library/hello/manifests/latest", DOCKER_IO),
+                      ("/v2/ghcr.test/acme/widget/manifests/1.0", GHCR)}

@@ -3,7 +3,8 @@
 :func:`heredocs` reads the files the steps write (in-process, for the fast tier);
 :func:`paste` runs the steps with ``sh -e`` with /etc moved under a scratch directory and
 stand-ins for every command that would touch the machine (systemctl, docker,
-update-ca-trust, the clients; nothing else is on its PATH but mkdir and cat), and returns the files they wrote, by their real /etc paths.
+update-ca-trust, the clients; its PATH has nothing else but mkdir and cat), and returns
+the files they wrote, by their real /etc paths.
 """
 
 from __future__ import annotations

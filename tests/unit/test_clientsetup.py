@@ -145,5 +145,7 @@ def test_the_command_prints_every_configured_upstream(tmp_path: Path, capsys):
                       "  - {registry: ghcr.io, url: 'http://127.0.0.1:2', aliases: [ghcr.example.org]}\n"
                       "  - {registry: quay.io, url: 'http://127.0.0.1:3'}\n")
     assert cli.main(["client-setup", "--config", str(config), "--host", HOST]) == 0
-    out = capsys.readouterr().out
-    assert out == instructions(HOST, tls=False, ca_pem=None, ca_path=Path("unused"), registries=THREE)
+    files = heredocs(capsys.readouterr().out)
+    for name in ("docker.io", "ghcr.io", "ghcr.example.org", "quay.io", "_default"):
+        assert f"http://{HOST}" in hosts_toml(files, name)["host"]
+    assert list(mirrors(files)) == ["docker.io", "ghcr.io", "ghcr.example.org", "quay.io"]
