@@ -521,8 +521,6 @@ def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, pref
         up = dataclasses.replace(up, password=first)
     if up.password is not None and up.username is None:
         raise fail("a password needs a username", "password" if "password" in lines else "password_file")
-    if up.username is not None and up.password is None:
-        raise fail("a username needs a password (or password_file)", "username")
     return up
 
 

@@ -108,6 +108,7 @@ class Upstreams:
 class Repo:
     upstream: Upstream
     name: str
+    prefix: str = ""    # the registry name the client put before the repository, if any
 
     def __str__(self) -> str:
         return f"{self.upstream.key}/{self.name}"
@@ -162,7 +163,8 @@ class Mirror:
         except UnknownRegistry as exc:
             detail = {"ns": namespace} if namespace is not None else {"registry": exc.registry}
             raise NameUnknown(str(exc), detail=detail) from None
-        return Repo(upstreams.by_key[route.registry], route.repository)
+        prefix = name.partition("/")[0] if route.prefixed else ""
+        return Repo(upstreams.by_key[route.registry], route.repository, prefix)
 
     def tag_ttl_of(self, upstream: Upstream) -> float:
         return self.tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl

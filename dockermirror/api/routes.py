@@ -116,6 +116,17 @@ def _header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return encoded
 
 
+def _relink(link: str, repo: Repo) -> str:
+    """The upstream's next-page ``Link`` as this client can follow it: a client that named the
+    registry in the path gets the prefix back (``</v2/org/app/tags/list?last=x>`` ->
+    ``</v2/ghcr.io/org/app/tags/list?last=x>``); without it, the next page would go to the
+    default upstream."""
+    own = f"</v2/{repo.name}/"
+    if repo.prefix and link.startswith(own):
+        return f"</v2/{repo.prefix}/{repo.name}/" + link[len(own):]
+    return link
+
+
 def _digest(text: str) -> Digest:
     try:
         return Digest.parse(text)
@@ -273,7 +284,7 @@ class RegistryAPI:
         self._note(request, cache, reply.status)
         headers = {"Content-Type": reply.headers.get("content-type", "application/json")}
         if "link" in reply.headers:
-            headers["Link"] = reply.headers["link"]
+            headers["Link"] = _relink(reply.headers["link"], repo)
         headers.update(self._namespace_header(request))
         response = Response(reply.body)
         response.raw_headers = [*_header_list(headers), (b"content-length", str(len(reply.body)).encode())]
