@@ -121,13 +121,14 @@ def _dockerd(host: str, url: str, ca_text: str | None, keys: list[str],
     default = keys[0]
     mirrors_hub = default == DOCKER_HUB
     if not mirrors_hub:
-        why = ("it sends Docker Hub pulls to a mirror without naming the registry, and this mirror's default "
-               f"upstream is {default} (put docker.io first in upstreams: to change that)"
-               if DOCKER_HUB in keys else "this mirror does not serve docker.io")
-        out += [f"# dockerd can only mirror Docker Hub (registry-mirrors): {why}.", ""]
-    others = [key for key in keys if key != DOCKER_HUB]
+        why = (["# it sends Docker Hub pulls to a mirror without naming the registry, and this mirror's default",
+                f"# upstream is {default} (put docker.io first in upstreams: to change that)."]
+               if DOCKER_HUB in keys else ["# this mirror does not serve docker.io."])
+        out += ["# dockerd can only mirror Docker Hub (registry-mirrors), and not with this mirror:", *why, ""]
+    others = [key for key in keys if key != DOCKER_HUB or not mirrors_hub]
     if others:
-        out += ["# dockerd does not mirror other registries, but pulls through this mirror when named:",
+        out += [f"# dockerd does not mirror {'other registries' if mirrors_hub else 'them'}, but pulls through "
+                "this mirror when named:",
                 *(f"#   docker pull {_mirrored(host, prefixes[key])}/<repository>    ({key})"
                   for key in others if prefixes[key] is not None),
                 *_unprefixable(others, prefixes), ""]

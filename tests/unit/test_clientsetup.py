@@ -102,7 +102,7 @@ def test_three_upstreams_tls_one_ca_copy_per_client():
 @pytest.mark.parametrize("tls", [False, True])
 def test_dockerd_only_when_docker_hub_is_the_default(tls):
     out, files = setup([("ghcr.io", ()), ("docker.io", ())], tls=tls)
-    assert "dockerd can only mirror Docker Hub" in out and "default upstream is ghcr.io" in out
+    assert "dockerd can only mirror Docker Hub" in out and "upstream is ghcr.io" in out
     daemon = files.get("/etc/docker/daemon.json")
     if tls:
         assert daemon is None                      # nothing to set: the CA is trusted via certs.d
@@ -110,6 +110,7 @@ def test_dockerd_only_when_docker_hub_is_the_default(tls):
     else:
         assert json.loads(daemon) == {"insecure-registries": [HOST]}     # for docker pull HOST/ghcr.io/...
     assert f"docker pull {HOST}/ghcr.io/<repository>" in out
+    assert f"docker pull {HOST}/docker.io/<repository>" in out
     # containerd and podman still get every registry
     assert set(mirrors(files)) == {"ghcr.io", "docker.io"}
     assert hosts_toml(files, "docker.io")["server"] == "https://registry-1.docker.io"
