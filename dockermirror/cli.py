@@ -96,7 +96,6 @@ def cmd_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_client_setup(args: argparse.Namespace) -> int:
-    from dockermirror.routing import registry_key
     from dockermirror.service.clientsetup import instructions
     from dockermirror.service.server import public_hostname
 
@@ -107,8 +106,8 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
         ca_pem = config.tls.ca.read_text() if tls else None
     except OSError:
         ca_pem = None
-    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca,
-                       registry=registry_key(config.default_upstream.registry)), end="")
+    registries = [(upstream.registry, upstream.aliases) for upstream in config.registries]
+    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries), end="")
     return 0
 
 
@@ -182,7 +181,8 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--ip", action="append", metavar="ADDRESS", help="an IP address for it (repeat)")
             sub.add_argument("--days", type=int, default=825, help="validity of the server certificate")
 
-    setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman here")
+    setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
+                                                     "here (for every upstream)")
     setup.add_argument("--config", type=Path, help=config_help)
     setup.add_argument("--host", metavar="HOST:PORT", help="how clients reach the mirror (default: hostname and port)")
     setup.set_defaults(run=cmd_client_setup)

@@ -20,17 +20,17 @@ import signal
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.support import hostguard, images, progress
-from tests.support.certs import TestPKI
+from tests.support.certs import TestPKI, make_pki
 from tests.support.clients import skopeo_push
 from tests.support.faultproxy import FaultProxy
 from tests.support.procs import Mirror, Registry
+from tests.support.upstreams import Seeded, Site, ThreeUpstreams, Upstream, tls_site, token_site
 
 FAST_TIER = Path(__file__).resolve().parent / "unit"
 # Set by the host, never by a test: each changes how our processes or the clients behave.
@@ -98,40 +98,6 @@ ALL_MANIFESTS = images.ALL_MANIFESTS
 BIG_BYTES = 100 * 1024 * 1024 + 12345
 
 
-@dataclass
-class Seeded:
-    repo: str
-    tag: str
-    image: images.Image
-    digest: str = ""            # what the upstream serves for the tag (after any format conversion)
-
-
-@dataclass
-class Upstream:
-    registry: Registry
-    seeded: dict[str, Seeded] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return self.registry.url
-
-    def head(self, repo: str, reference: str, accept: list[str] = ALL_MANIFESTS) -> httpx.Response:
-        return httpx.head(f"{self.url}/v2/{repo}/manifests/{reference}", headers=[("Accept", a) for a in accept])
-
-    def get(self, repo: str, reference: str, accept: list[str] = ALL_MANIFESTS) -> httpx.Response:
-        return httpx.get(f"{self.url}/v2/{repo}/manifests/{reference}", headers=[("Accept", a) for a in accept])
-
-    def blob(self, digest: str) -> bytes:
-        for seeded in self.seeded.values():
-            if digest in seeded.image.blob_paths:
-                return seeded.image.blob_paths[digest].read_bytes()
-        raise KeyError(digest)
-
-    @property
-    def big_layer(self) -> str:
-        return self.seeded["big"].image.layers["amd64"][-1]
-
-
 @pytest.fixture(scope="session")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Upstream:
     """Debian's docker-registry on a free loopback port, seeded with images built here."""
@@ -165,6 +131,33 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Upstream:
 
 
 @pytest.fixture(scope="session")
+def upstream_sites(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream):
+    """Three upstream registries for one mirror (tests/support/upstreams.py): ``docker.io`` (the
+    session's ``upstream``), ``ghcr.test`` (bearer tokens, credentials) and ``registry.test:5443``
+    (TLS from a private CA). Tests use ``three_upstreams``."""
+    work = tmp_path_factory.mktemp("upstreams")
+    started: list = []
+    try:
+        with progress.step("seeding two more upstream registries (token auth, private CA)"):
+            pki = make_pki(work / "pki")
+            ghcr = token_site(work / "ghcr", started)
+            private = tls_site(work / "private", pki, started)
+        yield ThreeUpstreams(Site("docker.io", upstream, upstream.url), ghcr, private, pki)
+    finally:
+        for daemon in reversed(started):
+            daemon.stop()
+
+
+@pytest.fixture
+def three_upstreams(upstream_sites: ThreeUpstreams) -> ThreeUpstreams:
+    """The three upstreams, the token registry's proxy without faults (and running) for this test:
+    ``make_mirror(upstreams=three_upstreams.config())`` serves them all."""
+    upstream_sites.reset()
+    yield upstream_sites
+    upstream_sites.reset()
+
+
+@pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
     """A CA and server certificate made by `docker-mirror cert init`, as an admin would."""
     directory = tmp_path_factory.mktemp("pki")
@@ -185,10 +178,16 @@ def make_mirror(tmp_path: Path, upstream: Upstream):
     started: list[Mirror] = []
     count = 0
 
-    def start(upstream_url: str | None = None, *, start: bool = True, **sections) -> Mirror:
+    def start(upstream_url: str | None = None, *, start: bool = True, upstreams: list[dict] | None = None,
+              **sections) -> Mirror:
+        """``upstreams``: an ``upstreams:`` list (e.g. ``three_upstreams.config()``) instead of
+        the one upstream (``upstream_url``, or the session's)."""
         nonlocal count
         count += 1
-        config = {"upstream": {"url": upstream_url or upstream.url, "registry": "docker.io"}}
+        if upstreams is not None:
+            config = {"upstreams": [dict(item) for item in upstreams]}
+        else:
+            config = {"upstream": {"url": upstream_url or upstream.url, "registry": "docker.io"}}
         for section, values in sections.items():
             config.setdefault(section, {}).update(values)
         mirror = Mirror(tmp_path, config, name=f"mirror{count}")
