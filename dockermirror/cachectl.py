@@ -153,6 +153,8 @@ def print_stats(data: dict[str, Any], as_json: bool) -> None:
     print(f"hit ratio:      {ratio}")
     print(f"from cache:     {size(data['bytes_served_from_cache'])} served")
     print(f"from upstream:  {size(data['bytes_fetched_upstream'])} fetched")
+    if len(data["upstreams"]) < 2:
+        return      # the totals say it all
     print("per upstream (content that several upstreams use is stored once and counted in each):")
     for key, up in data["upstreams"].items():
         note = " (default)" if up["default"] else "" if up["configured"] else " (not configured any more)"

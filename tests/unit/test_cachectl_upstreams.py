@@ -148,12 +148,16 @@ def test_stats_with_one_upstream_and_an_empty_index(tmp_path, capsys):
     cache = Cache(tmp_path, "cache:\n  dir: {dir}\n")
     try:
         code, out, err = command(cache, capsys, "stats", "--json")
+        assert code == 0, err
+        data = json.loads(out)
+        assert list(data["upstreams"]) == ["docker.io"]
+        assert data["upstreams"]["docker.io"]["requests"] == {}
+        assert data["upstreams"]["docker.io"]["hit_ratio"] is None
+        code, out, err = command(cache, capsys, "stats")
+        assert code == 0, err
+        assert "per upstream" not in out and out.splitlines()[-1].startswith("from upstream:")   # as before
     finally:
         cache.index.close()
-    assert code == 0, err
-    data = json.loads(out)
-    assert list(data["upstreams"]) == ["docker.io"]
-    assert data["upstreams"]["docker.io"]["requests"] == {} and data["upstreams"]["docker.io"]["hit_ratio"] is None
 
 
 def test_rm_tag_of_another_upstream(filled, capsys):
