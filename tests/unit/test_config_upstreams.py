@@ -40,10 +40,12 @@ def secret_file(directory: Path, text: str, mode: int = 0o600, name: str = "pass
 # (YAML, line, key, words in the message); {pw} is a password file made by the test
 MISTAKES = [
     pytest.param("upstreams:\n  - registry: ghcr.io\n  - registry: quay.io\n  - registry: ghcr.io\n",
-                 4, "upstreams[2].registry", "'ghcr.io' is already a name of upstreams[0] (line 2", id="duplicate-name"),
+                 4, "upstreams[2].registry", "'ghcr.io' is already a name of upstreams[0] (line 2",
+                 id="duplicate-name"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    aliases: [r.example]\n"
                  "  - registry: quay.io\n    aliases: [r.example]\n",
-                 5, "upstreams[1].aliases", "'r.example' is already a name of upstreams[0] (line 3", id="duplicate-alias"),
+                 5, "upstreams[1].aliases", "'r.example' is already a name of upstreams[0] (line 3",
+                 id="duplicate-alias"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n  - registry: quay.io\n    aliases: [ghcr.io]\n",
                  4, "upstreams[1].aliases", "'ghcr.io' is already a name of upstreams[0]", id="alias-is-other-name"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    aliases: [quay.io]\n  - registry: quay.io\n",
@@ -73,7 +75,8 @@ MISTAKES = [
     pytest.param("upstreams:\n  - registry: ghcr.io\n  -\n", 3, "upstreams[1]", "expected a mapping", id="item-empty"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    passwrd: x\n",
                  3, "upstreams[0].passwrd", "unknown key (known here: url, registry,", id="unknown-key"),
-    pytest.param("upstreams:\n  - url: https://ghcr.io\n", 2, "upstreams[0]", "no registry", id="item-without-registry"),
+    pytest.param("upstreams:\n  - url: https://ghcr.io\n", 2, "upstreams[0]", "no registry",
+                 id="item-without-registry"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    username: me\n    password: x\n    password_file: {pw}\n",
                  5, "upstreams[0].password_file", "password or password_file, not both", id="password-and-file"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    password: x\n",
@@ -224,7 +227,8 @@ def test_single_upstream_section_unchanged(tmp_path):
     assert config.registries == (config.upstream,) and config.default_upstream is config.upstream
     assert (config.upstream.url, config.upstream.registry, config.upstream.password) == (
         "https://r.example:5000", "r.example:5000", "pw")
-    assert configuration.load(_write(tmp_path, "upstream:\n  url: https://r.example\n")).upstream.registry == "docker.io"
+    plain = configuration.load(_write(tmp_path, "upstream:\n  url: https://r.example\n"))
+    assert plain.upstream.registry == "docker.io"
     args = cli.parser().parse_args(["serve", "--config", str(path), "--upstream", "http://127.0.0.1:5001"])
     assert cli._load(args).upstream.url == "http://127.0.0.1:5001"
     printed = yaml.safe_load(configuration.dump(config))
