@@ -162,8 +162,9 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     verify = cache_command("verify", "re-hash every cached file; exit 1 if any is missing or corrupt")
     verify.add_argument("--repair", action="store_true", help="remove the missing and corrupt entries")
-    rm = cache_command("rm", "remove a digest, a repository, or forget a tag")
-    rm.add_argument("target", metavar="REPOSITORY[:TAG]|DIGEST")
+    rm = cache_command("rm", "remove a digest, a repository, or forget a tag (a repository of another upstream "
+                             "than the default: REGISTRY/REPOSITORY, e.g. ghcr.io/org/app:1)")
+    rm.add_argument("target", metavar="[REGISTRY/]REPOSITORY[:TAG]|DIGEST")
 
     cert = commands.add_parser("cert", help="the private CA and the server certificate (paths from tls:)")
     cert_commands = cert.add_subparsers(dest="cert_command", required=True, metavar="COMMAND")

@@ -434,7 +434,7 @@ class Cache:
             entry = Entry(str(digest), temp.written, None, "blob", now, now)
             if await self._write(f"storing {digest}", self._commit, temp, entry, upstream, repository):
                 self._bad.pop(str(digest), None)
-                self.count("bytes_fetched", temp.written)
+                self.count_fetched(upstream, temp.written)
 
         return self.transfers.start(digest, open_source, commit, shared=shared)
 
@@ -478,7 +478,7 @@ class Cache:
         finally:
             self.release(len(data))
         self._bad.pop(str(digest), None)
-        self.count("bytes_fetched", len(data))
+        self.count_fetched(upstream, len(data))
         return True
 
     # --- tags
@@ -659,6 +659,12 @@ class Cache:
 
     def count(self, name: str, value: int = 1) -> None:
         self._batch.count(name, value)
+
+    def count_fetched(self, upstream: str | None, nbytes: int) -> None:
+        """Bytes fetched and stored, in all and for their upstream (``upstream/<key>/bytes_fetched``)."""
+        self.count("bytes_fetched", nbytes)
+        if upstream:
+            self.count(f"upstream/{upstream}/bytes_fetched", nbytes)
 
     async def flush(self) -> None:
         batch, self._batch = self._batch, AccessBatch()

@@ -447,6 +447,35 @@ class Index:
         rows = self._reader.execute("SELECT kind, count(*), coalesce(sum(size), 0) FROM content GROUP BY kind")
         return {kind: (count, size) for kind, count, size in rows}
 
+    def upstream_usage(self) -> dict[str, tuple[int, int, int, int]]:
+        """upstream -> (entries, bytes, shared entries, shared bytes) of the stored content its
+        repositories use; shared: another upstream uses it too (stored once, so counted in each).
+        A full scan, for ``cache stats``."""
+        rows = self._reader.execute(
+            "WITH used AS (SELECT DISTINCT upstream, digest FROM refs),"
+            " users AS (SELECT digest, count(*) AS n FROM used GROUP BY digest)"
+            " SELECT used.upstream, count(*), coalesce(sum(c.size), 0), coalesce(sum(users.n > 1), 0),"
+            " coalesce(sum(CASE WHEN users.n > 1 THEN c.size ELSE 0 END), 0)"
+            " FROM used JOIN content c USING (digest) JOIN users USING (digest) GROUP BY used.upstream")
+        return {upstream: (entries, size, shared, shared_size) for upstream, entries, size, shared, shared_size in rows}
+
+    def unattributed_totals(self) -> tuple[int, int]:
+        """(entries, bytes) of stored content no repository uses (files adopted by verify)."""
+        return self._reader.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM content WHERE digest NOT IN (SELECT digest FROM refs)"
+        ).fetchone()
+
+    def upstream_tag_counts(self) -> dict[str, int]:
+        """upstream -> number of tags it has here."""
+        return dict(self._reader.execute(
+            "SELECT upstream, count(*) FROM (SELECT DISTINCT upstream, repository, tag FROM tags) GROUP BY upstream"))
+
+    def knows_upstream(self, upstream: str) -> bool:
+        """Whether any repository or tag of this upstream is recorded (configured or not any more)."""
+        return self._reader.execute(
+            "SELECT EXISTS (SELECT 1 FROM refs WHERE upstream = ?) OR EXISTS (SELECT 1 FROM tags WHERE upstream = ?)",
+            (upstream, upstream)).fetchone()[0] == 1
+
     def pinned_totals(self) -> tuple[int, int]:
         return self._reader.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM content WHERE pinned = 1").fetchone()
