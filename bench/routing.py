@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,7 @@ import httpx
 
 from bench import report
 from bench.clients import BenchError, curl, wrk
-from bench.monitor import Monitor
+from bench.monitor import TICK, Monitor
 from bench.seed import MiB, random_data
 from bench.servers import DockerMirror, snapshot
 from tests.support.procs import Daemon, Registry, free_port, wait_until
@@ -58,6 +59,7 @@ BEGIN, END = "<!-- bench-routing:begin -->", "<!-- bench-routing:end -->"
 CLIENTS = 32
 WARM_REPO, COLD_REPO = "library/mid", "library/cold"
 HUB = "docker.io"
+OTHERS = "others' CPU %"
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,12 @@ def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores; not idle, not waiting for I/O)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / TICK
+
+
 def order(names: list[str], number: int) -> list[str]:
     """Round ``number``'s order: the list rotated by one more each round."""
     shift = number % len(names)
@@ -155,6 +163,11 @@ def order(names: list[str], number: int) -> list[str]:
 def ratios(series: dict[str, Series], variant: str, metric: str) -> list[float]:
     """Per round: the variant's value / one's."""
     return [v / o for v, o in zip(series[variant].values[metric], series["one"].values[metric], strict=True) if o]
+
+
+def gets_text(series: dict[str, Series]) -> str:
+    counts = sorted({int(v) for s in series.values() for v in s.values["upstream GETs"]})
+    return f"{counts[0]} in every round" if len(counts) == 1 else f"between {counts[0]} and {counts[-1]}"
 
 
 def _n(value: float) -> str:
@@ -176,6 +189,32 @@ def table(series: dict[str, Series], metrics: list[tuple[str, str]]) -> str:
                 cells.append(f"{statistics.median(r):.3f} ({min(r):.3f}..{max(r):.3f})")
         lines.append(f"| {name}: {VARIANTS[name].title} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def micro(number: int = 100_000) -> dict[str, float]:
+    """What routing and counting cost per request, in this process: µs per call (best of 5 runs),
+    of Mirror.resolve with one and with three upstreams, Mirror.record with and without the
+    per-upstream counts, and the request log's extra field (``upstream=KEY``)."""
+    from bench.counters_once import record_totals_only
+    from dockermirror.cache.index import AccessBatch
+    from dockermirror.humanize import printable
+    from dockermirror.mirror import Mirror, Upstream, Upstreams
+
+    def mirror(keys: list[str]) -> Mirror:
+        batch = AccessBatch()
+        return Mirror(Upstreams(Upstream(key, None) for key in keys), batch, tag_ttl=60)  # type: ignore[arg-type]
+
+    one, three = mirror([HUB]), mirror([HUB, "ghcr.io", "quay.io"])
+    calls = {
+        "resolve, one upstream": lambda: one.resolve(WARM_REPO),
+        "resolve, three, plain path": lambda: three.resolve(WARM_REPO),
+        f"resolve, three, ?ns={HUB}": lambda: three.resolve(WARM_REPO, HUB),
+        f"resolve, three, prefix {HUB}/": lambda: three.resolve(f"{HUB}/{WARM_REPO}"),
+        "record, totals and per upstream": lambda: three.record("HIT", MiB, HUB),
+        "record, totals only": lambda: record_totals_only(three, "HIT", MiB, HUB),
+        "log field upstream=KEY": lambda: printable(str(HUB or "-")),
+    }
+    return {name: min(timeit.repeat(call, number=number, repeat=5)) / number * 1e6 for name, call in calls.items()}
 
 
 def measure(args: argparse.Namespace, scratch: Path, names: list[str],
@@ -226,8 +265,10 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                 print(f"round {number + 1}/{args.rounds} (load average {loads[-1]:.2f})", flush=True)
                 for i, name in enumerate(order(names, number)):
                     server = servers[VARIANTS[name].server]
+                    busy = busy_seconds()
                     with monitor.watch(server.pid) as usage:
                         result = wrk(url(name, WARM_REPO, warm), CLIENTS, args.duration)
+                    others = busy_seconds() - busy - usage.cpu - result.cpu
                     digest = cold[number][names.index(name)]
                     mark = upstream.mark()
                     wall = curl_parallel(url(name, COLD_REPO, digest), MiB, CLIENTS)
@@ -238,10 +279,12 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                     s.add("req/s", result.rps)
                     s.add("p99 ms", result.p99 * 1000)
                     s.add("CPU µs/req", usage.cpu / result.requests * 1e6)
+                    s.add(OTHERS, 100 * others / args.duration)
                     s.add("cold wall ms", wall * 1000)
                     s.add("upstream GETs", gets)
                     print(f"  {name}: {result.rps:,.0f} req/s, p99 {result.p99 * 1000:.1f} ms, "
-                          f"CPU {usage.cpu / result.requests * 1e6:.0f} µs/req; cold {wall * 1000:.0f} ms, "
+                          f"CPU {usage.cpu / result.requests * 1e6:.0f} µs/req, others' CPU "
+                          f"{100 * others / args.duration:.0f}%; cold {wall * 1000:.0f} ms, "
                           f"{gets} upstream GET(s)", flush=True)
         loads.append(load_average())
         for key, server in servers.items():
@@ -263,6 +306,8 @@ def main(argv: list[str]) -> int:
     date, started = datetime.datetime.now(datetime.UTC), time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="dm-routing-", dir="/var/tmp"))
     loads: list[float] = []
+    costs = micro()
+    print("in-process, µs per call: " + ", ".join(f"{name} {us:.2f}" for name, us in costs.items()), flush=True)
     try:
         series = measure(args, scratch, names, loads)
     finally:
@@ -278,20 +323,29 @@ def main(argv: list[str]) -> int:
         "(min..max); a ratio is the variant's value / one's of the same round, median (min..max) over the rounds.",
         "",
         f"Warm: `wrk -t2 -c{CLIENTS} -d{args.duration}s` on a cached 1 MiB blob (CPU: the server's user + system "
-        "time per request).",
+        "time per request; others' CPU: what the rest of the machine (other work, the benchmark itself) used "
+        "meanwhile, % of one core, out of 200).",
         "",
         table(series, [("req/s", "req/s"), ("p99 ms", "p99 ms"), ("CPU µs/req", "CPU µs/req")]),
         "",
+        "Others' CPU during each variant's wrk runs, % of one core, median (min..max): " + ", ".join(
+            f"{name} {statistics.median(v := s.values[OTHERS]):.0f} ({min(v):.0f}..{max(v):.0f})"
+            for name, s in series.items()) + ".",
+        "",
         f"Cold: {CLIENTS} clients at once (`curl --parallel`) GET a 1 MiB blob not cached yet; upstream GETs "
-        f"of it: {sorted({int(v) for s in series.values() for v in s.values['upstream GETs']})} in every round.",
+        f"of it: {gets_text(series)}.",
         "",
         table(series, [("cold wall ms", "wall ms")]),
+        "",
+        "In-process cost per call (`bench.routing.micro`, best of 5 runs of 100,000 calls), µs: "
+        + ", ".join(f"{name} {us:.2f}" for name, us in costs.items()) + ".",
     ])
     print("\n" + text + "\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "routing.json").write_text(json.dumps({
         "command": command, "date": date.isoformat(timespec="seconds"), "machine": report.machine(),
         "revision": head, "seconds": round(seconds, 1), "load_average_per_round": loads, "args": vars(args),
+        "in_process_us_per_call": costs,
         "variants": {name: {"title": VARIANTS[name].title, "rounds": s.values} for name, s in series.items()},
     }, indent=2) + "\n")
     print("wrote bench/results/routing.json")
