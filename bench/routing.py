@@ -47,6 +47,7 @@ from pathlib import Path
 import httpx
 
 from bench import report
+from bench.__main__ import revision
 from bench.clients import BenchError, curl, wrk
 from bench.monitor import TICK, Monitor
 from bench.seed import MiB, random_data
@@ -313,8 +314,7 @@ def main(argv: list[str]) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.monotonic() - started
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
+    head = revision(ROOT / "dockermirror")
     text = "\n".join([
         f"Measured {date:%Y-%m-%d %H:%M} UTC on {report.machine()}; docker-mirror {head}"
         + (f", baseline {args.baseline}" if args.baseline else "") + ".",
