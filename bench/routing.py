@@ -260,6 +260,11 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
             server = servers[VARIANTS[name].server]
             wait_until(lambda s=server: s.blob_file(warm).exists(), 30, what="warm blob cached")
             wrk(url(name, WARM_REPO, warm), CLIENTS, 2)
+            if name != "before":    # served from the cache, routed to the registry (its log line says so)
+                path = VARIANTS[name].path.format(repo=WARM_REPO, digest=warm)
+                if not any(f'"GET {path}" 200 ' in line and f" cache=HIT upstream={HUB} " in line
+                           for line in server.log_text().splitlines()):
+                    raise BenchError(f"{name}: no log line of GET {path} served from the cache for {HUB}")
         with Monitor() as monitor:
             for number in range(args.rounds):
                 loads.append(load_average())
@@ -324,7 +329,7 @@ def main(argv: list[str]) -> int:
         "",
         f"Warm: `wrk -t2 -c{CLIENTS} -d{args.duration}s` on a cached 1 MiB blob (CPU: the server's user + system "
         "time per request; others' CPU: what the rest of the machine (other work, the benchmark itself) used "
-        "meanwhile, % of one core, out of 200).",
+        "meanwhile, % of one core, out of 200; /proc/stat less the server's and wrk's time, so a few % either way).",
         "",
         table(series, [("req/s", "req/s"), ("p99 ms", "p99 ms"), ("CPU µs/req", "CPU µs/req")]),
         "",
