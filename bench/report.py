@@ -101,11 +101,11 @@ def machine() -> str:
             f"Linux {platform.release()} {platform.machine()}")
 
 
-def replace_readme(readme: Path, text: str) -> None:
-    """Put ``text`` between the bench markers of ``readme``; nothing else changes."""
+def replace_readme(readme: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``text`` between the markers (the bench table's by default) of ``readme``; nothing else changes."""
     content = readme.read_text()
-    head, found, rest = content.partition(BEGIN + "\n")
-    _, found_end, tail = rest.partition(END)
+    head, found, rest = content.partition(begin + "\n")
+    _, found_end, tail = rest.partition(end)
     if not (found and found_end):
-        raise ValueError(f"{readme}: markers {BEGIN} / {END} not found")
-    readme.write_text(f"{head}{BEGIN}\n{text.rstrip()}\n{END}{tail}")
+        raise ValueError(f"{readme}: markers {begin} / {end} not found")
+    readme.write_text(f"{head}{begin}\n{text.rstrip()}\n{end}{tail}")

@@ -48,13 +48,15 @@ def snapshot(package: Path, dest: Path) -> Path:
 
 class DockerMirror(Mirror):
     """docker-mirror, ``python -m dockermirror serve --config FILE``, caching without limits,
-    its code imported from ``source`` (a :func:`snapshot`)."""
+    its code imported from ``source`` (a :func:`snapshot`). ``upstreams`` (sections of the
+    ``upstreams:`` list, the default first) replaces the one ``upstream`` URL."""
 
     label = "docker-mirror"
 
-    def __init__(self, workdir: Path, upstream: str, source: Path, pki: TestPKI | None = None) -> None:
+    def __init__(self, workdir: Path, upstream: str, source: Path, pki: TestPKI | None = None,
+                 upstreams: list[dict] | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        config: dict = {"upstream": {"url": upstream},
+        config: dict = {**({"upstreams": upstreams} if upstreams else {"upstream": {"url": upstream}}),
                         "cache": {"dir": str(workdir / "cache"), "max_size": "100%", "min_free": 0}}
         if pki:
             config["tls"] = {"certificate": str(pki.certificate), "key": str(pki.key)}

@@ -20,7 +20,7 @@ from dockermirror.cache.index import ForeignDatabase, Index
 from dockermirror.cache.space import filesystem, resolve
 from dockermirror.cache.store import BlobStore
 from dockermirror.config import Config
-from dockermirror.routing import RegistryTable, registry_key, upstream_repository
+from dockermirror.routing import RegistryTable, looks_like_host, registry_key, upstream_repository
 from dockermirror.oci import Digest, InvalidDigest, valid_name, valid_tag
 
 
@@ -33,7 +33,12 @@ class Opened:
     config: Config
     store: BlobStore
     index: Index
-    upstream: str   # the upstream's key, as in the index
+    table: RegistryTable    # the configured upstreams, the default first
+
+    @property
+    def upstream(self) -> str:
+        """The default upstream's key, as in the index."""
+        return self.table.default
 
     def capacity(self) -> int:
         return resolve(self.config.cache.max_size, filesystem(self.store.root).total)
@@ -45,7 +50,6 @@ def open_cache(config: Config) -> Opened:
         raise CommandError(f"no cache at {root}: the directory does not exist")
     if not (root / INDEX_NAME).is_file():
         raise CommandError(f"{root} is not a docker-mirror cache: it has no {INDEX_NAME}")
-    key = registry_key(config.default_upstream.registry)
     table = RegistryTable((up.registry, up.aliases) for up in config.registries)
     pins = tuple(table.pattern(p) for p in config.cache.pin)
     try:
@@ -54,7 +58,7 @@ def open_cache(config: Config) -> Opened:
         raise CommandError(f"{exc}: not a docker-mirror cache") from None
     except sqlite3.Error as exc:
         raise CommandError(f"cannot open {root / INDEX_NAME}: {exc} (run as root or as the cache's owner)") from None
-    return Opened(config, BlobStore(root), index, key)
+    return Opened(config, BlobStore(root), index, table)
 
 
 def when(timestamp: float | None) -> str:
@@ -67,16 +71,54 @@ def when(timestamp: float | None) -> str:
 # --- stats
 
 
+def traffic(counters: dict[str, int]) -> dict[str, Any]:
+    """Requests by result, hit ratio and bytes, from the counters (all, or one upstream's)."""
+    requests = {k.removeprefix("requests_"): v for k, v in counters.items() if k.startswith("requests_")}
+    served = {k.removeprefix("bytes_served_"): v for k, v in counters.items() if k.startswith("bytes_served_")}
+    total_requests = sum(requests.values())
+    return {
+        "requests": requests,
+        "hit_ratio": requests.get("hit", 0) / total_requests if total_requests else None,
+        "bytes_served": served,
+        "bytes_served_from_cache": served.get("hit", 0) + served.get("stale", 0),
+        "bytes_fetched_upstream": counters.get("bytes_fetched", 0),
+    }
+
+
+def per_upstream(opened: Opened, counters: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Every configured upstream (the default first) and every other one the index or the
+    counters know (an upstream removed from the configuration): its content, tags and traffic."""
+    index = opened.index
+    usage, tags = index.upstream_usage(), index.upstream_tag_counts()
+    own: dict[str, dict[str, int]] = {}
+    for name, value in counters.items():
+        if name.startswith("upstream/") and name.count("/") == 2:
+            _, key, counter = name.split("/")
+            own.setdefault(key, {})[counter] = value
+    keys = list(opened.table.keys) + sorted((set(usage) | set(tags) | set(own)) - set(opened.table.keys))
+    out = {}
+    for key in keys:
+        entries, stored, shared, shared_bytes = usage.get(key, (0, 0, 0, 0))
+        out[key] = {
+            "configured": key in opened.table.keys,
+            "default": key == opened.table.default,
+            "entries": entries,
+            "bytes": stored,
+            "shared": {"entries": shared, "bytes": shared_bytes},
+            "tags": tags.get(key, 0),
+            **traffic(own.get(key, {})),
+        }
+    return out
+
+
 def stats(opened: Opened) -> dict[str, Any]:
     index = opened.index
     entries, stored = index.totals()
     kinds = index.kinds()
     pinned_entries, pinned_bytes = index.pinned_totals()
     counters = index.counters()
-    requests = {k.removeprefix("requests_"): v for k, v in counters.items() if k.startswith("requests_")}
-    served = {k.removeprefix("bytes_served_"): v for k, v in counters.items() if k.startswith("bytes_served_")}
-    total_requests = sum(requests.values())
     tags = index.tag_count()
+    unattributed = index.unattributed_totals()
     return {
         "cache_dir": str(opened.store.root),
         "bytes": stored,
@@ -87,11 +129,10 @@ def stats(opened: Opened) -> dict[str, Any]:
         "tags": tags,
         "pinned": {"entries": pinned_entries, "bytes": pinned_bytes},
         "oldest_access": index.oldest_access(),
-        "requests": requests,
-        "hit_ratio": requests.get("hit", 0) / total_requests if total_requests else None,
-        "bytes_served": served,
-        "bytes_served_from_cache": served.get("hit", 0) + served.get("stale", 0),
-        "bytes_fetched_upstream": counters.get("bytes_fetched", 0),
+        **traffic(counters),
+        # content several upstreams use is stored once and counted in each of them
+        "upstreams": per_upstream(opened, counters),
+        "no_upstream": {"entries": unattributed[0], "bytes": unattributed[1]},
     }
 
 
@@ -112,6 +153,23 @@ def print_stats(data: dict[str, Any], as_json: bool) -> None:
     print(f"hit ratio:      {ratio}")
     print(f"from cache:     {size(data['bytes_served_from_cache'])} served")
     print(f"from upstream:  {size(data['bytes_fetched_upstream'])} fetched")
+    if len(data["upstreams"]) < 2:
+        return      # the totals say it all
+    print("per upstream (content that several upstreams use is stored once and counted in each):")
+    for key, up in data["upstreams"].items():
+        note = " (default)" if up["default"] else "" if up["configured"] else " (not configured any more)"
+        shared = (f"; {up['shared']['entries']} of them ({size(up['shared']['bytes'])}) also used by other upstreams"
+                  if up["shared"]["entries"] else "")
+        ratio = "-" if up["hit_ratio"] is None else f"{up['hit_ratio'] * 100:.1f}%"
+        requests = ", ".join(f"{k} {v}" for k, v in sorted(up["requests"].items())) or "none yet"
+        print(f"  {key}{note}")
+        print(f"    content:    {up['entries']} entries ({size(up['bytes'])}){shared}; {up['tags']} tags")
+        print(f"    requests:   {requests}; hit ratio {ratio}")
+        print(f"    traffic:    {size(up['bytes_served_from_cache'])} served from cache, "
+              f"{size(up['bytes_fetched_upstream'])} fetched")
+    if data["no_upstream"]["entries"]:
+        print(f"  of no upstream: {data['no_upstream']['entries']} entries ({size(data['no_upstream']['bytes'])}),"
+              " files found without a record of their repository (after a crash, or by verify) and kept")
 
 
 # --- prune
@@ -161,7 +219,7 @@ def verify(opened: Opened, *, repair: bool) -> int:
 
 
 def rm(opened: Opened, target: str) -> int:
-    index, key = opened.index, opened.upstream
+    index = opened.index
     if target.startswith(("sha256:", "sha512:")):
         try:
             digest = Digest.parse(target)
@@ -178,29 +236,53 @@ def rm(opened: Opened, target: str) -> int:
         print(f"removed {digest}" + (f" ({size(entry.size)})" if entry else "")
               + (f" and {len(tags)} tag(s) pointing at it" if tags else ""))
         return 0
-    name, _, tag = target.partition(":") if ":" in target.rsplit("/", 1)[-1] else (target, "", "")
-    if not valid_name(name) or (tag and not valid_tag(tag)):
-        raise CommandError(f"{target!r} is neither a digest nor REPOSITORY[:TAG]")
-    repository = upstream_repository(key, name)
+    key, repository, tag = route(opened, target)
+    shown = repository if opened.table.keys == [key] else f"{key}/{repository}"
     if tag:
         row = index.tag(key, repository, tag)
         if row is None:
-            raise CommandError(f"{repository}:{tag} is not in the cache")
+            raise CommandError(f"{shown}:{tag} is not in the cache")
         index.delete_tag(key, repository, tag)
-        print(f"forgot {repository}:{tag} (was {row.digest}); the next pull asks the upstream")
+        print(f"forgot {shown}:{tag} (was {row.digest}); the next pull asks the upstream")
         return 0
     digests = index.repository_digests(key, repository)
     tags = index.tags_of(key, repository)
     if not digests and not tags:
-        raise CommandError(f"{repository} is not in the cache")
+        raise CommandError(f"{shown} is not in the cache")
     own = [d for d, shared in digests.items() if not shared and index.content(d) is not None]
     freed = sum(e.size for e in (index.content(d) for d in own) if e)
     maintenance.remove(opened.store, index, own)
     index.delete_repository(key, repository)
     kept = len(digests) - len(own)
-    print(f"removed {repository}: {len(tags)} tag(s), {len(own)} entries ({size(freed)})"
+    print(f"removed {shown}: {len(tags)} tag(s), {len(own)} entries ({size(freed)})"
           + (f"; kept {kept} entries other repositories use" if kept else ""))
     return 0
+
+
+def route(opened: Opened, target: str) -> tuple[str, str, str]:
+    """(upstream key, repository, tag or '') of ``[REGISTRY/]REPOSITORY[:TAG]``, as the server
+    routes a path: a first component that looks like a host names the registry (a configured
+    one, or one the index still holds, such as an upstream removed from the configuration);
+    anything else is the default upstream's (``busybox`` is docker.io's library/busybox)."""
+    head, _, last = target.rpartition("/")
+    last, colon, tag = last.partition(":")
+    name = f"{head}/{last}" if head else last
+    if (colon and not valid_tag(tag)) or not name:
+        raise CommandError(f"{target!r} is neither a digest nor [REGISTRY/]REPOSITORY[:TAG]")
+    first, _, rest = name.partition("/")
+    if looks_like_host(first):
+        key = opened.table.lookup(first) or registry_key(first)
+        if not rest:
+            raise CommandError(f"{first} is a registry: name a repository in it, as in {first}/<repository>")
+        if key not in opened.table.keys and not opened.index.knows_upstream(key):
+            raise CommandError(f"{first} is not a configured upstream ({', '.join(opened.table.keys)}) and the "
+                               "cache holds nothing of it")
+        name = rest
+    else:
+        key = opened.upstream
+    if not valid_name(name):
+        raise CommandError(f"{target!r} is neither a digest nor [REGISTRY/]REPOSITORY[:TAG]")
+    return key, upstream_repository(key, name), tag
 
 
 def run(config: Config, command: str, **options: Any) -> int:

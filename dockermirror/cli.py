@@ -96,7 +96,6 @@ def cmd_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_client_setup(args: argparse.Namespace) -> int:
-    from dockermirror.routing import registry_key
     from dockermirror.service.clientsetup import instructions
     from dockermirror.service.server import public_hostname
 
@@ -107,8 +106,8 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
         ca_pem = config.tls.ca.read_text() if tls else None
     except OSError:
         ca_pem = None
-    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca,
-                       registry=registry_key(config.default_upstream.registry)), end="")
+    registries = [(upstream.registry, upstream.aliases) for upstream in config.registries]
+    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries), end="")
     return 0
 
 
@@ -163,8 +162,9 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     verify = cache_command("verify", "re-hash every cached file; exit 1 if any is missing or corrupt")
     verify.add_argument("--repair", action="store_true", help="remove the missing and corrupt entries")
-    rm = cache_command("rm", "remove a digest, a repository, or forget a tag")
-    rm.add_argument("target", metavar="REPOSITORY[:TAG]|DIGEST")
+    rm = cache_command("rm", "remove a digest, a repository, or forget a tag (a repository of another upstream "
+                             "than the default: REGISTRY/REPOSITORY, e.g. ghcr.io/org/app:1)")
+    rm.add_argument("target", metavar="[REGISTRY/]REPOSITORY[:TAG]|DIGEST")
 
     cert = commands.add_parser("cert", help="the private CA and the server certificate (paths from tls:)")
     cert_commands = cert.add_subparsers(dest="cert_command", required=True, metavar="COMMAND")
@@ -181,7 +181,8 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--ip", action="append", metavar="ADDRESS", help="an IP address for it (repeat)")
             sub.add_argument("--days", type=int, default=825, help="validity of the server certificate")
 
-    setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman here")
+    setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
+                                                     "here (for every upstream)")
     setup.add_argument("--config", type=Path, help=config_help)
     setup.add_argument("--host", metavar="HOST:PORT", help="how clients reach the mirror (default: hostname and port)")
     setup.set_defaults(run=cmd_client_setup)

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from dockermirror.routing import DOCKER_HUB, DOCKER_HUB_ALIASES, registry_key
+
 DEFAULT_PATH = Path("/etc/docker-mirror/config.yml")
 
 
@@ -144,6 +146,10 @@ def split_listen(text: str) -> tuple[str, int]:
 
 def parse_url(value: Any) -> str:
     text = _string(value)
+    if "@" in text.partition("://")[2].partition("/")[0] or ("://" not in text and "@" in text.partition("/")[0]):
+        # not echoed: it may hold a password
+        raise ValueError("the URL must not hold credentials: give them as username and password (or "
+                         "password_file)")
     parts = urlsplit(text)
     if "://" not in text:
         raise ValueError(f"URL {text!r} has no scheme: write https://{text} (or http:// for a plain-HTTP registry)")
@@ -230,6 +236,9 @@ def parse_registry(value: Any) -> str:
     if not _REGISTRY_RE.fullmatch(text) or len(text) > 255:
         raise ValueError(f"invalid registry name {text!r} (a lowercase host name, optionally with :PORT, "
                          "e.g. ghcr.io or registry.example.org:5000)")
+    port = text.rpartition(":")[2] if ":" in text else ""
+    if port and not 0 < int(port) < 65536:
+        raise ValueError(f"invalid port in registry name {text!r} (1 to 65535)")
     if "." not in text and ":" not in text and text != "localhost":
         raise ValueError(f"registry name {text!r} needs a dot or a :PORT (or be localhost): clients tell a "
                          "registry from a repository namespace that way")
@@ -348,11 +357,14 @@ class Config:
             if raw is None:
                 continue
             path = key.split(".")
-            if path[0] == "upstream" and config.upstreams:    # the default upstream of the list
-                first = _replace_dotted(config.upstreams[0], path[1:], raw, prefix="upstreams[0]")
-                config = dataclasses.replace(config, upstreams=(first, *config.upstreams[1:]))
-                continue
-            config = _replace_dotted(config, path, raw)
+            try:
+                if path[0] == "upstream" and config.upstreams:    # the default upstream of the list
+                    first = _replace_dotted(config.upstreams[0], path[1:], raw)
+                    config = dataclasses.replace(config, upstreams=(first, *config.upstreams[1:]))
+                    continue
+                config = _replace_dotted(config, path, raw)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, key=key) from None    # named as the caller gave it
         return config
 
 
@@ -364,14 +376,14 @@ def _is_section(f: dataclasses.Field) -> bool:
     return "parse" not in f.metadata and "items" not in f.metadata
 
 
-def _replace_dotted(obj: Any, path: list[str], raw: Any, prefix: str = "") -> Any:
+def _replace_dotted(obj: Any, path: list[str], raw: Any) -> Any:
     f = _fields(type(obj))[path[0]]
     if len(path) > 1:
         return dataclasses.replace(obj, **{f.name: _replace_dotted(getattr(obj, f.name), path[1:], raw)})
     try:
         value = f.metadata["parse"](raw)
     except ValueError as exc:
-        raise ConfigError(str(exc), key=".".join([prefix, *path] if prefix else path)) from None
+        raise ConfigError(str(exc), key=".".join(path)) from None
     return dataclasses.replace(obj, **{f.name: value})
 
 
@@ -432,6 +444,8 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
         if key in values or key in lines:
             raise ConfigError("key given twice", source=source, line=key_line, key=dotted)
         lines[key] = key_line
+        if isinstance(value_node, yaml.SequenceNode):    # the line of each item: aliases[1]
+            lines.update((f"{key}[{j}]", item.start_mark.line + 1) for j, item in enumerate(value_node.value))
         null = isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")
         if "items" in f.metadata:
             if null:
@@ -449,11 +463,14 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
         if not isinstance(value_node, wanted) and not null:
             expected = "a list" if f.metadata.get("sequence") else "a single value"
             raise ConfigError(f"expected {expected}", source=source, line=key_line, key=dotted)
-        raw = loader.construct_object(value_node, deep=True)
+        secret = f.metadata.get("secret") and not null
+        # a secret is the text as written (password: 0123 is not the number 83), never echoed
+        raw = value_node.value if secret else loader.construct_object(value_node, deep=True)
         try:
             values[key] = f.metadata["parse"](raw)
         except ValueError as exc:
-            raise ConfigError(str(exc), source=source, line=value_node.start_mark.line + 1, key=dotted) from None
+            message = "invalid value (not shown: it is a secret)" if secret else str(exc)
+            raise ConfigError(message, source=source, line=value_node.start_mark.line + 1, key=dotted) from None
     built = cls(**values)
     if cls is UpstreamConfig:
         built = _check_upstream(built, lines, source, prefix)
@@ -476,24 +493,32 @@ def _build_items(cls: type, node: yaml.SequenceNode, loader: yaml.SafeLoader, so
     for i, item in enumerate(node.value):
         lines: dict[str, int] = {}
         built = _build(cls, item, loader, source, f"{prefix}[{i}]", lines)
-        names = [("registry", built.registry)] + [("aliases", alias) for alias in built.aliases]
-        for key, name in names:
-            canonical = _registry_key(name)
+        if "registry" not in lines:
+            raise ConfigError("no registry: give the name clients use for this upstream (docker.io, ghcr.io, "
+                              "registry.example.org:5000...)", source=source, line=lines[""],
+                              key=f"{prefix}[{i}]")
+        if "url" not in lines:    # the registry's own address (Docker Hub's API is elsewhere)
+            built = dataclasses.replace(built, url=default_url(built.registry))
+        names = [("registry", "registry", built.registry)]
+        names += [("aliases", f"aliases[{j}]", alias) for j, alias in enumerate(built.aliases)]
+        for key, where, name in names:
+            line = lines.get(where, lines.get(key, lines[""]))
+            canonical = registry_key(name)
             if canonical in owners:
                 other, other_line = owners[canonical]
-                what = "the same upstream" if other == i else f"{prefix}[{other}] (line {other_line})"
-                raise ConfigError(f"{name!r} is already a name of {what}: each registry name and alias must "
-                                  "name one upstream", source=source, line=lines.get(key, lines[""]),
-                                  key=f"{prefix}[{i}].{key}")
-            owners[canonical] = (i, lines.get(key, lines[""]))
+                hub = f"{', '.join(DOCKER_HUB_ALIASES)} are all Docker Hub" if canonical == DOCKER_HUB else ""
+                what = (f"the same upstream{f' ({hub})' if hub else ''}" if other == i
+                        else f"{prefix}[{other}] (line {other_line}{f'; {hub}' if hub else ''})")
+                raise ConfigError(f"{name!r} is already a name of {what}: each registry name and alias "
+                                  "must name one upstream", source=source, line=line, key=f"{prefix}[{i}].{key}")
+            owners[canonical] = (i, line)
         items.append(built)
     return tuple(items)
 
 
-def _registry_key(name: str) -> str:
-    from dockermirror.routing import registry_key
-
-    return registry_key(name)
+def default_url(registry: str) -> str:
+    """The URL of an ``upstreams:`` item that gives none: ``https://<registry>``, Docker Hub's API for docker.io."""
+    return UpstreamConfig.url if registry_key(registry) == DOCKER_HUB else f"https://{registry}"
 
 
 def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, prefix: str) -> UpstreamConfig:
@@ -532,8 +557,6 @@ def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, pref
             raise fail(f"cannot read {up.ca_bundle}: {exc.strerror}", "ca_bundle") from None
     if up.password is not None and up.username is None:
         raise fail("a password needs a username", "password" if "password" in lines else "password_file")
-    if up.username is not None and up.password is None:
-        raise fail("a username needs a password (or password_file)", "username")
     return up
 
 
@@ -566,10 +589,15 @@ def dump(config: Config) -> str:
 
     def plain(obj: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, f in _fields(type(obj)).items():
+        fields = _fields(type(obj))
+        if isinstance(obj, UpstreamConfig):    # its name first: the list reads as registry after registry
+            fields = {"registry": fields["registry"], **fields}
+        for name, f in fields.items():
             value = getattr(obj, name)
             if name == "upstream" and getattr(obj, "upstreams", None):
                 continue    # upstreams: replaces it
+            if name == "password" and getattr(obj, "password_file", None) is not None:
+                continue    # read from password_file (shown): not given here
             if "items" in f.metadata:
                 if value:
                     out[name] = [plain(item) for item in value]

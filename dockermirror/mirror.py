@@ -13,6 +13,12 @@
   If the upstream is unreachable or answers 5xx/429, the cached mapping is served
   stale; for a while after the upstream could not be reached, cached tags are served
   stale without trying it first.
+* A referrers answer (OCI 1.1: the image index of the artifacts whose ``subject`` is a digest,
+  optionally filtered by ``artifactType``) is treated like a tag: kept per upstream, repository,
+  subject and filter for the upstream's tag TTL, then asked for again with a GET (the API
+  defines no HEAD and no digest of the answer to compare), served stale while the upstream
+  is unreachable or answers 5xx/429. A 404 (an upstream without the API) is passed on and
+  forgets the answer, so that clients fall back to the ``sha256-<hex>`` tag scheme.
 * A blob that is not cached is fetched by one transfer; concurrent requests for it
   follow that transfer (COALESCED). A blob the cache has no room for passes through
   uncached (PASS).
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dockermirror import humanize
-from dockermirror.cache import Cache, CachedFile, Entry, Follower, TagEntry
+from dockermirror.cache import Cache, CachedFile, Entry, Follower, ReferrersEntry, TagEntry
 from dockermirror.errors import (
     BadUpstreamContent,
     BlobUnknown,
@@ -49,6 +55,7 @@ from dockermirror.oci import (
     LIST_TYPES,
     MANIFEST_TYPES,
     MAX_MANIFEST_SIZE,
+    OCI_INDEX,
     OCI_MANIFEST,
     Digest,
     InvalidDigest,
@@ -129,6 +136,16 @@ class Blob:
     size: int | None            # None when the upstream did not announce a length
     media_type: str | None
     body: CachedFile | Follower | None   # None for HEAD
+    cache: str
+    upstream_status: int | None = None
+
+
+@dataclass
+class Referrers:
+    digest: str                 # of the answer (not a manifest's: nothing to check it against)
+    size: int
+    body: bytes | None          # None for HEAD
+    filtered: bool              # the upstream applied the artifactType filter
     cache: str
     upstream_status: int | None = None
 
@@ -385,6 +402,95 @@ class Mirror:
                 return {"name": repo.name, "tags": known}, STALE
         raise error
 
+    # --- referrers
+
+    async def referrers(self, repo: Repo, subject: Digest, artifact_type: str | None, *, head: bool) -> Referrers:
+        """The upstream's referrers of ``subject`` (an OCI image index), from the cache while fresh."""
+        key = (repo.upstream.key, repo.name, str(subject), artifact_type or "")
+        row = self.cache.referrers(*key)
+        if row is not None and self.clock() - row.checked < self.tag_ttl_of(repo.upstream):
+            served = await self._cached_referrers(row, head=head, cache=HIT)
+            if served is not None:
+                self.cache.touch_referrers(*key)
+                return served
+            # its stored answer is gone (evicted): ask again
+        elif row is not None and repo.upstream.client.recently_down:
+            error = UpstreamUnreachable(f"not retried for a while after: {repo.upstream.client.last_error}")
+            return await self._stale_referrers(repo, row, error, head=head)
+        try:
+            fresh = await self._flights.do(("referrers", *key),
+                                           lambda: self._fetch_referrers(repo, subject, artifact_type))
+        except (Unavailable, UpstreamUnreachable) as exc:
+            return await self._stale_referrers(repo, row, exc, head=head)
+        except RegistryError as exc:
+            if exc.code == "TOOMANYREQUESTS" and row is not None:
+                return await self._stale_referrers(repo, row, exc, head=head)
+            raise
+        return dataclasses.replace(fresh, body=None) if head else fresh
+
+    async def _fetch_referrers(self, repo: Repo, subject: Digest, artifact_type: str | None) -> Referrers:
+        """GET the referrers from the upstream, check that they are an image index, store them."""
+        key = (repo.upstream.key, repo.name, str(subject), artifact_type or "")
+        reply = await repo.upstream.client.referrers(repo.name, str(subject), artifact_type)
+        if reply.status == 404:
+            # no referrers API (or no such repository): what was cached no longer answers
+            if self.cache.referrers(*key) is not None:
+                await self.cache.delete_referrers(*key)
+            error = error_for(404, reply.headers, reply.body)
+            raise type(error)(f"the upstream answered 404 for the referrers of {subject} ({error.message}); "
+                              "a registry without the referrers API is asked for the sha256-<hex> tag instead",
+                              detail={"subject": str(subject), "upstream_status": 404}, upstream_status=404)
+        if reply.status != 200:
+            raise error_for(reply.status, reply.headers, reply.body)
+        document = _json_object(reply.body)
+        manifests = document.get("manifests") if document is not None else None
+        if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
+            raise ManifestInvalid(f"the upstream's referrers of {subject} are not an image index", status=502,
+                                  upstream_status=reply.status)
+        if "link" in reply.headers:
+            # the next page's query would not be forwarded (and a cached first page would answer it):
+            # clients get the first page, which is all that registries send today
+            log.warning("the upstream paginates the referrers of %s@%s; serving only the first page", repo, subject)
+        filtered = artifact_type is not None and "artifacttype" in _filters_applied(reply)
+        digest = Digest.of(reply.body)
+        stored = self.cache.entry(digest) is not None or await self.cache.put_manifest(
+            digest, reply.body, OCI_INDEX, repo.upstream.key, repo.name)
+        if stored:
+            now = self.clock()
+            await self.cache.put_referrers(ReferrersEntry(*key, str(digest), len(reply.body), filtered, now, now))
+        return Referrers(str(digest), len(reply.body), reply.body, filtered, MISS, reply.status)
+
+    async def _cached_referrers(self, row: ReferrersEntry, *, head: bool, cache: str,
+                                upstream_status: int | None = None) -> Referrers | None:
+        """A stored answer; None if its content is gone."""
+        entry = self.cache.entry(Digest.parse(row.digest))
+        if entry is None:
+            return None
+        body = None
+        if not head:
+            body = await self.cache.read_small(entry)
+            if body is None:
+                return None
+        self.cache.touch(entry.digest, row.upstream, row.repository)
+        return Referrers(row.digest, entry.size, body, row.filtered, cache, upstream_status)
+
+    async def _stale_referrers(self, repo: Repo, row: ReferrersEntry | None, error: Exception, *,
+                               head: bool) -> Referrers:
+        """The upstream failed: serve the last answer, if there is one (never after a 404)."""
+        if isinstance(error, UpstreamUnreachable):
+            error = Unavailable(f"the upstream is unreachable: {error}")
+        served = None
+        if row is not None:
+            served = await self._cached_referrers(row, head=head, cache=STALE,
+                                                  upstream_status=getattr(error, "upstream_status", None))
+        if served is None:
+            raise error
+        self.cache.touch_referrers(row.upstream, row.repository, row.subject, row.artifact_type)
+        log.warning("upstream failed for the referrers of %s@%s%s (%s); serving the cached answer (checked %s)",
+                    repo, row.subject, f" (artifactType {row.artifact_type})" if row.artifact_type else "", error,
+                    humanize.age(self.clock() - row.checked) + " ago")
+        return served
+
     # --- stats from the request layer
 
     def record(self, cache: str | None, nbytes: int, upstream: str | None = None) -> None:
@@ -426,6 +532,12 @@ def _media_type(reply: Reply, document: dict[str, Any]) -> str:
     if valid_media_type(declared):
         return declared
     return _or_default(content_type)
+
+
+def _filters_applied(reply: Reply) -> set[str]:
+    """The filters the upstream says it applied (``OCI-Filters-Applied: artifactType``), lower case."""
+    values = reply.headers.get_list("oci-filters-applied", split_commas=True)
+    return {value.strip().lower() for value in values}
 
 
 def _or_default(media_type: str | None) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.cachetools import ACCEPT, cache_cli, pull
 from tests.conftest import Upstream
-from tests.support.procs import wait_until
+from tests.support.procs import Mirror, wait_until
 
 
 @pytest.fixture
@@ -122,9 +122,67 @@ def test_rm_digest_tag_and_repository(warm, upstream: Upstream):
     missing = cache_cli(warm, "rm", "acme/tool")
     assert missing.returncode == 1 and "acme/tool is not in the cache" in missing.stderr
     bad = cache_cli(warm, "rm", "Not A Name")
-    assert bad.returncode == 1 and "neither a digest nor REPOSITORY[:TAG]" in bad.stderr
+    assert bad.returncode == 1 and "neither a digest nor [REGISTRY/]REPOSITORY[:TAG]" in bad.stderr
     with warm.client() as client:
         pull(client, "acme/tool", "1.0")
+
+
+@pytest.fixture
+def two_upstreams(tmp_path, upstream: Upstream):
+    """A mirror of two upstreams (both the test registry): docker.io, the default, and ghcr.io."""
+    mirror = Mirror(tmp_path, {"upstreams": [{"registry": "docker.io", "url": upstream.url},
+                                             {"registry": "ghcr.io", "url": upstream.url}]}, name="two")
+    try:
+        mirror.start()
+        yield mirror
+    finally:
+        mirror.stop()
+
+
+def test_stats_and_rm_per_upstream(two_upstreams, upstream: Upstream):
+    mirror = two_upstreams
+    with mirror.client() as client:
+        hello = set(pull(client, "library/hello"))
+        shared = set(pull(client, "ghcr.io/library/hello"))     # the same image through the other upstream
+        tool = set(pull(client, "ghcr.io/acme/tool", "1.0"))
+    assert shared == hello
+    wait_until(lambda: hello | tool <= set(rows(mirror)), 10, what="every pulled digest indexed")
+
+    def flushed() -> dict | None:
+        result = cache_cli(mirror, "stats", "--json")
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        ups = data["upstreams"]
+        return data if ups["docker.io"]["requests"] and ups["ghcr.io"]["requests"] else None
+
+    data = wait_until(flushed, 30, interval=0.3, what="the server's access counters flushed to the index")
+    content = rows(mirror)
+    hub, ghcr = data["upstreams"]["docker.io"], data["upstreams"]["ghcr.io"]
+    assert list(data["upstreams"]) == ["docker.io", "ghcr.io"] and hub["default"] and not ghcr["default"]
+    assert (hub["entries"], hub["bytes"]) == (len(hello), sum(content[d] for d in hello))
+    assert (ghcr["entries"], ghcr["bytes"]) == (len(hello | tool), sum(content[d] for d in hello | tool))
+    assert hub["shared"] == ghcr["shared"] == {"entries": len(hello), "bytes": sum(content[d] for d in hello)}
+    assert data["bytes"] == sum(content.values()) < hub["bytes"] + ghcr["bytes"]     # stored once
+    assert (hub["tags"], ghcr["tags"], data["tags"]) == (1, 2, 3)
+    assert hub["requests"].get("miss", 0) + ghcr["requests"].get("miss", 0) == data["requests"]["miss"]
+    assert hub["bytes_fetched_upstream"] + ghcr["bytes_fetched_upstream"] == data["bytes_fetched_upstream"]
+    human = cache_cli(mirror, "stats").stdout
+    assert "  ghcr.io\n" in human and "  docker.io (default)\n" in human
+
+    forgot = cache_cli(mirror, "rm", "ghcr.io/acme/tool:1.0")
+    assert forgot.returncode == 0 and forgot.stdout.startswith("forgot ghcr.io/acme/tool:1.0 (was ")
+    removed = cache_cli(mirror, "rm", "ghcr.io/library/hello")
+    assert removed.returncode == 0, removed.stderr
+    assert f"kept {len(hello)} entries other repositories use" in removed.stdout
+    assert hello <= set(rows(mirror))                          # docker.io's library/hello uses them
+    tool_rm = cache_cli(mirror, "rm", "ghcr.io/acme/tool")
+    assert tool_rm.returncode == 0, tool_rm.stderr
+    assert not tool & set(rows(mirror))
+    unknown = cache_cli(mirror, "rm", "quay.io/acme/tool")
+    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
+    assert "quay.io is not a configured upstream" in unknown.stderr
+    with mirror.client() as client:                            # and the server fetches again
+        assert set(pull(client, "ghcr.io/acme/tool", "1.0")) == tool
 
 
 @pytest.mark.parametrize("setup, message", [

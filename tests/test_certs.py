@@ -87,7 +87,7 @@ def test_client_setup(tmp_path: Path, tls_config: Path):
     assert '[host."https://mirror.example.org:5000"]' in tls_out
     assert 'server = "https://registry-1.docker.io"' in tls_out
     assert "update-ca-trust" in tls_out
-    assert 'location = "mirror.example.org:5000"' in tls_out and "insecure" not in tls_out
+    assert 'location = "mirror.example.org:5000/docker.io"' in tls_out and "insecure" not in tls_out
     plain = tmp_path / "plain.yml"
     plain.write_text("listen: 0.0.0.0:5123\nhostname: box.lan\ntls:\n  enabled: false\n")
     plain_out = cli("client-setup", "--config", str(plain)).stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,30 @@ def test_shipped_config_is_valid_and_documents_every_key():
         keys = values.items() if isinstance(values, dict) else [(None, values)]
         for key, _ in keys:
             assert f"{key or section}:" in text, f"{section}.{key} is not in {SHIPPED}"
+
+
+def test_shipped_config_documents_upstreams_items(tmp_path):
+    """The commented upstreams: example loads once uncommented, and its items (with the
+    upstream: section) show every key an upstream takes."""
+    lines = SHIPPED.read_text().splitlines()
+    start = lines.index("#upstreams:")
+    example = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        example.append(line[1:])
+    secret = tmp_path / "ghcr.password"
+    secret.write_text("from-the-file\n")
+    secret.chmod(0o600)
+    text = "\n".join(example).replace("/etc/docker-mirror/ghcr.password", str(secret))
+    config = configuration.loads(text, source="example")
+    assert [up.registry for up in config.upstreams] == ["docker.io", "ghcr.io", "registry.example.org:5000"]
+    assert config.upstreams[1].password == "from-the-file"
+    given = {key for item in yaml.safe_load(text)["upstreams"] for key in item}
+    shown = set(yaml.safe_load(SHIPPED.read_text())["upstream"])
+    every = {f.name for f in dataclasses.fields(configuration.UpstreamConfig)}
+    assert every - (given | shown) == set(), "keys of an upstream nowhere in the shipped config"
+    assert {"registry", "aliases", "username", "password_file", "ca_bundle", "tag_ttl"} <= given
 
 
 @pytest.mark.parametrize("text, expected", [

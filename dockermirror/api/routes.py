@@ -34,7 +34,7 @@ from dockermirror.errors import (
 )
 from dockermirror.humanize import printable
 from dockermirror.mirror import Blob, Mirror, Repo
-from dockermirror.oci import OCTET_STREAM, Digest, InvalidDigest, valid_tag
+from dockermirror.oci import OCI_INDEX, OCTET_STREAM, Digest, InvalidDigest, valid_media_type, valid_tag
 
 log = logging.getLogger("dockermirror.api")
 
@@ -45,6 +45,7 @@ _UPLOADS = re.compile(r"(?P<name>.+)/blobs/uploads(?:/.*)?", re.DOTALL)
 _MANIFEST = re.compile(r"(?P<name>.+)/manifests/(?P<reference>[^/]+)", re.DOTALL)
 _BLOB = re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)", re.DOTALL)
 _TAGS = re.compile(r"(?P<name>.+)/tags/list", re.DOTALL)
+_REFERRERS = re.compile(r"(?P<name>.+)/referrers/(?P<digest>[^/]+)", re.DOTALL)
 
 # ?ns= (containerd): a registry host, optionally with a port; an IPv6 address in brackets
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -117,6 +118,18 @@ def _header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return encoded
 
 
+def _artifact_type(request: Request) -> str | None:
+    """The referrers filter ``artifactType``, if any: one media type (it is forwarded)."""
+    values = request.query_params.getlist("artifactType")
+    if not values:
+        return None
+    if len(values) > 1 or not valid_media_type(values[0]):
+        shown = _clip(", ".join(values))
+        raise Unsupported(f"invalid artifactType {shown!r}: expected one media type", status=400,
+                          detail={"artifactType": shown})
+    return values[0]
+
+
 def _digest(text: str) -> Digest:
     try:
         return Digest.parse(text)
@@ -170,6 +183,11 @@ class RegistryAPI:
         if match := _TAGS.fullmatch(path):
             repo = self._resolve(request, match["name"], namespace)
             return await self.tags(request, repo, match["name"])
+        if match := _REFERRERS.fullmatch(path):
+            digest = _digest(match["digest"])
+            artifact_type = _artifact_type(request)
+            repo = self._resolve(request, match["name"], namespace)
+            return await self.referrers(request, repo, digest, artifact_type)
         if path.endswith("/_catalog") or path == "_catalog":
             raise Unsupported("this mirror does not list repositories")
         raise NameUnknown("no such registry endpoint", detail={"path": "/v2/" + path})
@@ -283,6 +301,19 @@ class RegistryAPI:
         headers.update(self._namespace_header(request))
         response = Response(reply.body)
         response.raw_headers = [*_header_list(headers), (b"content-length", str(len(reply.body)).encode())]
+        return response
+
+    async def referrers(self, request: Request, repo: Repo, subject: Digest, artifact_type: str | None) -> Response:
+        result = await self.mirror.referrers(repo, subject, artifact_type, head=request.method == "HEAD")
+        self._note(request, result.cache, result.upstream_status)
+        headers = _header_list({
+            "Content-Type": OCI_INDEX,
+            "Content-Length": str(result.size),
+            **({"OCI-Filters-Applied": "artifactType"} if result.filtered else {}),
+            **self._namespace_header(request),
+        })
+        response = Response(result.body or b"")
+        response.raw_headers = headers
         return response
 
     @staticmethod

@@ -38,15 +38,25 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from dockermirror.cache import maintenance
-from dockermirror.cache.index import IMMUTABLE, MEMORY, RW, AccessBatch, Entry, ForeignDatabase, Index, TagEntry
+from dockermirror.cache.index import (
+    IMMUTABLE,
+    MEMORY,
+    RW,
+    AccessBatch,
+    Entry,
+    ForeignDatabase,
+    Index,
+    ReferrersEntry,
+    TagEntry,
+)
 from dockermirror.cache.inflight import Follower, Source, Transfer, Transfers
 from dockermirror.cache.space import Limits, filesystem, resolve, shortfall
 from dockermirror.cache.store import BlobStore, FileRange, TempBlob, stamp
 from dockermirror import humanize
 from dockermirror.oci import Digest
 
-__all__ = ["Cache", "CacheBusy", "CachedFile", "CorruptFile", "Entry", "FileRange", "Follower", "Limits", "TagEntry",
-           "Transfer"]
+__all__ = ["Cache", "CacheBusy", "CachedFile", "CorruptFile", "Entry", "FileRange", "Follower", "Limits",
+           "ReferrersEntry", "TagEntry", "Transfer"]
 
 log = logging.getLogger("dockermirror.cache")
 
@@ -424,7 +434,7 @@ class Cache:
             entry = Entry(str(digest), temp.written, None, "blob", now, now)
             if await self._write(f"storing {digest}", self._commit, temp, entry, upstream, repository):
                 self._bad.pop(str(digest), None)
-                self.count("bytes_fetched", temp.written)
+                self.count_fetched(upstream, temp.written)
 
         return self.transfers.start(digest, open_source, commit, shared=shared)
 
@@ -468,7 +478,7 @@ class Cache:
         finally:
             self.release(len(data))
         self._bad.pop(str(digest), None)
-        self.count("bytes_fetched", len(data))
+        self.count_fetched(upstream, len(data))
         return True
 
     # --- tags
@@ -486,6 +496,21 @@ class Cache:
     async def delete_tag(self, upstream: str, repository: str, tag: str, accept: str | None = None) -> bool:
         """Forget a tag's row for one accept class (None: every row); False if the index cannot be written."""
         return await self._write(f"forgetting tag {tag}", self._idx.delete_tag, upstream, repository, tag, accept)
+
+    # --- referrers answers (a row like a tag's; the answer itself is stored as content)
+
+    def referrers(self, upstream: str, repository: str, subject: str, artifact_type: str) -> ReferrersEntry | None:
+        return self._idx.referrers(upstream, repository, subject, artifact_type)
+
+    async def put_referrers(self, entry: ReferrersEntry) -> bool:
+        return await self._write(f"recording the referrers of {entry.subject}", self._idx.put_referrers, entry)
+
+    async def delete_referrers(self, upstream: str, repository: str, subject: str, artifact_type: str) -> bool:
+        return await self._write(f"forgetting the referrers of {subject}", self._idx.delete_referrers,
+                                 upstream, repository, subject, artifact_type)
+
+    def touch_referrers(self, upstream: str, repository: str, subject: str, artifact_type: str) -> None:
+        self._batch.touch_referrers(upstream, repository, subject, artifact_type, self.clock())
 
     def set_limits(self, limits: Limits) -> None:
         """New limits (a reload); pinned flags are recomputed if the pin list changed."""
@@ -618,7 +643,7 @@ class Cache:
                 freed += sum(e.size for e in chosen)
         tag_ttl = max(self.limits.blob_ttl, self.limits.manifest_ttl)
         if tag_ttl > 0:
-            await self._write("expiring tags", self._idx.delete_tags_before, now - tag_ttl)
+            await self._write("expiring tags and referrers", self._idx.delete_tags_before, now - tag_ttl)
         if entries:
             log.info("expired %d entr%s (%s) not used within their TTL", entries,
                      "y" if entries == 1 else "ies", humanize.size(freed))
@@ -634,6 +659,12 @@ class Cache:
 
     def count(self, name: str, value: int = 1) -> None:
         self._batch.count(name, value)
+
+    def count_fetched(self, upstream: str | None, nbytes: int) -> None:
+        """Bytes fetched and stored, in all and for their upstream (``upstream/<key>/bytes_fetched``)."""
+        self.count("bytes_fetched", nbytes)
+        if upstream:
+            self.count(f"upstream/{upstream}/bytes_fetched", nbytes)
 
     async def flush(self) -> None:
         batch, self._batch = self._batch, AccessBatch()

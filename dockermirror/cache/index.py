@@ -3,7 +3,9 @@
 It records every stored digest (size, media type, created, last access, hits, pinned),
 which repositories each digest was served for, the tag -> digest map with its freshness
 (one row per tag and accept class: what the upstream answered clients that accept the same
-manifest types), and traffic counters. A row in ``content`` means the file is complete and verified.
+manifest types), the referrers answers (subject digest and artifactType filter -> the digest
+of the image index the upstream answered, stored as content), and traffic counters. A row
+in ``content`` means the file is complete and verified.
 Triggers keep ``totals`` (entries and bytes) exact, so any process reads the cache's
 size in O(1); LRU eviction and expiry walk an index on ``last_access``, O(log n) each.
 
@@ -28,7 +30,8 @@ from pathlib import Path
 FORMAT = "docker-mirror-cache/1"
 # Compatible changes within FORMAT, applied at open (meta 'schema'; absent means 1):
 # 2: tags gain ``accept`` (their accept class) in their primary key.
-SCHEMA_VERSION = 2
+# 3: the ``referrers`` table (created at open; an index of schema 2 read as it is has none).
+SCHEMA_VERSION = 3
 _LIST_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
 
@@ -78,11 +81,25 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (upstream, repository, tag, accept)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_by_access ON tags (last_access);
+CREATE TABLE IF NOT EXISTS referrers (  -- the upstream's referrers answer for a subject, like a tag
+    upstream      TEXT NOT NULL,
+    repository    TEXT NOT NULL,
+    subject       TEXT NOT NULL,        -- the digest whose referrers these are
+    artifact_type TEXT NOT NULL,        -- the artifactType filter asked for ('' = none)
+    digest        TEXT NOT NULL,        -- of the answer (an image index, stored as content)
+    size          INTEGER NOT NULL,
+    filtered      INTEGER NOT NULL,     -- the upstream said it applied the filter
+    checked       REAL NOT NULL,
+    last_access   REAL NOT NULL,
+    PRIMARY KEY (upstream, repository, subject, artifact_type)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS referrers_by_access ON referrers (last_access);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 _ENTRY = "digest, size, media_type, kind, created, last_access, hits, pinned, stamp"
 _TAG = "upstream, repository, tag, digest, media_type, size, checked, last_access, accept"
+_REFERRERS = "upstream, repository, subject, artifact_type, digest, size, filtered, checked, last_access"
 
 
 class ForeignDatabase(Exception):
@@ -115,6 +132,21 @@ class TagEntry:
     accept: str = ""        # the accept class this answer is for (oci.accept_class)
 
 
+@dataclass(frozen=True, slots=True)
+class ReferrersEntry:
+    """The upstream's answer to ``GET /v2/<repository>/referrers/<subject>[?artifactType=]``."""
+
+    upstream: str
+    repository: str
+    subject: str
+    artifact_type: str      # '' for no filter
+    digest: str             # of the answer, stored as content
+    size: int
+    filtered: bool          # the upstream applied the artifactType filter (OCI-Filters-Applied)
+    checked: float
+    last_access: float
+
+
 def _connect(path: Path, *, readonly: bool = False, immutable: bool = False) -> sqlite3.Connection:
     if immutable:    # a read-only or full filesystem: no lock, no -wal or -shm file, nothing written
         target = f"file:{path}?mode=ro&immutable=1"
@@ -140,6 +172,7 @@ class Index:
         self.pins = tuple(pins)
         self.mode = mode
         self._cols = _ENTRY
+        self._has_referrers = True      # False: an index of schema 2 read as it is (IMMUTABLE)
         if not create and not self.path.exists():
             raise ForeignDatabase(f"{self.path} does not exist")
         if mode == RW and not self.path.exists():
@@ -186,9 +219,10 @@ class Index:
                 raise ForeignDatabase(f"{self.path} is empty")
             if "stamp" not in {row[1] for row in conn.execute("PRAGMA table_info(content)")}:
                 self._cols = _ENTRY.replace("stamp", "NULL")   # written by a version without it
-            if self._schema_version(conn) < SCHEMA_VERSION:
+            if self._schema_version(conn) < 2:
                 # its tags are keyed the old way and it cannot be upgraded here: not used
                 raise sqlite3.OperationalError(f"{self.path} is of an older schema and cannot be upgraded now")
+            self._has_referrers = "referrers" in tables    # schema 2 has none: no referrers cached
             return
         if self.mode == RW:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -331,6 +365,14 @@ class Index:
         return self._reader.execute(
             "SELECT count(*) FROM (SELECT DISTINCT upstream, repository, tag FROM tags)").fetchone()[0]
 
+    def referrers(self, upstream: str, repository: str, subject: str, artifact_type: str) -> ReferrersEntry | None:
+        if not self._has_referrers:
+            return None
+        row = self._reader.execute(
+            f"SELECT {_REFERRERS} FROM referrers WHERE upstream = ? AND repository = ? AND subject = ?"
+            " AND artifact_type = ?", (upstream, repository, subject, artifact_type)).fetchone()
+        return ReferrersEntry(*row[:6], bool(row[6]), *row[7:]) if row else None
+
     def tags_pointing_to(self, digest: str) -> list[tuple[str, str, str]]:
         """(upstream, repository, tag) of every tag whose digest this is (for some accept class)."""
         return self._reader.execute("SELECT DISTINCT upstream, repository, tag FROM tags WHERE digest = ?",
@@ -405,6 +447,35 @@ class Index:
         rows = self._reader.execute("SELECT kind, count(*), coalesce(sum(size), 0) FROM content GROUP BY kind")
         return {kind: (count, size) for kind, count, size in rows}
 
+    def upstream_usage(self) -> dict[str, tuple[int, int, int, int]]:
+        """upstream -> (entries, bytes, shared entries, shared bytes) of the stored content its
+        repositories use; shared: another upstream uses it too (stored once, so counted in each).
+        A full scan, for ``cache stats``."""
+        rows = self._reader.execute(
+            "WITH used AS (SELECT DISTINCT upstream, digest FROM refs),"
+            " users AS (SELECT digest, count(*) AS n FROM used GROUP BY digest)"
+            " SELECT used.upstream, count(*), coalesce(sum(c.size), 0), coalesce(sum(users.n > 1), 0),"
+            " coalesce(sum(CASE WHEN users.n > 1 THEN c.size ELSE 0 END), 0)"
+            " FROM used JOIN content c USING (digest) JOIN users USING (digest) GROUP BY used.upstream")
+        return {upstream: (entries, size, shared, shared_size) for upstream, entries, size, shared, shared_size in rows}
+
+    def unattributed_totals(self) -> tuple[int, int]:
+        """(entries, bytes) of stored content no repository uses (files adopted by verify)."""
+        return self._reader.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM content WHERE digest NOT IN (SELECT digest FROM refs)"
+        ).fetchone()
+
+    def upstream_tag_counts(self) -> dict[str, int]:
+        """upstream -> number of tags it has here."""
+        return dict(self._reader.execute(
+            "SELECT upstream, count(*) FROM (SELECT DISTINCT upstream, repository, tag FROM tags) GROUP BY upstream"))
+
+    def knows_upstream(self, upstream: str) -> bool:
+        """Whether any repository or tag of this upstream is recorded (configured or not any more)."""
+        return self._reader.execute(
+            "SELECT EXISTS (SELECT 1 FROM refs WHERE upstream = ?) OR EXISTS (SELECT 1 FROM tags WHERE upstream = ?)",
+            (upstream, upstream)).fetchone()[0] == 1
+
     def pinned_totals(self) -> tuple[int, int]:
         return self._reader.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM content WHERE pinned = 1").fetchone()
@@ -468,15 +539,29 @@ class Index:
                 conn.execute("DELETE FROM tags WHERE upstream = ? AND repository = ? AND tag = ? AND accept = ?",
                              (upstream, repository, tag, accept))
 
+    def put_referrers(self, entry: ReferrersEntry) -> None:
+        with self._transaction() as conn:
+            conn.execute(f"INSERT OR REPLACE INTO referrers ({_REFERRERS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (entry.upstream, entry.repository, entry.subject, entry.artifact_type, entry.digest,
+                          entry.size, int(entry.filtered), entry.checked, entry.last_access))
+
+    def delete_referrers(self, upstream: str, repository: str, subject: str, artifact_type: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM referrers WHERE upstream = ? AND repository = ? AND subject = ?"
+                         " AND artifact_type = ?", (upstream, repository, subject, artifact_type))
+
     def delete_repository(self, upstream: str, repository: str) -> None:
-        """Forget a repository's tags and its claims on content (not the content)."""
+        """Forget a repository's tags, referrers and its claims on content (not the content)."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM tags WHERE upstream = ? AND repository = ?", (upstream, repository))
+            conn.execute("DELETE FROM referrers WHERE upstream = ? AND repository = ?", (upstream, repository))
             conn.execute("DELETE FROM refs WHERE upstream = ? AND repository = ?", (upstream, repository))
 
     def delete_tags_before(self, before: float) -> int:
+        """Forget tags and referrers answers not asked for since ``before``."""
         with self._transaction() as conn:
-            return conn.execute("DELETE FROM tags WHERE last_access < ?", (before,)).rowcount
+            tags = conn.execute("DELETE FROM tags WHERE last_access < ?", (before,)).rowcount
+            return tags + conn.execute("DELETE FROM referrers WHERE last_access < ?", (before,)).rowcount
 
     def set_meta(self, key: str, value: str) -> None:
         with self._transaction() as conn:
@@ -493,6 +578,11 @@ class Index:
             conn.executemany(
                 "UPDATE tags SET last_access = max(last_access, ?) WHERE upstream = ? AND repository = ? AND tag = ?",
                 [(when, *key) for key, when in batch.tags.items()],
+            )
+            conn.executemany(
+                "UPDATE referrers SET last_access = max(last_access, ?) WHERE upstream = ? AND repository = ?"
+                " AND subject = ? AND artifact_type = ?",
+                [(when, *key) for key, when in batch.referrers.items()],
             )
             conn.executemany("INSERT OR IGNORE INTO refs (upstream, repository, digest) VALUES (?, ?, ?)",
                              list(batch.refs))
@@ -553,9 +643,11 @@ class AccessBatch:
     tags: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (upstream, repo, tag) -> when (all classes)
     refs: set[tuple[str, str, str]] = field(default_factory=set)           # (upstream, repo, digest)
     counters: dict[str, int] = field(default_factory=dict)
+    # (upstream, repo, subject, artifact type) -> when
+    referrers: dict[tuple[str, str, str, str], float] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.content or self.tags or self.refs or self.counters)
+        return bool(self.content or self.tags or self.refs or self.counters or self.referrers)
 
     def touch(self, digest: str, when: float, upstream: str, repository: str) -> None:
         _, hits = self.content.get(digest, (0.0, 0))
@@ -564,6 +656,9 @@ class AccessBatch:
 
     def touch_tag(self, upstream: str, repository: str, tag: str, when: float) -> None:
         self.tags[(upstream, repository, tag)] = when
+
+    def touch_referrers(self, upstream: str, repository: str, subject: str, artifact_type: str, when: float) -> None:
+        self.referrers[(upstream, repository, subject, artifact_type)] = when
 
     def count(self, name: str, value: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + value

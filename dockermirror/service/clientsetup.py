@@ -2,64 +2,203 @@
 
 The steps are shell commands a client machine's admin can paste; with TLS they carry
 the CA certificate inline, so they work on machines that cannot read this one's files.
+
+One mirror serves several registries (``upstreams:``). Each client names the registry its
+own way, and the steps use the way that keeps the registry explicit:
+
+- containerd: a ``hosts.toml`` per registry, or one ``_default`` for every registry; it
+  sends ``?ns=<registry>`` to the mirror;
+- podman, skopeo, buildah, CRI-O: a ``[[registry]]`` block per registry whose mirror is the
+  mirror with the registry as a path prefix (``mirror.example.org:5000/ghcr.io``);
+- dockerd: ``registry-mirrors`` mirrors Docker Hub only, and names no registry, so it is
+  offered only when Docker Hub is the mirror's default upstream.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from dockermirror.routing import DOCKER_HUB, registry_key
+
 HUB_SERVER = "https://registry-1.docker.io"
+# One copy of the CA for every hosts.toml (a file outside certs.d/: containerd reads
+# only <registry>/ directories there)
+CONTAINERD_CA = "/etc/containerd/docker-mirror-ca.crt"
+REGISTRIES_CONF = "/etc/containers/registries.conf.d/50-docker-mirror.conf"
 
 
 def _write_file(path: str, content: str) -> str:
     return f"mkdir -p {Path(path).parent}\ncat > {path} <<'EOF'\n{content.rstrip()}\nEOF"
 
 
-def instructions(host: str, *, tls: bool, ca_pem: str | None, ca_path: Path, registry: str) -> str:
-    """Steps for a mirror reachable at ``host`` (HOST:PORT) that mirrors ``registry``."""
-    scheme = "https" if tls else "http"
-    url = f"{scheme}://{host}"
-    server = HUB_SERVER if registry == "docker.io" else f"https://{registry}"
-    out = [f"# docker-mirror at {url}, mirroring {registry}", ""]
+def server_url(name: str) -> str:
+    """The URL of the registry ``name`` itself (what a client falls back to)."""
+    return HUB_SERVER if name == DOCKER_HUB else f"https://{name}"
+
+
+# A registry name as one component of a repository path (the reference grammar: no ':').
+_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+
+
+def path_prefix(registries: Iterable[tuple[str, Iterable[str]]], key: str) -> str | None:
+    """The name to put in front of a repository to reach upstream ``key`` through the mirror's
+    path: its own name, or else an alias; None when every name has a port (a path cannot
+    carry one)."""
+    for registry, aliases in registries:
+        if registry_key(registry) == key:
+            for name in (key, *(registry_key(alias) for alias in aliases)):
+                if _PATH_COMPONENT.fullmatch(name):
+                    return name
+    return None
+
+
+def client_names(registries: Iterable[tuple[str, Iterable[str]]]) -> list[tuple[str, str]]:
+    """(name a client uses, the upstream's key) for every upstream and alias, default first.
+
+    Docker Hub's own other names are left out: clients call it docker.io whatever the
+    image reference says."""
+    names: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for registry, aliases in registries:
+        key = registry_key(registry)
+        for name in (key, *(registry_key(alias) for alias in aliases)):
+            if name not in seen:
+                seen.add(name)
+                names.append((name, key))
+    return names
+
+
+def instructions(host: str, *, tls: bool, ca_pem: str | None, ca_path: Path,
+                 registries: Sequence[tuple[str, Iterable[str]]]) -> str:
+    """Steps for a mirror reachable at ``host`` (HOST:PORT) that mirrors ``registries``:
+    (registry, aliases) of each upstream, the default first."""
+    url = f"{'https' if tls else 'http'}://{host}"
+    names = client_names(registries)
+    keys = list(dict.fromkeys(key for _, key in names))
+    default = keys[0]
+    # how each upstream is named in a path through the mirror ("" for the default: no prefix)
+    prefixes = {key: path_prefix(registries, key) for key in keys}
+    if prefixes[default] is None:
+        prefixes[default] = ""
+    listed = ", ".join(f"{key} (the default)" if key == default and len(keys) > 1 else key for key in keys)
+    out = [f"# docker-mirror at {url}, mirroring {listed}", ""]
     if tls and ca_pem is None:
         out += [f"# (the CA {ca_path} could not be read here: copy it to each client as shown below)", ""]
-    ca_text = ca_pem or f"<contents of {ca_path}>"
-
-    out += ["## docker (dockerd), as root on each client", ""]
-    if registry != "docker.io":
-        out += [f"# dockerd can only mirror Docker Hub; it cannot use this mirror of {registry}.", ""]
-    else:
-        if tls:
-            out += ["# trust the mirror's CA (Debian/Ubuntu: certs.d; on EL see update-ca-trust below)",
-                    _write_file(f"/etc/docker/certs.d/{host}/ca.crt", ca_text), ""]
-            daemon = f'{{"registry-mirrors": ["{url}"]}}'
-        else:
-            daemon = f'{{"registry-mirrors": ["{url}"], "insecure-registries": ["{host}"]}}'
-        out += ["# merge into /etc/docker/daemon.json if it already exists",
-                _write_file("/etc/docker/daemon.json", daemon), "systemctl restart docker",
-                "docker info --format '{{.RegistryConfig.Mirrors}}'", ""]
-        if tls:
-            out += ["# EL (RHEL, CentOS, Rocky, Alma): or trust the CA system-wide",
-                    _write_file("/etc/pki/ca-trust/source/anchors/docker-mirror.crt", ca_text),
-                    "update-ca-trust extract && systemctl restart docker", ""]
-
-    out += ["## containerd (Kubernetes nodes, nerdctl, ctr --hosts-dir)", "",
-            '# containerd must read hosts.toml files: in /etc/containerd/config.toml set',
-            '#   [plugins."io.containerd.grpc.v1.cri".registry]',
-            '#     config_path = "/etc/containerd/certs.d"']
-    hosts = [f'server = "{server}"', "", f'[host."{url}"]', '  capabilities = ["pull", "resolve"]']
-    if tls:
-        out.append(_write_file(f"/etc/containerd/certs.d/{registry}/ca.crt", ca_text))
-        hosts.append(f'  ca = "/etc/containerd/certs.d/{registry}/ca.crt"')
-    out += [_write_file(f"/etc/containerd/certs.d/{registry}/hosts.toml", "\n".join(hosts)),
-            "systemctl restart containerd", ""]
-
-    out += ["## podman, skopeo, buildah, CRI-O", ""]
-    mirror = [f'[[registry]]\nprefix = "{registry}"\nlocation = "{registry}"', "",
-              f'[[registry.mirror]]\nlocation = "{host}"' + ("" if tls else "\ninsecure = true")]
-    if tls:
-        out.append(_write_file(f"/etc/containers/certs.d/{host}/ca.crt", ca_text))
-    out += [_write_file("/etc/containers/registries.conf.d/50-docker-mirror.conf", "\n".join(mirror)), ""]
-    example = "busybox" if registry == "docker.io" else f"{registry}/<repository>"
-    out += ["## check", "", f"podman pull {example}   # or: docker pull busybox, ctr images pull ...", ""]
+    ca_text = (ca_pem or f"<contents of {ca_path}>") if tls else None
+    out += _dockerd(host, url, ca_text, keys, prefixes)
+    out += _containerd(url, ca_text, names)
+    out += _containers(host, ca_text, names, prefixes)
+    out += ["## check (by hand: pull an image you use)", ""]
+    for key in (key for key in keys if prefixes[key] is not None):
+        example = "busybox" if key == DOCKER_HUB else f"{key}/<repository>"
+        out.append(f"#   podman pull {example}")
+    first = next(prefix for prefix in prefixes.values() if prefix is not None)
+    out += ["#   or: docker pull busybox, ctr --hosts-dir /etc/containerd/certs.d images pull ..., "
+            f"skopeo copy docker://{host}/{first + '/' if first else ''}<repository> ...", ""]
     return "\n".join(out)
+
+
+def _mirrored(host: str, prefix: str) -> str:
+    """The mirror's address with an upstream's path prefix."""
+    return f"{host}/{prefix}" if prefix else host
+
+
+def _unprefixable(keys: list[str], prefixes: dict[str, str | None]) -> list[str]:
+    missing = [key for key in keys if prefixes[key] is None]
+    if not missing:
+        return []
+    return [f"# {', '.join(missing)}: a registry name with a port cannot be a path prefix; give "
+            f"{'it' if len(missing) == 1 else 'each'} an alias without one",
+            "# (aliases: in upstreams:) and run client-setup again"]
+
+
+def _dockerd(host: str, url: str, ca_text: str | None, keys: list[str],
+             prefixes: dict[str, str | None]) -> list[str]:
+    out = ["## docker (dockerd), as root on each client", ""]
+    default = keys[0]
+    mirrors_hub = default == DOCKER_HUB
+    if not mirrors_hub:
+        why = (["# it sends Docker Hub pulls to a mirror without naming the registry, and this mirror's default",
+                f"# upstream is {default} (put docker.io first in upstreams: to change that)."]
+               if DOCKER_HUB in keys else ["# this mirror does not serve docker.io."])
+        out += ["# dockerd can only mirror Docker Hub (registry-mirrors), and not with this mirror:", *why, ""]
+    others = [key for key in keys if key != DOCKER_HUB or not mirrors_hub]
+    if others:
+        out += [f"# dockerd does not mirror {'other registries' if mirrors_hub else 'them'}, but pulls through "
+                "this mirror when named:",
+                *(f"#   docker pull {_mirrored(host, prefixes[key])}/<repository>    ({key})"
+                  for key in others if prefixes[key] is not None),
+                *_unprefixable(others, prefixes), ""]
+    daemon: dict[str, list[str]] = {}
+    if mirrors_hub:
+        daemon["registry-mirrors"] = [url]
+    if ca_text is None:
+        daemon["insecure-registries"] = [host]
+    else:
+        out += ["# trust the mirror's CA (Debian/Ubuntu: certs.d; on EL see update-ca-trust below)",
+                _write_file(f"/etc/docker/certs.d/{host}/ca.crt", ca_text), ""]
+    if daemon:
+        out += ["# merge into /etc/docker/daemon.json if it already exists",
+                _write_file("/etc/docker/daemon.json", json.dumps(daemon))]
+    out.append("systemctl restart docker")
+    if mirrors_hub:
+        out.append("docker info --format '{{.RegistryConfig.Mirrors}}'")
+    out.append("")
+    if ca_text is not None:
+        out += ["# EL (RHEL, CentOS, Rocky, Alma): or trust the CA system-wide",
+                _write_file("/etc/pki/ca-trust/source/anchors/docker-mirror.crt", ca_text),
+                "update-ca-trust extract && systemctl restart docker", ""]
+    return out
+
+
+def _hosts_toml(url: str, ca_text: str | None, server: str | None) -> str:
+    lines = [f'server = "{server}"', ""] if server else []
+    lines += [f'[host."{url}"]', '  capabilities = ["pull", "resolve"]']
+    if ca_text is not None:
+        lines.append(f'  ca = "{CONTAINERD_CA}"')
+    return "\n".join(lines)
+
+
+def _containerd(url: str, ca_text: str | None, names: list[tuple[str, str]]) -> list[str]:
+    out = ["## containerd (Kubernetes nodes, nerdctl, ctr --hosts-dir)", "",
+           "# containerd must read hosts.toml files: in /etc/containerd/config.toml set, under",
+           '#   [plugins."io.containerd.grpc.v1.cri".registry]     (containerd 1.x) or',
+           '#   [plugins."io.containerd.cri.v1.images".registry]   (containerd 2.x):',
+           '#     config_path = "/etc/containerd/certs.d"',
+           "# (nerdctl reads /etc/containerd/certs.d itself; ctr needs --hosts-dir /etc/containerd/certs.d)"]
+    if ca_text is not None:
+        out.append(_write_file(CONTAINERD_CA, ca_text))
+    out += ["", "# each registry this mirror serves: the mirror first (containerd names the registry with "
+                "?ns=), then the registry itself"]
+    for name, _ in names:
+        out.append(_write_file(f"/etc/containerd/certs.d/{name}/hosts.toml",
+                               _hosts_toml(url, ca_text, server_url(name))))
+    out += ["", "# or, instead of (or as well as) the files above, one file for every registry: containerd asks",
+            "# the mirror first with ?ns=<registry>; the mirror answers 404 for a registry it does not serve,",
+            "# and containerd then falls back to that registry itself",
+            _write_file("/etc/containerd/certs.d/_default/hosts.toml", _hosts_toml(url, ca_text, None)),
+            "systemctl restart containerd", ""]
+    return out
+
+
+def _containers(host: str, ca_text: str | None, names: list[tuple[str, str]],
+                prefixes: dict[str, str | None]) -> list[str]:
+    out = ["## podman, skopeo, buildah, CRI-O", "",
+           "# each registry this mirror serves gets the mirror as its mirror, with the registry as a path",
+           f"# prefix ({host}/<registry>): the mirror routes by it; other registries are left alone"]
+    out += _unprefixable(list(dict.fromkeys(key for _, key in names)), prefixes)
+    if ca_text is not None:
+        out.append(_write_file(f"/etc/containers/certs.d/{host}/ca.crt", ca_text))
+    blocks = []
+    for name, key in names:
+        prefix = prefixes[key]
+        if prefix is None:
+            continue
+        blocks.append(f'[[registry]]\nprefix = "{name}"\nlocation = "{name}"\n\n'
+                      f'[[registry.mirror]]\nlocation = "{_mirrored(host, prefix)}"'
+                      + ("" if ca_text is not None else "\ninsecure = true"))
+    out += [_write_file(REGISTRIES_CONF, "\n\n".join(blocks)), ""]
+    return out

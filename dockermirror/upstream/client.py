@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import httpcore
 import httpx
@@ -35,7 +35,7 @@ from dockermirror.errors import (
     Unauthorized,
     Unavailable,
 )
-from dockermirror.oci import MAX_MANIFEST_SIZE
+from dockermirror.oci import MAX_MANIFEST_SIZE, OCI_INDEX
 from dockermirror.upstream.auth import AuthError, Authenticator
 from dockermirror.upstream.bodies import (
     ERROR_BODY,
@@ -284,6 +284,14 @@ class UpstreamClient:
         query = "&".join(f"{k}={v}" for k, v in params)
         path = "tags/list" + (f"?{query}" if query else "")
         return await self._reply("GET", repository, path, [], limit=16 * 1024 * 1024)
+
+    async def referrers(self, repository: str, digest: str, artifact_type: str | None) -> Reply:
+        """The referrers of ``digest`` (an image index), filtered by ``artifactType`` if given
+        (a media type, checked by the caller; percent-encoded here: ``+`` is a space in a query)."""
+        path = f"referrers/{digest}"
+        if artifact_type is not None:
+            path += f"?artifactType={quote(artifact_type, safe='')}"
+        return await self._reply("GET", repository, path, [("Accept", OCI_INDEX)], limit=MAX_MANIFEST_SIZE)
 
     # --- plumbing
 

@@ -17,11 +17,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from tests.support.hostguard import MARK
 from tests.support.procs import Daemon, wait_until
-from tests.support.sandbox import Sandbox
+from tests.support.sandbox import HUB_NAMES, LOOPBACK_HOSTS, Sandbox
 
 # The containers-image configuration every sandboxed client sees instead of the host's.
 CONTAINERS_ETC = {
@@ -33,8 +34,12 @@ HIDDEN_ETC = ("containers/registries.conf.d", "containers/registries.d", "contai
               "docker/certs.d", "docker/daemon.json", "containerd/certs.d")
 
 
-def client_sandbox(parent: Path, etc: dict[str, str | bytes] | None = None) -> Sandbox:
-    return Sandbox(parent, etc={**CONTAINERS_ETC, **(etc or {})}, hide=HIDDEN_ETC)
+def client_sandbox(parent: Path, etc: dict[str, str | bytes] | None = None, pin: Iterable[str] = ()) -> Sandbox:
+    """``etc``: files for the client's /etc (relative paths); ``pin``: more host names pinned to
+    127.0.0.1 with Docker Hub's (test registries' names, so a client's fallback to "the registry
+    itself" fails at once on loopback)."""
+    hosts = LOOPBACK_HOSTS + "".join(f"127.0.0.1\t{name}\n" for name in (*HUB_NAMES, *pin))
+    return Sandbox(parent, etc={**CONTAINERS_ETC, **(etc or {})}, hide=HIDDEN_ETC, hosts=hosts)
 
 
 def client_env(home: Path) -> dict[str, str]:
@@ -61,9 +66,11 @@ def short_tmpdir(prefix: str) -> Path:
 # --- skopeo
 
 
-def skopeo(*args: str, parent: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """skopeo in a sandbox of its own under ``parent`` (it writes /var/lib/containers/cache)."""
-    sandbox = client_sandbox(parent)
+def skopeo(*args: str, parent: Path, timeout: float = 300, etc: dict[str, str | bytes] | None = None,
+           pin: Iterable[str] = ()) -> subprocess.CompletedProcess:
+    """skopeo in a sandbox of its own under ``parent`` (it writes /var/lib/containers/cache);
+    ``etc`` and ``pin`` as for :func:`client_sandbox`."""
+    sandbox = client_sandbox(parent, etc, pin)
     try:
         return run(["skopeo", *args], timeout=timeout, env=client_env(sandbox.dir), sandbox=sandbox)
     finally:
@@ -94,9 +101,14 @@ def dir_manifest_digest(directory: Path) -> str:
 
 
 class Podman:
-    def __init__(self, registries_conf: str) -> None:
+    """podman with ``registries_conf`` as its /etc/containers/registries.conf, or the default one
+    and ``etc``'s files (registries.conf.d/, certs.d/ ...); ``pin`` as for :func:`client_sandbox`."""
+
+    def __init__(self, registries_conf: str | None = None, *, etc: dict[str, str | bytes] | None = None,
+                 pin: Iterable[str] = ()) -> None:
         self.root = short_tmpdir("dm-podman-")  # podman refuses a runroot longer than 50 bytes
-        self.sandbox = client_sandbox(self.root, {"containers/registries.conf": registries_conf})
+        files = {**({"containers/registries.conf": registries_conf} if registries_conf else {}), **(etc or {})}
+        self.sandbox = client_sandbox(self.root, files, pin)
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess:
         return run(["podman", "--root", str(self.root / "storage"), "--runroot", str(self.root / "run"),
@@ -122,18 +134,20 @@ DOCKER_CLI = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
 class Dockerd(Daemon):
     """dockerd with the mirror as its registry mirror; ``ca`` (with ``mirror_address``) is
     put where dockerd looks for a mirror's CA: /etc/docker/certs.d/HOST:PORT/ca.crt (in its
-    sandbox, not on the host)."""
+    sandbox, not on the host). Without ``mirror_url``, dockerd reads its sandbox's
+    /etc/docker/daemon.json, which ``etc`` (files for its /etc) must bring."""
 
-    def __init__(self, mirror_url: str, insecure: str | None = None, *, ca: Path | None = None,
-                 mirror_address: str | None = None) -> None:
+    def __init__(self, mirror_url: str | None, insecure: str | None = None, *, ca: Path | None = None,
+                 mirror_address: str | None = None, etc: dict[str, str | bytes] | None = None) -> None:
         self.dir = short_tmpdir("dm-dockerd-")
         certs = {f"docker/certs.d/{mirror_address}/ca.crt": ca.read_bytes()} if ca and mirror_address else {}
-        self.sandbox = client_sandbox(self.dir, certs)
+        self.sandbox = client_sandbox(self.dir, {**certs, **(etc or {})})
         self.socket = self.dir / "docker.sock"
         config = self.dir / "daemon.json"
         config.write_text("{}")
-        argv = ["dockerd", "--config-file", str(config), "--iptables=false", "--ip6tables=false",
-                "--bridge=none", "--storage-driver=vfs", "--registry-mirror", mirror_url,
+        argv = ["dockerd", "--config-file", "/etc/docker/daemon.json" if mirror_url is None else str(config),
+                "--iptables=false", "--ip6tables=false", "--bridge=none", "--storage-driver=vfs",
+                *(["--registry-mirror", mirror_url] if mirror_url else []),
                 "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "exec"),
                 "--pidfile", str(self.dir / "dockerd.pid"), "-H", f"unix://{self.socket}"]
         if insecure:
@@ -162,7 +176,10 @@ class Dockerd(Daemon):
 
 
 class Containerd(Daemon):
-    def __init__(self) -> None:
+    """containerd and ctr; ``etc`` and ``pin`` as for :func:`client_sandbox` (ctr reads
+    ``--hosts-dir`` and the CA files hosts.toml names in the sandbox)."""
+
+    def __init__(self, *, etc: dict[str, str | bytes] | None = None, pin: Iterable[str] = ()) -> None:
         self.dir = short_tmpdir("dm-ctrd-")
         self.socket = self.dir / "containerd.sock"
         config = self.dir / "config.toml"
@@ -181,7 +198,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [plugins."io.containerd.internal.v1.opt"]
   path = "{self.dir}/opt"
 """)
-        self.sandbox = client_sandbox(self.dir)
+        self.sandbox = client_sandbox(self.dir, etc, pin)
         super().__init__(self.sandbox.argv(["containerd", "--config", str(config)]), self.dir / "containerd.log")
 
     def start(self) -> None:

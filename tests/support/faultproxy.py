@@ -9,12 +9,17 @@ connections without ever being silent for a read timeout), or announce a false l
 It can also act like Docker Hub: demand a bearer token (issued by its own ``/token``
 endpoint, optionally only for Basic credentials) or Basic auth, and redirect blob
 downloads to another host (a second proxy standing in for a CDN).
+It can also answer the OCI 1.1 referrers API, which Debian's docker-registry (2.8) lacks:
+``GET /v2/<name>/referrers/<digest>`` lists the registry's real manifests (every tag of the
+repository) whose ``subject`` is that digest, filtered by ``artifactType`` (saying so with
+``OCI-Filters-Applied``) unless told not to.
 It records every request it receives (method, path, header lines).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import json
 import re
@@ -24,8 +29,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST_ACCEPT = ", ".join([OCI_INDEX, "application/vnd.oci.image.manifest.v1+json",
+                             "application/vnd.docker.distribution.manifest.list.v2+json",
+                             "application/vnd.docker.distribution.manifest.v2+json"])
+_REFERRERS = re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
@@ -70,6 +80,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self.lie: tuple[str, int] | None = None           # (regex, length): announce it, send the real body, close
         self.tokens: dict[str, str] = {}                  # issued token -> scope
+        self.referrers = False                            # answer the referrers API from the registry's tags
+        self.referrers_filter = True                      # ... applying ?artifactType=
         self.seen: list[Seen] = []
         self._connections: set[socket.socket] = set()     # open client connections (closed by stop)
         self._server: ThreadingHTTPServer | None = None
@@ -157,7 +169,7 @@ class FaultProxy:
         if self.basic_auth and not (header and self._basic_ok(header)):
             return denied, {"WWW-Authenticate": 'Basic realm="test registry"'}
         if self.token_auth:
-            match = re.match(r"/v2/(.+)/(manifests|blobs|tags)/", path)
+            match = re.match(r"/v2/(.+)/(manifests|blobs|tags|referrers)/", path)
             scope = f"repository:{match.group(1)}:pull" if match else ""
             token = header.removeprefix("Bearer ") if header and header.startswith("Bearer ") else None
             if token is None or (scope and self.tokens.get(token) != scope):
@@ -207,6 +219,9 @@ class FaultProxy:
             handler.end_headers()
             if method != "HEAD":
                 handler.wfile.write(body)
+            return
+        if self.referrers and (match := _REFERRERS.fullmatch(urlsplit(path).path)):
+            self._referrers(handler, match["name"], match["digest"], parse_qs(urlsplit(path).query))
             return
         conn = http.client.HTTPConnection(self.target, timeout=60)
         conn.putrequest(method, path.split("?signature=")[0], skip_host=True, skip_accept_encoding=True)
@@ -277,6 +292,38 @@ class FaultProxy:
             handler.close_connection = True
         finally:
             conn.close()
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(self.target, timeout=60)
+        try:
+            conn.request("GET", path, headers={"Accept": MANIFEST_ACCEPT})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def _referrers(self, handler: BaseHTTPRequestHandler, name: str, subject: str, query: dict) -> None:
+        """The image index of the registry's manifests (by tag) whose subject is ``subject``."""
+        wanted = query.get("artifactType", [None])[0]
+        applied = wanted is not None and self.referrers_filter
+        status, body = self._get(f"/v2/{name}/tags/list")
+        tags = (json.loads(body).get("tags") or []) if status == 200 else []
+        found: dict[str, dict] = {}
+        for tag in tags:
+            status, manifest = self._get(f"/v2/{name}/manifests/{tag}")
+            document = json.loads(manifest) if status == 200 else None
+            if not isinstance(document, dict) or (document.get("subject") or {}).get("digest") != subject:
+                continue
+            artifact_type = document.get("artifactType") or (document.get("config") or {}).get("mediaType")
+            if applied and artifact_type != wanted:
+                continue
+            digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+            found[digest] = {"mediaType": document.get("mediaType"), "digest": digest, "size": len(manifest),
+                             "artifactType": artifact_type, **({"annotations": document["annotations"]}
+                                                               if "annotations" in document else {})}
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [found[d] for d in sorted(found)]}
+        self._answer(handler, 200, index, {"Content-Type": OCI_INDEX,
+                                           **({"OCI-Filters-Applied": "artifactType"} if applied else {})})
 
     def _trickle_headers(self, handler: BaseHTTPRequestHandler) -> None:
         """A status line, then one header whose value grows a byte every hold_interval."""

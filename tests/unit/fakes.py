@@ -6,7 +6,10 @@ by ``Accept`` (a client that takes no list gets the list's linux/amd64 manifest,
 and Distribution answer for a Docker manifest list, or 404, as Distribution answers for an OCI
 index; ``dockerhub=True`` picks the platform for both), blobs, tag lists; optionally a
 bearer-token challenge, a redirect of blobs to another host, tampered bytes, altered manifest
-answers (``alter_manifest``) or no answer at all. It records every request it gets, so a
+answers (``alter_manifest``) or no answer at all. With ``referrers=True`` it answers the OCI 1.1
+referrers API from the manifests it holds that have a ``subject`` (``push_artifact``), applying
+the ``artifactType`` filter unless ``filters=False``; without it, referrers get a 404 as
+Distribution 2.8 answers (``alter_referrers`` changes that answer too). It records every request it gets, so a
 test asserts what the upstream saw.
 """
 
@@ -118,6 +121,9 @@ class FakeRegistry:
     dockerhub: bool = False               # an OCI index falls back to amd64 too (Distribution: 404)
     # changes the answer to a manifest request (a hostile upstream) before it is sent
     alter_manifest: Callable[[httpx.Request, Answer], None] | None = None
+    referrers: bool = False               # answers GET /v2/<name>/referrers/<digest> (OCI 1.1)
+    filters: bool = True                  # ... and applies ?artifactType= (says so: OCI-Filters-Applied)
+    alter_referrers: Callable[[httpx.Request, Answer], None] | None = None
 
     # --- content
 
@@ -152,6 +158,41 @@ class FakeRegistry:
         }, indent=3).encode()
         self.manifests[(repo, tag)] = self.manifests[(repo, digest_of(manifest))] = (manifest, media_type)
         return ImageList(repo, tag, manifest, media_type, children)
+
+    def push_artifact(self, repo: str, subject: str, artifact_type: str, data: bytes = b"signature\n") -> Image:
+        """An artifact (a signature, an SBOM) whose ``subject`` is the manifest ``subject``, by digest only."""
+        empty = b"{}"
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest_of(empty), "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": digest_of(data), "size": len(data)}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": 1234},
+            "annotations": {"org.example.kind": artifact_type.rsplit("/", 1)[-1]},
+        }).encode()
+        self.blobs[digest_of(empty)] = empty
+        self.blobs[digest_of(data)] = data
+        self.manifests[(repo, digest_of(manifest))] = (manifest, OCI_MANIFEST)
+        return Image(repo, "", manifest, OCI_MANIFEST, {digest_of(empty): empty, digest_of(data): data})
+
+    def referrers_of(self, repo: str, subject: str, artifact_type: str | None = None) -> list[dict]:
+        """The descriptors the referrers API lists for ``subject``, in digest order."""
+        found = []
+        for (r, reference), (body, media_type) in sorted(self.manifests.items()):
+            if r != repo or not reference.startswith("sha256:"):
+                continue
+            document = json.loads(body)
+            if not isinstance(document, dict) or (document.get("subject") or {}).get("digest") != subject:
+                continue
+            if artifact_type is not None and document.get("artifactType") != artifact_type:
+                continue
+            found.append({"mediaType": media_type, "digest": reference, "size": len(body),
+                          "artifactType": document["artifactType"], "annotations": document["annotations"]})
+        return found
+
+    def referrers_body(self, repo: str, subject: str, artifact_type: str | None = None) -> bytes:
+        """The exact bytes it answers (what the mirror must pass on)."""
+        return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                           "manifests": self.referrers_of(repo, subject, artifact_type)}).encode()
 
     # --- what it saw
 
@@ -195,6 +236,9 @@ class FakeRegistry:
                 digest = path.rsplit("/", 1)[-1]
                 return response(307, {"Location": f"https://cdn.test/signed/{digest}"})
             return self._blob(path.rsplit("/", 1)[-1], request)
+        if "/referrers/" in path:
+            repo, _, subject = path.rpartition("/referrers/")
+            return self._referrers(repo, subject, request)
         if path.endswith("/tags/list"):
             repo = path.removesuffix("/tags/list")
             tags = sorted(ref for r, ref in self.manifests if r == repo and ":" not in ref)
@@ -231,6 +275,21 @@ class FakeRegistry:
                 return _error(404, "MANIFEST_UNKNOWN", "manifest unknown in the accepted formats")
         return Answer(200, {"content-type": media_type.encode(), "docker-content-digest": digest_of(body).encode(),
                             "content-length": str(len(body)).encode()}, body)
+
+    def _referrers(self, repo: str, subject: str, request: httpx.Request) -> httpx.Response:
+        if not self.referrers:      # Distribution 2.8: no such route
+            answer = Answer(404, {"content-type": b"text/plain; charset=utf-8"}, b"404 page not found\n")
+        else:
+            wanted = request.url.params.get("artifactType")
+            applied = wanted is not None and self.filters
+            body = self.referrers_body(repo, subject, wanted if applied else None)
+            headers = {"content-type": OCI_INDEX.encode()}
+            if applied:
+                headers["oci-filters-applied"] = b"artifactType"
+            answer = Answer(200, headers, body)
+        if self.alter_referrers is not None:
+            self.alter_referrers(request, answer)
+        return answer.response(head=request.method == "HEAD")
 
     def _blob(self, digest: str, request: httpx.Request) -> httpx.Response:
         data = self.blobs.get(digest)
