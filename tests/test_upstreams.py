@@ -21,7 +21,8 @@ import yaml
 from tests.support.clients import dir_manifest_digest, skopeo_copy
 from tests.support.faultproxy import FaultProxy
 from tests.support.procs import Mirror, wait_until
-from tests.support.upstreams import ALL_MANIFESTS, DOCKER_IO, GHCR, PASSWORD, PRIVATE, USER, Site, ThreeUpstreams
+from tests.support.upstreams import (ALL_MANIFESTS, DOCKER_IO, GHCR, PASSWORD, PRIVATE, PRIVATE_ALIAS, USER, Site,
+                                    ThreeUpstreams)
 from tests.test_daemon import notify  # noqa: F401 - the notify fixture
 
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
@@ -125,21 +126,21 @@ def test_names_without_a_registry_go_to_docker_io(make_mirror, three_upstreams: 
 
 
 def test_skopeo_pulls_each_upstream_by_path_prefix(make_mirror, three_upstreams: ThreeUpstreams, tmp_path: Path):
-    """A real client naming the registry in the path (``mirror/ghcr.test/acme/gadget``); a
-    host:port registry cannot be a path component of a reference, so that one by ``docker.io/``
-    and ``ghcr.test/`` only."""
+    """A real client naming the registry in the path (``mirror/ghcr.test/acme/gadget``). A
+    reference's path has no colon: the TLS registry is named by its alias without the port."""
     mirror = make_mirror(upstreams=three_upstreams.config())
-    for key, name, reference in ((GHCR, "gadget", "ghcr.test/acme/gadget:latest"),
-                                 (GHCR, "widget", "ghcr.test/acme/widget:1.0"),
-                                 (DOCKER_IO, "alpine", "docker.io/library/alpine:3")):
+    pulls = ((GHCR, "gadget", "ghcr.test/acme/gadget:latest"), (GHCR, "widget", "ghcr.test/acme/widget:1.0"),
+             (PRIVATE, "app", f"{PRIVATE_ALIAS}/team/app:v1"), (DOCKER_IO, "alpine", "docker.io/library/alpine:3"))
+    for key, name, reference in pulls:
         site = three_upstreams.site(key)
         copied = skopeo_copy(f"{mirror.address}/{reference}", tmp_path / name, all_images=True)
         assert dir_manifest_digest(copied) == site.seeded[name].digest
         for digest, path in site.seeded[name].image.blob_paths.items():
             if not is_manifest(site.seeded[name], digest):
                 assert (copied / digest.removeprefix("sha256:")).read_bytes() == path.read_bytes()
-    assert {line.split("upstream=")[1].split()[0] for line in mirror.access_lines(r"/v2/ghcr\.test/")} == {GHCR}
-    assert {line.split("upstream=")[1].split()[0] for line in mirror.access_lines(r"/v2/docker\.io/")} == {DOCKER_IO}
+    for prefix, key in ((r"ghcr\.test", GHCR), (r"registry\.test", PRIVATE), (r"docker\.io", DOCKER_IO)):
+        lines = mirror.access_lines(rf"/v2/{prefix}/")
+        assert lines and {line.split("upstream=")[1].split()[0] for line in lines} == {key}, lines
 
 
 # --- unknown registries: nothing dialled
