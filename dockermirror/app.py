@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import logging
 import time
@@ -35,6 +36,17 @@ def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None) -> U
                           transfer_timeout=up.transfer_timeout, transport=transport)
 
 
+def _ca_fingerprint(up: UpstreamConfig) -> str | None:
+    """What the upstream's CA bundle holds now (a reload with new content makes a new client,
+    as a new password_file does); None without a bundle or if it cannot be read."""
+    if up.ca_bundle is None:
+        return None
+    try:
+        return hashlib.sha256(up.ca_bundle.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def _upstream(up: UpstreamConfig, client: UpstreamClient) -> Upstream:
     return Upstream(registry_key(up.registry), client, aliases=up.aliases, tag_ttl=up.tag_ttl)
 
@@ -57,7 +69,9 @@ class DockerMirror:
         network under the upstream client (the in-process tests fake the upstream with it)."""
         self.config = config
         self._transport = upstream_transport
-        upstreams = Upstreams(_upstream(up, _client(up, upstream_transport)) for up in config.registries)
+        # the CA bundle each upstream client was built with
+        self._ca_read: weakref.WeakKeyDictionary[UpstreamClient, str | None] = weakref.WeakKeyDictionary()
+        upstreams = Upstreams(_upstream(up, self._client(up)) for up in config.registries)
         self.cache = Cache(config.cache.dir, limits=_limits(config), clock=clock)
         self.mirror = Mirror(upstreams, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
         self.started_at: float | None = None
@@ -68,6 +82,12 @@ class DockerMirror:
         self._retire_keys = itertools.count()
         starlette = Starlette(routes=routes(self.mirror), lifespan=lambda app: self.running())
         self.asgi = AccessLog(starlette, on_done=self.mirror.record)
+
+    def _client(self, up: UpstreamConfig) -> UpstreamClient:
+        fingerprint = _ca_fingerprint(up)
+        client = _client(up, self._transport)
+        self._ca_read[client] = fingerprint
+        return client
 
     @property
     def upstream_client(self) -> UpstreamClient:
@@ -112,7 +132,7 @@ class DockerMirror:
         old, restart = self.config, []
         if new.cache.dir != old.cache.dir:
             restart.append("cache.dir")
-        if new.registries != old.registries:
+        if new.registries != old.registries or self._ca_bundle_changed():
             self._swap_upstreams(new)
         if new.cache != old.cache or new.registries != old.registries:
             self.cache.set_limits(_limits(new))
@@ -120,16 +140,23 @@ class DockerMirror:
         self.config = new
         return restart
 
+    def _ca_bundle_changed(self) -> bool:
+        """Whether a CA bundle now holds other certificates than its client was built with."""
+        return any(self._ca_read.get(u.client) != _ca_fingerprint(up)
+                   for up, u in zip(self.config.registries, self.mirror.upstreams))
+
     def _swap_upstreams(self, new: Config) -> None:
         """A new routing table; each upstream keeps its client (and token cache, reachability)
-        unless its connection settings changed. Only new timeouts: the same client takes them."""
+        unless its connection settings changed (the CA bundle's content included). Only new
+        timeouts: the same client takes them."""
         before = {registry_key(up.registry): (up, u) for up, u in zip(self.config.registries, self.mirror.upstreams)}
         timeouts = {"connect_timeout": 0, "read_timeout": 0, "transfer_timeout": 0, "tag_ttl": None, "aliases": ()}
         upstreams = []
         for up in new.registries:
             key = registry_key(up.registry)
             old_up, old = before.pop(key, (None, None))
-            if old is not None and dataclasses.replace(up, **timeouts) == dataclasses.replace(old_up, **timeouts):
+            if old is not None and dataclasses.replace(up, **timeouts) == dataclasses.replace(old_up, **timeouts) \
+                    and self._ca_read.get(old.client) == _ca_fingerprint(up):
                 old.client.set_timeouts(up.connect_timeout, up.read_timeout, up.transfer_timeout)
                 upstreams.append(_upstream(up, old.client))
                 continue
@@ -138,7 +165,7 @@ class DockerMirror:
                 log.info("upstream %s changed (%s); new requests use the new settings", key, up.url)
             else:
                 log.info("upstream %s (%s) added", key, up.url)
-            upstreams.append(_upstream(up, _client(up, self._transport)))
+            upstreams.append(_upstream(up, self._client(up)))
         for key, (_, old) in before.items():
             log.info("upstream %s removed; its cached content stays until it expires or is evicted", key)
             self._retire(old.client)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -521,7 +522,8 @@ def default_url(registry: str) -> str:
 
 
 def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, prefix: str) -> UpstreamConfig:
-    """Credentials that go together; the password file read (and refused if others can read it)."""
+    """Credentials that go together; the password file read (and refused if others can read it);
+    the CA bundle loaded."""
     def fail(message: str, key: str) -> ConfigError:
         return ConfigError(message, source=source, line=lines.get(key, lines.get("")),
                            key=f"{prefix}.{key}" if prefix else key)
@@ -544,6 +546,15 @@ def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, pref
         if not first:
             raise fail(f"{path} has no password on its first line", "password_file")
         up = dataclasses.replace(up, password=first)
+    if up.ca_bundle is not None:
+        # read now, as the upstream client will: a bad bundle is a configuration error, not a
+        # traceback at start (or a reload that fails half way)
+        try:
+            ssl.create_default_context(cafile=str(up.ca_bundle))
+        except ssl.SSLError:
+            raise fail(f"{up.ca_bundle} holds no PEM certificate", "ca_bundle") from None
+        except OSError as exc:
+            raise fail(f"cannot read {up.ca_bundle}: {exc.strerror}", "ca_bundle") from None
     if up.password is not None and up.username is None:
         raise fail("a password needs a username", "password" if "password" in lines else "password_file")
     return up

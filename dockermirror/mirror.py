@@ -48,7 +48,7 @@ from dockermirror.errors import (
     RegistryError,
     Unavailable,
 )
-from dockermirror.routing import RegistryTable, UnknownRegistry, upstream_repository
+from dockermirror.routing import RegistryTable, UnknownRegistry, host_with_port, upstream_repository
 from dockermirror.singleflight import SingleFlight
 from dockermirror.oci import (
     AS_STORED,
@@ -115,7 +115,6 @@ class Upstreams:
 class Repo:
     upstream: Upstream
     name: str
-    prefix: str = ""    # the registry name the client put before the repository, if any
 
     def __str__(self) -> str:
         return f"{self.upstream.key}/{self.name}"
@@ -172,7 +171,8 @@ class Mirror:
     def resolve(self, name: str, namespace: str | None = None) -> Repo:
         """The upstream repository for a request path name and containerd's ``?ns=``
         (see :mod:`dockermirror.routing`): an unknown registry is 404 NAME_UNKNOWN, at once."""
-        if not valid_name(name):
+        first, _, rest = name.partition("/")
+        if not (valid_name(name) or (rest and host_with_port(first) and valid_name(rest))):
             raise NameInvalid(f"invalid repository name {name!r}", detail={"name": name})
         upstreams = self.upstreams      # one table for the whole lookup, whatever a reload does
         try:
@@ -180,8 +180,7 @@ class Mirror:
         except UnknownRegistry as exc:
             detail = {"ns": namespace} if namespace is not None else {"registry": exc.registry}
             raise NameUnknown(str(exc), detail=detail) from None
-        prefix = name.partition("/")[0] if route.prefixed else ""
-        return Repo(upstreams.by_key[route.registry], route.repository, prefix)
+        return Repo(upstreams.by_key[route.registry], route.repository)
 
     def tag_ttl_of(self, upstream: Upstream) -> float:
         return self.tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl

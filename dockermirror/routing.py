@@ -17,6 +17,7 @@ Pure: the table maps names to keys; the mirror maps keys to its upstream clients
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -41,6 +42,15 @@ def looks_like_host(component: str) -> bool:
     """Whether a name's first component is a registry host (the rule docker and containerd use:
     it has a dot or a port, or is ``localhost``), not a repository namespace."""
     return "." in component or ":" in component or component == "localhost"
+
+
+_HOST_WITH_PORT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?:[0-9]{1,5}", re.ASCII)
+
+
+def host_with_port(component: str) -> bool:
+    """Whether a name's first component is a ``host:port`` (``registry.example.org:5000``): no
+    repository name has a colon, so such a prefix passes the repository-name check on its own."""
+    return _HOST_WITH_PORT.fullmatch(component) is not None
 
 
 class UnknownRegistry(LookupError):

@@ -22,7 +22,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.support import hostguard, images, progress

@@ -12,6 +12,7 @@ import yaml
 
 from dockermirror import config as configuration
 from dockermirror.config import Config, ConfigError, format_duration, parse_duration, parse_size
+from tests.support.certs import make_pki
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "etc" / "docker-mirror" / "config.yml"
@@ -63,7 +64,9 @@ def test_shipped_config_documents_upstreams_items(tmp_path):
     secret = tmp_path / "ghcr.password"
     secret.write_text("from-the-file\n")
     secret.chmod(0o600)
-    text = "\n".join(example).replace("/etc/docker-mirror/ghcr.password", str(secret))
+    ca = make_pki(tmp_path / "pki").ca          # a CA bundle is read with the configuration
+    text = "\n".join(example).replace("/etc/docker-mirror/ghcr.password", str(secret)) \
+        .replace("/etc/docker-mirror/example-ca.pem", str(ca))
     config = configuration.loads(text, source="example")
     assert [up.registry for up in config.upstreams] == ["docker.io", "ghcr.io", "registry.example.org:5000"]
     assert config.upstreams[1].password == "from-the-file"

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from dockermirror.api.links import next_page_link
 from dockermirror.api.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from dockermirror.api.responses import StreamResponse, error_response, sendable
 from dockermirror.errors import (
@@ -129,17 +130,6 @@ def _artifact_type(request: Request) -> str | None:
     return values[0]
 
 
-def _relink(link: str, repo: Repo) -> str:
-    """The upstream's next-page ``Link`` as this client can follow it: a client that named the
-    registry in the path gets the prefix back (``</v2/org/app/tags/list?last=x>`` ->
-    ``</v2/ghcr.io/org/app/tags/list?last=x>``); without it, the next page would go to the
-    default upstream."""
-    own = f"</v2/{repo.name}/"
-    if repo.prefix and link.startswith(own):
-        return f"</v2/{repo.prefix}/{repo.name}/" + link[len(own):]
-    return link
-
-
 def _digest(text: str) -> Digest:
     try:
         return Digest.parse(text)
@@ -192,7 +182,7 @@ class RegistryAPI:
             return await self.blob(request, repo, digest)
         if match := _TAGS.fullmatch(path):
             repo = self._resolve(request, match["name"], namespace)
-            return await self.tags(request, repo)
+            return await self.tags(request, repo, match["name"])
         if match := _REFERRERS.fullmatch(path):
             digest = _digest(match["digest"])
             artifact_type = _artifact_type(request)
@@ -282,7 +272,7 @@ class RegistryAPI:
         if_range = request.headers.get("if-range")
         return if_range is None or if_range.strip('"') == result.digest
 
-    async def tags(self, request: Request, repo: Repo) -> Response:
+    async def tags(self, request: Request, repo: Repo, name: str) -> Response:
         params = []
         n = request.query_params.get("n")
         if n is not None:
@@ -302,7 +292,12 @@ class RegistryAPI:
         self._note(request, cache, reply.status)
         headers = {"Content-Type": reply.headers.get("content-type", "application/json")}
         if "link" in reply.headers:
-            headers["Link"] = _relink(reply.headers["link"], repo)
+            link = reply.headers["link"]
+            # the next page by the client's own name for the repository (one that cannot be
+            # sent at all is refused below, as any upstream header is)
+            link = next_page_link(link, name, _namespace(request)) if sendable(link) else link
+            if link is not None:
+                headers["Link"] = link
         headers.update(self._namespace_header(request))
         response = Response(reply.body)
         response.raw_headers = [*_header_list(headers), (b"content-length", str(len(reply.body)).encode())]

@@ -220,16 +220,19 @@ class Service:
 
 
 def upstream_status(upstreams: list) -> list[str]:
-    """``upstream docker.io reachable`` for one; ``upstreams 2 of 3 reachable (ghcr.io UNREACHABLE)``
-    for several; and Docker Hub's pull allowance where an upstream reports one."""
+    """``upstream docker.io reachable`` for one; ``upstreams 1 of 3 reachable (ghcr.io UNREACHABLE;
+    quay.io not contacted yet)`` for several (only an upstream that answered counts as reachable);
+    and Docker Hub's pull allowance where an upstream reports one."""
     states = {None: "not contacted yet", True: "reachable", False: "UNREACHABLE"}
     parts = []
     if len(upstreams) == 1:
         parts.append(f"upstream {upstreams[0].key} {states[upstreams[0].client.reachable]}")
     else:
-        down = [u.key for u in upstreams if u.client.reachable is False]
-        text = f"upstreams {len(upstreams) - len(down)} of {len(upstreams)} reachable"
-        parts.append(text + (f" ({', '.join(down)} UNREACHABLE)" if down else ""))
+        up = [u.key for u in upstreams if u.client.reachable is True]
+        notes = [f"{', '.join(keys)} {states[state]}" for state in (False, None)
+                 if (keys := [u.key for u in upstreams if u.client.reachable is state])]
+        text = f"upstreams {len(up)} of {len(upstreams)} reachable"
+        parts.append(text + (f" ({'; '.join(notes)})" if notes else ""))
     for upstream in upstreams:
         remaining = upstream.client.ratelimit_remaining
         if remaining:

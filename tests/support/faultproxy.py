@@ -83,6 +83,7 @@ class FaultProxy:
         self.referrers = False                            # answer the referrers API from the registry's tags
         self.referrers_filter = True                      # ... applying ?artifactType=
         self.seen: list[Seen] = []
+        self._connections: set[socket.socket] = set()     # open client connections (closed by stop)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -107,6 +108,16 @@ class FaultProxy:
             def log_message(self, *args) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with proxy._lock:
+                    proxy._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with proxy._lock:
+                    proxy._connections.discard(self.connection)
+                super().finish()
+
             def do_GET(self) -> None:
                 proxy._forward(self)
 
@@ -120,11 +131,20 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        """Stop listening and cut every open connection: the upstream is gone (a later
+        ``start()`` listens on the same port again)."""
         self.released.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _answer(self, handler: BaseHTTPRequestHandler, status: int, body: dict, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()

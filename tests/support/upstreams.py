@@ -4,8 +4,8 @@ them behind one mirror (issue 11).
 - ``docker.io``: the session's plain-HTTP registry (tests/conftest.py ``upstream``);
 - ``ghcr.test``: a second registry behind the fault proxy acting like a registry with bearer
   tokens and credentials (the mirror gets ``username`` and a 0600 ``password_file``);
-- ``registry.test:5443``: a third registry serving TLS with a certificate from a private CA
-  (the mirror gets ``ca_bundle``).
+- ``registry.test:5443`` (alias ``registry.test``): a third registry serving TLS with a
+  certificate from a private CA (the mirror gets ``ca_bundle``).
 
 The names are only keys of the mirror's configuration: the mirror dials the 127.0.0.1 URLs.
 """
@@ -28,6 +28,7 @@ from tests.support.procs import Registry
 ALL_MANIFESTS = images.ALL_MANIFESTS
 
 DOCKER_IO, GHCR, PRIVATE = "docker.io", "ghcr.test", "registry.test:5443"
+PRIVATE_ALIAS = "registry.test"
 USER, PASSWORD = "mirror-bot", "gh-s3cret-pa55"
 
 
@@ -188,4 +189,5 @@ def tls_site(work: Path, pki: TestPKI, started: list) -> Site:
     started.append(registry)
     registry.start()
     up = seed(Upstream(registry, ca=pki.ca), work / "img", PRIVATE_PLAN)
-    return Site(PRIVATE, up, registry.url, {"ca_bundle": str(pki.ca)})
+    # the alias without a port: what a client can put in a reference's path (mirror/registry.test/...)
+    return Site(PRIVATE, up, registry.url, {"ca_bundle": str(pki.ca), "aliases": [PRIVATE_ALIAS]})

@@ -113,7 +113,8 @@ class FakeRegistry:
     seen: list[Seen] = field(default_factory=list)
     down: bool = False                    # no HTTP answer at all (connection refused)
     status: int | None = None             # answer every registry request with this status
-    token: str | None = None              # require "Bearer <token>", issued by https://auth.test/token
+    token: str | None = None              # require "Bearer <token>", issued by https://<auth_host>/token
+    auth_host: str = "auth.test"          # the token service's host
     redirect_blobs: bool = False          # blobs answer 307 to https://cdn.test/...
     tamper: set[str] = field(default_factory=set)   # blob digests served with wrong bytes
     on_request: Callable[[httpx.Request], None] | None = None
@@ -210,7 +211,7 @@ class FakeRegistry:
             self.on_request(request)
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
-        if request.url.host == "auth.test":
+        if request.url.host == self.auth_host:
             return response(200, json_body={"token": self.token, "expires_in": 300})
         if request.url.host == "cdn.test":
             return self._blob(request.url.path.rsplit("/", 1)[-1], request)
@@ -219,7 +220,7 @@ class FakeRegistry:
             if request.url.path.startswith("/v2/") and request.url.path.count("/") >= 4:
                 repo = request.url.path[4:].rsplit("/", 2)[0]
                 scope = f',scope="repository:{repo}:pull"'
-            return response(401, {"WWW-Authenticate": f'Bearer realm="https://auth.test/token",'
+            return response(401, {"WWW-Authenticate": f'Bearer realm="https://{self.auth_host}/token",'
                                                       f'service="registry.test"{scope}'},
                             json_body={"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]})
         if self.status is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dockermirror.routing import RegistryTable, Route, UnknownRegistry
+from dockermirror.routing import RegistryTable, Route, UnknownRegistry, host_with_port
 
 TABLE = RegistryTable([("docker.io", ()), ("ghcr.io", ("ghcr.example.org",)), ("registry.example.org:5000", ())])
 
@@ -50,3 +50,12 @@ def test_pin_patterns_name_their_registry():
     assert TABLE.pattern("ghcr.example.org/myorg/*") == "ghcr.io/myorg/*"
     with pytest.raises(UnknownRegistry):
         TABLE.pattern("quay.io/org/*")
+
+
+@pytest.mark.parametrize("component, expected", [
+    ("registry.example.org:5000", True), ("127.0.0.1:5000", True), ("localhost:5000", True),
+    ("ghcr.io", False), ("library", False), ("host:", False), (":5000", False), ("host:123456", False),
+    ("a/b:1", False), ("-host:1", False),
+])
+def test_host_with_port(component, expected):
+    assert host_with_port(component) is expected
