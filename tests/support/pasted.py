@@ -35,6 +35,9 @@ def paste(script: str, root: Path) -> tuple[dict[str, str], list[str]]:
     wrote under /etc ({/etc/...: content}, paths in the content mapped back) and the
     stand-in commands it ran."""
     etc = f"{root}/etc/"
+    # the real mkdir and cat run: refuse steps that would write anywhere but /etc (moved here)
+    for target in re.findall(r"^(?:mkdir -p|cat >)\s+(\S+)", script, re.MULTILINE):
+        assert target.startswith("/etc/"), f"the steps write outside /etc: {target}"
     bin_dir = root / "bin"
     bin_dir.mkdir(parents=True)
     calls = root / "calls"
