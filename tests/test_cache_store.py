@@ -70,7 +70,7 @@ def run(coro):
 
 def test_ttl_expiry_deletes_unused_content_and_keeps_used(tmp_path: Path):
     clock = Clock()
-    limits = Limits(blob_ttl=24 * HOUR, manifest_ttl=2 * HOUR, pins=("library/keep",))
+    limits = Limits(blob_ttl=24 * HOUR, manifest_ttl=2 * HOUR, pins=("docker.io/library/keep",))
     blobs = {name: os.urandom(10_000 + i) for i, name in enumerate(["old", "used", "fresh", "pinned"])}
     manifest = b'{"schemaVersion": 2}'
 
