@@ -20,7 +20,8 @@ import httpx
 from starlette.applications import Starlette
 
 from dockermirror.api.accesslog import AccessLog
-from dockermirror.api.routes import routes
+from dockermirror.access.guard import Guard
+from dockermirror.api.routes import RegistryAPI, api_routes
 from dockermirror.cache import Cache, Limits
 from dockermirror.config import CacheConfig, Config, UpstreamConfig
 from dockermirror.mirror import Mirror, Upstream, Upstreams
@@ -80,7 +81,8 @@ class DockerMirror:
         self._retired: dict[int, Callable[[], Awaitable[None]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._retire_keys = itertools.count()
-        starlette = Starlette(routes=routes(self.mirror), lifespan=lambda app: self.running())
+        self.api = RegistryAPI(self.mirror, Guard.from_config(config))
+        starlette = Starlette(routes=api_routes(self.api), lifespan=lambda app: self.running())
         self.asgi = AccessLog(starlette, on_done=self.mirror.record)
 
     def _client(self, up: UpstreamConfig) -> UpstreamClient:
@@ -129,6 +131,7 @@ class DockerMirror:
         Upstreams are added, removed and changed in place: requests and transfers that started
         keep the client they started with (through their ``Repo``); a removed upstream's
         cached content stays until it expires or is evicted."""
+        guard = Guard.from_config(new)     # first: if it cannot be built, nothing has changed
         old, restart = self.config, []
         if new.cache.dir != old.cache.dir:
             restart.append("cache.dir")
@@ -137,6 +140,8 @@ class DockerMirror:
         if new.cache != old.cache or new.registries != old.registries:
             self.cache.set_limits(_limits(new))
             self.mirror.tag_ttl = new.cache.tag_ttl
+        # rules and the password file: read again on every reload (the file may have changed)
+        self.api.guard = guard
         self.config = new
         return restart
 
