@@ -1,2 +1,2 @@
-"""Who may pull: the client's identity (certificate, htpasswd user, or anonymous), the
-``access:`` rules, and the guard that applies both to every request."""
+"""Who may pull: client identities (certificates, htpasswd users), the ``access:`` rules about
+them, and the guard that applies both to every request."""
