@@ -81,7 +81,7 @@ class DockerMirror:
         self._retired: dict[int, Callable[[], Awaitable[None]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._retire_keys = itertools.count()
-        self.api = RegistryAPI(self.mirror, Guard.from_config(config))
+        self.api = RegistryAPI(self.mirror, self._guard(config))
         starlette = Starlette(routes=api_routes(self.api), lifespan=lambda app: self.running())
         self.asgi = AccessLog(starlette, on_done=self.mirror.record)
 
@@ -90,6 +90,10 @@ class DockerMirror:
         client = _client(up, self._transport)
         self._ca_read[client] = fingerprint
         return client
+
+    def _guard(self, config: Config) -> Guard:
+        """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd."""
+        return Guard.of(config, getattr(self, "htpasswd", None))
 
     @property
     def upstream_client(self) -> UpstreamClient:
@@ -131,7 +135,6 @@ class DockerMirror:
         Upstreams are added, removed and changed in place: requests and transfers that started
         keep the client they started with (through their ``Repo``); a removed upstream's
         cached content stays until it expires or is evicted."""
-        guard = Guard.from_config(new)     # first: if it cannot be built, nothing has changed
         old, restart = self.config, []
         if new.cache.dir != old.cache.dir:
             restart.append("cache.dir")
@@ -140,8 +143,7 @@ class DockerMirror:
         if new.cache != old.cache or new.registries != old.registries:
             self.cache.set_limits(_limits(new))
             self.mirror.tag_ttl = new.cache.tag_ttl
-        # rules and the password file: read again on every reload (the file may have changed)
-        self.api.guard = guard
+        self.api.guard = self._guard(new)     # new requests use the new rules (and users)
         self.config = new
         return restart
 

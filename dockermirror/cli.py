@@ -80,7 +80,8 @@ def cmd_access_check(args: argparse.Namespace) -> int:
     if args.source is not None and client_address(args.source) is None:
         print(f"docker-mirror: invalid address {args.source!r} for --from", file=sys.stderr)
         return 2
-    guard = Guard.from_config(config)
+    htpasswd = getattr(getattr(config, "auth", None), "htpasswd", None)    # which users exist is not asked
+    guard = Guard.of(config, htpasswd=object() if htpasswd else None)  # type: ignore[arg-type]
     try:
         route = guard.rules.table.route(args.repository.lower())
     except UnknownRegistry as exc:

@@ -13,24 +13,26 @@ nothing (what configuring a password file asks for); with rules, the rules decid
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from dockermirror.access.htpasswd import parse_basic
 from dockermirror.access.identity import ANONYMOUS, CERTIFICATE, USER, Identity
 from dockermirror.access.rules import Decision, Rule, Rules, client_address
 from dockermirror.errors import Denied, Unauthorized
 from dockermirror.routing import RegistryTable
 
 REALM = "docker-mirror"
+_EMPTY_LOGIN = "Og=="       # base64 of ":"
 CHALLENGE = {"WWW-Authenticate": f'Basic realm="{REALM}"'}
 # implied when htpasswd is configured and no rules are: users may pull everything
 _USERS_ONLY = Rule(allow=True, identities=("authenticated",), index=-1)
 
 
 class PasswordFile(Protocol):
-    def verify(self, user: str, password: str) -> bool: ...
+    """The users of auth.htpasswd (dockermirror.access.htpasswd.Htpasswd)."""
+
+    async def check(self, user: str, password: str) -> bool: ...
 
 
 @dataclass
@@ -41,29 +43,17 @@ class Refusal:
 
 
 class Guard:
-    def __init__(self, rules: Rules, htpasswd: PasswordFile | None = None,
-                 parse_basic: Callable[[str], tuple[str, str] | None] | None = None) -> None:
-        self.rules = rules
+    def __init__(self, rules: Rules, htpasswd: PasswordFile | None = None) -> None:
+        """``rules``: the ``access:`` rules (maybe none); ``htpasswd``: the users, if configured."""
         self.htpasswd = htpasswd
-        if htpasswd is not None and parse_basic is None:
-            from dockermirror.access.htpasswd import parse_basic
-        self._parse_basic = parse_basic
-        if htpasswd is not None and not rules:
-            self.rules = Rules((_USERS_ONLY,), rules.table)
         self.explicit = bool(rules)
+        self.rules = Rules((_USERS_ONLY,), rules.table) if htpasswd is not None and not rules else rules
         self.active = bool(rules) or htpasswd is not None
 
     @classmethod
-    def from_config(cls, config: Any) -> Guard:
-        """The guard of a configuration: its ``access:`` rules and its ``auth.htpasswd`` file
-        (read here: a reload reads it again)."""
+    def of(cls, config: Any, htpasswd: PasswordFile | None = None) -> Guard:
+        """The guard of a configuration's ``access:`` rules, with the users of its auth.htpasswd."""
         table = RegistryTable((up.registry, up.aliases) for up in config.registries)
-        path = getattr(getattr(config, "auth", None), "htpasswd", None)
-        htpasswd = None
-        if path:
-            from dockermirror.access.htpasswd import Htpasswd
-
-            htpasswd = Htpasswd.load(path)
         return cls(Rules(tuple(config.access), table), htpasswd)
 
     # --- who
@@ -77,16 +67,17 @@ class Guard:
             return Identity.certificate(certificate)
         if self.htpasswd is None or not authorization:
             return ANONYMOUS
-        credentials = self._parse_basic(authorization) if self._parse_basic else None
+        credentials = parse_basic(authorization)
         if credentials is None:
-            if authorization.split(" ", 1)[0].lower() != "basic":
-                return ANONYMOUS        # another scheme (a Bearer token meant for someone else)
+            scheme, _, token = authorization.strip().partition(" ")
+            if scheme.lower() != "basic" or token.strip() == _EMPTY_LOGIN:
+                # another scheme (a token meant for someone else), or an empty login (what
+                # some clients without credentials answer a challenge with)
+                return ANONYMOUS
             raise self._unauthorized("malformed Basic credentials", Refusal(""))
         user, password = credentials
-        if not user and not password:
-            return ANONYMOUS            # an empty login (some clients answer a challenge so)
-        # bcrypt takes milliseconds: not on the event loop (a verified pair is cached there)
-        if await asyncio.get_running_loop().run_in_executor(None, self.htpasswd.verify, user, password):
+        # a credential verified lately answers at once; bcrypt runs in a thread
+        if await self.htpasswd.check(user, password):
             return Identity.user(user)
         raise self._unauthorized("wrong user name or password", Refusal(user))
 
