@@ -562,7 +562,9 @@ def _build_rules(node: yaml.Node, loader: yaml.SafeLoader, source: str, prefix: 
             for j, entry in enumerate(value_node.value):
                 try:
                     if not isinstance(entry, yaml.ScalarNode):
-                        raise ValueError("expected a single value")
+                        raise ValueError("expected a single value" + (
+                            " (a colon then a space makes a mapping: quote it, as in 'user:ci')"
+                            if isinstance(entry, yaml.MappingNode) else ""))
                     values.append(parse(loader.construct_object(entry)))
                 except ValueError as exc:
                     raise ConfigError(str(exc), source=source, line=entry.start_mark.line + 1,
