@@ -180,6 +180,8 @@ def test_identities(identities, who, matches):
     ("access:\n  - allow: [authenticated]\n  - deny: [user:a, anonymous]\n", []),
     ("access:\n  - allow: ['user:*']\n    from: [10.0.0.0/8]\n  - allow: [user:a]\n    from: [10.1.0.0/16]\n"
      "  - allow: [user:a]\n  - allow: [user:a]\n    from: ['2001:db8::/32']\n", [(1, 0), (3, 2)]),
+    ("access:\n  - allow: [user:a]\n    from: [10.0.0.0/16]\n  - deny: [user:a]\n    from: [10.1.0.0/16, 10.0.1.0/24]\n"
+     "  - deny: [user:a]\n    from: [10.0.2.0/24]\n", [(2, 0)]),
     ("access:\n  - allow: [user:a]\n    repositories: [library/*]\n"
      "  - deny: [user:a]\n    repositories: [library/b*, busybox]\n"
      "  - deny: [user:a]\n    repositories: [docker.io/*]\n", [(1, 0)]),
