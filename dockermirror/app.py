@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 from starlette.applications import Starlette
 
+from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 from dockermirror.api.accesslog import AccessLog
 from dockermirror.access.guard import Guard
 from dockermirror.api.routes import RegistryAPI, api_routes
 from dockermirror.cache import Cache, Limits
-from dockermirror.config import CacheConfig, Config, UpstreamConfig
+from dockermirror.config import AuthConfig, CacheConfig, Config, UpstreamConfig
 from dockermirror.mirror import Mirror, Upstream, Upstreams
 from dockermirror.routing import RegistryTable, registry_key
 from dockermirror.upstream.client import UpstreamClient
@@ -52,6 +53,13 @@ def _upstream(up: UpstreamConfig, client: UpstreamClient) -> Upstream:
     return Upstream(registry_key(up.registry), client, aliases=up.aliases, tag_ttl=up.tag_ttl)
 
 
+def load_htpasswd(auth: AuthConfig) -> Htpasswd | None:
+    """The users of ``auth.htpasswd`` (None when unset); HtpasswdError if the file is bad."""
+    if auth.htpasswd is None:
+        return None
+    return Htpasswd.load(auth.htpasswd, cache_ttl=auth.cache_ttl)
+
+
 def _limits(config: Config) -> Limits:
     """The cache's limits; pins as ``registry/repository`` patterns (see RegistryTable.pattern)."""
     c = config.cache
@@ -75,6 +83,8 @@ class DockerMirror:
         upstreams = Upstreams(_upstream(up, self._client(up)) for up in config.registries)
         self.cache = Cache(config.cache.dir, limits=_limits(config), clock=clock)
         self.mirror = Mirror(upstreams, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
+        # the users of auth.htpasswd (None: no Basic authentication); HtpasswdError at start
+        self.htpasswd: Htpasswd | None = load_htpasswd(config.auth)
         self.started_at: float | None = None
         self._on_started = on_started
         # connections of upstream clients replaced by a reload, until nothing uses the client
@@ -93,7 +103,7 @@ class DockerMirror:
 
     def _guard(self, config: Config) -> Guard:
         """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd."""
-        return Guard.of(config, getattr(self, "htpasswd", None))
+        return Guard.of(config, self.htpasswd)
 
     @property
     def upstream_client(self) -> UpstreamClient:
@@ -116,6 +126,8 @@ class DockerMirror:
             log.info("mirroring %s (%s)%s into %s", registry_key(up.registry), up.url,
                      " as the default upstream" if up is self.config.default_upstream and len(self.config.registries) > 1
                      else "", self.config.cache.dir)
+        if self.htpasswd is not None:
+            log.info("auth.htpasswd %s: %d user(s)", self.htpasswd.source, len(self.htpasswd))
         self._on_started()
         try:
             yield
@@ -143,9 +155,30 @@ class DockerMirror:
         if new.cache != old.cache or new.registries != old.registries:
             self.cache.set_limits(_limits(new))
             self.mirror.tag_ttl = new.cache.tag_ttl
+        self._reload_htpasswd(new.auth)
         self.api.guard = self._guard(new)     # new requests use the new rules (and users)
         self.config = new
         return restart
+
+    def _reload_htpasswd(self, auth: AuthConfig) -> None:
+        """Re-read ``auth.htpasswd`` (users added or removed since). A bad file is refused with a
+        log line and the users loaded before stay; an unchanged one keeps its verified credentials."""
+        try:
+            new = load_htpasswd(auth)
+        except HtpasswdError as exc:
+            kept = "still using the users loaded before" if self.htpasswd is not None else \
+                "still without Basic authentication"
+            log.error("auth.htpasswd not reloaded, %s: %s", kept, exc)
+            return
+        old = self.htpasswd
+        if new is not None and old is not None and (new.source, new.digest, new.cache_ttl) == \
+                (old.source, old.digest, old.cache_ttl):
+            return
+        if new is None and old is not None:
+            log.warning("auth.htpasswd removed: no Basic authentication from now on")
+        elif new is not None:
+            log.info("auth.htpasswd %s loaded: %d user(s)", new.source, len(new))
+        self.htpasswd = new
 
     def _ca_bundle_changed(self) -> bool:
         """Whether a CA bundle now holds other certificates than its client was built with."""

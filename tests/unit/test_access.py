@@ -19,7 +19,6 @@ import pytest
 from dockermirror import cli
 from dockermirror import config as configuration
 from dockermirror.access.guard import Guard
-from dockermirror.access.htpasswd import Htpasswd
 from dockermirror.access.identity import ANONYMOUS, Identity
 from dockermirror.access.rules import Rules, client_address
 from dockermirror.app import DockerMirror
@@ -265,11 +264,14 @@ class Mirror:
         return httpx.AsyncClient(transport=transport, base_url="http://mirror.test", headers=ACCEPT_H)
 
     def use(self, rules: str, users: dict[str, str] | None = PASSWORDS) -> None:
-        """New rules (a reload) and users (the app's auth.htpasswd)."""
-        config = config_of(rules, self.app.config.cache.dir)
-        self.app.htpasswd = None if users is None else Htpasswd(  # type: ignore[attr-defined]
-            {user: bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode() for user, password in users.items()})
-        self.app.reconfigure(config)
+        """New rules and users (auth.htpasswd), applied as a reload applies them."""
+        auth = ""
+        if users is not None:
+            path = self.app.config.cache.dir.parent / "htpasswd"
+            path.write_text("".join(f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()}\n"
+                                    for user, password in users.items()))
+            auth = f"auth:\n  htpasswd: {path}\n"
+        self.app.reconfigure(config_of(rules + auth, self.app.config.cache.dir))
 
 
 @pytest.fixture
