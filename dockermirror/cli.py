@@ -67,9 +67,14 @@ def _rule_warnings(config: Config) -> list[str]:
     from dockermirror.routing import RegistryTable
 
     table = RegistryTable((up.registry, up.aliases) for up in config.registries)
-    return [f"{config.source}:{rule.line}: access[{rule.index}] ({rule.action}) never applies: "
-            f"{earlier.where()} ({earlier.action}) already matches every request it matches"
-            for rule, earlier in Rules(config.access, table).shadowed()]
+    warnings = [f"{config.source}:{rule.line}: access[{rule.index}] ({rule.action}) never applies: "
+                f"{earlier.where()} ({earlier.action}) already matches every request it matches"
+                for rule, earlier in Rules(config.access, table).shadowed()]
+    if config.auth.htpasswd is None:
+        warnings += [f"{config.source}:{rule.line}: access[{rule.index}] names {name}, but there are no users "
+                     "without auth.htpasswd" for rule in config.access
+                     for name in [next((i for i in rule.identities if i.startswith("user:")), None)] if name]
+    return warnings
 
 
 def cmd_access_check(args: argparse.Namespace) -> int:

@@ -194,12 +194,27 @@ def test_shadowed_rules(rules, shadowed):
 
 def test_check_config_warns_of_rules_that_never_apply(tmp_path, capsys):
     path = tmp_path / "config.yml"
-    path.write_text(HEAD.format(cache_dir=tmp_path) + RULES + "  - allow: [user:ci]\n    repositories: [ghcr.io/myorg/app]\n")
+    (tmp_path / "htpasswd").write_text("")
+    path.write_text(HEAD.format(cache_dir=tmp_path) + RULES + "  - allow: [user:ci]\n    repositories: [ghcr.io/myorg/app]\n"
+                    + f"auth:\n  htpasswd: {tmp_path / 'htpasswd'}\n")
     assert cli.main(["check-config", "--config", str(path)]) == 0
     out, err = capsys.readouterr()
     assert "access:\n- allow:\n  - anonymous\n  from:\n  - 10.0.0.0/8" in out
     assert err == (f"docker-mirror: warning: {path}:19: access[3] (allow) never applies: access[2] (line 17) "
                    "(allow) already matches every request it matches\n")
+
+
+def test_check_config_warns_of_users_without_a_password_file(tmp_path, capsys):
+    path = tmp_path / "config.yml"
+    path.write_text(HEAD.format(cache_dir=tmp_path) + "access:\n  - allow: [anonymous]\n    repositories: [x]\n"
+                    "  - allow: [cert:a, user:ci]\n")
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == (f"docker-mirror: warning: {path}:15: access[1] names user:ci, but there are "
+                                       "no users without auth.htpasswd\n")
+    path.write_text(path.read_text() + f"auth:\n  htpasswd: {tmp_path / 'htpasswd'}\n")
+    (tmp_path / "htpasswd").write_text("")
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == ""
 
 
 # --- access check
