@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
 
 EXPIRY_WARNING = datetime.timedelta(days=30)
+
+log = logging.getLogger("dockermirror.tls")
 
 
 class TLSError(Exception):
@@ -114,6 +118,41 @@ class ClientAuth:
         return f"client certificates: {self.mode}, signed by {self.ca}; {crl}"
 
 
+# what the server's alert says about a refused client certificate
+_ALERTS = {40: "handshake failure (no client certificate?)", 42: "bad certificate", 43: "unsupported certificate",
+           44: "certificate revoked", 45: "certificate expired", 46: "certificate not usable",
+           48: "certificate not signed by the client CA (unknown CA)", 116: "no client certificate given"}
+REFUSAL_LOG_INTERVAL = 60.0    # seconds: at most one info line per reason this often
+
+
+class Refusals:
+    """Handshakes the server refused, logged by reason: each at debug, and at info at most once a
+    minute per reason with how many came since (a client retrying in a loop cannot flood the log).
+
+    OpenSSL tells Python nothing about a failed server handshake; the alert the server sends
+    the client says why, and the message callback sees it."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def __call__(self, connection: object, direction: str, version: object, content_type: object,
+                 message_type: object, data: bytes) -> None:
+        if content_type != 21 or direction != "write" or len(data) < 2 or data[0] != 2:
+            return      # not a fatal alert the server sends
+        self.refused(_ALERTS.get(data[1], f"TLS alert {data[1]}"))
+
+    def refused(self, reason: str) -> None:
+        now = time.monotonic()
+        count = self.count.get(reason, 0) + 1
+        log.debug("TLS handshake refused: %s", reason)
+        if now - self.last.get(reason, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+            more = f" ({count} such refusals since the last line)" if count > 1 else ""
+            log.info("TLS handshake refused a client: %s%s", reason, more)
+            self.last[reason], count = now, 0
+        self.count[reason] = count
+
+
 _MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 
@@ -184,6 +223,7 @@ class ServerTLS:
                  client: ClientAuth = ClientAuth()) -> None:
         self.certificate, self.key, self.hostname, self.client = certificate, key, hostname, client
         self.checked = check(certificate, key, hostname)
+        self.refusals = Refusals()
         self.current, self.revoked = self._build(certificate, key, client)
         self.context = _new_context()
         self._load(self.context, certificate, key)
@@ -208,6 +248,8 @@ class ServerTLS:
         context.verify_mode = _MODES[client.mode]
         if client.mode == "none":
             return context, None
+        # a private hook (CPython's test suite uses it): the only place a refusal's reason shows
+        context._msg_callback = self.refusals  # type: ignore[attr-defined]
         assert client.ca is not None
         try:
             context.load_verify_locations(cafile=str(client.ca))
