@@ -185,7 +185,10 @@ def test_skopeo_with_a_client_certificate_pulls_and_without_one_fails(make_mirro
     with pytest.raises(AssertionError) as failed:
         skopeo("copy", "--quiet", "--src-cert-dir", str(cert_dir(mtls, None)), source, f"dir:{tmp_path / 'no'}",
                parent=tmp_path, timeout=120)
-    assert "certificate required" in str(failed.value) or "tls" in str(failed.value).lower()
+    # the server ends the handshake; asyncio's TLS drops the alert it wrote, so the client sees
+    # the connection close there (EOF, reset) and the mirror's log says why
+    assert "/v2/" in str(failed.value)
+    assert "TLS handshake refused a client: no client certificate given" in mirror.log_text()
 
 
 def test_podman_with_certs_d_pulls_and_without_a_certificate_fails(make_mirror, mtls, upstream: Upstream):
@@ -205,7 +208,8 @@ def test_podman_with_certs_d_pulls_and_without_a_certificate_fails(make_mirror, 
     try:
         with pytest.raises(AssertionError) as failed:
             without("pull", "docker.io/acme/tool:1.0")
-        assert "certificate required" in str(failed.value) or "tls" in str(failed.value).lower()
+        assert "/v2/" in str(failed.value)
+        assert "TLS handshake refused a client: no client certificate given" in mirror.log_text()
     finally:
         without.cleanup()
 
