@@ -116,7 +116,8 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
     except OSError:
         ca_pem = None
     registries = [(upstream.registry, upstream.aliases) for upstream in config.registries]
-    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries), end="")
+    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries,
+                       client_auth=config.tls.client_auth), end="")
     return 0
 
 

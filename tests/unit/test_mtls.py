@@ -286,3 +286,20 @@ def test_the_request_log_names_the_subject_escaped(caplog):
     with caplog.at_level(logging.INFO, logger="dockermirror.access"):
         asyncio.run(AccessLog(app)(scope, None, send))
     assert "cert=" not in caplog.records[-1].getMessage()
+
+
+# --- client-setup
+
+
+def test_client_setup_says_where_each_client_keeps_its_pair():
+    from dockermirror.service.clientsetup import instructions
+
+    common = {"tls": True, "ca_pem": "PEM", "ca_path": Path("/ca.crt"), "registries": [("docker.io", ())]}
+    plain = instructions("m.example:5000", **common)
+    assert "client.cert" not in plain
+    text = instructions("m.example:5000", **common, client_auth="required")
+    assert "docker-mirror cert client NAME --out DIR" in text
+    assert "/etc/docker/certs.d/m.example:5000/client.cert" in text
+    assert "/etc/containers/certs.d/m.example:5000/client.cert" in text
+    assert 'client = [["/etc/containerd/docker-mirror-client.cert"' in text
+    assert "client.cert" not in instructions("m.example:5000", **{**common, "tls": False}, client_auth="required")
