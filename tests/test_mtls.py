@@ -149,6 +149,21 @@ def test_optional_lets_anonymous_clients_through_and_names_a_certificate_when_gi
     assert all(line.endswith(' cert="CN=dave"') for line in mirror.access_lines("/v2/library/hello/", at_least=3))
 
 
+def test_a_reload_changes_client_auth_for_new_connections(make_mirror, mtls, upstream: Upstream):
+    mirror = make_mirror(tls={**mtls.tls, "client_auth": "required"})
+    assert refused(mirror, mtls, None)
+    config = yaml.safe_load(mirror.config_path.read_text())
+    config["tls"]["client_auth"] = "optional"
+    mirror.config_path.write_text(yaml.safe_dump(config))
+    reload(mirror)
+    pull(mirror, mtls, None, upstream, "hello")
+    config["tls"]["client_auth"] = "required"
+    mirror.config_path.write_text(yaml.safe_dump(config))
+    reload(mirror)
+    assert refused(mirror, mtls, None)
+    pull(mirror, mtls, mtls.client("erin"), upstream, "hello")
+
+
 def test_client_auth_without_tls_refuses_to_start(make_mirror, tmp_path):
     mirror = make_mirror(start=False, tls={"certificate": str(tmp_path / "none.crt"), "enabled": "auto",
                                            "client_auth": "required"})
