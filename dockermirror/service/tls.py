@@ -157,8 +157,8 @@ _MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.
 
 
 def _new_context() -> ssl.SSLContext:
-    # not create_default_context(): that loads the system's CAs, which would then sign client
-    # certificates too. A server context trusts only the client CA it is given.
+    # trusts nothing until the client CA is loaded: never the system's CAs (a public CA must not
+    # be able to sign a client certificate for the mirror)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
