@@ -44,6 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
+    if (problem := config.tls.client_auth_error()) is not None:    # what would stop serve
+        print(f"docker-mirror: configuration error: {problem}", file=sys.stderr)
+        return 2
     print(f"# effective configuration (from {config.source})")
     print(configuration.dump(config), end="")
     return 0

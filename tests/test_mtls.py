@@ -172,6 +172,8 @@ def test_client_auth_without_tls_refuses_to_start(make_mirror, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"{mirror.config_path}:" in result.stderr and "tls.client_auth: required needs TLS" in result.stderr
+    checked = cli("check-config", "--config", str(mirror.config_path))
+    assert checked.returncode == 2 and "tls.client_auth: required needs TLS" in checked.stderr
 
 
 # --- real clients
