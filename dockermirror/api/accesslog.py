@@ -4,6 +4,7 @@ Handlers leave notes for the line in ``scope["state"]``: ``cache`` (HIT, MISS, S
 COALESCED, PASS), ``upstream`` (the upstream the request was routed to),
 ``upstream_status`` (the upstream's HTTP status), ``identity`` (who asked, once the access
 guard or a client certificate says) and ``note`` (why a request failed).
+A request on a connection with a verified client certificate names its subject (``cert=``).
 
 Everything in the line that a client (or an upstream, through a note) chose is escaped
 like nginx does (``\x0d``, ``\x1b``, ``\x22``): a request cannot forge or split a line.
@@ -28,11 +29,10 @@ _PLAIN = re.compile(r"[A-Za-z0-9._:@*-]+")
 
 def _identity(identity: object) -> str:
     """`` identity=user:ci``; quoted and escaped when it holds more than a plain name (a
-    certificate's common name can hold anything); a certificate's subject follows."""
+    certificate's common name can hold anything; its whole subject follows as ``cert=``)."""
     text = str(identity)
-    out = f" identity={text}" if _PLAIN.fullmatch(text) else f' identity="{printable(text)}"'
-    subject = getattr(identity, "subject", None)
-    return out + (f' subject="{printable(subject)}"' if subject else "")
+    return f" identity={text}" if _PLAIN.fullmatch(text) else f' identity="{printable(text)}"'
+
 
 
 class AccessLog:
@@ -74,12 +74,14 @@ class AccessLog:
             note = state.get("note") or ("" if complete or not status else "incomplete")
             upstream = state.get("upstream")
             identity = state.get("identity")
+            certificate = scope.get("client_certificate")
             log.info(
-                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s',
+                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s',
                 printable(str(client[0])), printable(scope["method"]), path, status, sent,
                 (time.perf_counter() - started) * 1000, cache or "-", printable(str(upstream or "-")),
                 printable(str(state.get("upstream_status") or "-")),
                 _identity(identity) if identity is not None else "",
+                f' cert="{printable(certificate["subject"])}"' if certificate else "",
                 f' note="{printable(str(note))}"' if note else "",
             )
             if self.on_done is not None:

@@ -432,8 +432,8 @@ async def test_a_client_certificate_is_the_identity(access, caplog):
     async with access.client(certificate=other) as client:
         assert (await client.get(f"/v2/myorg/app/blobs/{image.layer}")).status_code == 403
     lines = [r.getMessage() for r in caplog.records if r.name == "dockermirror.access"]
-    assert ' identity=cert:build-runner subject="CN=build-runner,O=Example \\x22CI\\x22"' in lines[0]
-    assert ' identity=cert:laptop subject="CN=laptop"' in lines[2] and '403' in lines[2]
+    assert ' identity=cert:build-runner cert="CN=build-runner,O=Example \\x22CI\\x22"' in lines[0]
+    assert ' identity=cert:laptop cert="CN=laptop"' in lines[2] and '403' in lines[2]
 
 
 @pytest.mark.anyio
@@ -455,7 +455,7 @@ async def test_the_identity_is_in_the_request_log(access, caplog):
     assert lines[1].endswith(" identity=user:ci") and " 200 " in lines[1]
     assert " identity=anonymous note=\"UNAUTHORIZED: " in lines[2] and " 401 " in lines[2]
     assert " identity=user:mallory note=\"DENIED: " in lines[3] and " 403 " in lines[3]
-    assert ' identity="cert:a b\\x0aFAKE" subject="CN=a b\\x0aFAKE"' in lines[4] and "\n" not in lines[4]
+    assert ' identity="cert:a b\\x0aFAKE" cert="CN=a b\\x0aFAKE"' in lines[4] and "\n" not in lines[4]
 
 
 @pytest.mark.anyio
