@@ -22,6 +22,7 @@ import yaml
 from tests.support.images import ALL_MANIFESTS
 from tests.support.clients import Podman, dir_manifest_digest, skopeo
 from tests.support.procs import Mirror, wait_until
+from tests.test_mtls import MTLS, http
 
 PASSWORD = "correct horse battery staple"
 RULES = [
@@ -30,6 +31,7 @@ RULES = [
     {"allow": ["user:ci"], "repositories": ["docker.io/library/*", "acme/*"]},
 ]
 CHALLENGE = 'Basic realm="docker-mirror"'
+ACCEPT_HEADERS = {"Accept": ", ".join(ALL_MANIFESTS)}
 
 
 def user_add(htpasswd: Path, name: str, password: str) -> None:
@@ -153,3 +155,37 @@ def test_a_reload_applies_new_rules_and_users(guarded, upstream, tmp_path):
         assert client.get("/v2/acme/tool/manifests/1.0", headers=basic("ci", PASSWORD)).status_code == 403
         assert client.get("/v2/acme/tool/manifests/1.0", headers={**accept, **basic("new", "new password")}
                           ).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> MTLS:
+    return MTLS(tmp_path_factory.mktemp("access-mtls"))
+
+
+def test_client_certificates_and_rules(make_mirror, certificates, upstream, tmp_path):
+    """tls.client_auth: optional and a rule for one certificate's common name: that certificate
+    pulls, another gets 403 naming the rule, no certificate gets 403 saying one may help; the
+    upstream sees nothing of the refused ones."""
+    mirror = make_mirror(tls={**certificates.tls, "client_auth": "optional"}, start=False)
+    mirror.config["access"] = [{"deny": ["cert:laptop"], "repositories": ["acme/*"]},
+                               {"allow": ["cert:builder"], "repositories": ["acme/*"]}]
+    mirror.config_path.write_text(yaml.safe_dump(mirror.config))
+    mirror.start()
+    tool = upstream.seeded["tool"]
+    path = f"/v2/{tool.repo}/manifests/{tool.tag}"
+    mark = upstream.registry.mark()
+    with http(mirror, certificates, certificates.client("laptop")) as laptop:
+        denied = laptop.get(path, headers=dict(ACCEPT_HEADERS))
+        assert denied.status_code == 403
+        assert denied.json()["errors"][0]["detail"]["rule"] == 0
+    with http(mirror, certificates, None) as nobody:
+        refused = nobody.get(path, headers=dict(ACCEPT_HEADERS))
+        assert refused.status_code == 403 and "client certificate may be allowed" in refused.text
+        assert nobody.get("/v2/").status_code == 200
+    assert upstream.registry.requests(mark, path=f"/v2/{tool.repo}/") == []
+    with http(mirror, certificates, certificates.client("builder")) as builder:
+        allowed = builder.get(path, headers=dict(ACCEPT_HEADERS))
+        assert allowed.status_code == 200 and allowed.headers["docker-content-digest"] == tool.digest
+    assert mirror.access_lines(rf'"GET {path}" 200 .* identity=cert:builder cert="CN=builder"')
+    assert mirror.access_lines(rf'"GET {path}" 403 .* identity=cert:laptop cert="CN=laptop"')
+    assert mirror.access_lines(rf'"GET {path}" 403 .* identity=anonymous ')
