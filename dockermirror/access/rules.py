@@ -22,6 +22,7 @@ denied. Pure: no I/O; the configuration builds the rules, the guard asks them.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -74,6 +75,7 @@ def parse_repository_pattern(text: object) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=4096)      # clients come back: parsing an address costs microseconds
 def client_address(host: str | None) -> Address | None:
     """The TCP peer as an address (an IPv4-mapped IPv6 address as the IPv4 one); None if it is
     no IP address (a Unix socket)."""
