@@ -75,6 +75,8 @@ class DockerMirror:
                  upstream_transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``clock`` is wall-clock time for TTLs and expiry; ``upstream_transport`` replaces the
         network under the upstream client (the in-process tests fake the upstream with it)."""
+        # the users of auth.htpasswd (None: no Basic authentication); HtpasswdError before anything else is made
+        self.htpasswd: Htpasswd | None = load_htpasswd(config.auth)
         self.config = config
         self._transport = upstream_transport
         # the CA bundle each upstream client was built with
@@ -82,8 +84,6 @@ class DockerMirror:
         upstreams = Upstreams(_upstream(up, self._client(up)) for up in config.registries)
         self.cache = Cache(config.cache.dir, limits=_limits(config), clock=clock)
         self.mirror = Mirror(upstreams, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
-        # the users of auth.htpasswd (None: no Basic authentication); HtpasswdError at start
-        self.htpasswd: Htpasswd | None = load_htpasswd(config.auth)
         self.started_at: float | None = None
         self._on_started = on_started
         # connections of upstream clients replaced by a reload, until nothing uses the client
