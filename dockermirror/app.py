@@ -122,6 +122,8 @@ class DockerMirror:
                      else "", self.config.cache.dir)
         if self.htpasswd is not None:
             log.info("auth.htpasswd %s: %d user(s)", self.htpasswd.source, len(self.htpasswd))
+            for warning in self.htpasswd.warnings:
+                log.warning("auth.htpasswd: %s", warning)
         self._on_started()
         try:
             yield
@@ -171,6 +173,8 @@ class DockerMirror:
             log.warning("auth.htpasswd removed: no Basic authentication from now on")
         elif new is not None:
             log.info("auth.htpasswd %s loaded: %d user(s)", new.source, len(new))
+            for warning in new.warnings:
+                log.warning("auth.htpasswd: %s", warning)
         self.htpasswd = new
 
     def _ca_bundle_changed(self) -> bool:
