@@ -76,6 +76,8 @@ class DockerMirror:
                  upstream_transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``clock`` is wall-clock time for TTLs and expiry; ``upstream_transport`` replaces the
         network under the upstream client (the in-process tests fake the upstream with it)."""
+        # the users of auth.htpasswd (None: no Basic authentication); HtpasswdError before anything else is made
+        self.htpasswd: Htpasswd | None = load_htpasswd(config.auth)
         self.config = config
         self._transport = upstream_transport
         # the CA bundle each upstream client was built with
@@ -83,8 +85,6 @@ class DockerMirror:
         upstreams = Upstreams(_upstream(up, self._client(up)) for up in config.registries)
         self.cache = Cache(config.cache.dir, limits=_limits(config), clock=clock)
         self.mirror = Mirror(upstreams, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
-        # the users of auth.htpasswd (None: no Basic authentication); HtpasswdError at start
-        self.htpasswd: Htpasswd | None = load_htpasswd(config.auth)
         self.started_at: float | None = None
         self._on_started = on_started
         # connections of upstream clients replaced by a reload, until nothing uses the client
@@ -128,6 +128,8 @@ class DockerMirror:
                      else "", self.config.cache.dir)
         if self.htpasswd is not None:
             log.info("auth.htpasswd %s: %d user(s)", self.htpasswd.source, len(self.htpasswd))
+            for warning in self.htpasswd.warnings:
+                log.warning("auth.htpasswd: %s", warning)
         self._on_started()
         try:
             yield
@@ -178,6 +180,8 @@ class DockerMirror:
             log.warning("auth.htpasswd removed: no Basic authentication from now on")
         elif new is not None:
             log.info("auth.htpasswd %s loaded: %d user(s)", new.source, len(new))
+            for warning in new.warnings:
+                log.warning("auth.htpasswd: %s", warning)
         self.htpasswd = new
 
     def _ca_bundle_changed(self) -> bool:

@@ -48,10 +48,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 
         try:
-            users = len(Htpasswd.load(config.auth.htpasswd))
+            users = Htpasswd.load(config.auth.htpasswd)
         except HtpasswdError as exc:
             raise ConfigError(str(exc), key="auth.htpasswd") from None
-        print(f"# auth.htpasswd: {users} user(s)")
+        print(f"# auth.htpasswd: {len(users)} user(s)")
+        for warning in users.warnings:
+            print(f"# warning: auth.htpasswd: {warning}")
     if (problem := config.tls.client_auth_error()) is not None:    # what would stop serve
         print(f"docker-mirror: configuration error: {problem}", file=sys.stderr)
         return 2

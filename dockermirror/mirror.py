@@ -29,6 +29,7 @@ what the upstream answered, for the request log.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -72,6 +73,8 @@ log = logging.getLogger("dockermirror.mirror")
 T = TypeVar("T")
 
 HIT, MISS, STALE, COALESCED, PASS = "HIT", "MISS", "STALE", "COALESCED", "PASS"
+# seconds a request waits for another upstream's failed download of the same digest to be gone
+OTHERS_FAILED_WAIT = 10
 LATE_RETRY_AFTER = 10   # seconds a client is asked to wait when too many late pass-through fetches run
 
 
@@ -206,7 +209,8 @@ class Mirror:
             if size is not None and valid_media_type(media_type):
                 return Manifest(str(digest), media_type, size, None, MISS, reply.status)
             # The HEAD does not say what it is: fetch (and cache) it to answer.
-        fetched = await self._flights.do(("manifest", digest), lambda: self._fetch_manifest(repo, digest, accept))
+        fetched = await self._flights.do(("manifest", repo.upstream.key, digest),
+                                         lambda: self._fetch_manifest(repo, digest, accept))
         return dataclasses.replace(fetched, body=None) if head else fetched
 
     async def _manifest_by_tag(self, repo: Repo, tag: str, accept: list[str], *, head: bool) -> Manifest:
@@ -253,7 +257,8 @@ class Mirror:
             return Manifest(row.digest, _or_default(row.media_type), row.size, None, label, upstream_status)
         if cache == STALE:
             raise Unavailable(f"the upstream is unreachable and manifest {row.digest} is not cached")
-        return await self._flights.do(("manifest", digest), lambda: self._fetch_manifest(repo, digest, accept))
+        return await self._flights.do(("manifest", repo.upstream.key, digest),
+                                      lambda: self._fetch_manifest(repo, digest, accept))
 
     async def _revalidate(self, repo: Repo, tag: str, accept: list[str]) -> TagEntry:
         """Ask the upstream what the tag points at now for this client (HEAD), and record it
@@ -345,7 +350,7 @@ class Mirror:
 
     # --- blobs
 
-    async def blob(self, repo: Repo, digest: Digest, *, head: bool) -> Blob:
+    async def blob(self, repo: Repo, digest: Digest, *, head: bool, retry: bool = True) -> Blob:
         entry = self.cache.entry(digest)
         if entry is not None:
             file = None if head else await self.cache.open_file(entry)
@@ -354,7 +359,15 @@ class Mirror:
                 return Blob(entry.digest, entry.size, entry.media_type, file, HIT)
         transfer = self.cache.transfer(digest)
         if transfer is not None:
-            await transfer.started
+            try:
+                await transfer.started
+            except Exception:
+                if transfer.upstream in (None, repo.upstream.key) or not retry:
+                    raise
+                # Another upstream could not start this digest's download (it is down, or does
+                # not have it): that is no answer from this request's upstream. Ask it.
+                await asyncio.wait_for(transfer.closed.wait(), OTHERS_FAILED_WAIT)
+                return await self.blob(repo, digest, head=head, retry=False)
             self.cache.touch(str(digest), repo.upstream.key, repo.name)
             follower = None if head else transfer.follow()
             if head or follower is not None:

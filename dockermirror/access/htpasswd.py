@@ -34,6 +34,7 @@ CACHE_TTL = 300.0       # seconds a verified credential is remembered (auth.cach
 CACHE_SIZE = 10_000     # credentials remembered at most (least recently used go first)
 MAX_PASSWORD = 72       # bytes: bcrypt reads no more (longer passwords are refused, not cut)
 MAX_USER = 256          # characters in a user name
+WEAK_COST = 10          # bcrypt costs below this are warned about (htpasswd -B uses 5)
 
 # the per-process key of the credential cache: digests from another process are worthless
 _KEY = secrets.token_bytes(32)
@@ -134,6 +135,13 @@ class Htpasswd:
         self._verified: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
+        # what the server logs when it loads the file (it still uses it)
+        self.warnings: list[str] = []
+        weak = [user for user, value in users.items() if int(value[4:6]) < WEAK_COST]
+        if weak:
+            self.warnings.append(f"{source}: bcrypt cost below {WEAK_COST} for {', '.join(weak[:5])}"
+                                 f"{f' and {len(weak) - 5} more' if len(weak) > 5 else ''}: quick to guess "
+                                 "if the file leaks (docker-mirror user add uses 12; htpasswd -B -C 12)")
 
     @classmethod
     def load(cls, path: Path | str, *, cache_ttl: float = CACHE_TTL, cache_size: int = CACHE_SIZE,
@@ -152,8 +160,12 @@ class Htpasswd:
         except UnicodeDecodeError as exc:
             line = data[: exc.start].count(b"\n") + 1
             raise HtpasswdError("not UTF-8 text", source=str(path), line=line) from None
-        return cls(parse(text, str(path)), source=str(path), digest=hashlib.sha256(data).hexdigest(),
-                   cache_ttl=cache_ttl, cache_size=cache_size, clock=clock)
+        users = cls(parse(text, str(path)), source=str(path), digest=hashlib.sha256(data).hexdigest(),
+                    cache_ttl=cache_ttl, cache_size=cache_size, clock=clock)
+        if mode & 0o004:
+            users.warnings.append(f"{path}: every user can read it (and try to guess its passwords): "
+                                  "chmod 640, owned root:docker-mirror")
+        return users
 
     @property
     def users(self) -> list[str]:

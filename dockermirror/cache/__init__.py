@@ -436,7 +436,9 @@ class Cache:
                 self._bad.pop(str(digest), None)
                 self.count_fetched(upstream, temp.written)
 
-        return self.transfers.start(digest, open_source, commit, shared=shared)
+        transfer = self.transfers.start(digest, open_source, commit, shared=shared)
+        transfer.upstream = upstream
+        return transfer
 
     def _commit(self, temp: TempBlob, entry: Entry, upstream: str | None, repository: str | None) -> None:
         """Move a verified file into place and index it; without its row, no file stays."""

@@ -110,6 +110,17 @@ def test_a_file_anyone_can_write_is_refused(tmp_path: Path):
         Htpasswd.load(path)
 
 
+def test_weak_costs_and_a_file_anyone_can_read_are_warned_about(tmp_path: Path):
+    strong = bcrypt.hashpw(b"pw", bcrypt.gensalt(10)).decode()
+    assert Htpasswd.load(write(tmp_path / "good", f"carol:{strong}\n", 0o640)).warnings == []
+    path = write(tmp_path / "htpasswd", f"alice:{ALICE}\ncarol:{strong}\nbob:{BOB}\n", 0o644)
+    users = Htpasswd.load(path)
+    assert users.users == ["alice", "carol", "bob"]              # used all the same
+    assert len(users.warnings) == 2
+    assert users.warnings[0].startswith(f"{path}: bcrypt cost below 10 for alice, bob: ")
+    assert users.warnings[1].startswith(f"{path}: every user can read it")
+
+
 def test_a_missing_file_is_one_line(tmp_path: Path):
     with pytest.raises(HtpasswdError, match=rf"^{tmp_path}/nothing: cannot read the htpasswd file: No such file"):
         Htpasswd.load(tmp_path / "nothing")
