@@ -24,7 +24,7 @@ from dockermirror.api.routes import routes
 from dockermirror.cache import Cache, Limits
 from dockermirror.config import CacheConfig, Config, UpstreamConfig
 from dockermirror.mirror import Mirror, Upstream, Upstreams
-from dockermirror.routing import RegistryTable, registry_key
+from dockermirror.routing import registry_key
 from dockermirror.upstream.client import UpstreamClient
 
 log = logging.getLogger("dockermirror")
@@ -54,7 +54,7 @@ def _upstream(up: UpstreamConfig, client: UpstreamClient) -> Upstream:
 def _limits(config: Config) -> Limits:
     """The cache's limits; pins as ``registry/repository`` patterns (see RegistryTable.pattern)."""
     c = config.cache
-    table = RegistryTable((up.registry, up.aliases) for up in config.registries)
+    table = config.registry_table()
     return Limits(max_size=c.max_size, min_free=c.min_free, blob_ttl=c.blob_ttl, manifest_ttl=c.manifest_ttl,
                   pins=tuple(table.pattern(pattern) for pattern in c.pin), verify_rate=c.verify_rate)
 
@@ -71,7 +71,8 @@ class DockerMirror:
         self._transport = upstream_transport
         # the CA bundle each upstream client was built with
         self._ca_read: weakref.WeakKeyDictionary[UpstreamClient, str | None] = weakref.WeakKeyDictionary()
-        upstreams = Upstreams(_upstream(up, self._client(up)) for up in config.registries)
+        upstreams = Upstreams((_upstream(up, self._client(up)) for up in config.registries),
+                              dotted_namespaces=not config.upstreams)
         self.cache = Cache(config.cache.dir, limits=_limits(config), clock=clock)
         self.mirror = Mirror(upstreams, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
         self.started_at: float | None = None
@@ -169,7 +170,7 @@ class DockerMirror:
         for key, (_, old) in before.items():
             log.info("upstream %s removed; its cached content stays until it expires or is evicted", key)
             self._retire(old.client)
-        self.mirror.upstreams = Upstreams(upstreams)
+        self.mirror.upstreams = Upstreams(upstreams, dotted_namespaces=not new.upstreams)
 
     def _retire(self, client: UpstreamClient) -> None:
         """Close a replaced client's connections as soon as nothing uses it any more. Every

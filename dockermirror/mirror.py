@@ -94,11 +94,12 @@ class Upstream:
 class Upstreams:
     """The configured upstreams by key, the default first, and the table that routes to them."""
 
-    def __init__(self, upstreams: Iterable[Upstream]) -> None:
+    def __init__(self, upstreams: Iterable[Upstream], *, dotted_namespaces: bool = False) -> None:
         self.by_key: dict[str, Upstream] = {}
         for upstream in upstreams:
             self.by_key.setdefault(upstream.key, upstream)
-        self.table = RegistryTable((u.key, u.aliases) for u in self.by_key.values())
+        self.table = RegistryTable(((u.key, u.aliases) for u in self.by_key.values()),
+                                   dotted_namespaces=dotted_namespaces)
 
     @property
     def default(self) -> Upstream:
