@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from dockermirror.api.accesslog import AccessLog
 from dockermirror.api.routes import routes
 from dockermirror.cache import Cache, Limits
-from dockermirror.config import CacheConfig, Config, UpstreamConfig
+from dockermirror.config import Config, UpstreamConfig
 from dockermirror.mirror import Mirror, Upstream, Upstreams
 from dockermirror.routing import registry_key
 from dockermirror.upstream.client import UpstreamClient
@@ -107,10 +107,11 @@ class DockerMirror:
         self.open()
         await self.cache.start()
         self.started_at = time.time()
+        several = len(self.config.registries) > 1
         for up in self.config.registries:
+            default = several and up is self.config.default_upstream
             log.info("mirroring %s (%s)%s into %s", registry_key(up.registry), up.url,
-                     " as the default upstream" if up is self.config.default_upstream and len(self.config.registries) > 1
-                     else "", self.config.cache.dir)
+                     " as the default upstream" if default else "", self.config.cache.dir)
         self._on_started()
         try:
             yield
@@ -144,33 +145,42 @@ class DockerMirror:
     def _ca_bundle_changed(self) -> bool:
         """Whether a CA bundle now holds other certificates than its client was built with."""
         return any(self._ca_read.get(u.client) != _ca_fingerprint(up)
-                   for up, u in zip(self.config.registries, self.mirror.upstreams))
+                   for up, u in zip(self.config.registries, self.mirror.upstreams, strict=True))
 
     def _swap_upstreams(self, new: Config) -> None:
         """A new routing table; each upstream keeps its client (and token cache, reachability)
         unless its connection settings changed (the CA bundle's content included). Only new
-        timeouts: the same client takes them."""
-        before = {registry_key(up.registry): (up, u) for up, u in zip(self.config.registries, self.mirror.upstreams)}
+        timeouts: the same client takes them. Every new client is built before anything changes:
+        if one cannot be (a CA bundle replaced by garbage since the configuration was read), the
+        reload fails with nothing applied."""
+        pairs = zip(self.config.registries, self.mirror.upstreams, strict=True)
+        before = {registry_key(up.registry): (up, u) for up, u in pairs}
         timeouts = {"connect_timeout": 0, "read_timeout": 0, "transfer_timeout": 0, "tag_ttl": None, "aliases": ()}
-        upstreams = []
+        kept, built = [], []        # (config, client) kept with new timeouts; (key, config, client, replaced)
         for up in new.registries:
             key = registry_key(up.registry)
             old_up, old = before.pop(key, (None, None))
             if old is not None and dataclasses.replace(up, **timeouts) == dataclasses.replace(old_up, **timeouts) \
                     and self._ca_read.get(old.client) == _ca_fingerprint(up):
-                old.client.set_timeouts(up.connect_timeout, up.read_timeout, up.transfer_timeout)
-                upstreams.append(_upstream(up, old.client))
+                kept.append((up, old.client))
                 continue
+            built.append((key, up, self._client(up), old))
+        # from here on nothing fails
+        upstreams = {id(up): _upstream(up, client) for up, client in kept}
+        for up, client in kept:
+            client.set_timeouts(up.connect_timeout, up.read_timeout, up.transfer_timeout)
+        for key, up, client, old in built:
+            upstreams[id(up)] = _upstream(up, client)
             if old is not None:
                 self._retire(old.client)
                 log.info("upstream %s changed (%s); new requests use the new settings", key, up.url)
             else:
                 log.info("upstream %s (%s) added", key, up.url)
-            upstreams.append(_upstream(up, self._client(up)))
         for key, (_, old) in before.items():
             log.info("upstream %s removed; its cached content stays until it expires or is evicted", key)
             self._retire(old.client)
-        self.mirror.upstreams = Upstreams(upstreams, dotted_namespaces=not new.upstreams)
+        self.mirror.upstreams = Upstreams((upstreams[id(up)] for up in new.registries),
+                                          dotted_namespaces=not new.upstreams)
 
     def _retire(self, client: UpstreamClient) -> None:
         """Close a replaced client's connections as soon as nothing uses it any more. Every
