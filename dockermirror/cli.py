@@ -107,7 +107,9 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
     except OSError:
         ca_pem = None
     registries = [(upstream.registry, upstream.aliases) for upstream in config.registries]
-    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries), end="")
+    urls = {name: upstream.url for upstream in config.registries for name in (upstream.registry, *upstream.aliases)}
+    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries, urls=urls),
+          end="")
     return 0
 
 
