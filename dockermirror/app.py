@@ -19,10 +19,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 from starlette.applications import Starlette
 
+from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 from dockermirror.api.accesslog import AccessLog
 from dockermirror.api.routes import routes
 from dockermirror.cache import Cache, Limits
-from dockermirror.config import Config, UpstreamConfig
+from dockermirror.config import AuthConfig, Config, UpstreamConfig
 from dockermirror.mirror import Mirror, Upstream, Upstreams
 from dockermirror.routing import registry_key
 from dockermirror.upstream.client import UpstreamClient
@@ -51,6 +52,13 @@ def _upstream(up: UpstreamConfig, client: UpstreamClient) -> Upstream:
     return Upstream(registry_key(up.registry), client, aliases=up.aliases, tag_ttl=up.tag_ttl)
 
 
+def load_htpasswd(auth: AuthConfig) -> Htpasswd | None:
+    """The users of ``auth.htpasswd`` (None when unset); HtpasswdError if the file is bad."""
+    if auth.htpasswd is None:
+        return None
+    return Htpasswd.load(auth.htpasswd, cache_ttl=auth.cache_ttl)
+
+
 def _limits(config: Config) -> Limits:
     """The cache's limits; pins as ``registry/repository`` patterns (see RegistryTable.pattern)."""
     c = config.cache
@@ -67,6 +75,8 @@ class DockerMirror:
                  upstream_transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``clock`` is wall-clock time for TTLs and expiry; ``upstream_transport`` replaces the
         network under the upstream client (the in-process tests fake the upstream with it)."""
+        # the users of auth.htpasswd (None: no Basic authentication); HtpasswdError before anything else is made
+        self.htpasswd: Htpasswd | None = load_htpasswd(config.auth)
         self.config = config
         self._transport = upstream_transport
         # the CA bundle each upstream client was built with
@@ -112,6 +122,10 @@ class DockerMirror:
             default = several and up is self.config.default_upstream
             log.info("mirroring %s (%s)%s into %s", registry_key(up.registry), up.url,
                      " as the default upstream" if default else "", self.config.cache.dir)
+        if self.htpasswd is not None:
+            log.info("auth.htpasswd %s: %d user(s)", self.htpasswd.source, len(self.htpasswd))
+            for warning in self.htpasswd.warnings:
+                log.warning("auth.htpasswd: %s", warning)
         self._on_started()
         try:
             yield
@@ -139,8 +153,31 @@ class DockerMirror:
         if new.cache != old.cache or new.registries != old.registries:
             self.cache.set_limits(_limits(new))
             self.mirror.tag_ttl = new.cache.tag_ttl
+        self._reload_htpasswd(new.auth)
         self.config = new
         return restart
+
+    def _reload_htpasswd(self, auth: AuthConfig) -> None:
+        """Re-read ``auth.htpasswd`` (users added or removed since). A bad file is refused with a
+        log line and the users loaded before stay; an unchanged one keeps its verified credentials."""
+        try:
+            new = load_htpasswd(auth)
+        except HtpasswdError as exc:
+            kept = "still using the users loaded before" if self.htpasswd is not None else \
+                "still without Basic authentication"
+            log.error("auth.htpasswd not reloaded, %s: %s", kept, exc)
+            return
+        old = self.htpasswd
+        if new is not None and old is not None and (new.source, new.digest, new.cache_ttl) == \
+                (old.source, old.digest, old.cache_ttl):
+            return
+        if new is None and old is not None:
+            log.warning("auth.htpasswd removed: no Basic authentication from now on")
+        elif new is not None:
+            log.info("auth.htpasswd %s loaded: %d user(s)", new.source, len(new))
+            for warning in new.warnings:
+                log.warning("auth.htpasswd: %s", warning)
+        self.htpasswd = new
 
     def _ca_bundle_changed(self) -> bool:
         """Whether a CA bundle now holds other certificates than its client was built with."""

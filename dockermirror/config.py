@@ -321,6 +321,14 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    # an htpasswd file of bcrypt entries (docker-mirror user add); unset: no Basic authentication
+    htpasswd: Path | None = _setting(None, _optional(_path))
+    # how long a verified user:password is remembered (in memory, as a keyed digest)
+    cache_ttl: float = _duration(300.0)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _setting("info", _choice("debug", "info", "warning", "error"))
 
@@ -336,6 +344,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = field(default=(), metadata={"items": UpstreamConfig})
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="(defaults)", compare=False, metadata={"internal": True})
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from dockermirror.access.htpasswd import HtpasswdError
 from dockermirror.app import DockerMirror
 from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
@@ -89,7 +90,10 @@ class Service:
                 log.warning("%s", warning)
         elif config.tls.enabled == "auto":
             log.info("no TLS certificate at %s: serving plain HTTP (tls.enabled: auto)", config.tls.certificate)
-        self.app = DockerMirror(config, on_started=self._lifespan_started)
+        try:
+            self.app = DockerMirror(config, on_started=self._lifespan_started)
+        except HtpasswdError as exc:
+            raise StartupError(f"auth.htpasswd: {exc}") from None
         try:
             self.app.open()
         except CacheBusy as exc:
