@@ -322,3 +322,14 @@ def test_bad_token_realms_are_refused_with_their_line(value):
     with pytest.raises(configuration.ConfigError) as caught:
         configuration.loads(text)
     assert "token_realms" in str(caught.value) and ":4" in str(caught.value)
+
+
+@pytest.mark.parametrize("text", [
+    f"upstream:\n  url: https://robot:{SECRET}@registry-1.docker.io\n",
+    f"upstreams:\n  - registry: ghcr.io\n    url: https://robot:{SECRET}@ghcr.io/\n",
+    f"upstreams:\n  - registry: ghcr.io\n    url: https://{SECRET}@ghcr.io\n",
+])
+def test_a_url_with_credentials_is_refused_without_echoing_them(text):
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.loads(text)
+    assert "must not hold credentials" in str(caught.value) and SECRET not in str(caught.value)
