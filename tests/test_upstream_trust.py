@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import ALL_MANIFESTS, Upstream
+from tests.support.clients import skopeo_copy
 from tests.support.faultproxy import FaultProxy
 
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
@@ -75,7 +76,8 @@ def token_service(upstream: Upstream):
 
 
 def test_a_realm_on_another_host_gets_nothing_and_the_pull_fails_clearly(make_mirror, fault_proxy: FaultProxy,
-                                                                        canary: Canary, upstream: Upstream):
+                                                                        canary: Canary, upstream: Upstream,
+                                                                        tmp_path):
     fault_proxy.token_auth = True
     fault_proxy.credentials = (USER, PASSWORD)
     realm = f"http://{canary.host}:{canary.port}/token"
@@ -85,9 +87,12 @@ def test_a_realm_on_another_host_gets_nothing_and_the_pull_fails_clearly(make_mi
     with mirror.client() as client:
         for path in (f"/v2/library/hello/manifests/{hello.tag}", f"/v2/library/hello/manifests/{hello.digest}"):
             got = client.get(path, headers=ACCEPT)
-            assert got.status_code == 502, got.text
+            assert got.status_code == 403, got.text
             error = got.json()["errors"][0]
             assert error["code"] == "DENIED" and realm in error["message"] and "token_realms" in error["message"]
+    with pytest.raises(AssertionError) as failed:          # a real client: the pull fails, saying why
+        skopeo_copy(f"{mirror.address}/library/hello:{hello.tag}", tmp_path / "pulled")
+    assert "token service was refused" in str(failed.value) and realm in str(failed.value)
     assert canary.connections == 0 and canary.received == b""
     assert fault_proxy.requests(path=r"^/token") == []
     log = mirror.log_text()

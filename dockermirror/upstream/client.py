@@ -375,8 +375,8 @@ class UpstreamClient:
         except httpx.TransportError as exc:
             raise self._failed(exc) from None
         except RealmRefused as exc:
-            raise RegistryError(f"the upstream's token service was refused: {exc}", status=502, code="DENIED",
-                                detail={"realm": exc.realm}) from None
+            # 403 DENIED, not a 5xx: clients show a 4xx's message (it says what to configure)
+            raise Denied(f"the upstream's token service was refused: {exc}", detail={"realm": exc.realm}) from None
         except AuthError as exc:
             if exc.status is None or exc.status >= 500:
                 raise self._failed(exc) from None

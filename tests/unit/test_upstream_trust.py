@@ -100,7 +100,7 @@ async def test_credentials_never_go_to_a_realm_on_another_domain(caplog):
     finally:
         await client.aclose()
     assert [s for s in registry.seen if s.url.host == "auth.evil.test"] == []
-    assert caught.value.status == 502 and caught.value.code == "DENIED"
+    assert caught.value.status == 403 and caught.value.code == "DENIED"
     assert "https://auth.evil.test/token" in caught.value.message
     assert client.reachable is not False                 # a refusal says nothing about reachability
     refused = [r.getMessage() for r in caplog.records if "refused token realm" in r.getMessage()]
@@ -157,7 +157,7 @@ async def test_an_https_upstream_never_asks_a_plain_http_realm(credentials):
             await client.manifest("org/private", "1", ALL_MANIFESTS, head=True)
     finally:
         await client.aclose()
-    assert caught.value.status == 502 and "plain HTTP" in caught.value.message
+    assert caught.value.status == 403 and "plain HTTP" in caught.value.message
     assert registry.requests(path_contains="/token") == []
 
 
@@ -175,7 +175,7 @@ async def test_a_refused_realm_through_the_mirror_is_a_clear_oci_error(tmp_path,
             got = await http.get(f"/v2/org/private/manifests/{image.digest}",
                                  headers={"Accept": image.media_type})
             status = await http.get("/v2/org/private/manifests/1", headers={"Accept": image.media_type})
-    assert got.status_code == 502 and status.status_code == 502
+    assert got.status_code == 403 and status.status_code == 403
     error = got.json()["errors"][0]
     assert error["code"] == "DENIED" and "https://auth.evil.test/token" in error["message"]
     assert "token_realms" in error["message"]
