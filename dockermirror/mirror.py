@@ -37,6 +37,7 @@ what the upstream answered, for the request log.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -81,6 +82,8 @@ log = logging.getLogger("dockermirror.mirror")
 T = TypeVar("T")
 
 HIT, MISS, STALE, COALESCED, PASS = "HIT", "MISS", "STALE", "COALESCED", "PASS"
+# seconds a request waits for another upstream's failed download of the same digest to be gone
+OTHERS_FAILED_WAIT = 10
 LATE_RETRY_AFTER = 10   # seconds a client is asked to wait when too many late pass-through fetches run
 
 
@@ -270,11 +273,12 @@ class Mirror:
 
     @staticmethod
     def _manifest_flight(repo: Repo, digest: Digest) -> tuple[str, ...]:
-        """The single-flight key of a manifest fetch: one per digest for anonymous upstreams (what
-        they fetch is public); a private upstream's fetch is its repository's own, joined by no other."""
+        """The single-flight key of a manifest fetch: per upstream (another upstream's failure is
+        not this one's answer); an anonymous upstream's is shared by its repositories (what it
+        fetches is public), a private upstream's is its repository's own, joined by no other."""
         if repo.upstream.private:
             return ("manifest", repo.upstream.key, repo.name, str(digest))
-        return ("manifest", str(digest))
+        return ("manifest", repo.upstream.key, str(digest))
 
     async def _revalidate(self, repo: Repo, tag: str, accept: list[str]) -> TagEntry:
         """Ask the upstream what the tag points at now for this client (HEAD), and record it
@@ -366,7 +370,7 @@ class Mirror:
 
     # --- blobs
 
-    async def blob(self, repo: Repo, digest: Digest, *, head: bool) -> Blob:
+    async def blob(self, repo: Repo, digest: Digest, *, head: bool, retry: bool = True) -> Blob:
         checked: int | None = None      # the upstream's answer when it was asked whether repo has it
         entry = self.cache.entry(digest)
         if entry is not None:
@@ -379,7 +383,15 @@ class Mirror:
         if transfer is not None:
             if checked is None:
                 checked = await self._vouch(repo, digest, manifest=False, origin=transfer.origin)
-            await transfer.started
+            try:
+                await transfer.started
+            except Exception:
+                if transfer.upstream in (None, repo.upstream.key) or not retry:
+                    raise
+                # Another upstream could not start this digest's download (it is down, or does
+                # not have it): that is no answer from this request's upstream. Ask it.
+                await asyncio.wait_for(transfer.closed.wait(), OTHERS_FAILED_WAIT)
+                return await self.blob(repo, digest, head=head, retry=False)
             self.cache.touch(str(digest), repo.upstream.key, repo.name)
             follower = None if head else transfer.follow()
             if head or follower is not None:
