@@ -178,23 +178,24 @@ async def test_an_in_flight_private_blob_is_not_joined_by_another_repository(mir
     assert h.fleet[HUB].requests("HEAD", "/blobs/") != []
 
 
-async def test_an_in_flight_private_manifest_is_not_joined_through_another_upstream(mirror_of):
+@pytest.mark.parametrize("other, asked", [("library/nosuch", HUB), ("ghcr.io/org/other", GHCR)])
+async def test_an_in_flight_private_manifest_is_not_joined_by_another_repository(mirror_of, other, asked):
     h = await mirror_of(private=(GHCR,))
     ghcr = h.fleet[GHCR]
     image = ghcr.push("org/secret", "1", layer=SECRET_LAYER)
-    release, asked = asyncio.Event(), asyncio.Event()
+    release, held_now = asyncio.Event(), asyncio.Event()
     plain = ghcr.handle
 
     async def held(request: httpx.Request) -> httpx.Response:
-        if request.method == "GET" and "/manifests/" in request.url.path:
-            asked.set()
+        if request.method == "GET" and request.url.path.startswith("/v2/org/secret/manifests/"):
+            held_now.set()
             await release.wait()
         return plain(request)
 
     ghcr.handle = held
     first = asyncio.create_task(h.client.get(f"/v2/ghcr.io/org/secret/manifests/{image.digest}", headers=ACCEPT))
-    await asyncio.wait_for(asked.wait(), 10)
-    second = asyncio.create_task(h.client.get(f"/v2/library/nosuch/manifests/{image.digest}", headers=ACCEPT))
+    await asyncio.wait_for(held_now.wait(), 10)
+    second = asyncio.create_task(h.client.get(f"/v2/{other}/manifests/{image.digest}", headers=ACCEPT))
     for _ in range(300):            # (joined to the first fetch, it would wait for it: let it end)
         if second.done():
             break
@@ -203,7 +204,7 @@ async def test_an_in_flight_private_manifest_is_not_joined_through_another_upstr
     got_first, got_second = await first, await second
     assert got_first.status_code == 200 and got_first.content == image.manifest
     assert got_second.status_code == 404 and image.manifest not in got_second.content
-    assert h.fleet[HUB].requests(path_contains=f"/manifests/{image.digest}") != []
+    assert h.fleet[asked].requests(path_contains=f"/manifests/{image.digest}") != []
 
 
 async def test_the_all_anonymous_mirror_shares_content_without_asking(mirror_of):
