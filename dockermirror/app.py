@@ -34,7 +34,8 @@ log = logging.getLogger("dockermirror")
 def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None) -> UpstreamClient:
     return UpstreamClient(up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
                           connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
-                          transfer_timeout=up.transfer_timeout, transport=transport)
+                          transfer_timeout=up.transfer_timeout, token_realms=up.token_realms,
+                          transport=transport)
 
 
 def _ca_fingerprint(up: UpstreamConfig) -> str | None:
@@ -49,7 +50,8 @@ def _ca_fingerprint(up: UpstreamConfig) -> str | None:
 
 
 def _upstream(up: UpstreamConfig, client: UpstreamClient) -> Upstream:
-    return Upstream(registry_key(up.registry), client, aliases=up.aliases, tag_ttl=up.tag_ttl)
+    return Upstream(registry_key(up.registry), client, aliases=up.aliases, tag_ttl=up.tag_ttl,
+                    private=bool(up.username or up.password))
 
 
 def load_htpasswd(auth: AuthConfig) -> Htpasswd | None:

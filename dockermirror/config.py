@@ -7,6 +7,7 @@ Sizes ("200GiB") and durations ("5m") are parsed once, here.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -255,6 +256,39 @@ def parse_registries(value: Any) -> tuple[str, ...]:
     return tuple(parse_registry(v) for v in value)
 
 
+def parse_hosts(value: Any) -> tuple[str, ...]:
+    """Host names or IP addresses, each optionally with :PORT (``auth.example.org``,
+    ``10.0.0.5:5001``, ``[::1]:5001``); no scheme, no path."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of host names (e.g. [auth.example.org]), got {value!r}")
+    hosts = []
+    for item in value:
+        text = _string(item).strip().lower()
+        host, port = text, ""
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port = rest.removeprefix(":") if rest.startswith(":") else rest
+            valid = _is_ipv6(host) and (not rest or rest.startswith(":"))
+        else:
+            if ":" in text:
+                host, _, port = text.partition(":")
+            valid = _REGISTRY_RE.fullmatch(host) is not None and ":" not in host
+        if not valid or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+            raise ValueError(f"invalid host {text!r}: expected a host name or IP address, optionally with "
+                             ":PORT (no scheme or path), e.g. auth.example.org")
+        hosts.append(text)
+    return tuple(hosts)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
     url: str = _setting("https://registry-1.docker.io", parse_url)
@@ -274,6 +308,8 @@ class UpstreamConfig:
     transfer_timeout: float = _duration(6 * 3600.0)
     # this upstream's cache.tag_ttl (None: cache.tag_ttl)
     tag_ttl: float | None = _setting(None, _optional(parse_duration), show=format_duration)
+    # token services besides the upstream's own domain that may get its credentials
+    token_realms: tuple[str, ...] = _setting((), parse_hosts, sequence=True)
 
 
 @dataclass(frozen=True)

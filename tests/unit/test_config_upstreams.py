@@ -256,7 +256,7 @@ async def test_reload_uses_a_rotated_password_file(tmp_path, registry, clock):
     pw = secret_file(tmp_path, "first-password\n")
     path = tmp_path / "config.yml"
     path.write_text(f"upstreams:\n  - registry: docker.io\n    url: {UPSTREAM}\n    username: me\n"
-                    f"    password_file: {pw}\ncache:\n  dir: {tmp_path / 'cache'}\n")
+                    f"    password_file: {pw}\n    token_realms: [auth.test]\ncache:\n  dir: {tmp_path / 'cache'}\n")
     app = DockerMirror(configuration.load(path), clock=clock, upstream_transport=registry.transport)
 
     def sent() -> list[str]:
