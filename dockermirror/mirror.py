@@ -387,7 +387,7 @@ class Mirror:
             try:
                 await transfer.started
             except Exception:
-                if transfer.upstream in (None, repo.upstream.key) or not retry:
+                if transfer.origin is None or transfer.origin[0] == repo.upstream.key or not retry:
                     raise
                 # Another upstream could not start this digest's download (it is down, or does
                 # not have it): that is no answer from this request's upstream. Ask it.

@@ -437,7 +437,6 @@ class Cache:
                 self.count_fetched(upstream, temp.written)
 
         transfer = self.transfers.start(digest, open_source, commit, shared=shared)
-        transfer.upstream = upstream
         transfer.origin = (upstream, repository)
         return transfer
 
