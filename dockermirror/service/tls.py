@@ -161,6 +161,7 @@ def _new_context() -> ssl.SSLContext:
     # be able to sign a client certificate for the mirror)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION     # a client certificate is checked once, in the handshake
     return context
 
 

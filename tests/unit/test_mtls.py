@@ -158,9 +158,12 @@ def handshake(server: ServerTLS, ca: Path, client: Path | None = None) -> dict[s
 
     class Transport:
         def get_extra_info(self, key: str):
-            return s if key == "ssl_object" else None
+            return {"ssl_object": s, "sslcontext": server.context}.get(key)
 
-    return clientcert.of_transport(Transport())
+    seen = clientcert.after_handshake(Transport())
+    # handed back to the listening context: no message callback on every record from now on
+    assert s.context is server.context
+    return seen
 
 
 @pytest.fixture
