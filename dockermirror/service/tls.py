@@ -278,6 +278,16 @@ class ServerTLS:
             self.context.verify_flags &= ~ssl.VERIFY_CRL_CHECK_LEAF
         self.current, self.revoked, self.client = current, revoked, client
         self.context.verify_mode = _MODES[client.mode]
+        # no session resumption while certificates are checked: a resumed session skips the check,
+        # so a certificate revoked since (or a client CA no longer trusted) would still get in.
+        # TLS 1.2 resumes by session ID from a cache Python cannot turn off: TLS 1.3 only, then
+        # (every client with client certificates speaks it), and no session tickets.
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_3 if client.mode != "none" else ssl.TLSVersion.TLSv1_2
+        self.context.num_tickets = 0 if client.mode != "none" else 2
+        if client.mode != "none":
+            self.context.options |= ssl.OP_NO_TICKET
+        else:
+            self.context.options &= ~ssl.OP_NO_TICKET
         if crl_check:
             self.context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
