@@ -47,6 +47,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if (problem := config.tls.client_auth_error()) is not None:    # what would stop serve
         print(f"docker-mirror: configuration error: {problem}", file=sys.stderr)
         return 2
+    if config.auth.htpasswd is not None:    # the server refuses to start without a good one
+        from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
+
+        try:
+            users = Htpasswd.load(config.auth.htpasswd)
+        except HtpasswdError as exc:
+            raise ConfigError(str(exc), key="auth.htpasswd") from None
+        print(f"# auth.htpasswd: {len(users)} user(s)")
+        for warning in users.warnings:
+            print(f"# warning: auth.htpasswd: {warning}")
     print(f"# effective configuration (from {config.source})")
     print(configuration.dump(config), end="")
     return 0
@@ -119,8 +129,57 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
     except OSError:
         ca_pem = None
     registries = [(upstream.registry, upstream.aliases) for upstream in config.registries]
-    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries,
+    urls = {name: upstream.url for upstream in config.registries for name in (upstream.registry, *upstream.aliases)}
+    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries, urls=urls,
                        client_auth=config.tls.client_auth), end="")
+    return 0
+
+
+def _read_password(name: str, from_stdin: bool) -> str:
+    """Twice with getpass on a terminal (unless --password-stdin), else the first line of stdin."""
+    if not from_stdin and sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass(f"Password for {name}: ")
+        if getpass.getpass("Again: ") != first:
+            raise _UserError("the two passwords differ")
+        return first
+    return sys.stdin.readline(4096).rstrip("\r\n")
+
+
+class _UserError(Exception):
+    pass
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from dockermirror.access import users
+
+    path = args.file
+    if path is None:
+        path = _load(args).auth.htpasswd
+        if path is None:
+            print("docker-mirror: no htpasswd file: set auth.htpasswd in the configuration, or give --file",
+                  file=sys.stderr)
+            return 2
+    try:
+        if args.user_command == "list":
+            for name in users.names(path):
+                print(name)
+        elif args.user_command == "add":
+            password = _read_password(args.name, args.password_stdin)
+            new = users.add(path, args.name, password, cost=args.cost)
+            print(f"{'added' if new else 'changed the password of'} {args.name} in {path}; "
+                  "reload the service to apply it (systemctl reload docker-mirror)")
+        else:
+            users.remove(path, args.name)
+            print(f"removed {args.name} from {path}; reload the service to apply it (systemctl reload docker-mirror)")
+    except (users.CommandError, _UserError) as exc:
+        print(f"docker-mirror: {exc}", file=sys.stderr)
+        return 1
+    problem = users.problem(path)
+    if problem:
+        print(f"docker-mirror: the server refuses this file as it is: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -213,6 +272,23 @@ def parser() -> argparse.ArgumentParser:
     setup.add_argument("--config", type=Path, help=config_help)
     setup.add_argument("--host", metavar="HOST:PORT", help="how clients reach the mirror (default: hostname and port)")
     setup.set_defaults(run=cmd_client_setup)
+
+    user = commands.add_parser("user", help="the users of the htpasswd file (auth.htpasswd)")
+    user_commands = user.add_subparsers(dest="user_command", required=True, metavar="COMMAND")
+    for name, text in (("add", "add a user, or change their password (bcrypt)"),
+                       ("del", "remove a user"), ("list", "print the user names")):
+        sub = user_commands.add_parser(name, help=text)
+        sub.add_argument("--config", type=Path, help=config_help)
+        sub.add_argument("--file", type=Path, help="the htpasswd file (default: auth.htpasswd of the configuration)")
+        sub.set_defaults(run=cmd_user)
+        if name != "list":
+            sub.add_argument("name", metavar="NAME")
+        if name == "add":
+            sub.add_argument("--password-stdin", action="store_true",
+                             help="read the password from the first line of stdin (also without this flag "
+                                  "when stdin is not a terminal)")
+            sub.add_argument("--cost", type=int, choices=range(10, 18), default=12, metavar="10..17",
+                             help="bcrypt cost (default 12)")
     return top
 
 

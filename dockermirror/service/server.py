@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from dockermirror.access.htpasswd import HtpasswdError
 from dockermirror.app import DockerMirror
 from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
 from dockermirror.config import Config, ConfigError, ServerConfig
-from dockermirror.humanize import size
+from dockermirror.humanize import printable, size
 from dockermirror.service import logs
 from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
 from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
@@ -94,7 +95,10 @@ class Service:
                 log.info("%s", self.tls.client_summary)
         elif config.tls.enabled == "auto":
             log.info("no TLS certificate at %s: serving plain HTTP (tls.enabled: auto)", config.tls.certificate)
-        self.app = DockerMirror(config, on_started=self._lifespan_started)
+        try:
+            self.app = DockerMirror(config, on_started=self._lifespan_started)
+        except HtpasswdError as exc:
+            raise StartupError(f"auth.htpasswd: {exc}") from None
         try:
             self.app.open()
         except CacheBusy as exc:
@@ -197,7 +201,13 @@ class Service:
                 new = _keep_tls(new, self.config)
         if new.listen != self.config.listen and not self.sockets:   # with sockets, systemd owns the address
             notes.append("listen")
-        notes += self.app.reconfigure(new)
+        try:
+            notes += self.app.reconfigure(new)
+        except Exception as exc:    # e.g. a CA bundle replaced by garbage after the configuration was read
+            log.error("reload refused, still running with the previous upstreams and cache settings: %s",
+                      printable(str(exc), quote=False))
+            self.systemd.ready(self.status())
+            return
         if new.server != self.config.server:
             self.protocol.limits = client_limits(new.server)
             if self._uv_config is not None:

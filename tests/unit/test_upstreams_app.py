@@ -5,6 +5,7 @@ reloads that add, remove and change upstreams."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import pytest
 
 from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
-from tests.unit.fakes import ALL_MANIFESTS, FakeClock, FakeRegistry, Image
+from tests.unit.fakes import ALL_MANIFESTS, FakeClock, FakeRegistry, Image, digest_of
 from tests.unit.fakes import response as fake_response
 
 pytestmark = pytest.mark.anyio
@@ -442,3 +443,93 @@ def test_next_page_link(link, expected):
     from dockermirror.api.links import next_page_link
 
     assert next_page_link(link, "x.io/org/app", "x.io") == expected
+
+
+class GatedFleet(Fleet):
+    """The fleet, with one upstream's answers held until ``release()``: a request to it stays in
+    flight while a request for the same digest through another upstream arrives."""
+
+    def __init__(self, held: str, *, fail: bool = False) -> None:
+        super().__init__()
+        self.held, self.fail = HOSTS[held], fail
+        self.gate = asyncio.Event()
+        self.waiting = 0        # requests to the held upstream, waiting at the gate
+
+    @property
+    def transport(self) -> httpx.MockTransport:
+        async def handle(request: httpx.Request) -> httpx.Response:
+            if request.url.host == self.held:
+                self.waiting += 1
+                await asyncio.wait_for(self.gate.wait(), 10)
+                if self.fail:
+                    raise httpx.ConnectTimeout("timed out", request=request)
+            return self.handle(request)
+
+        return httpx.MockTransport(handle)
+
+
+async def _overlapping(tmp_path: Path, fleet: GatedFleet, first: str, second: str) -> tuple[httpx.Response, ...]:
+    """GET ``first`` (held at its upstream), then ``second`` while it waits; then release."""
+    app = DockerMirror(configuration.loads(upstreams_text(tmp_path / "cache")), clock=FakeClock(),
+                       upstream_transport=fleet.transport)
+    async with app.running(), httpx.AsyncClient(transport=httpx.ASGITransport(app.asgi),
+                                                base_url="http://mirror.test") as client:
+        held = asyncio.create_task(client.get(first, headers=ACCEPT))
+        for _ in range(1000):
+            if fleet.waiting or held.done():
+                break
+            await asyncio.sleep(0)
+        assert fleet.waiting, "the first request never reached its upstream"
+        second_task = asyncio.create_task(client.get(second, headers=ACCEPT))
+        for _ in range(50):     # let it reach the download or fetch it would follow
+            await asyncio.sleep(0)
+        fleet.gate.set()
+        return await held, await second_task
+
+
+@pytest.mark.parametrize("kind", ["manifests", "blobs"])
+async def test_another_upstreams_404_for_a_digest_is_not_this_upstreams_answer(tmp_path: Path, kind: str):
+    """Docker Hub (held, then 404) and ghcr.io (has it) asked for the same digest at once:
+    the ghcr.io request gets ghcr.io's answer, not Docker Hub's 404."""
+    fleet = GatedFleet(HUB)
+    image = fleet[GHCR].push("org/app", "1.0")
+    digest = image.digest if kind == "manifests" else image.layer
+    hub, ghcr = await _overlapping(tmp_path, fleet, f"/v2/org/app/{kind}/{digest}",
+                                   f"/v2/ghcr.io/org/app/{kind}/{digest}")
+    assert hub.status_code == 404
+    assert ghcr.status_code == 200, ghcr.text
+    assert digest_of(ghcr.content) == digest
+    assert fleet[GHCR].requests("GET", f"/{kind}/{digest}")
+
+
+@pytest.mark.parametrize("kind", ["manifests", "blobs"])
+async def test_a_down_upstream_does_not_fail_another_upstreams_pull_of_the_same_digest(tmp_path: Path, kind: str):
+    fleet = GatedFleet(GHCR, fail=True)
+    image = fleet[HUB].push("library/busybox", "1.0")
+    digest = image.digest if kind == "manifests" else image.layer
+    ghcr, hub = await _overlapping(tmp_path, fleet, f"/v2/ghcr.io/x/y/{kind}/{digest}",
+                                   f"/v2/busybox/{kind}/{digest}")
+    assert ghcr.status_code == 503
+    assert hub.status_code == 200, hub.text
+    assert digest_of(hub.content) == digest
+
+
+async def test_a_reload_whose_new_client_cannot_be_built_changes_nothing(tmp_path: Path):
+    """The CA bundle is replaced by garbage between reading the configuration and building the
+    clients: reconfigure fails before anything is swapped or retired (the service then refuses
+    the reload and keeps running with what it had)."""
+    from tests.support.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    fleet = Fleet()
+    app = DockerMirror(configuration.loads(upstreams_text(tmp_path / "cache")), clock=FakeClock(),
+                       upstream_transport=fleet.transport)
+    async with app.running():
+        before = list(app.mirror.upstreams)
+        new = configuration.loads(upstreams_text(tmp_path / "cache", docker_io=f"ca_bundle: {pki.ca}",
+                                                 ghcr_io=f"ca_bundle: {pki.ca}"))
+        pki.ca.write_text("not a certificate\n")
+        with pytest.raises(OSError):      # ssl.SSLError: no certificate in the bundle
+            app.reconfigure(new)
+        assert list(app.mirror.upstreams) == before
+        assert app._retired == {}

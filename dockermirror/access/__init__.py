@@ -1,0 +1,1 @@
+"""Who may pull: client identities (certificates, htpasswd users) and the rules about them."""
