@@ -194,6 +194,16 @@ def test_optional_lets_a_client_without_a_certificate_through(paths, issued):
     assert handshake(tls, paths.ca, issued["bob"])["cn"] == "bob"
 
 
+def test_optional_refuses_a_revoked_certificate_when_one_is_given(paths, issued, tmp_path):
+    crl = tmp_path / "ca" / "crl.pem"
+    clientcerts.revoke(paths, "alice", crl)
+    tls = server(paths, "optional", crl)
+    with pytest.raises(ssl.SSLError):
+        handshake(tls, paths.ca, issued["alice"])
+    assert handshake(tls, paths.ca) is None
+    assert handshake(tls, paths.ca, issued["bob"])["cn"] == "bob"
+
+
 def test_none_asks_for_no_certificate(paths, issued):
     assert handshake(server(paths, "none"), paths.ca, issued["bob"]) is None
 
