@@ -44,6 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
+    if (problem := config.tls.client_auth_error()) is not None:    # what would stop serve
+        print(f"docker-mirror: configuration error: {problem}", file=sys.stderr)
+        return 2
     if config.auth.htpasswd is not None:    # the server refuses to start without a good one
         from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 
@@ -89,6 +92,15 @@ def cmd_cert(args: argparse.Namespace) -> int:
                 print(f"# {label}")
                 print("\n".join(certs.describe(path)))
             return 0
+        if args.cert_command in ("client", "revoke"):
+            from dockermirror.service import clientcerts
+
+            if args.cert_command == "client":
+                done = clientcerts.issue_client(paths, args.name, args.out, args.days)
+            else:
+                done = clientcerts.revoke(paths, args.name, config.tls.crl)
+            print("\n".join(done))
+            return 0
         names, ips = args.hostname or [], args.ip or []
         if args.cert_command == "ensure":
             if paths.certificate.exists() and paths.key.exists():
@@ -118,8 +130,8 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
         ca_pem = None
     registries = [(upstream.registry, upstream.aliases) for upstream in config.registries]
     urls = {name: upstream.url for upstream in config.registries for name in (upstream.registry, *upstream.aliases)}
-    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries, urls=urls),
-          end="")
+    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries, urls=urls,
+                       client_auth=config.tls.client_auth), end="")
     return 0
 
 
@@ -240,6 +252,20 @@ def parser() -> argparse.ArgumentParser:
                                   + ("; default: this host's names and localhost" if name == "ensure" else ""))
             sub.add_argument("--ip", action="append", metavar="ADDRESS", help="an IP address for it (repeat)")
             sub.add_argument("--days", type=int, default=825, help="validity of the server certificate")
+
+    client = cert_commands.add_parser("client", help="issue a client certificate signed by the CA (for "
+                                                     "tls.client_auth): DIR/client.cert, client.key, ca.crt")
+    client.add_argument("name", metavar="NAME", help="the client's name (the certificate's CN)")
+    client.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="where to write client.cert, client.key and ca.crt")
+    client.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    client.add_argument("--config", type=Path, help=config_help)
+    client.set_defaults(run=cmd_cert)
+    revoke = cert_commands.add_parser("revoke", help="add every client certificate issued to NAME to the CRL "
+                                                     "(tls.crl); then reload the server")
+    revoke.add_argument("name", metavar="NAME")
+    revoke.add_argument("--config", type=Path, help=config_help)
+    revoke.set_defaults(run=cmd_cert)
 
     setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
                                                      "here (for every upstream)")

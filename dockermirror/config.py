@@ -222,6 +222,15 @@ class TLSConfig:
     key: Path = _setting(Path("/etc/pki/tls/private/docker-mirror.key"), _path)
     # the CA clients should trust (docker-mirror cert init keeps ca.key beside it)
     ca: Path = _setting(Path("/etc/pki/docker-mirror/ca.crt"), _path)
+    # client certificates (mTLS): none (not asked for), optional (verified when given),
+    # required (a connection without a valid one fails in the handshake)
+    client_auth: str = _setting("none", _choice("none", "optional", "required"))
+    # the CA that client certificates must be signed by (None: ca, which cert client uses)
+    client_ca: Path | None = _setting(None, _optional(_path))
+    # revoked client certificates (cert revoke writes it); used when the file exists
+    crl: Path = _setting(Path("/etc/pki/docker-mirror/crl.pem"), _path)
+    # where client_auth was set ("file:line"), for the error when TLS turns out not to be active
+    client_auth_where: str = field(default="", compare=False, repr=False, metadata={"internal": True})
 
     @property
     def active(self) -> bool:
@@ -229,6 +238,20 @@ class TLSConfig:
         if self.enabled == "auto":
             return self.certificate.exists()
         return self.enabled == "on"
+
+    @property
+    def client_ca_path(self) -> Path:
+        return self.client_ca or self.ca
+
+    def client_auth_error(self) -> str | None:
+        """Why client_auth cannot apply (it needs TLS, and TLS is not active), or None."""
+        if self.client_auth == "none" or self.active:
+            return None
+        where = f"{self.client_auth_where}: " if self.client_auth_where else ""
+        why = ("tls.enabled is off" if self.enabled == "off"
+               else f"there is no TLS certificate at {self.certificate}")
+        return (f"{where}tls.client_auth: {self.client_auth} needs TLS, but {why} "
+                "(create one with docker-mirror cert init, or set client_auth: none)")
 
 
 # a registry name: a host, optionally with a port (as clients write it before a repository)
@@ -524,6 +547,11 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
             message = "invalid value (not shown: it is a secret)" if secret else str(exc)
             raise ConfigError(message, source=source, line=value_node.start_mark.line + 1, key=dotted) from None
     built = cls(**values)
+    if cls is TLSConfig and "client_auth" in lines:
+        built = dataclasses.replace(built, client_auth_where=f"{source}:{lines['client_auth']}")
+        if built.client_auth != "none" and built.enabled == "off":
+            raise ConfigError(f"{built.client_auth} needs TLS, but tls.enabled is off", source=source,
+                              line=lines["client_auth"], key=f"{prefix}.client_auth")
     if cls is UpstreamConfig:
         built = _check_upstream(built, lines, source, prefix)
     if cls is Config and "upstream" in lines and "upstreams" in lines:

@@ -3,6 +3,7 @@
 Handlers leave notes for the line in ``scope["state"]``: ``cache`` (HIT, MISS, STALE,
 COALESCED, PASS), ``upstream`` (the upstream the request was routed to),
 ``upstream_status`` (the upstream's HTTP status) and ``note`` (why a request failed).
+A request on a connection with a verified client certificate names its subject (``cert=``).
 
 Everything in the line that a client (or an upstream, through a note) chose is escaped
 like nginx does (``\x0d``, ``\x1b``, ``\x22``): a request cannot forge or split a line.
@@ -61,11 +62,13 @@ class AccessLog:
             client = scope.get("client") or ("-", 0)
             note = state.get("note") or ("" if complete or not status else "incomplete")
             upstream = state.get("upstream")
+            certificate = scope.get("client_certificate")
             log.info(
-                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s',
+                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s',
                 printable(str(client[0])), printable(scope["method"]), path, status, sent,
                 (time.perf_counter() - started) * 1000, cache or "-", printable(str(upstream or "-")),
                 printable(str(state.get("upstream_status") or "-")),
+                f' cert="{printable(certificate["subject"])}"' if certificate else "",
                 f' note="{printable(str(note))}"' if note else "",
             )
             if self.on_done is not None:

@@ -77,10 +77,12 @@ def client_names(registries: Iterable[tuple[str, Iterable[str]]]) -> list[tuple[
 
 
 def instructions(host: str, *, tls: bool, ca_pem: str | None, ca_path: Path,
-                 registries: Sequence[tuple[str, Iterable[str]]], urls: Mapping[str, str] | None = None) -> str:
+                 registries: Sequence[tuple[str, Iterable[str]]], urls: Mapping[str, str] | None = None,
+                 client_auth: str = "none") -> str:
     """Steps for a mirror reachable at ``host`` (HOST:PORT) that mirrors ``registries``:
     (registry, aliases) of each upstream, the default first; ``urls``: each name's (and
-    alias's) upstream URL, where containerd falls back to."""
+    alias's) upstream URL, where containerd falls back to; ``client_auth`` (tls.client_auth):
+    where each client wants its certificate."""
     url = f"{'https' if tls else 'http'}://{host}"
     names = client_names(registries)
     keys = list(dict.fromkeys(key for _, key in names))
@@ -97,6 +99,8 @@ def instructions(host: str, *, tls: bool, ca_pem: str | None, ca_path: Path,
     out += _dockerd(host, url, ca_text, keys, prefixes)
     out += _containerd(url, ca_text, names, urls)
     out += _containers(host, ca_text, names, prefixes)
+    if tls and client_auth != "none":
+        out += _client_certificates(host, client_auth)
     out += ["## check (by hand: pull an image you use)", ""]
     for key in (key for key in keys if prefixes[key] is not None):
         example = "busybox" if key == DOCKER_HUB else f"{key}/<repository>"
@@ -209,3 +213,22 @@ def _containers(host: str, ca_text: str | None, names: list[tuple[str, str]],
                       + ("" if ca_text is not None else "\ninsecure = true"))
     out += [_write_file(REGISTRIES_CONF, "\n\n".join(blocks)), ""]
     return out
+
+
+CONTAINERD_CLIENT = "/etc/containerd/docker-mirror-client"
+
+
+def _client_certificates(host: str, client_auth: str) -> list[str]:
+    """Where each client keeps the pair ``docker-mirror cert client`` makes (tls.client_auth)."""
+    need = "must show" if client_auth == "required" else "may show"
+    return [f"## client certificates (tls.client_auth: {client_auth}: each client {need} one)", "",
+            "# on the mirror, one pair per client machine (its name is the certificate's CN):",
+            "#   docker-mirror cert client NAME --out DIR     (writes DIR/client.cert, client.key, ca.crt)",
+            "# then copy DIR's files to the client:",
+            f"#   dockerd:              /etc/docker/certs.d/{host}/client.cert and client.key",
+            f"#   podman, skopeo, CRI-O: /etc/containers/certs.d/{host}/client.cert and client.key",
+            f"#   containerd:           {CONTAINERD_CLIENT}.cert and .key, and in each hosts.toml above, under",
+            "#                         the mirror's [host...] section:",
+            f'#     client = [["{CONTAINERD_CLIENT}.cert", "{CONTAINERD_CLIENT}.key"]]',
+            "# keep client.key readable by root only (chmod 600); revoke a pair with docker-mirror cert revoke NAME",
+            "# and systemctl reload docker-mirror", ""]

@@ -37,7 +37,7 @@ from dockermirror.service.systemd import SocketError, Systemd, describe, listen_
 from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
 
 if TYPE_CHECKING:
-    from dockermirror.service.tls import ServerTLS
+    from dockermirror.service.tls import ClientAuth, ServerTLS
 
 log = logging.getLogger("dockermirror")
 
@@ -78,16 +78,21 @@ class Service:
             log.info("listening on the socket(s) systemd passed (%s); listen: %s is not used", self.address,
                      config.listen)
         self.tls: ServerTLS | None = None
+        if (problem := config.tls.client_auth_error()) is not None:
+            raise StartupError(problem)
         if config.tls.active:
             # imported only for TLS: cryptography costs about 14 MB of memory
             from dockermirror.service.tls import ServerTLS, TLSError
 
             try:
-                self.tls = ServerTLS(config.tls.certificate, config.tls.key, public_hostname(config))
+                self.tls = ServerTLS(config.tls.certificate, config.tls.key, public_hostname(config),
+                                     client_auth(config))
             except TLSError as exc:
                 raise StartupError(str(exc)) from None
             for warning in self.tls.checked.warnings:
                 log.warning("%s", warning)
+            if config.tls.client_auth != "none":
+                log.info("%s", self.tls.client_summary)
         elif config.tls.enabled == "auto":
             log.info("no TLS certificate at %s: serving plain HTTP (tls.enabled: auto)", config.tls.certificate)
         try:
@@ -173,6 +178,10 @@ class Service:
             log.error("reload refused, still running with the previous configuration: %s", exc)
             self.systemd.ready(self.status())
             return
+        if (problem := new.tls.client_auth_error()) is not None:
+            log.error("reload refused, still running with the previous configuration: %s", problem)
+            self.systemd.ready(self.status())
+            return
         notes = []
         if new.tls.active != bool(self.tls):
             notes.append("tls.enabled")
@@ -180,13 +189,15 @@ class Service:
             from dockermirror.service.tls import TLSError
 
             try:
-                checked = self.tls.reload(new.tls.certificate, new.tls.key, public_hostname(new))
+                checked = self.tls.reload(new.tls.certificate, new.tls.key, public_hostname(new), client_auth(new))
                 for warning in checked.warnings:
                     log.warning("%s", warning)
                 log.info("TLS certificate %s loaded (serial %x); new connections use it",
                          new.tls.certificate, checked.certificate.serial_number)
+                if new.tls.client_auth != "none" or self.config.tls.client_auth != "none":
+                    log.info("%s", self.tls.client_summary)
             except TLSError as exc:
-                log.error("reload kept the previous TLS certificate: %s", exc)
+                log.error("reload kept the previous TLS certificate, client CA and CRL: %s", exc)
                 new = _keep_tls(new, self.config)
         if new.listen != self.config.listen and not self.sockets:   # with sockets, systemd owns the address
             notes.append("listen")
@@ -249,6 +260,13 @@ def upstream_status(upstreams: list) -> list[str]:
             label = "pulls left" if len(upstreams) == 1 else f"{upstream.key} pulls left"
             parts.append(f"{label} {remaining.split(';')[0]}")
     return parts
+
+
+def client_auth(config: Config) -> ClientAuth:
+    from dockermirror.service.tls import ClientAuth
+
+    tls = config.tls
+    return ClientAuth(tls.client_auth, tls.client_ca_path, tls.crl)
 
 
 def client_limits(server: ServerConfig) -> ClientLimits:

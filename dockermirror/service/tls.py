@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
 
 EXPIRY_WARNING = datetime.timedelta(days=30)
+
+log = logging.getLogger("dockermirror.tls")
 
 
 class TLSError(Exception):
@@ -99,34 +103,206 @@ def check(certificate_path: Path, key_path: Path, hostname: str = "",
     return checked
 
 
+@dataclass(frozen=True)
+class ClientAuth:
+    """Whether clients must show a certificate, which CA signs them, which are revoked."""
+
+    mode: str = "none"              # none | optional | required
+    ca: Path | None = None          # the CA file client certificates must chain to
+    crl: Path | None = None         # revoked certificates (PEM CRL), used when the file exists
+
+    def describe(self, revoked: int | None) -> str:
+        if self.mode == "none":
+            return "client certificates: not asked for"
+        crl = (f"CRL {self.crl} ({revoked} revoked)" if revoked is not None else "no CRL")
+        return f"client certificates: {self.mode}, signed by {self.ca}; {crl}"
+
+
+# what the server's alert says about a refused client certificate
+_ALERTS = {40: "handshake failure (no client certificate?)", 42: "bad certificate", 43: "unsupported certificate",
+           44: "certificate revoked", 45: "certificate expired", 46: "certificate not usable",
+           48: "certificate not signed by the client CA (unknown CA)", 116: "no client certificate given"}
+REFUSAL_LOG_INTERVAL = 60.0    # seconds: at most one info line per reason this often
+
+
+class Refusals:
+    """Handshakes the server refused, logged by reason: each at debug, and at info at most once a
+    minute per reason with how many came since (a client retrying in a loop cannot flood the log).
+
+    OpenSSL tells Python nothing about a failed server handshake; the alert the server sends
+    the client says why, and the message callback sees it."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def __call__(self, connection: object, direction: str, version: object, content_type: object,
+                 message_type: object, data: bytes) -> None:
+        if content_type != 21 or direction != "write" or len(data) < 2 or data[0] != 2:
+            return      # not a fatal alert the server sends
+        self.refused(_ALERTS.get(data[1], f"TLS alert {data[1]}"))
+
+    def refused(self, reason: str) -> None:
+        now = time.monotonic()
+        count = self.count.get(reason, 0) + 1
+        log.debug("TLS handshake refused: %s", reason)
+        if now - self.last.get(reason, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+            more = f" ({count} such refusals since the last line)" if count > 1 else ""
+            log.info("TLS handshake refused a client: %s%s", reason, more)
+            self.last[reason], count = now, 0
+        self.count[reason] = count
+
+
+_MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _new_context() -> ssl.SSLContext:
+    # trusts nothing until the client CA is loaded: never the system's CAs (a public CA must not
+    # be able to sign a client certificate for the mirror)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION     # a client certificate is checked once, in the handshake
+    return context
+
+
+def read_crls(path: Path) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file; TLSError if there is none or one does not parse."""
+    data = _read("CRL", path)
+    marker = b"-----BEGIN X509 CRL-----"
+    blocks = [marker + block for block in data.split(marker)[1:]]
+    if not blocks:
+        raise TLSError(f"{path} holds no PEM CRL")
+    try:
+        return [x509.load_pem_x509_crl(block) for block in blocks]
+    except ValueError:
+        raise TLSError(f"{path} holds a CRL that does not parse") from None
+
+
+def check_crls(path: Path, ca_path: Path, now: datetime.datetime | None = None) -> int:
+    """Raise TLSError for a CRL file the server cannot use with this CA file (not signed by it, out of
+    date: OpenSSL would then refuse every client); return how many certificates it revokes."""
+    crls = read_crls(path)
+    try:
+        cas = x509.load_pem_x509_certificates(_read("client CA", ca_path))
+    except ValueError:
+        raise TLSError(f"{ca_path} is not a PEM certificate") from None
+    now = now or datetime.datetime.now(datetime.UTC)
+    revoked = 0
+    for crl in crls:
+        issuers = [ca for ca in cas if ca.subject == crl.issuer]
+        if not any(_signed_by(crl, ca) for ca in issuers):
+            raise TLSError(f"the CRL in {path} (issuer {crl.issuer.rfc4514_string()}) is not signed by a CA in "
+                           f"{ca_path}")
+        if crl.next_update_utc is not None and crl.next_update_utc <= now:
+            raise TLSError(f"the CRL in {path} is out of date since {crl.next_update_utc:%Y-%m-%d %H:%M} UTC "
+                           "(every client would be refused): write a new one with docker-mirror cert revoke")
+        if crl.last_update_utc > now + datetime.timedelta(minutes=5):
+            raise TLSError(f"the CRL in {path} is not valid before {crl.last_update_utc:%Y-%m-%d %H:%M} UTC")
+        revoked += len(crl)
+    return revoked
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
 class ServerTLS:
-    """The server's SSLContext, checked at creation and on every reload."""
+    """The server's TLS contexts, checked at creation and on every reload.
 
-    def __init__(self, certificate: Path, key: Path, hostname: str = "") -> None:
-        self.certificate, self.key, self.hostname = certificate, key, hostname
+    ``context`` is the one the server listens with: it holds what OpenSSL copies into a
+    connection when it accepts it (the verify mode, the CRL check flag). During each
+    handshake (the server-name callback, which runs for every ClientHello) the connection
+    is switched to ``current``, a context built afresh on each reload with the certificate,
+    the client CA and the CRL: what it verifies against is exactly the files of the last
+    reload (a store cannot forget a CA, so it is never reused).
+    """
+
+    def __init__(self, certificate: Path, key: Path, hostname: str = "",
+                 client: ClientAuth = ClientAuth()) -> None:
+        self.certificate, self.key, self.hostname, self.client = certificate, key, hostname, client
         self.checked = check(certificate, key, hostname)
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._load(self.context)
+        self.refusals = Refusals()
+        self.current, self.revoked = self._build(certificate, key, client)
+        self.context = _new_context()
+        self._load(self.context, certificate, key)
+        self._apply(client, self.current, self.revoked)
+        self.context.sni_callback = self._choose
 
-    def _load(self, context: ssl.SSLContext) -> None:
+    def _choose(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        connection.context = self.current
+
+    @staticmethod
+    def _load(context: ssl.SSLContext, certificate: Path, key: Path) -> None:
         try:
-            context.load_cert_chain(str(self.certificate), str(self.key))
+            context.load_cert_chain(str(certificate), str(key))
         except ssl.SSLError as exc:
-            raise TLSError(f"cannot use TLS certificate {self.certificate} with key {self.key}: "
+            raise TLSError(f"cannot use TLS certificate {certificate} with key {key}: "
                            f"{exc.reason or exc}") from None
 
-    def reload(self, certificate: Path, key: Path, hostname: str = "") -> Checked:
-        """Check a (new) pair, then switch the live context to it; on any error nothing changes."""
-        checked = check(certificate, key, hostname)
-        trial = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        previous = self.certificate, self.key
-        self.certificate, self.key = certificate, key
+    def _build(self, certificate: Path, key: Path, client: ClientAuth) -> tuple[ssl.SSLContext, int | None]:
+        """A context for these files, and how many certificates its CRL revokes (None: no CRL)."""
+        context = _new_context()
+        self._load(context, certificate, key)
+        context.verify_mode = _MODES[client.mode]
+        if client.mode == "none":
+            return context, None
+        # a private hook (CPython's test suite uses it): the only place a refusal's reason shows
+        context._msg_callback = self.refusals  # type: ignore[attr-defined]
+        assert client.ca is not None
         try:
-            self._load(trial)
-        except TLSError:
-            self.certificate, self.key = previous
-            raise
-        self._load(self.context)
+            context.load_verify_locations(cafile=str(client.ca))
+        except OSError as exc:
+            raise TLSError(f"cannot read the client CA (tls.client_ca) {client.ca}: {exc.strerror or exc}"
+                           + (" (create it with docker-mirror cert init, or set tls.client_ca)"
+                              if isinstance(exc, FileNotFoundError) else "")) from None
+        except ssl.SSLError:
+            raise TLSError(f"the client CA (tls.client_ca) {client.ca} holds no PEM certificate") from None
+        if client.crl is None or not client.crl.exists():
+            return context, None
+        revoked = check_crls(client.crl, client.ca)
+        try:
+            context.load_verify_locations(cafile=str(client.crl))
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSError(f"cannot load the CRL (tls.crl) {client.crl}: {exc}") from None
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        return context, revoked
+
+    def _apply(self, client: ClientAuth, current: ssl.SSLContext, revoked: int | None) -> None:
+        """Switch new connections to ``current``. The CRL check is turned on only once a context
+        with the CRL is in place, and off before one without it is."""
+        crl_check = revoked is not None
+        if not crl_check:
+            self.context.verify_flags &= ~ssl.VERIFY_CRL_CHECK_LEAF
+        self.current, self.revoked, self.client = current, revoked, client
+        self.context.verify_mode = _MODES[client.mode]
+        # no session resumption while certificates are checked: a resumed session skips the check,
+        # so a certificate revoked since (or a client CA no longer trusted) would still get in.
+        # TLS 1.2 resumes by session ID from a cache Python cannot turn off: TLS 1.3 only, then
+        # (every client with client certificates speaks it), and no session tickets.
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_3 if client.mode != "none" else ssl.TLSVersion.TLSv1_2
+        self.context.num_tickets = 0 if client.mode != "none" else 2
+        if client.mode != "none":
+            self.context.options |= ssl.OP_NO_TICKET
+        else:
+            self.context.options &= ~ssl.OP_NO_TICKET
+        if crl_check:
+            self.context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+    @property
+    def client_summary(self) -> str:
+        return self.client.describe(self.revoked)
+
+    def reload(self, certificate: Path, key: Path, hostname: str = "",
+               client: ClientAuth | None = None) -> Checked:
+        """Check the (new) files, then switch new connections to them; on any error nothing changes."""
+        client = client or self.client
+        checked = check(certificate, key, hostname)
+        current, revoked = self._build(certificate, key, client)
+        self._load(self.context, certificate, key)
+        self._apply(client, current, revoked)
+        self.certificate, self.key = certificate, key
         self.hostname, self.checked = hostname, checked
         return checked

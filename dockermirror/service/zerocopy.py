@@ -19,6 +19,9 @@ client costs one watched descriptor, not a thread, and cannot delay anyone else.
 uvicorn writes nothing else on the connection while the range is sent; afterwards its
 own byte accounting is told how much went out, so Content-Length is still enforced.
 TLS connections do not get the extension (the bytes must be encrypted in user space).
+
+On TLS, a client certificate the handshake verified is put in every request's scope as
+``scope["client_certificate"]`` (see service/clientcert.py).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from dockermirror.service import clientcert
 
 log = logging.getLogger("dockermirror.access")
 
@@ -303,6 +308,8 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # verified in the handshake, which is over by now; every request's scope names it
+        self._client_certificate = clientcert.after_handshake(transport)
         self._limits = type(self).limits
         self._head_pending = True
         self._budget = self._limits.max_header_size
@@ -363,6 +370,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = 0
+        clientcert.attach(self.scope, self._client_certificate)
 
     def on_url(self, url: bytes) -> None:
         if len(self.url) + len(url) > self._limits.max_url:
