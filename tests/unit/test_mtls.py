@@ -318,3 +318,16 @@ def test_client_setup_says_where_each_client_keeps_its_pair():
     assert "/etc/containers/certs.d/m.example:5000/client.cert" in text
     assert 'client = [["/etc/containerd/docker-mirror-client.cert"' in text
     assert "client.cert" not in instructions("m.example:5000", **{**common, "tls": False}, client_auth="required")
+
+
+def test_the_private_tls_message_hook_still_works_on_this_python():
+    """service/tls.py logs why a client handshake was refused through CPython's private
+    SSLContext._msg_callback, checked at import (MESSAGE_HOOK); without it the refusals are not
+    logged. This fails when a new Python changes the hook: check it, then raise the bound."""
+    from dockermirror.service import tls
+
+    assert tls.MESSAGE_HOOK
+    seen = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context._msg_callback = lambda *args: seen.append(args)
+    assert context._msg_callback is not None
