@@ -24,9 +24,9 @@ from dockermirror.api.accesslog import AccessLog
 from dockermirror.access.guard import Guard
 from dockermirror.api.routes import RegistryAPI, api_routes
 from dockermirror.cache import Cache, Limits
-from dockermirror.config import AuthConfig, CacheConfig, Config, UpstreamConfig
+from dockermirror.config import AuthConfig, Config, UpstreamConfig
 from dockermirror.mirror import Mirror, Upstream, Upstreams
-from dockermirror.routing import RegistryTable, registry_key
+from dockermirror.routing import registry_key
 from dockermirror.upstream.client import UpstreamClient
 
 log = logging.getLogger("dockermirror")
@@ -35,7 +35,8 @@ log = logging.getLogger("dockermirror")
 def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None) -> UpstreamClient:
     return UpstreamClient(up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
                           connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
-                          transfer_timeout=up.transfer_timeout, transport=transport)
+                          transfer_timeout=up.transfer_timeout, token_realms=up.token_realms,
+                          transport=transport)
 
 
 def _ca_fingerprint(up: UpstreamConfig) -> str | None:
@@ -50,7 +51,8 @@ def _ca_fingerprint(up: UpstreamConfig) -> str | None:
 
 
 def _upstream(up: UpstreamConfig, client: UpstreamClient) -> Upstream:
-    return Upstream(registry_key(up.registry), client, aliases=up.aliases, tag_ttl=up.tag_ttl)
+    return Upstream(registry_key(up.registry), client, aliases=up.aliases, tag_ttl=up.tag_ttl,
+                    private=bool(up.username or up.password))
 
 
 def load_htpasswd(auth: AuthConfig) -> Htpasswd | None:
@@ -63,7 +65,7 @@ def load_htpasswd(auth: AuthConfig) -> Htpasswd | None:
 def _limits(config: Config) -> Limits:
     """The cache's limits; pins as ``registry/repository`` patterns (see RegistryTable.pattern)."""
     c = config.cache
-    table = RegistryTable((up.registry, up.aliases) for up in config.registries)
+    table = config.registry_table()
     return Limits(max_size=c.max_size, min_free=c.min_free, blob_ttl=c.blob_ttl, manifest_ttl=c.manifest_ttl,
                   pins=tuple(table.pattern(pattern) for pattern in c.pin), verify_rate=c.verify_rate)
 
@@ -82,7 +84,8 @@ class DockerMirror:
         self._transport = upstream_transport
         # the CA bundle each upstream client was built with
         self._ca_read: weakref.WeakKeyDictionary[UpstreamClient, str | None] = weakref.WeakKeyDictionary()
-        upstreams = Upstreams(_upstream(up, self._client(up)) for up in config.registries)
+        upstreams = Upstreams((_upstream(up, self._client(up)) for up in config.registries),
+                              dotted_namespaces=not config.upstreams)
         self.cache = Cache(config.cache.dir, limits=_limits(config), clock=clock)
         self.mirror = Mirror(upstreams, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
         self.started_at: float | None = None
@@ -122,10 +125,11 @@ class DockerMirror:
         self.open()
         await self.cache.start()
         self.started_at = time.time()
+        several = len(self.config.registries) > 1
         for up in self.config.registries:
+            default = several and up is self.config.default_upstream
             log.info("mirroring %s (%s)%s into %s", registry_key(up.registry), up.url,
-                     " as the default upstream" if up is self.config.default_upstream and len(self.config.registries) > 1
-                     else "", self.config.cache.dir)
+                     " as the default upstream" if default else "", self.config.cache.dir)
         if self.htpasswd is not None:
             log.info("auth.htpasswd %s: %d user(s)", self.htpasswd.source, len(self.htpasswd))
             for warning in self.htpasswd.warnings:
@@ -187,33 +191,42 @@ class DockerMirror:
     def _ca_bundle_changed(self) -> bool:
         """Whether a CA bundle now holds other certificates than its client was built with."""
         return any(self._ca_read.get(u.client) != _ca_fingerprint(up)
-                   for up, u in zip(self.config.registries, self.mirror.upstreams))
+                   for up, u in zip(self.config.registries, self.mirror.upstreams, strict=True))
 
     def _swap_upstreams(self, new: Config) -> None:
         """A new routing table; each upstream keeps its client (and token cache, reachability)
         unless its connection settings changed (the CA bundle's content included). Only new
-        timeouts: the same client takes them."""
-        before = {registry_key(up.registry): (up, u) for up, u in zip(self.config.registries, self.mirror.upstreams)}
+        timeouts: the same client takes them. Every new client is built before anything changes:
+        if one cannot be (a CA bundle replaced by garbage since the configuration was read), the
+        reload fails with nothing applied."""
+        pairs = zip(self.config.registries, self.mirror.upstreams, strict=True)
+        before = {registry_key(up.registry): (up, u) for up, u in pairs}
         timeouts = {"connect_timeout": 0, "read_timeout": 0, "transfer_timeout": 0, "tag_ttl": None, "aliases": ()}
-        upstreams = []
+        kept, built = [], []        # (config, client) kept with new timeouts; (key, config, client, replaced)
         for up in new.registries:
             key = registry_key(up.registry)
             old_up, old = before.pop(key, (None, None))
             if old is not None and dataclasses.replace(up, **timeouts) == dataclasses.replace(old_up, **timeouts) \
                     and self._ca_read.get(old.client) == _ca_fingerprint(up):
-                old.client.set_timeouts(up.connect_timeout, up.read_timeout, up.transfer_timeout)
-                upstreams.append(_upstream(up, old.client))
+                kept.append((up, old.client))
                 continue
+            built.append((key, up, self._client(up), old))
+        # from here on nothing fails
+        upstreams = {id(up): _upstream(up, client) for up, client in kept}
+        for up, client in kept:
+            client.set_timeouts(up.connect_timeout, up.read_timeout, up.transfer_timeout)
+        for key, up, client, old in built:
+            upstreams[id(up)] = _upstream(up, client)
             if old is not None:
                 self._retire(old.client)
                 log.info("upstream %s changed (%s); new requests use the new settings", key, up.url)
             else:
                 log.info("upstream %s (%s) added", key, up.url)
-            upstreams.append(_upstream(up, self._client(up)))
         for key, (_, old) in before.items():
             log.info("upstream %s removed; its cached content stays until it expires or is evicted", key)
             self._retire(old.client)
-        self.mirror.upstreams = Upstreams(upstreams)
+        self.mirror.upstreams = Upstreams((upstreams[id(up)] for up in new.registries),
+                                          dotted_namespaces=not new.upstreams)
 
     def _retire(self, client: UpstreamClient) -> None:
         """Close a replaced client's connections as soon as nothing uses it any more. Every

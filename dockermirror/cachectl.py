@@ -50,7 +50,7 @@ def open_cache(config: Config) -> Opened:
         raise CommandError(f"no cache at {root}: the directory does not exist")
     if not (root / INDEX_NAME).is_file():
         raise CommandError(f"{root} is not a docker-mirror cache: it has no {INDEX_NAME}")
-    table = RegistryTable((up.registry, up.aliases) for up in config.registries)
+    table = config.registry_table()
     pins = tuple(table.pattern(p) for p in config.cache.pin)
     try:
         index = Index(root / INDEX_NAME, pins=pins, create=False)

@@ -44,6 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
+    if (problem := config.tls.client_auth_error()) is not None:    # what would stop serve
+        print(f"docker-mirror: configuration error: {problem}", file=sys.stderr)
+        return 2
     if config.auth.htpasswd is not None:    # the server refuses to start without a good one
         from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 
@@ -54,9 +57,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"# auth.htpasswd: {len(users)} user(s)")
         for warning in users.warnings:
             print(f"# warning: auth.htpasswd: {warning}")
-    if (problem := config.tls.client_auth_error()) is not None:    # what would stop serve
-        print(f"docker-mirror: configuration error: {problem}", file=sys.stderr)
-        return 2
     print(f"# effective configuration (from {config.source})")
     print(configuration.dump(config), end="")
     for line in _rule_warnings(config):
@@ -188,7 +188,8 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
     except OSError:
         ca_pem = None
     registries = [(upstream.registry, upstream.aliases) for upstream in config.registries]
-    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries,
+    urls = {name: upstream.url for upstream in config.registries for name in (upstream.registry, *upstream.aliases)}
+    print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries, urls=urls,
                        client_auth=config.tls.client_auth), end="")
     return 0
 

@@ -7,6 +7,7 @@ Sizes ("200GiB") and durations ("5m") are parsed once, here.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from dockermirror.routing import DOCKER_HUB, DOCKER_HUB_ALIASES, registry_key
+from dockermirror.routing import DOCKER_HUB, DOCKER_HUB_ALIASES, RegistryTable, UnknownRegistry, registry_key
 
 if TYPE_CHECKING:
     from dockermirror.access.rules import Rule
@@ -125,8 +126,9 @@ def parse_patterns(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise ValueError(f"expected a list of repository patterns, got {value!r}")
     for pattern in value:
-        if not re.fullmatch(r"[a-z0-9._/*?\[\]-]+", pattern):
-            raise ValueError(f"invalid repository pattern {pattern!r} (lowercase name, may use * and ?)")
+        if not re.fullmatch(r"[a-z0-9._/*?\[\]:-]+", pattern):
+            raise ValueError(f"invalid repository pattern {pattern!r} (lowercase name, may use * and ?, and may "
+                             "start with a registry: ghcr.io/myorg/*)")
     return tuple(value)
 
 
@@ -149,14 +151,18 @@ def split_listen(text: str) -> tuple[str, int]:
 
 def parse_url(value: Any) -> str:
     text = _string(value)
-    if "@" in text.partition("://")[2].partition("/")[0] or ("://" not in text and "@" in text.partition("/")[0]):
-        # not echoed: it may hold a password
-        raise ValueError("the URL must not hold credentials: give them as username and password (or "
-                         "password_file)")
+    if "@" in text:
+        # not echoed: it may hold a password (and a "/" in one moves it out of the host part)
+        raise ValueError("the URL must not hold credentials (or any '@'): give them as username and password "
+                         "(or password_file)")
     parts = urlsplit(text)
     if "://" not in text:
         raise ValueError(f"URL {text!r} has no scheme: write https://{text} (or http:// for a plain-HTTP registry)")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"invalid port in URL {text!r} (1 to 65535)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
         raise ValueError(f"invalid URL {text!r} (use e.g. https://registry-1.docker.io)")
     if parts.query or parts.fragment:
         raise ValueError(f"URL {text!r} must not have a query or fragment")
@@ -258,17 +264,14 @@ _REGISTRY_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?")
 
 def parse_registry(value: Any) -> str:
     """A registry name clients use (``docker.io``, ``ghcr.io``, ``registry.example.org:5000``)."""
-    text = _string(value)
+    text = _string(value).lower()
     if not _REGISTRY_RE.fullmatch(text) or len(text) > 255:
         raise ValueError(f"invalid registry name {text!r} (a lowercase host name, optionally with :PORT, "
                          "e.g. ghcr.io or registry.example.org:5000)")
     port = text.rpartition(":")[2] if ":" in text else ""
     if port and not 0 < int(port) < 65536:
         raise ValueError(f"invalid port in registry name {text!r} (1 to 65535)")
-    if "." not in text and ":" not in text and text != "localhost":
-        raise ValueError(f"registry name {text!r} needs a dot or a :PORT (or be localhost): clients tell a "
-                         "registry from a repository namespace that way")
-    return text
+    return text     # (without a dot or a port, clients can only name it with ?ns=, not as a path prefix)
 
 
 def parse_registries(value: Any) -> tuple[str, ...]:
@@ -277,6 +280,39 @@ def parse_registries(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError(f"expected a list of registry names, got {value!r}")
     return tuple(parse_registry(v) for v in value)
+
+
+def parse_hosts(value: Any) -> tuple[str, ...]:
+    """Host names or IP addresses, each optionally with :PORT (``auth.example.org``,
+    ``10.0.0.5:5001``, ``[::1]:5001``); no scheme, no path."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of host names (e.g. [auth.example.org]), got {value!r}")
+    hosts = []
+    for item in value:
+        text = _string(item).strip().lower()
+        host, port = text, ""
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port = rest.removeprefix(":") if rest.startswith(":") else rest
+            valid = _is_ipv6(host) and (not rest or rest.startswith(":"))
+        else:
+            if ":" in text:
+                host, _, port = text.partition(":")
+            valid = _REGISTRY_RE.fullmatch(host) is not None and ":" not in host
+        if not valid or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+            raise ValueError(f"invalid host {text!r}: expected a host name or IP address, optionally with "
+                             ":PORT (no scheme or path), e.g. auth.example.org")
+        hosts.append(text)
+    return tuple(hosts)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -289,7 +325,7 @@ class UpstreamConfig:
     aliases: tuple[str, ...] = _setting((), parse_registries, sequence=True)
     username: str | None = _setting(None, _optional(_string))
     password: str | None = _setting(None, _optional(_string), secret=True)
-    # a file holding the password (its first line), readable by the service user only
+    # a file holding the password (all of it but a final line break), readable by the service user only
     password_file: Path | None = _setting(None, _optional(_path))
     ca_bundle: Path | None = _setting(None, _optional(_path))
     connect_timeout: float = _duration(10.0)
@@ -298,6 +334,8 @@ class UpstreamConfig:
     transfer_timeout: float = _duration(6 * 3600.0)
     # this upstream's cache.tag_ttl (None: cache.tag_ttl)
     tag_ttl: float | None = _setting(None, _optional(parse_duration), show=format_duration)
+    # token services besides the upstream's own domain that may get its credentials
+    token_realms: tuple[str, ...] = _setting((), parse_hosts, sequence=True)
 
 
 @dataclass(frozen=True)
@@ -382,6 +420,11 @@ class Config:
     def registries(self) -> tuple[UpstreamConfig, ...]:
         """Every upstream, the default first: ``upstreams``, or else the one ``upstream``."""
         return self.upstreams or (self.upstream,)
+
+    def registry_table(self) -> RegistryTable:
+        """Names and aliases of the upstreams, as the server routes by them."""
+        return RegistryTable(((up.registry, up.aliases) for up in self.registries),
+                             dotted_namespaces=not self.upstreams)
 
     @property
     def default_upstream(self) -> UpstreamConfig:
@@ -551,6 +594,11 @@ def _build_items(cls: type, node: yaml.SequenceNode, loader: yaml.SafeLoader, so
         names += [("aliases", f"aliases[{j}]", alias) for j, alias in enumerate(built.aliases)]
         for key, where, name in names:
             line = lines.get(where, lines.get(key, lines[""]))
+            if "." not in name and ":" not in name and name != "localhost":
+                # (the single upstream: section keeps taking any host name, as it always did)
+                raise ConfigError(f"registry name {name!r} needs a dot or a :PORT (or be localhost): clients "
+                                  "tell a registry from a repository namespace that way", source=source,
+                                  line=line, key=f"{prefix}[{i}].{key}")
             canonical = registry_key(name)
             if canonical in owners:
                 other, other_line = owners[canonical]
@@ -636,6 +684,9 @@ def default_url(registry: str) -> str:
     return UpstreamConfig.url if registry_key(registry) == DOCKER_HUB else f"https://{registry}"
 
 
+MAX_PASSWORD_FILE = 64 * 1024
+
+
 def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, prefix: str) -> UpstreamConfig:
     """Credentials that go together; the password file read (and refused if others can read it);
     the CA bundle loaded."""
@@ -650,7 +701,9 @@ def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, pref
         try:
             mode = path.stat().st_mode
             with path.open(encoding="utf-8") as f:
-                first = f.readline(4096).strip("\r\n")
+                # the whole file but its final line break: a one-line password, or a multi-line
+                # key (Google's _json_key)
+                first = f.read(MAX_PASSWORD_FILE + 1).rstrip("\r\n")
         except OSError as exc:
             raise fail(f"cannot read {path}: {exc.strerror}", "password_file") from None
         except UnicodeDecodeError:
@@ -659,7 +712,9 @@ def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, pref
             raise fail(f"{path} can be read by every user: make it readable by the service user only "
                        f"(chmod 600, or 640 with group docker-mirror)", "password_file")
         if not first:
-            raise fail(f"{path} has no password on its first line", "password_file")
+            raise fail(f"{path} holds no password", "password_file")
+        if len(first) > MAX_PASSWORD_FILE:
+            raise fail(f"{path} is larger than {MAX_PASSWORD_FILE} bytes: not a password file", "password_file")
         up = dataclasses.replace(up, password=first)
     if up.ca_bundle is not None:
         # read now, as the upstream client will: a bad bundle is a configuration error, not a
@@ -677,9 +732,9 @@ def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, pref
 
 def _check_pins(config: Config, source: str, node: yaml.MappingNode) -> None:
     """Every ``cache.pin`` pattern that names a registry names a configured one."""
-    from dockermirror.routing import RegistryTable, UnknownRegistry
 
-    table = RegistryTable((up.registry, up.aliases) for up in config.registries)
+
+    table = config.registry_table()
     for pattern in config.cache.pin:
         try:
             table.pattern(pattern)

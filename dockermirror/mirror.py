@@ -22,6 +22,14 @@
 * A blob that is not cached is fetched by one transfer; concurrent requests for it
   follow that transfer (COALESCED). A blob the cache has no room for passes through
   uncached (PASS).
+* Content is shared by digest across repositories and upstreams, but a cached (or in-flight)
+  digest is served for an upstream's repository without asking only if it was served for
+  that repository before (the index's refs), or if every upstream that holds it is anonymous
+  (no credentials: its content is public anyway). Otherwise the upstream is first asked with
+  a HEAD, with its own credentials, whether that repository has it: only a 200 serves it (and
+  is recorded, so it is asked once); its 404/401 goes to the client, and an upstream that
+  cannot answer fails the request (503). So a private upstream's content never reaches a
+  client through another repository, or another upstream, just because its digest is known.
 
 The result of every call says how it was served (HIT, MISS, STALE, COALESCED) and
 what the upstream answered, for the request log.
@@ -44,6 +52,7 @@ from dockermirror.errors import (
     BadUpstreamContent,
     BlobUnknown,
     ManifestInvalid,
+    ManifestUnknown,
     NameInvalid,
     NameUnknown,
     RegistryError,
@@ -86,6 +95,7 @@ class Upstream:
     client: UpstreamClient
     aliases: tuple[str, ...] = ()
     tag_ttl: float | None = None    # None: the mirror's
+    private: bool = False           # credentials are configured: what it serves may not be public
 
     def repository(self, name: str) -> str:
         return upstream_repository(self.key, name)
@@ -94,11 +104,12 @@ class Upstream:
 class Upstreams:
     """The configured upstreams by key, the default first, and the table that routes to them."""
 
-    def __init__(self, upstreams: Iterable[Upstream]) -> None:
+    def __init__(self, upstreams: Iterable[Upstream], *, dotted_namespaces: bool = False) -> None:
         self.by_key: dict[str, Upstream] = {}
         for upstream in upstreams:
             self.by_key.setdefault(upstream.key, upstream)
-        self.table = RegistryTable((u.key, u.aliases) for u in self.by_key.values())
+        self.table = RegistryTable(((u.key, u.aliases) for u in self.by_key.values()),
+                                   dotted_namespaces=dotted_namespaces)
 
     @property
     def default(self) -> Upstream:
@@ -198,7 +209,8 @@ class Mirror:
     async def _manifest_by_digest(self, repo: Repo, digest: Digest, accept: list[str], *, head: bool) -> Manifest:
         entry = self.cache.entry(digest)
         if entry is not None and entry.kind == "manifest":
-            served = await self._from_cache(repo, entry, head=head, cache=HIT, upstream_status=None)
+            checked = await self._vouch(repo, digest, manifest=True)
+            served = await self._from_cache(repo, entry, head=head, cache=HIT, upstream_status=checked)
             if served is not None:
                 return served
         if head:
@@ -209,7 +221,7 @@ class Mirror:
             if size is not None and valid_media_type(media_type):
                 return Manifest(str(digest), media_type, size, None, MISS, reply.status)
             # The HEAD does not say what it is: fetch (and cache) it to answer.
-        fetched = await self._flights.do(("manifest", repo.upstream.key, digest),
+        fetched = await self._flights.do(self._manifest_flight(repo, digest),
                                          lambda: self._fetch_manifest(repo, digest, accept))
         return dataclasses.replace(fetched, body=None) if head else fetched
 
@@ -257,8 +269,17 @@ class Mirror:
             return Manifest(row.digest, _or_default(row.media_type), row.size, None, label, upstream_status)
         if cache == STALE:
             raise Unavailable(f"the upstream is unreachable and manifest {row.digest} is not cached")
-        return await self._flights.do(("manifest", repo.upstream.key, digest),
+        return await self._flights.do(self._manifest_flight(repo, digest),
                                       lambda: self._fetch_manifest(repo, digest, accept))
+
+    @staticmethod
+    def _manifest_flight(repo: Repo, digest: Digest) -> tuple[str, ...]:
+        """The single-flight key of a manifest fetch: per upstream (another upstream's failure is
+        not this one's answer); an anonymous upstream's is shared by its repositories (what it
+        fetches is public), a private upstream's is its repository's own, joined by no other."""
+        if repo.upstream.private:
+            return ("manifest", repo.upstream.key, repo.name, str(digest))
+        return ("manifest", repo.upstream.key, str(digest))
 
     async def _revalidate(self, repo: Repo, tag: str, accept: list[str]) -> TagEntry:
         """Ask the upstream what the tag points at now for this client (HEAD), and record it
@@ -351,18 +372,22 @@ class Mirror:
     # --- blobs
 
     async def blob(self, repo: Repo, digest: Digest, *, head: bool, retry: bool = True) -> Blob:
+        checked: int | None = None      # the upstream's answer when it was asked whether repo has it
         entry = self.cache.entry(digest)
         if entry is not None:
+            checked = await self._vouch(repo, digest, manifest=False)
             file = None if head else await self.cache.open_file(entry)
             if head or file is not None:
                 self.cache.touch(entry.digest, repo.upstream.key, repo.name)
-                return Blob(entry.digest, entry.size, entry.media_type, file, HIT)
+                return Blob(entry.digest, entry.size, entry.media_type, file, HIT, checked)
         transfer = self.cache.transfer(digest)
         if transfer is not None:
+            if checked is None:
+                checked = await self._vouch(repo, digest, manifest=False, origin=transfer.origin)
             try:
                 await transfer.started
             except Exception:
-                if transfer.upstream in (None, repo.upstream.key) or not retry:
+                if transfer.origin is None or transfer.origin[0] == repo.upstream.key or not retry:
                     raise
                 # Another upstream could not start this digest's download (it is down, or does
                 # not have it): that is no answer from this request's upstream. Ask it.
@@ -371,7 +396,7 @@ class Mirror:
             self.cache.touch(str(digest), repo.upstream.key, repo.name)
             follower = None if head else transfer.follow()
             if head or follower is not None:
-                return Blob(str(digest), transfer.size, None, follower, COALESCED)
+                return Blob(str(digest), transfer.size, None, follower, COALESCED, checked)
             # A transfer passing through memory no longer holds the first bytes (there was no room
             # on disk even outside the cache): this reader gets its own, within a bound.
             if self.cache.transfers.late_fetches_left <= 0:
@@ -503,6 +528,48 @@ class Mirror:
                     repo, row.subject, f" (artifactType {row.artifact_type})" if row.artifact_type else "", error,
                     humanize.age(self.clock() - row.checked) + " ago")
         return served
+
+    # --- content shared across repositories
+
+    def _may_share(self, repo: Repo, digest: str, origin: tuple[str, str] | None = None) -> bool:
+        """Whether cached (or in-flight, for ``origin``) content may be served for ``repo`` without
+        asking its upstream: every upstream that holds it is a configured anonymous one, or it was
+        served for this very repository. Content of no known repository is asked for."""
+        holders = self.cache.ref_upstreams(digest)
+        if origin is not None:
+            holders.add(origin[0])
+        upstreams = self.upstreams
+        if holders and all((u := upstreams.get(key)) is not None and not u.private for key in holders):
+            return True
+        if origin == (repo.upstream.key, repo.name):
+            return True
+        return self.cache.has_ref(digest, repo.upstream.key, repo.name)
+
+    async def _vouch(self, repo: Repo, digest: Digest, *, manifest: bool,
+                     origin: tuple[str, str] | None = None) -> int | None:
+        """None if the content may be served for ``repo`` as it is (see :meth:`_may_share`); else
+        ask the upstream (HEAD, its credentials) whether ``repo`` has it: 200 is recorded and
+        returned, anything else is the client's error; no answer is 503 (never served unasked)."""
+        if self._may_share(repo, str(digest), origin):
+            return None
+        key = repo.upstream.key
+        return await self._flights.do(("vouch", key, repo.name, str(digest)),
+                                      lambda: self._ask_upstream_has(repo, digest, manifest=manifest))
+
+    async def _ask_upstream_has(self, repo: Repo, digest: Digest, *, manifest: bool) -> int:
+        client = repo.upstream.client
+        if manifest:
+            reply = await self._ask(client.manifest(repo.name, str(digest), list(MANIFEST_TYPES), head=True))
+        else:
+            reply = await self._ask(client.head_blob(repo.name, str(digest)))
+        if reply.status != 200:
+            error = error_for(reply.status, reply.headers, reply.body,
+                              unknown=ManifestUnknown if manifest else BlobUnknown)
+            log.info("%s@%s is cached for another repository; %s answered %d for this one: not served",
+                     repo, digest, repo.upstream.key, reply.status)
+            raise error
+        self.cache.touch(str(digest), repo.upstream.key, repo.name)
+        return reply.status
 
     # --- stats from the request layer
 

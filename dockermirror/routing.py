@@ -72,9 +72,11 @@ class Route:
 class RegistryTable:
     """The configured registries: names and aliases -> key; the first is the default."""
 
-    def __init__(self, registries: Iterable[tuple[str, Iterable[str]]]) -> None:
+    def __init__(self, registries: Iterable[tuple[str, Iterable[str]]], *, dotted_namespaces: bool = False) -> None:
         """``registries``: (name, aliases) of each upstream, the default first. Names must not
-        collide (the configuration checks that); a later duplicate is ignored."""
+        collide (the configuration checks that); a later duplicate is ignored. ``dotted_namespaces``:
+        the configuration names one registry the way it did before there were several (the single
+        ``upstream:`` section), whose repositories may start with a dotted component."""
         self.keys: list[str] = []
         self._names: dict[str, str] = {}
         for name, aliases in registries:
@@ -89,6 +91,7 @@ class RegistryTable:
                 self._names.setdefault(alias, key)
         if not self.keys:
             raise ValueError("at least one registry is needed")
+        self.dotted_namespaces = dotted_namespaces and len(self.keys) == 1 and self.default != DOCKER_HUB
 
     @property
     def default(self) -> str:
@@ -114,17 +117,26 @@ class RegistryTable:
             return Route(key, upstream_repository(key, name), False)
         if rest and looks_like_host(first):
             key = self.lookup(first)
-            if key is None:
+            if key is not None:
+                return Route(key, upstream_repository(key, rest), True)
+            if not self._namespaces_with_dots(first):
                 raise UnknownRegistry(first, self.keys)
-            return Route(key, upstream_repository(key, rest), True)
-        if looks_like_host(first):
+        elif looks_like_host(first):
             # "/v2/ghcr.io/manifests/x": a registry with no repository; a name like that is
             # no Docker Hub repository either
-            if self.lookup(first) is None:
+            if self.lookup(first) is not None:
+                raise UnknownRegistry(first, self.keys, f"{first} is a registry: name a repository in it, "
+                                                        f"as in {first}/<repository>")
+            if not self._namespaces_with_dots(first):
                 raise UnknownRegistry(first, self.keys)
-            raise UnknownRegistry(first, self.keys, f"{first} is a registry: name a repository in it, "
-                                                    f"as in {first}/<repository>")
         return Route(self.default, upstream_repository(self.default, name), False)
+
+    def _namespaces_with_dots(self, first: str) -> bool:
+        """A mirror of one registry that is not Docker Hub (GitLab, Harbor...) may have repositories
+        whose first component has a dot (``my.group/app``): configured with the single ``upstream:``
+        section, such a name is that registry's repository, as before there were several. Docker
+        Hub has no such names, and with ``upstreams:`` a dotted first component must name one."""
+        return self.dotted_namespaces and ":" not in first and first != "localhost"
 
     def pattern(self, pattern: str) -> str:
         """A repository pattern of the configuration (``cache.pin``) as ``key/repository``:
@@ -132,7 +144,11 @@ class RegistryTable:
         first, _, rest = pattern.partition("/")
         if rest and looks_like_host(first):
             key = self.lookup(first)
-            if key is None:
+            if key is not None:
+                return f"{key}/{upstream_repository(key, rest)}"
+            if not self._namespaces_with_dots(first):
                 raise UnknownRegistry(first, self.keys)
-            return f"{key}/{upstream_repository(key, rest)}"
+        elif looks_like_host(first) and self.lookup(first) is not None:
+            raise UnknownRegistry(first, self.keys, f"{pattern} names a registry: add the repositories, "
+                                                    f"as in {pattern}/*")
         return f"{self.default}/{upstream_repository(self.default, pattern)}"

@@ -97,6 +97,23 @@ def refused(mirror, mtls: MTLS, client: Path | None) -> bool:
     return False
 
 
+def s_client(mirror, mtls: MTLS, tmp_path: Path, *args: str) -> str:
+    """openssl s_client: one GET /v2/, and what came back (TLS 1.2 or 1.3, as the server allows)."""
+    request = "GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    result = subprocess.run(["openssl", "s_client", "-connect", mirror.address, "-CAfile", str(mtls.ca),
+                             "-ign_eof", *args], input=request, capture_output=True, text=True, timeout=60)
+    return result.stdout + result.stderr
+
+
+def resumed(mirror, mtls: MTLS, client: Path, tmp_path: Path) -> bool:
+    """Whether a client that kept its TLS session (without its certificate now) gets an answer."""
+    for name, version in (("session.pem", ()), ("session12.pem", ("-tls1_2",))):
+        if (tmp_path / name).exists():      # else the server gave it no session to resume
+            if "HTTP/1.1 200" in s_client(mirror, mtls, tmp_path, *version, "-sess_in", str(tmp_path / name)):
+                return True
+    return False
+
+
 def reload(mirror) -> None:
     before = mirror.log_text().count(" reloaded ")
     mirror.proc.send_signal(signal.SIGHUP)
@@ -117,11 +134,17 @@ def test_required_a_client_certificate_pulls_and_is_named_in_the_log(make_mirror
     assert all(line.endswith(' cert="CN=alice"') for line in mirror.access_lines(""))   # no request without it
 
 
-def test_a_revoked_certificate_is_refused_after_reload_and_the_others_still_pull(make_mirror, mtls,
+def test_a_revoked_certificate_is_refused_after_reload_and_the_others_still_pull(make_mirror, mtls, tmp_path,
                                                                                    upstream: Upstream):
     bob, carol = mtls.client("bob"), mtls.client("carol")
     mirror = make_mirror(tls={**mtls.tls, "client_auth": "required"})
     pull(mirror, mtls, bob, upstream)
+    pair = ("-cert", str(bob / "client.cert"), "-key", str(bob / "client.key"))
+    assert "HTTP/1.1 200" in s_client(mirror, mtls, tmp_path, *pair, "-sess_out", str(tmp_path / "session.pem"))
+    # TLS 1.2 is refused with client certificates (its sessions resume from a cache that cannot be
+    # turned off): no answer, and no session
+    assert "HTTP/1.1 200" not in s_client(mirror, mtls, tmp_path, *pair, "-tls1_2",
+                                          "-sess_out", str(tmp_path / "session12.pem"))
     assert "revoked bob" in mtls.run("revoke", "bob")
     assert not refused(mirror, mtls, bob)          # not before the reload
     reload(mirror)
@@ -129,6 +152,8 @@ def test_a_revoked_certificate_is_refused_after_reload_and_the_others_still_pull
     assert "TLS handshake refused a client: certificate revoked" in mirror.log_text()
     pull(mirror, mtls, carol, upstream, "alpine")
     assert mirror.access_lines('cert="CN=carol"')
+    # nor can it resume a session it had before the revocation (a resumed session skips the check)
+    assert not resumed(mirror, mtls, bob, tmp_path)
     # a CRL that cannot be read on reload keeps the one in force
     good = mtls.crl.read_bytes()
     try:

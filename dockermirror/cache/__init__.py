@@ -437,7 +437,7 @@ class Cache:
                 self.count_fetched(upstream, temp.written)
 
         transfer = self.transfers.start(digest, open_source, commit, shared=shared)
-        transfer.upstream = upstream
+        transfer.origin = (upstream, repository)
         return transfer
 
     def _commit(self, temp: TempBlob, entry: Entry, upstream: str | None, repository: str | None) -> None:
@@ -655,6 +655,14 @@ class Cache:
 
     def touch(self, digest: str, upstream: str, repository: str) -> None:
         self._batch.touch(digest, self.clock(), upstream, repository)
+
+    def ref_upstreams(self, digest: str) -> set[str]:
+        """The upstreams that have served ``digest`` (recorded, or touched since the last flush)."""
+        return self._idx.ref_upstreams(digest) | self._batch.ref_upstreams.get(digest, set())
+
+    def has_ref(self, digest: str, upstream: str, repository: str) -> bool:
+        """Whether ``digest`` was served for ``upstream``'s ``repository`` (recorded, or since the last flush)."""
+        return (upstream, repository, digest) in self._batch.refs or self._idx.has_ref(upstream, repository, digest)
 
     def touch_tag(self, upstream: str, repository: str, tag: str) -> None:
         self._batch.touch_tag(upstream, repository, tag, self.clock())

@@ -438,6 +438,16 @@ class Index:
             " FROM refs r WHERE r.upstream = ? AND r.repository = ?", (upstream, repository))
         return {digest: bool(shared) for digest, shared in rows}
 
+    def ref_upstreams(self, digest: str) -> set[str]:
+        """The upstreams that have served ``digest`` for one of their repositories."""
+        return {row[0] for row in self._reader.execute("SELECT DISTINCT upstream FROM refs WHERE digest = ?",
+                                                        (digest,))}
+
+    def has_ref(self, upstream: str, repository: str, digest: str) -> bool:
+        """Whether ``digest`` was served for this upstream's repository."""
+        return self._reader.execute("SELECT EXISTS (SELECT 1 FROM refs WHERE upstream = ? AND repository = ?"
+                                    " AND digest = ?)", (upstream, repository, digest)).fetchone()[0] == 1
+
     def oldest_access(self) -> float | None:
         row = self._reader.execute("SELECT min(last_access) FROM content WHERE pinned = 0").fetchone()
         return row[0]
@@ -642,6 +652,7 @@ class AccessBatch:
     content: dict[str, tuple[float, int]] = field(default_factory=dict)   # digest -> (last access, hits)
     tags: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (upstream, repo, tag) -> when (all classes)
     refs: set[tuple[str, str, str]] = field(default_factory=set)           # (upstream, repo, digest)
+    ref_upstreams: dict[str, set[str]] = field(default_factory=dict)       # digest -> upstreams in refs
     counters: dict[str, int] = field(default_factory=dict)
     # (upstream, repo, subject, artifact type) -> when
     referrers: dict[tuple[str, str, str, str], float] = field(default_factory=dict)
@@ -653,6 +664,7 @@ class AccessBatch:
         _, hits = self.content.get(digest, (0.0, 0))
         self.content[digest] = (when, hits + 1)
         self.refs.add((upstream, repository, digest))
+        self.ref_upstreams.setdefault(digest, set()).add(upstream)
 
     def touch_tag(self, upstream: str, repository: str, tag: str, when: float) -> None:
         self.tags[(upstream, repository, tag)] = when

@@ -100,9 +100,9 @@ class Transfer:
 
     def __init__(self, digest: Digest, store: BlobStore, space: Space, *, cache: bool = True) -> None:
         self.digest = digest
+        self.origin: tuple[str, str] | None = None     # (upstream, repository) it is fetched for
         self.store = store
         self.space = space
-        self.upstream: str | None = None   # the upstream it is fetched from (set by its starter)
         self.caching = cache            # the file is reserved in the cache and committed if verified
         self.spilling = False           # the file is outside the cache, deleted after its last reader
         self.size: int | None = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from dockermirror.routing import DOCKER_HUB, registry_key
@@ -34,9 +34,14 @@ def _write_file(path: str, content: str) -> str:
     return f"mkdir -p {Path(path).parent}\ncat > {path} <<'EOF'\n{content.rstrip()}\nEOF"
 
 
-def server_url(name: str) -> str:
-    """The URL of the registry ``name`` itself (what a client falls back to)."""
-    return HUB_SERVER if name == DOCKER_HUB else f"https://{name}"
+def server_url(name: str, urls: Mapping[str, str] | None = None) -> str:
+    """The URL of the registry ``name`` itself (what a client falls back to): the configured
+    upstream URL of its key when known (a plain-HTTP registry, an alias without the port), else
+    ``https://<name>``; Docker Hub's API address for docker.io."""
+    key = registry_key(name)
+    if key == DOCKER_HUB:
+        return HUB_SERVER
+    return (urls or {}).get(name) or f"https://{name}"
 
 
 # A registry name as one component of a repository path (the reference grammar: no ':').
@@ -72,9 +77,11 @@ def client_names(registries: Iterable[tuple[str, Iterable[str]]]) -> list[tuple[
 
 
 def instructions(host: str, *, tls: bool, ca_pem: str | None, ca_path: Path,
-                 registries: Sequence[tuple[str, Iterable[str]]], client_auth: str = "none") -> str:
+                 registries: Sequence[tuple[str, Iterable[str]]], urls: Mapping[str, str] | None = None,
+                 client_auth: str = "none") -> str:
     """Steps for a mirror reachable at ``host`` (HOST:PORT) that mirrors ``registries``:
-    (registry, aliases) of each upstream, the default first; ``client_auth`` (tls.client_auth):
+    (registry, aliases) of each upstream, the default first; ``urls``: each name's (and
+    alias's) upstream URL, where containerd falls back to; ``client_auth`` (tls.client_auth):
     where each client wants its certificate."""
     url = f"{'https' if tls else 'http'}://{host}"
     names = client_names(registries)
@@ -90,7 +97,7 @@ def instructions(host: str, *, tls: bool, ca_pem: str | None, ca_path: Path,
         out += [f"# (the CA {ca_path} could not be read here: copy it to each client as shown below)", ""]
     ca_text = (ca_pem or f"<contents of {ca_path}>") if tls else None
     out += _dockerd(host, url, ca_text, keys, prefixes)
-    out += _containerd(url, ca_text, names)
+    out += _containerd(url, ca_text, names, urls)
     out += _containers(host, ca_text, names, prefixes)
     if tls and client_auth != "none":
         out += _client_certificates(host, client_auth)
@@ -165,7 +172,8 @@ def _hosts_toml(url: str, ca_text: str | None, server: str | None) -> str:
     return "\n".join(lines)
 
 
-def _containerd(url: str, ca_text: str | None, names: list[tuple[str, str]]) -> list[str]:
+def _containerd(url: str, ca_text: str | None, names: list[tuple[str, str]],
+                urls: Mapping[str, str] | None) -> list[str]:
     out = ["## containerd (Kubernetes nodes, nerdctl, ctr --hosts-dir)", "",
            "# containerd must read hosts.toml files: in /etc/containerd/config.toml set, under",
            '#   [plugins."io.containerd.grpc.v1.cri".registry]     (containerd 1.x) or',
@@ -178,7 +186,7 @@ def _containerd(url: str, ca_text: str | None, names: list[tuple[str, str]]) -> 
                 "?ns=), then the registry itself"]
     for name, _ in names:
         out.append(_write_file(f"/etc/containerd/certs.d/{name}/hosts.toml",
-                               _hosts_toml(url, ca_text, server_url(name))))
+                               _hosts_toml(url, ca_text, server_url(name, urls))))
     out += ["", "# or, instead of (or as well as) the files above, one file for every registry: containerd asks",
             "# the mirror first with ?ns=<registry>; the mirror answers 404 for a registry it does not serve,",
             "# and containerd then falls back to that registry itself",

@@ -31,7 +31,7 @@ from dockermirror.app import DockerMirror
 from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
 from dockermirror.config import Config, ConfigError, ServerConfig
-from dockermirror.humanize import size
+from dockermirror.humanize import printable, size
 from dockermirror.service import logs
 from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
 from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
@@ -203,7 +203,13 @@ class Service:
                 new = _keep_tls(new, self.config)
         if new.listen != self.config.listen and not self.sockets:   # with sockets, systemd owns the address
             notes.append("listen")
-        notes += self.app.reconfigure(new)
+        try:
+            notes += self.app.reconfigure(new)
+        except Exception as exc:    # e.g. a CA bundle replaced by garbage after the configuration was read
+            log.error("reload refused, still running with the previous upstreams and cache settings: %s",
+                      printable(str(exc), quote=False))
+            self.systemd.ready(self.status())
+            return
         if new.server != self.config.server:
             self.protocol.limits = client_limits(new.server)
             if self._uv_config is not None:

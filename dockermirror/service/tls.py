@@ -10,6 +10,7 @@ import datetime
 import ipaddress
 import logging
 import ssl
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,24 @@ class Refusals:
         self.count[reason] = count
 
 
+def _message_hook() -> bool:
+    """Whether CPython's private TLS message callback (``SSLContext._msg_callback``, a property
+    since 3.8) is there and takes a callable, on a Python this was checked with (< 3.15). If
+    not, refused handshakes are not logged with their reason (one line at start says so); they
+    are refused all the same. tests/unit/test_mtls.py fails if the hook stops working."""
+    hook = getattr(ssl.SSLContext, "_msg_callback", None)
+    if sys.version_info >= (3, 15) or not isinstance(hook, property) or hook.fset is None:
+        return False
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context._msg_callback = lambda *args: None  # type: ignore[attr-defined]
+        return callable(context._msg_callback)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return False
+
+
+MESSAGE_HOOK = _message_hook()
+
 _MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 
@@ -161,6 +180,7 @@ def _new_context() -> ssl.SSLContext:
     # be able to sign a client certificate for the mirror)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION     # a client certificate is checked once, in the handshake
     return context
 
 
@@ -248,8 +268,12 @@ class ServerTLS:
         context.verify_mode = _MODES[client.mode]
         if client.mode == "none":
             return context, None
-        # a private hook (CPython's test suite uses it): the only place a refusal's reason shows
-        context._msg_callback = self.refusals  # type: ignore[attr-defined]
+        if MESSAGE_HOOK:
+            # a private hook (CPython's test suite uses it): the only place a refusal's reason shows
+            context._msg_callback = self.refusals  # type: ignore[attr-defined]
+        else:
+            log.info("this Python has no usable TLS message callback: refused client handshakes are not "
+                     "logged with their reason (they are refused all the same)")
         assert client.ca is not None
         try:
             context.load_verify_locations(cafile=str(client.ca))
@@ -277,6 +301,16 @@ class ServerTLS:
             self.context.verify_flags &= ~ssl.VERIFY_CRL_CHECK_LEAF
         self.current, self.revoked, self.client = current, revoked, client
         self.context.verify_mode = _MODES[client.mode]
+        # no session resumption while certificates are checked: a resumed session skips the check,
+        # so a certificate revoked since (or a client CA no longer trusted) would still get in.
+        # TLS 1.2 resumes by session ID from a cache Python cannot turn off: TLS 1.3 only, then
+        # (every client with client certificates speaks it), and no session tickets.
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_3 if client.mode != "none" else ssl.TLSVersion.TLSv1_2
+        self.context.num_tickets = 0 if client.mode != "none" else 2
+        if client.mode != "none":
+            self.context.options |= ssl.OP_NO_TICKET
+        else:
+            self.context.options &= ~ssl.OP_NO_TICKET
         if crl_check:
             self.context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 

@@ -309,7 +309,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # verified in the handshake, which is over by now; every request's scope names it
-        self._client_certificate = clientcert.of_transport(transport)
+        self._client_certificate = clientcert.after_handshake(transport)
         self._limits = type(self).limits
         self._head_pending = True
         self._budget = self._limits.max_header_size

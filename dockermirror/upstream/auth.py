@@ -2,13 +2,17 @@
 
 Tokens are cached per (realm, service, scope) until shortly before they expire, and
 fetched once however many requests need the same token at the same moment.
-Credentials are never logged.
+Credentials are never logged, and are sent only to a token realm the upstream may name
+(:mod:`.realms`): any other realm is refused (logged once, naming it) and the request fails.
+Without credentials a realm anywhere is asked (nothing to leak), but never over plain HTTP
+for an HTTPS upstream.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -18,6 +22,9 @@ import httpx
 
 from dockermirror.singleflight import SingleFlight
 from dockermirror.upstream.bodies import BadEncoding, BodyTooLarge, read_capped, send
+from dockermirror.upstream.realms import RealmRefused, check_realm
+
+log = logging.getLogger("dockermirror.upstream")
 
 _PARAM_RE = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 EXPIRY_MARGIN = 10.0      # seconds before a token's expiry at which it is no longer used
@@ -60,8 +67,16 @@ class Authenticator:
         username: str | None,
         password: str | None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        upstream: str,
+        token_realms: tuple[str, ...] = (),
     ) -> None:
+        """``upstream`` is the registry's base URL (whose challenges these are); ``token_realms``
+        the other hosts (``host`` or ``host:port``) its configuration trusts with the credentials."""
         self._client = client
+        self._upstream = upstream
+        self._token_realms = tuple(token_realms)
+        self._refused: set[str] = set()             # realms already logged as refused
         self._basic = (
             "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode() if username else None
         )
@@ -94,12 +109,24 @@ class Authenticator:
             self._use_basic = True
             return self._basic
         if challenge.scheme == "bearer" and "realm" in challenge.params:
+            self._check(challenge.params["realm"])
             self._bearer = challenge
             # The challenge's own scope wins: it is what this request needs.
             wanted = challenge.params.get("scope") or scope
             self._forget(challenge, wanted)
             return "Bearer " + await self._token(challenge, wanted)
         return None
+
+    def _check(self, realm: str) -> None:
+        """Refuse a realm the credentials may not go to (see :mod:`.realms`)."""
+        try:
+            check_realm(self._upstream, realm, credentials=self._basic is not None, listed=self._token_realms)
+        except RealmRefused as exc:
+            if exc.realm not in self._refused and len(self._refused) < 100:
+                self._refused.add(exc.realm)
+                log.warning("upstream %s: refused token realm %s: %s", httpx.URL(self._upstream).host,
+                            exc.realm, exc)
+            raise
 
     def _key(self, challenge: Challenge, scope: str) -> tuple[str, str, str]:
         return challenge.params["realm"], challenge.params.get("service", ""), scope

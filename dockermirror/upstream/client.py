@@ -2,8 +2,10 @@
 
 Blob bodies, which may take minutes, have their own connection pool; manifests, HEADs,
 tag lists and tokens use another, so they never wait behind slow blob downloads.
-It answers auth challenges, follows redirects to blob storage without sending
-``Authorization`` to another host, applies connect, stalled-read and minimum-progress
+It answers auth challenges (sending credentials only to a token realm it trusts, see
+:mod:`.realms`), follows redirects to blob storage without sending ``Authorization`` to
+another origin (never from HTTPS to HTTP, never to another scheme, at most MAX_REDIRECTS
+hops), applies connect, stalled-read and minimum-progress
 timeouts, caps every body it reads into memory (see :mod:`.bodies`), and turns the
 upstream's failures into :mod:`dockermirror.errors`.
 """
@@ -18,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, urlencode, urljoin
 
 import httpcore
 import httpx
@@ -37,6 +39,7 @@ from dockermirror.errors import (
 )
 from dockermirror.oci import MAX_MANIFEST_SIZE, OCI_INDEX
 from dockermirror.upstream.auth import AuthError, Authenticator
+from dockermirror.upstream.realms import RealmRefused, shown
 from dockermirror.upstream.bodies import (
     ERROR_BODY,
     MIN_PROGRESS,
@@ -182,9 +185,11 @@ class UpstreamClient:
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         transfer_timeout: float = TRANSFER_TIMEOUT,
+        token_realms: tuple[str, ...] = (),
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        """``transport`` replaces the network (tests pass an ``httpx.MockTransport``)."""
+        """``token_realms``: hosts besides the upstream's own site that may get the credentials
+        (see :mod:`.realms`); ``transport`` replaces the network (tests pass an ``httpx.MockTransport``)."""
         self.base = url.rstrip("/")
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
@@ -204,7 +209,8 @@ class UpstreamClient:
 
         self._client = pool(API_POOL)       # manifests, HEADs, tag lists, tokens
         self._blobs = pool(BLOB_POOL)       # blob bodies (and the redirects they follow)
-        self.auth = Authenticator(self._client, username, password)
+        self.auth = Authenticator(self._client, username, password, upstream=self.base,
+                                  token_realms=token_realms)
         # None until the first request; then whether the last one got an HTTP answer.
         self.reachable: bool | None = None
         self.last_failure: float | None = None
@@ -281,7 +287,9 @@ class UpstreamClient:
                           timeout=self.transfer_timeout)
 
     async def tags(self, repository: str, params: Headers) -> Reply:
-        query = "&".join(f"{k}={v}" for k, v in params)
+        """The tag list; ``params`` (``n``, ``last``, checked by the caller) are percent-encoded
+        here, so that none can add a parameter of its own."""
+        query = urlencode([(k, v) for k, v in params], quote_via=quote, safe="")
         path = "tags/list" + (f"?{query}" if query else "")
         return await self._reply("GET", repository, path, [], limit=16 * 1024 * 1024)
 
@@ -339,23 +347,24 @@ class UpstreamClient:
                     await response.aclose()
                     authorization = answer
                     response = await self._request(method, url, headers, authorization, blob)
-            for _ in range(MAX_REDIRECTS):
-                if response.status_code not in REDIRECTS or "location" not in response.headers:
-                    break
-                location = urljoin(str(response.url), response.headers["location"])
+            hops = 0
+            while response.status_code in REDIRECTS and "location" in response.headers:
+                if hops == MAX_REDIRECTS:
+                    await response.aclose()
+                    raise RegistryError(f"the upstream redirected too many times (more than {MAX_REDIRECTS})", status=502,
+                                        upstream_status=response.status_code)
+                hops += 1
                 await response.aclose()
-                same_origin = httpx.URL(location).netloc == httpx.URL(url).netloc
+                location = _redirect_target(url, response.headers["location"], response.status_code)
+                # ours only to the upstream itself (not on to a second hop at the storage's own host)
+                same_origin = _origin(location) == _origin(httpx.URL(self.base))
                 if response.status_code == 303:
                     method = "GET" if method != "HEAD" else "HEAD"
-                log.debug("upstream redirect %s -> %s", url, httpx.URL(location).host)
-                # Signed blob-storage URLs carry their own authorization: never send ours across hosts.
-                response = await self._request(method, location, headers,
+                log.debug("upstream redirect %s -> %s", shown(httpx.URL(url)), shown(location))
+                # Signed blob-storage URLs carry their own authorization: never send ours across origins.
+                response = await self._request(method, str(location), headers,
                                                authorization if same_origin else None, blob)
-                url = location
-            else:
-                await response.aclose()
-                raise RegistryError("upstream redirected too many times", status=502,
-                                    upstream_status=response.status_code)
+                url = str(location)
         except httpx.PoolTimeout:
             raise Unavailable("too many upstream requests are in progress; try again",
                               headers={"Retry-After": RETRY_AFTER}) from None
@@ -365,6 +374,9 @@ class UpstreamClient:
             raise RegistryError(f"the request could not be sent upstream: {exc}", status=502) from None
         except httpx.TransportError as exc:
             raise self._failed(exc) from None
+        except RealmRefused as exc:
+            # 403 DENIED, not a 5xx: clients show a 4xx's message (it says what to configure)
+            raise Denied(f"the upstream's token service was refused: {exc}", detail={"realm": exc.realm}) from None
         except AuthError as exc:
             if exc.status is None or exc.status >= 500:
                 raise self._failed(exc) from None
@@ -389,6 +401,30 @@ class UpstreamClient:
         self.last_failure = time.monotonic()
         self.last_error = str(error)
         return error
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"https": 443, "http": 80}.get(url.scheme)
+    return url.scheme, url.host.lower().rstrip("."), url.port or default
+
+
+def _redirect_target(url: str, location: str, status: int) -> httpx.URL:
+    """Where a redirect leads, if it may be followed: http(s) only, and never from HTTPS down
+    to HTTP (a signed URL or a body would cross the network in clear). Else a 502."""
+    try:
+        target = httpx.URL(urljoin(url, location))
+    except (httpx.InvalidURL, ValueError):
+        target = None
+    if target is None or target.scheme not in ("http", "https") or not target.host:
+        scheme = location.partition(":")[0][:20] if ":" in location else "?"
+        log.warning("upstream redirect from %s to a %r URL refused", shown(httpx.URL(url)), scheme)
+        raise RegistryError(f"the upstream redirected to a {scheme!r} URL, which is not followed",
+                            status=502, upstream_status=status)
+    if httpx.URL(url).scheme == "https" and target.scheme != "https":
+        log.warning("upstream redirect from %s to plain HTTP (%s) refused", shown(httpx.URL(url)), shown(target))
+        raise RegistryError(f"the upstream redirected from HTTPS to plain HTTP ({shown(target)}), which is "
+                            "not followed", status=502, upstream_status=status)
+    return target
 
 
 def _timeouts(connect_timeout: float, read_timeout: float) -> httpx.Timeout:

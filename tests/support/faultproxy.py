@@ -8,7 +8,9 @@ length and trickle it a byte at a time until released (a hostile upstream that p
 connections without ever being silent for a read timeout), or announce a false length.
 It can also act like Docker Hub: demand a bearer token (issued by its own ``/token``
 endpoint, optionally only for Basic credentials) or Basic auth, and redirect blob
-downloads to another host (a second proxy standing in for a CDN).
+downloads to another host (a second proxy standing in for a CDN). A hostile one: its
+challenge may name a realm anywhere (``realm``), its blob redirects may lead anywhere
+(``redirect_blobs``: ``http://``, ``file://``), and it can speak HTTPS (``start(tls=...)``).
 It can also answer the OCI 1.1 referrers API, which Debian's docker-registry (2.8) lacks:
 ``GET /v2/<name>/referrers/<digest>`` lists the registry's real manifests (every tag of the
 repository) whose ``subject`` is that digest, filtered by ``artifactType`` (saying so with
@@ -25,9 +27,11 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -67,6 +71,8 @@ class FaultProxy:
         self.basic_auth = False                           # demand Basic credentials
         self.credentials: tuple[str, str] | None = None   # what /token or Basic auth accepts (None: anyone)
         self.redirect_blobs: str | None = None            # base URL to 307-redirect blob GETs to
+        self.realm: str | None = None                     # the bearer challenge's realm (None: its own /token)
+        self.scheme = "http"                              # "https" once started with tls
         self.hang: float = 0.0                            # accept, then say nothing for this long
         self.delay: tuple[str, float] | None = None       # (regex, seconds): wait this long, then answer
         self.chunked: str | None = None                   # regex: send these bodies without a length
@@ -94,12 +100,13 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{self.scheme}://{self.address}"
 
     def requests(self, method: str | None = None, path: str | None = None) -> list[Seen]:
         return [s for s in self.seen if (not method or s.method == method) and (not path or re.search(path, s.path))]
 
-    def start(self) -> FaultProxy:
+    def start(self, tls: tuple[Path, Path] | None = None) -> FaultProxy:
+        """Listen (again); ``tls``: (certificate, key) to speak HTTPS with."""
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -126,6 +133,11 @@ class FaultProxy:
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -173,7 +185,7 @@ class FaultProxy:
             scope = f"repository:{match.group(1)}:pull" if match else ""
             token = header.removeprefix("Bearer ") if header and header.startswith("Bearer ") else None
             if token is None or (scope and self.tokens.get(token) != scope):
-                challenge = f'Bearer realm="{self.url}/token",service="test-registry"'
+                challenge = f'Bearer realm="{self.realm or self.url + "/token"}",service="test-registry"'
                 return denied, {"WWW-Authenticate": challenge + (f',scope="{scope}"' if scope else "")}
         return None
 

@@ -115,6 +115,8 @@ class FakeRegistry:
     status: int | None = None             # answer every registry request with this status
     token: str | None = None              # require "Bearer <token>", issued by https://<auth_host>/token
     auth_host: str = "auth.test"          # the token service's host
+    realm: str | None = None              # the challenge's realm instead of https://<auth_host>/token
+                                          # (requests to its scheme, host, port and path are token requests)
     redirect_blobs: bool = False          # blobs answer 307 to https://cdn.test/...
     tamper: set[str] = field(default_factory=set)   # blob digests served with wrong bytes
     on_request: Callable[[httpx.Request], None] | None = None
@@ -124,6 +126,10 @@ class FakeRegistry:
     referrers: bool = False               # answers GET /v2/<name>/referrers/<digest> (OCI 1.1)
     filters: bool = True                  # ... and applies ?artifactType= (says so: OCI-Filters-Applied)
     alter_referrers: Callable[[httpx.Request, Answer], None] | None = None
+    # blobs are served only for a repository an image holding them was pushed to (as a real
+    # registry does); off: any repository serves any blob it has
+    scoped_blobs: bool = False
+    owners: dict[str, set[str]] = field(default_factory=dict)   # blob digest -> repositories
 
     # --- content
 
@@ -139,6 +145,8 @@ class FakeRegistry:
         }, indent=3).encode()
         self.blobs[digest_of(config)] = config
         self.blobs[digest_of(layer)] = layer
+        for digest in (digest_of(config), digest_of(layer)):
+            self.owners.setdefault(digest, set()).add(repo)
         self.manifests[(repo, digest_of(manifest))] = (manifest, media_type)
         if tag is not None:
             self.manifests[(repo, tag)] = (manifest, media_type)
@@ -194,6 +202,16 @@ class FakeRegistry:
         return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
                            "manifests": self.referrers_of(repo, subject, artifact_type)}).encode()
 
+    @property
+    def realm_url(self) -> str:
+        return self.realm or f"https://{self.auth_host}/token"
+
+    def _is_realm(self, url: httpx.URL) -> bool:
+        if self.realm is None:
+            return False
+        realm = httpx.URL(self.realm)
+        return (url.scheme, url.host, url.port, url.path) == (realm.scheme, realm.host, realm.port, realm.path)
+
     # --- what it saw
 
     def requests(self, method: str | None = None, path_contains: str = "") -> list[Seen]:
@@ -211,7 +229,7 @@ class FakeRegistry:
             self.on_request(request)
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
-        if request.url.host == self.auth_host:
+        if request.url.host == self.auth_host or self._is_realm(request.url):
             return response(200, json_body={"token": self.token, "expires_in": 300})
         if request.url.host == "cdn.test":
             return self._blob(request.url.path.rsplit("/", 1)[-1], request)
@@ -220,7 +238,7 @@ class FakeRegistry:
             if request.url.path.startswith("/v2/") and request.url.path.count("/") >= 4:
                 repo = request.url.path[4:].rsplit("/", 2)[0]
                 scope = f',scope="repository:{repo}:pull"'
-            return response(401, {"WWW-Authenticate": f'Bearer realm="https://{self.auth_host}/token",'
+            return response(401, {"WWW-Authenticate": f'Bearer realm="{self.realm_url}",'
                                                       f'service="registry.test"{scope}'},
                             json_body={"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]})
         if self.status is not None:
@@ -232,6 +250,8 @@ class FakeRegistry:
             repo, _, reference = path.rpartition("/manifests/")
             return self._manifest(repo, reference, request)
         if "/blobs/" in path:
+            if self.scoped_blobs and repo_of_blob(path) not in self.owners.get(path.rsplit("/", 1)[-1], ()):
+                return _error(404, "BLOB_UNKNOWN", "blob unknown to registry")
             if self.redirect_blobs:
                 digest = path.rsplit("/", 1)[-1]
                 return response(307, {"Location": f"https://cdn.test/signed/{digest}"})
@@ -323,6 +343,11 @@ def response(status: int, headers: dict[str, str] | None = None, body: bytes = b
         headers.setdefault("Content-Type", "application/json")
     headers.setdefault("Content-Length", str(len(body)))
     return httpx.Response(status, headers=headers, stream=Body(body))
+
+
+def repo_of_blob(path: str) -> str:
+    """``a/b/blobs/<digest>`` -> ``a/b``."""
+    return path.rpartition("/blobs/")[0]
 
 
 def _error(status: int, code: str, message: str) -> httpx.Response:

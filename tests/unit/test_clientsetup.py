@@ -150,3 +150,19 @@ def test_the_command_prints_every_configured_upstream(tmp_path: Path, capsys):
     for name in ("docker.io", "ghcr.io", "ghcr.example.org", "quay.io", "_default"):
         assert f"http://{HOST}" in hosts_toml(files, name)["host"]
     assert list(mirrors(files)) == ["docker.io", "ghcr.io", "ghcr.example.org", "quay.io"]
+
+
+def test_containerd_falls_back_to_the_configured_upstream_url():
+    """A plain-HTTP private registry, and an alias without the port: containerd's server is the
+    URL the mirror uses for that upstream, not https://<name>."""
+    text = instructions("mirror.example:5000", tls=False, ca_pem=None, ca_path=Path("/ca.crt"),
+                        registries=[("docker.io", ()), ("registry.example.org:5000", ("registry.example.org",))],
+                        urls={"docker.io": "https://registry-1.docker.io",
+                              "registry.example.org:5000": "http://registry.example.org:5000",
+                              "registry.example.org": "http://registry.example.org:5000"})
+    files = heredocs(text)
+    for name in ("registry.example.org:5000", "registry.example.org"):
+        assert tomllib.loads(files[f"/etc/containerd/certs.d/{name}/hosts.toml"])["server"] == \
+            "http://registry.example.org:5000"
+    assert tomllib.loads(files["/etc/containerd/certs.d/docker.io/hosts.toml"])["server"] == \
+        "https://registry-1.docker.io"

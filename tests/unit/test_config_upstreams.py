@@ -88,7 +88,7 @@ MISTAKES = [
     pytest.param("upstreams:\n  - registry: ghcr.io\n    username: me\n    password_file: {world}\n",
                  4, "upstreams[0].password_file", "can be read by every user", id="password-file-world-readable"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    username: me\n    password_file: {empty}\n",
-                 4, "upstreams[0].password_file", "has no password on its first line", id="password-file-empty"),
+                 4, "upstreams[0].password_file", "holds no password", id="password-file-empty"),
     pytest.param("upstreams:\n  - registry: ghcr.io\ncache:\n  pin:\n    - myorg/*\n    - quay.io/org/*\n",
                  6, "cache.pin", "this mirror does not serve quay.io (it serves ghcr.io)", id="pin-unknown-registry"),
     pytest.param("cache:\n  pin: [ghcr.io/org/*]\n", 2, "cache.pin", "does not serve ghcr.io (it serves docker.io)",
@@ -256,7 +256,7 @@ async def test_reload_uses_a_rotated_password_file(tmp_path, registry, clock):
     pw = secret_file(tmp_path, "first-password\n")
     path = tmp_path / "config.yml"
     path.write_text(f"upstreams:\n  - registry: docker.io\n    url: {UPSTREAM}\n    username: me\n"
-                    f"    password_file: {pw}\ncache:\n  dir: {tmp_path / 'cache'}\n")
+                    f"    password_file: {pw}\n    token_realms: [auth.test]\ncache:\n  dir: {tmp_path / 'cache'}\n")
     app = DockerMirror(configuration.load(path), clock=clock, upstream_transport=registry.transport)
 
     def sent() -> list[str]:

@@ -158,9 +158,12 @@ def handshake(server: ServerTLS, ca: Path, client: Path | None = None) -> dict[s
 
     class Transport:
         def get_extra_info(self, key: str):
-            return s if key == "ssl_object" else None
+            return {"ssl_object": s, "sslcontext": server.context}.get(key)
 
-    return clientcert.of_transport(Transport())
+    seen = clientcert.after_handshake(Transport())
+    # handed back to the listening context: no message callback on every record from now on
+    assert s.context is server.context
+    return seen
 
 
 @pytest.fixture
@@ -187,6 +190,16 @@ def test_required_verifies_the_certificate_and_the_scope_names_it(paths, issued)
 
 def test_optional_lets_a_client_without_a_certificate_through(paths, issued):
     tls = server(paths, "optional")
+    assert handshake(tls, paths.ca) is None
+    assert handshake(tls, paths.ca, issued["bob"])["cn"] == "bob"
+
+
+def test_optional_refuses_a_revoked_certificate_when_one_is_given(paths, issued, tmp_path):
+    crl = tmp_path / "ca" / "crl.pem"
+    clientcerts.revoke(paths, "alice", crl)
+    tls = server(paths, "optional", crl)
+    with pytest.raises(ssl.SSLError):
+        handshake(tls, paths.ca, issued["alice"])
     assert handshake(tls, paths.ca) is None
     assert handshake(tls, paths.ca, issued["bob"])["cn"] == "bob"
 
@@ -305,3 +318,16 @@ def test_client_setup_says_where_each_client_keeps_its_pair():
     assert "/etc/containers/certs.d/m.example:5000/client.cert" in text
     assert 'client = [["/etc/containerd/docker-mirror-client.cert"' in text
     assert "client.cert" not in instructions("m.example:5000", **{**common, "tls": False}, client_auth="required")
+
+
+def test_the_private_tls_message_hook_still_works_on_this_python():
+    """service/tls.py logs why a client handshake was refused through CPython's private
+    SSLContext._msg_callback, checked at import (MESSAGE_HOOK); without it the refusals are not
+    logged. This fails when a new Python changes the hook: check it, then raise the bound."""
+    from dockermirror.service import tls
+
+    assert tls.MESSAGE_HOOK
+    seen = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context._msg_callback = lambda *args: seen.append(args)
+    assert context._msg_callback is not None

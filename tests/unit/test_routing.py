@@ -59,3 +59,28 @@ def test_pin_patterns_name_their_registry():
 ])
 def test_host_with_port(component, expected):
     assert host_with_port(component) is expected
+
+
+def test_one_upstream_that_is_not_docker_hub_keeps_its_dotted_namespaces():
+    """GitLab groups and Harbor projects may have dots: with one such upstream (the single
+    upstream: section of before) they are its repositories; a port or localhost still is not."""
+    gitlab = RegistryTable([("gitlab.example.com", ())], dotted_namespaces=True)
+    assert gitlab.route("my.group/app") == Route("gitlab.example.com", "my.group/app", False)
+    assert gitlab.route("my.app") == Route("gitlab.example.com", "my.app", False)
+    assert gitlab.route("gitlab.example.com/my.group/app") == Route("gitlab.example.com", "my.group/app", True)
+    assert gitlab.pattern("my.group/*") == "gitlab.example.com/my.group/*"
+    for name in ("127.0.0.1:9/x", "localhost/x", "gitlab.example.com"):
+        with pytest.raises(UnknownRegistry):
+            gitlab.route(name)
+    # Docker Hub has no such names; with several upstreams a dotted first component names one
+    for table in (RegistryTable([("docker.io", ())], dotted_namespaces=True),
+                  RegistryTable([("gitlab.example.com", ()), ("ghcr.io", ())], dotted_namespaces=True),
+                  RegistryTable([("gitlab.example.com", ())])):     # an upstreams: list of one
+        with pytest.raises(UnknownRegistry):
+            table.route("my.group/app")
+
+
+def test_a_pin_pattern_that_is_only_a_registry_is_refused():
+    with pytest.raises(UnknownRegistry, match="names a registry"):
+        TABLE.pattern("ghcr.io")
+    assert TABLE.pattern("registry.example.org:5000/team/*") == "registry.example.org:5000/team/*"

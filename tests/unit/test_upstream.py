@@ -66,7 +66,7 @@ async def test_token_is_fetched_once_for_many_requests_and_reused():
 async def test_credentials_go_to_the_token_service_as_basic():
     registry = FakeRegistry(token="t")
     registry.push("org/private", "1")
-    client = client_for(registry, username="robot", password="pw")
+    client = client_for(registry, username="robot", password="pw", token_realms=("auth.test",))
     try:
         assert (await client.manifest("org/private", "1", ALL_MANIFESTS, head=True)).status == 200
     finally:
@@ -79,7 +79,7 @@ async def test_tokens_expire_by_the_clock():
     clock = FakeClock(1000.0)
     registry = FakeRegistry(token="t")
     async with httpx.AsyncClient(transport=registry.transport) as http:
-        auth = Authenticator(http, None, None, clock=clock)
+        auth = Authenticator(http, None, None, clock=clock, upstream=UPSTREAM)
         challenge = 'Bearer realm="https://auth.test/token",service="registry.test"'
         assert await auth.answer(challenge, "repository:a:pull") == "Bearer t"
         assert await auth.header_for("repository:a:pull") == "Bearer t"
@@ -96,7 +96,7 @@ async def test_a_refusing_token_service_is_an_auth_error():
         return response(403, json_body={"details": "no"})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as http:
-        auth = Authenticator(http, None, None)
+        auth = Authenticator(http, None, None, upstream=UPSTREAM)
         with pytest.raises(AuthError) as caught:
             await auth.answer('Bearer realm="https://auth.test/token"', "repository:a:pull")
     assert caught.value.status == 403

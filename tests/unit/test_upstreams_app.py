@@ -512,3 +512,24 @@ async def test_a_down_upstream_does_not_fail_another_upstreams_pull_of_the_same_
     assert ghcr.status_code == 503
     assert hub.status_code == 200, hub.text
     assert digest_of(hub.content) == digest
+
+
+async def test_a_reload_whose_new_client_cannot_be_built_changes_nothing(tmp_path: Path):
+    """The CA bundle is replaced by garbage between reading the configuration and building the
+    clients: reconfigure fails before anything is swapped or retired (the service then refuses
+    the reload and keeps running with what it had)."""
+    from tests.support.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    fleet = Fleet()
+    app = DockerMirror(configuration.loads(upstreams_text(tmp_path / "cache")), clock=FakeClock(),
+                       upstream_transport=fleet.transport)
+    async with app.running():
+        before = list(app.mirror.upstreams)
+        new = configuration.loads(upstreams_text(tmp_path / "cache", docker_io=f"ca_bundle: {pki.ca}",
+                                                 ghcr_io=f"ca_bundle: {pki.ca}"))
+        pki.ca.write_text("not a certificate\n")
+        with pytest.raises(OSError):      # ssl.SSLError: no certificate in the bundle
+            app.reconfigure(new)
+        assert list(app.mirror.upstreams) == before
+        assert app._retired == {}
