@@ -66,10 +66,6 @@ class BadUpstreamHeader(RegistryError):
     status = 502
 
 
-def routes(mirror: Mirror, guard: Guard | None = None) -> list[Route]:
-    return api_routes(RegistryAPI(mirror, guard))
-
-
 def api_routes(api: RegistryAPI) -> list[Route]:
     return [_route("/v2/", api.endpoint(api.version_check)), _route("/v2/{path:path}", api.endpoint(api.dispatch))]
 
