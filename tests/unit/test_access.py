@@ -83,6 +83,9 @@ def error_of(text: str) -> str:
      "<string>:14: access[0].repositories[0]: invalid repository pattern"),
     ("access:\n  - allow: [anonymous]\n    repositories: [quay.io/x/*]\n",
      "<string>:13: access[0].repositories: repository pattern 'quay.io/x/*': this mirror does not serve quay.io"),
+    ("access:\n  - allow: [anonymous]\n    repositories: [ghcr.io]\n",
+     "<string>:13: access[0].repositories: repository pattern 'ghcr.io': ghcr.io names a registry: add the "
+     "repositories, as in ghcr.io/*"),
     ("access:\n  - allow: []\n", "<string>:13: access[0].allow: expected a list with at least one entry"),
     ("access:\n  - allow: anonymous\n", "<string>:13: access[0].allow: expected a list"),
     ("access:\n  allow: [anonymous]\n", "<string>:13: access: expected a list of rules"),
