@@ -15,12 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
-from tests.support.images import ALL_MANIFESTS
 from tests.support.clients import Podman, dir_manifest_digest, skopeo
+from tests.support.images import ALL_MANIFESTS
 from tests.support.procs import Mirror, wait_until
 from tests.test_mtls import MTLS, http
 
