@@ -74,9 +74,11 @@ def _seconds(value: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def wrk(url: str, connections: int, duration: int, threads: int = 2) -> WrkResult:
-    """``wrk -t2 -cN -dDs --latency URL``; any non-2xx answer or socket error fails."""
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency", url]
+def wrk(url: str, connections: int, duration: int, threads: int = 2,
+        headers: dict[str, str] | None = None) -> WrkResult:
+    """``wrk -t2 -cN -dDs --latency [-H ...] URL``; any non-2xx answer or socket error fails."""
+    extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency", *extra, url]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

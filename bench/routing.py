@@ -1,6 +1,7 @@
 """Does routing cost anything? The 32-client rows with one upstream and with three, in one run.
 
     .venv/bin/python -m bench.routing [--rounds 5] [--duration 6] [--counters-once] [--baseline REV]
+    .venv/bin/python -m bench.routing --auth [--rounds 5] [--duration 6]
 
 One upstream registry (seeded with 1 MiB blobs) and docker-mirror processes on 127.0.0.1,
 each run from a snapshot of the code (like ``python -m bench``). The variants:
@@ -14,6 +15,10 @@ each run from a snapshot of the code (like ``python -m bench``). The variants:
   three-once    (--counters-once) three, with ``Mirror.record`` counting each request only
                 into the totals, not also for its upstream (bench/counters_once.py)
   before        (--baseline REV) the code of git revision REV, one upstream
+  auth          (--auth, instead of the three-upstream variants) one upstream, auth.htpasswd (a
+                bcrypt cost-12 user) and an access: rule allowing that user library/*; every
+                request with its Basic credentials (checked once, then remembered: issue 16).
+                Its table goes between the bench-auth markers and into bench/results/auth.json.
 
 Rows, every variant once per round, in an order rotated each round (A B C, B C A, ...):
   warm: ``wrk -t2 -c32 -dDs`` on the cached 1 MiB blob: req/s, p99, server CPU µs per request;
@@ -27,6 +32,7 @@ Writes bench/results/routing.json and the table between the bench-routing marker
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime
 import hashlib
@@ -45,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
 from bench import report
 from bench.__main__ import revision
@@ -69,6 +76,7 @@ class Variant:
     server: str                    # which mirror process
     path: str                      # "{repo}" and "{digest}" filled in
     title: str
+    auth: bool = False             # requests carry the bench user's Basic credentials
 
 
 VARIANTS = {
@@ -80,7 +88,12 @@ VARIANTS = {
     "three-once": Variant("three-once", "three-once", "/v2/{repo}/blobs/{digest}",
                           "three upstreams, each request counted once (totals only)"),
     "before": Variant("before", "before", "/v2/{repo}/blobs/{digest}", "code of --baseline, one upstream"),
+    "auth": Variant("auth", "auth", "/v2/{repo}/blobs/{digest}",
+                    "one upstream, htpasswd + a rule, Basic credentials", auth=True),
 }
+AUTH_BEGIN, AUTH_END = "<!-- bench-auth:begin -->", "<!-- bench-auth:end -->"
+BENCH_USER, BENCH_PASSWORD = "bench", "bench password"
+BASIC = {"Authorization": "Basic " + base64.b64encode(f"{BENCH_USER}:{BENCH_PASSWORD}".encode()).decode()}
 
 
 @dataclass
@@ -100,6 +113,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--counters-once", action="store_true",
                         help="add the variant that counts each request once (totals only)")
     parser.add_argument("--baseline", metavar="REV", help="add the variant running git revision REV, one upstream")
+    parser.add_argument("--auth", action="store_true",
+                        help="one upstream with and without htpasswd + a rule (instead of the routing variants)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration < 1:
         parser.error("--rounds and --duration must be at least 1")
@@ -129,11 +144,12 @@ def code_of(revision: str, dest: Path) -> Path:
     return dest
 
 
-def curl_parallel(url: str, size: int, clients: int) -> float:
+def curl_parallel(url: str, size: int, clients: int, headers: dict[str, str] | None = None) -> float:
     """``clients`` GETs of ``url`` at once from one curl (--parallel, a connection each):
     wall seconds until the last is done; each must be a 200 with ``size`` bytes."""
     argv = ["curl", "-s", "--max-time", "60", "-Z", "--parallel-immediate", "--parallel-max", str(clients),
             "-w", "%{http_code} %{size_download}\\n"]
+    argv += [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
     for _ in range(clients):
         argv += ["-o", "/dev/null", url]
     started = time.perf_counter()
@@ -192,7 +208,18 @@ def table(series: dict[str, Series], metrics: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def micro(number: int = 100_000) -> dict[str, float]:
+def guarded(mirror: DockerMirror, htpasswd: Path) -> None:
+    """Give ``mirror`` an htpasswd file with the bench user (bcrypt, cost 12, as ``user add``
+    makes it) and one rule allowing that user the default upstream's library/."""
+    import bcrypt
+
+    htpasswd.write_text(f"{BENCH_USER}:{bcrypt.hashpw(BENCH_PASSWORD.encode(), bcrypt.gensalt(12)).decode()}\n")
+    mirror.config["auth"] = {"htpasswd": str(htpasswd)}
+    mirror.config["access"] = [{"allow": [f"user:{BENCH_USER}"], "repositories": ["library/*"]}]
+    mirror.config_path.write_text(yaml.safe_dump(mirror.config))
+
+
+def micro(number: int = 100_000, auth: bool = False) -> dict[str, float]:
     """What routing and counting cost per request, in this process: µs per call (best of 5 runs),
     of Mirror.resolve with one and with three upstreams, Mirror.record with and without the
     per-upstream counts, and the request log's extra field (``upstream=KEY``)."""
@@ -215,7 +242,31 @@ def micro(number: int = 100_000) -> dict[str, float]:
         "record, totals only": lambda: record_totals_only(three, "HIT", MiB, HUB),
         "log field upstream=KEY": lambda: printable(str(HUB or "-")),
     }
+    if auth:
+        calls = {name: call for name, call in calls.items() if "three" not in name and "once" not in name}
+        calls.update(_auth_calls())
     return {name: min(timeit.repeat(call, number=number, repeat=5)) / number * 1e6 for name, call in calls.items()}
+
+
+def _auth_calls() -> dict:
+    """What the guard does per request once a credential is remembered (issue 16)."""
+    import bcrypt
+
+    from dockermirror.access.htpasswd import Htpasswd, parse_basic
+    from dockermirror.access.identity import Identity
+    from dockermirror.access.rules import Rule, Rules, client_address
+    from dockermirror.routing import RegistryTable
+
+    users = Htpasswd({BENCH_USER: bcrypt.hashpw(BENCH_PASSWORD.encode(), bcrypt.gensalt(4)).decode()})
+    users.verify(BENCH_USER, BENCH_PASSWORD)
+    rules = Rules((Rule(True, (f"user:{BENCH_USER}",), None, ("library/*",)),), RegistryTable([(HUB, ())]))
+    who = Identity.user(BENCH_USER)
+    header = BASIC["Authorization"]
+    return {
+        "parse_basic": lambda: parse_basic(header),
+        "remembered credential (HMAC + lookup)": lambda: users.verify(BENCH_USER, BENCH_PASSWORD),
+        "rule decision, one rule": lambda: rules.decide(who, client_address("127.0.0.1"), HUB, WARM_REPO),
+    }
 
 
 def measure(args: argparse.Namespace, scratch: Path, names: list[str],
@@ -240,7 +291,7 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
         shutil.copy(Path(__file__).with_name("counters_once.py"), code)
         servers: dict[str, DockerMirror] = {}
         wanted = {VARIANTS[name].server for name in names}
-        for key in ("one", "three", "three-once", "before"):
+        for key in ("one", "three", "three-once", "before", "auth"):
             if key not in wanted:
                 continue
             source = code_of(args.baseline, scratch / "src-before") if key == "before" else code
@@ -248,6 +299,8 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                                   upstreams=three if key.startswith("three") else None)
             if key == "three-once":
                 mirror.argv = [sys.executable, "-P", str(code / "counters_once.py"), *mirror.argv[4:]]
+            if key == "auth":
+                guarded(mirror, scratch / "htpasswd")
             servers[key] = start(mirror)
             print(f"{key}: {mirror.url} ({'three upstreams' if key.startswith('three') else 'one upstream'}"
                   f"{', code of ' + args.baseline if key == 'before' else ''})", flush=True)
@@ -255,16 +308,24 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
         def url(name: str, repo: str, digest: str) -> str:
             return servers[VARIANTS[name].server].url + VARIANTS[name].path.format(repo=repo, digest=digest)
 
+        def headers(name: str) -> dict[str, str]:
+            return BASIC if VARIANTS[name].auth else {}
+
         for name in names:   # cache the warm blob, then a short wrk run as a warm-up
-            curl(url(name, WARM_REPO, warm), len(warm_data))
+            curl_parallel(url(name, WARM_REPO, warm), len(warm_data), 1, headers(name))
             server = servers[VARIANTS[name].server]
             wait_until(lambda s=server: s.blob_file(warm).exists(), 30, what="warm blob cached")
-            wrk(url(name, WARM_REPO, warm), CLIENTS, 2)
+            wrk(url(name, WARM_REPO, warm), CLIENTS, 2, headers=headers(name))
             if name != "before":    # served from the cache, routed to the registry (its log line says so)
                 path = VARIANTS[name].path.format(repo=WARM_REPO, digest=warm)
-                if not any(f'"GET {path}" 200 ' in line and f" cache=HIT upstream={HUB} " in line
+                who = f" identity=user:{BENCH_USER}" if VARIANTS[name].auth else ""
+                if not any(f'"GET {path}" 200 ' in line and f" cache=HIT upstream={HUB} " in line and who in line
                            for line in server.log_text().splitlines()):
-                    raise BenchError(f"{name}: no log line of GET {path} served from the cache for {HUB}")
+                    raise BenchError(f"{name}: no log line of GET {path} served from the cache for {HUB}{who}")
+            if VARIANTS[name].auth:     # and without credentials it is refused
+                status = httpx.get(url(name, WARM_REPO, warm)).status_code
+                if status != 401:
+                    raise BenchError(f"{name}: a request without credentials got HTTP {status}, not 401")
         with Monitor() as monitor:
             for number in range(args.rounds):
                 loads.append(load_average())
@@ -273,11 +334,11 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                     server = servers[VARIANTS[name].server]
                     busy = busy_seconds()
                     with monitor.watch(server.pid) as usage:
-                        result = wrk(url(name, WARM_REPO, warm), CLIENTS, args.duration)
+                        result = wrk(url(name, WARM_REPO, warm), CLIENTS, args.duration, headers=headers(name))
                     others = busy_seconds() - busy - usage.cpu - result.cpu
                     digest = cold[number][names.index(name)]
                     mark = upstream.mark()
-                    wall = curl_parallel(url(name, COLD_REPO, digest), MiB, CLIENTS)
+                    wall = curl_parallel(url(name, COLD_REPO, digest), MiB, CLIENTS, headers(name))
                     wait_until(lambda s=server, d=digest: s.blob_file(d).exists(), 30, what="cold blob cached")
                     time.sleep(0.3)   # the upstream's access log line
                     gets = len(upstream.requests(mark, method="GET", path=digest))
@@ -306,13 +367,13 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     command = shlex.join([".venv/bin/python", "-m", "bench.routing", *argv])
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    names = ["one", "three", "three-ns", "three-prefix"]
+    names = ["one", "auth"] if args.auth else ["one", "three", "three-ns", "three-prefix"]
     names += ["three-once"] if args.counters_once else []
     names += ["before"] if args.baseline else []
     date, started = datetime.datetime.now(datetime.UTC), time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="dm-routing-", dir="/var/tmp"))
     loads: list[float] = []
-    costs = micro()
+    costs = micro(auth=args.auth)
     print("in-process, µs per call: " + ", ".join(f"{name} {us:.2f}" for name, us in costs.items()), flush=True)
     try:
         series = measure(args, scratch, names, loads)
@@ -347,12 +408,17 @@ def main(argv: list[str]) -> int:
     ])
     print("\n" + text + "\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "routing.json").write_text(json.dumps({
+    (RESULTS / ("auth.json" if args.auth else "routing.json")).write_text(json.dumps({
         "command": command, "date": date.isoformat(timespec="seconds"), "machine": report.machine(),
         "revision": head, "seconds": round(seconds, 1), "load_average_per_round": loads, "args": vars(args),
         "in_process_us_per_call": costs,
         "variants": {name: {"title": VARIANTS[name].title, "rounds": s.values} for name, s in series.items()},
     }, indent=2) + "\n")
+    if args.auth:
+        print("wrote bench/results/auth.json")
+        report.replace_readme(ROOT / "README.md", text, AUTH_BEGIN, AUTH_END)
+        print("updated the auth table in README.md")
+        return 0
     print("wrote bench/results/routing.json")
     report.replace_readme(ROOT / "README.md", text, BEGIN, END)
     print("updated the routing table in README.md")

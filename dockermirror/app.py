@@ -21,7 +21,8 @@ from starlette.applications import Starlette
 
 from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 from dockermirror.api.accesslog import AccessLog
-from dockermirror.api.routes import routes
+from dockermirror.access.guard import Guard
+from dockermirror.api.routes import RegistryAPI, api_routes
 from dockermirror.cache import Cache, Limits
 from dockermirror.config import AuthConfig, Config, UpstreamConfig
 from dockermirror.mirror import Mirror, Upstream, Upstreams
@@ -93,7 +94,8 @@ class DockerMirror:
         self._retired: dict[int, Callable[[], Awaitable[None]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._retire_keys = itertools.count()
-        starlette = Starlette(routes=routes(self.mirror), lifespan=lambda app: self.running())
+        self.api = RegistryAPI(self.mirror, self._guard(config))
+        starlette = Starlette(routes=api_routes(self.api), lifespan=lambda app: self.running())
         self.asgi = AccessLog(starlette, on_done=self.mirror.record)
 
     def _client(self, up: UpstreamConfig) -> UpstreamClient:
@@ -101,6 +103,10 @@ class DockerMirror:
         client = _client(up, self._transport)
         self._ca_read[client] = fingerprint
         return client
+
+    def _guard(self, config: Config) -> Guard:
+        """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd."""
+        return Guard.of(config, self.htpasswd)
 
     @property
     def upstream_client(self) -> UpstreamClient:
@@ -156,6 +162,7 @@ class DockerMirror:
             self.cache.set_limits(_limits(new))
             self.mirror.tag_ttl = new.cache.tag_ttl
         self._reload_htpasswd(new.auth)
+        self.api.guard = self._guard(new)     # new requests use the new rules (and users)
         self.config = new
         return restart
 

@@ -59,7 +59,66 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"# warning: auth.htpasswd: {warning}")
     print(f"# effective configuration (from {config.source})")
     print(configuration.dump(config), end="")
+    for line in _rule_warnings(config):
+        print(f"docker-mirror: warning: {line}", file=sys.stderr)
     return 0
+
+
+def _rule_warnings(config: Config) -> list[str]:
+    """Rules that can never decide: an earlier rule matches every request they match."""
+    if not config.access:
+        return []
+    from dockermirror.access.rules import Rules
+    from dockermirror.routing import RegistryTable
+
+    table = RegistryTable((up.registry, up.aliases) for up in config.registries)
+    warnings = [f"{config.source}:{rule.line}: access[{rule.index}] ({rule.action}) never applies: "
+                f"{earlier.where()} ({earlier.action}) already matches every request it matches"
+                for rule, earlier in Rules(config.access, table).shadowed()]
+    if config.auth.htpasswd is None:
+        warnings += [f"{config.source}:{rule.line}: access[{rule.index}] names {name}, but there are no users "
+                     "without auth.htpasswd" for rule in config.access
+                     for name in [next((i for i in rule.identities if i.startswith("user:")), None)] if name]
+    return warnings
+
+
+def cmd_access_check(args: argparse.Namespace) -> int:
+    """Print the rule that decides whether IDENTITY may pull REPOSITORY; exit 0 if allowed, 1 if not."""
+    from dockermirror.access.guard import Guard
+    from dockermirror.access.identity import Identity
+    from dockermirror.access.rules import client_address
+    from dockermirror.routing import UnknownRegistry
+
+    config = _load(args)
+    try:
+        identity = Identity.parse(args.identity)
+    except ValueError as exc:
+        print(f"docker-mirror: {exc}", file=sys.stderr)
+        return 2
+    if args.source is not None and client_address(args.source) is None:
+        print(f"docker-mirror: invalid address {args.source!r} for --from", file=sys.stderr)
+        return 2
+    # whether a user exists is not asked (nor the file read): the rules decide for a name
+    guard = Guard.of(config, htpasswd=object() if config.auth.htpasswd else None)  # type: ignore[arg-type]
+    try:
+        route = guard.rules.table.route(args.repository.lower())
+    except UnknownRegistry as exc:
+        print(f"docker-mirror: {exc}", file=sys.stderr)
+        return 2
+    who = f"{identity}{f' from {args.source}' if args.source else ''} pulling {route.registry}/{route.repository}"
+    if not guard.active:
+        print(f"allow: no rules: anyone may pull ({who})")
+        return 0
+    decision = guard.decide(identity, args.source, route.registry, route.repository)
+    action = "allow" if decision.allowed else "deny"
+    if not guard.explicit:
+        print(f"{action}: no rules, and auth.htpasswd is set: users may pull everything, anonymous clients "
+              f"nothing ({who})")
+    elif decision.rule is None:
+        print(f"deny: default deny: no rule of access: matches {who}")
+    else:
+        print(f"{action}: {decision.rule.where()} of {config.source} decides for {who}")
+    return 0 if decision.allowed else 1
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -212,6 +271,17 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate the configuration and print the effective values")
     check.add_argument("--config", type=Path, help=config_help)
     check.set_defaults(run=cmd_check_config)
+
+    access = commands.add_parser("access", help="the access: rules")
+    access_commands = access.add_subparsers(dest="access_command", required=True, metavar="COMMAND")
+    access_check = access_commands.add_parser(
+        "check", help="print the rule that decides whether IDENTITY may pull REPOSITORY (exit 0: allowed, 1: not)")
+    access_check.add_argument("identity", metavar="IDENTITY", help="anonymous, user:NAME or cert:COMMON-NAME")
+    access_check.add_argument("repository", metavar="REPOSITORY",
+                              help="as a client names it: library/centos, ghcr.io/myorg/app")
+    access_check.add_argument("--from", dest="source", metavar="ADDRESS", help="the client's address")
+    access_check.add_argument("--config", type=Path, help=config_help)
+    access_check.set_defaults(run=cmd_access_check)
 
     cache = commands.add_parser("cache", help="look after the cache (also while the server runs)")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")

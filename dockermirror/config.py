@@ -12,13 +12,16 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import yaml
 
 from dockermirror.routing import DOCKER_HUB, DOCKER_HUB_ALIASES, RegistryTable, UnknownRegistry, registry_key
+
+if TYPE_CHECKING:
+    from dockermirror.access.rules import Rule
 
 DEFAULT_PATH = Path("/etc/docker-mirror/config.yml")
 
@@ -405,6 +408,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # who may pull what (dockermirror/access/rules.py); none: anyone may pull everything
+    access: tuple[Rule, ...] = field(default=(), metadata={"rules": True})
     source: str = field(default="(defaults)", compare=False, metadata={"internal": True})
 
     @property
@@ -448,7 +453,7 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _is_section(f: dataclasses.Field) -> bool:
-    return "parse" not in f.metadata and "items" not in f.metadata
+    return "parse" not in f.metadata and "items" not in f.metadata and "rules" not in f.metadata
 
 
 def _replace_dotted(obj: Any, path: list[str], raw: Any) -> Any:
@@ -522,6 +527,10 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
         if isinstance(value_node, yaml.SequenceNode):    # the line of each item: aliases[1]
             lines.update((f"{key}[{j}]", item.start_mark.line + 1) for j, item in enumerate(value_node.value))
         null = isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")
+        if "rules" in f.metadata:
+            if not null:
+                values[key] = _build_rules(value_node, loader, source, dotted)
+            continue
         if "items" in f.metadata:
             if null:
                 continue
@@ -560,6 +569,8 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
                           line=lines["upstreams"], key="upstreams")
     if cls is Config and values.get("cache") is not None:
         _check_pins(built, source, node)
+    if cls is Config and built.access:
+        _check_rules(built, source)
     return built
 
 
@@ -599,6 +610,73 @@ def _build_items(cls: type, node: yaml.SequenceNode, loader: yaml.SafeLoader, so
             owners[canonical] = (i, line)
         items.append(built)
     return tuple(items)
+
+
+_RULE_KEYS = ("allow", "deny", "from", "repositories")
+
+
+def _build_rules(node: yaml.Node, loader: yaml.SafeLoader, source: str, prefix: str) -> tuple[Rule, ...]:
+    """The ``access:`` list: each rule one allow: or deny: with its identities, optional from:
+    and repositories:; every error names the line of the item at fault."""
+    from dockermirror.access import rules
+
+    if not isinstance(node, yaml.SequenceNode):
+        raise ConfigError("expected a list of rules (- allow: [...] or - deny: [...])", source=source,
+                          line=node.start_mark.line + 1, key=prefix)
+    built = []
+    for i, item in enumerate(node.value):
+        where = f"{prefix}[{i}]"
+        line = item.start_mark.line + 1
+        if not isinstance(item, yaml.MappingNode):
+            raise ConfigError("expected a rule: a mapping with allow: or deny:", source=source, line=line, key=where)
+        given: dict[str, Any] = {}
+        for key_node, value_node in item.value:
+            key = getattr(key_node, "value", str(key_node))
+            key_line = key_node.start_mark.line + 1
+            if key not in _RULE_KEYS:
+                raise ConfigError(f"unknown key (known here: {', '.join(_RULE_KEYS)})", source=source,
+                                  line=key_line, key=f"{where}.{key}")
+            if key in given:
+                raise ConfigError("key given twice", source=source, line=key_line, key=f"{where}.{key}")
+            if not isinstance(value_node, yaml.SequenceNode) or not value_node.value:
+                raise ConfigError("expected a list with at least one entry", source=source, line=key_line,
+                                  key=f"{where}.{key}")
+            parse = {"allow": rules.parse_identity, "deny": rules.parse_identity, "from": rules.parse_network,
+                     "repositories": rules.parse_repository_pattern}[key]
+            values = []
+            for j, entry in enumerate(value_node.value):
+                try:
+                    if not isinstance(entry, yaml.ScalarNode):
+                        raise ValueError("expected a single value" + (
+                            " (a colon then a space makes a mapping: quote it, as in 'user:ci')"
+                            if isinstance(entry, yaml.MappingNode) else ""))
+                    values.append(parse(loader.construct_object(entry)))
+                except ValueError as exc:
+                    raise ConfigError(str(exc), source=source, line=entry.start_mark.line + 1,
+                                      key=f"{where}.{key}[{j}]") from None
+            given[key] = tuple(values)
+        if ("allow" in given) == ("deny" in given):
+            raise ConfigError("a rule needs one of allow: or deny: (a list of identities), not "
+                              + ("both" if given.get("allow") else "neither"), source=source, line=line, key=where)
+        built.append(rules.Rule(allow="allow" in given, identities=given.get("allow") or given["deny"],
+                                networks=given.get("from"), repositories=given.get("repositories", ("*",)),
+                                index=i, line=line))
+    return tuple(built)
+
+
+def _check_rules(config: Config, source: str) -> None:
+    """Every repository pattern of a rule that names a registry names a configured one."""
+    from dockermirror.access.rules import compile_patterns
+    from dockermirror.routing import RegistryTable, UnknownRegistry
+
+    table = RegistryTable((up.registry, up.aliases) for up in config.registries)
+    for rule in config.access:
+        for pattern in rule.repositories:
+            try:
+                compile_patterns([pattern], table)
+            except UnknownRegistry as exc:
+                raise ConfigError(f"repository pattern {pattern!r}: {exc}", source=source, line=rule.line,
+                                  key=f"access[{rule.index}].repositories") from None
 
 
 def default_url(registry: str) -> str:
@@ -676,6 +754,14 @@ def _pin_line(node: yaml.MappingNode, pattern: str) -> int | None:
     return None
 
 
+def _plain_rule(rule: Rule) -> dict[str, Any]:
+    out: dict[str, Any] = {rule.action: list(rule.identities)}
+    if rule.networks is not None:
+        out["from"] = [str(network) for network in rule.networks]
+    out["repositories"] = list(rule.repositories)
+    return out
+
+
 def dump(config: Config) -> str:
     """The effective configuration as YAML, secrets masked."""
 
@@ -690,7 +776,10 @@ def dump(config: Config) -> str:
                 continue    # upstreams: replaces it
             if name == "password" and getattr(obj, "password_file", None) is not None:
                 continue    # read from password_file (shown): not given here
-            if "items" in f.metadata:
+            if "rules" in f.metadata:
+                if value:
+                    out[name] = [_plain_rule(rule) for rule in value]
+            elif "items" in f.metadata:
                 if value:
                     out[name] = [plain(item) for item in value]
             elif _is_section(f):

@@ -2,7 +2,8 @@
 
 Handlers leave notes for the line in ``scope["state"]``: ``cache`` (HIT, MISS, STALE,
 COALESCED, PASS), ``upstream`` (the upstream the request was routed to),
-``upstream_status`` (the upstream's HTTP status) and ``note`` (why a request failed).
+``upstream_status`` (the upstream's HTTP status), ``identity`` (who asked, once the access
+guard or a client certificate says) and ``note`` (why a request failed).
 A request on a connection with a verified client certificate names its subject (``cert=``).
 
 Everything in the line that a client (or an upstream, through a note) chose is escaped
@@ -12,6 +13,7 @@ like nginx does (``\x0d``, ``\x1b``, ``\x22``): a request cannot forge or split 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -22,6 +24,15 @@ from dockermirror.humanize import printable
 log = logging.getLogger("dockermirror.access")
 
 API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
+_PLAIN = re.compile(r"[A-Za-z0-9._:@*-]+")
+
+
+def _identity(identity: object) -> str:
+    """`` identity=user:ci``; quoted and escaped when it holds more than a plain name (a
+    certificate's common name can hold anything; its whole subject follows as ``cert=``)."""
+    text = str(identity)
+    return f" identity={text}" if _PLAIN.fullmatch(text) else f' identity="{printable(text)}"'
+
 
 
 class AccessLog:
@@ -62,12 +73,14 @@ class AccessLog:
             client = scope.get("client") or ("-", 0)
             note = state.get("note") or ("" if complete or not status else "incomplete")
             upstream = state.get("upstream")
+            identity = state.get("identity")
             certificate = scope.get("client_certificate")
             log.info(
-                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s',
+                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s',
                 printable(str(client[0])), printable(scope["method"]), path, status, sent,
                 (time.perf_counter() - started) * 1000, cache or "-", printable(str(upstream or "-")),
                 printable(str(state.get("upstream_status") or "-")),
+                _identity(identity) if identity is not None else "",
                 f' cert="{printable(certificate["subject"])}"' if certificate else "",
                 f' note="{printable(str(note))}"' if note else "",
             )

@@ -20,6 +20,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from dockermirror.access.guard import Guard
+from dockermirror.access.identity import Identity
+from dockermirror.access.rules import Rules
 from dockermirror.api.links import next_page_link
 from dockermirror.api.ranges import ByteRange, RangeNotSatisfiable, parse_range
 from dockermirror.api.responses import StreamResponse, error_response, sendable
@@ -63,8 +66,7 @@ class BadUpstreamHeader(RegistryError):
     status = 502
 
 
-def routes(mirror: Mirror) -> list[Route]:
-    api = RegistryAPI(mirror)
+def api_routes(api: RegistryAPI) -> list[Route]:
     return [_route("/v2/", api.endpoint(api.version_check)), _route("/v2/{path:path}", api.endpoint(api.dispatch))]
 
 
@@ -138,8 +140,10 @@ def _digest(text: str) -> Digest:
 
 
 class RegistryAPI:
-    def __init__(self, mirror: Mirror) -> None:
+    def __init__(self, mirror: Mirror, guard: Guard | None = None) -> None:
         self.mirror = mirror
+        # who may pull what; replaced by a reload (a request keeps the one it started with)
+        self.guard = guard if guard is not None else Guard(Rules((), mirror.upstreams.table))
 
     def endpoint(self, handler: Callable[[Request], Awaitable[ASGIApp]]) -> Callable[[Request], Awaitable[ASGIApp]]:
         """Wrap a handler: read-only check, registry errors as JSON, no traceback to clients."""
@@ -150,11 +154,18 @@ class RegistryAPI:
                 if request.method not in READ_METHODS:
                     raise Unsupported("this registry is a read-only mirror: pushes and deletes are not supported",
                                       headers={"Allow": "GET, HEAD"})
+                guard = request.state.guard = self.guard
+                if guard.active:
+                    request.state.identity = await guard.identify(request.scope, request.headers.get("authorization"))
+                elif certificate := request.scope.get("client_certificate"):
+                    request.state.identity = Identity.certificate(certificate)  # for the log
                 return await handler(request)
             except RegistryError as exc:
                 if exc.upstream_status is not None:
                     request.state.upstream_status = exc.upstream_status
-                request.state.note = f"{exc.code}: {exc.message}"
+                refusal = getattr(exc, "refusal", None)
+                request.state.note = f"{exc.code}: {exc.message}" + (
+                    f" (user {refusal.user!r})" if refusal is not None and refusal.user else "")
                 return error_response(exc, head=head)
             except Exception as exc:
                 trace = " | ".join(line.strip() for line in traceback.format_exception(exc) if line.strip())
@@ -166,6 +177,9 @@ class RegistryAPI:
         return run
 
     async def version_check(self, request: Request) -> Response:
+        guard: Guard = request.state.guard
+        if guard.active:
+            guard.ping(request.state.identity, request.client.host if request.client else None)
         return JSONResponse({})
 
     async def dispatch(self, request: Request) -> ASGIApp:
@@ -195,6 +209,10 @@ class RegistryAPI:
     def _resolve(self, request: Request, name: str, namespace: str | None) -> Repo:
         repo = self.mirror.resolve(name, namespace)
         request.state.upstream = repo.upstream.key      # for the request log and the counters
+        guard: Guard = request.state.guard
+        if guard.active:    # before anything touches the cache or the upstream
+            guard.check(request.state.identity, request.client.host if request.client else None,
+                        repo.upstream.key, repo.name)
         return repo
 
     async def manifest(self, request: Request, repo: Repo, reference: str) -> Response:

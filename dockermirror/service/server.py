@@ -122,6 +122,8 @@ class Service:
         uv_config = uvicorn.Config(
             self.app.asgi, host=host, port=port, lifespan="on", log_config=None, access_log=False,
             server_header=False, timeout_graceful_shutdown=GRACE, http=self.protocol,
+            # the client address is the TCP peer's (access: from: rules): never X-Forwarded-For
+            proxy_headers=False,
         )
         _apply_server(uv_config, self.config.server)
         uv_config.load()

@@ -1,0 +1,124 @@
+"""The guard: who is asking (certificate, htpasswd credentials, or nobody) and may they pull this.
+
+The application builds one Guard from the configuration (a new one on reload); the registry
+API asks it for every request: :meth:`Guard.identify` first (wrong credentials: 401), then
+:meth:`Guard.check` once the request is routed to an upstream repository, before the cache or
+the upstream is touched (denied: 403 DENIED naming the rule, or 401 when credentials could
+help), and :meth:`Guard.ping` for ``/v2/``.
+
+Without rules and without htpasswd the guard is inactive and the API does not call it.
+Without rules but with htpasswd, every user may pull everything and anonymous clients
+nothing (what configuring a password file asks for); with rules, the rules decide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from dockermirror.access.htpasswd import parse_basic
+from dockermirror.access.identity import ANONYMOUS, CERTIFICATE, USER, Identity
+from dockermirror.access.rules import Decision, Rule, Rules, client_address
+from dockermirror.errors import Denied, Unauthorized
+from dockermirror.routing import RegistryTable
+
+REALM = "docker-mirror"
+_EMPTY_LOGIN = "Og=="       # base64 of ":"
+CHALLENGE = {"WWW-Authenticate": f'Basic realm="{REALM}"'}
+# implied when htpasswd is configured and no rules are: users may pull everything
+_USERS_ONLY = Rule(allow=True, identities=("authenticated",), index=-1)
+
+
+class PasswordFile(Protocol):
+    """The users of auth.htpasswd (dockermirror.access.htpasswd.Htpasswd)."""
+
+    async def check(self, user: str, password: str) -> bool: ...
+
+
+@dataclass
+class Refusal:
+    """Why credentials were refused, for the request log (never shown to the client)."""
+
+    user: str
+
+
+class Guard:
+    def __init__(self, rules: Rules, htpasswd: PasswordFile | None = None) -> None:
+        """``rules``: the ``access:`` rules (maybe none); ``htpasswd``: the users, if configured."""
+        self.htpasswd = htpasswd
+        self.explicit = bool(rules)
+        self.rules = Rules((_USERS_ONLY,), rules.table) if htpasswd is not None and not rules else rules
+        self.active = bool(rules) or htpasswd is not None
+
+    @classmethod
+    def of(cls, config: Any, htpasswd: PasswordFile | None = None) -> Guard:
+        """The guard of a configuration's ``access:`` rules, with the users of its auth.htpasswd."""
+        table = RegistryTable((up.registry, up.aliases) for up in config.registries)
+        return cls(Rules(tuple(config.access), table), htpasswd)
+
+    # --- who
+
+    async def identify(self, scope: dict[str, Any], authorization: str | None) -> Identity:
+        """The request's identity: a verified client certificate, else Basic credentials checked
+        against the htpasswd file (wrong ones: 401 UNAUTHORIZED), else anonymous. Credentials
+        are ignored without an htpasswd file, and when a certificate was presented."""
+        certificate = scope.get("client_certificate")
+        if certificate:
+            return Identity.certificate(certificate)
+        if self.htpasswd is None or not authorization:
+            return ANONYMOUS
+        credentials = parse_basic(authorization)
+        if credentials is None:
+            scheme, _, token = authorization.strip().partition(" ")
+            if scheme.lower() != "basic" or token.strip() == _EMPTY_LOGIN:
+                # another scheme (a token meant for someone else), or an empty login (what
+                # some clients without credentials answer a challenge with)
+                return ANONYMOUS
+            raise self._unauthorized("malformed Basic credentials", Refusal(""))
+        user, password = credentials
+        # a credential verified lately answers at once; bcrypt runs in a thread
+        if await self.htpasswd.check(user, password):
+            return Identity.user(user)
+        raise self._unauthorized("wrong user name or password", Refusal(user))
+
+    def _unauthorized(self, message: str, refusal: Refusal) -> Unauthorized:
+        error = Unauthorized(message, headers=dict(CHALLENGE))
+        error.refusal = refusal     # type: ignore[attr-defined]
+        return error
+
+    # --- may they
+
+    def decide(self, identity: Identity, host: str | None, key: str, repository: str) -> Decision:
+        return self.rules.decide(identity, client_address(host), key, repository)
+
+    def check(self, identity: Identity, host: str | None, key: str, repository: str) -> None:
+        """Raise 403 DENIED (or 401 if logging in could help) unless ``identity`` may pull."""
+        address = client_address(host)
+        decision = self.rules.decide(identity, address, key, repository)
+        if decision.allowed:
+            return
+        full = f"{key}/{repository}"
+        if not identity.authenticated and self.htpasswd is not None \
+                and self.rules.could_allow(USER, address, key, repository):
+            raise Unauthorized(f"authentication required to pull {full}: log in to this mirror with your "
+                               "user name and password", headers=dict(CHALLENGE), detail={"repository": full})
+        rule = decision.rule
+        if rule is not None and rule.index >= 0:
+            message = f"{identity} may not pull {full}: denied by rule {rule.where()} of access:"
+            detail: dict[str, Any] = {"repository": full, "rule": rule.index, "line": rule.line}
+        else:
+            message = f"{identity} may not pull {full}: no rule of access: allows it (default deny)"
+            detail = {"repository": full, "rule": "default deny"}
+        if not identity.authenticated and self.rules.could_allow(CERTIFICATE, address, key, repository):
+            message += "; a client certificate may be allowed"
+        raise Denied(message, detail=detail)
+
+    def ping(self, identity: Identity, host: str | None) -> None:
+        """``/v2/``: an anonymous client that may pull nothing from where it is gets the Basic
+        challenge (with an htpasswd file), so that docker and podman send their credentials
+        (they send them only once challenged); everyone else gets 200."""
+        if identity.authenticated or self.htpasswd is None:
+            return
+        if not self.rules.anonymous_may_pull(client_address(host)):
+            raise Unauthorized("authentication required: log in to this mirror with your user name and password",
+                               headers=dict(CHALLENGE))

@@ -1,0 +1,52 @@
+"""Who a request comes from: a verified client certificate, an htpasswd user, or nobody.
+
+``str(identity)`` is how rules and log lines name it: ``anonymous``, ``user:alice``,
+``cert:<common name>``. A certificate's full subject is kept for the log (two certificates
+may share a common name; the subject tells them apart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ANONYMOUS_KIND, USER, CERTIFICATE = "anonymous", "user", "certificate"
+PREFIX = {USER: "user", CERTIFICATE: "cert"}
+
+
+@dataclass(frozen=True)
+class Identity:
+    kind: str                       # anonymous, user or certificate
+    name: str = ""                  # the user name, or the certificate's common name
+    subject: str | None = None      # a certificate's RFC 4514 subject
+
+    def __str__(self) -> str:
+        return ANONYMOUS_KIND if self.kind == ANONYMOUS_KIND else f"{PREFIX[self.kind]}:{self.name}"
+
+    @property
+    def authenticated(self) -> bool:
+        return self.kind != ANONYMOUS_KIND
+
+    @classmethod
+    def user(cls, name: str) -> Identity:
+        return cls(USER, name)
+
+    @classmethod
+    def certificate(cls, info: dict[str, Any]) -> Identity:
+        """From the TLS layer's ``scope["client_certificate"]`` (subject, cn, serial). A
+        certificate without a common name is named by its subject."""
+        subject = str(info.get("subject") or "")
+        return cls(CERTIFICATE, str(info.get("cn") or subject), subject or None)
+
+    @classmethod
+    def parse(cls, text: str) -> Identity:
+        """``anonymous``, ``user:NAME`` or ``cert:CN`` (as ``docker-mirror access check`` takes it)."""
+        if text == ANONYMOUS_KIND:
+            return ANONYMOUS
+        kind, sep, name = text.partition(":")
+        if sep and name and kind in ("user", "cert"):
+            return cls(USER if kind == "user" else CERTIFICATE, name)
+        raise ValueError(f"invalid identity {text!r}: expected anonymous, user:NAME or cert:COMMON-NAME")
+
+
+ANONYMOUS = Identity(ANONYMOUS_KIND)

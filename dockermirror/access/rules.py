@@ -1,0 +1,290 @@
+"""The ``access:`` rules: which identities, from which networks, may pull which repositories.
+
+A rule is ``allow: [IDENTITY...]`` or ``deny: [IDENTITY...]``, with optional ``from:``
+(source networks: the TCP peer's address, never a forwarded header) and optional
+``repositories:`` (patterns; absent means every repository). Identities:
+
+  anonymous        a client that presented neither a certificate nor credentials
+  user:NAME        an htpasswd user;  user:*  any htpasswd user
+  cert:CN          a client certificate with this common name;  cert:*  any certificate
+  authenticated    any user or certificate
+  *                anyone, anonymous included
+
+Repository patterns name the registry as ``cache.pin`` does (:meth:`RegistryTable.pattern`):
+``ghcr.io/myorg/*`` is on ghcr.io, ``library/centos`` and ``centos`` on the default upstream;
+``*`` is every repository of every upstream and ``REGISTRY/*`` every repository of that one.
+``*`` and ``?`` match any characters, ``/`` included.
+
+The first rule that matches decides; once any rule exists, a request no rule matches is
+denied. Pure: no I/O; the configuration builds the rules, the guard asks them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from dockermirror.access.identity import ANONYMOUS_KIND, CERTIFICATE, USER, Identity
+from dockermirror.routing import RegistryTable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+ANYONE, AUTHENTICATED = "*", "authenticated"
+_PREFIXES = {"user": USER, "cert": CERTIFICATE}
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_PATTERN = re.compile(r"[a-z0-9._/*?\[\]:-]+")
+
+
+def parse_identity(text: object) -> str:
+    """An identity of a rule, checked; returned as written."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"expected an identity (anonymous, authenticated, *, user:NAME, cert:CN), got {text!r}")
+    if text in (ANYONE, AUTHENTICATED, ANONYMOUS_KIND):
+        return text
+    prefix, sep, name = text.partition(":")
+    if not sep or prefix not in _PREFIXES or not name or not name.isprintable():
+        raise ValueError(f"invalid identity {text!r}: use anonymous, authenticated, *, user:NAME, user:*, "
+                         "cert:COMMON-NAME or cert:*")
+    return text
+
+
+def parse_network(text: object) -> Network:
+    """``10.0.0.0/8``, ``2001:db8::/32``, or one address. Host bits set are refused: a typo
+    there would silently widen or move the network."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a network such as 10.0.0.0/8 or 2001:db8::/32, got {text!r}")
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"invalid network {text!r}: {exc}") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_V4_MAPPED):
+        raise ValueError(f"network {text!r} is IPv4-mapped: write the IPv4 network (clients connecting "
+                         "over IPv6 with such addresses are matched as IPv4)")
+    return network
+
+
+def parse_repository_pattern(text: object) -> str:
+    if not isinstance(text, str) or not _PATTERN.fullmatch(text) or "//" in text or text.startswith("/"):
+        raise ValueError(f"invalid repository pattern {text!r} (lowercase name, may use * and ?, e.g. "
+                         "docker.io/library/*, ghcr.io/myorg/*, or * for every repository)")
+    return text
+
+
+@functools.lru_cache(maxsize=4096)      # clients come back: parsing an address costs microseconds
+def client_address(host: str | None) -> Address | None:
+    """The TCP peer as an address (an IPv4-mapped IPv6 address as the IPv4 one); None if it is
+    no IP address (a Unix socket)."""
+    if not host:
+        return None
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule as configured (``index``: its place in ``access:``, ``line``: in the file)."""
+
+    allow: bool
+    identities: tuple[str, ...]
+    networks: tuple[Network, ...] | None = None      # None: from anywhere
+    repositories: tuple[str, ...] = ("*",)
+    index: int = 0
+    line: int | None = None
+
+    @property
+    def action(self) -> str:
+        return "allow" if self.allow else "deny"
+
+    def where(self) -> str:
+        """``access[2] (line 14)``: how messages name the rule."""
+        return f"access[{self.index}]" + (f" (line {self.line})" if self.line is not None else "")
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    rule: Rule | None        # None: no rule matched (default deny), or there are no rules
+
+    def describe(self) -> str:
+        if self.rule is not None:
+            return f"{self.rule.action} by {self.rule.where()}"
+        return "denied: no rule matches (default deny)" if not self.allowed else "allowed: no rules"
+
+
+@dataclass(frozen=True)
+class _Repos:
+    """A rule's repository patterns, each as (registry key or None for any, glob or None for any)."""
+
+    patterns: tuple[tuple[str | None, re.Pattern[str] | None, str], ...]
+
+    def match(self, key: str, full: str) -> bool:
+        for registry, glob, _ in self.patterns:
+            if registry is None or (registry == key and (glob is None or glob.match(full))):
+                return True
+        return False
+
+    def covers(self, other: _Repos) -> bool:
+        return all(any(_pattern_covers(mine, theirs) for mine in self.patterns) for theirs in other.patterns)
+
+    @property
+    def everything(self) -> bool:
+        return any(registry is None for registry, _, _ in self.patterns)
+
+
+def _pattern_covers(mine: tuple, theirs: tuple) -> bool:
+    """Whether every repository ``theirs`` matches, ``mine`` matches too (conservatively: False
+    when unsure)."""
+    registry, glob, text = mine
+    their_registry, their_glob, their_text = theirs
+    if registry is None:
+        return True
+    if their_registry != registry:
+        return False
+    if glob is None:
+        return True
+    if their_glob is None:
+        return False
+    if text == their_text:
+        return True
+    # with only * as wildcards in mine, matching their pattern as text means containing it
+    if "?" not in text and "[" not in text:
+        return fnmatch.fnmatchcase(their_text, text)
+    return not any(c in their_text for c in "*?[") and fnmatch.fnmatchcase(their_text, text)
+
+
+def compile_patterns(patterns: Iterable[str], table: RegistryTable) -> _Repos:
+    """Raises UnknownRegistry for a pattern naming a registry that is not configured."""
+    compiled = []
+    for pattern in patterns:
+        if pattern == "*":
+            compiled.append((None, None, pattern))
+            continue
+        first, _, rest = pattern.partition("/")
+        if rest == "*" and table.lookup(first) is not None:
+            compiled.append((table.lookup(first), None, pattern))
+            continue
+        full = table.pattern(pattern)
+        compiled.append((full.partition("/")[0], re.compile(fnmatch.translate(full)), full))
+    return _Repos(tuple(compiled))
+
+
+def _names(identities: Sequence[str], identity: Identity) -> bool:
+    text = str(identity)
+    for pattern in identities:
+        if pattern == ANYONE or pattern == text:
+            return True
+        if identity.kind == ANONYMOUS_KIND:
+            continue
+        if pattern == AUTHENTICATED or pattern == f"{text.partition(':')[0]}:*":
+            return True
+    return False
+
+
+def _names_any_of(identities: Sequence[str], kind: str) -> str:
+    """How a rule's identities name clients of ``kind``: "all", "some" or ""."""
+    prefix = "user" if kind == USER else "cert"
+    if any(p in (ANYONE, AUTHENTICATED, f"{prefix}:*") for p in identities):
+        return "all"
+    return "some" if any(p.startswith(prefix + ":") for p in identities) else ""
+
+
+def _identities_cover(mine: Sequence[str], theirs: Sequence[str]) -> bool:
+    def covered(pattern: str) -> bool:
+        if pattern in mine or ANYONE in mine:
+            return True
+        if pattern == ANONYMOUS_KIND or pattern == ANYONE:
+            return False
+        if AUTHENTICATED in mine:
+            return True
+        return pattern != AUTHENTICATED and f"{pattern.partition(':')[0]}:*" in mine
+
+    return all(covered(pattern) for pattern in theirs)
+
+
+def _networks_cover(mine: tuple[Network, ...] | None, theirs: tuple[Network, ...] | None) -> bool:
+    if mine is None:
+        return True
+    if theirs is None:
+        return False
+    return all(any(n.version == t.version and t.subnet_of(n) for n in mine) for t in theirs)  # type: ignore[arg-type]
+
+
+def _from(networks: tuple[Network, ...] | None, address: Address | None) -> bool:
+    if networks is None:
+        return True
+    return address is not None and any(address in network for network in networks)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The configured rules, compiled against the registry table."""
+
+    rules: tuple[Rule, ...]
+    table: RegistryTable
+    _repos: tuple[_Repos, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_repos", tuple(compile_patterns(r.repositories, self.table) for r in self.rules))
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def decide(self, identity: Identity, address: Address | None, key: str, repository: str) -> Decision:
+        """The first rule that matches decides; none: denied (there are rules) or allowed (none)."""
+        if not self.rules:
+            return Decision(True, None)
+        full = f"{key}/{repository}"
+        for rule, repos in zip(self.rules, self._repos):
+            if _names(rule.identities, identity) and _from(rule.networks, address) and repos.match(key, full):
+                return Decision(rule.allow, rule)
+        return Decision(False, None)
+
+    def could_allow(self, kind: str, address: Address | None, key: str, repository: str) -> bool:
+        """Whether some client of ``kind`` (user or certificate) from ``address`` may pull the
+        repository: an anonymous client refused is told to authenticate only if that could help."""
+        full = f"{key}/{repository}"
+        for rule, repos in zip(self.rules, self._repos):
+            named = _names_any_of(rule.identities, kind)
+            if not named or not _from(rule.networks, address) or not repos.match(key, full):
+                continue
+            if rule.allow:
+                return True
+            if named == "all":
+                return False
+        return False
+
+    def anonymous_may_pull(self, address: Address | None) -> bool:
+        """Whether an anonymous client from ``address`` may pull anything at all."""
+        from dockermirror.access.identity import ANONYMOUS
+
+        for rule, repos in zip(self.rules, self._repos):
+            if not _names(rule.identities, ANONYMOUS) or not _from(rule.networks, address):
+                continue
+            if rule.allow:
+                return True
+            if repos.everything:
+                return False
+        return not self.rules
+
+    def shadowed(self) -> list[tuple[Rule, Rule]]:
+        """(rule, earlier rule) for each rule that can never decide: an earlier one matches
+        everything it matches (one earlier rule; a rule covered only by several together is not found)."""
+        found = []
+        for j, (rule, repos) in enumerate(zip(self.rules, self._repos)):
+            for earlier, earlier_repos in zip(self.rules[:j], self._repos[:j]):
+                if (_identities_cover(earlier.identities, rule.identities)
+                        and _networks_cover(earlier.networks, rule.networks)
+                        and earlier_repos.covers(repos)):
+                    found.append((rule, earlier))
+                    break
+        return found
