@@ -20,7 +20,6 @@ from dockermirror.access.htpasswd import parse_basic
 from dockermirror.access.identity import ANONYMOUS, CERTIFICATE, USER, Identity
 from dockermirror.access.rules import Decision, Rule, Rules, client_address
 from dockermirror.errors import Denied, Unauthorized
-from dockermirror.routing import RegistryTable
 
 REALM = "docker-mirror"
 _EMPTY_LOGIN = "Og=="       # base64 of ":"
@@ -53,8 +52,7 @@ class Guard:
     @classmethod
     def of(cls, config: Any, htpasswd: PasswordFile | None = None) -> Guard:
         """The guard of a configuration's ``access:`` rules, with the users of its auth.htpasswd."""
-        table = RegistryTable((up.registry, up.aliases) for up in config.registries)
-        return cls(Rules(tuple(config.access), table), htpasswd)
+        return cls(Rules(tuple(config.access), config.registry_table()), htpasswd)
 
     # --- who
 
