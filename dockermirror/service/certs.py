@@ -117,6 +117,41 @@ def create_ca(paths: Paths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
     return cert, key
 
 
+def sign_leaf(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], common_name: str,
+              not_after: datetime.datetime, usage: x509.ObjectIdentifier, *, key_agreement: bool,
+              extensions: tuple[tuple[x509.ExtensionType, bool], ...] = (), key_identifier: bool = False,
+              ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new key and an end-entity certificate for it (CN=common_name, extended key usage
+    ``usage``, plus ``extensions`` as (extension, critical), and its subject key identifier if
+    asked), signed by the CA."""
+    ca_cert, ca_key = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(minutes=5)).not_valid_after(not_after)
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    builder = (
+        builder
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=key_agreement, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if key_identifier:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    cert = (
+        builder
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
 def issue(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], names: list[str], ips: list[str],
           days: int = SERVER_DAYS) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     if not names and not ips:
@@ -125,25 +160,10 @@ def issue(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], names: list[s
         addresses = [ipaddress.ip_address(ip) for ip in ips]
     except ValueError as exc:
         raise CertError(str(exc)) from None
-    ca_cert, ca_key = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (names or ips)[0])])
-    now = _now()
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([*(x509.DNSName(n) for n in names),
-                                                    *(x509.IPAddress(a) for a in addresses)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert, key
+    names_ext = x509.SubjectAlternativeName([*(x509.DNSName(n) for n in names),
+                                             *(x509.IPAddress(a) for a in addresses)])
+    return sign_leaf(ca, (names or ips)[0], _now() + datetime.timedelta(days=days), ExtendedKeyUsageOID.SERVER_AUTH,
+                     key_agreement=True, extensions=((names_ext, False),))
 
 
 def service_group() -> int | None:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dockermirror.service.certs import CertError, Paths, _cert_pem, _key_pem, _now, _write, load_ca
+from dockermirror.service.certs import CertError, Paths, _cert_pem, _key_pem, _now, _write, load_ca, sign_leaf
 
 CLIENT_DAYS = 365
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -56,21 +56,8 @@ def issue_client(paths: Paths, name: str, out: Path, days: int = CLIENT_DAYS) ->
     until = now + datetime.timedelta(days=days)
     if until > ca_cert.not_valid_after_utc:
         raise CertError(f"the CA {paths.ca} expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}: give fewer --days")
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(until)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert, key = sign_leaf((ca_cert, ca_key), name, until, ExtendedKeyUsageOID.CLIENT_AUTH, key_agreement=False,
+                          key_identifier=True)
     index = index_dir(paths)
     index.mkdir(mode=0o700, parents=True, exist_ok=True)
     _write(index / f"{cert.serial_number:x}.crt", _cert_pem(cert), 0o644)
