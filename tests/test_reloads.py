@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import signal
-import threading
 import time
 
 import httpx
 import yaml
 
 from tests.conftest import ALL_MANIFESTS, Upstream
-from tests.support.procs import wait_until
+from tests.support.procs import background_download, wait_until
 from tests.test_daemon import daemon, notify  # noqa: F401 - the notify fixture
 from tests.test_hostile_clients import rss_kib
 
@@ -24,18 +22,7 @@ def test_reloads_that_change_the_upstream_during_a_download(make_mirror, fault_p
     big = upstream.big_layer
     fault_proxy.slow = (f"/blobs/{big}", 0.02)               # ~3 MB/s: the download spans the reloads
     mirror = make_mirror(fault_proxy.url)
-    result: dict[str, object] = {}
-
-    def download() -> None:
-        digest = hashlib.sha256()
-        with httpx.stream("GET", f"{mirror.url}/v2/library/big/blobs/{big}", timeout=120) as response:
-            result["status"] = response.status_code
-            for chunk in response.iter_bytes():
-                digest.update(chunk)
-        result["digest"] = "sha256:" + digest.hexdigest()
-
-    downloading = threading.Thread(target=download, daemon=True)
-    downloading.start()
+    downloading, result = background_download(f"{mirror.url}/v2/library/big/blobs/{big}")
     wait_until(lambda: fault_proxy.requests("GET", f"/blobs/{big}"), 30, what="the download started")
     with mirror.client() as client:     # a warm process before measuring
         assert client.get("/v2/library/hello/manifests/latest", headers=ACCEPT).status_code == 200

@@ -6,11 +6,9 @@ from a private CA); see tests/support/upstreams.py. Each test asserts what the c
 from __future__ import annotations
 
 import base64
-import hashlib
 import signal
 import socket
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import yaml
 
 from tests.support.clients import dir_manifest_digest, skopeo_copy
 from tests.support.faultproxy import FaultProxy
-from tests.support.procs import Mirror, wait_until
+from tests.support.procs import Mirror, background_download, wait_until
 from tests.support.upstreams import (ALL_MANIFESTS, DOCKER_IO, GHCR, PASSWORD, PRIVATE, PRIVATE_ALIAS, USER, Site,
                                     ThreeUpstreams)
 from tests.test_daemon import notify  # noqa: F401 - the notify fixture
@@ -281,18 +279,7 @@ def test_reload_adds_an_upstream_during_a_pull_and_removes_one(make_mirror, thre
         pull(client, ghcr, "widget", "ghcr.test/acme/widget")
         missing = client.get("/v2/registry.test:5443/team/app/manifests/v1", headers=ACCEPT)
         assert missing.status_code == 404 and errors(missing) == ["NAME_UNKNOWN"]
-    result: dict[str, object] = {}
-
-    def download() -> None:
-        digest = hashlib.sha256()
-        with httpx.stream("GET", f"{mirror.url}/v2/library/big/blobs/{big}", timeout=120) as response:
-            result["status"] = response.status_code
-            for chunk in response.iter_bytes():
-                digest.update(chunk)
-        result["digest"] = "sha256:" + digest.hexdigest()
-
-    downloading = threading.Thread(target=download, daemon=True)
-    downloading.start()
+    downloading, result = background_download(f"{mirror.url}/v2/library/big/blobs/{big}")
     try:
         wait_until(lambda: fault_proxy.requests("GET", f"/blobs/{big}"), 30, what="the pull started")
         reload(mirror, [*upstreams, private.entry()])

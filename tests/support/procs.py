@@ -6,6 +6,7 @@ Each is stopped by the PID we recorded, SIGTERM first, SIGKILL if it lingers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,6 +228,24 @@ class Mirror(Daemon):
     def client(self, ca: Path | None = None, **kwargs) -> httpx.Client:
         verify = ssl.create_default_context(cafile=ca) if ca else True
         return httpx.Client(base_url=self.url, verify=verify, timeout=60, **kwargs)
+
+
+def background_download(url: str, timeout: float = 120) -> tuple[threading.Thread, dict[str, object]]:
+    """GET ``url`` in a thread (started), hashing the body as it comes: once the thread ends, the
+    dict holds the response's ``status`` and the body's ``digest`` (sha256:...)."""
+    result: dict[str, object] = {}
+
+    def download() -> None:
+        digest = hashlib.sha256()
+        with httpx.stream("GET", url, timeout=timeout) as response:
+            result["status"] = response.status_code
+            for chunk in response.iter_bytes():
+                digest.update(chunk)
+        result["digest"] = "sha256:" + digest.hexdigest()
+
+    thread = threading.Thread(target=download, daemon=True)
+    thread.start()
+    return thread, result
 
 
 @contextlib.contextmanager
