@@ -20,7 +20,7 @@ import httpx
 from starlette.applications import Starlette
 
 from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
-from dockermirror.api.accesslog import AccessLog
+from dockermirror.api.accesslog import AccessLog, RequestDone
 from dockermirror.access.guard import Guard
 from dockermirror.api.routes import RegistryAPI, api_routes
 from dockermirror.cache import Cache, Limits
@@ -96,7 +96,17 @@ class DockerMirror:
         self._retire_keys = itertools.count()
         self.api = RegistryAPI(self.mirror, self._guard(config))
         starlette = Starlette(routes=api_routes(self.api), lifespan=lambda app: self.running())
-        self.asgi = AccessLog(starlette, on_done=self.mirror.record)
+        # who hears of each finished request besides the cache's counters (metrics, the status page)
+        self.request_observers: list[Callable[[RequestDone], None]] = []
+        self.asgi = AccessLog(starlette, on_done=self._request_done)
+
+    def _request_done(self, done: RequestDone) -> None:
+        self.mirror.record(done.cache, done.sent, done.upstream)
+        for observer in self.request_observers:
+            try:
+                observer(done)
+            except Exception:       # a broken view never costs a request its log line or its answer
+                log.exception("a request observer failed")
 
     def _client(self, up: UpstreamConfig) -> UpstreamClient:
         fingerprint = _ca_fingerprint(up)

@@ -575,7 +575,7 @@ class Mirror:
 
     def record(self, cache: str | None, nbytes: int, upstream: str | None = None) -> None:
         """Count a finished request by how it was served, in all and for its upstream
-        (``upstream/<key>/requests_hit``...)."""
+        (``upstream/<key>/requests_hit``...), in the index's lifetime counters."""
         if cache:
             kind = cache.lower()
             self.cache.count(f"requests_{kind}")

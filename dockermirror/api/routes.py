@@ -187,17 +187,22 @@ class RegistryAPI:
         namespace = _namespace(request)
         if _UPLOADS.fullmatch(path):
             raise Unsupported("this registry is a read-only mirror: uploads are not supported")
+        state = request.state
         if match := _MANIFEST.fullmatch(path):
+            state.kind, state.reference = "manifest", match["reference"]
             repo = self._resolve(request, match["name"], namespace)
             return await self.manifest(request, repo, match["reference"])
         if match := _BLOB.fullmatch(path):
+            state.kind, state.reference = "blob", match["digest"]
             digest = _digest(match["digest"])
             repo = self._resolve(request, match["name"], namespace)
             return await self.blob(request, repo, digest)
         if match := _TAGS.fullmatch(path):
+            state.kind = "tags"
             repo = self._resolve(request, match["name"], namespace)
             return await self.tags(request, repo, match["name"])
         if match := _REFERRERS.fullmatch(path):
+            state.kind, state.reference = "referrers", match["digest"]
             digest = _digest(match["digest"])
             artifact_type = _artifact_type(request)
             repo = self._resolve(request, match["name"], namespace)
@@ -209,6 +214,7 @@ class RegistryAPI:
     def _resolve(self, request: Request, name: str, namespace: str | None) -> Repo:
         repo = self.mirror.resolve(name, namespace)
         request.state.upstream = repo.upstream.key      # for the request log and the counters
+        request.state.repository = repo.name
         guard: Guard = request.state.guard
         if guard.active:    # before anything touches the cache or the upstream
             guard.check(request.state.identity, request.client.host if request.client else None,
