@@ -18,7 +18,7 @@ from dockermirror.app import DockerMirror
 from dockermirror.config import ConfigError
 from dockermirror.service.metrics import Metrics, MetricsListener, bind
 from tests.unit.conftest import Harness, config_text
-from tests.unit.fakes import FakeClock, FakeRegistry, digest_of
+from tests.unit.fakes import FakeClock, FakeRegistry, digest_of, response
 
 pytestmark = pytest.mark.anyio
 
@@ -51,11 +51,12 @@ class Metered(Harness):
         return self.metrics.exposition().decode()
 
 
-async def metered(tmp_path: Path, registry: FakeRegistry, clock: FakeClock, extra: str = "") -> AsyncIterator[Metered]:
+async def metered(tmp_path: Path, registry: FakeRegistry, clock: FakeClock, extra: str = "",
+                  transport: httpx.AsyncBaseTransport | None = None) -> AsyncIterator[Metered]:
     cache_dir = tmp_path / "cache"
     metrics = Metrics()
     app = DockerMirror(configuration.loads(config_text(cache_dir, extra)), clock=clock,
-                       upstream_transport=registry.transport, meter=metrics)
+                       upstream_transport=transport or registry.transport, meter=metrics)
     app.open()
     metrics.attach(app)
     async with app.running():
@@ -277,6 +278,41 @@ async def test_lru_evictions_and_pass_throughs(tmp_path: Path, registry: FakeReg
         assert value(text, "docker_mirror_pass_throughs_total", upstream=UP) == 1
         assert value(text, "docker_mirror_requests_total", kind="blob", method="GET", status_class="2xx",
                      cache="pass") == 1
+
+
+class CutOff(httpx.AsyncByteStream):
+    """The first ``keep`` bytes of a body, then the connection breaks."""
+
+    def __init__(self, data: bytes, keep: int) -> None:
+        self.data, self.keep = data, keep
+
+    async def __aiter__(self):
+        yield self.data[:self.keep]
+        raise httpx.ReadError("connection reset by peer")
+
+
+async def test_a_download_that_broke_off_and_was_resumed(tmp_path: Path, registry: FakeRegistry,
+                                                         clock: FakeClock) -> None:
+    image = registry.push("library/alpine", "3.20", layer=b"resumable layer\n" * 1000)
+    data = image.blobs[image.layer]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(f"/blobs/{image.layer}") and request.method == "GET":
+            if "range" not in request.headers:
+                return httpx.Response(200, headers={"Content-Length": str(len(data))}, stream=CutOff(data, 5000))
+            start = int(request.headers["range"][6:-1])
+            return response(206, {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}, data[start:])
+        return registry.handle(request)
+
+    async for mirror in metered(tmp_path, registry, clock, transport=httpx.MockTransport(handle)):
+        got = await mirror.client.get(f"/v2/library/alpine/blobs/{image.layer}")
+        assert got.content == data
+        await mirror.app.cache.transfers.wait_all(5)
+        text = mirror.text()
+        assert value(text, "docker_mirror_upstream_resumed_total", upstream=UP) == 1
+        assert value(text, "docker_mirror_upstream_received_bytes_total", upstream=UP) == len(data)
+        assert value(text, "docker_mirror_upstream_requests_total", upstream=UP, kind="blob", status_class="2xx") == 2
+        assert value(text, "docker_mirror_upstream_transfer_seconds_count", upstream=UP) == 1
 
 
 async def test_a_reload_adds_the_new_upstreams_series(mirror: Metered, tmp_path: Path) -> None:
