@@ -26,6 +26,7 @@ import asyncio
 import logging
 import platform
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -115,7 +116,7 @@ class Metrics(Meter):
                                      "no room)", ["upstream"], registry=r)
         build = Gauge(PREFIX + "build_info", "The running version", ["version", "python"], registry=r)
         build.labels(__version__, platform.python_version()).set(1)
-        prometheus_client.ProcessCollector(registry=r)
+        ProcessMetrics(registry=r)
         prometheus_client.PlatformCollector(registry=r)
         self._requests: dict[tuple[str, str, int, str | None], tuple] = {}
         self._upstreams: dict[str, tuple] = {}
@@ -254,6 +255,21 @@ class Metrics(Meter):
             if entries or nbytes:
                 self.evicted("manual", entries, nbytes)
         self._manual_seen = now
+
+
+class ProcessMetrics(prometheus_client.ProcessCollector):
+    """prometheus_client's process collector (CPU, RSS, fds, start time), also where /proc/stat
+    cannot be read: the unit's ProcSubset=pid leaves only /proc/<pid>, and the library then
+    reports nothing at all, for want of the boot time that its start time is counted from.
+    The process's start in /proc/self/stat is in ticks since boot (CLOCK_BOOTTIME), so the
+    boot time is now less the time since boot."""
+
+    def _boot_time(self) -> float:
+        try:
+            btime = super()._boot_time()
+        except OSError:
+            btime = None
+        return btime or time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 class ReadingsCollector(Collector):

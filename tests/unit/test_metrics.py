@@ -5,18 +5,20 @@ way Prometheus reads it (prometheus_client.parser)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dockermirror import cachectl
 from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
 from dockermirror.config import ConfigError
-from dockermirror.service.metrics import Metrics, MetricsListener, bind
+from dockermirror.service.metrics import Metrics, MetricsListener, ProcessMetrics, bind
 from tests.unit.conftest import Harness, config_text
 from tests.unit.fakes import FakeClock, FakeRegistry, digest_of, response
 
@@ -278,6 +280,24 @@ async def test_lru_evictions_and_pass_throughs(tmp_path: Path, registry: FakeReg
         assert value(text, "docker_mirror_pass_throughs_total", upstream=UP) == 1
         assert value(text, "docker_mirror_requests_total", kind="blob", method="GET", status_class="2xx",
                      cache="pass") == 1
+
+
+def test_process_metrics_where_only_the_process_own_proc_entry_is_visible(tmp_path: Path) -> None:
+    """The unit's ProcSubset=pid hides /proc/stat (the boot time): CPU, memory, fds and the start
+    time are still reported, the start time as the kernel has it."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "self").symlink_to("/proc/self")        # /proc/self, and no /proc/stat
+    registry = CollectorRegistry()
+    ProcessMetrics(proc=str(proc), registry=registry)
+    text = generate_latest(registry).decode()
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        assert value(text, name) > 0, name
+    btime = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                 if line.startswith("btime "))
+    ticks = os.sysconf("SC_CLK_TCK")
+    started = btime + float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+    assert abs(value(text, "process_start_time_seconds") - started) < 2
 
 
 class CutOff(httpx.AsyncByteStream):
