@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from dockermirror import cachectl
 from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
 from dockermirror.config import ConfigError
+from dockermirror.meter import NULL_METER
 from dockermirror.service.metrics import Metrics, MetricsListener, ProcessMetrics, bind
+from dockermirror.service.server import Service, StartupError
 from tests.unit.conftest import Harness, config_text
 from tests.unit.fakes import FakeClock, FakeRegistry, digest_of, response
 
@@ -380,3 +383,60 @@ def test_a_bad_metrics_listen_is_one_line_with_file_and_line(bad: str) -> None:
 ])
 def test_metrics_listen_is_off_by_default(text: str, address: tuple[str, int] | None) -> None:
     assert configuration.loads(text).metrics.listen_address == address
+
+
+# --- the service: metrics.listen at start and at reload
+
+
+def metrics_config(cache_dir: Path, port: int, upstreams: str = "") -> configuration.Config:
+    text = config_text(cache_dir) + f"metrics:\n  listen: 127.0.0.1:{port}\n"
+    if upstreams:
+        text = text.replace("upstream:\n  url: https://registry.test\n", upstreams)
+    return configuration.loads(text, source="/etc/docker-mirror/config.yml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_a_reload_keeps_the_listener_says_a_new_address_needs_a_restart_and_adds_upstreams(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    configs = [metrics_config(tmp_path / "cache", port)]
+    service = Service(configs[0], reload_config=lambda: configs[-1])
+    try:
+        assert service.app.meter is service.metrics
+        configs.append(metrics_config(tmp_path / "cache", port, upstreams=(
+            "upstreams:\n  - registry: docker.io\n    url: https://registry.test\n"
+            "  - registry: ghcr.io\n    url: https://ghcr.test\n")))
+        await service.reload()
+        assert service.app.meter is service.metrics        # the same meter: counters go on
+        text = service.metrics.exposition().decode()
+        assert value(text, "docker_mirror_upstream_requests_total", upstream="ghcr.io", kind="manifest",
+                     status_class="2xx") == 0
+        assert "restart to apply" not in caplog.text
+        configs.append(metrics_config(tmp_path / "cache", free_port()))
+        await service.reload()
+        assert "restart to apply: metrics.listen" in caplog.text
+        assert service.metrics_listener.sock.getsockname() == ("127.0.0.1", port)
+    finally:
+        service.metrics_listener.sock.close()
+        await service.app.cache.close()
+
+
+async def test_an_address_in_use_stops_the_start_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError) as caught:
+            Service(metrics_config(tmp_path / "cache", port), reload_config=lambda: None)
+    assert str(caught.value) == f"metrics.listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_without_metrics_listen_the_core_has_the_null_meter(tmp_path: Path) -> None:
+    app = DockerMirror(configuration.loads(config_text(tmp_path / "cache")))
+    assert app.meter is NULL_METER and app.cache.meter is NULL_METER and app.mirror.meter is NULL_METER
+    assert app.upstream_client.meter is NULL_METER and app.request_observers == []
