@@ -228,10 +228,10 @@ def table(series: dict[str, Series], metrics: list[tuple[str, str]]) -> str:
 def metrics_lines(series: dict[str, Series]) -> list[str]:
     """RSS with metrics against without (same round), and during the run; the scraping done."""
     on, off = series["metrics"].values[RSS], series["one"].values[RSS]
+    more = [a - b for a, b in zip(on, off, strict=True)]
     extra = series["metrics"].extra
-    return [f"RSS: metrics − one, per round, median {statistics.median(a - b for a, b in zip(on, off, strict=True)):+.1f}"
-            f" MiB ({min(a - b for a, b in zip(on, off, strict=True)):+.1f}..{max(a - b for a, b in zip(on, off, strict=True)):+.1f}); "
-            f"the metrics server's RSS from the first round to the last {on[-1] - on[0]:+.1f} MiB "
+    return [f"RSS: metrics - one, per round, median {statistics.median(more):+.1f} MiB ({min(more):+.1f}.."
+            f"{max(more):+.1f}); the metrics server's RSS from the first round to the last {on[-1] - on[0]:+.1f} MiB "
             f"(one: {off[-1] - off[0]:+.1f} MiB). Scrapes during the run: {extra.get('scrapes', 0):.0f}, "
             f"{extra.get('scrape bytes', 0):,.0f} bytes each; cache hits the metrics counted: "
             f"{extra.get('hits counted', 0):,.0f}.", ""]
@@ -519,12 +519,14 @@ def main(argv: list[str]) -> int:
         "",
         table(series, [("cold wall ms", "wall ms")]),
         "",
-        "In-process cost per call (`bench.routing.micro`, best of 5 runs of 100,000 calls; 200 for a scrape's text), µs: "
+        "In-process cost per call (`bench.routing.micro`, best of 5 runs of 100,000 calls; 200 for a scrape's "
+        "text), µs: "
         + ", ".join(f"{name} {us:.2f}" for name, us in costs.items()) + ".",
     ])
     print("\n" + text + "\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("auth.json" if args.auth else "metrics.json" if args.metrics else "routing.json")).write_text(json.dumps({
+    result_file = "auth.json" if args.auth else "metrics.json" if args.metrics else "routing.json"
+    (RESULTS / result_file).write_text(json.dumps({
         "command": command, "date": date.isoformat(timespec="seconds"), "machine": report.machine(),
         "revision": head, "seconds": round(seconds, 1), "load_average_per_round": loads, "args": vars(args),
         "in_process_us_per_call": costs,

@@ -8,7 +8,11 @@
   while the server is starting is remembered and applied once it is ready (``cli`` takes
   the signal over before anything else is loaded);
 * SIGTERM/SIGINT: STOPPING=1, stop accepting, let requests in flight finish (up to
-  GRACE seconds), close the cache cleanly.
+  GRACE seconds), close the cache cleanly;
+* with ``metrics.listen``: its socket is bound before anything else (an address in use stops
+  the start), GET /metrics is served by a second uvicorn server on the same loop from just
+  before READY=1 until the shutdown (:mod:`.metrics`); the meter lives as long as the process,
+  reloads included (a new ``metrics.listen`` needs a restart, and the reload says so).
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ async def mirror(tmp_path: Path, registry: FakeRegistry, clock: FakeClock) -> As
 
 async def pull(client: httpx.AsyncClient, repo: str, tag: str) -> int:
     """Manifest by tag, then its config and layers, as a client pulls; the body bytes received."""
-    got = await client.get(f"/v2/{repo}/manifests/{tag}", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    got = await client.get(f"/v2/{repo}/manifests/{tag}",
+                           headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
     assert got.status_code == 200
     total = len(got.content)
     manifest = json.loads(got.content)
@@ -207,7 +208,7 @@ async def test_a_file_changed_on_disk_is_a_disk_verification_failure(mirror: Met
     await mirror.app.cache.transfers.wait_all(5)
     path = mirror.blob_file(image.layer)
     path.write_bytes(b"X" + path.read_bytes()[1:])
-    files, _, corrupt = await mirror.app.cache.verify_round()
+    _, _, corrupt = await mirror.app.cache.verify_round()
     assert corrupt == 1
     assert value(mirror.text(), "docker_mirror_verification_failures_total", where="disk") == 1
 
@@ -345,7 +346,8 @@ async def test_a_reload_adds_the_new_upstreams_series(mirror: Metered, tmp_path:
     assert mirror.app.reconfigure(configuration.loads(more)) == []
     mirror.metrics.add_upstreams(u.key for u in mirror.app.mirror.upstreams)
     text = mirror.text()
-    assert value(text, "docker_mirror_upstream_requests_total", upstream="ghcr.io", kind="blob", status_class="2xx") == 0
+    assert value(text, "docker_mirror_upstream_requests_total", upstream="ghcr.io", kind="blob",
+                 status_class="2xx") == 0
     assert value(text, "docker_mirror_pulls_saved_total", upstream="ghcr.io") == 0
 
 
@@ -367,7 +369,8 @@ async def test_the_listener_serves_metrics_and_nothing_else(mirror: Metered) -> 
         await listener.stop()
 
 
-@pytest.mark.parametrize("bad", ["localhost:9401", "9401", ":9401", "127.0.0.1:0", "127.0.0.1:65536", "[::1", "::1:9401"])
+@pytest.mark.parametrize("bad", ["localhost:9401", "9401", ":9401", "127.0.0.1:0", "127.0.0.1:65536", "[::1",
+                                 "::1:9401"])
 def test_a_bad_metrics_listen_is_one_line_with_file_and_line(bad: str) -> None:
     with pytest.raises(ConfigError) as caught:
         configuration.loads(f"listen: 0.0.0.0:5000\nmetrics:\n  listen: \"{bad}\"\n", source="/etc/x.yml")
