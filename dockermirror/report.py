@@ -130,7 +130,8 @@ class Request:
 
     @property
     def pull(self) -> bool:
-        return self.kind == "manifest" and self.method == "GET"
+        """A manifest GET that got its manifest: what Docker Hub counts as a pull."""
+        return self.kind == "manifest" and self.method == "GET" and 200 <= self.status < 300
 
 
 def requests(lines: Iterable[bytes]) -> Iterator[Request]:
@@ -278,6 +279,14 @@ def _p(text: object) -> str:
     return humanize.printable(str(text if text is not None else "-"), quote=False)
 
 
+def _target(r: dict) -> str:
+    if r["repository"] is None:
+        return "-"
+    reference = r["reference"]
+    where = "" if reference is None else ("@" if ":" in reference else ":") + _p(reference)
+    return f"{_p(r['upstream'])}/{_p(r['repository'])}{where}"
+
+
 def text(s: dict) -> str:
     """The summary for people."""
     out = [f"docker-mirror report: unit {_p(s['unit'])}, since {_p(s['since'] or 'the start of the journal')} "
@@ -309,8 +318,7 @@ def text(s: dict) -> str:
     if s["slowest_requests"]:
         out += ["", "slowest requests:"]
         out += [f"  {r['duration_ms']:>10.1f} ms  {_p(r['method'])} {_p(r['kind'])} {r['status']} "
-                f"{_p(r['cache'])} {humanize.size(r['bytes'])}  {_p(r['upstream'])}/{_p(r['repository'])}"
-                f"{'@' if r['reference'] and ':' in r['reference'] else ':'}{_p(r['reference'])}  {r['time']}"
+                f"{_p(r['cache'])} {humanize.size(r['bytes'])}  {_target(r)}  {r['time']}"
                 for r in s["slowest_requests"]]
     return "\n".join(out) + "\n"
 
