@@ -71,8 +71,9 @@ def request_fields(done) -> list[tuple[str, str]]:
 
 class JournalHandler(logging.Handler):
     """Sends each record as one journal entry: MESSAGE (the line as the stream carried it, without
-    the priority prefix), PRIORITY, SYSLOG_IDENTIFIER, DOCKER_MIRROR_COMPONENT, and a request's
-    fields. ``fallback`` formats and writes a record that could not be sent."""
+    the priority prefix), PRIORITY, SYSLOG_IDENTIFIER and SYSLOG_FACILITY (as journald gave the
+    stream's lines), DOCKER_MIRROR_COMPONENT, and a request's fields. ``fallback`` formats and
+    writes a record that could not be sent."""
 
     def __init__(self, message: logging.Formatter, fallback: logging.Handler, path: str = SOCKET,
                  identifier: str = IDENTIFIER, warn: IO[str] | None = None) -> None:
@@ -88,7 +89,7 @@ class JournalHandler(logging.Handler):
     def fields(self, record: logging.LogRecord) -> list[tuple[str, bytes]]:
         text = self.message.format(record)      # sets record.priority and record.component
         out = [("MESSAGE", truncated(text, MESSAGE_MAX)), ("PRIORITY", str(record.priority).encode()),
-               ("SYSLOG_IDENTIFIER", self.identifier.encode()),
+               ("SYSLOG_IDENTIFIER", self.identifier.encode()), ("SYSLOG_FACILITY", b"3"),   # daemon, as stderr had
                ("DOCKER_MIRROR_COMPONENT", truncated(record.component, VALUE_MAX))]
         done = getattr(record, "request", None)
         if done is not None:

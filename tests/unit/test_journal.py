@@ -96,7 +96,7 @@ def test_a_request_entry_carries_its_fields_and_the_same_message(journald):
     [entry] = journald.entries()
     assert entry == {
         "MESSAGE": b'access: 192.0.2.7 "GET /v2/library/hello/manifests/latest" 200', "PRIORITY": b"6",
-        "SYSLOG_IDENTIFIER": b"docker-mirror", "DOCKER_MIRROR_COMPONENT": b"access",
+        "SYSLOG_IDENTIFIER": b"docker-mirror", "SYSLOG_FACILITY": b"3", "DOCKER_MIRROR_COMPONENT": b"access",
         "DOCKER_MIRROR_METHOD": b"GET", "DOCKER_MIRROR_KIND": b"manifest", "DOCKER_MIRROR_STATUS": b"200",
         "DOCKER_MIRROR_BYTES": b"1234", "DOCKER_MIRROR_DURATION_MS": b"12.3", "DOCKER_MIRROR_CLIENT": b"192.0.2.7",
         "DOCKER_MIRROR_CACHE": b"MISS", "DOCKER_MIRROR_UPSTREAM": b"docker.io", "DOCKER_MIRROR_UPSTREAM_STATUS": b"200",
@@ -112,7 +112,8 @@ def test_other_records_keep_their_priority_and_component(journald):
     handler.handle(record("boom", name="uvicorn.error", level=logging.ERROR))
     warning, error = journald.entries()
     assert warning == {"MESSAGE": b"mirror: upstream failed for x", "PRIORITY": b"4",
-                       "SYSLOG_IDENTIFIER": b"docker-mirror", "DOCKER_MIRROR_COMPONENT": b"mirror"}
+                       "SYSLOG_IDENTIFIER": b"docker-mirror", "SYSLOG_FACILITY": b"3",
+                       "DOCKER_MIRROR_COMPONENT": b"mirror"}
     assert error["PRIORITY"] == b"3" and error["DOCKER_MIRROR_COMPONENT"] == b"uvicorn.error"
 
 
