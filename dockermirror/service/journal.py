@@ -23,7 +23,10 @@ import logging
 import socket
 import struct
 import sys
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dockermirror.api.accesslog import RequestDone
 
 SOCKET = "/run/systemd/journal/socket"
 IDENTIFIER = "docker-mirror"
@@ -52,7 +55,7 @@ def encode(fields: list[tuple[str, bytes]]) -> bytes:
     return bytes(out)
 
 
-def request_fields(done) -> list[tuple[str, str]]:
+def request_fields(done: RequestDone) -> list[tuple[str, str]]:
     """The ``DOCKER_MIRROR_*`` fields of a :class:`~dockermirror.api.accesslog.RequestDone`;
     fields it does not know are left out (so ``DOCKER_MIRROR_CACHE=MISS`` matches only what it says)."""
     reference = done.reference
