@@ -30,7 +30,7 @@ class MTLS:
     """A CA and server certificate by `cert init`, client pairs by `cert client` (one directory
     each: client.cert, client.key, ca.crt), a CRL by `cert revoke`; all from one config file."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, ip: str = "127.0.0.1") -> None:
         self.dir = directory
         self.ca = directory / "ca" / "ca.crt"
         self.crl = directory / "ca" / "crl.pem"
@@ -38,7 +38,7 @@ class MTLS:
                     "ca": str(self.ca), "crl": str(self.crl)}
         self.config = directory / "admin.yml"
         self.config.write_text(yaml.safe_dump({"tls": self.tls}))
-        self.run("init", "--hostname", "localhost", "--ip", "127.0.0.1")
+        self.run("init", "--hostname", "localhost", "--ip", ip)
 
     def run(self, command: str, *args: str) -> str:
         result = cli("cert", command, "--config", str(self.config), *args)
@@ -277,6 +277,6 @@ def test_containerd_with_a_client_pair_in_hosts_toml_pulls(make_mirror, mtls, up
         daemon.stop()
 
 
-# dockerd is not tested here: it counts every loopback registry as insecure (127.0.0.0/8 is always in
-# its insecure-registries), and for an insecure registry it neither verifies the server nor reads
-# certs.d/<host>/client.cert. A mirror on another address gets the pair from there as podman does.
+# dockerd is tested in tests/test_mtls_dockerd.py: it counts every loopback registry as insecure
+# (127.0.0.0/8 is always in its insecure-registries), and for an insecure registry it neither
+# verifies the server nor reads certs.d/<host>/client.cert; there the mirror has another address.
