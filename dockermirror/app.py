@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 
 from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 from dockermirror.api.accesslog import AccessLog
+from dockermirror.api.gate import Gate
 from dockermirror.access.guard import Guard
 from dockermirror.api.routes import RegistryAPI, api_routes
 from dockermirror.cache import Cache, Limits
@@ -96,7 +97,8 @@ class DockerMirror:
         self._retire_keys = itertools.count()
         self.api = RegistryAPI(self.mirror, self._guard(config))
         starlette = Starlette(routes=api_routes(self.api), lifespan=lambda app: self.running())
-        self.asgi = AccessLog(starlette, on_done=self.mirror.record)
+        # tls.client_auth: required: a request without a client certificate stops at the gate
+        self.asgi = AccessLog(Gate(starlette, lambda: self.api.guard), on_done=self.mirror.record)
 
     def _client(self, up: UpstreamConfig) -> UpstreamClient:
         fingerprint = _ca_fingerprint(up)

@@ -3,7 +3,9 @@
 Handlers leave notes for the line in ``scope["state"]``: ``cache`` (HIT, MISS, STALE,
 COALESCED, PASS), ``upstream`` (the upstream the request was routed to),
 ``upstream_status`` (the upstream's HTTP status), ``identity`` (who asked, once the access
-guard or a client certificate says) and ``note`` (why a request failed).
+guard or a client certificate says), ``refused`` (a short reason, e.g. ``no-client-certificate``,
+dockermirror/api/gate.py), ``quiet`` (log this line at debug: a refusal repeated too often
+for info) and ``note`` (why a request failed).
 A request on a connection with a verified client certificate names its subject (``cert=``).
 
 Everything in the line that a client (or an upstream, through a note) chose is escaped
@@ -75,12 +77,15 @@ class AccessLog:
             upstream = state.get("upstream")
             identity = state.get("identity")
             certificate = scope.get("client_certificate")
-            log.info(
-                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s',
+            refused = state.get("refused")
+            log.log(
+                logging.DEBUG if state.get("quiet") else logging.INFO,
+                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s%s',
                 printable(str(client[0])), printable(scope["method"]), path, status, sent,
                 (time.perf_counter() - started) * 1000, cache or "-", printable(str(upstream or "-")),
                 printable(str(state.get("upstream_status") or "-")),
                 _identity(identity) if identity is not None else "",
+                f" refused={printable(str(refused))}" if refused else "",
                 f' cert="{printable(certificate["subject"])}"' if certificate else "",
                 f' note="{printable(str(note))}"' if note else "",
             )

@@ -179,13 +179,26 @@ def server(paths: certs.Paths, mode: str, crl: Path | None = None, ca: Path | No
     return ServerTLS(paths.certificate, paths.key, "localhost", ClientAuth(mode, ca or paths.ca, crl))
 
 
-def test_required_verifies_the_certificate_and_the_scope_names_it(paths, issued):
+def test_required_verifies_the_certificate_and_the_scope_names_it(paths, issued, tmp_path):
     tls = server(paths, "required")
     seen = handshake(tls, paths.ca, issued["alice"])
     serial = _cert(issued["alice"] / "client.cert").serial_number
     assert seen == {"subject": "CN=alice", "cn": "alice", "serial": f"{serial:x}"}
+    # without a certificate the handshake completes (the HTTP layer answers 401 saying why:
+    # refused here, the client would see only EOF), and the scope names none
+    assert handshake(tls, paths.ca) is None
+    # a certificate that is shown is verified all the same: another CA's, or a revoked one
+    other = certs.Paths(tmp_path / "o.crt", tmp_path / "o.key", tmp_path / "other" / "ca.crt")
+    certs.init(other, ["localhost"], [])
+    clientcerts.issue_client(other, "alice", tmp_path / "foreign")
     with pytest.raises(ssl.SSLError):
-        handshake(tls, paths.ca)
+        handshake(tls, paths.ca, tmp_path / "foreign")
+    crl = tmp_path / "ca" / "crl.pem"
+    clientcerts.revoke(paths, "alice", crl)
+    revoked = server(paths, "required", crl)
+    with pytest.raises(ssl.SSLError):
+        handshake(revoked, paths.ca, issued["alice"])
+    assert handshake(revoked, paths.ca, issued["bob"])["cn"] == "bob"
 
 
 def test_optional_lets_a_client_without_a_certificate_through(paths, issued):
