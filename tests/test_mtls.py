@@ -111,6 +111,7 @@ def unauthorized(mirror, mtls: MTLS, path: str = "/v2/") -> bool:
     with http(mirror, mtls, None) as session:
         response = session.get(path, headers=ACCEPT)
     return (response.status_code == 401 and "www-authenticate" not in response.headers
+            and response.reason_phrase == f"Unauthorized: {NO_CERTIFICATE}"
             and response.json() == {"errors": [{"code": "UNAUTHORIZED", "message": NO_CERTIFICATE}]})
 
 
@@ -313,11 +314,11 @@ def test_containerd_with_a_client_pair_in_hosts_toml_pulls(make_mirror, mtls, up
         mark = upstream.registry.mark()
         with pytest.raises(AssertionError) as failed:
             daemon.ctr("images", "pull", "--hosts-dir", str(hosts.parent), "docker.io/acme/tool:1.0")
-        # containerd resolves with HEAD (no body to show) and prints only the status line:
-        # "pulling from host 127.0.0.1:PORT failed with status code [manifests 1.0]: 401 Unauthorized"
-        # (it was "failed to do request: Head ...: EOF"); the mirror's log says why
-        assert f"pulling from host {mirror.address} failed with status code [manifests 1.0]: 401 " \
-            in str(failed.value)
+        # containerd resolves with HEAD (no body to show) and prints only the status line, which says it:
+        # "pulling from host 127.0.0.1:PORT failed with status code [manifests 1.0]: 401 Unauthorized:
+        # a client certificate is required ..." (it was "failed to do request: Head ...: EOF")
+        assert f"pulling from host {mirror.address} failed with status code [manifests 1.0]: 401 Unauthorized: " \
+            f"{NO_CERTIFICATE}" in str(failed.value)
         assert upstream.registry.requests(mark) == []
         assert mirror.access_lines(f'"HEAD /v2/acme/tool/manifests/1.0\\?ns=docker.io" 401 .*{REFUSED_LINE}')
     finally:

@@ -1,7 +1,9 @@
 """The first thing every request meets: with ``tls.client_auth: required``, a request on a
 connection without a verified client certificate is answered 401 UNAUTHORIZED with an OCI
 error body that says so (:meth:`Guard.admit`), whatever its method and path: nothing is routed,
-nothing reaches the cache or an upstream.
+nothing reaches the cache or an upstream. The status line says it too (``401 Unauthorized: a
+client certificate is required ...``, see service/zerocopy.py): containerd shows nothing else
+of an error to a HEAD request, which has no body.
 
 Its request-log line says ``identity=anonymous refused=no-client-certificate``; a client
 that retries in a loop cannot flood the log: from one address, one such line a minute at
@@ -10,11 +12,12 @@ info (with how many were refused since), the others at debug.
 
 from __future__ import annotations
 
+import http
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dockermirror.access.guard import Guard
 from dockermirror.access.identity import ANONYMOUS
@@ -73,4 +76,11 @@ class Gate:
         state["quiet"] = not loud
         if loud and quiet:
             state["note"] = f"{quiet} more refused from this address since the last such line (logged at debug)"
-        await error_response(error, head=scope.get("method") == "HEAD")(scope, receive, send)
+        reason = f"{http.HTTPStatus(error.status).phrase}: {error.message}"
+
+        async def send_with_reason(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "reason": reason}
+            await send(message)
+
+        await error_response(error, head=scope.get("method") == "HEAD")(scope, receive, send_with_reason)
