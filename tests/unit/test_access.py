@@ -630,3 +630,20 @@ async def test_a_reload_switches_client_auth_for_the_next_requests(tmp_path):
             assert not app.api.guard.active
             app.reconfigure(required_config(tmp_path / "cache"))
             assert (await client.get("/v2/library/busybox/manifests/1")).status_code == 401
+
+
+def test_access_check_knows_a_certificate_is_required(tmp_path, capsys):
+    path = tmp_path / "config.yml"
+
+    def check(*args: str, rules: str = "") -> tuple[int, str]:
+        path.write_text(HEAD.replace("tls:\n  enabled: false\n", REQUIRED).format(cache_dir=tmp_path) + rules)
+        code = cli.main(["access", "check", *args, "--config", str(path)])
+        return code, capsys.readouterr().out
+
+    assert check("anonymous", "busybox") == (
+        1, "deny: tls.client_auth: required: a client certificate is required (anonymous pulling "
+           "docker.io/library/busybox)\n")
+    assert check("user:ci", "busybox", rules="access:\n  - allow: [user:ci]\n")[0] == 1
+    assert check("cert:alice", "busybox") == (
+        0, "allow: no rules: anyone with a client certificate may pull (cert:alice pulling docker.io/library/busybox)\n")
+    assert check("cert:alice", "busybox", rules="access:\n  - allow: [cert:bob]\n")[0] == 1
