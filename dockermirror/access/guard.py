@@ -80,8 +80,12 @@ class Guard:
 
     def admit(self, scope: dict[str, Any]) -> None:
         """Raise :class:`CertificateRequired` for a request on a connection without a verified
-        client certificate when one is required; before anything else looks at the request."""
-        if self.certificate_required and not scope.get("client_certificate"):
+        client certificate when one is required: by the configuration, or by the TLS layer for
+        this connection (``scope["client_certificate_required"]``, service/clientcert.py: it
+        holds even if a reload changed the TLS settings and not this guard); before anything
+        else looks at the request."""
+        if (self.certificate_required or scope.get("client_certificate_required") is True) \
+                and not scope.get("client_certificate"):
             raise CertificateRequired()
 
     async def identify(self, scope: dict[str, Any], authorization: str | None) -> Identity:

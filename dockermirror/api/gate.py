@@ -59,11 +59,14 @@ class Gate:
         self.refusals = RefusalLog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             try:
                 self.guard().admit(scope)
             except RegistryError as exc:
-                await self.refuse(scope, receive, send, exc)
+                if scope["type"] == "http":
+                    await self.refuse(scope, receive, send, exc)
+                else:   # no such route anyway (uvicorn answers 403 to a close before the accept)
+                    await send({"type": "websocket.close", "code": 1008})
                 return
         await self.app(scope, receive, send)
 

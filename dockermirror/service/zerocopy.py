@@ -353,6 +353,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # verified in the handshake, which is over by now; every request's scope names it
+        self._certificate_owed = clientcert.owed(transport)
         self._client_certificate = clientcert.after_handshake(transport)
         self._limits = type(self).limits
         self._head_pending = True
@@ -414,7 +415,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = 0
-        clientcert.attach(self.scope, self._client_certificate)
+        clientcert.attach(self.scope, self._client_certificate, self._certificate_owed)
 
     def on_url(self, url: bytes) -> None:
         if len(self.url) + len(url) > self._limits.max_url:

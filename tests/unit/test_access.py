@@ -546,6 +546,11 @@ def test_the_guard_admits_no_request_without_a_certificate_when_one_is_required(
     assert error.refused == "no-client-certificate"
     guard.admit({"type": "http", "client_certificate": ALICE})
     Guard(Rules((), TABLE)).admit({"type": "http"})          # not required: nothing to say
+    # the TLS layer says this connection owes one (its handshake ran under required), whatever
+    # the guard's configuration (a reload the application could not apply)
+    with pytest.raises(Exception) as owed:
+        Guard(Rules((), TABLE)).admit({"type": "http", "client_certificate_required": True})
+    assert owed.value.code == "UNAUTHORIZED"
     assert Guard.of(required_config(Path("/x"))).certificate_required
     assert not Guard.of(required_config(Path("/x"), client_auth="optional")).certificate_required
 
@@ -647,3 +652,23 @@ def test_access_check_knows_a_certificate_is_required(tmp_path, capsys):
     assert check("cert:alice", "busybox") == (
         0, "allow: no rules: anyone with a client certificate may pull (cert:alice pulling docker.io/library/busybox)\n")
     assert check("cert:alice", "busybox", rules="access:\n  - allow: [cert:bob]\n")[0] == 1
+
+
+@pytest.mark.anyio
+async def test_the_gate_closes_a_websocket_without_a_certificate_and_passes_the_rest_on():
+    from dockermirror.api.gate import Gate
+
+    called, sent = [], []
+
+    async def app(scope, receive, send):
+        called.append(scope["type"])
+
+    async def send(message):
+        sent.append(message)
+
+    gate = Gate(app, lambda: Guard(Rules((), TABLE), certificate_required=True))
+    await gate({"type": "websocket", "path": "/v2/"}, None, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}] and called == []
+    await gate({"type": "lifespan"}, None, send)
+    await gate({"type": "websocket", "path": "/v2/", "client_certificate": ALICE}, None, send)
+    assert called == ["lifespan", "websocket"]
