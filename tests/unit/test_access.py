@@ -574,7 +574,8 @@ async def test_required_refuses_every_request_without_a_certificate_before_anyth
                     ("GET", "/v2/ghcr.io/myorg/app/manifests/1"), ("GET", "/v2/_catalog"),
                     ("GET", "/v2/no/such/endpoint"), ("GET", "/v2/bad..name/manifests/1"), ("GET", "/"),
                     ("GET", "/v2"), ("GET", "/metrics"), ("PUT", "/v2/library/busybox/manifests/1"),
-                    ("POST", "/v2/library/busybox/blobs/uploads/"), ("DELETE", f"/v2/library/busybox/blobs/{image.layer}")]
+                    ("POST", "/v2/library/busybox/blobs/uploads/"),
+                    ("DELETE", f"/v2/library/busybox/blobs/{image.layer}")]
         async with mirror.client() as client:
             for method, path in requests:
                 headers = basic("ci", "ci-secret") if users else {}
@@ -598,7 +599,8 @@ async def test_required_refuses_every_request_without_a_certificate_before_anyth
 async def test_a_refusal_for_no_certificate_is_logged_once_a_minute_per_address(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG, "dockermirror.access")
     now = [1000.0]
-    app = DockerMirror(required_config(tmp_path / "cache"), clock=FakeClock(), upstream_transport=FakeRegistry().transport)
+    app = DockerMirror(required_config(tmp_path / "cache"), clock=FakeClock(),
+                       upstream_transport=FakeRegistry().transport)
     gate = app.asgi.app
     monkeypatch.setattr(gate.refusals, "clock", lambda: now[0])
     async with app.running():
@@ -650,7 +652,8 @@ def test_access_check_knows_a_certificate_is_required(tmp_path, capsys):
            "docker.io/library/busybox)\n")
     assert check("user:ci", "busybox", rules="access:\n  - allow: [user:ci]\n")[0] == 1
     assert check("cert:alice", "busybox") == (
-        0, "allow: no rules: anyone with a client certificate may pull (cert:alice pulling docker.io/library/busybox)\n")
+        0, "allow: no rules: anyone with a client certificate may pull (cert:alice pulling "
+           "docker.io/library/busybox)\n")
     assert check("cert:alice", "busybox", rules="access:\n  - allow: [cert:bob]\n")[0] == 1
 
 
