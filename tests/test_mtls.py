@@ -1,6 +1,6 @@
 """TLS client certificates against a real mirror: `cert init`, `cert client`, `cert revoke`
-as an admin runs them, httpx and real clients (skopeo, podman, containerd) with and
-without a client certificate, a revocation applied by SIGHUP. Under `required` a client
+as an admin runs them, httpx and real clients (skopeo, podman, containerd; dockerd without)
+with and without a client certificate, a revocation applied by SIGHUP. Under `required` a client
 without a certificate completes the handshake and gets 401 saying why (what each client
 prints is checked); a foreign or revoked certificate is refused in the handshake."""
 
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import ALL_MANIFESTS, Upstream
-from tests.support.clients import Containerd, Podman, dir_manifest_digest, skopeo
+from tests.support.clients import Containerd, Dockerd, Podman, dir_manifest_digest, skopeo
 from tests.support.procs import wait_until
 
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
@@ -325,6 +325,23 @@ def test_containerd_with_a_client_pair_in_hosts_toml_pulls(make_mirror, mtls, up
         daemon.stop()
 
 
-# dockerd is not tested here: it counts every loopback registry as insecure (127.0.0.0/8 is always in
-# its insecure-registries), and for an insecure registry it neither verifies the server nor reads
-# certs.d/<host>/client.cert. A mirror on another address gets the pair from there as podman does.
+# dockerd is not tested with a certificate here: it counts every loopback registry as insecure
+# (127.0.0.0/8 is always in its insecure-registries), and for an insecure registry it neither
+# verifies the server nor reads certs.d/<host>/client.cert. A mirror on another address gets the
+# pair from there as podman does. Without one, it is a client like the others:
+
+
+def test_dockerd_without_a_certificate_is_told_why(make_mirror, mtls, upstream: Upstream):
+    mirror = make_mirror(tls={**mtls.tls, "client_auth": "required"})
+    daemon = Dockerd(None, etc={"docker/daemon.json": "{}"})
+    daemon.start()
+    try:
+        mark = upstream.registry.mark()
+        with pytest.raises(AssertionError) as failed:
+            daemon.docker("pull", f"{mirror.address}/acme/tool:1.0")
+        # "Error response from daemon: unauthorized: a client certificate is required ..."
+        assert f"Error response from daemon: unauthorized: {NO_CERTIFICATE}" in str(failed.value)
+        assert upstream.registry.requests(mark) == []
+        assert mirror.access_lines(f'"GET /v2/" 401 .*{REFUSED_LINE}')
+    finally:
+        daemon.stop()
