@@ -268,6 +268,24 @@ def test_report_gives_the_hit_ratio_of_the_pulls(booted: Container, tool_pulls: 
     assert f"hit ratio: 50.0% ({n} of {2 * n} requests the cache could answer were served from it; " in text
 
 
+def test_records_up_to_the_exit_belong_to_the_unit(booted: Container):
+    """A datagram's unit is looked up from its sender: the last records of a stopping process
+    (sent natively) must still be the unit's, as they were on the stderr stream."""
+    pid = booted.show("docker-mirror", "MainPID")
+    booted.run("systemctl", "restart", "docker-mirror")
+
+    def cursors(*match: str) -> list[str]:
+        out = booted.run("journalctl", *match, f"_PID={pid}", "-o", "json", "--no-pager").stdout
+        return [json.loads(line)["__CURSOR"] for line in out.splitlines() if line.strip()]
+
+    everything = cursors("SYSLOG_IDENTIFIER=docker-mirror")
+    assert everything and cursors("-u", "docker-mirror") == everything
+    [last] = [json.loads(line) for line in booted.run("journalctl", "-u", "docker-mirror", f"_PID={pid}", "-n", "1",
+                                                      "-o", "json", "--no-pager").stdout.splitlines()]
+    print(f"\nlast record before the restart: {last['MESSAGE']}")
+    assert last["_TRANSPORT"] == "journal" and last["DOCKER_MIRROR_COMPONENT"]
+
+
 def serial(address: str, ca: str) -> str:
     chain = subprocess.run(["openssl", "s_client", "-connect", address, "-CAfile", ca], input="",
                            capture_output=True, text=True, timeout=30).stdout
