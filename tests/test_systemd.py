@@ -1,7 +1,8 @@
 """docker-mirror under a real systemd (booted with systemd-nspawn): enable --now, status,
 journal priorities, journal fields and `docker-mirror report` over a cold and a warm pull,
-reload with a new certificate, the watchdog, a clean stop, socket activation on a privileged port. Plus the static checks of the unit files: systemd-analyze
-verify and security, and the keys systemd 219 (CentOS 7) knows."""
+reload with a new certificate, the watchdog, a clean stop, socket activation on a privileged
+port. Plus the static checks of the unit files: systemd-analyze verify and security, and the
+keys systemd 219 (CentOS 7) knows."""
 
 from __future__ import annotations
 
