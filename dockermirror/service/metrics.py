@@ -273,10 +273,23 @@ class ProcessMetrics(prometheus_client.ProcessCollector):
 
 
 class ReadingsCollector(Collector):
-    """Gauges from :func:`readings.read`, taken when Prometheus scrapes."""
+    """Gauges from :func:`readings.read`, taken when Prometheus scrapes; and the pinned content
+    (not in the readings: one indexed count over the pinned rows)."""
 
     def __init__(self, app: DockerMirror) -> None:
         self.app = app
+
+    def _pinned(self) -> Iterator[GaugeMetricFamily]:
+        index = self.app.cache.index
+        if index is None:
+            return
+        try:
+            entries, nbytes = index.pinned_totals()
+        except Exception:       # an index that cannot be read now: left out of this scrape
+            return
+        yield GaugeMetricFamily(PREFIX + "cache_pinned_entries", "Stored entries of pinned repositories (cache.pin)",
+                                value=entries)
+        yield GaugeMetricFamily(PREFIX + "cache_pinned_bytes", "Bytes of those", value=nbytes)
 
     def describe(self) -> list:
         return []       # known only when read: never read at registration
@@ -296,6 +309,7 @@ class ReadingsCollector(Collector):
                     ("cache_entries", "Stored blobs and manifests", cache.entries),
                     ("cache_degraded", "1 while the cache serves but cannot store", int(cache.degraded is not None))):
                 yield GaugeMetricFamily(PREFIX + name, text, value=value)
+            yield from self._pinned()
         up = GaugeMetricFamily(PREFIX + "upstream_up", "1 if the last upstream request got an HTTP answer "
                                "(absent until contacted)", labels=["upstream"])
         remaining = GaugeMetricFamily(PREFIX + "upstream_ratelimit_remaining", "Docker Hub pulls left "

@@ -339,6 +339,22 @@ async def test_a_download_that_broke_off_and_was_resumed(tmp_path: Path, registr
         assert value(text, "docker_mirror_upstream_transfer_seconds_count", upstream=UP) == 1
 
 
+async def test_pinned_content(tmp_path: Path, registry: FakeRegistry, clock: FakeClock) -> None:
+    async for mirror in metered(tmp_path, registry, clock, extra="  pin: [library/alpine]\n"):
+        pinned = registry.push("library/alpine", "3.20", layer=b"pinned\n" * 100)
+        other = registry.push("library/busybox", "1", layer=b"not pinned\n" * 100)
+        await pull(mirror.client, "library/alpine", "3.20")
+        await pull(mirror.client, "library/busybox", "1")
+        await mirror.app.cache.transfers.wait_all(5)
+        await mirror.app.cache.flush()
+        text = mirror.text()
+        assert value(text, "docker_mirror_cache_pinned_entries") == 3
+        assert value(text, "docker_mirror_cache_pinned_bytes") == len(pinned.manifest) + sum(
+            map(len, pinned.blobs.values()))
+        assert value(text, "docker_mirror_cache_entries") == 6
+        assert other.layer not in text
+
+
 async def test_a_reload_adds_the_new_upstreams_series(mirror: Metered, tmp_path: Path) -> None:
     more = config_text(mirror.cache_dir).replace("upstream:\n  url: https://registry.test\n", (
         "upstreams:\n  - registry: registry.test\n    url: https://registry.test\n"
