@@ -367,8 +367,11 @@ async def test_a_reload_adds_the_new_upstreams_series(mirror: Metered, tmp_path:
     assert value(text, "docker_mirror_pulls_saved_total", upstream="ghcr.io") == 0
 
 
-async def test_the_listener_serves_metrics_and_nothing_else(mirror: Metered) -> None:
-    listener = MetricsListener(mirror.metrics, bind(("127.0.0.1", 0)))
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_the_listener_serves_metrics_and_nothing_else(mirror: Metered, host: str) -> None:
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    listener = MetricsListener(mirror.metrics, bind((host, 0)))
     await listener.start()
     try:
         async with httpx.AsyncClient(base_url=f"http://{listener.address}") as client:
