@@ -56,7 +56,9 @@ def test_the_alerts_fire_when_they_should_and_not_otherwise(tmp_path: Path):
 def test_every_dashboard_query_is_valid_promql(tmp_path: Path):
     queries = dashboard_queries(dashboard())
     result = check_rules(recording_rules(tmp_path, [as_prometheus_sees_it(expr) for _, expr in queries]))
-    assert result.returncode == 0, result.stdout + result.stderr
+    named = "\n".join(f"dashboard:query_{n} is {where}" for n, (where, _) in enumerate(queries)
+                      if f"dashboard:query_{n}\"" in result.stdout + result.stderr)
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{named}"
     assert f"SUCCESS: {len(queries)} rules found" in result.stdout
 
 
