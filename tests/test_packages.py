@@ -61,11 +61,14 @@ def packaged_file(package: Path, path: str) -> tuple[bytes, int]:
     if package.suffix == ".deb":
         tree = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(package)], capture_output=True, check=True).stdout
         with tarfile.open(fileobj=io.BytesIO(tree)) as tar:
+            assert f".{path}" in tar.getnames(), f"{package.name} has no {path}"
             member = tar.getmember(f".{path}")
             assert member.isfile(), path
             return tar.extractfile(member).read(), member.mode & 0o7777
-    listing = rpm_query(package, "--qf", "[%{FILENAMES} %{FILEMODES}\n]")
-    mode = int(dict(line.rsplit(" ", 1) for line in listing.splitlines())[path])
+    listing = dict(line.rsplit(" ", 1) for line in rpm_query(package, "--qf", "[%{FILENAMES} %{FILEMODES}\n]")
+                   .splitlines())
+    assert path in listing, f"{package.name} has no {path}"
+    mode = int(listing[path])
     assert mode & 0o170000 == 0o100000, path                                   # a regular file
     rpm2cpio = subprocess.Popen(["rpm2cpio", str(package)], stdout=subprocess.PIPE)
     content = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", f".{path}"], stdin=rpm2cpio.stdout,
