@@ -27,6 +27,9 @@ if [ -z "$fast" ]; then
     say "checking the Debian packages the tests need"
     # shellcheck disable=SC2086
     tests/apt-ensure.sh $PACKAGES
+    # prometheus and promtool from Debian's package, unpacked, not installed: the package would
+    # start a prometheus.service listening on every address of the machine
+    tests/apt-ensure.sh --unpack "${DM_TEST_CACHE:-/var/cache/docker-mirror-tests}/prometheus" prometheus
 fi
 
 # Debian's python3, in a virtualenv of the clone, with the pinned versions
