@@ -6,6 +6,7 @@ Quick (no Prometheus server, no mirror), but they need the package: the system t
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
