@@ -19,7 +19,6 @@ balancer would turn a partial failure into a total one. The problems are for peo
 from __future__ import annotations
 
 import html
-import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -40,8 +39,6 @@ from dockermirror.service.readings import CacheReading, Readings, TransferReadin
 
 if TYPE_CHECKING:
     from dockermirror.app import DockerMirror
-
-log = logging.getLogger("dockermirror.status")
 
 REFRESH_SECONDS = 10
 TOP = 20            # most pulled repositories shown
@@ -140,6 +137,10 @@ def lifetime(app: DockerMirror) -> dict[str, int] | None:
     return {result: counters.get(f"requests_{result.lower()}", 0) for result in CACHE_RESULTS}
 
 
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
+
+
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
@@ -173,7 +174,7 @@ def _cache(cache: CacheReading | None) -> str:
                   f"({size(cache.min_free_bytes)}).</p>")
     figures = (f'<p class="big"><b>{size(cache.used_bytes)}</b> used of <b>{size(cache.max_bytes)}</b> '
                f"max ({_percent(cache.used_bytes, cache.max_bytes):.1f}%)</p>"
-               f"<dl><dt>entries</dt><dd>{cache.entries} entries (blobs and manifests)</dd>"
+               f"<dl><dt>entries</dt><dd>{cache.entries} (blobs and manifests)</dd>"
                f"<dt>reserved</dt><dd>{size(cache.reserved_bytes)} reserved by downloads in flight</dd>"
                f"<dt>filesystem</dt><dd>{size(cache.free_bytes)} free of {size(cache.filesystem_bytes)} "
                f"(cache.min_free keeps {size(cache.min_free_bytes)})</dd></dl>")
@@ -182,12 +183,13 @@ def _cache(cache: CacheReading | None) -> str:
 
 def _ratio_row(name: str, answers: dict[str, int] | None, source: str) -> str:
     if answers is None:
-        return f"<tr><th>{name}</th><td>-</td><td>the index cannot be read</td><td>{source}</td></tr>"
+        return (f'<tr><th>{name}</th><td class="num big">-</td><td>the index cannot be read<br>'
+                f'<span class="note">{source}</span></td></tr>')
     total = sum(answers.values())
     ratio = f"{answers['HIT'] / total * 100:.1f}%" if total else "-"
     parts = " · ".join(f"{result} {answers[result]}" for result in CACHE_RESULTS)
-    return (f'<tr><th>{name}</th><td class="num">{ratio}</td><td>of {total} cache answers ({parts})</td>'
-            f'<td class="note">{source}</td></tr>')
+    return (f'<tr><th>{name}</th><td class="num big">{ratio}</td><td>of {_count(total, "cache answer")} '
+            f'({parts})<br><span class="note">{source}</span></td></tr>')
 
 
 def _ratios(stats: PullStats, lifetime_answers: dict[str, int] | None) -> str:
@@ -256,15 +258,16 @@ def _top(stats: PullStats, keep: Callable[[str, str], bool], viewer: str | None)
     rows = []
     for rank, counted in enumerate(top, 1):
         upstream, repository = counted.key
-        count = f"{counted.count}" if not counted.error else f"≤ {counted.count} (≥ {counted.count - counted.error})"
+        low = counted.count - counted.error
+        count = f"{counted.count}" if not counted.error else f"{low} to {counted.count}"
         rows.append(f'<tr><td class="num">{rank}</td><td>{_e(upstream)}/{_e(repository)}</td>'
                     f'<td class="num">{count}</td></tr>')
     body = ("<table><tr><th>#</th><th>repository</th><th>manifest GETs</th></tr>" + "".join(rows) + "</table>"
             if rows else "<p>No pulls since start.</p>")
     scope = (f" Shown as {_e(viewer)}: only repositories you may pull." if viewer is not None else "")
     note = (f'<p class="note">Manifest GETs answered 2xx (what Docker Hub counts as pulls). The tally keeps the '
-            f"{stats.pulls.capacity} most pulled repositories; a count shown as a range may include pulls of "
-            f"repositories it displaced.{scope}</p>")
+            f"{stats.pulls.capacity} most pulled repositories; a count shown as a range (at least, at most) "
+            f"may include pulls of repositories it displaced.{scope}</p>")
     return _section("Most pulled since start", body + note, wide=True)
 
 
@@ -280,7 +283,8 @@ section.wide{grid-column:1/-1}h2{margin:0 0 8px;font-size:17px}
 .big{font-size:18px;margin:6px 0}dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0}
 dt{color:#5b6475}dd{margin:0}table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:4px 8px 4px 0;border-bottom:1px solid #eceef2;vertical-align:top;word-break:break-word}
-th{color:#5b6475;font-weight:600}.num{text-align:right;white-space:nowrap}.note{color:#5b6475;font-size:13px}
+th{color:#5b6475;font-weight:600;white-space:nowrap}.num{text-align:right;white-space:nowrap}
+.note{color:#5b6475;font-size:13px}
 .alarm{background:#b3261e;color:#fff;font-weight:700;padding:8px 10px;border-radius:4px;font-size:16px}
 .good{color:#17803d;font-weight:600}.bad{color:#b3261e;font-weight:700}.idle{color:#5b6475}
 .tag{background:#e4e7ec;border-radius:3px;padding:0 5px;font-size:12px}code{font-size:13px}
