@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 
 from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 from dockermirror.api.accesslog import AccessLog, RequestDone
+from dockermirror.api.gate import Gate
 from dockermirror.access.guard import Guard
 from dockermirror.api.routes import RegistryAPI, api_routes
 from dockermirror.cache import Cache, Limits
@@ -103,7 +104,8 @@ class DockerMirror:
         # who hears of each finished request besides the cache's counters (metrics, the status page)
         self.request_observers: list[Callable[[RequestDone], None]] = []
         self.request_observers.append(self.status_page.stats)
-        self.asgi = AccessLog(starlette, on_done=self._request_done)
+        # tls.client_auth: required: a request without a client certificate stops at the gate
+        self.asgi = AccessLog(Gate(starlette, lambda: self.api.guard), on_done=self._request_done)
 
     def _request_done(self, done: RequestDone) -> None:
         self.mirror.record(done.cache, done.sent, done.upstream)

@@ -85,7 +85,7 @@ def _rule_warnings(config: Config) -> list[str]:
 def cmd_access_check(args: argparse.Namespace) -> int:
     """Print the rule that decides whether IDENTITY may pull REPOSITORY; exit 0 if allowed, 1 if not."""
     from dockermirror.access.guard import Guard
-    from dockermirror.access.identity import Identity
+    from dockermirror.access.identity import CERTIFICATE, Identity
     from dockermirror.access.rules import client_address
     from dockermirror.routing import UnknownRegistry
 
@@ -106,8 +106,12 @@ def cmd_access_check(args: argparse.Namespace) -> int:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 2
     who = f"{identity}{f' from {args.source}' if args.source else ''} pulling {route.registry}/{route.repository}"
-    if not guard.active:
-        print(f"allow: no rules: anyone may pull ({who})")
+    if guard.certificate_required and identity.kind != CERTIFICATE:
+        print(f"deny: tls.client_auth: required: a client certificate is required ({who})")
+        return 1
+    if not guard.explicit and guard.htpasswd is None:
+        anyone = "anyone with a client certificate" if guard.certificate_required else "anyone"
+        print(f"allow: no rules: {anyone} may pull ({who})")
         return 0
     decision = guard.decide(identity, args.source, route.registry, route.repository)
     action = "allow" if decision.allowed else "deny"

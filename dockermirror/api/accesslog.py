@@ -3,8 +3,10 @@
 Handlers leave notes for the line in ``scope["state"]``: ``cache`` (HIT, MISS, STALE,
 COALESCED, PASS), ``upstream`` (the upstream the request was routed to),
 ``upstream_status`` (the upstream's HTTP status), ``identity`` (who asked, once the access
-guard or a client certificate says), ``note`` (why a request failed), ``kind`` (manifest,
-blob, tags, referrers; else other), ``repository`` and ``reference`` (tag or digest).
+guard or a client certificate says), ``refused`` (a short reason, e.g. ``no-client-certificate``,
+dockermirror/api/gate.py), ``quiet`` (log this line at debug: a refusal repeated too often
+for info), ``note`` (why a request failed), ``kind`` (manifest, blob, tags, referrers; else
+other), ``repository`` and ``reference`` (tag or digest).
 
 Each finished request is also one :class:`RequestDone`: handed to ``on_done`` (counters,
 metrics) and attached to the log record as ``record.request`` (structured journal fields).
@@ -105,6 +107,7 @@ class AccessLog:
             identity = state.get("identity")
             certificate = scope.get("client_certificate")
             upstream_status = state.get("upstream_status")
+            refused = state.get("refused")
             done = RequestDone(
                 client=str(client[0]), method=scope["method"], path=raw_path, status=status, sent=sent,
                 seconds=time.perf_counter() - started, complete=complete, kind=state.get("kind") or "other",
@@ -112,13 +115,15 @@ class AccessLog:
                 repository=state.get("repository"), reference=state.get("reference"),
                 identity=str(identity) if identity is not None else None,
                 certificate=certificate["subject"] if certificate else None, note=note or None)
-            log.info(
-                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s',
+            log.log(
+                logging.DEBUG if state.get("quiet") else logging.INFO,
+                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s%s',
                 printable(done.client), printable(done.method),
                 printable(scope["path"]) + ("?" + printable(query) if query else ""), status, sent,
                 done.seconds * 1000, cache or "-", printable(str(upstream or "-")),
                 printable(str(upstream_status or "-")),
                 _identity(identity) if identity is not None else "",
+                f" refused={printable(str(refused))}" if refused else "",
                 f' cert="{printable(done.certificate)}"' if certificate else "",
                 f' note="{printable(str(note))}"' if note else "",
                 extra={"request": done},

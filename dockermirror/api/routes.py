@@ -163,6 +163,8 @@ class RegistryAPI:
             except RegistryError as exc:
                 if exc.upstream_status is not None:
                     request.state.upstream_status = exc.upstream_status
+                if (refused := getattr(exc, "refused", None)) is not None:    # e.g. no client certificate
+                    request.state.refused = refused
                 refusal = getattr(exc, "refusal", None)
                 request.state.note = f"{exc.code}: {exc.message}" + (
                     f" (user {refusal.user!r})" if refusal is not None and refusal.user else "")
