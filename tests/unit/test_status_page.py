@@ -289,6 +289,27 @@ async def test_with_access_rules_the_page_names_only_what_the_viewer_may_pull(mi
     assert health.status_code == 200 and health.text == "ok\n"
 
 
+async def test_with_client_certificates_required_only_healthz_answers_without_one(tmp_path):
+    """tls.client_auth: required (api/gate.py): a probe shows no certificate, a viewer must."""
+    registry = FakeRegistry()
+    registry.push("library/busybox", "1")
+    text = config_text(tmp_path / "cache").replace(
+        "tls:\n  enabled: false\n", "tls:\n  certificate: /nonexistent/server.crt\n  client_auth: required\n")
+    app = DockerMirror(configuration.loads(text), clock=FakeClock(), upstream_transport=registry.transport)
+    async with app.running():
+        transport = httpx.ASGITransport(app=app.asgi, client=("192.0.2.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://mirror.test") as client:
+            for method in ("GET", "HEAD"):
+                assert (await client.request(method, "/")).status_code == 401
+                assert (await client.request(method, "/v2/")).status_code == 401
+                health = await client.request(method, "/healthz")
+                assert health.status_code == 200
+            assert (await client.get("/healthz")).text == "ok\n"
+            assert (await client.get("/healthz/")).status_code == 401
+            assert (await client.post("/healthz")).status_code == 405
+        assert registry.seen == []
+
+
 # --- /healthz
 
 
