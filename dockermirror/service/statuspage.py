@@ -68,16 +68,21 @@ class StatusPage:
             raise RegistryError("no status page here (status_page: false)", status=404, code="NOT_FOUND")
         guard: Guard = request.state.guard
         host = request.client.host if request.client else None
-        keep: Callable[[str, str], bool] = lambda key, repository: True
-        viewer = None
         if guard.active:
             identity = request.state.identity
             guard.ping(identity, host)      # what /v2/ asks of this client
+            viewer: str | None = str(identity)
 
             def keep(key: str, repository: str) -> bool:
+                """May the viewer pull it (one rules lookup, as a pull's; at most a few ms for
+                a whole table of repositories the viewer may not pull)."""
                 return guard.decide(identity, host, key, repository).allowed
+        else:
+            viewer = None
 
-            viewer = str(identity)
+            def keep(key: str, repository: str) -> bool:
+                return True
+
         body = render(read(self.app), self.stats, lifetime(self.app), keep, viewer).encode()
         head = request.method == "HEAD"
         headers = {**PAGE_HEADERS, "Content-Length": str(len(body))}
@@ -92,8 +97,9 @@ class StatusPage:
             return error_response(error, head=head)
         try:
             problems = health(read(self.app))
-        except (OSError, sqlite3.Error) as exc:
-            problems = [f"cache: its state cannot be read ({type(exc).__name__}: {exc})"]
+        except (OSError, sqlite3.Error) as exc:     # the cache's filesystem gone, say (no path shown)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            problems = [f"cache: its state cannot be read ({why})"]
         body = "".join(f"{printable(line, quote=False)}\n" for line in ["ok", *problems]).encode()
         headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
                    "Content-Length": str(len(body))}

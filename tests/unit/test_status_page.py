@@ -167,15 +167,17 @@ async def test_a_transfer_in_flight_shows_its_progress(mirror):
     gate = mirror.registry.held[image.layer] = asyncio.Event()
     await pull(mirror.client, "big", "1")
     pulling = asyncio.ensure_future(mirror.client.get(f"/v2/big/blobs/{image.layer}"))
-    for _ in range(200):
+    for _ in range(500):        # until the client follows it (the body is held: nothing more comes)
         await asyncio.sleep(0.01)
-        if read(mirror.app).transfers:
+        if (transfers := read(mirror.app).transfers) and transfers[0].followers:
             break
-    (transfer,) = read(mirror.app).transfers
+    (before,) = read(mirror.app).transfers
     page = parsed(await mirror.client.get("/"))
+    (after,) = read(mirror.app).transfers
     rows = table(page, "followers")
     assert rows[1][:2] == ["docker.io/library/big", image.layer[:19]]
-    assert rows[1][2].startswith(f"{size(transfer.received)} of {size(len(layer))} (")
+    shown = {f"{size(t.received)} of {size(len(layer))} ({t.received / len(layer) * 100:.0f}%)" for t in (before, after)}
+    assert rows[1][2] in shown
     assert rows[1][3] == "1"
     gate.set()
     assert (await pulling).content == layer
@@ -368,6 +370,16 @@ async def test_healthz_says_the_filesystem_is_full(tmp_path):
                                    f"cache.min_free ({size(cache.min_free_bytes)}): new content evicts older "
                                    "content or passes through uncached\n")
             assert "The filesystem is full" in parsed(await client.get("/")).text
+
+
+async def test_healthz_answers_when_the_cache_cannot_even_be_looked_at(mirror, monkeypatch):
+    def gone(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr("dockermirror.service.readings.filesystem", gone)
+    health = await mirror.client.get("/healthz")
+    assert (health.status_code, health.text) == (200, "ok\ncache: its state cannot be read (No such file or "
+                                                      "directory)\n")
 
 
 # --- the tally
