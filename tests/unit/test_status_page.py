@@ -176,7 +176,8 @@ async def test_a_transfer_in_flight_shows_its_progress(mirror):
     (after,) = read(mirror.app).transfers
     rows = table(page, "followers")
     assert rows[1][:2] == ["docker.io/library/big", image.layer[:19]]
-    shown = {f"{size(t.received)} of {size(len(layer))} ({t.received / len(layer) * 100:.0f}%)" for t in (before, after)}
+    shown = {f"{size(t.received)} of {size(len(layer))} ({t.received / len(layer) * 100:.0f}%)"
+             for t in (before, after)}
     assert rows[1][2] in shown
     assert rows[1][3] == "1"
     gate.set()
