@@ -180,7 +180,7 @@ def _cache(cache: CacheReading | None) -> str:
                   f"({size(cache.min_free_bytes)}).</p>")
     figures = (f'<p class="big"><b>{size(cache.used_bytes)}</b> used of <b>{size(cache.max_bytes)}</b> '
                f"max ({_percent(cache.used_bytes, cache.max_bytes):.1f}%)</p>"
-               f"<dl><dt>entries</dt><dd>{cache.entries} (blobs and manifests)</dd>"
+               f"<dl><dt>entries</dt><dd>{cache.entries:,} (blobs and manifests)</dd>"
                f"<dt>reserved</dt><dd>{size(cache.reserved_bytes)} reserved by downloads in flight</dd>"
                f"<dt>filesystem</dt><dd>{size(cache.free_bytes)} free of {size(cache.filesystem_bytes)} "
                f"(cache.min_free keeps {size(cache.min_free_bytes)})</dd></dl>")
@@ -293,6 +293,7 @@ th{color:#5b6475;font-weight:600;white-space:nowrap}.num{text-align:right;white-
 .note{color:#5b6475;font-size:13px}
 .alarm{background:#b3261e;color:#fff;font-weight:700;padding:8px 10px;border-radius:4px;font-size:16px}
 .good{color:#17803d;font-weight:600}.bad{color:#b3261e;font-weight:700}.idle{color:#5b6475}
+.good,.bad{white-space:nowrap}
 .tag{background:#e4e7ec;border-radius:3px;padding:0 5px;font-size:12px}code{font-size:13px}
 footer{max-width:1160px;margin:0 auto;padding:4px 24px 16px;color:#5b6475;font-size:13px}
 """
