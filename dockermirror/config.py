@@ -182,6 +182,12 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse_optional
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _path(value: Any) -> Path:
     return Path(_string(value))
 
@@ -400,6 +406,8 @@ class AuthConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = _setting("info", _choice("debug", "info", "warning", "error"))
+    # under systemd: send records natively, with DOCKER_MIRROR_* fields per request (service/journal.py)
+    journal_fields: bool = _setting(True, lambda v: _boolean(v))
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class RequestDone:
     identity: str | None        # str(Identity): anonymous, user:NAME, cert:CN
     certificate: str | None     # the client certificate's subject
     note: str | None
+    digest: str | None = None   # the Docker-Content-Digest the response named (what a tag resolved to)
 
 
 class AccessLog:
@@ -79,11 +80,14 @@ class AccessLog:
         status = 0
         sent = 0
         complete = False
+        digest = None
 
         async def send_and_count(message: Message) -> None:
-            nonlocal status, sent, complete
+            nonlocal status, sent, complete, digest
             if message["type"] == "http.response.start":
                 status = message["status"]
+                digest = next((v for k, v in message.get("headers", ()) if k.lower() == b"docker-content-digest"),
+                              None)
                 message["headers"] = [*message.get("headers", ()), API_VERSION]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
@@ -114,7 +118,8 @@ class AccessLog:
                 cache=cache, upstream=upstream, upstream_status=upstream_status,
                 repository=state.get("repository"), reference=state.get("reference"),
                 identity=str(identity) if identity is not None else None,
-                certificate=certificate["subject"] if certificate else None, note=note or None)
+                certificate=certificate["subject"] if certificate else None, note=note or None,
+                digest=digest.decode("latin-1") if digest else None)
             log.log(
                 logging.DEBUG if state.get("quiet") else logging.INFO,
                 '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s%s',
