@@ -214,13 +214,6 @@ def _duration(default: float) -> Any:
 # --- the schema (etc/docker-mirror/config.yml documents every key)
 
 
-def parse_bool(value: Any) -> bool:
-    """A YAML boolean: ``true``/``false`` (also ``yes``/``no``, ``on``/``off``)."""
-    if value is True or value is False:
-        return value
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
 def parse_switch(value: Any) -> str:
     """``auto``, or a YAML boolean (``true``/``false``, ``yes``/``no``, ``on``/``off``)."""
     if value is True or value is False:
@@ -416,7 +409,7 @@ class Config:
     # the name clients use to reach this mirror (empty: the machine's FQDN)
     hostname: str = _setting("", lambda v: "" if v in (None, "") else _string(v))
     # GET / answers the status page (false: 404); /healthz answers either way
-    status_page: bool = _setting(True, parse_bool)
+    status_page: bool = _setting(True, _boolean)
     tls: TLSConfig = field(default_factory=TLSConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     # several upstreams: a list of upstream sections, the default first (instead of upstream:)
