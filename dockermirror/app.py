@@ -28,6 +28,7 @@ from dockermirror.cache import Cache, Limits
 from dockermirror.config import AuthConfig, Config, UpstreamConfig
 from dockermirror.mirror import Mirror, Upstream, Upstreams
 from dockermirror.routing import registry_key
+from dockermirror.service.statuspage import StatusPage
 from dockermirror.upstream.client import UpstreamClient
 
 log = logging.getLogger("dockermirror")
@@ -96,9 +97,13 @@ class DockerMirror:
         self._closing: set[asyncio.Task[None]] = set()
         self._retire_keys = itertools.count()
         self.api = RegistryAPI(self.mirror, self._guard(config))
-        starlette = Starlette(routes=api_routes(self.api), lifespan=lambda app: self.running())
+        # GET / and /healthz (service/statuspage.py); its tally hears of every request
+        self.status_page = StatusPage(self)
+        starlette = Starlette(routes=[*api_routes(self.api), *self.status_page.routes(self.api)],
+                              lifespan=lambda app: self.running())
         # who hears of each finished request besides the cache's counters (metrics, the status page)
         self.request_observers: list[Callable[[RequestDone], None]] = []
+        self.request_observers.append(self.status_page.stats)
         # tls.client_auth: required: a request without a client certificate stops at the gate
         self.asgi = AccessLog(Gate(starlette, lambda: self.api.guard), on_done=self._request_done)
 
