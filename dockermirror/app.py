@@ -122,8 +122,12 @@ class DockerMirror:
         return client
 
     def _guard(self, config: Config) -> Guard:
-        """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd."""
-        return Guard.of(config, self.htpasswd)
+        """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd.
+        Rules that name repositories also stop the mirror serving cached content across
+        repositories unasked (a denied repository's layer through an allowed one, by digest)."""
+        guard = Guard.of(config, self.htpasswd)
+        self.mirror.share_public = not guard.rules.per_repository
+        return guard
 
     @property
     def upstream_client(self) -> UpstreamClient:
