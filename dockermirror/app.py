@@ -29,6 +29,7 @@ from dockermirror.config import AuthConfig, Config, UpstreamConfig
 from dockermirror.meter import NULL_METER, Meter
 from dockermirror.mirror import Mirror, Upstream, Upstreams
 from dockermirror.routing import registry_key
+from dockermirror.service.statuspage import StatusPage
 from dockermirror.upstream.client import UpstreamClient
 
 log = logging.getLogger("dockermirror")
@@ -100,9 +101,13 @@ class DockerMirror:
         self._closing: set[asyncio.Task[None]] = set()
         self._retire_keys = itertools.count()
         self.api = RegistryAPI(self.mirror, self._guard(config))
-        starlette = Starlette(routes=api_routes(self.api), lifespan=lambda app: self.running())
+        # GET / and /healthz (service/statuspage.py); its tally hears of every request
+        self.status_page = StatusPage(self)
+        starlette = Starlette(routes=[*api_routes(self.api), *self.status_page.routes(self.api)],
+                              lifespan=lambda app: self.running())
         # who hears of each finished request besides the cache's counters (metrics, the status page)
         self.request_observers: list[Callable[[RequestDone], None]] = []
+        self.request_observers.append(self.status_page.stats)
         # tls.client_auth: required: a request without a client certificate stops at the gate
         self.asgi = AccessLog(Gate(starlette, lambda: self.api.guard), on_done=self._request_done)
 
@@ -121,8 +126,12 @@ class DockerMirror:
         return client
 
     def _guard(self, config: Config) -> Guard:
-        """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd."""
-        return Guard.of(config, self.htpasswd)
+        """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd.
+        Rules that name repositories also stop the mirror serving cached content across
+        repositories unasked (a denied repository's layer through an allowed one, by digest)."""
+        guard = Guard.of(config, self.htpasswd)
+        self.mirror.share_public = not guard.rules.per_repository
+        return guard
 
     @property
     def upstream_client(self) -> UpstreamClient:

@@ -434,6 +434,8 @@ class Config:
     listen: str = _setting("0.0.0.0:5000", parse_listen)
     # the name clients use to reach this mirror (empty: the machine's FQDN)
     hostname: str = _setting("", lambda v: "" if v in (None, "") else _string(v))
+    # GET / answers the status page (false: 404); /healthz answers either way
+    status_page: bool = _setting(True, _boolean)
     tls: TLSConfig = field(default_factory=TLSConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     # several upstreams: a list of upstream sections, the default first (instead of upstream:)

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import Upstream
 from tests.support.clients import skopeo_copy
 from tests.support.procs import free_port
-from tests.support.prometheus import PROMTOOL_BIN, Prometheus
+from tests.support.prometheus import Prometheus, binary
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_prometheus_stores_what_the_clients_received(make_mirror, prometheus_for
     assert value(prometheus, 'docker_mirror_build_info') == 1
 
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-    lint = subprocess.run([PROMTOOL_BIN, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    lint = subprocess.run([binary("promtool"), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert lint.returncode == 0 and lint.stdout + lint.stderr == "", lint.stdout + lint.stderr
     # and never on the registry's port
     assert httpx.get(f"{mirror.url}/metrics", timeout=10).status_code == 404

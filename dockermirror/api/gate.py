@@ -5,6 +5,10 @@ nothing reaches the cache or an upstream. The status line says it too (``401 Una
 client certificate is required ...``, see service/zerocopy.py): containerd shows nothing else
 of an error to a HEAD request, which has no body.
 
+One path is let through without a certificate: ``/healthz`` (service/statuspage.py), which names
+no repository and asks for nothing, so that load balancers and probes (a kubelet's HTTPS probe
+shows no certificate) can tell a serving mirror from a dead one. The status page ``/`` is not.
+
 Its request-log line says ``identity=anonymous refused=no-client-certificate``; a client
 that retries in a loop cannot flood the log: from one address, one such line a minute at
 info (with how many were refused since), the others at debug.
@@ -26,6 +30,7 @@ from dockermirror.errors import RegistryError
 
 LOG_INTERVAL = 60.0     # seconds: at most one info line per client address this often
 MAX_ADDRESSES = 4096    # addresses remembered (the oldest forgotten first)
+OPEN_PATHS = frozenset({"/healthz"})     # answered without a client certificate
 
 
 class RefusalLog:
@@ -59,7 +64,8 @@ class Gate:
         self.refusals = RefusalLog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
+        open_path = scope["type"] == "http" and scope["path"] in OPEN_PATHS
+        if scope["type"] in ("http", "websocket") and not open_path:
             try:
                 self.guard().admit(scope)
             except RegistryError as exc:

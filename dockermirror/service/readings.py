@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dockermirror.cache.space import filesystem
+from dockermirror.cache.space import filesystem, resolve
 
 if TYPE_CHECKING:
     from dockermirror.app import DockerMirror
@@ -52,6 +52,7 @@ class CacheReading:
     free_bytes: int                 # available on the cache's filesystem
     entries: int
     degraded: str | None            # why the cache stopped caching (read-only, index lost...), or None
+    min_free_bytes: int = 0         # cache.min_free resolved: the filesystem keeps this much free
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,8 @@ def read(app: DockerMirror) -> Readings:
         entries, _ = cache.index.totals()
         cache_reading = CacheReading(used_bytes=used, reserved_bytes=reserved, max_bytes=capacity,
                                      filesystem_bytes=fs.total, free_bytes=fs.available, entries=entries,
-                                     degraded=cache.degraded)
+                                     degraded=cache.degraded,
+                                     min_free_bytes=resolve(cache.limits.min_free, fs.total))
     default = app.mirror.upstreams.default
     upstreams = tuple(
         UpstreamReading(key=u.key, url=str(u.client.base), default=u is default, reachable=u.client.reachable,

@@ -1,26 +1,36 @@
-"""A Prometheus server (Debian's ``prometheus`` package) started by a test, on loopback.
-
-Never the package's own systemd service: the binary, with a configuration, a storage
-directory and a listening port of the test's own; stopped by its PID like every daemon
-the tests start (tests/support/procs.py).
-"""
+"""Where the tests find Debian's prometheus and promtool: unpacked by tests/run.sh into the test
+cache (``tests/apt-ensure.sh --unpack``; installing the package would start a prometheus.service
+listening on every address of the machine), else on PATH."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from tests.support.procs import Daemon, free_port, wait_until
 
-PROMETHEUS_BIN = shutil.which("prometheus") or "/usr/bin/prometheus"
-PROMTOOL_BIN = shutil.which("promtool") or "/usr/bin/promtool"
+UNPACKED = Path(os.environ.get("DM_TEST_CACHE", "/var/cache/docker-mirror-tests")) / "prometheus" / "usr" / "bin"
+
+
+def binary(name: str) -> str:
+    """The path of ``prometheus`` or ``promtool``; the test fails, saying how to get it, if neither place has it."""
+    found = shutil.which(name, path=f"{UNPACKED}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        pytest.fail(f"{name} is missing: tests/run.sh unpacks Debian's prometheus package into {UNPACKED.parent} "
+                    f"(tests/apt-ensure.sh --unpack {UNPACKED.parent.parent} prometheus)")
+    return found
 
 
 class Prometheus(Daemon):
-    """Scrapes ``targets`` (``host:port``, path /metrics) every second, as job ``mirror``."""
+    """A Prometheus server started by a test: the binary (never the package's systemd service),
+    with a configuration, a storage directory and a loopback port of its own; it scrapes
+    ``targets`` (``host:port``, path /metrics) every ``interval`` as job ``mirror``. Stopped by
+    its PID like every daemon the tests start (tests/support/procs.py)."""
 
     def __init__(self, workdir: Path, targets: list[str], interval: str = "1s") -> None:
         self.port = free_port()
@@ -31,7 +41,7 @@ class Prometheus(Daemon):
             "scrape_configs": [{"job_name": "mirror", "static_configs": [{"targets": targets}]}],
         }))
         (workdir / "data").mkdir(exist_ok=True)
-        super().__init__([PROMETHEUS_BIN, f"--config.file={self.config_path}",
+        super().__init__([binary("prometheus"), f"--config.file={self.config_path}",
                           f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
                           "--storage.tsdb.retention.time=1h", "--log.level=warn"],
                          workdir / "prometheus.log")

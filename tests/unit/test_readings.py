@@ -34,10 +34,9 @@ async def test_a_reading_has_the_cache_the_upstreams_and_the_transfers_in_flight
     gate = mirror.registry.held[image.layer] = asyncio.Event()
     await mirror.client.get("/v2/hello/manifests/latest", headers=ACCEPT)
     pulling = asyncio.ensure_future(mirror.client.get(f"/v2/hello/blobs/{image.layer}"))
-    for _ in range(200):
-        await asyncio.sleep(0.01)
-        if read(mirror.app).transfers:
-            break
+    async with asyncio.timeout(60):         # until the download has started, however busy the machine
+        while not read(mirror.app).transfers and not pulling.done():
+            await asyncio.sleep(0.01)
     (transfer,) = read(mirror.app).transfers
     assert (transfer.digest, transfer.upstream, transfer.repository) == (image.layer, "docker.io", "library/hello")
     assert transfer.size == len(layer) and transfer.received < len(layer) and transfer.followers == 1
