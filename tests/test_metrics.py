@@ -5,6 +5,7 @@ after three pulls by skopeo; the counters Prometheus stored are what the clients
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -88,3 +89,19 @@ def test_prometheus_stores_what_the_clients_received(make_mirror, prometheus_for
     assert lint.returncode == 0 and lint.stdout + lint.stderr == "", lint.stdout + lint.stderr
     # and never on the registry's port
     assert httpx.get(f"{mirror.url}/metrics", timeout=10).status_code == 404
+
+
+def test_the_metrics_port_has_the_registry_port_s_limits_on_slow_clients(make_mirror):
+    """The metrics listener may face a network: a client that does not finish its request head
+    within server.header_timeout gets 408 and is closed, as on the registry's port; meanwhile
+    a scrape is answered."""
+    metrics_port = free_port()
+    make_mirror(metrics={"listen": f"127.0.0.1:{metrics_port}"}, server={"header_timeout": "2s"})
+    with socket.create_connection(("127.0.0.1", metrics_port)) as slow:
+        slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).status_code == 200
+        slow.settimeout(30)
+        answer = b""
+        while chunk := slow.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:100]

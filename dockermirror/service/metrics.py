@@ -378,13 +378,15 @@ def bind(address: tuple[str, int]) -> socket.socket:
 
 
 class MetricsListener:
-    """A second uvicorn server, on the same event loop, serving :func:`metrics_app` on ``sock``."""
+    """A second uvicorn server, on the same event loop, serving :func:`metrics_app` on ``sock``;
+    ``http`` is the HTTP protocol (the service passes the registry's, with its limits on what a
+    client may send and how slowly: this port may face a network too)."""
 
-    def __init__(self, metrics: Metrics, sock: socket.socket) -> None:
+    def __init__(self, metrics: Metrics, sock: socket.socket, http: type[asyncio.Protocol] | str = "auto") -> None:
         self.sock = sock
         config = uvicorn.Config(metrics_app(metrics), lifespan="off", log_config=None, access_log=False,
                                 server_header=False, proxy_headers=False, timeout_keep_alive=30,
-                                limit_concurrency=32, timeout_graceful_shutdown=2)
+                                limit_concurrency=64, timeout_graceful_shutdown=2, http=http)
         config.load()
         self.server = uvicorn.Server(config)
         self.server.lifespan = config.lifespan_class(config)

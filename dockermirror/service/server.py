@@ -113,7 +113,7 @@ class Service:
                 raise StartupError(f"metrics.listen: cannot listen on {config.metrics.listen}: "
                                    f"{exc.strerror or exc}") from None
             self.metrics = Metrics()
-            self.metrics_listener = MetricsListener(self.metrics, sock)
+            self.metrics_listener = MetricsListener(self.metrics, sock, http=self.protocol)
         try:
             self.app = DockerMirror(config, on_started=self._lifespan_started,
                                     meter=self.metrics if self.metrics is not None else NULL_METER)
