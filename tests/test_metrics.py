@@ -85,7 +85,8 @@ def test_prometheus_stores_what_the_clients_received(make_mirror, prometheus_for
     assert value(prometheus, 'docker_mirror_build_info') == 1
 
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-    lint = subprocess.run([binary("promtool"), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    lint = subprocess.run([binary("promtool"), "check", "metrics"], input=text, capture_output=True, text=True,
+                          timeout=60)
     assert lint.returncode == 0 and lint.stdout + lint.stderr == "", lint.stdout + lint.stderr
     # and never on the registry's port
     assert httpx.get(f"{mirror.url}/metrics", timeout=10).status_code == 404

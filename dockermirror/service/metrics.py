@@ -28,7 +28,7 @@ import platform
 import socket
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import prometheus_client
 import uvicorn
@@ -57,7 +57,8 @@ PREFIX = "docker_mirror_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METHODS = ("GET", "HEAD")
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
-CACHE_RESULTS = ("hit", "miss", "stale", "coalesced", "pass", "none")
+# how a request was answered, as the access log says it (None: not by the cache)
+CACHE_RESULTS = ("HIT", "MISS", "STALE", "COALESCED", "PASS", None)
 # answered from the cache: the upstream did not send these bytes (again)
 SAVED = frozenset({"HIT", "STALE", "COALESCED"})
 
@@ -73,6 +74,17 @@ def status_class(status: int | None) -> str:
     if 100 <= status < 600:
         return f"{status // 100}xx"
     return "none"
+
+
+class UpstreamSeries(NamedTuple):
+    """One upstream's series (of the metrics labelled by upstream alone), made once."""
+    pulls_saved: Any
+    saved_bytes: Any
+    received_bytes: Any
+    first_byte: Any
+    transfer_seconds: Any
+    resumes: Any
+    pass_throughs: Any
 
 
 class Metrics(Meter):
@@ -95,7 +107,7 @@ class Metrics(Meter):
         self.upstream_requests = Counter(PREFIX + "upstream_requests", "Requests sent upstream (error: no answer)",
                                          ["upstream", "kind", "status_class"], registry=r)
         self.received_bytes = Counter(PREFIX + "upstream_received_bytes", "Body bytes received from the upstream",
-                                         ["upstream"], registry=r)
+                                      ["upstream"], registry=r)
         self.first_byte = Histogram(PREFIX + "upstream_first_byte_seconds",
                                     "Request sent upstream to response headers received", ["upstream"],
                                     buckets=FIRST_BYTE_BUCKETS, registry=r)
@@ -119,14 +131,14 @@ class Metrics(Meter):
         ProcessMetrics(registry=r)
         prometheus_client.PlatformCollector(registry=r)
         self._requests: dict[tuple[str, str, int, str | None], tuple] = {}
-        self._upstreams: dict[str, tuple] = {}
+        self._upstreams: dict[str, UpstreamSeries] = {}
         self._manual_seen: tuple[int, int] | None = None
         self._app: DockerMirror | None = None
         for kind in KINDS:
             self.request_seconds.labels(kind)
             for method in METHODS:
                 for status in (200, 300, 400, 500):
-                    for cache in ("HIT", "MISS", "STALE", "COALESCED", "PASS", None):
+                    for cache in CACHE_RESULTS:
                         self._request_series(kind, method, status, cache)
         for where in VERIFICATION_PLACES:
             self.verification_failures.labels(where)
@@ -165,10 +177,10 @@ class Metrics(Meter):
         sent.inc(done.sent)
         seconds.observe(done.seconds)
         if done.cache in SAVED and done.upstream is not None:
-            upstream = self._upstreams.get(done.upstream) or self._upstream_series(done.upstream)
-            upstream[1].inc(done.sent)
+            upstream = self._series(done.upstream)
+            upstream.saved_bytes.inc(done.sent)
             if done.kind == "manifest" and done.method == "GET" and 200 <= done.status < 300:
-                upstream[0].inc()
+                upstream.pulls_saved.inc()
 
     def _request_series(self, kind: str, method: str, status: int, cache: str | None) -> tuple:
         """The series of one (kind, method, status class, cache result), made once; values a client
@@ -183,7 +195,7 @@ class Metrics(Meter):
             self._requests[(kind, method, status // 100, cache)] = series
         return series
 
-    def _upstream_series(self, key: str) -> tuple:
+    def _upstream_series(self, key: str) -> UpstreamSeries:
         series = self._upstreams.get(key)
         if series is None:
             for kind in UPSTREAM_KINDS:
@@ -191,7 +203,7 @@ class Metrics(Meter):
                     self.upstream_requests.labels(key, kind, cls)
             for result in REVALIDATION_RESULTS:
                 self.revalidations.labels(key, result)
-            series = self._upstreams[key] = (
+            series = self._upstreams[key] = UpstreamSeries(
                 self.pulls_saved.labels(key), self.saved_bytes.labels(key), self.received_bytes.labels(key),
                 self.first_byte.labels(key), self.transfer_seconds.labels(key), self.resumes.labels(key),
                 self.pass_throughs.labels(key))
@@ -202,18 +214,18 @@ class Metrics(Meter):
     def upstream_request(self, upstream: str, kind: str, status: int | None, first_byte_seconds: float) -> None:
         self.upstream_requests.labels(upstream, kind, status_class(status)).inc()
         if status is not None:
-            self._series(upstream)[3].observe(first_byte_seconds)
+            self._series(upstream).first_byte.observe(first_byte_seconds)
 
     def upstream_received(self, upstream: str, nbytes: int) -> None:
         if nbytes:
-            self._series(upstream)[2].inc(nbytes)
+            self._series(upstream).received_bytes.inc(nbytes)
 
     def transfer_done(self, upstream: str | None, seconds: float, ok: bool) -> None:
         if ok and upstream is not None:
-            self._series(upstream)[4].observe(seconds)
+            self._series(upstream).transfer_seconds.observe(seconds)
 
     def resumed(self, upstream: str) -> None:
-        self._series(upstream)[5].inc()
+        self._series(upstream).resumes.inc()
 
     def verification_failed(self, where: str) -> None:
         self.verification_failures.labels(where).inc()
@@ -227,9 +239,9 @@ class Metrics(Meter):
 
     def pass_through(self, upstream: str | None) -> None:
         if upstream is not None:
-            self._series(upstream)[6].inc()
+            self._series(upstream).pass_throughs.inc()
 
-    def _series(self, upstream: str) -> tuple:
+    def _series(self, upstream: str) -> UpstreamSeries:
         return self._upstreams.get(upstream) or self._upstream_series(upstream)
 
     # --- evictions by `docker-mirror cache prune | rm` (another process, through the index)
