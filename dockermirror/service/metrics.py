@@ -290,6 +290,7 @@ class ReadingsCollector(Collector):
 
     def __init__(self, app: DockerMirror) -> None:
         self.app = app
+        self._failing = False       # the last reading failed (said once, until one works again)
 
     def _pinned(self) -> Iterator[GaugeMetricFamily]:
         index = self.app.cache.index
@@ -307,7 +308,16 @@ class ReadingsCollector(Collector):
         return []       # known only when read: never read at registration
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        now = readings.read(self.app)
+        try:
+            now = readings.read(self.app)
+        except Exception:       # the counters are still worth a scrape: these gauges are left out
+            if not self._failing:
+                log.exception("metrics: the cache and upstream gauges could not be read; left out until they can")
+            self._failing = True
+            return
+        if self._failing:
+            log.info("metrics: the cache and upstream gauges can be read again")
+            self._failing = False
         yield GaugeMetricFamily(PREFIX + "transfers_in_flight", "Shared blob downloads running now",
                                 value=len(now.transfers))
         yield GaugeMetricFamily(PREFIX + "transfer_followers", "Clients reading those downloads as they arrive",

@@ -5,8 +5,10 @@ way Prometheus reads it (prometheus_client.parser)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from dockermirror.app import DockerMirror
 from dockermirror.config import ConfigError
 from dockermirror.meter import NULL_METER
 from dockermirror.service.metrics import Metrics, MetricsListener, ProcessMetrics, bind
+from dockermirror.service import readings
 from dockermirror.service.server import Service, StartupError
 from tests.unit.conftest import Harness, config_text
 from tests.unit.fakes import FakeClock, FakeRegistry, digest_of, response
@@ -353,6 +356,23 @@ async def test_pinned_content(tmp_path: Path, registry: FakeRegistry, clock: Fak
             map(len, pinned.blobs.values()))
         assert value(text, "docker_mirror_cache_entries") == 6
         assert other.layer not in text
+
+
+async def test_gauges_that_cannot_be_read_leave_the_counters_in_the_scrape(
+        mirror: Metered, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(app):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    caplog.set_level(logging.INFO, "dockermirror.metrics")
+    monkeypatch.setattr(readings, "read", broken)
+    for _ in range(3):
+        text = mirror.text()
+    assert value(text, "docker_mirror_evictions_total", reason="lru") == 0
+    assert "docker_mirror_cache_entries" not in text
+    assert caplog.text.count("gauges could not be read") == 1      # once, not at every scrape
+    monkeypatch.undo()
+    assert value(mirror.text(), "docker_mirror_cache_entries") == 0
+    assert "gauges can be read again" in caplog.text
 
 
 async def test_a_reload_adds_the_new_upstreams_series(mirror: Metered, tmp_path: Path) -> None:
