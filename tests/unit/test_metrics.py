@@ -269,6 +269,25 @@ async def test_evictions_by_reason(mirror: Metered) -> None:
     assert value(text, "docker_mirror_evictions_total", reason="lru") == 0
 
 
+async def test_cache_prune_by_another_process_counts_as_manual(mirror: Metered, capsys) -> None:
+    image = mirror.registry.push("library/alpine", "3.20")
+    await pull(mirror.client, "library/alpine", "3.20")
+    await mirror.app.cache.transfers.wait_all(5)
+    await mirror.app.cache.flush()
+    opened = cachectl.open_cache(configuration.loads(config_text(mirror.cache_dir)))
+    try:
+        assert cachectl.prune(opened, older_than=None, to_size=0, dry_run=True) == 0    # a dry run removes nothing
+        assert value(mirror.text(), "docker_mirror_evictions_total", reason="manual") == 0
+        assert cachectl.prune(opened, older_than=None, to_size=0, dry_run=False) == 0
+    finally:
+        opened.index.close()
+    text = mirror.text()
+    assert value(text, "docker_mirror_evictions_total", reason="manual") == 3
+    assert value(text, "docker_mirror_evicted_bytes_total", reason="manual") == len(image.manifest) + sum(
+        map(len, image.blobs.values()))
+    assert value(text, "docker_mirror_cache_entries") == 0
+
+
 async def test_lru_evictions_and_pass_throughs(tmp_path: Path, registry: FakeRegistry, clock: FakeClock) -> None:
     big = b"big layer\n" * 300                    # 3000 bytes: more than the whole cache
     async for mirror in metered(tmp_path, registry, clock, extra="  max_size: 2500\n  min_free: 0\n"):
