@@ -269,7 +269,7 @@ async def test_evictions_by_reason(mirror: Metered) -> None:
     assert value(text, "docker_mirror_evictions_total", reason="lru") == 0
 
 
-async def test_cache_prune_by_another_process_counts_as_manual(mirror: Metered, capsys) -> None:
+async def test_cache_prune_by_another_process_counts_as_manual(mirror: Metered) -> None:
     image = mirror.registry.push("library/alpine", "3.20")
     await pull(mirror.client, "library/alpine", "3.20")
     await mirror.app.cache.transfers.wait_all(5)
