@@ -143,11 +143,13 @@ class Transfer:
         source: Source | None = None
         unlease = None
         began = time.monotonic()
+        streamed = False        # the upstream answered and readers were let in
         try:
             source = await open_source()
             self.size = source.size
             await self._open_file()
             self.started.set_result(None)
+            streamed = True
             await self._pump(source)
             if self.size is not None and self.received != self.size:
                 raise DigestMismatch(f"expected {self.size} bytes, got {self.received}")
@@ -171,7 +173,7 @@ class Transfer:
                 await source.aclose()
                 upstream = self.origin[0] if self.origin else None
                 self.meter.transfer_done(upstream, time.monotonic() - began, self.verified)
-                if not self.caching and self.started.done() and self.started.exception() is None:
+                if streamed and not self.caching:
                     self.meter.pass_through(upstream)
             self.space.release(self._reserved)
             self._reserved = 0
