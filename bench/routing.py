@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.routing [--rounds 5] [--duration 6] [--counters-once] [--baseline REV]
     .venv/bin/python -m bench.routing --auth [--rounds 5] [--duration 6]
+    .venv/bin/python -m bench.routing --metrics [--rounds 5] [--duration 6]
 
 One upstream registry (seeded with 1 MiB blobs) and docker-mirror processes on 127.0.0.1,
 each run from a snapshot of the code (like ``python -m bench``). The variants:
@@ -19,6 +20,11 @@ each run from a snapshot of the code (like ``python -m bench``). The variants:
                 bcrypt cost-12 user) and an access: rule allowing that user library/*; every
                 request with its Basic credentials (checked once, then remembered: issue 16).
                 Its table goes between the bench-auth markers and into bench/results/auth.json.
+  metrics       (--metrics, instead of the three-upstream variants) one upstream with
+                metrics.listen on a loopback port, scraped once a second during the whole run
+                (GET /metrics, as a Prometheus with a 1 s scrape_interval: 15 times the usual
+                load). Adds the servers' RSS after each round's wrk run. Its table goes between
+                the bench-metrics markers and into bench/results/metrics.json.
 
 Rows, every variant once per round, in an order rotated each round (A B C, B C A, ...):
   warm: ``wrk -t2 -c32 -dDs`` on the cached 1 MiB blob: req/s, p99, server CPU µs per request;
@@ -90,7 +96,12 @@ VARIANTS = {
     "before": Variant("before", "before", "/v2/{repo}/blobs/{digest}", "code of --baseline, one upstream"),
     "auth": Variant("auth", "auth", "/v2/{repo}/blobs/{digest}",
                     "one upstream, htpasswd + a rule, Basic credentials", auth=True),
+    "metrics": Variant("metrics", "metrics", "/v2/{repo}/blobs/{digest}",
+                       "one upstream, metrics.listen scraped every second"),
 }
+METRICS_BEGIN, METRICS_END = "<!-- bench-metrics:begin -->", "<!-- bench-metrics:end -->"
+RSS = "RSS MiB"
+SLOW_CALLS = ("text of every series (no readings)",)
 AUTH_BEGIN, AUTH_END = "<!-- bench-auth:begin -->", "<!-- bench-auth:end -->"
 BENCH_USER, BENCH_PASSWORD = "bench", "bench password"
 BASIC = {"Authorization": "Basic " + base64.b64encode(f"{BENCH_USER}:{BENCH_PASSWORD}".encode()).decode()}
@@ -101,6 +112,7 @@ class Series:
     """One variant's values per round, by metric."""
 
     values: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
 
     def add(self, metric: str, value: float) -> None:
         self.values.setdefault(metric, []).append(value)
@@ -115,7 +127,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline", metavar="REV", help="add the variant running git revision REV, one upstream")
     parser.add_argument("--auth", action="store_true",
                         help="one upstream with and without htpasswd + a rule (instead of the routing variants)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="one upstream with and without metrics.listen, scraped every second "
+                             "(instead of the routing variants)")
     args = parser.parse_args(argv)
+    if args.auth and args.metrics:
+        parser.error("--auth and --metrics are separate runs")
     if args.rounds < 1 or args.duration < 1:
         parser.error("--rounds and --duration must be at least 1")
     return args
@@ -208,6 +225,18 @@ def table(series: dict[str, Series], metrics: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def metrics_lines(series: dict[str, Series]) -> list[str]:
+    """RSS with metrics against without (same round), and during the run; the scraping done."""
+    on, off = series["metrics"].values[RSS], series["one"].values[RSS]
+    more = [a - b for a, b in zip(on, off, strict=True)]
+    extra = series["metrics"].extra
+    return [f"RSS: metrics - one, per round, median {statistics.median(more):+.1f} MiB ({min(more):+.1f}.."
+            f"{max(more):+.1f}); the metrics server's RSS from the first round to the last {on[-1] - on[0]:+.1f} MiB "
+            f"(one: {off[-1] - off[0]:+.1f} MiB). Scrapes during the run: {extra.get('scrapes', 0):.0f}, "
+            f"{extra.get('scrape bytes', 0):,.0f} bytes each; cache hits the metrics counted: "
+            f"{extra.get('hits counted', 0):,.0f}.", ""]
+
+
 def guarded(mirror: DockerMirror, htpasswd: Path) -> None:
     """Give ``mirror`` an htpasswd file with the bench user (bcrypt, cost 12, as ``user add``
     makes it) and one rule allowing that user the default upstream's library/."""
@@ -219,7 +248,7 @@ def guarded(mirror: DockerMirror, htpasswd: Path) -> None:
     mirror.config_path.write_text(yaml.safe_dump(mirror.config))
 
 
-def micro(number: int = 100_000, auth: bool = False) -> dict[str, float]:
+def micro(number: int = 100_000, auth: bool = False, metrics: bool = False) -> dict[str, float]:
     """What routing and counting cost per request, in this process: µs per call (best of 5 runs),
     of Mirror.resolve with one and with three upstreams, Mirror.record with and without the
     per-upstream counts, and the request log's extra field (``upstream=KEY``)."""
@@ -242,10 +271,34 @@ def micro(number: int = 100_000, auth: bool = False) -> dict[str, float]:
         "record, totals only": lambda: record_totals_only(three, "HIT", MiB, HUB),
         "log field upstream=KEY": lambda: printable(str(HUB or "-")),
     }
-    if auth:
+    if auth or metrics:
         calls = {name: call for name, call in calls.items() if "three" not in name and "once" not in name}
+    if auth:
         calls.update(_auth_calls())
-    return {name: min(timeit.repeat(call, number=number, repeat=5)) / number * 1e6 for name, call in calls.items()}
+    if metrics:
+        calls.update(_metrics_calls())
+    def per_call(name: str, call) -> float:
+        n = max(1, number // 500) if name in SLOW_CALLS else number    # a scrape takes milliseconds
+        return min(timeit.repeat(call, number=n, repeat=5)) / n * 1e6
+
+    return {name: per_call(name, call) for name, call in calls.items()}
+
+
+def _metrics_calls() -> dict:
+    """What the metrics do per request (the observer) and per scrape (the text, readings aside)."""
+    from dockermirror.api.accesslog import RequestDone
+    from dockermirror.service.metrics import Metrics
+
+    metrics = Metrics([HUB])
+    done = RequestDone(client="127.0.0.1", method="GET", path="/v2/library/mid/blobs/sha256:x", status=200,
+                       sent=MiB, seconds=0.01, complete=True, kind="blob", cache="HIT", upstream=HUB,
+                       upstream_status=None, repository=WARM_REPO, reference="sha256:x", identity=None,
+                       certificate=None, note=None)
+    return {
+        "metrics observer, one request": lambda: metrics.observe(done),
+        "meter, one upstream request": lambda: metrics.upstream_request(HUB, "blob", 200, 0.01),
+        SLOW_CALLS[0]: metrics.exposition,
+    }
 
 
 def _auth_calls() -> dict:
@@ -267,6 +320,48 @@ def _auth_calls() -> dict:
         "remembered credential (HMAC + lookup)": lambda: users.verify(BENCH_USER, BENCH_PASSWORD),
         "rule decision, one rule": lambda: rules.decide(who, client_address("127.0.0.1"), HUB, WARM_REPO),
     }
+
+
+def rss_mib(pid: int) -> float:
+    """The resident memory of process ``pid`` now (VmRSS), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+@contextlib.contextmanager
+def scraping(url: str, interval: float = 1.0):
+    """GET ``url`` every ``interval`` seconds in a thread (a Prometheus); yields the list of
+    scrape sizes so far; each must be a 200."""
+    import threading
+
+    sizes: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    got = client.get(url)
+                    if got.status_code == 200:
+                        sizes.append(len(got.content))
+                    else:
+                        failures.append(f"HTTP {got.status_code}")
+                except httpx.HTTPError as exc:
+                    failures.append(str(exc))
+                stop.wait(interval)
+
+    thread = threading.Thread(target=run, name="scraper", daemon=True)
+    thread.start()
+    try:
+        yield sizes
+    finally:
+        stop.set()
+        thread.join(15)
+        if failures:
+            raise BenchError(f"{len(failures)} scrape(s) of {url} failed, first: {failures[0]}")
 
 
 def measure(args: argparse.Namespace, scratch: Path, names: list[str],
@@ -291,7 +386,8 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
         shutil.copy(Path(__file__).with_name("counters_once.py"), code)
         servers: dict[str, DockerMirror] = {}
         wanted = {VARIANTS[name].server for name in names}
-        for key in ("one", "three", "three-once", "before", "auth"):
+        metrics_url = ""
+        for key in ("one", "three", "three-once", "before", "auth", "metrics"):
             if key not in wanted:
                 continue
             source = code_of(args.baseline, scratch / "src-before") if key == "before" else code
@@ -301,6 +397,11 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                 mirror.argv = [sys.executable, "-P", str(code / "counters_once.py"), *mirror.argv[4:]]
             if key == "auth":
                 guarded(mirror, scratch / "htpasswd")
+            if key == "metrics":
+                metrics_port = free_port()
+                metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+                mirror.config["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
+                mirror.config_path.write_text(yaml.safe_dump(mirror.config))
             servers[key] = start(mirror)
             print(f"{key}: {mirror.url} ({'three upstreams' if key.startswith('three') else 'one upstream'}"
                   f"{', code of ' + args.baseline if key == 'before' else ''})", flush=True)
@@ -326,7 +427,8 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                 status = httpx.get(url(name, WARM_REPO, warm)).status_code
                 if status != 401:
                     raise BenchError(f"{name}: a request without credentials got HTTP {status}, not 401")
-        with Monitor() as monitor:
+        scraper = scraping(metrics_url) if metrics_url else contextlib.nullcontext([])
+        with Monitor() as monitor, scraper as scrapes:
             for number in range(args.rounds):
                 loads.append(load_average())
                 print(f"round {number + 1}/{args.rounds} (load average {loads[-1]:.2f})", flush=True)
@@ -336,6 +438,7 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                     with monitor.watch(server.pid) as usage:
                         result = wrk(url(name, WARM_REPO, warm), CLIENTS, args.duration, headers=headers(name))
                     others = busy_seconds() - busy - usage.cpu - result.cpu
+                    rss = rss_mib(server.pid)
                     digest = cold[number][names.index(name)]
                     mark = upstream.mark()
                     wall = curl_parallel(url(name, COLD_REPO, digest), MiB, CLIENTS, headers(name))
@@ -347,12 +450,22 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                     s.add("p99 ms", result.p99 * 1000)
                     s.add("CPU µs/req", usage.cpu / result.requests * 1e6)
                     s.add(OTHERS, 100 * others / args.duration)
+                    s.add(RSS, rss)
                     s.add("cold wall ms", wall * 1000)
                     s.add("upstream GETs", gets)
                     print(f"  {name}: {result.rps:,.0f} req/s, p99 {result.p99 * 1000:.1f} ms, "
                           f"CPU {usage.cpu / result.requests * 1e6:.0f} µs/req, others' CPU "
-                          f"{100 * others / args.duration:.0f}%; cold {wall * 1000:.0f} ms, "
+                          f"{100 * others / args.duration:.0f}%, RSS {rss:.1f} MiB; cold {wall * 1000:.0f} ms, "
                           f"{gets} upstream GET(s)", flush=True)
+        if metrics_url:
+            if not scrapes:
+                raise BenchError(f"no scrape of {metrics_url} succeeded")
+            text = httpx.get(metrics_url, timeout=10).text
+            served = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith("docker_mirror_requests_total{") and 'cache="hit"' in line)
+            if served < 1000:
+                raise BenchError(f"the metrics say {served:.0f} cache hits: the requests were not counted")
+            series["metrics"].extra = {"scrapes": len(scrapes), "scrape bytes": scrapes[-1], "hits counted": served}
         loads.append(load_average())
         for key, server in servers.items():
             problems = [line for line in server.log_text().splitlines() if " WARNING " in line or " ERROR " in line]
@@ -367,13 +480,14 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     command = shlex.join([".venv/bin/python", "-m", "bench.routing", *argv])
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    names = ["one", "auth"] if args.auth else ["one", "three", "three-ns", "three-prefix"]
+    names = ["one", "auth"] if args.auth else ["one", "metrics"] if args.metrics else \
+        ["one", "three", "three-ns", "three-prefix"]
     names += ["three-once"] if args.counters_once else []
     names += ["before"] if args.baseline else []
     date, started = datetime.datetime.now(datetime.UTC), time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="dm-routing-", dir="/var/tmp"))
     loads: list[float] = []
-    costs = micro(auth=args.auth)
+    costs = micro(auth=args.auth, metrics=args.metrics)
     print("in-process, µs per call: " + ", ".join(f"{name} {us:.2f}" for name, us in costs.items()), flush=True)
     try:
         series = measure(args, scratch, names, loads)
@@ -392,8 +506,10 @@ def main(argv: list[str]) -> int:
         "time per request; others' CPU: what the rest of the machine (other work, the benchmark itself) used "
         "meanwhile, % of one core, out of 200; /proc/stat less the server's and wrk's time, so a few % either way).",
         "",
-        table(series, [("req/s", "req/s"), ("p99 ms", "p99 ms"), ("CPU µs/req", "CPU µs/req")]),
+        table(series, [("req/s", "req/s"), ("p99 ms", "p99 ms"), ("CPU µs/req", "CPU µs/req")]
+              + ([(RSS, RSS)] if args.metrics else [])),
         "",
+        *(metrics_lines(series) if args.metrics else []),
         "Others' CPU during each variant's wrk runs, % of one core, median (min..max): " + ", ".join(
             f"{name} {statistics.median(v := s.values[OTHERS]):.0f} ({min(v):.0f}..{max(v):.0f})"
             for name, s in series.items()) + ".",
@@ -403,17 +519,25 @@ def main(argv: list[str]) -> int:
         "",
         table(series, [("cold wall ms", "wall ms")]),
         "",
-        "In-process cost per call (`bench.routing.micro`, best of 5 runs of 100,000 calls), µs: "
+        "In-process cost per call (`bench.routing.micro`, best of 5 runs of 100,000 calls; 200 for a scrape's "
+        "text), µs: "
         + ", ".join(f"{name} {us:.2f}" for name, us in costs.items()) + ".",
     ])
     print("\n" + text + "\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("auth.json" if args.auth else "routing.json")).write_text(json.dumps({
+    result_file = "auth.json" if args.auth else "metrics.json" if args.metrics else "routing.json"
+    (RESULTS / result_file).write_text(json.dumps({
         "command": command, "date": date.isoformat(timespec="seconds"), "machine": report.machine(),
         "revision": head, "seconds": round(seconds, 1), "load_average_per_round": loads, "args": vars(args),
         "in_process_us_per_call": costs,
-        "variants": {name: {"title": VARIANTS[name].title, "rounds": s.values} for name, s in series.items()},
+        "variants": {name: {"title": VARIANTS[name].title, "rounds": s.values, **s.extra}
+                     for name, s in series.items()},
     }, indent=2) + "\n")
+    if args.metrics:
+        print("wrote bench/results/metrics.json")
+        report.replace_readme(ROOT / "README.md", text, METRICS_BEGIN, METRICS_END)
+        print("updated the metrics table in README.md")
+        return 0
     if args.auth:
         print("wrote bench/results/auth.json")
         report.replace_readme(ROOT / "README.md", text, AUTH_BEGIN, AUTH_END)
