@@ -502,3 +502,30 @@ def test_without_metrics_listen_the_core_has_the_null_meter(tmp_path: Path) -> N
     assert app.meter is NULL_METER and app.cache.meter is NULL_METER and app.mirror.meter is NULL_METER
     assert app.upstream_client.meter is NULL_METER
     assert not any(getattr(o, "__self__", None).__class__ is Metrics for o in app.request_observers)
+
+
+async def test_what_is_exported_is_what_the_dashboard_and_alerts_were_written_against(mirror: Metered) -> None:
+    """The contract in tests/support/monitoring.py (the shipped dashboard's and alert rules' names
+    are checked against it) is exactly what /metrics serves: names, types and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support.monitoring import CONTRACT, OTHERS
+
+    mirror.registry.push("library/hello", "latest")
+    await pull(mirror.client, "library/hello", "latest")        # upstream_up and the histograms have samples
+    client = mirror.app.mirror.upstream.client                  # as Docker Hub's answers set them
+    client.ratelimit_remaining, client.ratelimit_limit = "97;w=21600", "100;w=21600"
+    exported = {}
+    for family in text_string_to_metric_families(mirror.text()):
+        labels = set()
+        for sample in family.samples:
+            labels |= set(sample.labels) - {"le"}
+        exported[family.name] = (family.type, labels)
+    ours = {name.removeprefix("docker_mirror_"): value for name, value in exported.items()
+            if name.startswith("docker_mirror_")}
+    # counters are parsed under their name without _total
+    contract = {(name.removesuffix("_total") if kind == "counter" else name): (kind, set(labels))
+                for name, (kind, labels) in CONTRACT.items()}
+    assert ours == contract
+    others = {name.removesuffix("_total") for name in OTHERS - {"up"}}     # "up" is Prometheus' own
+    assert others <= set(exported)
