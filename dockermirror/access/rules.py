@@ -28,13 +28,12 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from dockermirror.access.identity import ANONYMOUS_KIND, CERTIFICATE, USER, Identity
+from dockermirror.access.identity import ANONYMOUS_KIND, ANYONE, AUTHENTICATED, CERTIFICATE, USER, Identity
 from dockermirror.routing import RegistryTable
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-ANYONE, AUTHENTICATED = "*", "authenticated"
 _PREFIXES = {"user": USER, "cert": CERTIFICATE}
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _PATTERN = re.compile(r"[a-z0-9._/*?\[\]:-]+")
@@ -121,6 +120,9 @@ class Decision:
         return "denied: no rule matches (default deny)" if not self.allowed else "allowed: no rules"
 
 
+_NO_RULES, _DEFAULT_DENY = Decision(True, None), Decision(False, None)
+
+
 @dataclass(frozen=True)
 class _Repos:
     """A rule's repository patterns, each as (registry key or None for any, glob or None for any)."""
@@ -178,16 +180,9 @@ def compile_patterns(patterns: Iterable[str], table: RegistryTable) -> _Repos:
     return _Repos(tuple(compiled))
 
 
-def _names(identities: Sequence[str], identity: Identity) -> bool:
-    text = str(identity)
-    for pattern in identities:
-        if pattern == ANYONE or pattern == text:
-            return True
-        if identity.kind == ANONYMOUS_KIND:
-            continue
-        if pattern == AUTHENTICATED or pattern == f"{text.partition(':')[0]}:*":
-            return True
-    return False
+def _names(identities: Iterable[str], identity: Identity) -> bool:
+    """Whether a rule's identities name ``identity`` (``*``, its kind's wildcard, itself...)."""
+    return not identity.names.isdisjoint(identities)
 
 
 def _names_any_of(identities: Sequence[str], kind: str) -> str:
@@ -232,9 +227,16 @@ class Rules:
     rules: tuple[Rule, ...]
     table: RegistryTable
     _repos: tuple[_Repos, ...] = field(init=False, repr=False, compare=False)
+    # per rule, what decide() needs: its identities as a set, networks, patterns and its Decision
+    _compiled: tuple[tuple[frozenset[str], tuple[Network, ...] | None, _Repos, Decision], ...] = \
+        field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_repos", tuple(compile_patterns(r.repositories, self.table) for r in self.rules))
+        repos = tuple(compile_patterns(r.repositories, self.table) for r in self.rules)
+        object.__setattr__(self, "_repos", repos)
+        object.__setattr__(self, "_compiled", tuple(
+            (frozenset(rule.identities), rule.networks, patterns, Decision(rule.allow, rule))
+            for rule, patterns in zip(self.rules, repos)))
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -242,12 +244,13 @@ class Rules:
     def decide(self, identity: Identity, address: Address | None, key: str, repository: str) -> Decision:
         """The first rule that matches decides; none: denied (there are rules) or allowed (none)."""
         if not self.rules:
-            return Decision(True, None)
+            return _NO_RULES
         full = f"{key}/{repository}"
-        for rule, repos in zip(self.rules, self._repos):
-            if _names(rule.identities, identity) and _from(rule.networks, address) and repos.match(key, full):
-                return Decision(rule.allow, rule)
-        return Decision(False, None)
+        names = identity.names
+        for identities, networks, repos, decision in self._compiled:
+            if not names.isdisjoint(identities) and _from(networks, address) and repos.match(key, full):
+                return decision
+        return _DEFAULT_DENY
 
     def could_allow(self, kind: str, address: Address | None, key: str, repository: str) -> bool:
         """Whether some client of ``kind`` (user or certificate) from ``address`` may pull the
