@@ -1,7 +1,7 @@
 """Does routing cost anything? The 32-client rows with one upstream and with three, in one run.
 
     .venv/bin/python -m bench.routing [--rounds 5] [--duration 6] [--counters-once] [--baseline REV]
-    .venv/bin/python -m bench.routing --auth [--rounds 5] [--duration 6]
+    .venv/bin/python -m bench.routing --auth [--rounds 5] [--duration 6] [--baseline REV]
 
 One upstream registry (seeded with 1 MiB blobs) and docker-mirror processes on 127.0.0.1,
 each run from a snapshot of the code (like ``python -m bench``). The variants:
@@ -19,6 +19,7 @@ each run from a snapshot of the code (like ``python -m bench``). The variants:
                 bcrypt cost-12 user) and an access: rule allowing that user library/*; every
                 request with its Basic credentials (checked once, then remembered: issue 16).
                 Its table goes between the bench-auth markers and into bench/results/auth.json.
+  auth-before   (--auth --baseline REV, instead of before) auth, running the code of REV
 
 Rows, every variant once per round, in an order rotated each round (A B C, B C A, ...):
   warm: ``wrk -t2 -c32 -dDs`` on the cached 1 MiB blob: req/s, p99, server CPU µs per request;
@@ -90,6 +91,8 @@ VARIANTS = {
     "before": Variant("before", "before", "/v2/{repo}/blobs/{digest}", "code of --baseline, one upstream"),
     "auth": Variant("auth", "auth", "/v2/{repo}/blobs/{digest}",
                     "one upstream, htpasswd + a rule, Basic credentials", auth=True),
+    "auth-before": Variant("auth-before", "auth-before", "/v2/{repo}/blobs/{digest}",
+                           "code of --baseline, htpasswd + a rule, Basic credentials", auth=True),
 }
 AUTH_BEGIN, AUTH_END = "<!-- bench-auth:begin -->", "<!-- bench-auth:end -->"
 BENCH_USER, BENCH_PASSWORD = "bench", "bench password"
@@ -112,7 +115,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=6, help="seconds of each 32-client wrk run (default 6)")
     parser.add_argument("--counters-once", action="store_true",
                         help="add the variant that counts each request once (totals only)")
-    parser.add_argument("--baseline", metavar="REV", help="add the variant running git revision REV, one upstream")
+    parser.add_argument("--baseline", metavar="REV", help="add the variant running git revision REV, one upstream "
+                        "(with --auth: htpasswd + a rule)")
     parser.add_argument("--auth", action="store_true",
                         help="one upstream with and without htpasswd + a rule (instead of the routing variants)")
     args = parser.parse_args(argv)
@@ -291,19 +295,19 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
         shutil.copy(Path(__file__).with_name("counters_once.py"), code)
         servers: dict[str, DockerMirror] = {}
         wanted = {VARIANTS[name].server for name in names}
-        for key in ("one", "three", "three-once", "before", "auth"):
+        for key in ("one", "three", "three-once", "before", "auth", "auth-before"):
             if key not in wanted:
                 continue
-            source = code_of(args.baseline, scratch / "src-before") if key == "before" else code
+            source = code_of(args.baseline, scratch / f"src-{key}") if key.endswith("before") else code
             mirror = DockerMirror(scratch / f"dm-{key}", upstream.url, source,
                                   upstreams=three if key.startswith("three") else None)
             if key == "three-once":
                 mirror.argv = [sys.executable, "-P", str(code / "counters_once.py"), *mirror.argv[4:]]
-            if key == "auth":
-                guarded(mirror, scratch / "htpasswd")
+            if key.startswith("auth"):
+                guarded(mirror, scratch / f"htpasswd-{key}")
             servers[key] = start(mirror)
             print(f"{key}: {mirror.url} ({'three upstreams' if key.startswith('three') else 'one upstream'}"
-                  f"{', code of ' + args.baseline if key == 'before' else ''})", flush=True)
+                  f"{', code of ' + args.baseline if key.endswith('before') else ''})", flush=True)
 
         def url(name: str, repo: str, digest: str) -> str:
             return servers[VARIANTS[name].server].url + VARIANTS[name].path.format(repo=repo, digest=digest)
@@ -316,7 +320,7 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
             server = servers[VARIANTS[name].server]
             wait_until(lambda s=server: s.blob_file(warm).exists(), 30, what="warm blob cached")
             wrk(url(name, WARM_REPO, warm), CLIENTS, 2, headers=headers(name))
-            if name != "before":    # served from the cache, routed to the registry (its log line says so)
+            if not name.endswith("before"):    # served from the cache, routed to the registry (its log line says so)
                 path = VARIANTS[name].path.format(repo=WARM_REPO, digest=warm)
                 who = f" identity=user:{BENCH_USER}" if VARIANTS[name].auth else ""
                 if not any(f'"GET {path}" 200 ' in line and f" cache=HIT upstream={HUB} " in line and who in line
@@ -369,7 +373,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     names = ["one", "auth"] if args.auth else ["one", "three", "three-ns", "three-prefix"]
     names += ["three-once"] if args.counters_once else []
-    names += ["before"] if args.baseline else []
+    names += (["auth-before"] if args.auth else ["before"]) if args.baseline else []
     date, started = datetime.datetime.now(datetime.UTC), time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="dm-routing-", dir="/var/tmp"))
     loads: list[float] = []
