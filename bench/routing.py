@@ -22,7 +22,9 @@ each run from a snapshot of the code (like ``python -m bench``). The variants:
   auth-before   (--auth --baseline REV, instead of before) auth, running the code of REV
 
 Rows, every variant once per round, in an order rotated each round (A B C, B C A, ...):
-  warm: ``wrk -t2 -c32 -dDs`` on the cached 1 MiB blob: req/s, p99, server CPU µs per request;
+  warm: ``wrk -t2 -c32 -dDs`` on the cached 1 MiB blob: req/s, p99, server CPU µs per request
+        (with --auth also its user-space part: where the guard runs; the kernel's copy of the
+        blob, most of a request's CPU, is system time);
   cold: 32 clients at once (one ``curl --parallel``) GET a 1 MiB blob no variant has cached
         yet (a fresh one each time): wall ms until the last has it all, upstream GETs.
 A ratio is variant / one of the same round (they ran back to back), shown as the median over
@@ -69,6 +71,7 @@ CLIENTS = 32
 WARM_REPO, COLD_REPO = "library/mid", "library/cold"
 HUB = "docker.io"
 OTHERS = "others' CPU %"
+USER = "user CPU µs/req"
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,12 @@ def busy_seconds() -> float:
     """CPU seconds the whole machine has been busy (all cores; not idle, not waiting for I/O)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     return (sum(fields) - fields[3] - fields[4]) / TICK
+
+
+def user_seconds(pid: int) -> float:
+    """CPU seconds process ``pid`` (all its threads) has run in user space: where the guard runs
+    (the kernel's sendfile copy, most of a request's CPU, is system time)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11]) / TICK
 
 
 def order(names: list[str], number: int) -> list[str]:
@@ -336,9 +345,10 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                 print(f"round {number + 1}/{args.rounds} (load average {loads[-1]:.2f})", flush=True)
                 for i, name in enumerate(order(names, number)):
                     server = servers[VARIANTS[name].server]
-                    busy = busy_seconds()
+                    busy, user = busy_seconds(), user_seconds(server.pid)
                     with monitor.watch(server.pid) as usage:
                         result = wrk(url(name, WARM_REPO, warm), CLIENTS, args.duration, headers=headers(name))
+                    user = user_seconds(server.pid) - user
                     others = busy_seconds() - busy - usage.cpu - result.cpu
                     digest = cold[number][names.index(name)]
                     mark = upstream.mark()
@@ -350,6 +360,7 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                     s.add("req/s", result.rps)
                     s.add("p99 ms", result.p99 * 1000)
                     s.add("CPU µs/req", usage.cpu / result.requests * 1e6)
+                    s.add(USER, user / result.requests * 1e6)
                     s.add(OTHERS, 100 * others / args.duration)
                     s.add("cold wall ms", wall * 1000)
                     s.add("upstream GETs", gets)
@@ -393,10 +404,12 @@ def main(argv: list[str]) -> int:
         "(min..max); a ratio is the variant's value / one's of the same round, median (min..max) over the rounds.",
         "",
         f"Warm: `wrk -t2 -c{CLIENTS} -d{args.duration}s` on a cached 1 MiB blob (CPU: the server's user + system "
-        "time per request; others' CPU: what the rest of the machine (other work, the benchmark itself) used "
+        "time per request" + ("; user CPU: its user-space part, where the guard runs" if args.auth else "")
+        + "; others' CPU: what the rest of the machine (other work, the benchmark itself) used "
         "meanwhile, % of one core, out of 200; /proc/stat less the server's and wrk's time, so a few % either way).",
         "",
-        table(series, [("req/s", "req/s"), ("p99 ms", "p99 ms"), ("CPU µs/req", "CPU µs/req")]),
+        table(series, [("req/s", "req/s"), ("p99 ms", "p99 ms"), ("CPU µs/req", "CPU µs/req")]
+              + ([(USER, "user CPU µs/req")] if args.auth else [])),
         "",
         "Others' CPU during each variant's wrk runs, % of one core, median (min..max): " + ", ".join(
             f"{name} {statistics.median(v := s.values[OTHERS]):.0f} ({min(v):.0f}..{max(v):.0f})"
