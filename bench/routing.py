@@ -1,7 +1,7 @@
 """Does routing cost anything? The 32-client rows with one upstream and with three, in one run.
 
-    .venv/bin/python -m bench.routing [--rounds 5] [--duration 6] [--counters-once] [--baseline REV]
-    .venv/bin/python -m bench.routing --auth [--rounds 5] [--duration 6] [--baseline REV]
+    .venv/bin/python -m bench.routing [--rounds 5] [--duration 6] [--counters-once] [--baseline REV] [--control]
+    .venv/bin/python -m bench.routing --auth [--rounds 5] [--duration 6] [--baseline REV] [--control]
 
 One upstream registry (seeded with 1 MiB blobs) and docker-mirror processes on 127.0.0.1,
 each run from a snapshot of the code (like ``python -m bench``). The variants:
@@ -20,6 +20,8 @@ each run from a snapshot of the code (like ``python -m bench``). The variants:
                 request with its Basic credentials (checked once, then remembered: issue 16).
                 Its table goes between the bench-auth markers and into bench/results/auth.json.
   auth-before   (--auth --baseline REV, instead of before) auth, running the code of REV
+  control       (--control) a second server like one, in its own process: what two identical
+                servers differ by on this machine (the noise a ratio has to be read against)
 
 Rows, every variant once per round, in an order rotated each round (A B C, B C A, ...):
   warm: ``wrk -t2 -c32 -dDs`` on the cached 1 MiB blob: req/s, p99, server CPU µs per request
@@ -94,6 +96,8 @@ VARIANTS = {
     "before": Variant("before", "before", "/v2/{repo}/blobs/{digest}", "code of --baseline, one upstream"),
     "auth": Variant("auth", "auth", "/v2/{repo}/blobs/{digest}",
                     "one upstream, htpasswd + a rule, Basic credentials", auth=True),
+    "control": Variant("control", "control", "/v2/{repo}/blobs/{digest}",
+                       "a second server like one (what identical servers differ by)"),
     "auth-before": Variant("auth-before", "auth-before", "/v2/{repo}/blobs/{digest}",
                            "code of --baseline, htpasswd + a rule, Basic credentials", auth=True),
 }
@@ -120,6 +124,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="add the variant that counts each request once (totals only)")
     parser.add_argument("--baseline", metavar="REV", help="add the variant running git revision REV, one upstream "
                         "(with --auth: htpasswd + a rule)")
+    parser.add_argument("--control", action="store_true",
+                        help="add a second server like one (what identical servers differ by)")
     parser.add_argument("--auth", action="store_true",
                         help="one upstream with and without htpasswd + a rule (instead of the routing variants)")
     args = parser.parse_args(argv)
@@ -304,7 +310,7 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
         shutil.copy(Path(__file__).with_name("counters_once.py"), code)
         servers: dict[str, DockerMirror] = {}
         wanted = {VARIANTS[name].server for name in names}
-        for key in ("one", "three", "three-once", "before", "auth", "auth-before"):
+        for key in ("one", "control", "three", "three-once", "before", "auth", "auth-before"):
             if key not in wanted:
                 continue
             source = code_of(args.baseline, scratch / f"src-{key}") if key.endswith("before") else code
@@ -385,6 +391,7 @@ def main(argv: list[str]) -> int:
     names = ["one", "auth"] if args.auth else ["one", "three", "three-ns", "three-prefix"]
     names += ["three-once"] if args.counters_once else []
     names += (["auth-before"] if args.auth else ["before"]) if args.baseline else []
+    names += ["control"] if args.control else []
     date, started = datetime.datetime.now(datetime.UTC), time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="dm-routing-", dir="/var/tmp"))
     loads: list[float] = []
