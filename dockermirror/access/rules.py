@@ -236,7 +236,7 @@ class Rules:
         object.__setattr__(self, "_repos", repos)
         object.__setattr__(self, "_compiled", tuple(
             (frozenset(rule.identities), rule.networks, patterns, Decision(rule.allow, rule))
-            for rule, patterns in zip(self.rules, repos)))
+            for rule, patterns in zip(self.rules, repos, strict=True)))
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -284,8 +284,8 @@ class Rules:
         match every request it matches (one of them, when one is enough). Sound, not complete:
         a rule reported never decides; see :meth:`_covered_together` for what is looked at."""
         found: list[tuple[Rule, tuple[Rule, ...]]] = []
-        for j, (rule, repos) in enumerate(zip(self.rules, self._repos)):
-            earlier = list(zip(self.rules[:j], self._repos[:j]))
+        for j, (rule, repos) in enumerate(zip(self.rules, self._repos, strict=True)):
+            earlier = list(zip(self.rules[:j], self._repos[:j], strict=True))
             single = next((e for e, e_repos in earlier
                            if _identities_cover(e.identities, rule.identities)
                            and _networks_cover(e.networks, rule.networks) and e_repos.covers(repos)), None)
