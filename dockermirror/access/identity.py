@@ -7,6 +7,7 @@ may share a common name; the subject tells them apart).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ class Identity:
         """From the TLS layer's ``scope["client_certificate"]`` (subject, cn, serial). A
         certificate without a common name is named by its subject."""
         subject = str(info.get("subject") or "")
-        return cls(CERTIFICATE, str(info.get("cn") or subject), subject or None)
+        return _certificate(cls, str(info.get("cn") or subject), subject or None)
 
     @classmethod
     def parse(cls, text: str) -> Identity:
@@ -62,6 +63,11 @@ class Identity:
         if sep and name and kind in ("user", "cert"):
             return cls(USER if kind == "user" else CERTIFICATE, name)
         raise ValueError(f"invalid identity {text!r}: expected anonymous, user:NAME or cert:COMMON-NAME")
+
+
+@functools.lru_cache(maxsize=1024)     # every request on a connection names its certificate again
+def _certificate(cls: type[Identity], name: str, subject: str | None) -> Identity:
+    return cls(CERTIFICATE, name, subject)
 
 
 ANONYMOUS = Identity(ANONYMOUS_KIND)

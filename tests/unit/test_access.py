@@ -637,3 +637,9 @@ def test_identities_name_themselves_as_rules_do():
     assert Identity.certificate({"cn": "r", "subject": "CN=r,O=x"}).names == {"*", "authenticated", "cert:*", "cert:r"}
     assert ANONYMOUS.names == {"*", "anonymous"}
     assert str(Identity.user("ci")) == "user:ci" and Identity.user("ci") == Identity("user", "ci")
+    # certificates that share a common name keep their own subjects (for the log), however often asked
+    for _ in range(2):
+        a = Identity.certificate({"cn": "r", "subject": "CN=r,O=a"})
+        b = Identity.certificate({"cn": "r", "subject": "CN=r,O=b"})
+        assert (a.subject, b.subject, str(a), str(b)) == ("CN=r,O=a", "CN=r,O=b", "cert:r", "cert:r")
+    assert Identity.certificate({"subject": "O=x"}) == Identity("certificate", "O=x", "O=x")
