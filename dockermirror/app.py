@@ -20,13 +20,15 @@ import httpx
 from starlette.applications import Starlette
 
 from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
-from dockermirror.api.accesslog import AccessLog
+from dockermirror.api.accesslog import AccessLog, RequestDone
+from dockermirror.api.gate import Gate
 from dockermirror.access.guard import Guard
 from dockermirror.api.routes import RegistryAPI, api_routes
 from dockermirror.cache import Cache, Limits
 from dockermirror.config import AuthConfig, Config, UpstreamConfig
 from dockermirror.mirror import Mirror, Upstream, Upstreams
 from dockermirror.routing import registry_key
+from dockermirror.service.statuspage import StatusPage
 from dockermirror.upstream.client import UpstreamClient
 
 log = logging.getLogger("dockermirror")
@@ -95,8 +97,23 @@ class DockerMirror:
         self._closing: set[asyncio.Task[None]] = set()
         self._retire_keys = itertools.count()
         self.api = RegistryAPI(self.mirror, self._guard(config))
-        starlette = Starlette(routes=api_routes(self.api), lifespan=lambda app: self.running())
-        self.asgi = AccessLog(starlette, on_done=self.mirror.record)
+        # GET / and /healthz (service/statuspage.py); its tally hears of every request
+        self.status_page = StatusPage(self)
+        starlette = Starlette(routes=[*api_routes(self.api), *self.status_page.routes(self.api)],
+                              lifespan=lambda app: self.running())
+        # who hears of each finished request besides the cache's counters (metrics, the status page)
+        self.request_observers: list[Callable[[RequestDone], None]] = []
+        self.request_observers.append(self.status_page.stats)
+        # tls.client_auth: required: a request without a client certificate stops at the gate
+        self.asgi = AccessLog(Gate(starlette, lambda: self.api.guard), on_done=self._request_done)
+
+    def _request_done(self, done: RequestDone) -> None:
+        self.mirror.record(done.cache, done.sent, done.upstream)
+        for observer in self.request_observers:
+            try:
+                observer(done)
+            except Exception:       # a broken view never costs a request its log line or its answer
+                log.exception("a request observer failed")
 
     def _client(self, up: UpstreamConfig) -> UpstreamClient:
         fingerprint = _ca_fingerprint(up)
@@ -105,8 +122,12 @@ class DockerMirror:
         return client
 
     def _guard(self, config: Config) -> Guard:
-        """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd."""
-        return Guard.of(config, self.htpasswd)
+        """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd.
+        Rules that name repositories also stop the mirror serving cached content across
+        repositories unasked (a denied repository's layer through an allowed one, by digest)."""
+        guard = Guard.of(config, self.htpasswd)
+        self.mirror.share_public = not guard.rules.per_repository
+        return guard
 
     @property
     def upstream_client(self) -> UpstreamClient:

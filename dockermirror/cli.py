@@ -34,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dockermirror.service.server import StartupError, serve
 
     config = _load(args)
-    logs.setup(config.log.level)
+    logs.setup(config.log.level, journal_fields=config.log.journal_fields)
     try:
         return serve(config, reload_config=lambda: _load(args), reload_requested=lambda: bool(hups))
     except StartupError as exc:
@@ -87,7 +87,7 @@ def _rule_warnings(config: Config) -> list[str]:
 def cmd_access_check(args: argparse.Namespace) -> int:
     """Print the rule that decides whether IDENTITY may pull REPOSITORY; exit 0 if allowed, 1 if not."""
     from dockermirror.access.guard import Guard
-    from dockermirror.access.identity import Identity
+    from dockermirror.access.identity import CERTIFICATE, Identity
     from dockermirror.access.rules import client_address
     from dockermirror.routing import UnknownRegistry
 
@@ -108,8 +108,12 @@ def cmd_access_check(args: argparse.Namespace) -> int:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 2
     who = f"{identity}{f' from {args.source}' if args.source else ''} pulling {route.registry}/{route.repository}"
-    if not guard.active:
-        print(f"allow: no rules: anyone may pull ({who})")
+    if guard.certificate_required and identity.kind != CERTIFICATE:
+        print(f"deny: tls.client_auth: required: a client certificate is required ({who})")
+        return 1
+    if not guard.explicit and guard.htpasswd is None:
+        anyone = "anyone with a client certificate" if guard.certificate_required else "anyone"
+        print(f"allow: no rules: {anyone} may pull ({who})")
         return 0
     decision = guard.decide(identity, args.source, route.registry, route.repository)
     action = "allow" if decision.allowed else "deny"
@@ -133,6 +137,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return cachectl.run(config, args.cache_command, **options)
     except cachectl.CommandError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dockermirror import report
+
+    try:
+        return report.run(args.unit, args.since, args.json, sys.stdout)
+    except report.ReportError as exc:
+        print(f"docker-mirror: report: {exc}", file=sys.stderr)
         return 1
 
 
@@ -309,6 +323,18 @@ def parser() -> argparse.ArgumentParser:
     rm = cache_command("rm", "remove a digest, a repository, or forget a tag (a repository of another upstream "
                              "than the default: REGISTRY/REPOSITORY, e.g. ghcr.io/org/app:1)")
     rm.add_argument("target", metavar="[REGISTRY/]REPOSITORY[:TAG]|DIGEST")
+
+    from dockermirror.report import since_argument, unit_argument
+
+    report = commands.add_parser("report", help="hit ratio, bytes and upstream pulls saved, the most pulled and "
+                                                "slowest repositories: from the journal's request entries")
+    report.add_argument("--since", default="24h", type=_parsed(lambda v: since_argument(v) and v, "time"),
+                        help="from when: 1h, 30m, 2d (that long ago; default 24h), or anything journalctl --since "
+                             "takes (today, '2026-12-01 10:00')")
+    report.add_argument("--unit", default="docker-mirror", type=_parsed(lambda v: unit_argument(v), "unit"),
+                        help="the systemd unit (default docker-mirror)")
+    report.add_argument("--json", action="store_true", help="print JSON")
+    report.set_defaults(run=cmd_report)
 
     cert = commands.add_parser("cert", help="the private CA and the server certificate (paths from tls:)")
     cert_commands = cert.add_subparsers(dest="cert_command", required=True, metavar="COMMAND")

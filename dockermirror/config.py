@@ -182,6 +182,12 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse_optional
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _path(value: Any) -> Path:
     return Path(_string(value))
 
@@ -393,6 +399,8 @@ class AuthConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = _setting("info", _choice("debug", "info", "warning", "error"))
+    # under systemd: send records natively, with DOCKER_MIRROR_* fields per request (service/journal.py)
+    journal_fields: bool = _setting(True, lambda v: _boolean(v))
 
 
 @dataclass(frozen=True)
@@ -400,6 +408,8 @@ class Config:
     listen: str = _setting("0.0.0.0:5000", parse_listen)
     # the name clients use to reach this mirror (empty: the machine's FQDN)
     hostname: str = _setting("", lambda v: "" if v in (None, "") else _string(v))
+    # GET / answers the status page (false: 404); /healthz answers either way
+    status_page: bool = _setting(True, _boolean)
     tls: TLSConfig = field(default_factory=TLSConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     # several upstreams: a list of upstream sections, the default first (instead of upstream:)

@@ -173,6 +173,10 @@ class Mirror:
         self.cache = cache
         self.tag_ttl = tag_ttl
         self.clock = clock
+        # content an anonymous upstream holds is served for any repository of it without asking
+        # (it is public there); off when access rules differ by repository, which a digest would
+        # otherwise get around: then a repository gets cached content only once its upstream says it has it
+        self.share_public = True
         self._flights = SingleFlight()
 
     @property
@@ -533,14 +537,16 @@ class Mirror:
 
     def _may_share(self, repo: Repo, digest: str, origin: tuple[str, str] | None = None) -> bool:
         """Whether cached (or in-flight, for ``origin``) content may be served for ``repo`` without
-        asking its upstream: every upstream that holds it is a configured anonymous one, or it was
-        served for this very repository. Content of no known repository is asked for."""
-        holders = self.cache.ref_upstreams(digest)
-        if origin is not None:
-            holders.add(origin[0])
-        upstreams = self.upstreams
-        if holders and all((u := upstreams.get(key)) is not None and not u.private for key in holders):
-            return True
+        asking its upstream: it was served for this very repository, or every upstream that holds
+        it is a configured anonymous one (unless :attr:`share_public` is off: then the repository's
+        own upstream is asked). Content of no known repository is asked for."""
+        if self.share_public:
+            holders = self.cache.ref_upstreams(digest)
+            if origin is not None:
+                holders.add(origin[0])
+            upstreams = self.upstreams
+            if holders and all((u := upstreams.get(key)) is not None and not u.private for key in holders):
+                return True
         if origin == (repo.upstream.key, repo.name):
             return True
         return self.cache.has_ref(digest, repo.upstream.key, repo.name)
@@ -575,7 +581,7 @@ class Mirror:
 
     def record(self, cache: str | None, nbytes: int, upstream: str | None = None) -> None:
         """Count a finished request by how it was served, in all and for its upstream
-        (``upstream/<key>/requests_hit``...)."""
+        (``upstream/<key>/requests_hit``...), in the index's lifetime counters."""
         if cache:
             kind = cache.lower()
             self.cache.count(f"requests_{kind}")

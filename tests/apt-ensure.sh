@@ -1,6 +1,9 @@
 #!/bin/sh
 # Install those of the given Debian packages that are missing (as root), nothing else.
 #   tests/apt-ensure.sh PACKAGE...
+# Or unpack one package into DIR without installing it (no maintainer scripts, no service started,
+# nothing written outside DIR); DIR/.version says which version is there, and is kept while current:
+#   tests/apt-ensure.sh --unpack DIR PACKAGE
 # When another apt or dpkg holds its lock (a fresh cloud machine runs unattended-upgrades
 # at first boot), wait for it, saying so every 30 s, for up to APT_LOCK_WAIT seconds (1200).
 # APT_GET and DPKG_QUERY name the commands to use (the tests point them at stand-ins).
@@ -42,6 +45,31 @@ apt_get() {
         return "$status"
     done
 }
+
+if [ "${1:-}" = "--unpack" ]; then
+    dir=$2
+    package=$3
+    candidate() { apt-cache policy "$package" 2>/dev/null | awk '/Candidate:/ {print $2}'; }
+    version=$(candidate)
+    if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+        apt_get update -q
+        version=$(candidate)
+    fi
+    if [ -f "$dir/.version" ] && [ "$(cat "$dir/.version")" = "$version" ]; then
+        exit 0
+    fi
+    echo "tests/apt-ensure.sh: unpacking $package $version into $dir (not installed)" >&2
+    work=$(mktemp -d)
+    trap 'rm -f "$err"; rm -rf "$work"' EXIT
+    (cd "$work" && "$APT_GET" download -q "$package=$version" >&2 2>"$err") || { cat "$err" >&2; exit 1; }
+    rm -rf "$dir.new"
+    mkdir -p "$dir.new"
+    dpkg-deb -x "$work"/*.deb "$dir.new"
+    echo "$version" >"$dir.new/.version"
+    rm -rf "$dir"
+    mv "$dir.new" "$dir"
+    exit 0
+fi
 
 missing=""
 for p in "$@"; do

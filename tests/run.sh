@@ -20,13 +20,16 @@ if [ "${1:-}" = "--fast" ]; then
 fi
 
 PACKAGES="python3 python3-venv ca-certificates curl openssl git make docker-registry skopeo podman docker.io
-          containerd systemd systemd-container debootstrap util-linux
+          containerd iproute2 systemd systemd-container debootstrap util-linux chromium
           dh-virtualenv debhelper devscripts fakeroot lintian rpm rpmlint
           build-essential dpkg-dev xz-utils libssl-dev zlib1g-dev libffi-dev libbz2-dev liblzma-dev libsqlite3-dev"
 if [ -z "$fast" ]; then
     say "checking the Debian packages the tests need"
     # shellcheck disable=SC2086
     tests/apt-ensure.sh $PACKAGES
+    # prometheus and promtool from Debian's package, unpacked, not installed: the package would
+    # start a prometheus.service listening on every address of the machine
+    tests/apt-ensure.sh --unpack "${DM_TEST_CACHE:-/var/cache/docker-mirror-tests}/prometheus" prometheus
 fi
 
 # Debian's python3, in a virtualenv of the clone, with the pinned versions
@@ -37,7 +40,9 @@ fi
 say "installing docker-mirror and the test tools into .venv (pinned: requirements.lock, tests/requirements.txt)"
 .venv/bin/pip install -q --disable-pip-version-check --use-pep517 -c requirements.lock \
     -r tests/requirements.txt -e .
-say "running the tests"
+# what tests keep for people to look at (the status page's screenshot), in the clone's build/
+export DM_TEST_ARTIFACTS="${DM_TEST_ARTIFACTS:-$PWD/build/test-artifacts}"
+say "running the tests (artefacts: $DM_TEST_ARTIFACTS)"
 if [ -n "$fast" ]; then
     exec .venv/bin/pytest -m "not system" "$@"
 fi

@@ -104,6 +104,7 @@ def test_sizes(text, expected):
     ("upstream:\n  connect_timeout: true\n", 2, "upstream.connect_timeout", "expected a duration"),
     ("listen: 5000\n", 1, "listen", "invalid listen address"),
     ("log:\n  level: loud\n", 2, "log.level", "expected one of"),
+    ("listen: 127.0.0.1:5000\nstatus_page: maybe\n", 2, "status_page", "expected true or false"),
     ("upstream: https://example.org\n", 1, "upstream", "expected a mapping"),
     ("cache:\n  dir: /a\n  dir: /b\n", 3, "cache.dir", "given twice"),
     ("cache: {dir: /a\n", 2, "", "invalid YAML"),

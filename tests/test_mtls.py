@@ -1,6 +1,8 @@
 """TLS client certificates against a real mirror: `cert init`, `cert client`, `cert revoke`
-as an admin runs them, httpx and real clients (skopeo, podman, containerd) with and
-without a client certificate, a revocation applied by SIGHUP."""
+as an admin runs them, httpx and real clients (skopeo, podman, containerd; dockerd without)
+with and without a client certificate, a revocation applied by SIGHUP. Under `required` a client
+without a certificate completes the handshake and gets 401 saying why (what each client
+prints is checked); a foreign or revoked certificate is refused in the handshake."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import ALL_MANIFESTS, Upstream
-from tests.support.clients import Containerd, Podman, dir_manifest_digest, skopeo
+from tests.support.clients import Containerd, Dockerd, Podman, dir_manifest_digest, skopeo
 from tests.support.procs import wait_until
 
 ACCEPT = [("Accept", a) for a in ALL_MANIFESTS]
@@ -30,7 +32,7 @@ class MTLS:
     """A CA and server certificate by `cert init`, client pairs by `cert client` (one directory
     each: client.cert, client.key, ca.crt), a CRL by `cert revoke`; all from one config file."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, ip: str = "127.0.0.1") -> None:
         self.dir = directory
         self.ca = directory / "ca" / "ca.crt"
         self.crl = directory / "ca" / "crl.pem"
@@ -38,7 +40,7 @@ class MTLS:
                     "ca": str(self.ca), "crl": str(self.crl)}
         self.config = directory / "admin.yml"
         self.config.write_text(yaml.safe_dump({"tls": self.tls}))
-        self.run("init", "--hostname", "localhost", "--ip", "127.0.0.1")
+        self.run("init", "--hostname", "localhost", "--ip", ip)
 
     def run(self, command: str, *args: str) -> str:
         result = cli("cert", command, "--config", str(self.config), *args)
@@ -97,6 +99,22 @@ def refused(mirror, mtls: MTLS, client: Path | None) -> bool:
     return False
 
 
+# what a client without a certificate is told under tls.client_auth: required
+NO_CERTIFICATE = ("a client certificate is required (tls.client_auth: required); ask the mirror's admin for one "
+                  "(docker-mirror cert client NAME)")
+REFUSED_LINE = " identity=anonymous refused=no-client-certificate"
+
+
+def unauthorized(mirror, mtls: MTLS, path: str = "/v2/") -> bool:
+    """Whether a client without a certificate completes the handshake and gets 401 UNAUTHORIZED
+    with the mirror's message (and no Basic challenge: no password can stand in for it)."""
+    with http(mirror, mtls, None) as session:
+        response = session.get(path, headers=ACCEPT)
+    return (response.status_code == 401 and "www-authenticate" not in response.headers
+            and response.reason_phrase == f"Unauthorized: {NO_CERTIFICATE}"
+            and response.json() == {"errors": [{"code": "UNAUTHORIZED", "message": NO_CERTIFICATE}]})
+
+
 def s_client(mirror, mtls: MTLS, tmp_path: Path, *args: str) -> str:
     """openssl s_client: one GET /v2/, and what came back (TLS 1.2 or 1.3, as the server allows)."""
     request = "GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -126,12 +144,20 @@ def test_required_a_client_certificate_pulls_and_is_named_in_the_log(make_mirror
     pull(mirror, mtls, mtls.client("alice"), upstream)
     lines = mirror.access_lines("/v2/library/busybox/", at_least=3)
     assert len(lines) >= 3 and all(line.endswith(' cert="CN=alice"') for line in lines)
-    assert refused(mirror, mtls, None)
+    mark = upstream.registry.mark()
+    assert unauthorized(mirror, mtls, "/v2/")
+    assert unauthorized(mirror, mtls, "/v2/library/hello/manifests/latest")
+    assert unauthorized(mirror, mtls, "/nowhere")
+    assert upstream.registry.requests(mark) == []
+    # another CA's certificate is still refused in the handshake
     assert refused(mirror, mtls, foreign.client("alice"))
     log = mirror.log_text()
-    assert "TLS handshake refused a client: no client certificate given" in log
     assert "TLS handshake refused a client: certificate not signed by the client CA" in log
-    assert all(line.endswith(' cert="CN=alice"') for line in mirror.access_lines(""))   # no request without it
+    assert "no client certificate given" not in log
+    refusals = mirror.access_lines(REFUSED_LINE)
+    assert refusals and all(' 401 ' in line and "cert=" not in line for line in refusals)
+    # every other request came with alice's certificate
+    assert all(line.endswith(' cert="CN=alice"') for line in mirror.access_lines("") if REFUSED_LINE not in line)
 
 
 def test_a_revoked_certificate_is_refused_after_reload_and_the_others_still_pull(make_mirror, mtls, tmp_path,
@@ -176,7 +202,7 @@ def test_optional_lets_anonymous_clients_through_and_names_a_certificate_when_gi
 
 def test_a_reload_changes_client_auth_for_new_connections(make_mirror, mtls, upstream: Upstream):
     mirror = make_mirror(tls={**mtls.tls, "client_auth": "required"})
-    assert refused(mirror, mtls, None)
+    assert unauthorized(mirror, mtls)
     config = yaml.safe_load(mirror.config_path.read_text())
     config["tls"]["client_auth"] = "optional"
     mirror.config_path.write_text(yaml.safe_dump(config))
@@ -185,8 +211,12 @@ def test_a_reload_changes_client_auth_for_new_connections(make_mirror, mtls, ups
     config["tls"]["client_auth"] = "required"
     mirror.config_path.write_text(yaml.safe_dump(config))
     reload(mirror)
-    assert refused(mirror, mtls, None)
+    assert unauthorized(mirror, mtls)
     pull(mirror, mtls, mtls.client("erin"), upstream, "hello")
+    config["tls"]["client_auth"] = "none"
+    mirror.config_path.write_text(yaml.safe_dump(config))
+    reload(mirror)
+    pull(mirror, mtls, None, upstream, "hello")
 
 
 def test_client_auth_without_tls_refuses_to_start(make_mirror, tmp_path):
@@ -223,13 +253,17 @@ def test_skopeo_with_a_client_certificate_pulls_and_without_one_fails(make_mirro
            f"dir:{tmp_path / 'ok'}", parent=tmp_path)
     assert dir_manifest_digest(tmp_path / "ok") == seeded.digest
     assert mirror.access_lines('cert="CN=skopeo"')
+    mark = upstream.registry.mark()
     with pytest.raises(AssertionError) as failed:
         skopeo("copy", "--quiet", "--src-cert-dir", str(cert_dir(mtls, None)), source, f"dir:{tmp_path / 'no'}",
                parent=tmp_path, timeout=120)
-    # the server ends the handshake; asyncio's TLS drops the alert it wrote, so the client sees
-    # the connection close there (EOF, reset) and the mirror's log says why
-    assert "/v2/" in str(failed.value)
-    assert "TLS handshake refused a client: no client certificate given" in mirror.log_text()
+    # skopeo prints the mirror's error: "reading manifest latest in 127.0.0.1:PORT/library/busybox:
+    # unauthorized: a client certificate is required ..." (it was "pinging container registry ...: EOF")
+    assert f"unauthorized: {NO_CERTIFICATE}" in str(failed.value)
+    assert upstream.registry.requests(mark) == []
+    # one line at info (its first request, /v2/), the others at debug: a client cannot flood the log
+    assert [line.split(" access: ")[1].split('" ')[0] for line in mirror.access_lines(REFUSED_LINE)] == \
+        ['127.0.0.1 "GET /v2/']
 
 
 def test_podman_with_certs_d_pulls_and_without_a_certificate_fails(make_mirror, mtls, upstream: Upstream):
@@ -247,10 +281,17 @@ def test_podman_with_certs_d_pulls_and_without_a_certificate_fails(make_mirror, 
         with_cert.cleanup()
     without = Podman(conf, etc={f"containers/certs.d/{mirror.address}/ca.crt": mtls.ca.read_bytes()})
     try:
+        mark = upstream.registry.mark()
         with pytest.raises(AssertionError) as failed:
-            without("pull", "docker.io/acme/tool:1.0")
-        assert "/v2/" in str(failed.value)
-        assert "TLS handshake refused a client: no client certificate given" in mirror.log_text()
+            without("pull", "docker.io/library/hello:latest")
+        # "Error: initializing source docker://hello:latest: reading manifest latest in
+        # 127.0.0.1:PORT/library/hello: unauthorized: a client certificate is required ...", at once:
+        # no retries, no password asked for (it was "pinging container registry ...: EOF", 3 retries)
+        assert f"unauthorized: {NO_CERTIFICATE}" in str(failed.value)
+        assert "retrying" not in str(failed.value)
+        assert upstream.registry.requests(mark) == []
+        assert [line.split(" access: ")[1].split('" ')[0] for line in mirror.access_lines(REFUSED_LINE)] == \
+            ['127.0.0.1 "GET /v2/']
     finally:
         without.cleanup()
 
@@ -269,14 +310,38 @@ def test_containerd_with_a_client_pair_in_hosts_toml_pulls(make_mirror, mtls, up
         daemon.ctr("images", "pull", "--hosts-dir", str(hosts.parent), "docker.io/library/alpine:3")
         assert daemon.image_digest("docker.io/library/alpine:3") == upstream.seeded["alpine"].digest
         assert mirror.access_lines('/v2/library/alpine/manifests/.* cert="CN=containerd"')
-        (hosts / "hosts.toml").write_text(toml)        # no client pair: the mirror refuses the handshake
-        with pytest.raises(AssertionError):
+        (hosts / "hosts.toml").write_text(toml)        # no client pair: 401 from the mirror
+        mark = upstream.registry.mark()
+        with pytest.raises(AssertionError) as failed:
             daemon.ctr("images", "pull", "--hosts-dir", str(hosts.parent), "docker.io/acme/tool:1.0")
-        assert "TLS handshake refused a client: no client certificate given" in mirror.log_text()
+        # containerd resolves with HEAD (no body to show) and prints only the status line, which says it:
+        # "pulling from host 127.0.0.1:PORT failed with status code [manifests 1.0]: 401 Unauthorized:
+        # a client certificate is required ..." (it was "failed to do request: Head ...: EOF")
+        assert f"pulling from host {mirror.address} failed with status code [manifests 1.0]: 401 Unauthorized: " \
+            f"{NO_CERTIFICATE}" in str(failed.value)
+        assert upstream.registry.requests(mark) == []
+        assert mirror.access_lines(f'"HEAD /v2/acme/tool/manifests/1.0\\?ns=docker.io" 401 .*{REFUSED_LINE}')
     finally:
         daemon.stop()
 
 
-# dockerd is not tested here: it counts every loopback registry as insecure (127.0.0.0/8 is always in
-# its insecure-registries), and for an insecure registry it neither verifies the server nor reads
-# certs.d/<host>/client.cert. A mirror on another address gets the pair from there as podman does.
+# dockerd with a certificate is tested in tests/test_mtls_dockerd.py: it counts every loopback
+# registry as insecure (127.0.0.0/8 is always in its insecure-registries), and for an insecure
+# registry it neither verifies the server nor reads certs.d/<host>/client.cert; there the mirror
+# has another address. Without a certificate, it is a client like the others:
+
+
+def test_dockerd_without_a_certificate_is_told_why(make_mirror, mtls, upstream: Upstream):
+    mirror = make_mirror(tls={**mtls.tls, "client_auth": "required"})
+    daemon = Dockerd(None, etc={"docker/daemon.json": "{}"})
+    daemon.start()
+    try:
+        mark = upstream.registry.mark()
+        with pytest.raises(AssertionError) as failed:
+            daemon.docker("pull", f"{mirror.address}/acme/tool:1.0")
+        # "Error response from daemon: unauthorized: a client certificate is required ..."
+        assert f"Error response from daemon: unauthorized: {NO_CERTIFICATE}" in str(failed.value)
+        assert upstream.registry.requests(mark) == []
+        assert mirror.access_lines(f'"GET /v2/" 401 .*{REFUSED_LINE}')
+    finally:
+        daemon.stop()

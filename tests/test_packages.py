@@ -8,13 +8,16 @@
 * EL7 RPM (with a stand-in interpreter built from Debian's python3.11 source): layout,
   the glibc 2.17 floor of the wheelhouse, gzip payload, no hardening drop-in, and
   `--version` from an `rpm --root` install.
+* All three ship the Grafana dashboard and the Prometheus alert rules in /usr/share/docker-mirror.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +36,9 @@ VERSION = next(line.split('"')[1] for line in (REPO / "dockermirror/__init__.py"
                if line.startswith("__version__"))
 UPGRADE = f"{VERSION}+upgrade1"
 STANDIN = CACHE / "python-standin-3.11-x86_64.tar.gz"
+# the Grafana dashboard and the alert rules: /usr/share/docker-mirror/X is docs/monitoring/X
+MONITORING = {f"/usr/share/docker-mirror/{path}": REPO / "docs/monitoring" / path
+              for path in ("grafana/docker-mirror.json", "prometheus/docker-mirror-alerts.yml")}
 
 
 def make(*targets: str, **variables: str) -> float:
@@ -48,6 +54,28 @@ def make(*targets: str, **variables: str) -> float:
 
 def rpm_query(path: Path, *args: str) -> str:
     return subprocess.run(["rpm", "-qp", *args, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def packaged_file(package: Path, path: str) -> tuple[bytes, int]:
+    """A regular file's bytes and permission bits as the package would install it."""
+    if package.suffix == ".deb":
+        tree = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(package)], capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(tree)) as tar:
+            assert f".{path}" in tar.getnames(), f"{package.name} has no {path}"
+            member = tar.getmember(f".{path}")
+            assert member.isfile(), path
+            return tar.extractfile(member).read(), member.mode & 0o7777
+    listing = dict(line.rsplit(" ", 1) for line in rpm_query(package, "--qf", "[%{FILENAMES} %{FILEMODES}\n]")
+                   .splitlines())
+    assert path in listing, f"{package.name} has no {path}"
+    mode = int(listing[path])
+    assert mode & 0o170000 == 0o100000, path                                   # a regular file
+    rpm2cpio = subprocess.Popen(["rpm2cpio", str(package)], stdout=subprocess.PIPE)
+    content = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", f".{path}"], stdin=rpm2cpio.stdout,
+                             capture_output=True, check=True).stdout
+    rpm2cpio.stdout.close()
+    assert rpm2cpio.wait() == 0
+    return content, mode & 0o7777
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +223,10 @@ def test_el7_rpm(packages, tmp_path: Path):
                              text=True, env={**os.environ, "PATH": "/usr/bin:/bin"})
     assert version.returncode == 0 and version.stdout.strip() == f"docker-mirror {VERSION}"
 
+
+def test_packages_ship_the_dashboard_and_the_alert_rules(packages):
+    for flavour in ("deb", "rpm", "rpm-el7"):
+        for path, source in MONITORING.items():
+            content, mode = packaged_file(packages[flavour], path)
+            assert content == source.read_bytes(), f"{packages[flavour].name}: {path}"
+            assert mode == 0o644, f"{packages[flavour].name}: {path} {mode:o}"

@@ -1,7 +1,8 @@
 """docker-mirror under a real systemd (booted with systemd-nspawn): enable --now, status,
-journal priorities, reload with a new certificate, the watchdog, a clean stop, socket
-activation on a privileged port. Plus the static checks of the unit files: systemd-analyze
-verify and security, and the keys systemd 219 (CentOS 7) knows."""
+journal priorities, journal fields and `docker-mirror report` over a cold and a warm pull,
+reload with a new certificate, the watchdog, a clean stop, socket activation on a privileged
+port. Plus the static checks of the unit files: systemd-analyze verify and security, and the
+keys systemd 219 (CentOS 7) knows."""
 
 from __future__ import annotations
 
@@ -194,6 +195,96 @@ def test_journal_has_request_lines_at_the_right_priority(booted: Container, upst
     warnings = [e for e in journal(booted) if e.get("PRIORITY") == "4"]
     assert any("is not valid for mirror.internal" in e["MESSAGE"] for e in warnings)  # hostname not in the SANs
     assert not any(e["MESSAGE"].startswith("<") for e in journal(booted))
+
+
+@pytest.fixture(scope="module")
+def tool_pulls(booted: Container, upstream: Upstream, tmp_path_factory) -> dict:
+    """acme/tool:1.0 pulled twice through the service (cold, then warm), nothing else meanwhile:
+    the requests a cold pull makes (kind, reference) and the bytes each answer had."""
+    work = tmp_path_factory.mktemp("tool-pulls")
+    cert_dir = work / "certs.d"
+    cert_dir.mkdir()
+    (cert_dir / "ca.crt").write_text(booted.read("/etc/pki/docker-mirror/ca.crt"))
+    if booted.run("systemctl", "is-active", "docker-mirror", check=False).stdout.strip() != "active":
+        booted.run("systemctl", "start", "docker-mirror")
+    since = f"@{time.time():.6f}"
+    time.sleep(0.01)
+    source = f"{booted.address}/acme/tool:1.0"
+    cold = skopeo_copy(source, work / "cold", cert_dir=cert_dir)
+    warm = skopeo_copy(source, work / "warm", cert_dir=cert_dir)
+    blobs = {f"sha256:{p.name}": p.stat().st_size for p in cold.iterdir() if len(p.name) == 64}
+    assert blobs and {p.name for p in warm.iterdir()} == {p.name for p in cold.iterdir()}
+    expected = {("manifest", "1.0"): (cold / "manifest.json").stat().st_size,
+                **{("blob", digest): size for digest, size in blobs.items()}}
+    return {"since": since, "expected": expected, "manifest_digest": upstream.seeded["tool"].digest}
+
+
+def test_journal_fields_select_the_cold_pulls(booted: Container, tool_pulls: dict):
+    """journalctl -u docker-mirror DOCKER_MIRROR_CACHE=MISS: exactly the cold pull's requests, with their fields."""
+    def misses() -> list[dict]:
+        out = booted.run("journalctl", "-u", "docker-mirror", "DOCKER_MIRROR_CACHE=MISS", "-o", "json", "--no-pager",
+                         f"--since={tool_pulls['since']}").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    expected = tool_pulls["expected"]
+    wait_until(lambda: len(misses()) >= len(expected), 10, what="the cold pull's entries in the journal")
+    entries = misses()
+    got = {(e["DOCKER_MIRROR_KIND"], e["DOCKER_MIRROR_REFERENCE"]): int(e["DOCKER_MIRROR_BYTES"]) for e in entries}
+    assert len(entries) == len(expected) and got == expected
+    for e in entries:
+        assert e["_TRANSPORT"] == "journal" and e["PRIORITY"] == "6" and e["SYSLOG_IDENTIFIER"] == "docker-mirror"
+        assert e["SYSLOG_FACILITY"] == "3"          # daemon: as the stderr lines had it
+        assert e["DOCKER_MIRROR_COMPONENT"] == "access" and e["DOCKER_MIRROR_CACHE"] == "MISS"
+        assert e["DOCKER_MIRROR_REPOSITORY"] == "acme/tool" and e["DOCKER_MIRROR_UPSTREAM"] == "docker.io"
+        assert e["DOCKER_MIRROR_METHOD"] == "GET" and e["DOCKER_MIRROR_STATUS"] == "200"
+        assert e["DOCKER_MIRROR_UPSTREAM_STATUS"] == "200" and e["DOCKER_MIRROR_CLIENT"] == "127.0.0.1"
+        assert float(e["DOCKER_MIRROR_DURATION_MS"]) >= 0 and e["DOCKER_MIRROR_COMPLETE"] == "1"
+        reference = e["DOCKER_MIRROR_REFERENCE"]
+        digest = tool_pulls["manifest_digest"] if reference == "1.0" else reference
+        assert e["DOCKER_MIRROR_DIGEST"] == digest
+        path = f"manifests/{reference}" if reference == "1.0" else f"blobs/{reference}"
+        assert e["MESSAGE"].startswith(f'access: 127.0.0.1 "GET /v2/acme/tool/{path}" 200 ')
+    # the warm pull's entries are there too, as HITs; other records name their component
+    hits = [json.loads(line) for line in booted.run(
+        "journalctl", "-u", "docker-mirror", "DOCKER_MIRROR_CACHE=HIT", "DOCKER_MIRROR_REPOSITORY=acme/tool",
+        "-o", "json", "--no-pager", f"--since={tool_pulls['since']}").stdout.splitlines()]
+    assert {(e["DOCKER_MIRROR_KIND"], e["DOCKER_MIRROR_REFERENCE"]) for e in hits} == set(expected)
+    components = {e.get("DOCKER_MIRROR_COMPONENT") for e in journal(booted)}
+    assert {"access", "dockermirror"} <= components, components
+
+
+def test_report_gives_the_hit_ratio_of_the_pulls(booted: Container, tool_pulls: dict):
+    n = len(tool_pulls["expected"])
+    since = tool_pulls["since"]
+    report = json.loads(booted.run("docker-mirror", "report", "--since", since, "--json").stdout)
+    assert report["cache"] | {"none": 0} == {"HIT": n, "STALE": 0, "COALESCED": 0, "MISS": n, "PASS": 0, "none": 0}
+    assert report["hit_ratio"] == 0.5
+    [up] = report["upstreams"]
+    assert (up["upstream"], up["pulls_spent"], up["pulls_saved"]) == ("docker.io", 1, 1)
+    assert up["bytes_from_cache"] == up["bytes_from_upstream"] == sum(tool_pulls["expected"].values())
+    assert report["most_pulled"][0] | {"bytes": 0} == {"upstream": "docker.io", "repository": "acme/tool",
+                                                       "pulls": 2, "requests": 2 * n, "bytes": 0}
+    text = booted.run("docker-mirror", "report", "--since", since).stdout
+    print(f"\n{text}")
+    assert f"hit ratio: 50.0% ({n} of {2 * n} requests the cache answered were HITs; " in text
+
+
+def test_records_up_to_the_exit_belong_to_the_unit(booted: Container):
+    """A datagram's unit is looked up from its sender: the last records of a stopping process
+    (sent natively) must still be the unit's, as they were on the stderr stream."""
+    pid = booted.show("docker-mirror", "MainPID")
+    booted.run("systemctl", "restart", "docker-mirror")
+
+    def cursors(*match: str) -> list[str]:
+        out = booted.run("journalctl", *match, f"_PID={pid}", "-o", "json", "--no-pager").stdout
+        return [json.loads(line)["__CURSOR"] for line in out.splitlines() if line.strip()]
+
+    everything = cursors("SYSLOG_IDENTIFIER=docker-mirror")
+    assert everything and cursors("-u", "docker-mirror") == everything
+    [last] = [json.loads(line) for line in booted.run("journalctl", "-u", "docker-mirror", f"_PID={pid}", "-n", "1",
+                                                      "-o", "json", "--no-pager").stdout.splitlines()]
+    print(f"\nlast record before the restart: {last['MESSAGE']}")
+    assert last["_TRANSPORT"] == "journal" and last["DOCKER_MIRROR_COMPONENT"]
 
 
 def serial(address: str, ca: str) -> str:

@@ -6,7 +6,12 @@ API asks it for every request: :meth:`Guard.identify` first (wrong credentials: 
 the upstream is touched (denied: 403 DENIED naming the rule, or 401 when credentials could
 help), and :meth:`Guard.ping` for ``/v2/``.
 
-Without rules and without htpasswd the guard is inactive and the API does not call it.
+With ``tls.client_auth: required``, :meth:`Guard.admit` comes before all of that, on every
+request whatever its path (dockermirror/api/gate.py calls it before any routing): a
+connection without a verified client certificate gets 401 UNAUTHORIZED saying so. The TLS
+layer lets such a client finish its handshake (a handshake refused is only "EOF" to it).
+
+Without rules, htpasswd or a required certificate the guard is inactive and the API does not call it.
 Without rules but with htpasswd, every user may pull everything and anonymous clients
 nothing (what configuring a password file asks for); with rules, the rules decide.
 """
@@ -41,31 +46,60 @@ class Refusal:
     user: str
 
 
+class CertificateRequired(Unauthorized):
+    """tls.client_auth: required, and the connection has no verified client certificate. 401
+    (credentials are missing) without a ``WWW-Authenticate`` challenge: no password can satisfy
+    it, and a Basic challenge would make docker and podman ask for one, or retry with one."""
+
+    refused = "no-client-certificate"       # for the request log: refused=...
+
+    def __init__(self) -> None:
+        super().__init__("a client certificate is required (tls.client_auth: required); ask the mirror's "
+                         "admin for one (docker-mirror cert client NAME)")
+
+
 class Guard:
-    def __init__(self, rules: Rules, htpasswd: PasswordFile | None = None) -> None:
-        """``rules``: the ``access:`` rules (maybe none); ``htpasswd``: the users, if configured."""
+    def __init__(self, rules: Rules, htpasswd: PasswordFile | None = None, *,
+                 certificate_required: bool = False) -> None:
+        """``rules``: the ``access:`` rules (maybe none); ``htpasswd``: the users, if configured;
+        ``certificate_required``: tls.client_auth is ``required``."""
         self.htpasswd = htpasswd
         self.explicit = bool(rules)
         self.rules = Rules((_USERS_ONLY,), rules.table) if htpasswd is not None and not rules else rules
-        self.active = bool(rules) or htpasswd is not None
+        self.certificate_required = certificate_required
+        self.active = bool(rules) or htpasswd is not None or certificate_required
         # the Identity of each user verified since this guard was made: at most one per user of
         # the file (only a verified user gets in), and a reload makes a new guard
         self._users: dict[str, Identity] = {}
 
     @classmethod
     def of(cls, config: Any, htpasswd: PasswordFile | None = None) -> Guard:
-        """The guard of a configuration's ``access:`` rules, with the users of its auth.htpasswd."""
-        return cls(Rules(tuple(config.access), config.registry_table()), htpasswd)
+        """The guard of a configuration's ``access:`` rules, with the users of its auth.htpasswd
+        and its tls.client_auth."""
+        return cls(Rules(tuple(config.access), config.registry_table()), htpasswd,
+                   certificate_required=config.tls.client_auth == "required")
 
     # --- who
+
+    def admit(self, scope: dict[str, Any]) -> None:
+        """Raise :class:`CertificateRequired` for a request on a connection without a verified
+        client certificate when one is required: by the configuration, or by the TLS layer for
+        this connection (``scope["client_certificate_required"]``, service/clientcert.py: it
+        holds even if a reload changed the TLS settings and not this guard); before anything
+        else looks at the request."""
+        if (self.certificate_required or scope.get("client_certificate_required") is True) \
+                and not scope.get("client_certificate"):
+            raise CertificateRequired()
 
     async def identify(self, scope: dict[str, Any], authorization: str | None) -> Identity:
         """The request's identity: a verified client certificate, else Basic credentials checked
         against the htpasswd file (wrong ones: 401 UNAUTHORIZED), else anonymous. Credentials
-        are ignored without an htpasswd file, and when a certificate was presented."""
+        are ignored without an htpasswd file, and when a certificate was presented. Without a
+        certificate where one is required: 401 (see :meth:`admit`)."""
         certificate = scope.get("client_certificate")
         if certificate:
             return Identity.certificate(certificate)
+        self.admit(scope)
         if self.htpasswd is None or not authorization:
             return ANONYMOUS
         credentials = parse_basic(authorization)

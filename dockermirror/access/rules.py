@@ -241,6 +241,11 @@ class Rules:
     def __bool__(self) -> bool:
         return bool(self.rules)
 
+    @property
+    def per_repository(self) -> bool:
+        """Some rule names repositories: who may pull depends on the repository, not only on who asks."""
+        return any(rule.repositories != ("*",) for rule in self.rules)
+
     def decide(self, identity: Identity, address: Address | None, key: str, repository: str) -> Decision:
         """The first rule that matches decides; none: denied (there are rules) or allowed (none)."""
         if not self.rules:

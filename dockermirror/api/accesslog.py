@@ -3,7 +3,13 @@
 Handlers leave notes for the line in ``scope["state"]``: ``cache`` (HIT, MISS, STALE,
 COALESCED, PASS), ``upstream`` (the upstream the request was routed to),
 ``upstream_status`` (the upstream's HTTP status), ``identity`` (who asked, once the access
-guard or a client certificate says) and ``note`` (why a request failed).
+guard or a client certificate says), ``refused`` (a short reason, e.g. ``no-client-certificate``,
+dockermirror/api/gate.py), ``quiet`` (log this line at debug: a refusal repeated too often
+for info), ``note`` (why a request failed), ``kind`` (manifest, blob, tags, referrers; else
+other), ``repository`` and ``reference`` (tag or digest).
+
+Each finished request is also one :class:`RequestDone`: handed to ``on_done`` (counters,
+metrics) and attached to the log record as ``record.request`` (structured journal fields).
 A request on a connection with a verified client certificate names its subject (``cert=``).
 
 Everything in the line that a client (or an upstream, through a note) chose is escaped
@@ -17,6 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,8 +43,33 @@ def _identity(text: str) -> str:
 
 
 
+KINDS = ("manifest", "blob", "tags", "referrers", "other")
+
+
+@dataclass(slots=True, frozen=True)
+class RequestDone:
+    """One finished request, as the log line says it (``client`` is the peer's address)."""
+    client: str
+    method: str
+    path: str                   # path and query as received (not escaped; the query's bytes as latin-1)
+    status: int                 # 0: no response was started
+    sent: int                   # body bytes that went out
+    seconds: float
+    complete: bool              # the whole body went out
+    kind: str                   # one of KINDS
+    cache: str | None           # HIT, MISS, STALE, COALESCED, PASS; None: not a cache answer
+    upstream: str | None        # the upstream's key (docker.io, ghcr.io, ...) once routed
+    upstream_status: int | None
+    repository: str | None      # within its upstream
+    reference: str | None       # tag or digest
+    identity: str | None        # str(Identity): anonymous, user:NAME, cert:CN
+    certificate: str | None     # the client certificate's subject
+    note: str | None
+    digest: str | None = None   # the Docker-Content-Digest the response named (what a tag resolved to)
+
+
 class AccessLog:
-    def __init__(self, app: ASGIApp, on_done: Callable[[str | None, int, str | None], None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, on_done: Callable[[RequestDone], None] | None = None) -> None:
         self.app = app
         self.on_done = on_done
 
@@ -49,11 +81,14 @@ class AccessLog:
         status = 0
         sent = 0
         complete = False
+        digest = None
 
         async def send_and_count(message: Message) -> None:
-            nonlocal status, sent, complete
+            nonlocal status, sent, complete, digest
             if message["type"] == "http.response.start":
                 status = message["status"]
+                digest = next((v for k, v in message.get("headers", ()) if k.lower() == b"docker-content-digest"),
+                              None)
                 message["headers"] = [*message.get("headers", ()), API_VERSION]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
@@ -70,20 +105,34 @@ class AccessLog:
             state = scope.get("state") or {}
             cache = state.get("cache")
             query = scope.get("query_string") or b""
-            path = printable(scope["path"]) + ("?" + printable(query) if query else "")
+            raw_path = scope["path"] + ("?" + query.decode("latin-1") if query else "")
             client = scope.get("client") or ("-", 0)
             note = state.get("note") or ("" if complete or not status else "incomplete")
             upstream = state.get("upstream")
             identity = state.get("identity")
             certificate = scope.get("client_certificate")
-            log.info(
-                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s',
-                printable(str(client[0])), printable(scope["method"]), path, status, sent,
-                (time.perf_counter() - started) * 1000, cache or "-", printable(str(upstream or "-")),
-                printable(str(state.get("upstream_status") or "-")),
-                _identity(str(identity)) if identity is not None else "",
-                f' cert="{printable(certificate["subject"])}"' if certificate else "",
+            upstream_status = state.get("upstream_status")
+            refused = state.get("refused")
+            done = RequestDone(
+                client=str(client[0]), method=scope["method"], path=raw_path, status=status, sent=sent,
+                seconds=time.perf_counter() - started, complete=complete, kind=state.get("kind") or "other",
+                cache=cache, upstream=upstream, upstream_status=upstream_status,
+                repository=state.get("repository"), reference=state.get("reference"),
+                identity=str(identity) if identity is not None else None,
+                certificate=certificate["subject"] if certificate else None, note=note or None,
+                digest=digest.decode("latin-1") if digest else None)
+            log.log(
+                logging.DEBUG if state.get("quiet") else logging.INFO,
+                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s%s',
+                printable(done.client), printable(done.method),
+                printable(scope["path"]) + ("?" + printable(query) if query else ""), status, sent,
+                done.seconds * 1000, cache or "-", printable(str(upstream or "-")),
+                printable(str(upstream_status or "-")),
+                _identity(done.identity) if done.identity is not None else "",
+                f" refused={printable(str(refused))}" if refused else "",
+                f' cert="{printable(done.certificate)}"' if certificate else "",
                 f' note="{printable(str(note))}"' if note else "",
+                extra={"request": done},
             )
             if self.on_done is not None:
-                self.on_done(cache, sent, upstream)
+                self.on_done(done)

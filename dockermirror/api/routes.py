@@ -169,6 +169,8 @@ class RegistryAPI:
             except RegistryError as exc:
                 if exc.upstream_status is not None:
                     request.state.upstream_status = exc.upstream_status
+                if (refused := getattr(exc, "refused", None)) is not None:    # e.g. no client certificate
+                    request.state.refused = refused
                 refusal = getattr(exc, "refusal", None)
                 request.state.note = f"{exc.code}: {exc.message}" + (
                     f" (user {refusal.user!r})" if refusal is not None and refusal.user else "")
@@ -193,17 +195,22 @@ class RegistryAPI:
         namespace = _namespace(request)
         if _UPLOADS.fullmatch(path):
             raise Unsupported("this registry is a read-only mirror: uploads are not supported")
+        state = request.state
         if match := _MANIFEST.fullmatch(path):
+            state.kind, state.reference = "manifest", match["reference"]
             repo = self._resolve(request, match["name"], namespace)
             return await self.manifest(request, repo, match["reference"])
         if match := _BLOB.fullmatch(path):
+            state.kind, state.reference = "blob", match["digest"]
             digest = _digest(match["digest"])
             repo = self._resolve(request, match["name"], namespace)
             return await self.blob(request, repo, digest)
         if match := _TAGS.fullmatch(path):
+            state.kind = "tags"
             repo = self._resolve(request, match["name"], namespace)
             return await self.tags(request, repo, match["name"])
         if match := _REFERRERS.fullmatch(path):
+            state.kind, state.reference = "referrers", match["digest"]
             digest = _digest(match["digest"])
             artifact_type = _artifact_type(request)
             repo = self._resolve(request, match["name"], namespace)
@@ -215,6 +222,7 @@ class RegistryAPI:
     def _resolve(self, request: Request, name: str, namespace: str | None) -> Repo:
         repo = self.mirror.resolve(name, namespace)
         request.state.upstream = repo.upstream.key      # for the request log and the counters
+        request.state.repository = repo.name
         guard: Guard = request.state.guard
         if guard.active:    # before anything touches the cache or the upstream
             guard.check(request.state.identity, _peer(request), repo.upstream.key, repo.name)

@@ -170,6 +170,11 @@ class Transfer:
                 unlease()
 
     @property
+    def followers(self) -> int:
+        """Readers following this transfer now."""
+        return len(self._readers)
+
+    @property
     def _shared_after_end(self) -> bool:
         """A complete, verified spilled file: readers may still join until the last one leaves."""
         return self.verified and self.spilling and self._temp is not None and self.file_end == self.received
@@ -521,6 +526,10 @@ class Transfers:
 
     def __len__(self) -> int:
         return len(self._active)
+
+    def active(self) -> list[Transfer]:
+        """The shared transfers in flight now (for the status page and the metrics)."""
+        return list(self._active.values())
 
     @property
     def late_fetches_left(self) -> int:

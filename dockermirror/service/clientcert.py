@@ -9,6 +9,11 @@ that connection carries it in its ASGI scope::
 (absent when there is none). The subject is RFC 4514, the serial lowercase hex. A
 certificate reaches this module only after OpenSSL verified it against ``tls.client_ca``
 (and the CRL): an unverified one fails the handshake, so no connection is ever made.
+
+With ``required``, a client that shows no certificate completes the handshake all the same (so
+that it can be told why it is refused); every request on its connection then carries
+``scope["client_certificate_required"] = True``, and the HTTP layer answers 401
+(dockermirror/access/guard.py, ``Guard.admit``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from functools import lru_cache
 from typing import Any
 
 SCOPE_KEY = "client_certificate"
+OWED_KEY = "client_certificate_required"     # read by dockermirror/access/guard.py
 
 
 def of_transport(transport: asyncio.BaseTransport) -> dict[str, str] | None:
@@ -35,6 +41,13 @@ def of_transport(transport: asyncio.BaseTransport) -> dict[str, str] | None:
     if not der:
         return None
     return dict(describe(der))
+
+
+def owed(transport: asyncio.BaseTransport) -> bool:
+    """Whether the connection's handshake ran under ``client_auth: required`` (the context of
+    that reload says so: call this before :func:`after_handshake` hands it back)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object is not None and getattr(ssl_object.context, "certificate_required", False) is True
 
 
 def after_handshake(transport: asyncio.BaseTransport) -> dict[str, str] | None:
@@ -73,8 +86,10 @@ def describe(der: bytes) -> tuple[tuple[str, str], ...]:
             ("serial", f"{certificate.serial_number:x}"))
 
 
-def attach(scope: dict[str, Any], certificate: dict[str, str] | None) -> None:
+def attach(scope: dict[str, Any], certificate: dict[str, str] | None, owed: bool = False) -> None:
     """Put a connection's certificate in one request's scope (a copy: the app may not change
-    what the next request on the connection sees)."""
+    what the next request on the connection sees); or, if it owes one, say so."""
     if certificate:
         scope[SCOPE_KEY] = dict(certificate)
+    elif owed:
+        scope[OWED_KEY] = True

@@ -5,6 +5,11 @@ When stderr is the journal (systemd sets ``JOURNAL_STREAM`` to its device:inode)
 line starts with its syslog priority (``<3>`` error ... ``<7>`` debug), which journald
 turns into the entry's PRIORITY, and carries no timestamp (journald adds one).
 Otherwise lines are plain: ``2026-11-28 12:00:00 INFO access: ...``.
+
+With ``log.journal_fields`` (the default), records go to the journal through its native
+protocol instead (:mod:`dockermirror.service.journal`): the same MESSAGE and PRIORITY, plus
+fields (``DOCKER_MIRROR_CACHE``, ...) for each request; a record that cannot be sent that
+way is still the stderr line.
 """
 
 from __future__ import annotations
@@ -57,9 +62,14 @@ def _not_cut_off(record: logging.LogRecord) -> bool:
     return record.getMessage() != _CUT_OFF
 
 
-def setup(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JournalFormatter() if stderr_is_journal() else OneLineFormatter())
+def setup(level: str = "info", journal_fields: bool = True) -> None:
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    journal = stderr_is_journal()
+    handler.setFormatter(JournalFormatter() if journal else OneLineFormatter())
+    if journal and journal_fields:
+        from dockermirror.service.journal import JournalHandler
+
+        handler = JournalHandler(OneLineFormatter("%(component)s: %(message)s"), fallback=handler)
     handler.addFilter(_not_cut_off)
     root = logging.getLogger()
     root.handlers[:] = [handler]

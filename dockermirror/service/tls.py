@@ -172,13 +172,26 @@ def _message_hook() -> bool:
 
 MESSAGE_HOOK = _message_hook()
 
-_MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+# "required" asks for a certificate as "optional" does: a client without one completes the
+# handshake and is refused at the HTTP layer (dockermirror/access/guard.py), with an error it
+# prints. Refused in the handshake, it would see only "EOF" (asyncio's TLS sends no alert).
+# A certificate that is presented is verified all the same (CA, CRL): a bad one fails here.
+_MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_OPTIONAL}
 
 
-def _new_context() -> ssl.SSLContext:
+class _Context(ssl.SSLContext):
+    """A server context that says whether it was built for ``client_auth: required``: a
+    connection whose handshake ran with such a context and showed no certificate owes one
+    (service/clientcert.py marks its requests; the HTTP layer refuses them whatever the
+    application's configuration says, e.g. after a reload the application could not apply)."""
+
+    certificate_required = False
+
+
+def _new_context() -> _Context:
     # trusts nothing until the client CA is loaded: never the system's CAs (a public CA must not
     # be able to sign a client certificate for the mirror)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = _Context(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION     # a client certificate is checked once, in the handshake
     return context
@@ -266,6 +279,7 @@ class ServerTLS:
         context = _new_context()
         self._load(context, certificate, key)
         context.verify_mode = _MODES[client.mode]
+        context.certificate_required = client.mode == "required"
         if client.mode == "none":
             return context, None
         if MESSAGE_HOOK:

@@ -22,6 +22,10 @@ TLS connections do not get the extension (the bytes must be encrypted in user sp
 
 On TLS, a client certificate the handshake verified is put in every request's scope as
 ``scope["client_certificate"]`` (see service/clientcert.py).
+
+A response may carry its own reason phrase: ``"reason"`` in its ``http.response.start``
+message (an extension of ours; printable ASCII, else the standard phrase is sent). Some
+clients show nothing else of an error: containerd answers a failed HEAD with its status line.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import fcntl
 import http
 import logging
 import os
+import re
 import socket
 import struct
 import termios
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from dockermirror.service import clientcert
 
@@ -209,7 +214,26 @@ class _Send:
             return
         if not await self._drained():
             self.cycle.disconnected = True   # what is left of the response goes nowhere (as uvicorn does)
+        if message["type"] == "http.response.start" and message.get("reason"):
+            await self._start_with_reason(message)
+            return
         await self.send(message)
+
+    async def _start_with_reason(self, message: Any) -> None:
+        """uvicorn writes the status line and the headers in one piece: that one write gets the
+        status line with the message's own reason phrase."""
+        reason = message["reason"]
+        standard = STATUS_LINE.get(message["status"])
+        if standard is None or not isinstance(reason, str) or not _REASON.fullmatch(reason):
+            await self.send(message)
+            return
+        cycle, transport = self.cycle, self.cycle.transport
+        cycle.transport = _StatusLine(transport, standard,  # type: ignore[assignment]
+                                      b"HTTP/1.1 %d %s\r\n" % (message["status"], reason.encode("ascii")))
+        try:
+            await self.send(message)
+        finally:
+            cycle.transport = transport
 
     async def _send_body(self, body: bytes | memoryview, more_body: bool) -> None:
         if not await self._drained():
@@ -279,6 +303,26 @@ class _Send:
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+# a reason phrase: visible ASCII and spaces (RFC 9112), not too long
+_REASON = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,299}", re.ASCII)
+
+
+class _StatusLine:
+    """A transport whose first write, if it begins with ``standard``, begins with ``own`` instead."""
+
+    def __init__(self, transport: asyncio.Transport, standard: bytes, own: bytes) -> None:
+        self._transport, self._standard, self._own = transport, standard, own
+
+    def write(self, data: bytes) -> None:
+        if self._own and data.startswith(self._standard):
+            data = self._own + data[len(self._standard):]
+        self._own = b""
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def _client(cycle: RequestResponseCycle) -> str:
     client = cycle.scope.get("client") or ("-", 0)
     return f'{client[0]} "{cycle.scope["method"]} {cycle.scope["path"]}"'
@@ -309,6 +353,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # verified in the handshake, which is over by now; every request's scope names it
+        self._certificate_owed = clientcert.owed(transport)
         self._client_certificate = clientcert.after_handshake(transport)
         self._limits = type(self).limits
         self._head_pending = True
@@ -370,7 +415,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = 0
-        clientcert.attach(self.scope, self._client_certificate)
+        clientcert.attach(self.scope, self._client_certificate, self._certificate_owed)
 
     def on_url(self, url: bytes) -> None:
         if len(self.url) + len(url) > self._limits.max_url:

@@ -215,8 +215,10 @@ class UpstreamClient:
         self.reachable: bool | None = None
         self.last_failure: float | None = None
         self.last_error = ""
-        # Docker Hub's pull allowance as last reported ("ratelimit-remaining": "97;w=21600").
+        # Docker Hub's pull allowance as last reported ("ratelimit-remaining": "97;w=21600",
+        # "ratelimit-limit": "100;w=21600"), as the upstream sent it (untrusted text)
         self.ratelimit_remaining: str | None = None
+        self.ratelimit_limit: str | None = None
 
     @property
     def recently_down(self) -> bool:
@@ -385,6 +387,7 @@ class UpstreamClient:
         remaining = response.headers.get("ratelimit-remaining")
         if remaining is not None:
             self.ratelimit_remaining = remaining
+            self.ratelimit_limit = response.headers.get("ratelimit-limit")
         return response
 
     async def _request(self, method: str, url: str, headers: list[tuple[str, str]],

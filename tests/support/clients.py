@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tests.support.hostguard import MARK
+from tests.support.netns import NetNamespace
 from tests.support.procs import Daemon, wait_until
 from tests.support.sandbox import HUB_NAMES, LOOPBACK_HOSTS, Sandbox
 
@@ -135,10 +136,12 @@ class Dockerd(Daemon):
     """dockerd with the mirror as its registry mirror; ``ca`` (with ``mirror_address``) is
     put where dockerd looks for a mirror's CA: /etc/docker/certs.d/HOST:PORT/ca.crt (in its
     sandbox, not on the host). Without ``mirror_url``, dockerd reads its sandbox's
-    /etc/docker/daemon.json, which ``etc`` (files for its /etc) must bring."""
+    /etc/docker/daemon.json, which ``etc`` (files for its /etc) must bring. ``netns``: a
+    :class:`~tests.support.netns.NetNamespace` (started) to run it in."""
 
     def __init__(self, mirror_url: str | None, insecure: str | None = None, *, ca: Path | None = None,
-                 mirror_address: str | None = None, etc: dict[str, str | bytes] | None = None) -> None:
+                 mirror_address: str | None = None, etc: dict[str, str | bytes] | None = None,
+                 netns: NetNamespace | None = None) -> None:
         self.dir = short_tmpdir("dm-dockerd-")
         certs = {f"docker/certs.d/{mirror_address}/ca.crt": ca.read_bytes()} if ca and mirror_address else {}
         self.sandbox = client_sandbox(self.dir, {**certs, **(etc or {})})
@@ -152,7 +155,8 @@ class Dockerd(Daemon):
                 "--pidfile", str(self.dir / "dockerd.pid"), "-H", f"unix://{self.socket}"]
         if insecure:
             argv += ["--insecure-registry", insecure]
-        super().__init__(self.sandbox.argv(argv), self.dir / "dockerd.log")
+        argv = self.sandbox.argv(argv)
+        super().__init__(netns.argv(argv) if netns else argv, self.dir / "dockerd.log")
 
     def start(self) -> None:
         super().start()

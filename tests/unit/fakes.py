@@ -15,6 +15,8 @@ test asserts what the upstream saw.
 
 from __future__ import annotations
 
+import asyncio
+
 import hashlib
 import json
 from collections.abc import Callable
@@ -130,6 +132,8 @@ class FakeRegistry:
     # registry does); off: any repository serves any blob it has
     scoped_blobs: bool = False
     owners: dict[str, set[str]] = field(default_factory=dict)   # blob digest -> repositories
+    # blob digest -> an event: its body stops after the first chunk until the event is set
+    held: dict[str, asyncio.Event] = field(default_factory=dict)
 
     # --- content
 
@@ -319,6 +323,8 @@ class FakeRegistry:
             data = bytes(b ^ 0xFF for b in data)
         headers = {"Content-Length": str(len(data)), "Docker-Content-Digest": digest,
                    "Content-Type": "application/octet-stream"}
+        if digest in self.held and request.method != "HEAD":
+            return httpx.Response(200, headers=headers, stream=Body(data, hold=self.held[digest]))
         return response(200, headers, b"" if request.method == "HEAD" else data)
 
 
@@ -326,13 +332,16 @@ class Body(httpx.AsyncByteStream):
     """A body that is streamed, like a real connection's (``content=`` would be read at once,
     and the mirror reads upstream bodies with ``aiter_raw``)."""
 
-    def __init__(self, data: bytes, chunk: int = 64 * 1024) -> None:
+    def __init__(self, data: bytes, chunk: int = 64 * 1024, hold: asyncio.Event | None = None) -> None:
         self.data = data
         self.chunk = chunk
+        self.hold = hold            # set: the rest of the body follows the first chunk
 
     async def __aiter__(self):
         for offset in range(0, len(self.data), self.chunk):
             yield self.data[offset:offset + self.chunk]
+            if self.hold is not None:
+                await self.hold.wait()
 
 
 def response(status: int, headers: dict[str, str] | None = None, body: bytes = b"", *,

@@ -643,3 +643,157 @@ def test_identities_name_themselves_as_rules_do():
         b = Identity.certificate({"cn": "r", "subject": "CN=r,O=b"})
         assert (a.subject, b.subject, str(a), str(b)) == ("CN=r,O=a", "CN=r,O=b", "cert:r", "cert:r")
     assert Identity.certificate({"subject": "O=x"}) == Identity("certificate", "O=x", "O=x")
+
+
+# --- tls.client_auth: required: no certificate, a clear error at the HTTP layer (the handshake lets it in)
+
+REQUIRED = "tls:\n  certificate: /nonexistent/server.crt\n  client_auth: required\n"
+ALICE = {"subject": "CN=alice", "cn": "alice", "serial": "1f"}
+NO_CERTIFICATE = ("a client certificate is required (tls.client_auth: required); ask the mirror's admin for one "
+                  "(docker-mirror cert client NAME)")
+
+
+def required_config(cache_dir: Path, extra: str = "", client_auth: str = "required") -> configuration.Config:
+    head = HEAD.replace("tls:\n  enabled: false\n", REQUIRED.replace("required", client_auth))
+    return configuration.loads(head.format(cache_dir=cache_dir) + extra)
+
+
+def test_the_guard_admits_no_request_without_a_certificate_when_one_is_required():
+    guard = Guard(Rules((), TABLE), certificate_required=True)
+    assert guard.active        # with no rules and no htpasswd
+    with pytest.raises(Exception) as caught:
+        guard.admit({"type": "http"})
+    error = caught.value
+    assert (error.status, error.code, error.message, error.headers) == (401, "UNAUTHORIZED", NO_CERTIFICATE, {})
+    assert error.refused == "no-client-certificate"
+    guard.admit({"type": "http", "client_certificate": ALICE})
+    Guard(Rules((), TABLE)).admit({"type": "http"})          # not required: nothing to say
+    # the TLS layer says this connection owes one (its handshake ran under required), whatever
+    # the guard's configuration (a reload the application could not apply)
+    with pytest.raises(Exception) as owed:
+        Guard(Rules((), TABLE)).admit({"type": "http", "client_certificate_required": True})
+    assert owed.value.code == "UNAUTHORIZED"
+    assert Guard.of(required_config(Path("/x"))).certificate_required
+    assert not Guard.of(required_config(Path("/x"), client_auth="optional")).certificate_required
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("users", [False, True])
+async def test_required_refuses_every_request_without_a_certificate_before_anything_else(tmp_path, users):
+    registry = FakeRegistry()
+    image = registry.push("library/busybox", "1")
+    auth = ""
+    if users:       # a password cannot stand in for the certificate: no Basic challenge either
+        (tmp_path / "htpasswd").write_text(f"ci:{bcrypt.hashpw(b'ci-secret', bcrypt.gensalt(4)).decode()}\n")
+        auth = f"auth:\n  htpasswd: {tmp_path / 'htpasswd'}\n"
+    app = DockerMirror(required_config(tmp_path / "cache", auth), clock=FakeClock(),
+                       upstream_transport=registry.transport)
+    async with app.running():
+        mirror = Mirror(app, registry)
+        requests = [("GET", "/v2/"), ("HEAD", "/v2/"), ("GET", "/v2/library/busybox/manifests/1"),
+                    ("HEAD", "/v2/library/busybox/manifests/1"), ("GET", f"/v2/library/busybox/blobs/{image.layer}"),
+                    ("GET", "/v2/library/busybox/tags/list"), ("GET", f"/v2/library/busybox/referrers/{image.digest}"),
+                    ("GET", "/v2/ghcr.io/myorg/app/manifests/1"), ("GET", "/v2/_catalog"),
+                    ("GET", "/v2/no/such/endpoint"), ("GET", "/v2/bad..name/manifests/1"), ("GET", "/"),
+                    ("GET", "/v2"), ("GET", "/metrics"), ("PUT", "/v2/library/busybox/manifests/1"),
+                    ("POST", "/v2/library/busybox/blobs/uploads/"),
+                    ("DELETE", f"/v2/library/busybox/blobs/{image.layer}")]
+        async with mirror.client() as client:
+            for method, path in requests:
+                headers = basic("ci", "ci-secret") if users else {}
+                response = await client.request(method, path, headers=headers)
+                assert response.status_code == 401, (method, path)
+                assert "www-authenticate" not in response.headers, (method, path)
+                assert response.headers["docker-distribution-api-version"] == "registry/2.0"
+                if method != "HEAD":
+                    assert errors(response) == {"code": "UNAUTHORIZED", "message": NO_CERTIFICATE}, (method, path)
+        assert registry.seen == []
+        assert [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()] == []
+        assert app.cache.index.totals() == (0, 0) and app.cache.index.tag_count() == 0     # nothing cached
+        # with a verified certificate: pulls as before
+        async with mirror.client(certificate=ALICE) as client:
+            assert (await client.get("/v2/")).status_code == 200
+            assert (await client.get("/v2/library/busybox/manifests/1")).status_code == 200
+            assert (await client.get(f"/v2/library/busybox/blobs/{image.layer}")).content == image.blobs[image.layer]
+
+
+@pytest.mark.anyio
+async def test_a_refusal_for_no_certificate_is_logged_once_a_minute_per_address(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG, "dockermirror.access")
+    now = [1000.0]
+    app = DockerMirror(required_config(tmp_path / "cache"), clock=FakeClock(),
+                       upstream_transport=FakeRegistry().transport)
+    gate = app.asgi.app
+    monkeypatch.setattr(gate.refusals, "clock", lambda: now[0])
+    async with app.running():
+        mirror = Mirror(app, FakeRegistry())
+        async with mirror.client("192.0.2.7") as client:
+            for _ in range(5):
+                await client.get("/v2/library/busybox/manifests/1")
+        async with mirror.client("192.0.2.8") as client:
+            await client.get("/v2/")
+        now[0] += 61
+        async with mirror.client("192.0.2.7") as client:
+            await client.get("/v2/")
+    records = [r for r in caplog.records if r.name == "dockermirror.access"]
+    info = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    assert len(records) == 7 and len(info) == 3
+    assert info[0].startswith('192.0.2.7 "GET /v2/library/busybox/manifests/1" 401 ')
+    assert info[0].endswith(" cache=- upstream=- upstream_status=- identity=anonymous refused=no-client-certificate")
+    assert info[1].startswith('192.0.2.8 "GET /v2/" 401 ') and "refused=no-client-certificate" in info[1]
+    assert info[2].endswith(' refused=no-client-certificate note="4 more refused from this address since the '
+                            'last such line (logged at debug)"')
+
+
+@pytest.mark.anyio
+async def test_a_reload_switches_client_auth_for_the_next_requests(tmp_path):
+    registry = FakeRegistry()
+    registry.push("library/busybox", "1")
+    app = DockerMirror(required_config(tmp_path / "cache"), clock=FakeClock(), upstream_transport=registry.transport)
+    async with app.running():
+        mirror = Mirror(app, registry)
+        async with mirror.client() as client:
+            assert (await client.get("/v2/library/busybox/manifests/1")).status_code == 401
+            app.reconfigure(required_config(tmp_path / "cache", client_auth="optional"))
+            assert (await client.get("/v2/library/busybox/manifests/1")).status_code == 200
+            assert not app.api.guard.active
+            app.reconfigure(required_config(tmp_path / "cache"))
+            assert (await client.get("/v2/library/busybox/manifests/1")).status_code == 401
+
+
+def test_access_check_knows_a_certificate_is_required(tmp_path, capsys):
+    path = tmp_path / "config.yml"
+
+    def check(*args: str, rules: str = "") -> tuple[int, str]:
+        path.write_text(HEAD.replace("tls:\n  enabled: false\n", REQUIRED).format(cache_dir=tmp_path) + rules)
+        code = cli.main(["access", "check", *args, "--config", str(path)])
+        return code, capsys.readouterr().out
+
+    assert check("anonymous", "busybox") == (
+        1, "deny: tls.client_auth: required: a client certificate is required (anonymous pulling "
+           "docker.io/library/busybox)\n")
+    assert check("user:ci", "busybox", rules="access:\n  - allow: [user:ci]\n")[0] == 1
+    assert check("cert:alice", "busybox") == (
+        0, "allow: no rules: anyone with a client certificate may pull (cert:alice pulling "
+           "docker.io/library/busybox)\n")
+    assert check("cert:alice", "busybox", rules="access:\n  - allow: [cert:bob]\n")[0] == 1
+
+
+@pytest.mark.anyio
+async def test_the_gate_closes_a_websocket_without_a_certificate_and_passes_the_rest_on():
+    from dockermirror.api.gate import Gate
+
+    called, sent = [], []
+
+    async def app(scope, receive, send):
+        called.append(scope["type"])
+
+    async def send(message):
+        sent.append(message)
+
+    gate = Gate(app, lambda: Guard(Rules((), TABLE), certificate_required=True))
+    await gate({"type": "websocket", "path": "/v2/"}, None, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}] and called == []
+    await gate({"type": "lifespan"}, None, send)
+    await gate({"type": "websocket", "path": "/v2/", "client_certificate": ALICE}, None, send)
+    assert called == ["lifespan", "websocket"]

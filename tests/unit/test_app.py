@@ -246,3 +246,28 @@ class TestTagFreshness:
         mirror.registry.down = True
         response = await self.pull_tag(mirror, "never-seen")
         assert response.status_code == 503
+
+
+async def test_each_finished_request_is_one_record_for_the_observers_and_the_log(mirror, caplog):
+    """What metrics, the journal fields and the status page read: kind, cache result, upstream,
+    repository and reference as routed, bytes that went out; the log record carries the same."""
+    image = mirror.registry.push("library/hello", "latest")
+    seen = []
+    mirror.app.request_observers.append(seen.append)
+    mirror.app.request_observers.insert(0, lambda done: 1 / 0)     # a broken observer costs nothing
+    caplog.set_level(logging.INFO, "dockermirror.access")
+    await mirror.client.get("/v2/hello/manifests/latest", headers=ACCEPT)
+    blob = await mirror.client.get(f"/v2/hello/blobs/{image.layer}")
+    await mirror.client.get("/v2/hello/tags/list")
+    await mirror.client.head("/v2/")
+    await mirror.client.get("/v2/hello/manifests/..bad")
+    manifest, layer, tags, version, bad = seen
+    assert (manifest.kind, manifest.method, manifest.status, manifest.cache) == ("manifest", "GET", 200, "MISS")
+    assert (manifest.upstream, manifest.repository, manifest.reference) == ("docker.io", "library/hello", "latest")
+    assert manifest.sent == len(image.manifest) and manifest.complete and manifest.client == "192.0.2.7"
+    assert (layer.kind, layer.reference, layer.sent) == ("blob", image.layer, len(blob.content))
+    assert (tags.kind, tags.reference, tags.repository) == ("tags", None, "library/hello")
+    assert (version.kind, version.method, version.upstream, version.cache) == ("other", "HEAD", None, None)
+    assert (bad.kind, bad.status, bad.reference) == ("manifest", 404, "..bad") and "MANIFEST_UNKNOWN" in bad.note
+    records = [r.request for r in caplog.records if r.name == "dockermirror.access"]
+    assert records == seen

@@ -135,6 +135,11 @@ def test_a_crl_of_another_ca_is_refused(paths: certs.Paths, tmp_path: Path):
 def handshake(server: ServerTLS, ca: Path, client: Path | None = None) -> dict[str, str] | None:
     """A TLS handshake with the server's listening context; the certificate the server side
     sees (None: none), or ssl.SSLError when the server refuses."""
+    return handshake_owed(server, ca, client)[0]
+
+
+def handshake_owed(server: ServerTLS, ca: Path, client: Path | None = None) -> tuple[dict[str, str] | None, bool]:
+    """:func:`handshake`, and whether the connection owes a certificate (client_auth: required)."""
     client_context = ssl.create_default_context(cafile=str(ca))
     client_context.check_hostname = False
     if client is not None:
@@ -160,10 +165,11 @@ def handshake(server: ServerTLS, ca: Path, client: Path | None = None) -> dict[s
         def get_extra_info(self, key: str):
             return {"ssl_object": s, "sslcontext": server.context}.get(key)
 
+    owed = clientcert.owed(Transport())
     seen = clientcert.after_handshake(Transport())
     # handed back to the listening context: no message callback on every record from now on
     assert s.context is server.context
-    return seen
+    return seen, owed
 
 
 @pytest.fixture
@@ -179,18 +185,36 @@ def server(paths: certs.Paths, mode: str, crl: Path | None = None, ca: Path | No
     return ServerTLS(paths.certificate, paths.key, "localhost", ClientAuth(mode, ca or paths.ca, crl))
 
 
-def test_required_verifies_the_certificate_and_the_scope_names_it(paths, issued):
+def test_required_verifies_the_certificate_and_the_scope_names_it(paths, issued, tmp_path):
     tls = server(paths, "required")
     seen = handshake(tls, paths.ca, issued["alice"])
     serial = _cert(issued["alice"] / "client.cert").serial_number
     assert seen == {"subject": "CN=alice", "cn": "alice", "serial": f"{serial:x}"}
+    # without a certificate the handshake completes (the HTTP layer answers 401 saying why:
+    # refused here, the client would see only EOF): the scope names none, and says one is owed
+    assert handshake_owed(tls, paths.ca) == (None, True)
+    scope: dict = {}
+    clientcert.attach(scope, None, owed=True)
+    assert scope == {"client_certificate_required": True}
+    clientcert.attach(scope := {}, seen, owed=True)
+    assert scope == {"client_certificate": seen}
+    # a certificate that is shown is verified all the same: another CA's, or a revoked one
+    other = certs.Paths(tmp_path / "o.crt", tmp_path / "o.key", tmp_path / "other" / "ca.crt")
+    certs.init(other, ["localhost"], [])
+    clientcerts.issue_client(other, "alice", tmp_path / "foreign")
     with pytest.raises(ssl.SSLError):
-        handshake(tls, paths.ca)
+        handshake(tls, paths.ca, tmp_path / "foreign")
+    crl = tmp_path / "ca" / "crl.pem"
+    clientcerts.revoke(paths, "alice", crl)
+    revoked = server(paths, "required", crl)
+    with pytest.raises(ssl.SSLError):
+        handshake(revoked, paths.ca, issued["alice"])
+    assert handshake(revoked, paths.ca, issued["bob"])["cn"] == "bob"
 
 
 def test_optional_lets_a_client_without_a_certificate_through(paths, issued):
     tls = server(paths, "optional")
-    assert handshake(tls, paths.ca) is None
+    assert handshake_owed(tls, paths.ca) == (None, False)
     assert handshake(tls, paths.ca, issued["bob"])["cn"] == "bob"
 
 
@@ -253,7 +277,9 @@ def test_a_reload_to_another_client_ca_no_longer_trusts_the_first(paths, issued,
     with pytest.raises(ssl.SSLError):
         handshake(tls, paths.ca, issued["alice"])
     tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("optional", paths.ca, None))
-    assert handshake(tls, paths.ca) is None
+    assert handshake_owed(tls, paths.ca) == (None, False)       # owed only under required
+    tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("required", paths.ca, None))
+    assert handshake_owed(tls, paths.ca) == (None, True)
     tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("none", paths.ca, None))
     assert handshake(tls, paths.ca, issued["alice"]) is None
 

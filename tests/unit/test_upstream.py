@@ -178,11 +178,12 @@ async def test_oversized_manifest_answer_is_refused():
 
 async def test_docker_hub_pull_allowance_is_recorded():
     def handle(request: httpx.Request) -> httpx.Response:
-        return response(200, {"ratelimit-remaining": "97;w=21600", "Docker-Content-Digest": "sha256:" + "a" * 64})
+        return response(200, {"ratelimit-remaining": "97;w=21600", "ratelimit-limit": "100;w=21600",
+                              "Docker-Content-Digest": "sha256:" + "a" * 64})
 
     client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
     try:
         await client.manifest("a/b", "1", ALL_MANIFESTS, head=True)
     finally:
         await client.aclose()
-    assert client.ratelimit_remaining == "97;w=21600"
+    assert client.ratelimit_remaining == "97;w=21600" and client.ratelimit_limit == "100;w=21600"

@@ -83,3 +83,39 @@ async def test_many_stalled_readers_hold_no_thread(tmp_path):
     for p, c in [*pairs, (peer, client)]:
         p.close()
         c.close()
+
+
+async def test_a_response_may_bring_its_own_reason_phrase():
+    """``"reason"`` in the response start (the mirror's 401 for a missing client certificate: what
+    containerd shows of a failed HEAD); one that cannot be sent falls back to the standard one."""
+    import uvicorn
+
+    reasons = iter(["Unauthorized: a client certificate is required (tls.client_auth: required)",
+                    "Unauthorized\r\nX-Evil: 1", None])
+
+    async def app(scope, receive, send):
+        reason = next(reasons)
+        await send({"type": "http.response.start", "status": 401, "reason": reason,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
+                            http=zerocopy.ZeroCopyHttpToolsProtocol)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        lines = []
+        for _ in range(3):
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*sock.getsockname()), 10)
+            writer.write(b"HEAD /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            lines.append(answer.split(b"\r\n")[0])
+            assert b"x-evil" not in answer.lower()
+        assert lines == [b"HTTP/1.1 401 Unauthorized: a client certificate is required (tls.client_auth: required)",
+                         b"HTTP/1.1 401 Unauthorized", b"HTTP/1.1 401 Unauthorized"]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+        sock.close()
