@@ -1,7 +1,7 @@
 """Does routing cost anything? The 32-client rows with one upstream and with three, in one run.
 
-    .venv/bin/python -m bench.routing [--rounds 5] [--duration 6] [--counters-once] [--baseline REV]
-    .venv/bin/python -m bench.routing --auth [--rounds 5] [--duration 6]
+    .venv/bin/python -m bench.routing [--rounds 5] [--duration 6] [--counters-once] [--baseline REV] [--control]
+    .venv/bin/python -m bench.routing --auth [--rounds 5] [--duration 6] [--baseline REV] [--control]
     .venv/bin/python -m bench.routing --metrics [--rounds 5] [--duration 6]
 
 One upstream registry (seeded with 1 MiB blobs) and docker-mirror processes on 127.0.0.1,
@@ -20,6 +20,9 @@ each run from a snapshot of the code (like ``python -m bench``). The variants:
                 bcrypt cost-12 user) and an access: rule allowing that user library/*; every
                 request with its Basic credentials (checked once, then remembered: issue 16).
                 Its table goes between the bench-auth markers and into bench/results/auth.json.
+  auth-before   (--auth --baseline REV, instead of before) auth, running the code of REV
+  control       (--control) a second server like one, in its own process: what two identical
+                servers differ by on this machine (the noise a ratio has to be read against)
   metrics       (--metrics, instead of the three-upstream variants) one upstream with
                 metrics.listen on a loopback port, scraped once a second during the whole run
                 (GET /metrics, as a Prometheus with a 1 s scrape_interval: 15 times the usual
@@ -27,7 +30,9 @@ each run from a snapshot of the code (like ``python -m bench``). The variants:
                 the bench-metrics markers and into bench/results/metrics.json.
 
 Rows, every variant once per round, in an order rotated each round (A B C, B C A, ...):
-  warm: ``wrk -t2 -c32 -dDs`` on the cached 1 MiB blob: req/s, p99, server CPU µs per request;
+  warm: ``wrk -t2 -c32 -dDs`` on the cached 1 MiB blob: req/s, p99, server CPU µs per request
+        (with --auth also its user-space part: where the guard runs; the kernel's copy of the
+        blob, most of a request's CPU, is system time);
   cold: 32 clients at once (one ``curl --parallel``) GET a 1 MiB blob no variant has cached
         yet (a fresh one each time): wall ms until the last has it all, upstream GETs.
 A ratio is variant / one of the same round (they ran back to back), shown as the median over
@@ -74,6 +79,7 @@ CLIENTS = 32
 WARM_REPO, COLD_REPO = "library/mid", "library/cold"
 HUB = "docker.io"
 OTHERS = "others' CPU %"
+USER = "user CPU µs/req"
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,10 @@ VARIANTS = {
     "before": Variant("before", "before", "/v2/{repo}/blobs/{digest}", "code of --baseline, one upstream"),
     "auth": Variant("auth", "auth", "/v2/{repo}/blobs/{digest}",
                     "one upstream, htpasswd + a rule, Basic credentials", auth=True),
+    "control": Variant("control", "control", "/v2/{repo}/blobs/{digest}",
+                       "a second server like one (what identical servers differ by)"),
+    "auth-before": Variant("auth-before", "auth-before", "/v2/{repo}/blobs/{digest}",
+                           "code of --baseline, htpasswd + a rule, Basic credentials", auth=True),
     "metrics": Variant("metrics", "metrics", "/v2/{repo}/blobs/{digest}",
                        "one upstream, metrics.listen scraped every second"),
 }
@@ -124,7 +134,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=6, help="seconds of each 32-client wrk run (default 6)")
     parser.add_argument("--counters-once", action="store_true",
                         help="add the variant that counts each request once (totals only)")
-    parser.add_argument("--baseline", metavar="REV", help="add the variant running git revision REV, one upstream")
+    parser.add_argument("--baseline", metavar="REV", help="add the variant running git revision REV, one upstream "
+                        "(with --auth: htpasswd + a rule)")
+    parser.add_argument("--control", action="store_true",
+                        help="add a second server like one (what identical servers differ by)")
     parser.add_argument("--auth", action="store_true",
                         help="one upstream with and without htpasswd + a rule (instead of the routing variants)")
     parser.add_argument("--metrics", action="store_true",
@@ -186,6 +199,12 @@ def busy_seconds() -> float:
     """CPU seconds the whole machine has been busy (all cores; not idle, not waiting for I/O)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     return (sum(fields) - fields[3] - fields[4]) / TICK
+
+
+def user_seconds(pid: int) -> float:
+    """CPU seconds process ``pid`` (all its threads) has run in user space: where the guard runs
+    (the kernel's sendfile copy, most of a request's CPU, is system time)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11]) / TICK
 
 
 def order(names: list[str], number: int) -> list[str]:
@@ -387,16 +406,16 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
         servers: dict[str, DockerMirror] = {}
         wanted = {VARIANTS[name].server for name in names}
         metrics_url = ""
-        for key in ("one", "three", "three-once", "before", "auth", "metrics"):
+        for key in ("one", "control", "three", "three-once", "before", "auth", "auth-before", "metrics"):
             if key not in wanted:
                 continue
-            source = code_of(args.baseline, scratch / "src-before") if key == "before" else code
+            source = code_of(args.baseline, scratch / f"src-{key}") if key.endswith("before") else code
             mirror = DockerMirror(scratch / f"dm-{key}", upstream.url, source,
                                   upstreams=three if key.startswith("three") else None)
             if key == "three-once":
                 mirror.argv = [sys.executable, "-P", str(code / "counters_once.py"), *mirror.argv[4:]]
-            if key == "auth":
-                guarded(mirror, scratch / "htpasswd")
+            if key.startswith("auth"):
+                guarded(mirror, scratch / f"htpasswd-{key}")
             if key == "metrics":
                 metrics_port = free_port()
                 metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -404,7 +423,7 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                 mirror.config_path.write_text(yaml.safe_dump(mirror.config))
             servers[key] = start(mirror)
             print(f"{key}: {mirror.url} ({'three upstreams' if key.startswith('three') else 'one upstream'}"
-                  f"{', code of ' + args.baseline if key == 'before' else ''})", flush=True)
+                  f"{', code of ' + args.baseline if key.endswith('before') else ''})", flush=True)
 
         def url(name: str, repo: str, digest: str) -> str:
             return servers[VARIANTS[name].server].url + VARIANTS[name].path.format(repo=repo, digest=digest)
@@ -417,7 +436,7 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
             server = servers[VARIANTS[name].server]
             wait_until(lambda s=server: s.blob_file(warm).exists(), 30, what="warm blob cached")
             wrk(url(name, WARM_REPO, warm), CLIENTS, 2, headers=headers(name))
-            if name != "before":    # served from the cache, routed to the registry (its log line says so)
+            if not name.endswith("before"):    # served from the cache, routed to the registry (its log line says so)
                 path = VARIANTS[name].path.format(repo=WARM_REPO, digest=warm)
                 who = f" identity=user:{BENCH_USER}" if VARIANTS[name].auth else ""
                 if not any(f'"GET {path}" 200 ' in line and f" cache=HIT upstream={HUB} " in line and who in line
@@ -434,9 +453,10 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                 print(f"round {number + 1}/{args.rounds} (load average {loads[-1]:.2f})", flush=True)
                 for i, name in enumerate(order(names, number)):
                     server = servers[VARIANTS[name].server]
-                    busy = busy_seconds()
+                    busy, user = busy_seconds(), user_seconds(server.pid)
                     with monitor.watch(server.pid) as usage:
                         result = wrk(url(name, WARM_REPO, warm), CLIENTS, args.duration, headers=headers(name))
+                    user = user_seconds(server.pid) - user
                     others = busy_seconds() - busy - usage.cpu - result.cpu
                     rss = rss_mib(server.pid)
                     digest = cold[number][names.index(name)]
@@ -449,6 +469,7 @@ def measure(args: argparse.Namespace, scratch: Path, names: list[str],
                     s.add("req/s", result.rps)
                     s.add("p99 ms", result.p99 * 1000)
                     s.add("CPU µs/req", usage.cpu / result.requests * 1e6)
+                    s.add(USER, user / result.requests * 1e6)
                     s.add(OTHERS, 100 * others / args.duration)
                     s.add(RSS, rss)
                     s.add("cold wall ms", wall * 1000)
@@ -483,7 +504,8 @@ def main(argv: list[str]) -> int:
     names = ["one", "auth"] if args.auth else ["one", "metrics"] if args.metrics else \
         ["one", "three", "three-ns", "three-prefix"]
     names += ["three-once"] if args.counters_once else []
-    names += ["before"] if args.baseline else []
+    names += (["auth-before"] if args.auth else ["before"]) if args.baseline else []
+    names += ["control"] if args.control else []
     date, started = datetime.datetime.now(datetime.UTC), time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="dm-routing-", dir="/var/tmp"))
     loads: list[float] = []
@@ -503,11 +525,13 @@ def main(argv: list[str]) -> int:
         "(min..max); a ratio is the variant's value / one's of the same round, median (min..max) over the rounds.",
         "",
         f"Warm: `wrk -t2 -c{CLIENTS} -d{args.duration}s` on a cached 1 MiB blob (CPU: the server's user + system "
-        "time per request; others' CPU: what the rest of the machine (other work, the benchmark itself) used "
+        "time per request" + ("; user CPU: its user-space part, where the guard runs" if args.auth else "")
+        + "; others' CPU: what the rest of the machine (other work, the benchmark itself) used "
         "meanwhile, % of one core, out of 200; /proc/stat less the server's and wrk's time, so a few % either way).",
         "",
         table(series, [("req/s", "req/s"), ("p99 ms", "p99 ms"), ("CPU µs/req", "CPU µs/req")]
-              + ([(RSS, RSS)] if args.metrics else [])),
+              + ([(RSS, RSS)] if args.metrics else [])
+              + ([(USER, "user CPU µs/req")] if args.auth else [])),
         "",
         *(metrics_lines(series) if args.metrics else []),
         "Others' CPU during each variant's wrk runs, % of one core, median (min..max): " + ", ".join(

@@ -199,7 +199,7 @@ class Mirror:
             route = upstreams.table.route(name, namespace)
         except UnknownRegistry as exc:
             detail = {"ns": namespace} if namespace is not None else {"registry": exc.registry}
-            raise NameUnknown(str(exc), detail=detail) from None
+            raise NameUnknown(exc.public, detail=detail) from None
         return Repo(upstreams.by_key[route.registry], route.repository)
 
     def tag_ttl_of(self, upstream: Upstream) -> float:
