@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dockermirror.access.htpasswd import parse_basic
+from dockermirror.access.htpasswd import CheckersBusy, parse_basic
 from dockermirror.access.identity import ANONYMOUS, CERTIFICATE, USER, Identity
 from dockermirror.access.rules import Decision, Rule, Rules, client_address
-from dockermirror.errors import Denied, Unauthorized
+from dockermirror.errors import Denied, Unauthorized, Unavailable
 
 REALM = "docker-mirror"
 _EMPTY_LOGIN = "Og=="       # base64 of ":"
@@ -112,7 +112,12 @@ class Guard:
             raise self._unauthorized("malformed Basic credentials", Refusal(""))
         user, password = credentials
         # a credential verified lately answers at once; bcrypt runs in a thread
-        if await self.htpasswd.check(user, password):
+        try:
+            verified = await self.htpasswd.check(user, password)
+        except CheckersBusy:
+            raise Unavailable("too many password checks at once; try again in a moment",
+                              headers={"Retry-After": "1"}) from None
+        if verified:
             identity = self._users.get(user)
             if identity is None:
                 identity = self._users[user] = Identity.user(user)

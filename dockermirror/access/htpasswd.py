@@ -112,6 +112,15 @@ def parse(text: str, source: str = "<string>") -> dict[str, str]:
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+# bcrypt checks queued or running in this process at most (a check takes about 0.2 s of a core):
+# a flood of new wrong passwords gets "busy" answers at once instead of a queue that delays
+# every legitimate first login without bound
+MAX_CHECKING = 64
+_checking = 0
+
+
+class CheckersBusy(Exception):
+    """Too many password checks are waiting: try again shortly (no check was made)."""
 
 
 def _bcrypt_pool() -> ThreadPoolExecutor:
@@ -198,10 +207,20 @@ class Htpasswd:
             return True
         running = self._checking.get(key)
         if running is None:
+            global _checking
+            if _checking >= MAX_CHECKING:
+                raise CheckersBusy()
+            _checking += 1
             loop = asyncio.get_running_loop()
             running = asyncio.ensure_future(loop.run_in_executor(_bcrypt_pool(), self._verify, user, password, key))
             self._checking[key] = running
-            running.add_done_callback(lambda _: self._checking.pop(key, None))
+
+            def done(_: object) -> None:
+                global _checking
+                _checking -= 1
+                self._checking.pop(key, None)
+
+            running.add_done_callback(done)
         return await asyncio.shield(running)
 
     def _verify(self, user: str, password: str, key: bytes) -> bool:

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import bcrypt
@@ -249,6 +250,52 @@ async def test_check_runs_bcrypt_once_for_concurrent_requests_and_not_for_a_hit(
     assert await users.check("alice", "alice-pw") and counted.calls == 1
     assert await asyncio.gather(users.check("alice", "x"), users.check("nobody", "x")) == [False, False]
     assert counted.calls == 3
+
+
+@pytest.mark.anyio
+async def test_a_flood_of_new_passwords_gets_busy_answers_not_an_endless_queue(monkeypatch):
+    """At most MAX_CHECKING bcrypt checks wait at once: the next new credential is told to come
+    back (the guard answers 503 with Retry-After) at once; a remembered one still answers, and
+    once the checks are done new ones are checked again."""
+    release = threading.Event()
+    real = bcrypt.checkpw
+
+    def slow(password: bytes, hashed: bytes) -> bool:
+        release.wait(30)
+        return real(password, hashed)
+
+    monkeypatch.setattr(module, "MAX_CHECKING", 3)
+    users = Htpasswd({"alice": ALICE})
+    assert await users.check("alice", "alice-pw")             # remembered from now on
+    monkeypatch.setattr(module.bcrypt, "checkpw", slow)
+    waiting = [asyncio.ensure_future(users.check("alice", f"guess-{n}")) for n in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(module.CheckersBusy):
+        await users.check("alice", "guess-3")
+    assert await users.check("alice", "alice-pw")             # no bcrypt: not held up
+    same = asyncio.ensure_future(users.check("alice", "guess-0"))   # joins the running check
+    release.set()
+    assert await asyncio.gather(*waiting, same) == [False] * 4
+    assert await users.check("alice", "guess-4") is False      # room again
+
+
+@pytest.mark.anyio
+async def test_the_guard_answers_busy_checkers_with_503_and_retry_after(monkeypatch):
+    from dockermirror.access.guard import Guard
+    from dockermirror.access.rules import Rules
+    from dockermirror.errors import Unavailable
+    from dockermirror.routing import RegistryTable
+
+    users = Htpasswd({"alice": ALICE})
+
+    async def busy(user: str, password: str) -> bool:
+        raise module.CheckersBusy()
+
+    monkeypatch.setattr(users, "check", busy)
+    guard = Guard(Rules((), RegistryTable([("docker.io", ())])), users)
+    with pytest.raises(Unavailable) as caught:
+        await guard.identify({}, basic(b"alice:whatever"))
+    assert caught.value.status == 503 and caught.value.headers == {"Retry-After": "1"}
 
 
 # --- parse_basic
