@@ -136,6 +136,9 @@ class Connection:
 
     def ask_sync(self, path: str = "/v2/", method: str = "GET") -> Answer:
         self.sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        return self.answer_sync(method)
+
+    def answer_sync(self, method: str = "GET") -> Answer:
         while b"\r\n\r\n" not in self.buffer:
             data = self._recv()
             if not data:
@@ -161,13 +164,10 @@ class Connection:
                 return True
             self.buffer += data
 
-    def send_sync(self, data: bytes) -> bytes:
-        """Send raw bytes; everything the server answers until it closes."""
+    def send_sync(self, data: bytes) -> Answer:
+        """Send raw bytes; the answer."""
         self.sock.sendall(data)
-        out = b""
-        while data := self._recv():
-            out += data
-        return out
+        return self.answer_sync()
 
     async def ask(self, path: str = "/v2/", method: str = "GET") -> Answer:
         return await asyncio.to_thread(self.ask_sync, path, method)
@@ -175,11 +175,26 @@ class Connection:
     async def closed(self) -> bool:
         return await asyncio.to_thread(self.closed_sync)
 
-    async def send(self, data: bytes) -> bytes:
+    async def send(self, data: bytes) -> Answer:
         return await asyncio.to_thread(self.send_sync, data)
 
     def close(self) -> None:
         self.sock.close()
+
+
+async def refused(mirror: Live, client: Path) -> None:
+    """A new connection with this certificate fails (in the handshake: TLS 1.3 tells the client
+    on its first read)."""
+    connection = None
+    try:
+        connection = await mirror.connect(client)
+        await connection.ask()
+    except (ssl.SSLError, ConnectionError, OSError):
+        return
+    finally:
+        if connection is not None:
+            connection.close()
+    raise AssertionError(f"{client.name}: a new connection was not refused")
 
 
 def access_lines(caplog, pattern: str, level: int | None = None) -> list[str]:
@@ -208,8 +223,7 @@ async def test_a_certificate_revoked_while_its_connection_is_open_is_refused_on_
             assert answer.headers.get("connection") == "close"
             assert await held.closed()
             assert (await other.ask()).status == 200          # bob's certificate is not revoked
-            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):     # a new one: refused in the handshake
-                await (await mirror.connect(carol)).ask()
+            await refused(mirror, carol)                # a new connection: refused in the handshake
         finally:
             held.close()
             other.close()
@@ -268,13 +282,14 @@ async def test_a_revoked_certificate_whose_handshake_began_before_the_first_crl_
         assert listening._active_count > accepted     # accepted: the handshake waits for the ClientHello
         clientcerts.revoke(pki.paths, "carol", pki.crl)
         await mirror.reload()
+        held = None
         try:
             held = await asyncio.to_thread(Connection.open, mirror.port, pki.paths.ca, carol, raw)
             answer = await held.ask()
         except (ssl.SSLError, ConnectionError, OSError):
             return                                  # refused in the handshake: as good
         finally:
-            raw.close()
+            (held or raw).close()
         assert answer.status == 401 and REVOKED in answer.message
 
 
@@ -293,14 +308,14 @@ async def test_a_reload_whose_crl_is_gone_is_refused_once_a_crl_was_in_force(pki
             clientcerts.revoke(pki.paths, "carol", pki.crl)
             pki.crl.rename(pki.dir / "moved.pem")        # revoked carol, then the file went away
             # the whole reload is refused: nor is the log level (or anything else) changed
-            await mirror.reload(config_text(pki).replace("level: debug", "level: warning"))
-            assert logging.getLogger().level == logging.DEBUG
+            level = logging.getLogger().level
+            await mirror.reload(config_text(pki).replace("level: debug", "level: error"))
+            assert logging.getLogger().level == level != logging.ERROR
             errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
             assert errors and errors[-1].startswith("reload refused, still running with the previous configuration")
             assert str(pki.crl) in errors[-1]
             # bob is still refused (the CRL in force is kept); carol's revocation is not applied yet
-            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-                await (await mirror.connect(pki.client("bob"))).ask()
+            await refused(mirror, pki.client("bob"))
             assert (await held.ask()).status == 200
             (pki.dir / "moved.pem").rename(pki.crl)
             await mirror.reload()
@@ -334,14 +349,13 @@ async def test_malformed_requests_without_a_certificate_are_logged_once_a_minute
             for request in requests:
                 anonymous = await mirror.connect()
                 try:
-                    answer = await anonymous.send(request)
-                    assert answer.startswith(b"HTTP/1.1 4"), answer[:100]
+                    assert 400 <= (await anonymous.send(request)).status < 500
                 finally:
                     anonymous.close()
         # with a certificate: logged as before
         alice = await mirror.connect(pki.client("alice"))
         try:
-            assert (await alice.send(requests[0])).startswith(b"HTTP/1.1 400 ")
+            assert (await alice.send(requests[0])).status == 400
         finally:
             alice.close()
     info = [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith(("uvicorn", "dockermirror"))
