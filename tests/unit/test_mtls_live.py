@@ -324,6 +324,20 @@ async def test_a_reload_whose_crl_is_gone_is_refused_once_a_crl_was_in_force(pki
             held.close()
 
 
+async def test_a_crl_set_in_the_configuration_and_missing_at_start_is_a_warning_with_its_line(pki, caplog):
+    """Normal before the first cert revoke (which writes it); a typo in the path would look the same."""
+    caplog.set_level(logging.INFO)
+    async with live(pki, config_text(pki)) as mirror:
+        alice = await mirror.connect(pki.client("alice"))
+        try:
+            assert (await alice.ask()).status == 200
+        finally:
+            alice.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{mirror.config}:8: tls.crl {pki.crl} does not exist: no client certificate is revoked until " \
+           "docker-mirror cert revoke writes it" in warnings
+
+
 # --- clients without a certificate: the log, and connection slots
 
 
