@@ -81,7 +81,7 @@ class Live:
 async def live(pki: PKI, text: str) -> AsyncIterator[Live]:
     path = pki.dir / "mirror.yml"
     path.write_text(text)
-    root_level = logging.getLogger().level
+    levels = {name: logging.getLogger(name).level for name in ("", "httpx", "httpcore")}   # a reload sets them
     service = Service(configuration.load(path), lambda: configuration.load(path))
     server = service.server()
     sock = socket.create_server(("127.0.0.1", 0))
@@ -98,7 +98,8 @@ async def live(pki: PKI, text: str) -> AsyncIterator[Live]:
         await asyncio.wait_for(task, 60)
         sock.close()
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        logging.getLogger().setLevel(root_level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @dataclass
