@@ -27,6 +27,7 @@ from dockermirror.access.guard import Guard
 from dockermirror.api.routes import RegistryAPI, api_routes
 from dockermirror.cache import Cache, Limits
 from dockermirror.config import AuthConfig, Config, UpstreamConfig
+from dockermirror.meter import NULL_METER, Meter
 from dockermirror.mirror import Mirror, Upstream, Upstreams
 from dockermirror.routing import registry_key
 from dockermirror.service.statuspage import StatusPage
@@ -35,11 +36,11 @@ from dockermirror.upstream.client import UpstreamClient
 log = logging.getLogger("dockermirror")
 
 
-def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None) -> UpstreamClient:
+def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None, meter: Meter) -> UpstreamClient:
     return UpstreamClient(up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
                           connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
                           transfer_timeout=up.transfer_timeout, token_realms=up.token_realms,
-                          transport=transport)
+                          transport=transport, meter=meter, key=registry_key(up.registry))
 
 
 def _ca_fingerprint(up: UpstreamConfig) -> str | None:
@@ -78,9 +79,12 @@ class DockerMirror:
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
                  on_started: Callable[[], None] = lambda: None,
-                 upstream_transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 upstream_transport: httpx.AsyncBaseTransport | None = None, meter: Meter = NULL_METER) -> None:
         """``clock`` is wall-clock time for TTLs and expiry; ``upstream_transport`` replaces the
-        network under the upstream client (the in-process tests fake the upstream with it)."""
+        network under the upstream client (the in-process tests fake the upstream with it);
+        ``meter`` hears of the core's events (metrics); it stays the same for the process's life,
+        reloads included."""
+        self.meter = meter
         # the users of auth.htpasswd (None: no Basic authentication); HtpasswdError before anything else is made
         self.htpasswd: Htpasswd | None = load_htpasswd(config.auth)
         self.config = config
@@ -89,8 +93,8 @@ class DockerMirror:
         self._ca_read: weakref.WeakKeyDictionary[UpstreamClient, str | None] = weakref.WeakKeyDictionary()
         upstreams = Upstreams((_upstream(up, self._client(up)) for up in config.registries),
                               dotted_namespaces=not config.upstreams)
-        self.cache = Cache(config.cache.dir, limits=_limits(config), clock=clock)
-        self.mirror = Mirror(upstreams, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock)
+        self.cache = Cache(config.cache.dir, limits=_limits(config), clock=clock, meter=meter)
+        self.mirror = Mirror(upstreams, self.cache, tag_ttl=config.cache.tag_ttl, clock=clock, meter=meter)
         self.started_at: float | None = None
         self._on_started = on_started
         # connections of upstream clients replaced by a reload, until nothing uses the client
@@ -121,13 +125,17 @@ class DockerMirror:
 
     def _client(self, up: UpstreamConfig) -> UpstreamClient:
         fingerprint = _ca_fingerprint(up)
-        client = _client(up, self._transport)
+        client = _client(up, self._transport, self.meter)
         self._ca_read[client] = fingerprint
         return client
 
     def _guard(self, config: Config) -> Guard:
-        """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd."""
-        return Guard.of(config, self.htpasswd)
+        """Who may pull: the ``access:`` rules of ``config``, with the users of auth.htpasswd.
+        Rules that name repositories also stop the mirror serving cached content across
+        repositories unasked (a denied repository's layer through an allowed one, by digest)."""
+        guard = Guard.of(config, self.htpasswd)
+        self.mirror.share_public = not guard.rules.per_repository
+        return guard
 
     @property
     def upstream_client(self) -> UpstreamClient:

@@ -185,6 +185,8 @@ def prune(opened: Opened, *, older_than: float | None, to_size: int | None, dry_
     else:
         cutoffs = {} if older_than is None else {"blob": now - older_than, "manifest": now - older_than}
     removed = maintenance.prune(opened.store, opened.index, cutoffs=cutoffs, to_size=to_size, dry_run=dry_run)
+    if not dry_run:
+        maintenance.count_manual(opened.index, len(removed), sum(e.size for e in removed))
     verb = "would remove" if dry_run else "removed"
     if dry_run:
         for entry in removed:
@@ -231,6 +233,7 @@ def rm(opened: Opened, target: str) -> int:
             raise CommandError(f"{digest} is not in the cache")
         if entry is not None:
             maintenance.remove(opened.store, index, [entry.digest])
+            maintenance.count_manual(index, 1, entry.size)
         for upstream, repository, tag in tags:
             index.delete_tag(upstream, repository, tag)
         print(f"removed {digest}" + (f" ({size(entry.size)})" if entry else "")
@@ -252,6 +255,7 @@ def rm(opened: Opened, target: str) -> int:
     own = [d for d, shared in digests.items() if not shared and index.content(d) is not None]
     freed = sum(e.size for e in (index.content(d) for d in own) if e)
     maintenance.remove(opened.store, index, own)
+    maintenance.count_manual(index, len(own), freed)
     index.delete_repository(key, repository)
     kept = len(digests) - len(own)
     print(f"removed {shown}: {len(tags)} tag(s), {len(own)} entries ({size(freed)})"

@@ -65,7 +65,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _rule_warnings(config: Config) -> list[str]:
-    """Rules that can never decide: an earlier rule matches every request they match."""
+    """Rules that can never decide: earlier rules match every request they match."""
     if not config.access:
         return []
     from dockermirror.access.rules import Rules
@@ -73,7 +73,9 @@ def _rule_warnings(config: Config) -> list[str]:
 
     table = RegistryTable((up.registry, up.aliases) for up in config.registries)
     warnings = [f"{config.source}:{rule.line}: access[{rule.index}] ({rule.action}) never applies: "
-                f"{earlier.where()} ({earlier.action}) already matches every request it matches"
+                + (f"{earlier[0].where()} ({earlier[0].action}) already matches" if len(earlier) == 1 else
+                   ", ".join(f"{e.where()} ({e.action})" for e in earlier) + " together already match")
+                + " every request it matches"
                 for rule, earlier in Rules(config.access, table).shadowed()]
     if config.auth.htpasswd is None:
         warnings += [f"{config.source}:{rule.line}: access[{rule.index}] names {name}, but there are no users "

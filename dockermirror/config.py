@@ -398,6 +398,32 @@ class AuthConfig:
     cache_ttl: float = _duration(300.0)
 
 
+def parse_metrics_listen(value: Any) -> str:
+    """``IP:PORT`` or ``[IPv6]:PORT`` for the metrics listener; empty (or null, false): off."""
+    if value is None or value is False or value == "":
+        return ""
+    text = str(value).strip()
+    host, port = split_listen(text)
+    if not text.rpartition(":")[0]:
+        raise ValueError(f"invalid address {text!r}: give the IP address too, e.g. 127.0.0.1:{port}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"invalid address {text!r}: expected an IP address and a port, e.g. 127.0.0.1:9401, "
+                         "[::1]:9401 or 0.0.0.0:9401 (a management network's address; firewall it)") from None
+    return text
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # where GET /metrics (Prometheus text format) is served, apart from the registry port; empty: off
+    listen: str = _setting("", parse_metrics_listen)
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        return split_listen(self.listen) if self.listen else None
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = _setting("info", _choice("debug", "info", "warning", "error"))
@@ -420,6 +446,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # who may pull what (dockermirror/access/rules.py); none: anyone may pull everything
     access: tuple[Rule, ...] = field(default=(), metadata={"rules": True})
     source: str = field(default="(defaults)", compare=False, metadata={"internal": True})

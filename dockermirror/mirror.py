@@ -58,6 +58,7 @@ from dockermirror.errors import (
     RegistryError,
     Unavailable,
 )
+from dockermirror.meter import NULL_METER, Meter
 from dockermirror.routing import RegistryTable, UnknownRegistry, host_with_port, upstream_repository
 from dockermirror.singleflight import SingleFlight
 from dockermirror.oci import (
@@ -168,11 +169,16 @@ class Mirror:
     """Serves registry requests from the cache and the upstreams."""
 
     def __init__(self, upstreams: Upstreams | Upstream, cache: Cache, *, tag_ttl: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, meter: Meter = NULL_METER) -> None:
         self.upstreams = upstreams if isinstance(upstreams, Upstreams) else Upstreams([upstreams])
         self.cache = cache
+        self.meter = meter
         self.tag_ttl = tag_ttl
         self.clock = clock
+        # content an anonymous upstream holds is served for any repository of it without asking
+        # (it is public there); off when access rules differ by repository, which a digest would
+        # otherwise get around: then a repository gets cached content only once its upstream says it has it
+        self.share_public = True
         self._flights = SingleFlight()
 
     @property
@@ -193,7 +199,7 @@ class Mirror:
             route = upstreams.table.route(name, namespace)
         except UnknownRegistry as exc:
             detail = {"ns": namespace} if namespace is not None else {"registry": exc.registry}
-            raise NameUnknown(str(exc), detail=detail) from None
+            raise NameUnknown(exc.public, detail=detail) from None
         return Repo(upstreams.by_key[route.registry], route.repository)
 
     def tag_ttl_of(self, upstream: Upstream) -> float:
@@ -233,16 +239,20 @@ class Mirror:
             return await self._serve_tag(repo, row, accept, head=head, cache=HIT, upstream_status=None)
         if row is not None and repo.upstream.client.recently_down:
             error = UpstreamUnreachable(f"not retried for a while after: {repo.upstream.client.last_error}")
-            return await self._stale(repo, tag, row, accept, error, head=head)
+            return await self._stale_revalidation(repo, tag, row, accept, error, head=head)
         flight = ("tag", key, repo.name, tag, tuple(accept))
         try:
             fresh = await self._flights.do(flight, lambda: self._revalidate(repo, tag, accept))
         except (Unavailable, UpstreamUnreachable) as exc:
-            return await self._stale(repo, tag, row, accept, exc, head=head)
+            return await self._stale_revalidation(repo, tag, row, accept, exc, head=head)
         except RegistryError as exc:
             if exc.code == "TOOMANYREQUESTS" and row is not None:
-                return await self._stale(repo, tag, row, accept, exc, head=head)
+                return await self._stale_revalidation(repo, tag, row, accept, exc, head=head)
+            if row is not None:
+                self.meter.tag_revalidated(key, "failed")
             raise
+        if row is not None:
+            self.meter.tag_revalidated(key, "unchanged" if fresh.digest == row.digest else "changed")
         self.cache.touch_tag(key, repo.name, tag)
         return await self._serve_tag(repo, fresh, accept, head=head, cache=HIT, upstream_status=200)
 
@@ -321,6 +331,19 @@ class Mirror:
                 return None
             media_type, size = _or_default(entry.media_type), entry.size
         return str(digest), media_type, size
+
+    async def _stale_revalidation(self, repo: Repo, tag: str, row: TagEntry | None, accept: list[str],
+                                  error: Exception, *, head: bool) -> Manifest:
+        """:meth:`_stale`, counting a known tag's revalidation as served stale, or failed."""
+        if row is None:
+            return await self._stale(repo, tag, row, accept, error, head=head)
+        try:
+            served = await self._stale(repo, tag, row, accept, error, head=head)
+        except BaseException:
+            self.meter.tag_revalidated(repo.upstream.key, "failed")
+            raise
+        self.meter.tag_revalidated(repo.upstream.key, "stale")
+        return served
 
     async def _stale(self, repo: Repo, tag: str, row: TagEntry | None, accept: list[str],
                      error: Exception, *, head: bool) -> Manifest:
@@ -533,14 +556,16 @@ class Mirror:
 
     def _may_share(self, repo: Repo, digest: str, origin: tuple[str, str] | None = None) -> bool:
         """Whether cached (or in-flight, for ``origin``) content may be served for ``repo`` without
-        asking its upstream: every upstream that holds it is a configured anonymous one, or it was
-        served for this very repository. Content of no known repository is asked for."""
-        holders = self.cache.ref_upstreams(digest)
-        if origin is not None:
-            holders.add(origin[0])
-        upstreams = self.upstreams
-        if holders and all((u := upstreams.get(key)) is not None and not u.private for key in holders):
-            return True
+        asking its upstream: it was served for this very repository, or every upstream that holds
+        it is a configured anonymous one (unless :attr:`share_public` is off: then the repository's
+        own upstream is asked). Content of no known repository is asked for."""
+        if self.share_public:
+            holders = self.cache.ref_upstreams(digest)
+            if origin is not None:
+                holders.add(origin[0])
+            upstreams = self.upstreams
+            if holders and all((u := upstreams.get(key)) is not None and not u.private for key in holders):
+                return True
         if origin == (repo.upstream.key, repo.name):
             return True
         return self.cache.has_ref(digest, repo.upstream.key, repo.name)

@@ -5,9 +5,10 @@ lines longer than :data:`LINE_MAX` and lines that are not a request entry are sk
 memory stays bounded whatever the journal holds) and tallies the ``DOCKER_MIRROR_*`` fields
 that service/journal.py writes:
 
-- hit ratio: requests served from the cache (HIT, STALE, COALESCED) over the requests the
-  cache could answer (those, plus MISS and PASS); requests without a cache result (``/v2/``,
-  refusals, errors before the cache was asked) are not in it;
+- hit ratio: HIT requests over the requests the cache answered (HIT, STALE, COALESCED, MISS,
+  PASS), as ``cache stats``, the status page, the status line and the dashboard count it;
+  requests without a cache result (``/v2/``, refusals, errors before the cache was asked) are
+  not in it;
 - bytes sent from the cache (HIT, STALE, COALESCED) against bytes sent that the upstreams had
   to send first (MISS, PASS);
 - per upstream, pulls spent (manifest GETs the mirror answered by asking the upstream: MISS)
@@ -36,8 +37,7 @@ FROM_UPSTREAM = ("MISS", "PASS")
 LINE_MAX = 1024 * 1024
 KEYS_MAX = 10_000           # distinct upstreams / repositories tallied; the rest go to "(others)"
 TOP = 10
-HIT_RATIO = ("requests served from the cache (HIT, STALE, COALESCED) / requests the cache could answer "
-             "(HIT, STALE, COALESCED, MISS, PASS)")
+HIT_RATIO = "HIT requests / requests the cache answered (HIT, STALE, COALESCED, MISS, PASS)"
 _SINCE = re.compile(r"[A-Za-z0-9 :.+\-@/_,]{1,64}")
 _UNIT = re.compile(r"[A-Za-z0-9:_.@\\-]{1,256}")
 _DURATION = re.compile(r"(\d+(s|m|h|d|w))+")
@@ -238,9 +238,8 @@ class Tally:
 
     @property
     def hit_ratio(self) -> float | None:
-        served = sum(self.cache[c] for c in FROM_CACHE)
-        answerable = served + sum(self.cache[c] for c in FROM_UPSTREAM)
-        return served / answerable if answerable else None
+        answerable = sum(self.cache[c] for c in (*FROM_CACHE, *FROM_UPSTREAM))
+        return self.cache["HIT"] / answerable if answerable else None
 
     def summary(self, unit: str, since: str | None) -> dict:
         repos = self.repositories.items()
@@ -295,9 +294,9 @@ def text(s: dict) -> str:
            f"({s['first']} to {s['last']})",
            f"requests: {s['requests']} (" + ", ".join(f"{k} {v}" for k, v in s["status_classes"].items()) + ")"]
     cache = s["cache"]
-    served, answerable = sum(cache[c] for c in FROM_CACHE), sum(cache[c] for c in (*FROM_CACHE, *FROM_UPSTREAM))
+    answerable = sum(cache[c] for c in (*FROM_CACHE, *FROM_UPSTREAM))
     ratio = "-" if s["hit_ratio"] is None else f"{s['hit_ratio'] * 100:.1f}%"
-    out.append(f"hit ratio: {ratio} ({served} of {answerable} requests the cache could answer were served from it; "
+    out.append(f"hit ratio: {ratio} ({cache['HIT']} of {answerable} requests the cache answered were HITs; "
                + ", ".join(f"{c} {cache[c]}" for c in (*FROM_CACHE, *FROM_UPSTREAM)) + ")")
     out.append(f"bytes sent: {humanize.size(s['bytes']['from_cache'])} from the cache, "
                f"{humanize.size(s['bytes']['from_upstream'])} fetched from upstreams (MISS, PASS), "

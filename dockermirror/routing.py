@@ -59,7 +59,10 @@ class UnknownRegistry(LookupError):
     def __init__(self, registry: str, known: Iterable[str], message: str = "") -> None:
         self.registry = registry
         self.known = tuple(known)
-        super().__init__(message or f"this mirror does not serve {registry} (it serves {', '.join(self.known)})")
+        # what a client is told: the name it sent, never the registries configured (some may be
+        # private, behind access: rules); the admin's messages (configuration, access check) list them
+        self.public = message or f"this mirror does not serve {registry}"
+        super().__init__(message or f"{self.public} (it serves {', '.join(self.known)})")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,9 @@ fi
 say "installing docker-mirror and the test tools into .venv (pinned: requirements.lock, tests/requirements.txt)"
 .venv/bin/pip install -q --disable-pip-version-check --use-pep517 -c requirements.lock \
     -r tests/requirements.txt -e .
-say "running the tests"
+# what tests keep for people to look at (the status page's screenshot), in the clone's build/
+export DM_TEST_ARTIFACTS="${DM_TEST_ARTIFACTS:-$PWD/build/test-artifacts}"
+say "running the tests (artefacts: $DM_TEST_ARTIFACTS)"
 if [ -n "$fast" ]; then
     exec .venv/bin/pytest -m "not system" "$@"
 fi

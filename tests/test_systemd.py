@@ -266,7 +266,7 @@ def test_report_gives_the_hit_ratio_of_the_pulls(booted: Container, tool_pulls: 
                                                        "pulls": 2, "requests": 2 * n, "bytes": 0}
     text = booted.run("docker-mirror", "report", "--since", since).stdout
     print(f"\n{text}")
-    assert f"hit ratio: 50.0% ({n} of {2 * n} requests the cache could answer were served from it; " in text
+    assert f"hit ratio: 50.0% ({n} of {2 * n} requests the cache answered were HITs; " in text
 
 
 def test_records_up_to_the_exit_belong_to_the_unit(booted: Container):

@@ -93,6 +93,9 @@ class Guard:
         self.rules = Rules((_USERS_ONLY,), rules.table) if htpasswd is not None and not rules else rules
         self.certificate_required = certificate_required
         self.active = bool(rules) or htpasswd is not None or certificate_required
+        # the Identity of each user verified since this guard was made: at most one per user of
+        # the file (only a verified user gets in), and a reload makes a new guard
+        self._users: dict[str, Identity] = {}
 
     @classmethod
     def of(cls, config: Any, htpasswd: PasswordFile | None = None) -> Guard:
@@ -140,7 +143,10 @@ class Guard:
         user, password = credentials
         # a credential verified lately answers at once; bcrypt runs in a thread
         if await self.htpasswd.check(user, password):
-            return Identity.user(user)
+            identity = self._users.get(user)
+            if identity is None:
+                identity = self._users[user] = Identity.user(user)
+            return identity
         raise self._unauthorized("wrong user name or password", Refusal(user))
 
     def _unauthorized(self, message: str, refusal: Refusal) -> Unauthorized:

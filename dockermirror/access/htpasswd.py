@@ -14,7 +14,6 @@ time an answer takes does not tell which users exist.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import collections
 import hashlib
@@ -38,9 +37,13 @@ WEAK_COST = 10          # bcrypt costs below this are warned about (htpasswd -B 
 
 # the per-process key of the credential cache: digests from another process are worthless
 _KEY = secrets.token_bytes(32)
+# HMAC-SHA256 under that key, keyed once: each credential's digest starts from a copy (every new
+# HMAC, hmac.digest() too, looks SHA-256 up in OpenSSL again: half the cost of a remembered check)
+_MAC = hmac.new(_KEY, digestmod=hashlib.sha256)
 
 _BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 _USER = re.compile(r"[^\s:\x00-\x1f\x7f-\x9f]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # a bcrypt hash of nothing anyone knows, at cost 4; an unknown user is checked against it
 # with the cost of the file's own entries
 _DUMMY = bcrypt.hashpw(secrets.token_bytes(16).hex().encode(), bcrypt.gensalt(4)).decode()
@@ -247,7 +250,9 @@ def _cache_key(user: str, password: str) -> bytes:
     """HMAC-SHA256 of user and password under the process's key (length-prefixed: unambiguous)."""
     u = user.encode("utf-8", "surrogatepass")
     p = password.encode("utf-8", "surrogatepass")
-    return hmac.new(_KEY, len(u).to_bytes(4, "big") + u + p, hashlib.sha256).digest()
+    mac = _MAC.copy()
+    mac.update(len(u).to_bytes(4, "big") + u + p)
+    return mac.digest()
 
 
 def parse_basic(header: str | None) -> tuple[str, str] | None:
@@ -260,10 +265,11 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
     if scheme.lower() != "basic" or not token or len(token) > 8192:
         return None
     try:
-        decoded = base64.b64decode(token, validate=True).decode("utf-8")
+        # strict: only the base64 alphabet, padding only at the end (as b64decode(validate=True))
+        decoded = binascii.a2b_base64(token, strict_mode=True).decode("utf-8")
     except (binascii.Error, ValueError):
         return None
     user, colon, password = decoded.partition(":")
-    if not colon or not user or any(ord(c) < 0x20 or ord(c) == 0x7f for c in decoded):
+    if not colon or not user or _CONTROL.search(decoded):
         return None
     return user, password

@@ -28,13 +28,12 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from dockermirror.access.identity import ANONYMOUS_KIND, CERTIFICATE, USER, Identity
+from dockermirror.access.identity import ANONYMOUS_KIND, ANYONE, AUTHENTICATED, CERTIFICATE, USER, Identity
 from dockermirror.routing import RegistryTable
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-ANYONE, AUTHENTICATED = "*", "authenticated"
 _PREFIXES = {"user": USER, "cert": CERTIFICATE}
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _PATTERN = re.compile(r"[a-z0-9._/*?\[\]:-]+")
@@ -121,6 +120,9 @@ class Decision:
         return "denied: no rule matches (default deny)" if not self.allowed else "allowed: no rules"
 
 
+_NO_RULES, _DEFAULT_DENY = Decision(True, None), Decision(False, None)
+
+
 @dataclass(frozen=True)
 class _Repos:
     """A rule's repository patterns, each as (registry key or None for any, glob or None for any)."""
@@ -178,16 +180,9 @@ def compile_patterns(patterns: Iterable[str], table: RegistryTable) -> _Repos:
     return _Repos(tuple(compiled))
 
 
-def _names(identities: Sequence[str], identity: Identity) -> bool:
-    text = str(identity)
-    for pattern in identities:
-        if pattern == ANYONE or pattern == text:
-            return True
-        if identity.kind == ANONYMOUS_KIND:
-            continue
-        if pattern == AUTHENTICATED or pattern == f"{text.partition(':')[0]}:*":
-            return True
-    return False
+def _names(identities: Iterable[str], identity: Identity) -> bool:
+    """Whether a rule's identities name ``identity`` (``*``, its kind's wildcard, itself...)."""
+    return not identity.names.isdisjoint(identities)
 
 
 def _names_any_of(identities: Sequence[str], kind: str) -> str:
@@ -232,22 +227,35 @@ class Rules:
     rules: tuple[Rule, ...]
     table: RegistryTable
     _repos: tuple[_Repos, ...] = field(init=False, repr=False, compare=False)
+    # per rule, what decide() needs: its identities as a set, networks, patterns and its Decision
+    _compiled: tuple[tuple[frozenset[str], tuple[Network, ...] | None, _Repos, Decision], ...] = \
+        field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_repos", tuple(compile_patterns(r.repositories, self.table) for r in self.rules))
+        repos = tuple(compile_patterns(r.repositories, self.table) for r in self.rules)
+        object.__setattr__(self, "_repos", repos)
+        object.__setattr__(self, "_compiled", tuple(
+            (frozenset(rule.identities), rule.networks, patterns, Decision(rule.allow, rule))
+            for rule, patterns in zip(self.rules, repos, strict=True)))
 
     def __bool__(self) -> bool:
         return bool(self.rules)
 
+    @property
+    def per_repository(self) -> bool:
+        """Some rule names repositories: who may pull depends on the repository, not only on who asks."""
+        return any(rule.repositories != ("*",) for rule in self.rules)
+
     def decide(self, identity: Identity, address: Address | None, key: str, repository: str) -> Decision:
         """The first rule that matches decides; none: denied (there are rules) or allowed (none)."""
         if not self.rules:
-            return Decision(True, None)
+            return _NO_RULES
         full = f"{key}/{repository}"
-        for rule, repos in zip(self.rules, self._repos):
-            if _names(rule.identities, identity) and _from(rule.networks, address) and repos.match(key, full):
-                return Decision(rule.allow, rule)
-        return Decision(False, None)
+        names = identity.names
+        for identities, networks, repos, decision in self._compiled:
+            if not names.isdisjoint(identities) and _from(networks, address) and repos.match(key, full):
+                return decision
+        return _DEFAULT_DENY
 
     def could_allow(self, kind: str, address: Address | None, key: str, repository: str) -> bool:
         """Whether some client of ``kind`` (user or certificate) from ``address`` may pull the
@@ -276,15 +284,94 @@ class Rules:
                 return False
         return not self.rules
 
-    def shadowed(self) -> list[tuple[Rule, Rule]]:
-        """(rule, earlier rule) for each rule that can never decide: an earlier one matches
-        everything it matches (one earlier rule; a rule covered only by several together is not found)."""
-        found = []
-        for j, (rule, repos) in enumerate(zip(self.rules, self._repos)):
-            for earlier, earlier_repos in zip(self.rules[:j], self._repos[:j]):
-                if (_identities_cover(earlier.identities, rule.identities)
-                        and _networks_cover(earlier.networks, rule.networks)
-                        and earlier_repos.covers(repos)):
-                    found.append((rule, earlier))
-                    break
+    def shadowed(self) -> list[tuple[Rule, tuple[Rule, ...]]]:
+        """(rule, earlier rules) for each rule that can never decide: the earlier rules together
+        match every request it matches (one of them, when one is enough). Sound, not complete:
+        a rule reported never decides; see :meth:`_covered_together` for what is looked at."""
+        found: list[tuple[Rule, tuple[Rule, ...]]] = []
+        for j, (rule, repos) in enumerate(zip(self.rules, self._repos, strict=True)):
+            earlier = list(zip(self.rules[:j], self._repos[:j], strict=True))
+            single = next((e for e, e_repos in earlier
+                           if _identities_cover(e.identities, rule.identities)
+                           and _networks_cover(e.networks, rule.networks) and e_repos.covers(repos)), None)
+            if single is not None:
+                found.append((rule, (single,)))
+                continue
+            together = self._covered_together(rule, repos, earlier)
+            if together:
+                found.append((rule, tuple(sorted(together, key=lambda r: r.index))))
         return found
+
+    def _covered_together(self, rule: Rule, repos: _Repos, earlier: list[tuple[Rule, _Repos]]) -> set[Rule]:
+        """The earlier rules that together match every request ``rule`` matches; empty if that
+        is not shown. The rule is cut into pieces: each identity it names (``*`` as anonymous,
+        user:* and cert:*; ``authenticated`` as user:* and cert:*), each repository pattern
+        (``*`` as REGISTRY/* for each configured registry), each network. A piece is covered
+        when the earlier rules that name its identity and have a pattern covering its pattern
+        (each by itself, as for one rule) together cover its network: their networks' union
+        (``from`` anywhere, which includes clients without an IP address, only by a rule
+        without ``from``). Not found: an identity or a pattern covered only by several earlier
+        ones together (``library/a*`` and ``library/[!a]*`` for ``library/*``; user:a and user:b
+        never cover user:*)."""
+        used: set[Rule] = set()
+        patterns = [piece for pattern in repos.patterns for piece in self._registry_patterns(pattern)]
+        for identity in _identity_pieces(rule.identities):
+            for pattern in patterns:
+                candidates = [e for e, e_repos in earlier if _identities_cover(e.identities, (identity,))
+                              and any(_pattern_covers(mine, pattern) for mine in e_repos.patterns)]
+                for network in rule.networks if rule.networks is not None else (None,):
+                    covering = _networks_union_cover(network, candidates)
+                    if covering is None:
+                        return set()
+                    used.update(covering)
+        return used
+
+    def _registry_patterns(self, pattern: tuple) -> list[tuple]:
+        """``*`` (every repository of every upstream) as ``REGISTRY/*`` for each configured one:
+        a request is always routed to one of them."""
+        if pattern[0] is not None:
+            return [pattern]
+        return [(key, None, f"{key}/*") for key in self.table.keys]
+
+
+def _identity_pieces(identities: Sequence[str]) -> list[str]:
+    pieces: list[str] = []
+    for identity in identities:
+        if identity == ANYONE:
+            pieces += [ANONYMOUS_KIND, "user:*", "cert:*"]
+        elif identity == AUTHENTICATED:
+            pieces += ["user:*", "cert:*"]
+        else:
+            pieces.append(identity)
+    return pieces
+
+
+def _networks_union_cover(network: Network | None, candidates: list[Rule]) -> list[Rule] | None:
+    """Rules among ``candidates`` whose networks together hold ``network`` (None: from anywhere,
+    held only by a rule without ``from``); None if they do not."""
+    for candidate in candidates:
+        if candidate.networks is None:
+            return [candidate]
+    if network is None:
+        return None
+    remaining: list[Network] = [network]
+    used: list[Rule] = []
+    for candidate in candidates:
+        for theirs in candidate.networks or ():
+            if theirs.version != network.version:
+                continue
+            left: list[Network] = []
+            for piece in remaining:
+                if piece.subnet_of(theirs):     # type: ignore[arg-type]
+                    pass
+                elif theirs.subnet_of(piece):   # type: ignore[arg-type]
+                    left.extend(piece.address_exclude(theirs))  # type: ignore[arg-type]
+                else:
+                    left.append(piece)          # apart
+                    continue
+                if candidate not in used:
+                    used.append(candidate)
+            remaining = left
+            if not remaining:
+                return used
+    return None

@@ -18,6 +18,7 @@ like nginx does (``\x0d``, ``\x1b``, ``\x22``): a request cannot forge or split 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -34,10 +35,10 @@ API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
 _PLAIN = re.compile(r"[A-Za-z0-9._:@*-]+")
 
 
-def _identity(identity: object) -> str:
+@functools.lru_cache(maxsize=1024)     # the same few identities, request after request
+def _identity(text: str) -> str:
     """`` identity=user:ci``; quoted and escaped when it holds more than a plain name (a
     certificate's common name can hold anything; its whole subject follows as ``cert=``)."""
-    text = str(identity)
     return f" identity={text}" if _PLAIN.fullmatch(text) else f' identity="{printable(text)}"'
 
 
@@ -127,7 +128,7 @@ class AccessLog:
                 printable(scope["path"]) + ("?" + printable(query) if query else ""), status, sent,
                 done.seconds * 1000, cache or "-", printable(str(upstream or "-")),
                 printable(str(upstream_status or "-")),
-                _identity(identity) if identity is not None else "",
+                _identity(done.identity) if done.identity is not None else "",
                 f" refused={printable(str(refused))}" if refused else "",
                 f' cert="{printable(done.certificate)}"' if certificate else "",
                 f' note="{printable(str(note))}"' if note else "",

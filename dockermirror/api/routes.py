@@ -132,6 +132,12 @@ def _artifact_type(request: Request) -> str | None:
     return values[0]
 
 
+def _peer(request: Request) -> str | None:
+    """The TCP peer's address as the server gave it (``request.client`` builds an object for it)."""
+    client = request.scope.get("client")
+    return client[0] if client else None
+
+
 def _digest(text: str) -> Digest:
     try:
         return Digest.parse(text)
@@ -181,7 +187,7 @@ class RegistryAPI:
     async def version_check(self, request: Request) -> Response:
         guard: Guard = request.state.guard
         if guard.active:
-            guard.ping(request.state.identity, request.client.host if request.client else None)
+            guard.ping(request.state.identity, _peer(request))
         return JSONResponse({})
 
     async def dispatch(self, request: Request) -> ASGIApp:
@@ -219,8 +225,7 @@ class RegistryAPI:
         request.state.repository = repo.name
         guard: Guard = request.state.guard
         if guard.active:    # before anything touches the cache or the upstream
-            guard.check(request.state.identity, request.client.host if request.client else None,
-                        repo.upstream.key, repo.name)
+            guard.check(request.state.identity, _peer(request), repo.upstream.key, repo.name)
         return repo
 
     async def manifest(self, request: Request, repo: Repo, reference: str) -> Response:

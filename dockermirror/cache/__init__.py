@@ -53,6 +53,7 @@ from dockermirror.cache.inflight import Follower, Source, Transfer, Transfers
 from dockermirror.cache.space import Limits, filesystem, resolve, shortfall
 from dockermirror.cache.store import BlobStore, FileRange, TempBlob, stamp
 from dockermirror import humanize
+from dockermirror.meter import NULL_METER, Meter
 from dockermirror.oci import Digest
 
 __all__ = ["Cache", "CacheBusy", "CachedFile", "CorruptFile", "Entry", "FileRange", "Follower", "Limits",
@@ -134,12 +135,13 @@ class Cache:
     """Files, index, transfers and limits under one cache directory."""
 
     def __init__(self, root: Path, *, limits: Limits | None = None, clock: Callable[[], float] = time.time,
-                 flush_interval: float = 1.0) -> None:
+                 flush_interval: float = 1.0, meter: Meter = NULL_METER) -> None:
         self.root = Path(root)
         self.limits = limits or Limits()
         self.clock = clock
+        self.meter = meter
         self.store = BlobStore(self.root)
-        self.transfers = Transfers(self.store, self)
+        self.transfers = Transfers(self.store, self, meter)
         self.index: Index | None = None
         self.reserved = 0
         self._leases: collections.Counter[str] = collections.Counter()
@@ -391,6 +393,7 @@ class Cache:
         if digest not in self._bad:
             log.warning("cache file of %s is corrupt (%s): removing it; the next request fetches it again",
                         digest, problem)
+            self.meter.verification_failed("disk")
         self._bad[digest] = problem
         self._verified.pop(digest, None)
         for file in self._readers.get(digest, ()):
@@ -593,14 +596,15 @@ class Cache:
             if not candidates:
                 break
             cursor = (candidates[-1].last_access, candidates[-1].digest)
-            chosen = []
+            chosen, chosen_bytes = [], 0
             for entry in candidates:
                 if entry.digest in self._leases:
                     continue
                 chosen.append(entry.digest)
-                freed += entry.size
-                if freed >= need:
+                chosen_bytes += entry.size
+                if freed + chosen_bytes >= need:
                     break
+            freed += chosen_bytes
             if chosen:
                 # a transfer cancelled while it makes room must not leave the removal running
                 # outside the space lock: finish it, then stop
@@ -612,9 +616,10 @@ class Cache:
                     await work
                     raise
                 if not written:
-                    freed -= sum(e.size for e in candidates if e.digest in chosen)
+                    freed -= chosen_bytes
                     break
                 removed += len(chosen)
+                self.meter.evicted("lru", len(chosen), chosen_bytes)
         used, _, capacity = self.usage()
         level = logging.INFO if freed >= need else logging.WARNING
         log.log(level, "evicted %d entr%s (%s) %s; cache holds %s of %s%s", removed,
@@ -643,6 +648,7 @@ class Cache:
                     break
                 entries += len(chosen)
                 freed += sum(e.size for e in chosen)
+                self.meter.evicted("ttl", len(chosen), sum(e.size for e in chosen))
         tag_ttl = max(self.limits.blob_ttl, self.limits.manifest_ttl)
         if tag_ttl > 0:
             await self._write("expiring tags and referrers", self._idx.delete_tags_before, now - tag_ttl)

@@ -36,10 +36,12 @@ import hashlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from dockermirror.cache.store import BlobStore, FileRange, TempBlob
+from dockermirror.meter import NULL_METER, Meter
 from dockermirror.oci import Digest
 
 log = logging.getLogger("dockermirror.cache")
@@ -98,8 +100,10 @@ def ahead(capacity: int) -> int:
 class Transfer:
     """A download of one digest, and the readers following it."""
 
-    def __init__(self, digest: Digest, store: BlobStore, space: Space, *, cache: bool = True) -> None:
+    def __init__(self, digest: Digest, store: BlobStore, space: Space, *, cache: bool = True,
+                 meter: Meter = NULL_METER) -> None:
         self.digest = digest
+        self.meter = meter
         self.origin: tuple[str, str] | None = None     # (upstream, repository) it is fetched for
         self.store = store
         self.space = space
@@ -138,11 +142,14 @@ class Transfer:
         """Fetch, verify and (if caching) commit; never raises (readers see the outcome)."""
         source: Source | None = None
         unlease = None
+        began = time.monotonic()
+        streamed = False        # the upstream answered and readers were let in
         try:
             source = await open_source()
             self.size = source.size
             await self._open_file()
             self.started.set_result(None)
+            streamed = True
             await self._pump(source)
             if self.size is not None and self.received != self.size:
                 raise DigestMismatch(f"expected {self.size} bytes, got {self.received}")
@@ -156,12 +163,18 @@ class Transfer:
                 unlease = self.space.lease(str(self.digest))
                 await commit(self._temp, self)
         except BaseException as exc:
+            if isinstance(exc, DigestMismatch):
+                self.meter.verification_failed("download")
             self._fail(exc)
             if not isinstance(exc, Exception):
                 raise
         finally:
             if source is not None:
                 await source.aclose()
+                upstream = self.origin[0] if self.origin else None
+                self.meter.transfer_done(upstream, time.monotonic() - began, self.verified)
+                if streamed and not self.caching:
+                    self.meter.pass_through(upstream)
             self.space.release(self._reserved)
             self._reserved = 0
             self.finished.set()
@@ -481,9 +494,10 @@ class Follower:
 class Transfers:
     """The transfers in flight in this process, one per digest."""
 
-    def __init__(self, store: BlobStore, space: Space) -> None:
+    def __init__(self, store: BlobStore, space: Space, meter: Meter = NULL_METER) -> None:
         self.store = store
         self.space = space
+        self.meter = meter
         self._active: dict[Digest, Transfer] = {}
         self._late = 0                  # unshared transfers running (each may hold a MEMORY_TAIL)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -501,7 +515,7 @@ class Transfers:
     ) -> Transfer:
         """Start a transfer. A shared one is the digest's single transfer (the caller checked
         there is none); an unshared one serves one late reader of an uncached transfer."""
-        transfer = Transfer(digest, self.store, self.space, cache=shared)
+        transfer = Transfer(digest, self.store, self.space, cache=shared, meter=self.meter)
         if shared:
             assert digest not in self._active
             self._active[digest] = transfer

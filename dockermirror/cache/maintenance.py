@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from dockermirror.cache.index import Entry, Index
+from dockermirror.cache.index import AccessBatch, Entry, Index
 from dockermirror.cache.store import BlobStore
 from dockermirror.cache.store import stamp as store_stamp
 from dockermirror.oci import MANIFEST_TYPES, Digest
@@ -36,6 +36,20 @@ def _unlink(path: os.PathLike) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+# the index's lifetime counters of entries (and bytes) an operator's command removed
+# (`docker-mirror cache prune | rm`, another process): the server's metrics read them
+MANUAL_EVICTIONS, MANUAL_EVICTED_BYTES = "evictions_manual", "evicted_bytes_manual"
+
+
+def count_manual(index: Index, entries: int, nbytes: int) -> None:
+    """Add removals by an operator's command to the index's counters."""
+    if entries:
+        batch = AccessBatch()
+        batch.count(MANUAL_EVICTIONS, entries)
+        batch.count(MANUAL_EVICTED_BYTES, nbytes)
+        index.apply(batch)
 
 
 def remove(store: BlobStore, index: Index, digests: Iterable[str]) -> int:

@@ -8,7 +8,11 @@
   while the server is starting is remembered and applied once it is ready (``cli`` takes
   the signal over before anything else is loaded);
 * SIGTERM/SIGINT: STOPPING=1, stop accepting, let requests in flight finish (up to
-  GRACE seconds), close the cache cleanly.
+  GRACE seconds), close the cache cleanly;
+* with ``metrics.listen``: its socket is bound before anything else (an address in use stops
+  the start), GET /metrics is served by a second uvicorn server on the same loop from just
+  before READY=1 until the shutdown (:mod:`.metrics`); the meter lives as long as the process,
+  reloads included (a new ``metrics.listen`` needs a restart, and the reload says so).
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
 from dockermirror.config import Config, ConfigError, ServerConfig
 from dockermirror.humanize import printable, size
+from dockermirror.meter import NULL_METER
 from dockermirror.service import logs
 from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
 from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
 
 if TYPE_CHECKING:
+    from dockermirror.service.metrics import Metrics, MetricsListener
     from dockermirror.service.tls import ClientAuth, ServerTLS
 
 log = logging.getLogger("dockermirror")
@@ -98,8 +104,22 @@ class Service:
                                 "docker-mirror cert revoke writes it", config.tls.crl_where, config.tls.crl)
         elif config.tls.enabled == "auto":
             log.info("no TLS certificate at %s: serving plain HTTP (tls.enabled: auto)", config.tls.certificate)
+        # metrics.listen: the registry of metrics (the core's meter) and its own listening socket
+        self.metrics: Metrics | None = None
+        self.metrics_listener: MetricsListener | None = None
+        if config.metrics.listen_address is not None:
+            from dockermirror.service.metrics import Metrics, MetricsListener, bind
+
+            try:
+                sock = bind(config.metrics.listen_address)
+            except OSError as exc:
+                raise StartupError(f"metrics.listen: cannot listen on {config.metrics.listen}: "
+                                   f"{exc.strerror or exc}") from None
+            self.metrics = Metrics()
+            self.metrics_listener = MetricsListener(self.metrics, sock, http=self.protocol)
         try:
-            self.app = DockerMirror(config, on_started=self._lifespan_started)
+            self.app = DockerMirror(config, on_started=self._lifespan_started,
+                                    meter=self.metrics if self.metrics is not None else NULL_METER)
         except HtpasswdError as exc:
             raise StartupError(f"auth.htpasswd: {exc}") from None
         # refused requests and malformed ones from clients without a certificate: one limit on their log lines
@@ -111,6 +131,8 @@ class Service:
         except (OSError, sqlite3.Error, ForeignDatabase) as exc:
             detail = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise StartupError(f"cannot open the cache in {config.cache.dir}: {detail}") from None
+        if self.metrics is not None:
+            self.metrics.attach(self.app)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -212,6 +234,8 @@ class Service:
                 new = _keep_tls(new, self.config)
         if new.listen != self.config.listen and not self.sockets:   # with sockets, systemd owns the address
             notes.append("listen")
+        if new.metrics.listen != self.config.metrics.listen:
+            notes.append("metrics.listen")
         try:
             notes += self.app.reconfigure(new)
         except Exception as exc:    # e.g. a CA bundle replaced by garbage after the configuration was read
@@ -219,6 +243,8 @@ class Service:
                       printable(str(exc), quote=False))
             self.systemd.ready(self.status())
             return
+        if self.metrics is not None:
+            self.metrics.add_upstreams(u.key for u in self.app.mirror.upstreams)
         if new.server != self.config.server:
             self.protocol.limits = client_limits(new.server)
             if self._uv_config is not None:
@@ -305,7 +331,14 @@ class MirrorServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and not self.should_exit:
+            if self.service.metrics_listener is not None:
+                await self.service.metrics_listener.start()
             self.service.listening()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.service.metrics_listener is not None:
+            await self.service.metrics_listener.stop()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:

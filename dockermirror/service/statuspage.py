@@ -101,6 +101,7 @@ class StatusPage:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             problems = [f"cache: its state cannot be read ({why})"]
         body = "".join(f"{printable(line, quote=False)}\n" for line in ["ok", *problems]).encode()
+        request.state.quiet = not problems      # a probe every few seconds: its line at debug while all is well
         headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
                    "Content-Length": str(len(body))}
         return Response(b"" if head else body, headers=headers, media_type="text/plain; charset=utf-8")

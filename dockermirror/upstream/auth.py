@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import httpx
 
+from dockermirror.meter import NULL_METER, Meter
 from dockermirror.singleflight import SingleFlight
-from dockermirror.upstream.bodies import BadEncoding, BodyTooLarge, read_capped, send
+from dockermirror.upstream.bodies import BadEncoding, BodyTooLarge, read_capped, send, timed
 from dockermirror.upstream.realms import RealmRefused, check_realm
 
 log = logging.getLogger("dockermirror.upstream")
@@ -70,11 +71,15 @@ class Authenticator:
         *,
         upstream: str,
         token_realms: tuple[str, ...] = (),
+        meter: Meter = NULL_METER,
+        key: str = "",
     ) -> None:
         """``upstream`` is the registry's base URL (whose challenges these are); ``token_realms``
         the other hosts (``host`` or ``host:port``) its configuration trusts with the credentials."""
         self._client = client
         self._upstream = upstream
+        self._meter = meter             # hears of each token request, as upstream ``key``
+        self._upstream_key = key
         self._token_realms = tuple(token_realms)
         self._refused: set[str] = set()             # realms already logged as refused
         self._basic = (
@@ -153,12 +158,13 @@ class Authenticator:
         host = httpx.URL(realm).host
         window = self._client.timeout.read or 60.0
         # Streamed and capped: a token service's body (or its gzip "bomb") is never read whole.
-        response = await send(self._client, self._client.build_request("GET", realm, params=params,
-                                                                       headers=headers), window)
+        request = self._client.build_request("GET", realm, params=params, headers=headers)
+        response = await timed(self._meter, self._upstream_key, "token", send(self._client, request, window))
         try:
             if response.status_code != 200:
                 raise AuthError(f"token service {host} answered {response.status_code}", response.status_code)
             data = await read_capped(response, MAX_TOKEN_RESPONSE, window)
+            self._meter.upstream_received(self._upstream_key, len(data))
         except BodyTooLarge:
             raise AuthError(f"token service {host} sent a response larger than "
                             f"{MAX_TOKEN_RESPONSE // 1024} KiB") from None

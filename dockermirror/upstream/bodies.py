@@ -19,11 +19,14 @@ Two rules for every body the upstream client reads:
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import httpx
+
+from dockermirror.meter import Meter
 
 MIN_PROGRESS = 64 * 1024    # bytes a body must deliver in every read_timeout window
 ERROR_BODY = 64 * 1024      # most bytes of an error answer read (for its message); the rest is dropped
@@ -104,6 +107,22 @@ async def send(client: httpx.AsyncClient, request: httpx.Request, window: float)
                 del request.extensions["trace"]
     except TimeoutError:
         raise UpstreamStalled(f"the answer's headers were not complete within {limit:g} s") from None
+
+
+async def timed(meter: Meter, key: str, kind: str, sending: Awaitable[httpx.Response]) -> httpx.Response:
+    """The response of ``sending`` (a request being sent), told to ``meter`` with the time to its
+    headers; a request that got no answer is told without a status. A request that was never
+    sent (no free connection in the pool, headers h11 refuses) is not told at all."""
+    began = time.monotonic()
+    try:
+        response = await sending
+    except (httpx.PoolTimeout, httpx.LocalProtocolError):
+        raise
+    except httpx.TransportError:
+        meter.upstream_request(key, kind, None, time.monotonic() - began)
+        raise
+    meter.upstream_request(key, kind, response.status_code, time.monotonic() - began)
+    return response
 
 
 def _stalled(window: float) -> str:

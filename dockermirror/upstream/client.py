@@ -37,6 +37,7 @@ from dockermirror.errors import (
     Unauthorized,
     Unavailable,
 )
+from dockermirror.meter import NULL_METER, Meter, upstream_kind
 from dockermirror.oci import MAX_MANIFEST_SIZE, OCI_INDEX
 from dockermirror.upstream.auth import AuthError, Authenticator
 from dockermirror.upstream.realms import RealmRefused, shown
@@ -50,6 +51,7 @@ from dockermirror.upstream.bodies import (
     paced,
     read_capped,
     send,
+    timed,
 )
 
 log = logging.getLogger("dockermirror.upstream")
@@ -109,8 +111,12 @@ class BlobStream:
     """
 
     def __init__(self, response: httpx.Response, resume: Callable[[int, int], Awaitable[httpx.Response]],
-                 what: str, *, window: float = 60.0, timeout: float = TRANSFER_TIMEOUT) -> None:
+                 what: str, *, window: float = 60.0, timeout: float = TRANSFER_TIMEOUT,
+                 meter: Meter = NULL_METER, upstream: str = "") -> None:
         self._response: httpx.Response | None = response
+        self._meter = meter
+        self._upstream = upstream
+        self._reported = False
         self._resume = resume
         self._what = what
         self._window = window
@@ -146,6 +152,7 @@ class BlobStream:
                                 "in a row without progress", self._what, self.received, self.size, reason, behind)
                     raise
                 self.resumes += 1
+                self._meter.resumed(self._upstream)
                 log.warning("upstream broke off %s at byte %d of %d (%s); resuming there (resume %d, "
                             "%d in a row without progress)", self._what, self.received, self.size, reason,
                             self.resumes, behind)
@@ -168,6 +175,9 @@ class BlobStream:
                              f"upstream.transfer_timeout", status=504, code="UNAVAILABLE")
 
     async def aclose(self) -> None:
+        if not self._reported:      # the bytes of every attempt, once
+            self._reported = True
+            self._meter.upstream_received(self._upstream, self.received)
         if self._response is not None:
             await self._response.aclose()
 
@@ -187,10 +197,15 @@ class UpstreamClient:
         transfer_timeout: float = TRANSFER_TIMEOUT,
         token_realms: tuple[str, ...] = (),
         transport: httpx.AsyncBaseTransport | None = None,
+        meter: Meter = NULL_METER,
+        key: str = "",
     ) -> None:
         """``token_realms``: hosts besides the upstream's own site that may get the credentials
-        (see :mod:`.realms`); ``transport`` replaces the network (tests pass an ``httpx.MockTransport``)."""
+        (see :mod:`.realms`); ``transport`` replaces the network (tests pass an ``httpx.MockTransport``);
+        ``meter`` hears of each request sent and the bytes received, as this upstream's ``key``."""
         self.base = url.rstrip("/")
+        self.meter = meter
+        self.key = key
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
         verify: ssl.SSLContext | bool = True
@@ -210,7 +225,7 @@ class UpstreamClient:
         self._client = pool(API_POOL)       # manifests, HEADs, tag lists, tokens
         self._blobs = pool(BLOB_POOL)       # blob bodies (and the redirects they follow)
         self.auth = Authenticator(self._client, username, password, upstream=self.base,
-                                  token_realms=token_realms)
+                                  token_realms=token_realms, meter=meter, key=key)
         # None until the first request; then whether the last one got an HTTP answer.
         self.reachable: bool | None = None
         self.last_failure: float | None = None
@@ -286,7 +301,7 @@ class UpstreamClient:
                                 status=502, upstream_status=rest.status_code)
 
         return BlobStream(response, resume, f"{repository}@{digest}", window=self.read_timeout,
-                          timeout=self.transfer_timeout)
+                          timeout=self.transfer_timeout, meter=self.meter, upstream=self.key)
 
     async def tags(self, repository: str, params: Headers) -> Reply:
         """The tag list; ``params`` (``n``, ``last``, checked by the caller) are percent-encoded
@@ -324,6 +339,7 @@ class UpstreamClient:
                     raise RegistryError(str(exc), status=502, upstream_status=response.status_code) from None
                 except httpx.TransportError as exc:
                     raise self._failed(exc) from None
+                self.meter.upstream_received(self.key, len(body))
             return Reply(response.status_code, response.headers, body)
         finally:
             await response.aclose()
@@ -340,15 +356,16 @@ class UpstreamClient:
         url = f"{self.base}/v2/{repository}/{path}"
         scope = f"repository:{repository}:pull"
         headers = list(headers)
+        kind = upstream_kind(path)
         try:
             authorization = await self.auth.header_for(scope)
-            response = await self._request(method, url, headers, authorization, blob)
+            response = await self._request(method, url, headers, authorization, blob, kind)
             if response.status_code == 401 and "www-authenticate" in response.headers:
                 answer = await self.auth.answer(response.headers["www-authenticate"], scope)
                 if answer is not None:
                     await response.aclose()
                     authorization = answer
-                    response = await self._request(method, url, headers, authorization, blob)
+                    response = await self._request(method, url, headers, authorization, blob, kind)
             hops = 0
             while response.status_code in REDIRECTS and "location" in response.headers:
                 if hops == MAX_REDIRECTS:
@@ -365,7 +382,7 @@ class UpstreamClient:
                 log.debug("upstream redirect %s -> %s", shown(httpx.URL(url)), shown(location))
                 # Signed blob-storage URLs carry their own authorization: never send ours across origins.
                 response = await self._request(method, str(location), headers,
-                                               authorization if same_origin else None, blob)
+                                               authorization if same_origin else None, blob, kind)
                 url = str(location)
         except httpx.PoolTimeout:
             raise Unavailable("too many upstream requests are in progress; try again",
@@ -391,11 +408,11 @@ class UpstreamClient:
         return response
 
     async def _request(self, method: str, url: str, headers: list[tuple[str, str]],
-                       authorization: str | None, blob: bool) -> httpx.Response:
+                       authorization: str | None, blob: bool, kind: str) -> httpx.Response:
         all_headers = headers + ([("Authorization", authorization)] if authorization else [])
         client = self._blobs if blob else self._client
         request = client.build_request(method, url, headers=all_headers)
-        return await send(client, request, self.read_timeout)
+        return await timed(self.meter, self.key, kind, send(client, request, self.read_timeout))
 
     def _failed(self, exc: Exception) -> UpstreamUnreachable:
         """Record that the upstream could not be reached; the exception to raise."""

@@ -10,6 +10,9 @@ upstream's credentials (Basic, to get a token). A realm is trusted with credenti
   public-suffix library is a dependency, so this is the conservative reading, with one
   known gap: an upstream whose host sits directly under a two-label public suffix
   (``example.co.uk``) trusts its siblings (``*.co.uk``) too (the README says so);
+* not for a host on a domain where tenants get hosts side by side (:data:`SHARED_DOMAINS`:
+  ``myorg.azurecr.io`` trusts itself, not ``attacker.azurecr.io``); their registries all
+  answer with a realm on their own host;
 * an upstream on an IP address: only that same address;
 * a host listed in the upstream's ``token_realms`` (``host`` or ``host:port``).
 
@@ -22,6 +25,16 @@ from __future__ import annotations
 import ipaddress
 
 import httpx
+
+
+# Domains whose subdomains belong to different customers (registry hosting, cloud and app
+# hosting): an upstream under one trusts only its own host as a token realm.
+SHARED_DOMAINS = (
+    "azurecr.io", "jfrog.io", "amazonaws.com", "pkg.dev", "cloudfront.net", "azurewebsites.net",
+    "herokuapp.com", "appspot.com", "github.io", "gitlab.io", "ngrok.io", "ngrok.app", "fly.dev",
+    "onrender.com", "vercel.app", "netlify.app", "trycloudflare.com", "workers.dev", "pages.dev",
+    "r2.dev", "web.app", "firebaseapp.com", "digitaloceanspaces.com", "ondigitalocean.app",
+)
 
 
 class RealmRefused(Exception):
@@ -57,6 +70,8 @@ def same_site(upstream_host: str, realm_host: str) -> bool:
     parent = upstream.partition(".")[2]
     if parent.count(".") < 1:       # fewer than two labels: possibly a public suffix
         return False
+    if any(parent == shared or parent.endswith("." + shared) for shared in SHARED_DOMAINS):
+        return False                # other tenants' hosts
     return realm == parent or realm.endswith("." + parent)
 
 

@@ -50,6 +50,8 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "upstream_up": ("gauge", ("upstream",)),
     "upstream_ratelimit_remaining": ("gauge", ("upstream",)),
     "upstream_ratelimit_limit": ("gauge", ("upstream",)),
+    "cache_pinned_entries": ("gauge", ()),
+    "cache_pinned_bytes": ("gauge", ()),
     "build_info": ("gauge", ("version", "python")),
 }
 # prometheus_client's process and platform collectors, and Prometheus' own per-target series

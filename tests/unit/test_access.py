@@ -192,7 +192,50 @@ def test_identities(identities, who, matches):
      [(2, 0)]),
 ])
 def test_shadowed_rules(rules, shadowed):
-    assert [(r.index, by.index) for r, by in rules_of(rules).shadowed()] == shadowed
+    assert [(r.index, by.index) for r, (by,) in rules_of(rules).shadowed()] == shadowed
+
+
+@pytest.mark.parametrize("rules, shadowed", [
+    # patterns: library/alpine by rule 0, ghcr.io/myorg/app by rule 1
+    ("access:\n  - allow: [anonymous]\n    repositories: [docker.io/library/*]\n"
+     "  - deny: [anonymous]\n    repositories: [ghcr.io/*]\n"
+     "  - allow: [anonymous]\n    repositories: [library/alpine, ghcr.io/myorg/app]\n", [(2, (0, 1))]),
+    # ... not when a pattern reaches beyond them (docker.io/myorg/app)
+    ("access:\n  - allow: [anonymous]\n    repositories: [docker.io/library/*]\n"
+     "  - deny: [anonymous]\n    repositories: [ghcr.io/*]\n"
+     "  - allow: [anonymous]\n    repositories: [library/alpine, docker.io/myorg/app]\n", []),
+    # identities: user:a by one rule, user:b by another; authenticated = user:* and cert:*
+    ("access:\n  - allow: [user:a]\n  - deny: [user:b]\n  - allow: [user:a, user:b]\n    repositories: [x]\n",
+     [(2, (0, 1))]),
+    ("access:\n  - allow: ['user:*']\n  - deny: ['cert:*']\n  - deny: [authenticated]\n"
+     "  - deny: ['*']\n", [(2, (0, 1))]),
+    ("access:\n  - allow: ['user:*']\n  - deny: ['cert:*']\n  - deny: [anonymous]\n"
+     "  - deny: ['*']\n", [(3, (0, 1, 2))]),
+    # names of users never make up user:*
+    ("access:\n  - allow: [user:a]\n  - allow: [user:b]\n  - deny: ['user:*']\n", []),
+    # networks: two halves make the whole; one half and a gap do not; "anywhere" only from a rule without from:
+    ("access:\n  - allow: [user:a]\n    from: [10.0.0.0/9]\n  - deny: [user:a]\n    from: [10.128.0.0/10]\n"
+     "  - allow: [user:a]\n    from: [10.192.0.0/10]\n  - deny: [user:a]\n    from: [10.0.0.0/8]\n",
+     [(3, (0, 1, 2))]),
+    ("access:\n  - allow: [user:a]\n    from: [10.0.0.0/9]\n  - deny: [user:a]\n    from: [10.192.0.0/10]\n"
+     "  - deny: [user:a]\n    from: [10.0.0.0/8]\n", []),
+    ("access:\n  - allow: [user:a]\n    from: [0.0.0.0/0]\n  - allow: [user:a]\n    from: ['::/0']\n"
+     "  - deny: [user:a]\n", []),
+    # every repository of every upstream: each configured registry's
+    ("access:\n  - allow: [anonymous]\n    repositories: [docker.io/*]\n"
+     "  - deny: [anonymous]\n    repositories: [ghcr.io/*]\n  - deny: [anonymous]\n", [(2, (0, 1))]),
+    ("access:\n  - allow: [anonymous]\n    repositories: [docker.io/*]\n  - deny: [anonymous]\n", []),
+    # pieces in several dimensions at once: each piece by its own rules
+    ("access:\n  - allow: [user:a]\n    from: [10.0.0.0/9]\n    repositories: [library/*]\n"
+     "  - allow: [user:a]\n    from: [10.128.0.0/9]\n    repositories: [docker.io/*]\n"
+     "  - deny: [user:b]\n    repositories: [library/*]\n"
+     "  - allow: [user:a, user:b]\n    from: [10.0.0.0/8]\n    repositories: [library/x]\n", [(3, (0, 1, 2))]),
+    ("access:\n  - allow: [user:a]\n    from: [10.0.0.0/9]\n    repositories: [library/*]\n"
+     "  - allow: [user:a]\n    from: [10.128.0.0/9]\n    repositories: [library/y]\n"
+     "  - allow: [user:a]\n    from: [10.0.0.0/8]\n    repositories: [library/x]\n", []),
+])
+def test_rules_shadowed_by_several_together(rules, shadowed):
+    assert [(r.index, tuple(e.index for e in by)) for r, by in rules_of(rules).shadowed()] == shadowed
 
 
 def test_check_config_warns_of_rules_that_never_apply(tmp_path, capsys):
@@ -206,6 +249,19 @@ def test_check_config_warns_of_rules_that_never_apply(tmp_path, capsys):
     assert "access:\n- allow:\n  - anonymous\n  from:\n  - 10.0.0.0/8" in out
     assert err == (f"docker-mirror: warning: {path}:19: access[3] (allow) never applies: access[2] (line 17) "
                    "(allow) already matches every request it matches\n")
+
+
+
+def test_check_config_names_the_rules_that_shadow_one_together(tmp_path, capsys):
+    path = tmp_path / "config.yml"
+    path.write_text(HEAD.format(cache_dir=tmp_path) + "access:\n"
+                    "  - allow: [anonymous]\n    repositories: [docker.io/library/*]\n"
+                    "  - deny: [anonymous]\n    repositories: [ghcr.io/*]\n"
+                    "  - allow: [anonymous]\n    repositories: [library/alpine, ghcr.io/myorg/app]\n")
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == (
+        f"docker-mirror: warning: {path}:17: access[2] (allow) never applies: access[0] (line 13) (allow), "
+        "access[1] (line 15) (deny) together already match every request it matches\n")
 
 
 def test_check_config_warns_of_users_without_a_password_file(tmp_path, capsys):
@@ -521,6 +577,72 @@ def test_identity_names():
 
 def test_the_guard_of_no_rules_is_inactive():
     assert not Guard(Rules((), TABLE)).active
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path, params", [
+    ("/v2/quay.io/acme/tool/manifests/1", None),
+    ("/v2/acme/tool/manifests/1", {"ns": "quay.io"}),
+    ("/v2/quay.io/acme/tool/blobs/sha256:" + "a" * 64, None),
+])
+async def test_an_unknown_registry_is_named_but_the_configured_ones_are_not(access, path, params):
+    """404 NAME_UNKNOWN names only the registry the client asked for: which registries this
+    mirror serves (some private, behind rules) is not told to whoever asks."""
+    access.use(RULES)
+    async with access.client() as client:
+        for headers in ({}, basic("ci", "ci-secret")):
+            response = await client.get(path, params=params, headers=headers)
+            assert response.status_code == 404
+            assert errors(response)["code"] == "NAME_UNKNOWN"
+            assert errors(response)["message"] == "this mirror does not serve quay.io"
+            for configured in ("docker.io", "ghcr.io", "ghcr.example.org", "registry.test", "ghcr.test"):
+                assert configured not in response.text
+    assert access.registry.seen == []
+
+
+@pytest.mark.anyio
+async def test_every_request_is_checked_with_its_own_credentials(access, caplog):
+    """The guard remembers verified credentials (keyed), not clients: on one client, a wrong
+    password right after the right one is 401, another user on the same client is that user;
+    a reload with a changed password or without the user ends what was remembered."""
+    caplog.set_level(logging.INFO, "dockermirror.access")
+    access.registry.push("library/busybox", "1")
+    access.registry.push("myorg/app", "1")
+    access.use(RULES)
+    path = "/v2/library/busybox/manifests/1"
+    async with access.client() as client:
+        assert (await client.get(path, headers=basic("ci", "ci-secret"))).status_code == 200
+        assert (await client.get(path, headers=basic("ci", "ci-secret!"))).status_code == 401
+        assert (await client.get(path, headers=basic("ci", "ci-secre"))).status_code == 401
+        assert (await client.get(path, headers=basic("mallory", "mallory-secret"))).status_code == 403
+        assert (await client.get(path, headers=basic("mallory", "ci-secret"))).status_code == 401
+        assert (await client.get(path, headers=basic("ci", "ci-secret"))).status_code == 200
+        assert (await client.get(path)).status_code == 401
+        access.use(RULES, users={"ci": "new-secret", "mallory": "mallory-secret"})
+        assert (await client.get(path, headers=basic("ci", "ci-secret"))).status_code == 401
+        assert (await client.get(path, headers=basic("ci", "new-secret"))).status_code == 200
+        access.use(RULES, users={"mallory": "mallory-secret"})
+        assert (await client.get(path, headers=basic("ci", "new-secret"))).status_code == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "dockermirror.access" and '"GET ' in r.getMessage()]
+    assert [line.split('" ')[1].split(" ")[0] for line in lines] == \
+        ["200", "401", "401", "403", "401", "200", "401", "401", "200", "401"]
+    assert [" identity=user:ci" in line for line in lines] == \
+        [True, False, False, False, False, True, False, False, True, False]
+    assert " identity=user:mallory" in lines[3]
+
+
+def test_identities_name_themselves_as_rules_do():
+    """What rules match an identity by (worked out once per identity)."""
+    assert Identity.user("ci").names == {"*", "authenticated", "user:*", "user:ci"}
+    assert Identity.certificate({"cn": "r", "subject": "CN=r,O=x"}).names == {"*", "authenticated", "cert:*", "cert:r"}
+    assert ANONYMOUS.names == {"*", "anonymous"}
+    assert str(Identity.user("ci")) == "user:ci" and Identity.user("ci") == Identity("user", "ci")
+    # certificates that share a common name keep their own subjects (for the log), however often asked
+    for _ in range(2):
+        a = Identity.certificate({"cn": "r", "subject": "CN=r,O=a"})
+        b = Identity.certificate({"cn": "r", "subject": "CN=r,O=b"})
+        assert (a.subject, b.subject, str(a), str(b)) == ("CN=r,O=a", "CN=r,O=b", "cert:r", "cert:r")
+    assert Identity.certificate({"subject": "O=x"}) == Identity("certificate", "O=x", "O=x")
 
 
 # --- tls.client_auth: required: no certificate, a clear error at the HTTP layer (the handshake lets it in)

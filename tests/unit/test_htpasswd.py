@@ -228,6 +228,19 @@ def test_the_cache_key_is_random_per_process():
     assert all(b"alice" not in key for key in users._verified)
 
 
+def test_the_cache_key_is_hmac_sha256_under_the_process_key_every_time():
+    """The key is made from a pre-keyed HMAC (copied for each credential): the same credential
+    gets the same digest however many were made before, and it is HMAC-SHA256 of the
+    length-prefixed user and password under the process's key."""
+    import hashlib
+    import hmac
+
+    first = module._cache_key("alice", "alice-pw")
+    module._cache_key("bob", "bob-pw")
+    assert module._cache_key("alice", "alice-pw") == first
+    assert first == hmac.new(module._KEY, b"\x00\x00\x00\x05alice" + b"alice-pw", hashlib.sha256).digest()
+
+
 @pytest.mark.anyio
 async def test_check_runs_bcrypt_once_for_concurrent_requests_and_not_for_a_hit(counted: Counting):
     users = Htpasswd({"alice": ALICE})
@@ -267,6 +280,14 @@ def basic(raw: bytes) -> str:
     (basic(b"alice:p\x00w"), None),
     (basic(b"ali\nce:pw"), None),
     (basic(b"alice:" + b"p" * 7000), None),           # longer than any header we read
+    (basic(b"alice:p\x7fw"), None),                   # DEL
+    (basic(b"alice:p\x1fw"), None),
+    (basic("alice:p\u0085w".encode()), ("alice", "p\u0085w")),  # a C1 character is no ASCII control
+    ("Basic YWxpY2U6cHc=YWxp", None),                 # data after the padding
+    ("Basic =YWxpY2U6cHc=", None),                    # padding first
+    ("Basic YWxpY2U6c\nHc=", None),                   # a line break inside
+    ("Basic YWxpY2U6cHc=\u00e9", None),               # not ASCII
+    ("Basic YWxpY2U-cHc=", None),                     # the URL-safe alphabet is not Basic's
 ])
 def test_parse_basic(header, expected):
     assert parse_basic(header) == expected

@@ -6,6 +6,7 @@ all-anonymous mirror serves shared content as before, without asking anything.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,12 +29,12 @@ async def mirror_of(tmp_path: Path) -> AsyncIterator:
     """Builds a mirror of the three fake upstreams; ``private``: the keys with credentials."""
     running: list = []
 
-    async def make(private: tuple[str, ...] = ()) -> Harness:
+    async def make(private: tuple[str, ...] = (), extra: str = "") -> Harness:
         fleet, clock, cache_dir = Fleet(), FakeClock(), tmp_path / "cache"
         for registry in fleet.registries.values():
             registry.scoped_blobs = True        # a repository has only the blobs pushed to it
         per_key = {key.replace(".", "_").replace(":", "_"): CREDENTIALS for key in private}
-        app = DockerMirror(configuration.loads(upstreams_text(cache_dir, **per_key)), clock=clock,
+        app = DockerMirror(configuration.loads(upstreams_text(cache_dir, **per_key) + extra), clock=clock,
                            upstream_transport=fleet.transport)
         context = app.running()
         await context.__aenter__()
@@ -223,6 +224,50 @@ async def test_the_all_anonymous_mirror_shares_content_without_asking(mirror_of)
         got = await h.client.get(f"/v2/{path}/manifests/{image.digest}", headers=ACCEPT)
         assert got.status_code == 200 and got.content == image.manifest
     assert h.fleet.seen() == before
+
+
+DENY_SECRET = """access:
+  - deny: [anonymous]
+    repositories: [ghcr.io/org/secret]
+  - allow: ["*"]
+"""
+
+
+async def test_rules_by_repository_are_not_got_around_by_digest_through_an_allowed_repository(mirror_of):
+    """Anonymous upstreams, but a rule denies one repository: its cached layer and manifest are
+    not served through an allowed repository of the same upstream (or another) unless that
+    repository's upstream says it has them; content of an allowed repository still is, once asked."""
+    h = await mirror_of(extra=DENY_SECRET)
+    image = h.fleet[GHCR].push("org/secret", "1", layer=SECRET_LAYER)
+    h.app.api.guard = h.app._guard(dataclasses.replace(h.app.config, access=()))    # cached while allowed
+    await pull_secret_cached(h, image)
+    h.app.api.guard = h.app._guard(h.app.config)
+    got = await h.client.get(f"/v2/ghcr.io/org/secret/blobs/{image.layer}")
+    assert got.status_code == 403 and "access[0]" in got.text
+    ghcr, hub = h.fleet[GHCR], h.fleet[HUB]
+    seen_ghcr, seen_hub = len(ghcr.seen), len(hub.seen)
+    for path in ("ghcr.io/org/anything", "library/alpine"):
+        got = await h.client.get(f"/v2/{path}/blobs/{image.layer}")
+        assert got.status_code == 404 and SECRET_LAYER[:20] not in got.content, path
+        got = await h.client.get(f"/v2/{path}/manifests/{image.digest}", headers=ACCEPT)
+        assert got.status_code == 404 and image.manifest not in got.content, path
+    assert ("HEAD", f"/v2/org/anything/blobs/{image.layer}") in new_requests(ghcr, seen_ghcr)
+    assert ("HEAD", f"/v2/library/alpine/blobs/{image.layer}") in new_requests(hub, seen_hub)
+    # a repository the upstream says has it gets it from the cache, asked once
+    h.fleet[GHCR].push("org/fork", "1", layer=SECRET_LAYER)
+    for _ in range(2):
+        got = await h.client.get(f"/v2/ghcr.io/org/fork/blobs/{image.layer}")
+        assert got.status_code == 200 and got.content == SECRET_LAYER
+    asked = [r for r in new_requests(ghcr, seen_ghcr) if r[1] == f"/v2/org/fork/blobs/{image.layer}"]
+    assert asked == [("HEAD", f"/v2/org/fork/blobs/{image.layer}")]
+
+
+async def pull_secret_cached(h: Harness, image: Image) -> None:
+    got = await h.client.get(f"/v2/ghcr.io/org/secret/manifests/{image.digest}", headers=ACCEPT)
+    assert got.status_code == 200
+    got = await h.client.get(f"/v2/ghcr.io/org/secret/blobs/{image.layer}")
+    assert got.status_code == 200 and got.content == SECRET_LAYER
+    await h.settled()
 
 
 async def test_public_content_is_served_to_a_private_upstreams_repository_without_asking(mirror_of):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import html
+import logging
 import random
 import sqlite3
 from collections import Counter
@@ -316,23 +317,27 @@ async def test_with_client_certificates_required_only_healthz_answers_without_on
 # --- /healthz
 
 
-async def test_healthz_is_ok_and_names_no_repository(mirror):
+async def test_healthz_is_ok_and_names_no_repository(mirror, caplog):
     mirror.registry.push("secret/payroll", "1")
     await pull(mirror.client, "secret/payroll", "1")
+    caplog.set_level(logging.INFO, "dockermirror.access")
     health = await mirror.client.get("/healthz")
     assert health.status_code == 200
     assert health.headers["content-type"] == "text/plain; charset=utf-8"
     assert health.headers["cache-control"] == "no-store"
     assert health.text == "ok\n"
+    assert not [r for r in caplog.records if "/healthz" in r.getMessage()]    # probes stay out of the log
 
 
-async def test_healthz_says_the_upstream_is_down_and_stays_200(mirror):
+async def test_healthz_says_the_upstream_is_down_and_stays_200(mirror, caplog):
     mirror.registry.down = True
     assert (await mirror.client.get("/v2/library/x/manifests/1", headers=ACCEPT)).status_code == 503
+    caplog.set_level(logging.INFO, "dockermirror.access")
     health = await mirror.client.get("/healthz")
     assert health.status_code == 200
     assert health.text == "ok\nupstream docker.io: unreachable: serving what is cached\n"
     assert "connection refused" not in health.text
+    assert [r for r in caplog.records if '"GET /healthz" 200' in r.getMessage()]   # ... unless it has news
 
 
 async def test_healthz_and_the_page_say_the_cache_is_degraded(mirror, monkeypatch):

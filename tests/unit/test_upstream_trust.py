@@ -43,6 +43,12 @@ BASIC = "Basic " + base64.b64encode(f"robot:{SECRET}".encode()).decode()
     ("registry.example.org", "127.0.0.1", False),
     ("localhost", "localhost", True),
     ("localhost", "evil.localhost", False),
+    ("myorg.azurecr.io", "myorg.azurecr.io", True),         # hosting shared by tenants: its own host only
+    ("myorg.azurecr.io", "attacker.azurecr.io", False),
+    ("myorg.azurecr.io", "azurecr.io", False),
+    ("123456789012.dkr.ecr.eu-west-1.amazonaws.com", "999999999999.dkr.ecr.eu-west-1.amazonaws.com", False),
+    ("europe-docker.pkg.dev", "us-docker.pkg.dev", False),
+    ("acme.jfrog.io", "evil.jfrog.io", False),
 ])
 def test_same_site(upstream, realm, same):
     assert same_site(upstream, realm) is same
