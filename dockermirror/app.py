@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 from dockermirror.api.accesslog import AccessLog, RequestDone
 from dockermirror.api.gate import Gate
+from dockermirror.api.refusals import RefusalLog
 from dockermirror.access.guard import Guard
 from dockermirror.api.routes import RegistryAPI, api_routes
 from dockermirror.cache import Cache, Limits
@@ -108,8 +109,11 @@ class DockerMirror:
         # who hears of each finished request besides the cache's counters (metrics, the status page)
         self.request_observers: list[Callable[[RequestDone], None]] = []
         self.request_observers.append(self.status_page.stats)
-        # tls.client_auth: required: a request without a client certificate stops at the gate
-        self.asgi = AccessLog(Gate(starlette, lambda: self.api.guard), on_done=self._request_done)
+        # which refusals get an info line (the gate's, and the HTTP protocol's for malformed requests)
+        self.refusals = RefusalLog()
+        # tls.client_auth: required: a request without a client certificate stops at the gate, as does
+        # one whose connection's certificate was refused since (revoked, no longer trusted)
+        self.asgi = AccessLog(Gate(starlette, lambda: self.api.guard, self.refusals), on_done=self._request_done)
 
     def _request_done(self, done: RequestDone) -> None:
         self.mirror.record(done.cache, done.sent, done.upstream)

@@ -240,6 +240,8 @@ class TLSConfig:
     crl: Path = _setting(Path("/etc/pki/docker-mirror/crl.pem"), _path)
     # where client_auth was set ("file:line"), for the error when TLS turns out not to be active
     client_auth_where: str = field(default="", compare=False, repr=False, metadata={"internal": True})
+    # where crl was set ("file:line"; empty: the default), for the warning when the file is missing
+    crl_where: str = field(default="", compare=False, repr=False, metadata={"internal": True})
 
     @property
     def active(self) -> bool:
@@ -593,6 +595,8 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
             message = "invalid value (not shown: it is a secret)" if secret else str(exc)
             raise ConfigError(message, source=source, line=value_node.start_mark.line + 1, key=dotted) from None
     built = cls(**values)
+    if cls is TLSConfig and "crl" in lines:
+        built = dataclasses.replace(built, crl_where=f"{source}:{lines['crl']}")
     if cls is TLSConfig and "client_auth" in lines:
         built = dataclasses.replace(built, client_auth_where=f"{source}:{lines['client_auth']}")
         if built.client_auth != "none" and built.enabled == "off":

@@ -191,6 +191,27 @@ def test_a_revoked_certificate_is_refused_after_reload_and_the_others_still_pull
         mtls.crl.write_bytes(good)
 
 
+def test_a_keep_alive_connection_of_a_certificate_revoked_since_is_refused_and_closed(make_mirror, mtls):
+    """A client holding its connection open (httpx's pool) across a revocation and a reload: its
+    next request is refused (401, saying why) and the connection closed; a new one fails its
+    handshake; another client's open connection goes on."""
+    frank, grace = mtls.client("frank"), mtls.client("grace")
+    mirror = make_mirror(tls={**mtls.tls, "client_auth": "required"}, server={"keepalive_timeout": "120s"})
+    with http(mirror, mtls, frank) as held, http(mirror, mtls, grace) as other:
+        assert held.get("/v2/").status_code == 200 and other.get("/v2/").status_code == 200
+        assert "revoked frank" in mtls.run("revoke", "frank")
+        reload(mirror)
+        # a 401 (not a failed handshake) shows the request came on the connection opened before
+        response = held.get("/v2/", headers=ACCEPT)
+        assert response.status_code == 401, response.text
+        assert response.json()["errors"][0]["message"].startswith("the client certificate was revoked")
+        assert response.headers["connection"] == "close"
+        assert other.get("/v2/").status_code == 200
+    assert refused(mirror, mtls, frank)
+    line = mirror.access_lines("refused=certificate-revoked")[0]
+    assert '"GET /v2/" 401 ' in line and "CN=frank" in line
+
+
 def test_optional_lets_anonymous_clients_through_and_names_a_certificate_when_given(make_mirror, mtls,
                                                                                   upstream: Upstream):
     mirror = make_mirror(tls={**mtls.tls, "client_auth": "optional"})

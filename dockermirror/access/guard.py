@@ -58,6 +58,31 @@ class CertificateRequired(Unauthorized):
                          "admin for one (docker-mirror cert client NAME)")
 
 
+class CertificateRefused(Unauthorized):
+    """The connection's client certificate was verified in its handshake, but the trust in force
+    now refuses it (a reload since revoked it, or no longer trusts its CA, or it expired):
+    service/clientcert.py puts ``scope["client_certificate_refused"]`` instead of the certificate.
+    401, whatever tls.client_auth is: a refused certificate never falls back to anonymous (a new
+    connection with it would fail its handshake), and the gate closes the connection."""
+
+    _MESSAGES = {
+        "revoked": "the client certificate was revoked (docker-mirror cert revoke); ask the mirror's admin "
+                   "for a new one (docker-mirror cert client NAME)",
+        "untrusted": "the client certificate is no longer trusted: it is not signed by a client CA of this "
+                     "mirror (tls.client_ca); ask the mirror's admin for a new one (docker-mirror cert client NAME)",
+        "expired": "the client certificate expired; ask the mirror's admin for a new one "
+                   "(docker-mirror cert client NAME)",
+    }
+
+    def __init__(self, refused: dict[str, Any]) -> None:
+        reason = str(refused.get("reason"))
+        super().__init__(self._MESSAGES.get(reason, "the client certificate is no longer accepted; ask the "
+                                                    "mirror's admin for a new one (docker-mirror cert client NAME)"))
+        self.refused = f"certificate-{reason if reason in self._MESSAGES else 'refused'}"   # refused=... in the log
+        # for the log only (the client knows its certificate)
+        self.note = f"client certificate {refused.get('subject', '')} (serial {refused.get('serial', '')}) {reason}"
+
+
 class Guard:
     def __init__(self, rules: Rules, htpasswd: PasswordFile | None = None, *,
                  certificate_required: bool = False) -> None:
@@ -86,7 +111,12 @@ class Guard:
         client certificate when one is required: by the configuration, or by the TLS layer for
         this connection (``scope["client_certificate_required"]``, service/clientcert.py: it
         holds even if a reload changed the TLS settings and not this guard); before anything
-        else looks at the request."""
+        else looks at the request. Raise :class:`CertificateRefused` for a request whose
+        connection's certificate the trust in force refuses (``scope["client_certificate_refused"]``),
+        whatever the configuration."""
+        refused = scope.get("client_certificate_refused")
+        if refused:
+            raise CertificateRefused(refused if isinstance(refused, dict) else {"reason": str(refused)})
         if (self.certificate_required or scope.get("client_certificate_required") is True) \
                 and not scope.get("client_certificate"):
             raise CertificateRequired()

@@ -3,65 +3,49 @@ connection without a verified client certificate is answered 401 UNAUTHORIZED wi
 error body that says so (:meth:`Guard.admit`), whatever its method and path: nothing is routed,
 nothing reaches the cache or an upstream. The status line says it too (``401 Unauthorized: a
 client certificate is required ...``, see service/zerocopy.py): containerd shows nothing else
-of an error to a HEAD request, which has no body.
+of an error to a HEAD request, which has no body. So is a request whose connection's
+certificate was refused since the connection opened (revoked, no longer issued by a client
+CA, expired: service/clientcert.py), whatever ``client_auth`` is.
+
+A refused request's answer closes its connection (``Connection: close``): a client without a
+certificate holds no connection slot on keep-alive, and one whose certificate was revoked
+cannot go on asking.
 
 One path is let through without a certificate: ``/healthz`` (service/statuspage.py), which names
 no repository and asks for nothing, so that load balancers and probes (a kubelet's HTTPS probe
 shows no certificate) can tell a serving mirror from a dead one. The status page ``/`` is not.
 
-Its request-log line says ``identity=anonymous refused=no-client-certificate``; a client
-that retries in a loop cannot flood the log: from one address, one such line a minute at
-info (with how many were refused since), the others at debug.
+Its request-log line says ``identity=anonymous refused=no-client-certificate`` (or
+``refused=certificate-revoked`` and the like, with the certificate's subject in the note); a
+client that retries in a loop, or many clients, cannot flood the log (api/refusals.py): from
+one address (an IPv6 /64), one such line a minute at info (with how many were refused since),
+at most BUDGET such lines a minute in all, the others at debug.
 """
 
 from __future__ import annotations
 
 import http
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dockermirror.access.guard import Guard
 from dockermirror.access.identity import ANONYMOUS
+from dockermirror.api.refusals import RefusalLog
 from dockermirror.api.responses import error_response
 from dockermirror.errors import RegistryError
 
-LOG_INTERVAL = 60.0     # seconds: at most one info line per client address this often
-MAX_ADDRESSES = 4096    # addresses remembered (the oldest forgotten first)
 OPEN_PATHS = frozenset({"/healthz"})     # answered without a client certificate
-
-
-class RefusalLog:
-    """Which refused requests get an info line: the first from an address, then one a
-    minute; the others are counted (and logged at debug)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.seen: OrderedDict[str, tuple[float, int]] = OrderedDict()   # address: (last info line, quiet since)
-
-    def loud(self, address: str) -> tuple[bool, int]:
-        """Whether this refusal gets an info line, and how many went quietly before it."""
-        now = self.clock()
-        last, quiet = self.seen.pop(address, (None, 0))
-        if last is not None and now - last < LOG_INTERVAL:
-            self.seen[address] = (last, quiet + 1)
-            return False, quiet + 1
-        self.seen[address] = (now, 0)
-        while len(self.seen) > MAX_ADDRESSES:
-            self.seen.popitem(last=False)
-        return True, quiet
 
 
 class Gate:
     """ASGI middleware in front of the routes; ``guard`` gives the guard in force (a reload
     replaces it)."""
 
-    def __init__(self, app: ASGIApp, guard: Callable[[], Guard]) -> None:
+    def __init__(self, app: ASGIApp, guard: Callable[[], Guard], refusals: RefusalLog | None = None) -> None:
         self.app = app
         self.guard = guard
-        self.refusals = RefusalLog()
+        self.refusals = refusals if refusals is not None else RefusalLog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         open_path = scope["type"] == "http" and scope["path"] in OPEN_PATHS
@@ -79,17 +63,20 @@ class Gate:
     async def refuse(self, scope: Scope, receive: Receive, send: Send, error: RegistryError) -> None:
         state = scope.setdefault("state", {})
         client = scope.get("client") or ("-", 0)
-        loud, quiet = self.refusals.loud(str(client[0]))
+        verdict = self.refusals.loud(str(client[0]))
         state["identity"] = ANONYMOUS
         state["refused"] = getattr(error, "refused", error.code)
-        state["quiet"] = not loud
-        if loud and quiet:
-            state["note"] = f"{quiet} more refused from this address since the last such line (logged at debug)"
+        state["quiet"] = not verdict.loud
+        notes = [note for note in (getattr(error, "note", ""), verdict.note()) if note]
+        if notes:
+            state["note"] = "; ".join(notes)
         reason = f"{http.HTTPStatus(error.status).phrase}: {error.message}"
 
         async def send_with_reason(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "reason": reason}
+                # closed once answered: no connection slot held on keep-alive, no more asking on it
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers, "reason": reason}
             await send(message)
 
         await error_response(error, head=scope.get("method") == "HEAD")(scope, receive, send_with_reason)

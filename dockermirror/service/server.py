@@ -99,6 +99,9 @@ class Service:
                 log.warning("%s", warning)
             if config.tls.client_auth != "none":
                 log.info("%s", self.tls.client_summary)
+                if self.tls.revoked is None and config.tls.crl_where:
+                    log.warning("%s: tls.crl %s does not exist: no client certificate is revoked until "
+                                "docker-mirror cert revoke writes it", config.tls.crl_where, config.tls.crl)
         elif config.tls.enabled == "auto":
             log.info("no TLS certificate at %s: serving plain HTTP (tls.enabled: auto)", config.tls.certificate)
         # metrics.listen: the registry of metrics (the core's meter) and its own listening socket
@@ -119,6 +122,8 @@ class Service:
                                     meter=self.metrics if self.metrics is not None else NULL_METER)
         except HtpasswdError as exc:
             raise StartupError(f"auth.htpasswd: {exc}") from None
+        # refused requests and malformed ones from clients without a certificate: one limit on their log lines
+        self.protocol.refusals = self.app.refusals
         try:
             self.app.open()
         except CacheBusy as exc:
@@ -210,7 +215,7 @@ class Service:
         if new.tls.active != bool(self.tls):
             notes.append("tls.enabled")
         elif self.tls is not None:
-            from dockermirror.service.tls import TLSError
+            from dockermirror.service.tls import TLSError, TrustLost
 
             try:
                 checked = self.tls.reload(new.tls.certificate, new.tls.key, public_hostname(new), client_auth(new))
@@ -220,6 +225,10 @@ class Service:
                          new.tls.certificate, checked.certificate.serial_number)
                 if new.tls.client_auth != "none" or self.config.tls.client_auth != "none":
                     log.info("%s", self.tls.client_summary)
+            except TrustLost as exc:     # e.g. the CRL in force is gone: nothing of this reload applies
+                log.error("reload refused, still running with the previous configuration: %s", exc)
+                self.systemd.ready(self.status())
+                return
             except TLSError as exc:
                 log.error("reload kept the previous TLS certificate, client CA and CRL: %s", exc)
                 new = _keep_tls(new, self.config)

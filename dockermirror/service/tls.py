@@ -14,10 +14,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
+
+from dockermirror.service.clienttrust import ClientTrust
 
 EXPIRY_WARNING = datetime.timedelta(days=30)
 
@@ -26,6 +29,11 @@ log = logging.getLogger("dockermirror.tls")
 
 class TLSError(Exception):
     """The certificate or key cannot be used; the message names the file and the problem."""
+
+
+class TrustLost(TLSError):
+    """A reload would drop what protects the server now (the CRL in force is gone): the whole
+    reload is refused, not only its TLS part (service/server.py)."""
 
 
 @dataclass
@@ -115,7 +123,10 @@ class ClientAuth:
     def describe(self, revoked: int | None) -> str:
         if self.mode == "none":
             return "client certificates: not asked for"
-        crl = (f"CRL {self.crl} ({revoked} revoked)" if revoked is not None else "no CRL")
+        if revoked is not None:
+            crl = f"CRL {self.crl} ({revoked} revoked)"
+        else:
+            crl = "no CRL" + (f" at {self.crl} yet (docker-mirror cert revoke writes it)" if self.crl else "")
         return f"client certificates: {self.mode}, signed by {self.ca}; {crl}"
 
 
@@ -186,6 +197,9 @@ class _Context(ssl.SSLContext):
     application's configuration says, e.g. after a reload the application could not apply)."""
 
     certificate_required = False
+    # the listening context's: the client CAs and revoked certificates in force, which every
+    # request checks its connection's certificate against (service/clienttrust.py)
+    client_trust: Any = None
 
 
 def _new_context() -> _Context:
@@ -213,13 +227,21 @@ def read_crls(path: Path) -> list[x509.CertificateRevocationList]:
 def check_crls(path: Path, ca_path: Path, now: datetime.datetime | None = None) -> int:
     """Raise TLSError for a CRL file the server cannot use with this CA file (not signed by it, out of
     date: OpenSSL would then refuse every client); return how many certificates it revokes."""
-    crls = read_crls(path)
+    return sum(len(crl) for crl in usable_crls(path, read_cas(ca_path), now, ca_path))
+
+
+def read_cas(ca_path: Path) -> list[x509.Certificate]:
     try:
-        cas = x509.load_pem_x509_certificates(_read("client CA", ca_path))
+        return x509.load_pem_x509_certificates(_read("client CA", ca_path))
     except ValueError:
         raise TLSError(f"{ca_path} is not a PEM certificate") from None
+
+
+def usable_crls(path: Path, cas: list[x509.Certificate], now: datetime.datetime | None = None,
+                ca_path: Path | str = "the client CA file") -> list[x509.CertificateRevocationList]:
+    """The CRLs of a file, each checked as :func:`check_crls` says."""
+    crls = read_crls(path)
     now = now or datetime.datetime.now(datetime.UTC)
-    revoked = 0
     for crl in crls:
         issuers = [ca for ca in cas if ca.subject == crl.issuer]
         if not any(_signed_by(crl, ca) for ca in issuers):
@@ -230,8 +252,7 @@ def check_crls(path: Path, ca_path: Path, now: datetime.datetime | None = None) 
                            "(every client would be refused): write a new one with docker-mirror cert revoke")
         if crl.last_update_utc > now + datetime.timedelta(minutes=5):
             raise TLSError(f"the CRL in {path} is not valid before {crl.last_update_utc:%Y-%m-%d %H:%M} UTC")
-        revoked += len(crl)
-    return revoked
+    return crls
 
 
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
@@ -250,6 +271,15 @@ class ServerTLS:
     is switched to ``current``, a context built afresh on each reload with the certificate,
     the client CA and the CRL: what it verifies against is exactly the files of the last
     reload (a store cannot forget a CA, so it is never reused).
+
+    ``trust`` (also the listening context's ``client_trust``) is what the same files say, for
+    the requests of connections already open (service/clienttrust.py): each one re-checks its
+    certificate against it, so a revocation or another client CA reaches them too, and so does
+    a CRL loaded between a connection's accept and its ClientHello (OpenSSL would not check it).
+
+    Once a CRL has been in force in this process, a reload whose CRL file cannot be read is
+    refused (:class:`TrustLost`): a CRL moved away or a path mistyped would otherwise let every
+    certificate it revokes in again. At start a missing CRL means none (none revoked yet).
     """
 
     def __init__(self, certificate: Path, key: Path, hostname: str = "",
@@ -257,10 +287,11 @@ class ServerTLS:
         self.certificate, self.key, self.hostname, self.client = certificate, key, hostname, client
         self.checked = check(certificate, key, hostname)
         self.refusals = Refusals()
-        self.current, self.revoked = self._build(certificate, key, client)
+        self.crl_in_force = False       # a CRL was in force at some point in this process
+        self.current, self.revoked, self.trust = self._build(certificate, key, client)
         self.context = _new_context()
         self._load(self.context, certificate, key)
-        self._apply(client, self.current, self.revoked)
+        self._apply(client, self.current, self.revoked, self.trust)
         self.context.sni_callback = self._choose
 
     def _choose(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
@@ -274,14 +305,16 @@ class ServerTLS:
             raise TLSError(f"cannot use TLS certificate {certificate} with key {key}: "
                            f"{exc.reason or exc}") from None
 
-    def _build(self, certificate: Path, key: Path, client: ClientAuth) -> tuple[ssl.SSLContext, int | None]:
-        """A context for these files, and how many certificates its CRL revokes (None: no CRL)."""
+    def _build(self, certificate: Path, key: Path,
+               client: ClientAuth) -> tuple[ssl.SSLContext, int | None, ClientTrust]:
+        """A context for these files, how many certificates its CRL revokes (None: no CRL), and
+        the trust the requests of open connections are checked against."""
         context = _new_context()
         self._load(context, certificate, key)
         context.verify_mode = _MODES[client.mode]
         context.certificate_required = client.mode == "required"
         if client.mode == "none":
-            return context, None
+            return context, None, ClientTrust("none")
         if MESSAGE_HOOK:
             # a private hook (CPython's test suite uses it): the only place a refusal's reason shows
             context._msg_callback = self.refusals  # type: ignore[attr-defined]
@@ -297,23 +330,42 @@ class ServerTLS:
                               if isinstance(exc, FileNotFoundError) else "")) from None
         except ssl.SSLError:
             raise TLSError(f"the client CA (tls.client_ca) {client.ca} holds no PEM certificate") from None
-        if client.crl is None or not client.crl.exists():
-            return context, None
-        revoked = check_crls(client.crl, client.ca)
+        cas = read_cas(client.ca)
+        if client.crl is None or not self._crl_there(client.crl):
+            return context, None, ClientTrust(client.mode, cas)
+        crls = usable_crls(client.crl, cas, ca_path=client.ca)
         try:
             context.load_verify_locations(cafile=str(client.crl))
         except (OSError, ssl.SSLError) as exc:
             raise TLSError(f"cannot load the CRL (tls.crl) {client.crl}: {exc}") from None
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-        return context, revoked
+        return context, sum(len(crl) for crl in crls), ClientTrust.of(client.mode, cas, crls)
 
-    def _apply(self, client: ClientAuth, current: ssl.SSLContext, revoked: int | None) -> None:
-        """Switch new connections to ``current``. The CRL check is turned on only once a context
-        with the CRL is in place, and off before one without it is."""
+    def _crl_there(self, path: Path) -> bool:
+        """Whether the CRL file exists; missing once a CRL was in force: TrustLost."""
+        try:
+            path.stat()
+            return True
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if self.crl_in_force:
+                raise TrustLost(f"the CRL (tls.crl) {path} is gone ({exc.strerror}), and a CRL was in force: "
+                                "without it every certificate it revoked would get in again. Put it back "
+                                "(docker-mirror cert revoke writes it), or restart the server to run "
+                                "without one") from None
+            return False
+        except OSError as exc:
+            raise TLSError(f"cannot read the CRL (tls.crl) {path}: {exc.strerror or exc}") from None
+
+    def _apply(self, client: ClientAuth, current: ssl.SSLContext, revoked: int | None, trust: ClientTrust) -> None:
+        """Switch new connections to ``current``, and the requests of open ones to ``trust``. The
+        CRL check is turned on only once a context with the CRL is in place, and off before one
+        without it is."""
         crl_check = revoked is not None
         if not crl_check:
             self.context.verify_flags &= ~ssl.VERIFY_CRL_CHECK_LEAF
-        self.current, self.revoked, self.client = current, revoked, client
+        self.current, self.revoked, self.client, self.trust = current, revoked, client, trust
+        self.context.client_trust = trust
+        self.crl_in_force = self.crl_in_force or crl_check
         self.context.verify_mode = _MODES[client.mode]
         # no session resumption while certificates are checked: a resumed session skips the check,
         # so a certificate revoked since (or a client CA no longer trusted) would still get in.
@@ -337,9 +389,9 @@ class ServerTLS:
         """Check the (new) files, then switch new connections to them; on any error nothing changes."""
         client = client or self.client
         checked = check(certificate, key, hostname)
-        current, revoked = self._build(certificate, key, client)
+        current, revoked, trust = self._build(certificate, key, client)
         self._load(self.context, certificate, key)
-        self._apply(client, current, revoked)
+        self._apply(client, current, revoked, trust)
         self.certificate, self.key = certificate, key
         self.hostname, self.checked = hostname, checked
         return checked

@@ -21,7 +21,13 @@ own byte accounting is told how much went out, so Content-Length is still enforc
 TLS connections do not get the extension (the bytes must be encrypted in user space).
 
 On TLS, a client certificate the handshake verified is put in every request's scope as
-``scope["client_certificate"]`` (see service/clientcert.py).
+``scope["client_certificate"]``, once the trust in force for that request (the last reload's
+client CAs and CRL) agreed (see service/clientcert.py).
+
+On a connection without a certificate where one is required, the lines that malformed or
+refused requests would log (uvicorn's "Invalid HTTP request received.", our 400/408/413/414/431
+lines) go through the same limiter as the gate's refusals (api/refusals.py): such a client
+cannot flood the log with them.
 
 A response may carry its own reason phrase: ``"reason"`` in its ``http.response.start``
 message (an extension of ours; printable ASCII, else the standard phrase is sent). Some
@@ -46,6 +52,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from dockermirror.api.refusals import RefusalLog
 from dockermirror.service import clientcert
 
 log = logging.getLogger("dockermirror.access")
@@ -349,12 +356,15 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     """
 
     limits = ClientLimits()          # the Service replaces it on start and reload (new connections)
+    refusals = RefusalLog()          # the Service shares the gate's (one limit on refusal lines)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        # verified in the handshake, which is over by now; every request's scope names it
-        self._certificate_owed = clientcert.owed(transport)
-        self._client_certificate = clientcert.after_handshake(transport)
+        # verified in the handshake, which is over by now; every request's scope names it once
+        # the trust in force then agrees
+        self._certificate = clientcert.ConnectionCertificate(transport)
+        # no certificate where one is required: what its malformed requests log is rate-limited
+        self._unidentified = self._certificate.owed and self._certificate.presented is None
         self._limits = type(self).limits
         self._head_pending = True
         self._budget = self._limits.max_header_size
@@ -398,6 +408,8 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
+            elif self._unidentified:
+                self._log_refusal(logging.INFO, '%s "-" 0 0 note="unsupported upgrade request"', self._address())
             else:
                 self._unsupported_upgrade_warning()
             return False
@@ -405,7 +417,10 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
             if self._refusal is not None:
                 self._refuse(*self._refusal)
             else:
-                self.logger.warning("Invalid HTTP request received.")
+                if self._unidentified:
+                    self._log_refusal(logging.INFO, '%s "-" 400 0 note="invalid HTTP request"', self._address())
+                else:
+                    self.logger.warning("Invalid HTTP request received.")
                 self.send_400_response("Invalid HTTP request received.")
             return False
         return not self.transport.is_closing()
@@ -415,7 +430,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = 0
-        clientcert.attach(self.scope, self._client_certificate, self._certificate_owed)
+        self._certificate.attach(self.scope)
 
     def on_url(self, url: bytes) -> None:
         if len(self.url) + len(url) > self._limits.max_url:
@@ -475,13 +490,29 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         self._refused = True
         self._cancel_header_timer()
         self._unset_keepalive_if_required()
-        client = self.client[0] if self.client else "-"
-        log.info('%s "-" %d 0 note="%s"', client, status, why)
+        client = self._address()
+        if self._unidentified:
+            self._log_refusal(logging.INFO, '%s "-" %d 0 note="%s"', client, status, why)
+        else:
+            log.info('%s "-" %d 0 note="%s"', client, status, why)
         if self._busy():
             # the requests before it (a response going out, pipelined ones) are answered first
             self._pending_refusal = (status, why)
             return
         self._answer_refusal(status, why)
+
+    def _address(self) -> str:
+        return str(self.client[0]) if self.client else "-"
+
+    def _log_refusal(self, level: int, message: str, *args: object) -> None:
+        """A line about a malformed request from a client without a certificate: at ``level`` if
+        the refusal limiter lets it (with how many it stands for), else at debug."""
+        verdict = type(self).refusals.loud(self._address())
+        if not verdict.loud:
+            log.debug(message, *args)
+            return
+        note = verdict.note()
+        log.log(level, message + (" (%s)" if note else ""), *args, *((note,) if note else ()))
 
     def _busy(self) -> bool:
         return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)

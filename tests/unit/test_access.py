@@ -746,6 +746,49 @@ async def test_a_refusal_for_no_certificate_is_logged_once_a_minute_per_address(
 
 
 @pytest.mark.anyio
+async def test_refusals_are_logged_once_a_minute_per_ipv6_64_and_at_most_a_budget_a_minute_in_all(
+        tmp_path, caplog, monkeypatch):
+    """Many source addresses (a /64 has plenty; so has a botnet) cannot flood the log either: an
+    IPv6 /64 counts as one address, and past BUDGET info lines a minute the rest go to debug,
+    counted in the next info line."""
+    from dockermirror.api.refusals import BUDGET
+
+    caplog.set_level(logging.DEBUG, "dockermirror.access")
+    now = [1000.0]
+    app = DockerMirror(required_config(tmp_path / "cache"), clock=FakeClock(),
+                       upstream_transport=FakeRegistry().transport)
+    monkeypatch.setattr(app.asgi.app.refusals, "clock", lambda: now[0])
+
+    def info() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "dockermirror.access" and r.levelno == logging.INFO]
+
+    async with app.running():
+        mirror = Mirror(app, FakeRegistry())
+        for i in range(1, 41):          # one /64, and the same host IPv4-mapped
+            address = f"2001:db8:1:2::{i:x}" if i % 2 else f"2001:db8:1:2:{i:x}::1"
+            async with mirror.client(address) as client:
+                assert (await client.get("/v2/")).status_code == 401
+        for address in ("::ffff:192.0.2.9", "192.0.2.9"):
+            async with mirror.client(address) as client:
+                assert (await client.get("/v2/")).status_code == 401
+        assert len(info()) == 2
+        assert info()[0].startswith('2001:db8:1:2::1 "GET /v2/" 401 ') and info()[1].startswith("::ffff:192.0.2.9 ")
+        for i in range(BUDGET + 20):    # as many addresses as the budget and more
+            async with mirror.client(f"198.51.100.{i}") as client:
+                assert (await client.get("/v2/")).status_code == 401
+        assert len(info()) == BUDGET
+        now[0] += 61
+        async with mirror.client("2001:db8:1:2:ffff::7") as client:
+            assert (await client.get("/v2/")).status_code == 401
+    assert len(info()) == BUDGET + 1
+    assert info()[-1].endswith(' refused=no-client-certificate note="39 more refused from 2001:db8:1:2::/64 since '
+                               'the last such line (logged at debug); 22 more from other sources logged at debug '
+                               f'only (over {BUDGET} such lines a minute)"')
+    records = [r for r in caplog.records if r.name == "dockermirror.access"]
+    assert len(records) == 40 + 2 + BUDGET + 20 + 1     # every refusal at debug all the same
+
+
+@pytest.mark.anyio
 async def test_a_reload_switches_client_auth_for_the_next_requests(tmp_path):
     registry = FakeRegistry()
     registry.push("library/busybox", "1")

@@ -17,7 +17,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from dockermirror import config as configuration
 from dockermirror.config import ConfigError
 from dockermirror.service import certs, clientcert, clientcerts
-from dockermirror.service.tls import ClientAuth, Refusals, ServerTLS, TLSError, check_crls
+from dockermirror.access.guard import CertificateRefused, Guard
+from dockermirror.access.rules import Rules
+from dockermirror.service.tls import ClientAuth, Refusals, ServerTLS, TLSError, TrustLost, check_crls
 
 # --- configuration
 
@@ -262,9 +264,20 @@ def test_a_revocation_applies_on_reload_and_a_bad_crl_keeps_the_old_one(paths, i
     with pytest.raises(ssl.SSLError):                   # the old CRL still applies
         handshake(tls, paths.ca, issued["alice"])
     crl.write_bytes(good)
-    crl.unlink()                                        # a CRL removed: none is checked
-    tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("required", paths.ca, crl))
-    assert handshake(tls, paths.ca, issued["alice"])["cn"] == "alice"
+    # a CRL removed (moved away, a path mistyped) once one was in force: refused, the old one applies
+    crl.rename(tmp_path / "moved.pem")
+    with pytest.raises(TrustLost, match=f"the CRL \\(tls.crl\\) {crl} is gone"):
+        tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("required", paths.ca, crl))
+    with pytest.raises(ssl.SSLError):
+        handshake(tls, paths.ca, issued["alice"])
+    assert tls.revoked == 1 and tls.trust.revoked
+    # so is another path that does not exist; a reload to client_auth: none needs no CRL
+    with pytest.raises(TrustLost):
+        tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("optional", paths.ca, tmp_path / "typo.pem"))
+    tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("none", paths.ca, crl))
+    assert handshake(tls, paths.ca, issued["alice"]) is None
+    # a new server (a restart) starts without one
+    assert handshake(server(paths, "required", crl), paths.ca, issued["alice"])["cn"] == "alice"
 
 
 def test_a_reload_to_another_client_ca_no_longer_trusts_the_first(paths, issued, tmp_path):
@@ -282,6 +295,67 @@ def test_a_reload_to_another_client_ca_no_longer_trusts_the_first(paths, issued,
     assert handshake_owed(tls, paths.ca) == (None, True)
     tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("none", paths.ca, None))
     assert handshake(tls, paths.ca, issued["alice"]) is None
+
+
+def connection_of(server: ServerTLS, ca: Path, client: Path) -> clientcert.ConnectionCertificate:
+    """What the HTTP protocol keeps of a connection after its handshake (memory BIOs)."""
+    client_context = ssl.create_default_context(cafile=str(ca))
+    client_context.check_hostname = False
+    client_context.load_cert_chain(client / "client.cert", client / "client.key")
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client_context.wrap_bio(c_in, c_out, server_hostname="localhost")
+    s = server.context.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(20):
+        for obj, out, peer_in in ((c, c_out, s_in), (s, s_out, c_in)):
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            peer_in.write(out.read())
+
+    class Transport:
+        def get_extra_info(self, key: str):
+            return {"ssl_object": s, "sslcontext": server.context}.get(key)
+
+    return clientcert.ConnectionCertificate(Transport())
+
+
+def test_each_request_checks_its_connections_certificate_against_the_trust_in_force(paths, issued, tmp_path,
+                                                                                    monkeypatch):
+    crl = tmp_path / "ca" / "crl.pem"
+    tls = server(paths, "optional", crl)
+    alice, bob = connection_of(tls, paths.ca, issued["alice"]), connection_of(tls, paths.ca, issued["bob"])
+    serial = f'{_cert(issued["alice"] / "client.cert").serial_number:x}'
+    alice.attach(scope := {})
+    assert scope == {"client_certificate": {"subject": "CN=alice", "cn": "alice", "serial": serial}}
+    clientcerts.revoke(paths, "alice", crl)
+    alice.attach(scope := {})
+    assert "client_certificate" in scope                # until the reload
+    tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("optional", paths.ca, crl))
+    alice.attach(scope := {})
+    assert scope == {"client_certificate_refused": {"reason": "revoked", "subject": "CN=alice", "cn": "alice",
+                                                    "serial": serial}}
+    # refused: 401, whatever the guard's configuration (here: none at all)
+    with pytest.raises(CertificateRefused) as caught:
+        Guard(Rules((), None)).admit(scope)
+    assert caught.value.status == 401 and caught.value.refused == "certificate-revoked"
+    assert caught.value.message.startswith("the client certificate was revoked")
+    bob.attach(scope := {})
+    assert scope["client_certificate"]["cn"] == "bob"
+    # a certificate that expires while its connection is open
+    monkeypatch.setattr(clientcert.time, "time", lambda: bob.presented.not_after + 1)
+    bob.attach(scope := {})
+    assert scope["client_certificate_refused"]["reason"] == "expired"
+    monkeypatch.undo()
+    # another client CA: no longer trusted; client_auth none: not used (anonymous, as a new connection)
+    other = certs.Paths(tmp_path / "o.crt", tmp_path / "o.key", tmp_path / "other" / "ca.crt")
+    certs.init(other, ["localhost"], [])
+    tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("required", other.ca, None))
+    bob.attach(scope := {})
+    assert scope["client_certificate_refused"]["reason"] == "untrusted"
+    tls.reload(paths.certificate, paths.key, "localhost", ClientAuth("none", paths.ca, None))
+    bob.attach(scope := {})
+    assert scope == {}
 
 
 def test_a_missing_client_ca_is_one_line_naming_it(paths, tmp_path):
