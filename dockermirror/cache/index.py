@@ -7,7 +7,8 @@ manifest types), the referrers answers (subject digest and artifactType filter -
 of the image index the upstream answered, stored as content), and traffic counters. A row
 in ``content`` means the file is complete and verified.
 Triggers keep ``totals`` (entries and bytes, of all content and of pinned content) exact,
-so any process reads the cache's size in O(1); LRU eviction and expiry walk an index on ``last_access``, O(log n) each.
+so any process reads the cache's size in O(1); LRU eviction and expiry walk an index on
+``last_access``, O(log n) each.
 
 Reads use their own connection and never wait for the writer (WAL). Writes go
 through one connection under a lock and are meant for a worker thread; accesses are
@@ -638,7 +639,8 @@ class Index:
 
 
 def _count_pinned(conn: sqlite3.Connection) -> tuple[int, int]:
-    """(entries, bytes) of pinned content, counted: a scan of the pinned rows (upgrades only)."""
+    """(entries, bytes) of pinned content, counted: a scan of the pinned rows (only when an index
+    older than schema 4 is opened)."""
     entries, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM content WHERE pinned = 1").fetchone()
     return entries, size
 
