@@ -6,8 +6,9 @@ which repositories each digest was served for, the tag -> digest map with its fr
 manifest types), the referrers answers (subject digest and artifactType filter -> the digest
 of the image index the upstream answered, stored as content), and traffic counters. A row
 in ``content`` means the file is complete and verified.
-Triggers keep ``totals`` (entries and bytes) exact, so any process reads the cache's
-size in O(1); LRU eviction and expiry walk an index on ``last_access``, O(log n) each.
+Triggers keep ``totals`` (entries and bytes, of all content and of pinned content) exact,
+so any process reads the cache's size in O(1); LRU eviction and expiry walk an index on
+``last_access``, O(log n) each.
 
 Reads use their own connection and never wait for the writer (WAL). Writes go
 through one connection under a lock and are meant for a worker thread; accesses are
@@ -31,7 +32,9 @@ FORMAT = "docker-mirror-cache/1"
 # Compatible changes within FORMAT, applied at open (meta 'schema'; absent means 1):
 # 2: tags gain ``accept`` (their accept class) in their primary key.
 # 3: the ``referrers`` table (created at open; an index of schema 2 read as it is has none).
-SCHEMA_VERSION = 3
+# 4: ``totals`` gains ``pinned_entries`` and ``pinned_bytes`` (counted once at the upgrade, then
+#    kept by triggers; an index of schema 3 read as it is gets them counted once at open).
+SCHEMA_VERSION = 4
 _LIST_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
 
@@ -51,7 +54,8 @@ CREATE TABLE IF NOT EXISTS content (
 CREATE INDEX IF NOT EXISTS content_lru ON content (pinned, last_access);
 CREATE INDEX IF NOT EXISTS content_expiry ON content (kind, pinned, last_access);
 CREATE TABLE IF NOT EXISTS totals (
-    id INTEGER PRIMARY KEY CHECK (id = 1), entries INTEGER NOT NULL, bytes INTEGER NOT NULL);
+    id INTEGER PRIMARY KEY CHECK (id = 1), entries INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    pinned_entries INTEGER NOT NULL DEFAULT 0, pinned_bytes INTEGER NOT NULL DEFAULT 0);
 INSERT OR IGNORE INTO totals (id, entries, bytes) VALUES (1, 0, 0);
 CREATE TRIGGER IF NOT EXISTS content_added AFTER INSERT ON content BEGIN
     UPDATE totals SET entries = entries + 1, bytes = bytes + NEW.size WHERE id = 1; END;
@@ -59,6 +63,17 @@ CREATE TRIGGER IF NOT EXISTS content_removed AFTER DELETE ON content BEGIN
     UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.size WHERE id = 1; END;
 CREATE TRIGGER IF NOT EXISTS content_resized AFTER UPDATE OF size ON content BEGIN
     UPDATE totals SET bytes = bytes - OLD.size + NEW.size WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS pinned_added AFTER INSERT ON content WHEN NEW.pinned = 1 BEGIN
+    UPDATE totals SET pinned_entries = pinned_entries + 1, pinned_bytes = pinned_bytes + NEW.size
+    WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS pinned_removed AFTER DELETE ON content WHEN OLD.pinned = 1 BEGIN
+    UPDATE totals SET pinned_entries = pinned_entries - 1, pinned_bytes = pinned_bytes - OLD.size
+    WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS pinned_changed AFTER UPDATE OF pinned, size ON content
+    WHEN OLD.pinned = 1 OR NEW.pinned = 1 BEGIN
+    UPDATE totals SET pinned_entries = pinned_entries - (OLD.pinned = 1) + (NEW.pinned = 1),
+        pinned_bytes = pinned_bytes - (OLD.pinned = 1) * OLD.size + (NEW.pinned = 1) * NEW.size
+    WHERE id = 1; END;
 CREATE TABLE IF NOT EXISTS refs (       -- digest served for upstream/repository
     upstream    TEXT NOT NULL,
     repository  TEXT NOT NULL,
@@ -173,6 +188,7 @@ class Index:
         self.mode = mode
         self._cols = _ENTRY
         self._has_referrers = True      # False: an index of schema 2 read as it is (IMMUTABLE)
+        self._pinned: tuple[int, int] | None = None     # counted at open: an index of schema < 4 read as it is
         if not create and not self.path.exists():
             raise ForeignDatabase(f"{self.path} does not exist")
         if mode == RW and not self.path.exists():
@@ -223,6 +239,8 @@ class Index:
                 # its tags are keyed the old way and it cannot be upgraded here: not used
                 raise sqlite3.OperationalError(f"{self.path} is of an older schema and cannot be upgraded now")
             self._has_referrers = "referrers" in tables    # schema 2 has none: no referrers cached
+            if "pinned_entries" not in {row[1] for row in conn.execute("PRAGMA table_info(totals)")}:
+                self._pinned = _count_pinned(conn)     # the file never changes: counted once
             return
         if self.mode == RW:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -233,10 +251,14 @@ class Index:
                 version = self._schema_version(conn)
                 if version < 2:
                     self._tags_before_2(conn)
+                self._totals_before_4(conn)
                 for statement in _split(_SCHEMA):
                     conn.execute(statement)
                 if version < 2:
                     self._tags_to_2(conn)
+                if version < 4:     # the triggers keep them from now on
+                    conn.execute("UPDATE totals SET pinned_entries = ?, pinned_bytes = ? WHERE id = 1",
+                                 _count_pinned(conn))
                 conn.execute(f"INSERT OR {'REPLACE' if version < SCHEMA_VERSION else 'IGNORE'} INTO meta"
                              " (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 if "stamp" not in {row[1] for row in conn.execute("PRAGMA table_info(content)")}:
@@ -278,6 +300,14 @@ class Index:
                 " CASE WHEN media_type IN (?, ?) THEN checked ELSE 0 END, last_access, '' FROM tags_v1",
                 _LIST_TYPES)
             conn.execute("DROP TABLE tags_v1")
+
+    @staticmethod
+    def _totals_before_4(conn: sqlite3.Connection) -> None:
+        """Schema 3 and before kept no pinned totals: add their columns (counted after the triggers exist)."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(totals)")}
+        if columns and "pinned_entries" not in columns:
+            conn.execute("ALTER TABLE totals ADD COLUMN pinned_entries INTEGER NOT NULL DEFAULT 0")
+            conn.execute("ALTER TABLE totals ADD COLUMN pinned_bytes INTEGER NOT NULL DEFAULT 0")
 
     def recreate(self) -> bool:
         """The file was deleted under the open database: write the database out again at ``path``
@@ -487,8 +517,12 @@ class Index:
             (upstream, upstream)).fetchone()[0] == 1
 
     def pinned_totals(self) -> tuple[int, int]:
-        return self._reader.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM content WHERE pinned = 1").fetchone()
+        """(number of entries, bytes) of pinned content, kept exact by triggers (O(1))."""
+        if self._pinned is not None:
+            return self._pinned
+        entries, size = self._reader.execute(
+            "SELECT pinned_entries, pinned_bytes FROM totals WHERE id = 1").fetchone()
+        return entries, size
 
     # --- writes (blocking: call from a worker thread on the server)
 
@@ -602,6 +636,13 @@ class Index:
                 " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
                 list(batch.counters.items()),
             )
+
+
+def _count_pinned(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(entries, bytes) of pinned content, counted: a scan of the pinned rows (only when an index
+    older than schema 4 is opened)."""
+    entries, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM content WHERE pinned = 1").fetchone()
+    return entries, size
 
 
 class _Transaction:

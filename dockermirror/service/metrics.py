@@ -286,24 +286,11 @@ class ProcessMetrics(prometheus_client.ProcessCollector):
 
 
 class ReadingsCollector(Collector):
-    """Gauges from :func:`readings.read`, taken when Prometheus scrapes; and the pinned content
-    (not in the readings: one indexed count over the pinned rows)."""
+    """Gauges from :func:`readings.read`, taken when Prometheus scrapes."""
 
     def __init__(self, app: DockerMirror) -> None:
         self.app = app
         self._failing = False       # the last reading failed (said once, until one works again)
-
-    def _pinned(self) -> Iterator[GaugeMetricFamily]:
-        index = self.app.cache.index
-        if index is None:
-            return
-        try:
-            entries, nbytes = index.pinned_totals()
-        except Exception:       # an index that cannot be read now: left out of this scrape
-            return
-        yield GaugeMetricFamily(PREFIX + "cache_pinned_entries", "Stored entries of pinned repositories (cache.pin)",
-                                value=entries)
-        yield GaugeMetricFamily(PREFIX + "cache_pinned_bytes", "Bytes of those", value=nbytes)
 
     def describe(self) -> list:
         return []       # known only when read: never read at registration
@@ -330,9 +317,10 @@ class ReadingsCollector(Collector):
                     ("cache_max_bytes", "cache.max_size resolved", cache.max_bytes),
                     ("cache_filesystem_free_bytes", "Available on the cache's filesystem", cache.free_bytes),
                     ("cache_entries", "Stored blobs and manifests", cache.entries),
-                    ("cache_degraded", "1 while the cache serves but cannot store", int(cache.degraded is not None))):
+                    ("cache_degraded", "1 while the cache serves but cannot store", int(cache.degraded is not None)),
+                    ("cache_pinned_entries", "Stored entries of pinned repositories (cache.pin)", cache.pinned_entries),
+                    ("cache_pinned_bytes", "Bytes of those", cache.pinned_bytes)):
                 yield GaugeMetricFamily(PREFIX + name, text, value=value)
-            yield from self._pinned()
         up = GaugeMetricFamily(PREFIX + "upstream_up", "1 if the last upstream request got an HTTP answer "
                                "(absent until contacted)", labels=["upstream"])
         remaining = GaugeMetricFamily(PREFIX + "upstream_ratelimit_remaining", "Docker Hub pulls left "

@@ -1,9 +1,10 @@
 """What the mirror is doing now, read from the running application in one call: the figures
 the status page shows and the metrics' gauges report (counters come from the requests).
 
-Reading is cheap and has no side effects (a few attribute reads, one statvfs, two indexed
-sqlite reads), so a scrape or a page load never competes with pulls for anything but a
-moment of the event loop. Everything an upstream sent (its rate-limit headers) is parsed
+Reading is cheap and has no side effects (a few attribute reads, one statvfs, reads of the
+index's one-row totals table, which triggers keep exact: nothing scales with the number of
+entries), so a scrape or a page load never competes with pulls for anything but a moment of
+the event loop. Everything an upstream sent (its rate-limit headers) is parsed
 here into numbers or left out.
 """
 
@@ -53,6 +54,8 @@ class CacheReading:
     entries: int
     degraded: str | None            # why the cache stopped caching (read-only, index lost...), or None
     min_free_bytes: int = 0         # cache.min_free resolved: the filesystem keeps this much free
+    pinned_entries: int = 0         # stored entries of pinned repositories (cache.pin)
+    pinned_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +82,12 @@ def read(app: DockerMirror) -> Readings:
         used, reserved, capacity = cache.usage()
         fs = filesystem(cache.root)
         entries, _ = cache.index.totals()
+        pinned_entries, pinned_bytes = cache.index.pinned_totals()
         cache_reading = CacheReading(used_bytes=used, reserved_bytes=reserved, max_bytes=capacity,
                                      filesystem_bytes=fs.total, free_bytes=fs.available, entries=entries,
                                      degraded=cache.degraded,
-                                     min_free_bytes=resolve(cache.limits.min_free, fs.total))
+                                     min_free_bytes=resolve(cache.limits.min_free, fs.total),
+                                     pinned_entries=pinned_entries, pinned_bytes=pinned_bytes)
     default = app.mirror.upstreams.default
     upstreams = tuple(
         UpstreamReading(key=u.key, url=str(u.client.base), default=u is default, reachable=u.client.reachable,

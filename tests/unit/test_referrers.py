@@ -346,7 +346,7 @@ def test_a_schema_2_index_is_upgraded_in_place(tmp_path):
     for _ in range(2):
         index = Index(path)
         try:
-            assert index.meta("schema") == "3"
+            assert index.meta("schema") == "4"
             assert index.tag("docker.io", "acme/tool", "1.0") is not None
             index.put_referrers(_row())
             assert index.referrers("docker.io", "acme/tool", "sha256:" + "1" * 64, "") == _row()

@@ -207,7 +207,7 @@ def test_an_index_from_before_accept_classes_keeps_its_tags(tmp_path):
             assert listed is not None and listed.checked == 1000.0 and listed.last_access == 1001.0
             assert listed.media_type == DOCKER_LIST and listed.size == 500
             assert single is not None and single.checked == 0 and single.last_access == 1002.0
-            assert index.meta("schema") == "3"
+            assert index.meta("schema") == "4"
             assert index.tag_count() == 2 and index.tags_of("docker.io", "library/alpine") == ["3"]
             # a second accept class for the same tag is a row of its own
             index.put_tag(type(single)("docker.io", "library/hello", "latest", single.digest, DOCKER_MANIFEST,
