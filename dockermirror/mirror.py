@@ -21,7 +21,9 @@
   forgets the answer, so that clients fall back to the ``sha256-<hex>`` tag scheme.
 * A blob that is not cached is fetched by one transfer; concurrent requests for it
   follow that transfer (COALESCED). A blob the cache has no room for passes through
-  uncached (PASS).
+  uncached (PASS). Likewise concurrent requests for the same manifest, tag revalidation or
+  referrers share one upstream request: the one that asked is MISS, the others COALESCED
+  (a manifest served from the cache stays a HIT, a stale one STALE).
 * Content is shared by digest across repositories and upstreams, but a cached (or in-flight)
   digest is served for an upstream's repository without asking only if it was served for
   that repository before (the index's refs), or if every upstream that holds it is anonymous
