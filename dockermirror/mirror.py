@@ -21,7 +21,9 @@
   forgets the answer, so that clients fall back to the ``sha256-<hex>`` tag scheme.
 * A blob that is not cached is fetched by one transfer; concurrent requests for it
   follow that transfer (COALESCED). A blob the cache has no room for passes through
-  uncached (PASS).
+  uncached (PASS). Likewise concurrent requests for the same manifest, tag revalidation or
+  referrers share one upstream request: the one that asked is MISS, the others COALESCED
+  (a manifest served from the cache stays a HIT, a stale one STALE).
 * Content is shared by digest across repositories and upstreams, but a cached (or in-flight)
   digest is served for an upstream's repository without asking only if it was served for
   that repository before (the index's refs), or if every upstream that holds it is anonymous
@@ -165,6 +167,9 @@ class Referrers:
     upstream_status: int | None = None
 
 
+Answered = TypeVar("Answered", Manifest, Referrers)
+
+
 class Mirror:
     """Serves registry requests from the cache and the upstreams."""
 
@@ -227,8 +232,9 @@ class Mirror:
             if size is not None and valid_media_type(media_type):
                 return Manifest(str(digest), media_type, size, None, MISS, reply.status)
             # The HEAD does not say what it is: fetch (and cache) it to answer.
-        fetched = await self._flights.do(self._manifest_flight(repo, digest),
-                                         lambda: self._fetch_manifest(repo, digest, accept))
+        fetched, led = await self._flights.do(self._manifest_flight(repo, digest),
+                                              lambda: self._fetch_manifest(repo, digest, accept))
+        fetched = _as_shared(fetched, led)
         return dataclasses.replace(fetched, body=None) if head else fetched
 
     async def _manifest_by_tag(self, repo: Repo, tag: str, accept: list[str], *, head: bool) -> Manifest:
@@ -242,7 +248,7 @@ class Mirror:
             return await self._stale_revalidation(repo, tag, row, accept, error, head=head)
         flight = ("tag", key, repo.name, tag, tuple(accept))
         try:
-            fresh = await self._flights.do(flight, lambda: self._revalidate(repo, tag, accept))
+            (fresh, fetched), led = await self._flights.do(flight, lambda: self._revalidate(repo, tag, accept))
         except (Unavailable, UpstreamUnreachable) as exc:
             return await self._stale_revalidation(repo, tag, row, accept, exc, head=head)
         except RegistryError as exc:
@@ -254,7 +260,12 @@ class Mirror:
         if row is not None:
             self.meter.tag_revalidated(key, "unchanged" if fresh.digest == row.digest else "changed")
         self.cache.touch_tag(key, repo.name, tag)
-        return await self._serve_tag(repo, fresh, accept, head=head, cache=HIT, upstream_status=200)
+        # What the revalidation got from the upstream is MISS for the request that asked, COALESCED
+        # for those that shared its answer; a manifest it found cached is a HIT for all of them,
+        # unless the revalidation had to GET it (a pull).
+        asked = MISS if led else COALESCED
+        return await self._serve_tag(repo, fresh, accept, head=head, cache=asked if fetched else HIT,
+                                     upstream_status=200, asked=asked)
 
     def _tag_row(self, repo: Repo, tag: str, accept: list[str]) -> TagEntry | None:
         """The known mapping that answers this client, if any: the upstream's answer to clients
@@ -266,8 +277,9 @@ class Mirror:
         return None  # this client cannot take what we have: ask the upstream
 
     async def _serve_tag(self, repo: Repo, row: TagEntry, accept: list[str], *, head: bool, cache: str,
-                         upstream_status: int | None) -> Manifest:
-        """Answer for a tag whose digest is known: from the cache, or by fetching that digest."""
+                         upstream_status: int | None, asked: str = MISS) -> Manifest:
+        """Answer for a tag whose digest is known: from the cache, or by fetching that digest.
+        ``cache`` labels an answer from the cache; ``asked`` one from a revalidation's mapping alone."""
         digest = Digest.parse(row.digest)
         entry = self.cache.entry(digest)
         if entry is not None and entry.kind == "manifest":
@@ -275,12 +287,13 @@ class Mirror:
             if served is not None:
                 return served
         if head:  # the mapping alone answers a HEAD
-            label = MISS if cache == HIT and upstream_status is not None else cache
+            label = asked if cache == HIT and upstream_status is not None else cache
             return Manifest(row.digest, _or_default(row.media_type), row.size, None, label, upstream_status)
         if cache == STALE:
             raise Unavailable(f"the upstream is unreachable and manifest {row.digest} is not cached")
-        return await self._flights.do(self._manifest_flight(repo, digest),
-                                      lambda: self._fetch_manifest(repo, digest, accept))
+        fetched, led = await self._flights.do(self._manifest_flight(repo, digest),
+                                              lambda: self._fetch_manifest(repo, digest, accept))
+        return _as_shared(fetched, led)
 
     @staticmethod
     def _manifest_flight(repo: Repo, digest: Digest) -> tuple[str, ...]:
@@ -291,9 +304,9 @@ class Mirror:
             return ("manifest", repo.upstream.key, repo.name, str(digest))
         return ("manifest", repo.upstream.key, str(digest))
 
-    async def _revalidate(self, repo: Repo, tag: str, accept: list[str]) -> TagEntry:
+    async def _revalidate(self, repo: Repo, tag: str, accept: list[str]) -> tuple[TagEntry, bool]:
         """Ask the upstream what the tag points at now for this client (HEAD), and record it
-        for the clients it answers."""
+        for the clients it answers; and whether the manifest had to be fetched (GET) to know."""
         key = repo.upstream.key
         asked = accept_class(accept)
         reply = await repo.upstream.client.manifest(repo.name, tag, accept, head=True)
@@ -304,6 +317,7 @@ class Mirror:
         if reply.status != 200:
             raise error_for(reply.status, reply.headers, reply.body)
         known = self._head_answer(reply)
+        fetched = known is None
         if known is None:
             # No usable digest, type or length from a HEAD: fetch the manifest by tag and hash it ourselves.
             manifest = await self._fetch_manifest(repo, None, accept, reference=tag)
@@ -316,7 +330,7 @@ class Mirror:
         now = self.clock()
         row = TagEntry(key, repo.name, tag, digest, media_type, size, now, now, answers)
         await self.cache.put_tag(row)
-        return row
+        return row, fetched
 
     def _head_answer(self, reply: Reply) -> tuple[str, str, int] | None:
         """(digest, media type, size) from a manifest HEAD, or None if it does not tell them."""
@@ -479,14 +493,15 @@ class Mirror:
             error = UpstreamUnreachable(f"not retried for a while after: {repo.upstream.client.last_error}")
             return await self._stale_referrers(repo, row, error, head=head)
         try:
-            fresh = await self._flights.do(("referrers", *key),
-                                           lambda: self._fetch_referrers(repo, subject, artifact_type))
+            fresh, led = await self._flights.do(("referrers", *key),
+                                                lambda: self._fetch_referrers(repo, subject, artifact_type))
         except (Unavailable, UpstreamUnreachable) as exc:
             return await self._stale_referrers(repo, row, exc, head=head)
         except RegistryError as exc:
             if exc.code == "TOOMANYREQUESTS" and row is not None:
                 return await self._stale_referrers(repo, row, exc, head=head)
             raise
+        fresh = _as_shared(fresh, led)
         return dataclasses.replace(fresh, body=None) if head else fresh
 
     async def _fetch_referrers(self, repo: Repo, subject: Digest, artifact_type: str | None) -> Referrers:
@@ -578,8 +593,9 @@ class Mirror:
         if self._may_share(repo, str(digest), origin):
             return None
         key = repo.upstream.key
-        return await self._flights.do(("vouch", key, repo.name, str(digest)),
-                                      lambda: self._ask_upstream_has(repo, digest, manifest=manifest))
+        status, _ = await self._flights.do(("vouch", key, repo.name, str(digest)),
+                                           lambda: self._ask_upstream_has(repo, digest, manifest=manifest))
+        return status
 
     async def _ask_upstream_has(self, repo: Repo, digest: Digest, *, manifest: bool) -> int:
         client = repo.upstream.client
@@ -670,6 +686,14 @@ def _claimed_digest(reply: Reply, algorithm: str) -> Digest | None:
 def _length(reply: Reply) -> int | None:
     """The Content-Length if it is a plain decimal number (not ``+1``, ``²``, 5000 digits)."""
     return content_length(reply.headers)
+
+
+def _as_shared(result: Answered, led: bool) -> Answered:
+    """A single flight's result as each caller reports it: what the upstream sent for another
+    caller's request is COALESCED (only the caller that asked it is MISS)."""
+    if led or result.cache != MISS:
+        return result
+    return dataclasses.replace(result, cache=COALESCED)
 
 
 def _manifest_length(reply: Reply) -> int | None:

@@ -15,10 +15,11 @@ class SingleFlight:
     def __init__(self) -> None:
         self._running: dict[Hashable, asyncio.Future[Any]] = {}
 
-    async def do(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> T:
+    async def do(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """The call's result, and whether this caller made the call (False: it shared another's)."""
         running = self._running.get(key)
         if running is not None:
-            return await asyncio.shield(running)
+            return await asyncio.shield(running), False
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._running[key] = future
         try:
@@ -29,6 +30,6 @@ class SingleFlight:
             raise
         else:
             future.set_result(result)
-            return result
+            return result, True
         finally:
             del self._running[key]

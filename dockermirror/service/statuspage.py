@@ -206,7 +206,8 @@ def _ratios(stats: PullStats, lifetime_answers: dict[str, int] | None) -> str:
             + _ratio_row("lifetime", lifetime_answers,
                          "the cache index's counters, kept across restarts (written every few seconds)"))
     note = ('<p class="note">Hit ratio: requests answered from the cache (HIT) among all answers of manifests, '
-            "blobs and tags; COALESCED followed a download another request started, STALE was a cached tag "
+            "blobs and tags; COALESCED shared an upstream fetch another request started (a blob download, "
+            "a manifest or referrers answer), STALE was a cached tag "
             "served because the upstream failed, PASS went through uncached.</p>")
     return _section("Hit ratio", f"<table>{rows}</table>{note}")
 

@@ -150,7 +150,8 @@ class Authenticator:
             self._tokens[key] = (token, self._clock() + max(lifetime - EXPIRY_MARGIN, 1.0))
             return token
 
-        return await self._fetching.do(key, fetch)
+        token, _ = await self._fetching.do(key, fetch)
+        return token
 
     async def _fetch(self, realm: str, service: str, scope: str) -> tuple[str, float]:
         params = {k: v for k, v in (("service", service), ("scope", scope)) if v}

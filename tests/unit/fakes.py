@@ -361,3 +361,26 @@ def repo_of_blob(path: str) -> str:
 
 def _error(status: int, code: str, message: str) -> httpx.Response:
     return response(status, json_body={"errors": [{"code": code, "message": message}]})
+
+
+class Holding(httpx.AsyncBaseTransport):
+    """An upstream transport (the fake registry's) that holds each request ``match`` picks
+    until :meth:`release`, so that concurrent clients meet in the mirror while it waits."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport,
+                 match: Callable[[httpx.Request], bool] = lambda request: False) -> None:
+        self.inner = inner
+        self.match = match
+        self.held: list[tuple[httpx.Request, asyncio.Event]] = []    # every request held, in order
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.match(request):
+            event = asyncio.Event()
+            self.held.append((request, event))
+            await event.wait()
+        return await self.inner.handle_async_request(request)
+
+    def release(self) -> None:
+        """Let every request held so far go on."""
+        for _, event in self.held:
+            event.set()

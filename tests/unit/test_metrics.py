@@ -241,6 +241,25 @@ async def test_tag_revalidations_by_result(mirror: Metered) -> None:
                  cache="stale") == 1
 
 
+async def test_clients_that_shared_one_manifest_get_are_pulls_saved(tmp_path: Path, registry: FakeRegistry,
+                                                                    clock: FakeClock,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.unit.test_coalesced import N, sharing     # (it imports this module)
+    registry.push("library/alpine", "3.20")
+    async for shared in sharing(tmp_path, registry, clock, monkeypatch):
+        shared.holding.match = lambda r: "/manifests/" in r.url.path
+        got = await shared.meet("GET", "/v2/library/alpine/manifests/3.20", "manifest", upstream_requests=2)
+        assert [r.status_code for r in got] == [200] * N
+        assert len(registry.requests("GET", "/manifests/")) == 1      # Docker Hub counts 1 pull
+        text = shared.m.text()
+        requests = {cache: value(text, "docker_mirror_requests_total", kind="manifest", method="GET",
+                                 status_class="2xx", cache=cache) for cache in ("miss", "coalesced", "hit")}
+        assert requests == {"miss": 1, "coalesced": N - 1, "hit": 0}
+        assert value(text, "docker_mirror_pulls_saved_total", upstream=UP) == N - 1
+        assert value(text, "docker_mirror_saved_bytes_total", upstream=UP) == value(
+            text, "docker_mirror_sent_bytes_total", cache="coalesced") > 0
+
+
 async def test_evictions_by_reason(mirror: Metered) -> None:
     image = mirror.registry.push("library/alpine", "3.20")
     await pull(mirror.client, "library/alpine", "3.20")
