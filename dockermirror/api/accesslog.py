@@ -97,8 +97,10 @@ class AccessLog:
                 message["headers"] = [*message.get("headers", ()), API_VERSION]
             elif message["type"] == "http.response.body":
                 await send(message)     # counted once it went out: nothing if this raises
-                sent += message.get("sent", len(message.get("body", b"")))
-                complete = not message.get("more_body", False)
+                size = len(message.get("body", b""))
+                went = message.get("sent", size)
+                sent += went
+                complete = went == size and not message.get("more_body", False)
                 return
             elif message["type"] == "http.response.zerocopysend":
                 try:

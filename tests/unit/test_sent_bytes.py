@@ -70,6 +70,21 @@ async def test_a_body_whose_send_raises_or_is_dropped_is_not_counted():
     assert seen[0].sent == 1000 and not seen[0].complete
 
 
+async def test_a_last_body_that_was_dropped_does_not_complete_the_response():
+    seen: list[RequestDone] = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def server_send(message):
+        if message["type"] == "http.response.body":
+            message["sent"] = 0
+
+    await AccessLog(app, on_done=seen.append)(scope(), None, server_send)
+    assert seen[0].sent == 0 and not seen[0].complete and seen[0].note == "incomplete"
+
+
 class _Server:
     """uvicorn with the mirror's protocol on 127.0.0.1, serving ``AccessLog(app)``."""
 
