@@ -12,6 +12,11 @@ Each finished request is also one :class:`RequestDone`: handed to ``on_done`` (c
 metrics) and attached to the log record as ``record.request`` (structured journal fields).
 A request on a connection with a verified client certificate names its subject (``cert=``).
 
+``sent`` is the body bytes that went out: a body message counts once ``send`` returned (none
+if it raised); the server may say less by putting ``"sent"`` in the message (our server does
+for a body it dropped because the client had gone, and for a zero-copy range, whose ``"sent"``
+it keeps current while it sends and leaves set when it raises part-way).
+
 Everything in the line that a client (or an upstream, through a note) chose is escaped
 like nginx does (``\x0d``, ``\x1b``, ``\x22``): a request cannot forge or split a line.
 """
@@ -97,11 +102,19 @@ class AccessLog:
                               None)
                 message["headers"] = [*message.get("headers", ()), API_VERSION]
             elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-                complete = not message.get("more_body", False)
+                await send(message)     # counted once it went out: nothing if this raises
+                size = len(message.get("body", b""))
+                went = message.get("sent", size)
+                sent += went
+                complete = went == size and not message.get("more_body", False)
+                return
             elif message["type"] == "http.response.zerocopysend":
-                await send(message)
-                sent += message["count"]  # counted once it went out
+                try:
+                    await send(message)
+                except BaseException:
+                    sent += message.get("sent", 0)  # the part that went out before the client did
+                    raise
+                sent += message.get("sent", message["count"])
                 return
             await send(message)
 

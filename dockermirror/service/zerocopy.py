@@ -134,10 +134,12 @@ async def _writable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) ->
         loop.remove_writer(fd)
 
 
-async def sendfile(out: int, fd: int, offset: int, count: int, stall: float) -> int:
+async def sendfile(out: int, fd: int, offset: int, count: int, stall: float,
+                   progress: dict[str, Any] | None = None) -> int:
     """Send ``count`` bytes of ``fd`` from ``offset`` on the non-blocking socket ``out``;
     returns the bytes sent: fewer if the peer went away or took nothing for ``stall``
-    seconds. Progress is what the peer acknowledges (the send queue shrinking), so a slow
+    seconds (``progress["sent"]``, if given, is kept current: it holds what went out even
+    if this is cancelled). Progress is what the peer acknowledges (the send queue shrinking), so a slow
     reader is never mistaken for a stalled one. A large range is sent corked (full
     segments only, flushed at the end): 15-20% faster on loopback, measured."""
     loop = asyncio.get_running_loop()
@@ -149,6 +151,8 @@ async def sendfile(out: int, fd: int, offset: int, count: int, stall: float) -> 
         while sent < count:
             n, state = await _in_thread(out, fd, offset + sent, min(count - sent, BURST))
             sent += n
+            if progress is not None:
+                progress["sent"] = sent
             if state == FAILED:
                 break
             if state == BLOCKED and not await _wait_progress(loop, out, stall):
@@ -214,10 +218,14 @@ class _Send:
             # in pieces, each once the last has (nearly) gone: a slow client's bytes wait in
             # the caller's buffer, not in a copy in uvicorn's and another in the TLS layer's
             view = memoryview(body)
+            went = 0
             for start in range(0, len(body), WRITE_PIECE):
                 piece = view[start:start + WRITE_PIECE]
                 last = start + WRITE_PIECE >= len(body)
                 await self._send_body(piece, message.get("more_body", False) if last else True)
+                if not self.cycle.disconnected:
+                    went += len(piece)
+            message["sent"] = went
             return
         if not await self._drained():
             self.cycle.disconnected = True   # what is left of the response goes nowhere (as uvicorn does)
@@ -225,6 +233,8 @@ class _Send:
             await self._start_with_reason(message)
             return
         await self.send(message)
+        if self.cycle.disconnected and body:
+            message["sent"] = 0     # uvicorn dropped it (the client had gone): for the access log
 
     async def _start_with_reason(self, message: Any) -> None:
         """uvicorn writes the status line and the headers in one piece: that one write gets the
@@ -297,8 +307,9 @@ class _Send:
             raise ConnectionError("the client went away")
         out = os.dup(fileno)
         try:
+            # message["sent"]: what went out, for the access log, however this ends
             sent = await sendfile(out, message["file"].fileno(), message.get("offset", 0), count,
-                                  self.limits.send_timeout)
+                                  self.limits.send_timeout, progress=message)
         finally:
             os.close(out)
         cycle.expected_content_length -= sent

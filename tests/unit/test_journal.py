@@ -9,6 +9,7 @@ import re
 import logging
 import socket
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -152,18 +153,123 @@ def test_without_the_socket_records_go_to_stderr_said_once(tmp_path: Path):
     assert said.startswith("<4>journal: cannot send to ") and "said once" in said
 
 
-def test_a_full_journal_queue_falls_back_without_blocking(journald):
-    """Nobody reads the socket: once its queue is full (EAGAIN), records are stderr lines."""
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def small_queues(journald, handler) -> None:
+    """journald's socket holds a few entries at most, whatever net.unix.max_dgram_qlen says."""
     journald.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    handler.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+
+def capacity(journald) -> int:
+    """How many request-sized datagrams journald's socket takes from a sender like the handler's."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    probe.setblocking(False)
+    n = 0
+    try:
+        while n < 10_000:
+            probe.sendto(b"MESSAGE=" + b"x" * 600 + b"\n", str(journald.path))
+            n += 1
+    except BlockingIOError:
+        pass
+    finally:
+        probe.close()
+    journald.entries()
+    return n
+
+
+def in_threads(handler, count: int, threads: int = 4, start: int = 0) -> None:
+    """``count`` records from each of ``threads`` threads at once; none of them may wait on journald."""
+    def burst(t: int) -> None:
+        for n in range(count):
+            handler.handle(record("line %d", start + t * count + n, request=done()))
+
+    workers = [threading.Thread(target=burst, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert not any(w.is_alive() for w in workers), "a logging call waited for journald"
+
+
+def read_all(journald, count: int) -> list[dict[str, bytes]]:
+    """Entries as a slow journald would take them: a few at a time, until ``count`` came."""
+    got: list[dict[str, bytes]] = []
+    journald.sock.settimeout(30)
+    try:
+        while len(got) < count:
+            got.append(parse(journald.sock.recv(1 << 20)))
+    except TimeoutError:
+        pass
+    finally:
+        journald.sock.setblocking(False)
+    return got + journald.entries()
+
+
+def test_a_burst_larger_than_journalds_queue_loses_no_fields(journald):
+    """Nobody reads the socket during the burst: the entries wait, and reach journald, each with
+    its fields, once it reads again (no record after the burst is needed to send them on)."""
     stderr, warn = io.StringIO(), io.StringIO()
     handler = handler_for(journald.path, stderr, warn)
-    for n in range(500):
+    small_queues(journald, handler)
+    assert capacity(journald) < 200
+    in_threads(handler, 50)
+    entries = read_all(journald, 200)
+    assert stderr.getvalue() == "" and warn.getvalue() == ""
+    assert sorted(e["MESSAGE"] for e in entries) == sorted(f"access: line {n}".encode() for n in range(200))
+    assert all(e["DOCKER_MIRROR_BYTES"] == b"1234" and e["DOCKER_MIRROR_CACHE"] == b"MISS" for e in entries)
+    handler.close()
+
+
+def test_entries_keep_their_order_while_some_wait(journald):
+    stderr = io.StringIO()
+    handler = handler_for(journald.path, stderr)
+    small_queues(journald, handler)
+    assert capacity(journald) < 100
+    for n in range(100):
         handler.handle(record("line %d", n, request=done()))
-    sent = journald.entries()
-    lines = stderr.getvalue().splitlines()
-    assert sent and lines and len(sent) + len(lines) == 500
-    assert lines[-1] == "<6>access: line 499"
-    assert "Resource temporarily unavailable" in warn.getvalue() and len(warn.getvalue().splitlines()) == 1
+    entries = read_all(journald, 100)
+    assert [e["MESSAGE"] for e in entries] == [f"access: line {n}".encode() for n in range(100)]
+    handler.close()
+
+
+def test_beyond_the_bound_records_go_to_stderr_counted_and_said_every_minute(journald):
+    stderr, warn, clock = io.StringIO(), io.StringIO(), Clock()
+    fallback = logging.StreamHandler(stderr)
+    fallback.setFormatter(logs.JournalFormatter())
+    handler = JournalHandler(logs.OneLineFormatter("%(component)s: %(message)s"), fallback, path=str(journald.path),
+                             warn=warn, queue_max=20, clock=clock)
+    small_queues(journald, handler)
+    assert capacity(journald) < 80
+    in_threads(handler, 25)
+    lost = stderr.getvalue().splitlines()
+    assert lost and len(handler.waiting) == 20
+    said = warn.getvalue().splitlines()
+    assert said == ["<4>journal: 1 log entry went to stderr without their fields in the last minute: "
+                    "journald's queue was full"]
+    in_threads(handler, 10, start=100)      # within the minute: counted, not said
+    assert warn.getvalue().splitlines() == said
+    clock.now += journal.SAY_EVERY
+    handler.handle(record("line %d", 1000, request=done()))
+    lost = stderr.getvalue().splitlines()
+    said = warn.getvalue().splitlines()
+    assert len(said) == 2 and said[1].startswith("<4>journal: ") and said[1].endswith(
+        " log entries went to stderr without their fields in the last minute: journald's queue was full")
+    handler.close()         # what still waited, and could not be sent, is a stderr line too; the rest said
+    lost = stderr.getvalue().splitlines()
+    said = warn.getvalue().splitlines()
+    assert sum(int(line.split()[1]) for line in said) == len(lost) == handler.lost_total
+    entries = journald.entries()
+    assert len(entries) + len(lost) == 141
+    assert all(e["DOCKER_MIRROR_BYTES"] == b"1234" for e in entries)
+    assert all(re.fullmatch(r"<6>access: line \d+", line) for line in lost)
 
 
 def test_setup_sends_natively_only_under_the_journal_and_when_on(monkeypatch):
