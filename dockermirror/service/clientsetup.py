@@ -224,7 +224,24 @@ def _containerd(url: str, ca_text: str | None, names: list[tuple[str, str]],
             "# and containerd then falls back to that registry itself",
             _write_file("/etc/containerd/certs.d/_default/hosts.toml", _hosts_toml(url, ca_text, None)),
             "systemctl restart containerd", ""]
-    return out
+    return out + _old_containerd(url, ca_text, names[0][0])
+
+
+def _old_containerd(url: str, ca_text: str | None, default: str) -> list[str]:
+    """containerd before 1.5 reads no hosts.toml: say so when the client runs one, and what its
+    CRI config.toml takes instead (documented in containerd/cri's docs/registry.md, release/1.4)."""
+    host = url.split("://", 1)[1]
+    tls = ([f'#   [plugins."io.containerd.grpc.v1.cri".registry.configs."{host}".tls]',
+            f'#     ca_file = "{CONTAINERD_CA}"'] if ca_text is not None else [])
+    return ["# containerd before 1.5 (e.g. containerd.io 1.4 and older, Debian 11's 1.4) reads no hosts.toml:",
+            'case "$(containerd --version 2>/dev/null)" in',
+            '  *" v1."[0-4]"."*|*" 1."[0-4]"."*) echo "docker-mirror: this containerd is older than 1.5 and reads no '
+            'hosts.toml: upgrade it, or use the config.toml mirrors shown in these steps" >&2 ;;',
+            "esac",
+            "# there, the CRI plugin's mirrors in /etc/containerd/config.toml (version = 2) serve only what it names;",
+            f"# it sends no ?ns=, so the mirror answers with its default upstream ({default}) only:",
+            f'#   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{default}"]',
+            f'#     endpoint = ["{url}"]', *tls, ""]
 
 
 def _containers(host: str, ca_text: str | None, names: list[tuple[str, str]],

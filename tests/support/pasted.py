@@ -50,28 +50,35 @@ class Pasted:
     stderr: str
 
 
-def run_pasted(script: str, root: Path) -> Pasted:
-    """:func:`paste`, with what the steps wrote to stderr."""
+def run_pasted(script: str, root: Path, outputs: dict[str, str] | None = None) -> Pasted:
+    """:func:`paste`, with what the steps wrote to stderr; ``outputs``: more stand-ins, each
+    printing that text (``containerd`` saying its version)."""
     # the real file tools run: refuse steps that would write anywhere but the moved directories
     # (cp and mv write only to variables, each set to one of them)
     targets = re.findall(r"^\s*(?:mkdir -p|cat >)\s+(\S+)", script, re.MULTILINE)
     targets += re.findall(r"(?:^|\s)\w+=(/[^\s'\"]+)", script, re.MULTILINE)
     for path in targets:
-        assert path.startswith(MOVED), f"the steps write outside {MOVED}: {path}"
+        assert (path + "/").startswith(MOVED), f"the steps write outside {MOVED}: {path}"
     for line in re.findall(r"^\s*(?:cp|mv)\b.*$", script, re.MULTILINE):
         assert re.fullmatch(r"\s*(?:cp|mv)( -p)?( \"\$\w+(\.new)?\"){2}", line), f"cp/mv to a path not checked: {line}"
-    bin_dir = root / "bin"
-    bin_dir.mkdir(parents=True)
+    bin_dir = root / "bin"                     # pasted again in the same root: the same stand-ins
+    bin_dir.mkdir(parents=True, exist_ok=True)
     calls = root / "calls"
+    calls.unlink(missing_ok=True)
     for name in STUBBED:
         stub = bin_dir / name
         stub.write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n')
         stub.chmod(0o755)
+    for name, text in (outputs or {}).items():
+        stub = bin_dir / name
+        stub.write_text(f"#!/bin/sh\necho \"{name} $*\" >> {calls}\ncat <<'OUT'\n{text}\nOUT\n")
+        stub.chmod(0o755)
     for name in ALLOWED:
-        (bin_dir / name).symlink_to(shutil.which(name))
-    moved = script
-    for prefix in MOVED:
-        moved = moved.replace(prefix, f"{root}{prefix}")
+        if not (bin_dir / name).exists():
+            (bin_dir / name).symlink_to(shutil.which(name))
+    # each moved directory, named with or without its last slash
+    moved = re.sub("(" + "|".join(re.escape(prefix.rstrip("/")) for prefix in MOVED) + r")(?=[/\s'\"]|$)",
+                   lambda match: f"{root}{match.group(1)}", script, flags=re.MULTILINE)
     # PATH has nothing else: any other command in the steps fails them (and never runs here)
     result = subprocess.run(["/bin/sh", "-eu"], input=moved, capture_output=True,
                             text=True, env={"PATH": str(bin_dir), "HOME": str(root)}, timeout=60)
@@ -85,4 +92,7 @@ def run_pasted(script: str, root: Path) -> Pasted:
                 for other in MOVED:
                     text = text.replace(f"{root}{other}", other)
                 files["/" + str(path.relative_to(root))] = text
-    return Pasted(files, calls.read_text().splitlines() if calls.exists() else [], result.stderr)
+    stderr = result.stderr
+    for prefix in MOVED:
+        stderr = stderr.replace(f"{root}{prefix}", prefix)
+    return Pasted(files, calls.read_text().splitlines() if calls.exists() else [], stderr)
