@@ -211,7 +211,8 @@ def test_el7_registries_conf_conversions_parse_in_containers_image(tmp_path):
 
     insecure = EL7_V1.replace("[registries.insecure]\nregistries = []",
                               "[registries.insecure]\nregistries = ['registry.internal:5000']")
-    insecure = insecure.replace("[registries.block]\nregistries = []", "[registries.block]\nregistries = ['evil.example']")
+    insecure = insecure.replace("[registries.block]\nregistries = []",
+                                "[registries.block]\nregistries = ['evil.example']")
     for number, before in enumerate((EL7_V1, insecure, None)):
         root = tmp_path / f"pasted{number}"
         if before is not None:

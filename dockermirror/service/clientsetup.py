@@ -190,7 +190,8 @@ def _sysconfig_check(keys: list[str]) -> list[str]:
             "# restart docker only when there is none (docker-ce reads neither file)",
             f"if grep -Eqs '^[^#]*--({flags})' /etc/sysconfig/docker /run/containers/registries.conf; then",
             f"  echo 'docker-mirror: --({flags}) is set in /etc/sysconfig/docker or /etc/containers/registries.conf:"
-            f" move its values into daemon.json ({', '.join(keys)}) and remove it there, then systemctl restart docker' >&2",
+            f" move its values into daemon.json ({', '.join(keys)}) and remove it there, then systemctl restart"
+            " docker' >&2",
             "else",
             "  systemctl restart docker",
             "fi"]
@@ -276,7 +277,8 @@ def _system_trust(ca_text: str, target: Target) -> list[str]:
         return ["## or trust the mirror's CA system-wide (EL: update-ca-trust)", "",
                 _write_file(EL_ANCHOR, ca_text),
                 "update-ca-trust extract    # then restart what should use it", ""]
-    return ["## or trust the mirror's CA system-wide (Debian, Ubuntu: update-ca-certificates; the name must end in .crt)",
+    return ["## or trust the mirror's CA system-wide (Debian, Ubuntu: update-ca-certificates; the name must end "
+            "in .crt)",
             "",
             _write_file(DEBIAN_ANCHOR, ca_text),
             "update-ca-certificates    # then restart what should use it", ""]
