@@ -167,9 +167,7 @@ def _dockerd(host: str, url: str, ca_text: str | None, keys: list[str],
     else:
         out.append("systemctl restart docker")
     if mirrors_hub:
-        # docker 1.13 (EL7's docker package) has no docker info --format
-        out.append("docker info    # Registry Mirrors: ..." if target.docker_sysconfig
-                   else "docker info --format '{{.RegistryConfig.Mirrors}}'")
+        out.append("docker info --format '{{.RegistryConfig.Mirrors}}'")     # docker 1.13 has --format too
     out.append("")
     return out
 

@@ -165,8 +165,8 @@ def test_el7_prints_what_its_clients_read(tls):
     insecure = {} if tls else {"insecure": True}
     assert [e["mirror"] for e in entries] == [[{"location": f"{HOST}/docker.io", **insecure}],
                                               [{"location": f"{HOST}/ghcr.io", **insecure}]]
-    # docker 1.13: no docker info --format; flags in /etc/sysconfig/docker are checked first
-    assert "docker info --format" not in out and "/etc/sysconfig/docker" in out
+    # EL7's docker package: flags in /etc/sysconfig/docker are checked before the restart
+    assert "/etc/sysconfig/docker" in out
     assert "specified both as a flag and in the configuration file" in out
     if tls:
         assert files[EL_ANCHOR] == CA + "\n" and "\nupdate-ca-trust extract" in out
