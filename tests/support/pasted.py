@@ -59,8 +59,9 @@ def run_pasted(script: str, root: Path, outputs: dict[str, str] | None = None) -
     targets += re.findall(r"(?:^|\s)\w+=(/[^\s'\"]+)", script, re.MULTILINE)
     for path in targets:
         assert (path + "/").startswith(MOVED), f"the steps write outside {MOVED}: {path}"
-    for line in re.findall(r"^\s*(?:cp|mv)\b.*$", script, re.MULTILINE):
-        assert re.fullmatch(r"\s*(?:cp|mv)( -p)?( \"\$\w+(\.new)?\"){2}", line), f"cp/mv to a path not checked: {line}"
+    for command, destination in re.findall(r"(?:^|[;&|]\s*|then\s+)(cp|mv)\s+(?:-p\s+)?\S+\s+([^\s;]+)", script,
+                                           re.MULTILINE):
+        assert re.fullmatch(r'"\$\w+(\.new)?"', destination), f"{command} to a path not checked: {destination}"
     bin_dir = root / "bin"                     # pasted again in the same root: the same stand-ins
     bin_dir.mkdir(parents=True, exist_ok=True)
     calls = root / "calls"
