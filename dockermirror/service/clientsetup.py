@@ -112,7 +112,8 @@ def instructions(host: str, *, tls: bool, ca_pem: str | None, ca_path: Path,
         out += _client_certificates(host, client_auth)
     out += ["## check (by hand: pull an image you use)", ""]
     for key in (key for key in keys if prefixes[key] is not None):
-        example = "busybox" if key == DOCKER_HUB else f"{key}/<repository>"
+        # fully qualified: a short name goes to the search list first (on EL7, registry.access.redhat.com)
+        example = "docker.io/library/busybox" if key == DOCKER_HUB else f"{key}/<repository>"
         out.append(f"#   podman pull {example}")
     first = next(prefix for prefix in prefixes.values() if prefix is not None)
     out += ["#   or: docker pull busybox, ctr --hosts-dir /etc/containerd/certs.d images pull ..., "
