@@ -19,6 +19,7 @@ from dockermirror.cache import INDEX_NAME, maintenance
 from dockermirror.cache.index import ForeignDatabase, Index
 from dockermirror.cache.space import filesystem, resolve
 from dockermirror.cache.store import BlobStore
+from dockermirror.cacheresults import CACHE_RESULTS, FROM_CACHE, hit_ratio
 from dockermirror.config import Config
 from dockermirror.routing import RegistryTable, looks_like_host, registry_key, upstream_repository
 from dockermirror.oci import Digest, InvalidDigest, valid_name, valid_tag
@@ -75,12 +76,11 @@ def traffic(counters: dict[str, int]) -> dict[str, Any]:
     """Requests by result, hit ratio and bytes, from the counters (all, or one upstream's)."""
     requests = {k.removeprefix("requests_"): v for k, v in counters.items() if k.startswith("requests_")}
     served = {k.removeprefix("bytes_served_"): v for k, v in counters.items() if k.startswith("bytes_served_")}
-    total_requests = sum(requests.values())
     return {
         "requests": requests,
-        "hit_ratio": requests.get("hit", 0) / total_requests if total_requests else None,
+        "hit_ratio": hit_ratio({result: requests.get(result.lower(), 0) for result in CACHE_RESULTS}),
         "bytes_served": served,
-        "bytes_served_from_cache": served.get("hit", 0) + served.get("stale", 0),
+        "bytes_served_from_cache": sum(served.get(result.lower(), 0) for result in FROM_CACHE),
         "bytes_fetched_upstream": counters.get("bytes_fetched", 0),
     }
 

@@ -82,7 +82,7 @@ log = logging.getLogger("dockermirror.mirror")
 
 T = TypeVar("T")
 
-HIT, MISS, STALE, COALESCED, PASS = "HIT", "MISS", "STALE", "COALESCED", "PASS"
+from dockermirror.cacheresults import COALESCED, HIT, MISS, PASS, STALE  # noqa: E402  (re-exported)
 # seconds a request waits for another upstream's failed download of the same digest to be gone
 OTHERS_FAILED_WAIT = 10
 LATE_RETRY_AFTER = 10   # seconds a client is asked to wait when too many late pass-through fetches run

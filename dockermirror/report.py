@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from dockermirror import humanize
+from dockermirror.cacheresults import FROM_CACHE, FROM_UPSTREAM, hit_ratio, is_pull
 
-FROM_CACHE = ("HIT", "STALE", "COALESCED")
-FROM_UPSTREAM = ("MISS", "PASS")
 LINE_MAX = 1024 * 1024
 KEYS_MAX = 10_000           # distinct upstreams / repositories tallied; the rest go to "(others)"
 TOP = 10
@@ -131,7 +130,7 @@ class Request:
     @property
     def pull(self) -> bool:
         """A manifest GET that got its manifest: what Docker Hub counts as a pull."""
-        return self.kind == "manifest" and self.method == "GET" and 200 <= self.status < 300
+        return is_pull(self.kind, self.method, self.status)
 
 
 def requests(lines: Iterable[bytes]) -> Iterator[Request]:
@@ -216,8 +215,8 @@ class Tally:
         elif cache in FROM_UPSTREAM:
             up.bytes_from_upstream += r.sent
             up.pulls_spent += r.pull
-        if r.repository is None:
-            return
+        if r.repository is None or not 200 <= r.status < 400:
+            return          # only names the upstream or the cache answered for: junk names fill no table
         repo = self._entry(self.repositories, (r.upstream, r.repository), _Repository)
         repo.requests += 1
         repo.pulls += r.pull
@@ -238,8 +237,7 @@ class Tally:
 
     @property
     def hit_ratio(self) -> float | None:
-        answerable = sum(self.cache[c] for c in (*FROM_CACHE, *FROM_UPSTREAM))
-        return self.cache["HIT"] / answerable if answerable else None
+        return hit_ratio(self.cache)
 
     def summary(self, unit: str, since: str | None) -> dict:
         repos = self.repositories.items()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dockermirror.cacheresults import is_pull
 from dockermirror.humanize import printable
 
 log = logging.getLogger("dockermirror.access")
@@ -66,6 +67,11 @@ class RequestDone:
     certificate: str | None     # the client certificate's subject
     note: str | None
     digest: str | None = None   # the Docker-Content-Digest the response named (what a tag resolved to)
+
+    @property
+    def pull(self) -> bool:
+        """A manifest GET answered 2xx: what Docker Hub counts as a pull."""
+        return is_pull(self.kind, self.method, self.status)
 
 
 class AccessLog:

@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 
 from dockermirror import __version__
 from dockermirror.api.accesslog import KINDS, RequestDone
+from dockermirror.cacheresults import CACHE_RESULTS, FROM_CACHE
 from dockermirror.cache.maintenance import MANUAL_EVICTED_BYTES, MANUAL_EVICTIONS
 from dockermirror.meter import EVICTION_REASONS, REVALIDATION_RESULTS, UPSTREAM_KINDS, VERIFICATION_PLACES, Meter
 from dockermirror.service import readings
@@ -58,9 +59,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METHODS = ("GET", "HEAD")
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 # how a request was answered, as the access log says it (None: not by the cache)
-CACHE_RESULTS = ("HIT", "MISS", "STALE", "COALESCED", "PASS", None)
+LABELLED_RESULTS = (*CACHE_RESULTS, None)     # None: not a cache answer (label "none")
 # answered from the cache: the upstream did not send these bytes (again)
-SAVED = frozenset({"HIT", "STALE", "COALESCED"})
+SAVED = frozenset(FROM_CACHE)
 
 REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -138,7 +139,7 @@ class Metrics(Meter):
             self.request_seconds.labels(kind)
             for method in METHODS:
                 for status in (200, 300, 400, 500):
-                    for cache in CACHE_RESULTS:
+                    for cache in LABELLED_RESULTS:
                         self._request_series(kind, method, status, cache)
         for where in VERIFICATION_PLACES:
             self.verification_failures.labels(where)
@@ -179,7 +180,7 @@ class Metrics(Meter):
         if done.cache in SAVED and done.upstream is not None:
             upstream = self._series(done.upstream)
             upstream.saved_bytes.inc(done.sent)
-            if done.kind == "manifest" and done.method == "GET" and 200 <= done.status < 300:
+            if done.pull:
                 upstream.pulls_saved.inc()
 
     def _request_series(self, kind: str, method: str, status: int, cache: str | None) -> tuple:

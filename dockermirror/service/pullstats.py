@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from dockermirror.api.accesslog import RequestDone
+from dockermirror.cacheresults import CACHE_RESULTS
 
 K = TypeVar("K", bound=Hashable)
 
 CAPACITY = 1000
-CACHE_RESULTS = ("HIT", "COALESCED", "STALE", "MISS", "PASS")
 # longer than any valid name (255) with its upstream key: not a repository, not counted
 _LONGEST_KEY = 600
 
@@ -109,7 +109,7 @@ class PullStats:
     def __call__(self, done: RequestDone) -> None:
         if done.cache in self.answers:
             self.answers[done.cache] += 1
-        if (done.kind == "manifest" and done.method == "GET" and 200 <= done.status < 300
+        if (done.pull
                 and done.upstream and done.repository
                 and len(done.upstream) + len(done.repository) <= _LONGEST_KEY):
             self.pulls.add((done.upstream, done.repository))

@@ -34,6 +34,7 @@ from dockermirror.access.htpasswd import HtpasswdError
 from dockermirror.app import DockerMirror
 from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
+from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
 from dockermirror.config import Config, ConfigError, ServerConfig
 from dockermirror.humanize import printable, size
 from dockermirror.meter import NULL_METER
@@ -267,10 +268,10 @@ class Service:
             used, _, capacity = cache.usage()
             parts.append(f"cache {size(used)} of {size(capacity)} ({used / capacity * 100 if capacity else 0:.0f}%)")
             counters = cache.index.counters()
-            requests = {k: v for k, v in counters.items() if k.startswith("requests_")}
-            total = sum(requests.values())
-            if total:
-                parts.append(f"hit ratio {requests.get('requests_hit', 0) / total * 100:.0f}% of {total} requests")
+            answers = {result: counters.get(f"requests_{result.lower()}", 0) for result in CACHE_RESULTS}
+            ratio = hit_ratio(answers)
+            if ratio is not None:
+                parts.append(f"hit ratio {ratio * 100:.0f}% of {sum(answers.values())} requests")
         if cache.degraded is not None:
             parts.append(f"cache DEGRADED ({cache.degraded}): serving what is cached, not caching")
         parts += upstream_status(list(self.app.mirror.upstreams))

@@ -34,7 +34,8 @@ from dockermirror.api.responses import error_response
 from dockermirror.api.routes import READ_METHODS, RegistryAPI, _route
 from dockermirror.errors import RegistryError, Unsupported
 from dockermirror.humanize import age, printable, size
-from dockermirror.service.pullstats import CACHE_RESULTS, Counted, PullStats
+from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
+from dockermirror.service.pullstats import Counted, PullStats
 from dockermirror.service.readings import CacheReading, Readings, TransferReading, UpstreamReading, read
 
 if TYPE_CHECKING:
@@ -193,7 +194,8 @@ def _ratio_row(name: str, answers: dict[str, int] | None, source: str) -> str:
         return (f'<tr><th>{name}</th><td class="num big">-</td><td>the index cannot be read<br>'
                 f'<span class="note">{source}</span></td></tr>')
     total = sum(answers.values())
-    ratio = f"{answers['HIT'] / total * 100:.1f}%" if total else "-"
+    ratio = hit_ratio(answers)
+    ratio = "-" if ratio is None else f"{ratio * 100:.1f}%"
     parts = " · ".join(f"{result} {answers[result]}" for result in CACHE_RESULTS)
     return (f'<tr><th>{name}</th><td class="num big">{ratio}</td><td>of {_count(total, "cache answer")} '
             f'({parts})<br><span class="note">{source}</span></td></tr>')

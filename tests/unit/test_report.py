@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dockermirror import cli
+from dockermirror import report as report_module
 
 START = 1_764_700_000_000_000       # microseconds since the epoch
 
@@ -108,13 +109,25 @@ def test_json_report_of_a_known_sequence(journalctl, capsys):
         {"upstream": "ghcr.io", "repository": "org/app", "pulls": 2, "requests": 4, "bytes": 14400},
         {"upstream": "docker.io", "repository": "library/busybox", "pulls": 2, "requests": 7, "bytes": 7000},
     ]
+    # library/nope got a 404: refused or unknown names fill no repository table
     assert [(r["repository"], r["max_ms"]) for r in report["slowest_repositories"]] == [
-        ("org/app", 900.0), ("library/busybox", 300.0), ("library/nope", 30.0)]
+        ("org/app", 900.0), ("library/busybox", 300.0)]
     slowest = report["slowest_requests"]
     assert [r["duration_ms"] for r in slowest] == [900.0, 300.0, 250.0, 100.0, 50.0, 30.0, 20.0, 10.0, 5.0, 4.0]
     assert slowest[0] | {"time": None} == {"time": None, "method": "GET", "kind": "blob", "upstream": "ghcr.io",
                                            "repository": "org/app", "reference": "sha256:" + "4" * 64,
                                            "status": 200, "cache": "PASS", "bytes": 9000, "duration_ms": 900.0}
+
+
+def test_a_flood_of_unknown_names_does_not_push_real_repositories_out(journalctl, capsys, monkeypatch):
+    monkeypatch.setattr(report_module, "KEYS_MAX", 5)
+    junk = [{**SEQUENCE[0], "DOCKER_MIRROR_REPOSITORY": f"junk/n{i}", "DOCKER_MIRROR_STATUS": "404",
+             "DOCKER_MIRROR_CACHE": None} for i in range(50)]
+    journalctl.set(lines_of([{k: v for k, v in e.items() if v is not None} for e in junk]) + lines_of(SEQUENCE))
+    assert cli.main(["report", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {r["repository"] for r in report["most_pulled"]} == {"org/app", "library/busybox"}
+    assert "(others)" not in {r["repository"] for r in report["slowest_repositories"]}
 
 
 def test_text_report_says_the_figures_and_the_definition(journalctl, capsys):

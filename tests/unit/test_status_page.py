@@ -134,7 +134,7 @@ async def test_the_page_shows_cache_use_hit_ratio_upstreams_and_the_most_pulled(
     # since start: 2 manifests and 2 blobs missed; 2 manifest GETs and the HEAD were HITs
     ratios = table(page, "since start")
     assert ratios[0][:2] == ["since start", "42.9%"]
-    assert ratios[0][2].startswith("of 7 cache answers (HIT 3 · COALESCED 0 · STALE 0 · MISS 4 · PASS 0)")
+    assert ratios[0][2].startswith("of 7 cache answers (HIT 3 · MISS 4 · STALE 0 · COALESCED 0 · PASS 0)")
     lifetime = next(row for row in ratios if row[0] == "lifetime")
     assert lifetime[1:2] == ["42.9%"] and lifetime[2].startswith("of 7 cache answers (HIT 3")
     upstreams = table(page, "registry")
