@@ -192,10 +192,38 @@ def cmd_cert(args: argparse.Namespace) -> int:
         return 1
 
 
+def _client_target(wanted: str | None):
+    """(target, the line saying how it was picked), or None after saying --for is wrong."""
+    from dockermirror.service import clienttargets as targets
+
+    if wanted is not None:
+        if wanted not in targets.TARGETS:
+            print(f"docker-mirror: client-setup --for {wanted}: unknown; choose one of "
+                  f"{', '.join(targets.TARGETS)}", file=sys.stderr)
+            return None
+        return targets.TARGETS[wanted], f"picked with --for {wanted}"
+    try:
+        fields = targets.parse_os_release(targets.OS_RELEASE.read_text(errors="replace"))
+    except OSError:
+        fields = {}
+    found = targets.detect(fields)
+    if found is None:
+        return targets.DEFAULT, (f"this system ({targets.describe(fields)} in {targets.OS_RELEASE}) is none of "
+                                 f"{', '.join(targets.TARGETS)}: these are the Debian/modern steps;\n"
+                                 "for another client system run client-setup --for "
+                                 f"{'|'.join(targets.TARGETS)}")
+    return found, (f"detected from {targets.OS_RELEASE} ({targets.describe(fields)}); for another client "
+                   f"system run client-setup --for {'|'.join(targets.TARGETS)}")
+
+
 def cmd_client_setup(args: argparse.Namespace) -> int:
     from dockermirror.service.clientsetup import instructions
     from dockermirror.service.server import public_hostname
 
+    picked = _client_target(args.target)
+    if picked is None:
+        return 2
+    target, how = picked
     config = _load(args)
     host = args.host or f"{public_hostname(config)}:{config.listen_address[1]}"
     tls = config.tls.active
@@ -206,7 +234,7 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
     registries = [(upstream.registry, upstream.aliases) for upstream in config.registries]
     urls = {name: upstream.url for upstream in config.registries for name in (upstream.registry, *upstream.aliases)}
     print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries, urls=urls,
-                       client_auth=config.tls.client_auth), end="")
+                       client_auth=config.tls.client_auth, target=target, picked=how), end="")
     return 0
 
 
@@ -369,6 +397,8 @@ def parser() -> argparse.ArgumentParser:
                                                      "here (for every upstream)")
     setup.add_argument("--config", type=Path, help=config_help)
     setup.add_argument("--host", metavar="HOST:PORT", help="how clients reach the mirror (default: hostname and port)")
+    setup.add_argument("--for", dest="target", metavar="el7|el8|el9|debian",
+                       help="the client system (default: this one, from /etc/os-release)")
     setup.set_defaults(run=cmd_client_setup)
 
     user = commands.add_parser("user", help="the users of the htpasswd file (auth.htpasswd)")

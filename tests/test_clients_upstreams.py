@@ -20,7 +20,16 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.support.clients import Containerd, Dockerd, Podman, dir_manifest_digest, skopeo, skopeo_copy
+from tests.support.clients import (
+    Containerd,
+    Dockerd,
+    Podman,
+    client_env,
+    client_sandbox,
+    dir_manifest_digest,
+    skopeo,
+    skopeo_copy,
+)
 from tests.support.pasted import paste
 from tests.support.procs import Mirror
 from tests.support.upstreams import DOCKER_IO, GHCR, PRIVATE, ThreeUpstreams
@@ -51,17 +60,22 @@ def served(make_mirror, three_upstreams: ThreeUpstreams, pki) -> Mirror:
     return mirror_of_three(make_mirror, three_upstreams, pki)
 
 
-def setup_steps(mirror: Mirror) -> str:
+def setup_steps(mirror: Mirror, *options: str) -> str:
     """client-setup's output for ``mirror``."""
     result = subprocess.run([sys.executable, "-m", "dockermirror", "client-setup", "--config",
-                             str(mirror.config_path), "--host", mirror.address],
+                             str(mirror.config_path), "--host", mirror.address, *options],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def pasted(mirror: Mirror, tmp_path: Path, steps: str | None = None) -> dict[str, str]:
-    """client-setup for ``mirror``, run as pasted: {path under /etc, relative: content}."""
+def pasted(mirror: Mirror, tmp_path: Path, steps: str | None = None,
+           before: dict[str, str] | None = None) -> dict[str, str]:
+    """client-setup for ``mirror``, run as pasted: {path under /etc, relative: content};
+    ``before``: files already in that /etc (relative paths)."""
+    for path, content in (before or {}).items():
+        (tmp_path / "pasted" / "etc" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pasted" / "etc" / path).write_text(content)
     files, _ = paste(steps or setup_steps(mirror), tmp_path / "pasted")
     return {path.removeprefix("/etc/"): content for path, content in files.items()}
 
@@ -152,3 +166,60 @@ def test_dockerd_mirrors_docker_hub_from_the_default_upstream(make_mirror, three
     # dockerd names no registry for Docker Hub names: the mirror's default upstream, with library/
     assert routed == {("/v2/library/hello/manifests/latest", DOCKER_IO),
                       ("/v2/ghcr.test/acme/widget/manifests/1.0", GHCR)}
+
+
+def test_skopeo_with_the_el7_registries_conf(served, three_upstreams, tmp_path):
+    """client-setup --for el7 on a client with CentOS 7's v1 registries.conf: the v2 file its steps
+    write in its place (no drop-in: podman 1.6 reads none) parses in today's containers/image
+    (skopeo 1.9) and sends each registry through the mirror. (The sandbox hides
+    registries.conf.d, as podman 1.6 would not read it.)"""
+    from tests.unit.test_clientsetup_targets import EL7_V1, assert_podman_1_6_reads
+
+    files = pasted(served, tmp_path, setup_steps(served, "--for", "el7"), before={"containers/registries.conf": EL7_V1})
+    assert "containers/registries.conf.d/50-docker-mirror.conf" not in files
+    assert files["containers/registries.conf.before-docker-mirror"] == EL7_V1
+    assert_podman_1_6_reads(files["containers/registries.conf"])
+    etc = only(files, "containers/registries.conf", "containers/certs.d/")
+    for key, name, ref in PULLS[:2]:
+        dest = tmp_path / name
+        skopeo("copy", "--quiet", "--all", f"docker://{ref}", f"dir:{dest}", parent=tmp_path, etc=etc, pin=PINNED)
+        assert dir_manifest_digest(dest) == three_upstreams.site(key).seeded[name].digest, ref
+    routed = {(path.split("/manifests/")[0], upstream) for path, _, upstream in requests(served)
+              if "/manifests/" in path}
+    assert routed == {("/v2/docker.io/acme/tool", DOCKER_IO), ("/v2/ghcr.test/acme/gadget", GHCR)}
+
+
+def skopeo_reads(registries_conf: str, parent: Path) -> str:
+    """skopeo's complaint about ``registries_conf`` as /etc/containers/registries.conf ("" if none):
+    it loads the file before anything else, then fails at once on a closed loopback port."""
+    sandbox = client_sandbox(parent, {"containers/registries.conf": registries_conf})
+    try:
+        result = subprocess.run(sandbox.argv(["skopeo", "inspect", "docker://127.0.0.1:9/acme/tool:1.0"]),
+                                capture_output=True, text=True, timeout=120, env=client_env(sandbox.dir))
+    finally:
+        sandbox.cleanup()
+    assert result.returncode != 0 and "127.0.0.1:9" in result.stderr, result.stderr
+    return result.stderr if "registries configuration" in result.stderr else ""
+
+
+def test_el7_registries_conf_conversions_parse_in_containers_image(tmp_path):
+    """Each file EL7's pasted steps write (from the shipped v1 file, with insecure and blocked
+    registries, from none) is read by today's containers/image; the v1 file with the entries
+    merely added, as a naive edit would do, is refused: the parser here is the real one."""
+    from tests.support.pasted import run_pasted
+    from tests.unit.test_clientsetup_targets import EL7_V1, steps
+
+    insecure = EL7_V1.replace("[registries.insecure]\nregistries = []",
+                              "[registries.insecure]\nregistries = ['registry.internal:5000']")
+    insecure = insecure.replace("[registries.block]\nregistries = []",
+                                "[registries.block]\nregistries = ['evil.example']")
+    for number, before in enumerate((EL7_V1, insecure, None)):
+        root = tmp_path / f"pasted{number}"
+        if before is not None:
+            (root / "etc/containers").mkdir(parents=True)
+            (root / "etc/containers/registries.conf").write_text(before)
+        written = run_pasted(steps("el7", tls=number != 1), root).files
+        assert written["/etc/containers/registries.conf"].startswith("# written by docker-mirror")
+        assert skopeo_reads(written["/etc/containers/registries.conf"], tmp_path) == ""
+    mixed = EL7_V1 + "\n" + written["/etc/containers/docker-mirror.registries.conf"]
+    assert "mixing sysregistry v1/v2 is not supported" in skopeo_reads(mixed, tmp_path)

@@ -22,12 +22,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from dockermirror.routing import DOCKER_HUB, registry_key
+from dockermirror.service.clienttargets import DEFAULT, Target
+from dockermirror.service.el7registries import el7_registries_conf
 
 HUB_SERVER = "https://registry-1.docker.io"
 # One copy of the CA for every hosts.toml (a file outside certs.d/: containerd reads
 # only <registry>/ directories there)
 CONTAINERD_CA = "/etc/containerd/docker-mirror-ca.crt"
 REGISTRIES_CONF = "/etc/containers/registries.conf.d/50-docker-mirror.conf"
+EL_ANCHOR = "/etc/pki/ca-trust/source/anchors/docker-mirror.crt"
+DEBIAN_ANCHOR = "/usr/local/share/ca-certificates/docker-mirror.crt"
 
 
 def _write_file(path: str, content: str) -> str:
@@ -78,11 +82,12 @@ def client_names(registries: Iterable[tuple[str, Iterable[str]]]) -> list[tuple[
 
 def instructions(host: str, *, tls: bool, ca_pem: str | None, ca_path: Path,
                  registries: Sequence[tuple[str, Iterable[str]]], urls: Mapping[str, str] | None = None,
-                 client_auth: str = "none") -> str:
+                 client_auth: str = "none", target: Target = DEFAULT, picked: str = "") -> str:
     """Steps for a mirror reachable at ``host`` (HOST:PORT) that mirrors ``registries``:
     (registry, aliases) of each upstream, the default first; ``urls``: each name's (and
     alias's) upstream URL, where containerd falls back to; ``client_auth`` (tls.client_auth):
-    where each client wants its certificate."""
+    where each client wants its certificate; ``target``: the client system (its versions decide
+    the steps), ``picked``: a line saying how it was chosen."""
     url = f"{'https' if tls else 'http'}://{host}"
     names = client_names(registries)
     keys = list(dict.fromkeys(key for _, key in names))
@@ -92,18 +97,23 @@ def instructions(host: str, *, tls: bool, ca_pem: str | None, ca_path: Path,
     if prefixes[default] is None:
         prefixes[default] = ""
     listed = ", ".join(f"{key} (the default)" if key == default and len(keys) > 1 else key for key in keys)
-    out = [f"# docker-mirror at {url}, mirroring {listed}", ""]
+    out = [f"# docker-mirror at {url}, mirroring {listed}",
+           f"# for {target.label} (--for {target.name}): {target.clients}"]
+    out += [f"# {line}" for line in picked.splitlines()] + [""]
     if tls and ca_pem is None:
         out += [f"# (the CA {ca_path} could not be read here: copy it to each client as shown below)", ""]
     ca_text = (ca_pem or f"<contents of {ca_path}>") if tls else None
-    out += _dockerd(host, url, ca_text, keys, prefixes)
+    out += _dockerd(host, url, ca_text, keys, prefixes, target)
     out += _containerd(url, ca_text, names, urls)
-    out += _containers(host, ca_text, names, prefixes)
+    out += _containers(host, ca_text, names, prefixes, target)
+    if ca_text is not None:
+        out += _system_trust(ca_text, target)
     if tls and client_auth != "none":
         out += _client_certificates(host, client_auth)
     out += ["## check (by hand: pull an image you use)", ""]
     for key in (key for key in keys if prefixes[key] is not None):
-        example = "busybox" if key == DOCKER_HUB else f"{key}/<repository>"
+        # fully qualified: a short name goes to the search list first (on EL7, registry.access.redhat.com)
+        example = "docker.io/library/busybox" if key == DOCKER_HUB else f"{key}/<repository>"
         out.append(f"#   podman pull {example}")
     first = next(prefix for prefix in prefixes.values() if prefix is not None)
     out += ["#   or: docker pull busybox, ctr --hosts-dir /etc/containerd/certs.d images pull ..., "
@@ -126,7 +136,7 @@ def _unprefixable(keys: list[str], prefixes: dict[str, str | None]) -> list[str]
 
 
 def _dockerd(host: str, url: str, ca_text: str | None, keys: list[str],
-             prefixes: dict[str, str | None]) -> list[str]:
+             prefixes: dict[str, str | None], target: Target) -> list[str]:
     out = ["## docker (dockerd), as root on each client", ""]
     default = keys[0]
     mirrors_hub = default == DOCKER_HUB
@@ -148,20 +158,42 @@ def _dockerd(host: str, url: str, ca_text: str | None, keys: list[str],
     if ca_text is None:
         daemon["insecure-registries"] = [host]
     else:
-        out += ["# trust the mirror's CA (Debian/Ubuntu: certs.d; on EL see update-ca-trust below)",
+        out += ["# trust the mirror's CA (dockerd reads certs.d/<host:port>/ca.crt; docker 1.13 too)",
                 _write_file(f"/etc/docker/certs.d/{host}/ca.crt", ca_text), ""]
     if daemon:
         out += ["# merge into /etc/docker/daemon.json if it already exists",
                 _write_file("/etc/docker/daemon.json", json.dumps(daemon))]
-    out.append("systemctl restart docker")
+    if daemon and target.docker_sysconfig:
+        out += _sysconfig_check(sorted(daemon))
+    else:
+        out.append("systemctl restart docker")
     if mirrors_hub:
-        out.append("docker info --format '{{.RegistryConfig.Mirrors}}'")
+        out.append("docker info --format '{{.RegistryConfig.Mirrors}}'")     # docker 1.13 has --format too
     out.append("")
-    if ca_text is not None:
-        out += ["# EL (RHEL, CentOS, Rocky, Alma): or trust the CA system-wide",
-                _write_file("/etc/pki/ca-trust/source/anchors/docker-mirror.crt", ca_text),
-                "update-ca-trust extract && systemctl restart docker", ""]
     return out
+
+
+# the dockerd flag of each daemon.json key this file writes
+_FLAGS = {"registry-mirrors": "--registry-mirror", "insecure-registries": "--insecure-registry"}
+
+
+def _sysconfig_check(keys: list[str]) -> list[str]:
+    """EL7's docker package: docker.service passes $OPTIONS (and $ADD_REGISTRY, $INSECURE_REGISTRY,
+    $REGISTRIES) from /etc/sysconfig/docker and /run/containers/registries.conf; a flag there for a
+    key daemon.json sets too makes dockerd refuse to start."""
+    flags = "|".join(_FLAGS[key].removeprefix("--") for key in keys)
+    return ["# EL7's docker package (docker 1.13, extras) also takes flags from /etc/sysconfig/docker (OPTIONS=,",
+            "# INSECURE_REGISTRY=) and /run/containers/registries.conf (made from /etc/containers/registries.conf by",
+            "# registries.service). A flag for a setting daemon.json has too makes dockerd refuse to start",
+            '# ("the following directives are specified both as a flag and in the configuration file"):',
+            "# restart docker only when there is none (docker-ce reads neither file)",
+            f"if grep -Eqs '^[^#]*--({flags})' /etc/sysconfig/docker /run/containers/registries.conf; then",
+            f"  echo 'docker-mirror: --({flags}) is set in /etc/sysconfig/docker or /etc/containers/registries.conf:"
+            f" move its values into daemon.json ({', '.join(keys)}) and remove it there, then systemctl restart"
+            " docker' >&2",
+            "else",
+            "  systemctl restart docker",
+            "fi"]
 
 
 def _hosts_toml(url: str, ca_text: str | None, server: str | None) -> str:
@@ -192,11 +224,28 @@ def _containerd(url: str, ca_text: str | None, names: list[tuple[str, str]],
             "# and containerd then falls back to that registry itself",
             _write_file("/etc/containerd/certs.d/_default/hosts.toml", _hosts_toml(url, ca_text, None)),
             "systemctl restart containerd", ""]
-    return out
+    return out + _old_containerd(url, ca_text, names[0][0])
+
+
+def _old_containerd(url: str, ca_text: str | None, default: str) -> list[str]:
+    """containerd before 1.5 reads no hosts.toml: say so when the client runs one, and what its
+    CRI config.toml takes instead (documented in containerd/cri's docs/registry.md, release/1.4)."""
+    host = url.split("://", 1)[1]
+    tls = ([f'#   [plugins."io.containerd.grpc.v1.cri".registry.configs."{host}".tls]',
+            f'#     ca_file = "{CONTAINERD_CA}"'] if ca_text is not None else [])
+    return ["# containerd before 1.5 (e.g. containerd.io 1.4 and older, Debian 11's 1.4) reads no hosts.toml:",
+            'case "$(containerd --version 2>/dev/null)" in',
+            '  *" v1."[0-4]"."*|*" 1."[0-4]"."*) echo "docker-mirror: this containerd is older than 1.5 and reads no '
+            'hosts.toml: upgrade it, or use the config.toml mirrors shown in these steps" >&2 ;;',
+            "esac",
+            "# there, the CRI plugin's mirrors in /etc/containerd/config.toml (version = 2) serve only what it names;",
+            f"# it sends no ?ns=, so the mirror answers with its default upstream ({default}) only:",
+            f'#   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{default}"]',
+            f'#     endpoint = ["{url}"]', *tls, ""]
 
 
 def _containers(host: str, ca_text: str | None, names: list[tuple[str, str]],
-                prefixes: dict[str, str | None]) -> list[str]:
+                prefixes: dict[str, str | None], target: Target) -> list[str]:
     out = ["## podman, skopeo, buildah, CRI-O", "",
            "# each registry this mirror serves gets the mirror as its mirror, with the registry as a path",
            f"# prefix ({host}/<registry>): the mirror routes by it; other registries are left alone"]
@@ -204,15 +253,34 @@ def _containers(host: str, ca_text: str | None, names: list[tuple[str, str]],
     if ca_text is not None:
         out.append(_write_file(f"/etc/containers/certs.d/{host}/ca.crt", ca_text))
     blocks = []
+    mirrored = []
     for name, key in names:
         prefix = prefixes[key]
         if prefix is None:
             continue
+        mirrored.append(name)
         blocks.append(f'[[registry]]\nprefix = "{name}"\nlocation = "{name}"\n\n'
                       f'[[registry.mirror]]\nlocation = "{_mirrored(host, prefix)}"'
                       + ("" if ca_text is not None else "\ninsecure = true"))
-    out += [_write_file(REGISTRIES_CONF, "\n\n".join(blocks)), ""]
+    if target.registries_dropins:
+        out += [_write_file(REGISTRIES_CONF, "\n\n".join(blocks)), ""]
+    else:
+        out += el7_registries_conf("\n\n".join(blocks), mirrored, _write_file) + [""]
     return out
+
+
+def _system_trust(ca_text: str, target: Target) -> list[str]:
+    """The CA in the system's trust store (curl, git, anything using the system bundle; docker
+    and podman read certs.d above, containerd its hosts.toml's ca)."""
+    if target.el:
+        return ["## or trust the mirror's CA system-wide (EL: update-ca-trust)", "",
+                _write_file(EL_ANCHOR, ca_text),
+                "update-ca-trust extract    # then restart what should use it", ""]
+    return ["## or trust the mirror's CA system-wide (Debian, Ubuntu: update-ca-certificates; the name must end "
+            "in .crt)",
+            "",
+            _write_file(DEBIAN_ANCHOR, ca_text),
+            "update-ca-certificates    # then restart what should use it", ""]
 
 
 CONTAINERD_CLIENT = "/etc/containerd/docker-mirror-client"

@@ -57,14 +57,14 @@ def test_one_upstream_tls_carries_the_ca():
     out, files = setup([("docker.io", ())], tls=True)
     assert json.loads(files["/etc/docker/daemon.json"]) == {"registry-mirrors": [f"https://{HOST}"]}
     for path in (f"/etc/docker/certs.d/{HOST}/ca.crt", f"/etc/containers/certs.d/{HOST}/ca.crt",
-                 "/etc/pki/ca-trust/source/anchors/docker-mirror.crt"):
+                 "/usr/local/share/ca-certificates/docker-mirror.crt"):     # Debian, the default
         assert files[path] == CA + "\n"
     for name in ("docker.io", "_default"):
         host = hosts_toml(files, name)["host"][f"https://{HOST}"]
         assert files[host["ca"]] == CA + "\n"       # the file it names is written too
     block = mirrors(files)["docker.io"]
     assert block["mirror"] == [{"location": f"{HOST}/docker.io"}]      # no insecure = true
-    assert "update-ca-trust extract" in out
+    assert "update-ca-certificates" in out and "update-ca-trust" not in out
 
 
 def test_three_upstreams():
