@@ -22,6 +22,7 @@ from tests.conftest import Upstream
 from tests.support.clients import skopeo_copy
 from tests.support.nspawn import Container, wheelhouse
 from tests.support.procs import free_port, wait_until
+from tests.support.units import sections
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "docker-mirror.service"
@@ -40,21 +41,6 @@ EL7_SERVICE_KEYS = {
 }
 EL7_UNIT_KEYS = {"Description", "Documentation", "After", "Wants", "Requires", "Before"}
 EL7_SOCKET_KEYS = {"ListenStream", "BindIPv6Only", "Backlog", "NoDelay", "FreeBind", "Service"}
-
-
-def sections(path: Path) -> dict[str, list[tuple[str, str]]]:
-    out: dict[str, list[tuple[str, str]]] = {}
-    section = ""
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line[0] in "#;":
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault(section, []).append((key, value))
-    return out
 
 
 def test_base_unit_uses_only_what_systemd_219_knows():

@@ -10,6 +10,8 @@ import errno
 import re
 from pathlib import Path
 
+from tests.support.units import entries
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
 SPEC = REPO / "rpm" / "docker-mirror.spec"
@@ -40,21 +42,6 @@ def systemd_219() -> dict[str, set[str]]:
         name, _, words = line.partition(":")
         facts[name] = set(words.split())
     return facts
-
-
-def entries(path: Path) -> list[tuple[int, str, str, str]]:
-    """(line number, section, key, value) of a unit file, the way systemd reads it."""
-    out, section = [], ""
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line[0] in "#;":
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        out.append((number, section, key.strip(), value.strip()))
-    return out
 
 
 def installed_units(bundled_python: bool) -> set[str]:
