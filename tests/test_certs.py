@@ -80,14 +80,19 @@ def test_ensure_only_acts_when_nothing_is_there(tmp_path: Path, tls_config: Path
 def test_client_setup(tmp_path: Path, tls_config: Path):
     assert cli("cert", "init", "--config", str(tls_config), "--hostname", "mirror.example.org").returncode == 0
     ca = (tmp_path / "ca" / "ca.crt").read_text()
-    tls_out = cli("client-setup", "--config", str(tls_config), "--host", "mirror.example.org:5000").stdout
+    # the target named (without --for it would be this machine's own system)
+    tls_out = cli("client-setup", "--config", str(tls_config), "--host", "mirror.example.org:5000",
+                  "--for", "el9").stdout
     assert ca.strip() in tls_out
     assert "/etc/docker/certs.d/mirror.example.org:5000/ca.crt" in tls_out
     assert '{"registry-mirrors": ["https://mirror.example.org:5000"]}' in tls_out
     assert '[host."https://mirror.example.org:5000"]' in tls_out
     assert 'server = "https://registry-1.docker.io"' in tls_out
-    assert "update-ca-trust" in tls_out
+    assert "update-ca-trust" in tls_out and "update-ca-certificates" not in tls_out
     assert 'location = "mirror.example.org:5000/docker.io"' in tls_out and "insecure" not in tls_out
+    debian = cli("client-setup", "--config", str(tls_config), "--host", "mirror.example.org:5000",
+                 "--for", "debian").stdout
+    assert "update-ca-certificates" in debian and "update-ca-trust" not in debian
     plain = tmp_path / "plain.yml"
     plain.write_text("listen: 0.0.0.0:5123\nhostname: box.lan\ntls:\n  enabled: false\n")
     plain_out = cli("client-setup", "--config", str(plain)).stdout

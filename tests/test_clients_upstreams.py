@@ -61,9 +61,11 @@ def served(make_mirror, three_upstreams: ThreeUpstreams, pki) -> Mirror:
 
 
 def setup_steps(mirror: Mirror, *options: str) -> str:
-    """client-setup's output for ``mirror``."""
+    """client-setup's output for ``mirror``; for Debian, the clients here, unless ``options`` name
+    a target (without ``--for`` it would depend on the machine the tests run on)."""
+    target = () if "--for" in options else ("--for", "debian")
     result = subprocess.run([sys.executable, "-m", "dockermirror", "client-setup", "--config",
-                             str(mirror.config_path), "--host", mirror.address, *options],
+                             str(mirror.config_path), "--host", mirror.address, *target, *options],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
