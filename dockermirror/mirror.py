@@ -248,17 +248,14 @@ class Mirror:
             return await self._stale_revalidation(repo, tag, row, accept, error, head=head)
         flight = ("tag", key, repo.name, tag, tuple(accept))
         try:
-            (fresh, fetched), led = await self._flights.do(flight, lambda: self._revalidate(repo, tag, accept))
+            (fresh, fetched), led = await self._flights.do(flight, lambda: self._revalidate_counted(repo, tag,
+                                                                                              accept, row))
         except (Unavailable, UpstreamUnreachable) as exc:
-            return await self._stale_revalidation(repo, tag, row, accept, exc, head=head)
+            return await self._stale(repo, tag, row, accept, exc, head=head)
         except RegistryError as exc:
             if exc.code == "TOOMANYREQUESTS" and row is not None:
-                return await self._stale_revalidation(repo, tag, row, accept, exc, head=head)
-            if row is not None:
-                self.meter.tag_revalidated(key, "failed")
+                return await self._stale(repo, tag, row, accept, exc, head=head)
             raise
-        if row is not None:
-            self.meter.tag_revalidated(key, "unchanged" if fresh.digest == row.digest else "changed")
         self.cache.touch_tag(key, repo.name, tag)
         # What the revalidation got from the upstream is MISS for the request that asked, COALESCED
         # for those that shared its answer; a manifest it found cached is a HIT for all of them,
@@ -304,6 +301,26 @@ class Mirror:
             return ("manifest", repo.upstream.key, repo.name, str(digest))
         return ("manifest", repo.upstream.key, str(digest))
 
+    async def _revalidate_counted(self, repo: Repo, tag: str, accept: list[str],
+                                  row: TagEntry | None) -> tuple[TagEntry, bool]:
+        """:meth:`_revalidate`, counted once for every client that shares it (a known tag's:
+        unchanged, changed; stale when the upstream failed and the cached mapping is served
+        instead; failed when the upstream refused)."""
+        key = repo.upstream.key
+        try:
+            fresh, fetched = await self._revalidate(repo, tag, accept)
+        except (Unavailable, UpstreamUnreachable):
+            if row is not None:
+                self.meter.tag_revalidated(key, "stale")
+            raise
+        except RegistryError as exc:
+            if row is not None:
+                self.meter.tag_revalidated(key, "stale" if exc.code == "TOOMANYREQUESTS" else "failed")
+            raise
+        if row is not None:
+            self.meter.tag_revalidated(key, "unchanged" if fresh.digest == row.digest else "changed")
+        return fresh, fetched
+
     async def _revalidate(self, repo: Repo, tag: str, accept: list[str]) -> tuple[TagEntry, bool]:
         """Ask the upstream what the tag points at now for this client (HEAD), and record it
         for the clients it answers; and whether the manifest had to be fetched (GET) to know."""
@@ -348,7 +365,8 @@ class Mirror:
 
     async def _stale_revalidation(self, repo: Repo, tag: str, row: TagEntry | None, accept: list[str],
                                   error: Exception, *, head: bool) -> Manifest:
-        """:meth:`_stale`, counting a known tag's revalidation as served stale, or failed."""
+        """:meth:`_stale` without asking the upstream (it was down moments ago), counting a known
+        tag's revalidation as served stale, or failed."""
         if row is None:
             return await self._stale(repo, tag, row, accept, error, head=head)
         try:

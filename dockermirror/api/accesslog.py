@@ -92,10 +92,11 @@ class AccessLog:
         status = 0
         sent = 0
         complete = False
+        short = False
         digest = None
 
         async def send_and_count(message: Message) -> None:
-            nonlocal status, sent, complete, digest
+            nonlocal status, sent, complete, short, digest
             if message["type"] == "http.response.start":
                 status = message["status"]
                 digest = next((v for k, v in message.get("headers", ()) if k.lower() == b"docker-content-digest"),
@@ -106,7 +107,8 @@ class AccessLog:
                 size = len(message.get("body", b""))
                 went = message.get("sent", size)
                 sent += went
-                complete = went == size and not message.get("more_body", False)
+                short = short or went < size     # a dropped piece: never complete, whatever follows
+                complete = not short and not message.get("more_body", False)
                 return
             elif message["type"] == "http.response.zerocopysend":
                 try:

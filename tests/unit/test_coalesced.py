@@ -167,3 +167,20 @@ async def test_referrers_asked_once_for_several_clients(shared: Shared, registry
     assert len(registry.requests("GET", "/referrers/")) == 1
     assert shared.labels("referrers") == COALESCED_ONCE
     assert access_labels(caplog, "/referrers/") == COALESCED_ONCE
+
+
+async def test_a_revalidation_shared_by_several_clients_is_counted_once(shared: Shared, registry, clock) -> None:
+    """One upstream HEAD after the TTL, for N clients: one revalidation in the metrics."""
+    from tests.unit.test_metrics import series
+
+    registry.push("library/alpine", "3.20")
+    got = await shared.m.client.get("/v2/library/alpine/manifests/3.20", headers={"Accept": OCI_MANIFEST})
+    assert got.status_code == 200
+    clock.advance(301)
+    shared.entered.clear()
+    shared.holding.match = lambda r: "/manifests/" in r.url.path and r.method == "HEAD"
+    await shared.meet("GET", "/v2/library/alpine/manifests/3.20", "manifest")
+    assert manifest_requests(registry, "HEAD") == 2      # the first pull's and the revalidation's
+    counted = {dict(k)["result"]: v for k, v in series(shared.m.text(), "docker_mirror_tag_revalidations_total").items()
+               if dict(k)["upstream"] == "docker.io"}
+    assert counted == {"unchanged": 1.0, "changed": 0.0, "stale": 0.0, "failed": 0.0}

@@ -85,6 +85,25 @@ async def test_a_last_body_that_was_dropped_does_not_complete_the_response():
     assert seen[0].sent == 0 and not seen[0].complete and seen[0].note == "incomplete"
 
 
+async def test_a_dropped_piece_is_not_made_whole_by_the_empty_last_body_that_follows():
+    """StreamResponse's shape: pieces with more_body, then an empty last body; a piece dropped
+    because the client had gone leaves the response incomplete."""
+    seen: list[RequestDone] = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1500")]})
+        await send({"type": "http.response.body", "body": b"a" * 1000, "more_body": True})
+        await send({"type": "http.response.body", "body": b"b" * 500, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def server_send(message):
+        if message.get("body", b"").startswith(b"b"):
+            message["sent"] = 0         # as service/zerocopy.py marks a body uvicorn dropped
+
+    await AccessLog(app, on_done=seen.append)(scope(), None, server_send)
+    assert seen[0].sent == 1000 and not seen[0].complete and seen[0].note == "incomplete"
+
+
 class _Server:
     """uvicorn with the mirror's protocol on 127.0.0.1, serving ``AccessLog(app)``."""
 
