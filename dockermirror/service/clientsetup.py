@@ -266,7 +266,7 @@ def _containers(host: str, ca_text: str | None, names: list[tuple[str, str]],
     if target.registries_dropins:
         out += [_write_file(REGISTRIES_CONF, "\n\n".join(blocks)), ""]
     else:
-        out += el7_registries_conf("\n\n".join(blocks), mirrored, _write_file) + [""]
+        out += el7_registries_conf("\n\n".join(blocks), mirrored, _write_file, ca_text is None) + [""]
     return out
 
 
