@@ -122,3 +122,14 @@ def _with(tmp_path: Path, daemon: str) -> Path:
     (root / "etc/docker").mkdir(parents=True)
     (root / "etc/docker/daemon.json").write_text(daemon)
     return root
+
+
+def test_the_python_stand_in_runs_only_on_the_scratch_root(tmp_path):
+    """pasted.py's python runs the real interpreter, but never with a path outside the scratch root."""
+    script = "mkdir -p /etc\npython3 -c 'import sys; open(sys.argv[1], \"w\").write(\"x\")' {}\n"
+    result = run_pasted(script.format("/etc/written-here"), tmp_path / "in")
+    assert result.files == {"/etc/written-here": "x"}
+    outside = tmp_path / "outside"
+    with pytest.raises(AssertionError, match=f"stand-in python3: {outside} is outside"):
+        run_pasted(script.format(outside), tmp_path / "out")
+    assert not outside.exists()
