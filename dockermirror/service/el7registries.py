@@ -5,14 +5,18 @@ and no ``registries.conf.d`` drop-ins. The file EL7 ships is in the v1 format
 (``[registries.search]``, ``[registries.insecure]``, ``[registries.block]``), and a file with
 both v1 tables and v2 ``[[registry]]`` entries is refused ("mixing sysregistry v1/v2 is not
 supported"), so the steps keep a copy of the file and write it again in v2: the v1 search list as
-``unqualified-search-registries``, each v1 insecure or blocked registry as a ``[[registry]]`` with
-``insecure``/``blocked`` (what v5.0.0's own ConvertToV2 does), then the mirror entries. v5.0.0's
+``unqualified-search-registries``, each v1 insecure or blocked registry as one ``[[registry]]`` with
+``insecure``/``blocked`` or both (what v5.0.0's own ConvertToV2 does: a location defined twice is
+refused), then the mirror entries. v5.0.0's
 v2 keys: ``prefix``, ``location``, ``insecure``, ``blocked``, ``mirror-by-digest-only``,
 ``[[registry.mirror]]`` with ``location`` and ``insecure``; ``unqualified-search-registries``.
 
 The steps are plain sh with grep, sed, tr, cp and mv (all in EL7's base), safe to run again: the
-copy is made once, and a file they wrote is written again from that copy. A file already in v2
-that they did not write is left alone (its owner adds the entries by hand).
+copy is made once, only when the file is converted (a clash is checked first), and a file they
+wrote is written again from that copy, after keeping it as ``PREV`` if it changed since (hand
+edits, or other upstreams). A file already in v2 that they did not write is left alone (its owner
+adds the entries by hand). EL7's docker package took the v1 lists as flags (registries.service,
+v1 only): the steps print the ``/etc/sysconfig/docker`` lines that keep them.
 """
 
 from __future__ import annotations
