@@ -206,7 +206,7 @@ def skopeo_reads(registries_conf: str, parent: Path) -> str:
 
 def test_el7_registries_conf_conversions_parse_in_containers_image(tmp_path):
     """Each file EL7's pasted steps write (from the shipped v1 file, with insecure and blocked
-    registries, from none) is read by today's containers/image; the v1 file with the entries
+    registries, one registry both, from none) is read by today's containers/image; the v1 file with the entries
     merely added, as a naive edit would do, is refused: the parser here is the real one."""
     from tests.support.pasted import run_pasted
     from tests.unit.test_clientsetup_targets import EL7_V1, steps
@@ -215,7 +215,9 @@ def test_el7_registries_conf_conversions_parse_in_containers_image(tmp_path):
                               "[registries.insecure]\nregistries = ['registry.internal:5000']")
     insecure = insecure.replace("[registries.block]\nregistries = []",
                                 "[registries.block]\nregistries = ['evil.example']")
-    for number, before in enumerate((EL7_V1, insecure, None)):
+    # one registry both insecure and blocked: one entry with both (two entries would be "defined multiple times")
+    both = insecure.replace("['evil.example']", "['evil.example', 'registry.internal:5000']")
+    for number, before in enumerate((EL7_V1, insecure, None, both)):
         root = tmp_path / f"pasted{number}"
         if before is not None:
             (root / "etc/containers").mkdir(parents=True)
@@ -223,5 +225,10 @@ def test_el7_registries_conf_conversions_parse_in_containers_image(tmp_path):
         written = run_pasted(steps("el7", tls=number != 1), root).files
         assert written["/etc/containers/registries.conf"].startswith("# written by docker-mirror")
         assert skopeo_reads(written["/etc/containers/registries.conf"], tmp_path) == ""
+    conf = written["/etc/containers/registries.conf"]
+    assert 'location = "registry.internal:5000"\ninsecure = true\nblocked = true\n' in conf
+    split = conf.replace('insecure = true\nblocked = true\n',
+                         'insecure = true\n\n[[registry]]\nlocation = "registry.internal:5000"\nblocked = true\n')
+    assert "defined multiple times" in skopeo_reads(split, tmp_path)
     mixed = EL7_V1 + "\n" + written["/etc/containers/docker-mirror.registries.conf"]
     assert "mixing sysregistry v1/v2 is not supported" in skopeo_reads(mixed, tmp_path)

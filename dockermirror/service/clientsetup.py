@@ -16,13 +16,13 @@ own way, and the steps use the way that keeps the registry explicit:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from dockermirror.routing import DOCKER_HUB, registry_key
 from dockermirror.service.clienttargets import DEFAULT, Target
+from dockermirror.service.daemonjson import daemon_json_steps
 from dockermirror.service.el7registries import el7_registries_conf
 
 HUB_SERVER = "https://registry-1.docker.io"
@@ -161,10 +161,9 @@ def _dockerd(host: str, url: str, ca_text: str | None, keys: list[str],
         out += ["# trust the mirror's CA (dockerd reads certs.d/<host:port>/ca.crt; docker 1.13 too)",
                 _write_file(f"/etc/docker/certs.d/{host}/ca.crt", ca_text), ""]
     if daemon:
-        out += ["# merge into /etc/docker/daemon.json if it already exists",
-                _write_file("/etc/docker/daemon.json", json.dumps(daemon))]
-    if daemon and target.docker_sysconfig:
-        out += _sysconfig_check(sorted(daemon))
+        out += daemon_json_steps(daemon, _write_file)
+        out += _sysconfig_check(sorted(daemon)) if target.docker_sysconfig else \
+            ['if [ -n "$restart" ]; then systemctl restart docker; fi']
     else:
         out.append("systemctl restart docker")
     if mirrors_hub:
@@ -187,7 +186,9 @@ def _sysconfig_check(keys: list[str]) -> list[str]:
             "# registries.service). A flag for a setting daemon.json has too makes dockerd refuse to start",
             '# ("the following directives are specified both as a flag and in the configuration file"):',
             "# restart docker only when there is none (docker-ce reads neither file)",
-            f"if grep -Eqs '^[^#]*--({flags})' /etc/sysconfig/docker /run/containers/registries.conf; then",
+            'if [ -z "$restart" ]; then',
+            "  :    # daemon.json was left as it was (said why above)",
+            f"elif grep -Eqs '^[^#]*--({flags})' /etc/sysconfig/docker /run/containers/registries.conf; then",
             f"  echo 'docker-mirror: --({flags}) is set in /etc/sysconfig/docker or /etc/containers/registries.conf:"
             f" move its values into daemon.json ({', '.join(keys)}) and remove it there, then systemctl restart"
             " docker' >&2",
@@ -265,7 +266,7 @@ def _containers(host: str, ca_text: str | None, names: list[tuple[str, str]],
     if target.registries_dropins:
         out += [_write_file(REGISTRIES_CONF, "\n\n".join(blocks)), ""]
     else:
-        out += el7_registries_conf("\n\n".join(blocks), mirrored, _write_file) + [""]
+        out += el7_registries_conf("\n\n".join(blocks), mirrored, _write_file, ca_text is None) + [""]
     return out
 
 

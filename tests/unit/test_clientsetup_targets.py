@@ -199,7 +199,9 @@ def test_el7_pasted_converts_the_v1_file_and_keeps_it(tmp_path):
     assert DROPIN not in files
     assert files[EL_ANCHOR] == CA + "\n"
     assert "update-ca-trust extract" in result.calls and "systemctl restart docker" in result.calls
-    assert result.stderr == ""
+    # EL7's docker package loses the v1 search list it took as flags: the line that keeps it
+    assert result.stderr.splitlines()[1:] == [
+        "ADD_REGISTRY='" + " ".join(f"--add-registry {name}" for name in EL7_SEARCH) + "'"]
 
     # pasted again (a new upstream, say): the copy stays the v1 original, the file is written again from it
     again = paste_el7(tmp_path, {CONF: EL7_V1}, name="twice")
@@ -209,6 +211,9 @@ def test_el7_pasted_converts_the_v1_file_and_keeps_it(tmp_path):
     assert tomllib.loads(second.files[CONF])["unqualified-search-registries"] == EL7_SEARCH
     assert [e["prefix"] for e in tomllib.loads(second.files[CONF])["registry"]] == ["docker.io", "ghcr.io", "quay.io"]
     assert again.files[CONF] != second.files[CONF]
+    # the file it replaced (written for other registries) is kept, and said so
+    assert second.files[CONF + ".docker-mirror-prev"] == again.files[CONF]
+    assert f"{CONF} differs from what these steps write" in second.stderr
 
 
 def test_el7_pasted_converts_insecure_and_blocked_registries(tmp_path):
