@@ -14,6 +14,7 @@ for Python 2.7 and 3.x. Pasted again, it finds its entries there and changes not
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 
 PATH = "/etc/docker/daemon.json"
@@ -71,7 +72,7 @@ if changed:
 def daemon_json_steps(daemon: Mapping[str, Sequence[str]], write_file: Callable[[str, str], str]) -> list[str]:
     """The steps that put ``daemon`` (key: values) into daemon.json; they set ``restart=''`` when
     docker must not be restarted (the file was left alone)."""
-    entries = " ".join(f"{key}={value}" for key, values in daemon.items() for value in values)
+    entries = " ".join(shlex.quote(f"{key}={value}") for key, values in daemon.items() for value in values)
     wanted = ", ".join(f'"{key}": {json.dumps(list(values))}' for key, values in daemon.items())
     return [
         f"# {PATH}: written when missing or empty; else the entries are merged into it (other keys kept,",
@@ -86,8 +87,8 @@ def daemon_json_steps(daemon: Mapping[str, Sequence[str]], write_file: Callable[
         "    if command -v \"$p\" >/dev/null; then py=$p; break; fi",
         "  done",
         "  if [ -z \"$py\" ]; then",
-        f"    echo 'docker-mirror: no python here to merge into {PATH}: add {wanted} to it by hand, then "
-        "systemctl restart docker' >&2",
+        "    echo " + shlex.quote(f"docker-mirror: no python here to merge into {PATH}: add {wanted} to it by "
+                             "hand, then systemctl restart docker") + " >&2",
         "    restart=''",
         f"  elif ! \"$py\" - \"$dj\" {entries} <<'PY'",
         MERGE.strip(),
