@@ -108,6 +108,7 @@ class DockerMirror:
                               lifespan=lambda app: self.running())
         # who hears of each finished request besides the cache's counters (metrics, the status page)
         self.request_observers: list[Callable[[RequestDone], None]] = []
+        self._observer_failed_said = -60.0
         self.request_observers.append(self.status_page.stats)
         # which refusals get an info line (the gate's, and the HTTP protocol's for malformed requests)
         self.refusals = RefusalLog()
@@ -121,7 +122,10 @@ class DockerMirror:
             try:
                 observer(done)
             except Exception:       # a broken view never costs a request its log line or its answer
-                log.exception("a request observer failed")
+                now = time.monotonic()
+                if now - self._observer_failed_said >= 60:     # a traceback a minute, not one a request
+                    self._observer_failed_said = now
+                    log.exception("a request observer failed (said at most once a minute)")
 
     def _client(self, up: UpstreamConfig) -> UpstreamClient:
         fingerprint = _ca_fingerprint(up)

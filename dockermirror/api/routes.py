@@ -67,10 +67,11 @@ class BadUpstreamHeader(RegistryError):
 
 
 def api_routes(api: RegistryAPI) -> list[Route]:
-    return [_route("/v2/", api.endpoint(api.version_check)), _route("/v2/{path:path}", api.endpoint(api.dispatch))]
+    return [any_method_route("/v2/", api.endpoint(api.version_check)),
+            any_method_route("/v2/{path:path}", api.endpoint(api.dispatch))]
 
 
-def _route(path: str, endpoint: Callable[[Request], Awaitable[ASGIApp]]) -> Route:
+def any_method_route(path: str, endpoint: Callable[[Request], Awaitable[ASGIApp]]) -> Route:
     """A route for every method (the endpoint's read-only check answers 405 in the spec's JSON,
     where Starlette would answer a method it was not told about in plain text) that matches the
     whole path, newlines included: Starlette's patterns end in ``$`` (which matches before a final

@@ -31,7 +31,7 @@ from starlette.routing import Route
 from dockermirror import __version__
 from dockermirror.access.guard import Guard
 from dockermirror.api.responses import error_response
-from dockermirror.api.routes import READ_METHODS, RegistryAPI, _route
+from dockermirror.api.routes import READ_METHODS, RegistryAPI, any_method_route
 from dockermirror.errors import RegistryError, Unsupported
 from dockermirror.humanize import age, printable, size
 from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
@@ -61,7 +61,7 @@ class StatusPage:
         self.stats = PullStats()
 
     def routes(self, api: RegistryAPI) -> list[Route]:
-        return [_route("/", api.endpoint(self.page)), _route("/healthz", self.healthz)]
+        return [any_method_route("/", api.endpoint(self.page)), any_method_route("/healthz", self.healthz)]
 
     async def page(self, request: Request) -> Response:
         """Behind the API's endpoint wrapper: read-only, identified, errors as the API's."""

@@ -255,7 +255,7 @@ async def test_each_finished_request_is_one_record_for_the_observers_and_the_log
     seen = []
     mirror.app.request_observers.append(seen.append)
     mirror.app.request_observers.insert(0, lambda done: 1 / 0)     # a broken observer costs nothing
-    caplog.set_level(logging.INFO, "dockermirror.access")
+    caplog.set_level(logging.INFO)
     await mirror.client.get("/v2/hello/manifests/latest", headers=ACCEPT)
     blob = await mirror.client.get(f"/v2/hello/blobs/{image.layer}")
     await mirror.client.get("/v2/hello/tags/list")
@@ -271,3 +271,6 @@ async def test_each_finished_request_is_one_record_for_the_observers_and_the_log
     assert (bad.kind, bad.status, bad.reference) == ("manifest", 404, "..bad") and "MANIFEST_UNKNOWN" in bad.note
     records = [r.request for r in caplog.records if r.name == "dockermirror.access"]
     assert records == seen
+    # the broken observer: one traceback in the log for five requests, not five
+    failed = [r for r in caplog.records if "request observer failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None
