@@ -226,6 +226,19 @@ async def test_redirects_that_are_not_followed(target, why, caplog):
     assert "sig=abc" not in caplog.text                   # a signed URL's query is not logged
 
 
+async def blob_through(handle) -> bytes:
+    """A blob's bytes as the upstream client reads them from an upstream answering with ``handle``."""
+    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
+    try:
+        stream = await client.open_blob("a/b", "sha256:" + "0" * 64)
+        try:
+            return b"".join([c async for c in stream.chunks()])
+        finally:
+            await stream.aclose()
+    finally:
+        await client.aclose()
+
+
 async def test_authorization_never_follows_a_second_hop_on_the_storage_host():
     """registry -> cdn.test -> cdn.test/elsewhere: the upstream's token goes to neither hop."""
     seen: list[httpx.Request] = []
@@ -242,13 +255,7 @@ async def test_authorization_never_follows_a_second_hop_on_the_storage_host():
             return response(302, {"Location": "/second"})
         return response(200, body=b"data")
 
-    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
-    try:
-        stream = await client.open_blob("a/b", "sha256:" + "0" * 64)
-        assert b"".join([c async for c in stream.chunks()]) == b"data"
-        await stream.aclose()
-    finally:
-        await client.aclose()
+    assert await blob_through(handle) == b"data"
     cdn = [r for r in seen if r.url.host == "cdn.test"]
     assert [r.url.path for r in cdn] == ["/first", "/second"]
     assert all("authorization" not in r.headers for r in cdn)
@@ -261,13 +268,7 @@ async def test_as_many_redirects_as_allowed_are_followed():
             return response(302, {"Location": f"https://cdn.test/x?hop={hop + 1}"})
         return response(200, body=b"data")
 
-    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
-    try:
-        stream = await client.open_blob("a/b", "sha256:" + "0" * 64)
-        assert b"".join([c async for c in stream.chunks()]) == b"data"
-        await stream.aclose()
-    finally:
-        await client.aclose()
+    assert await blob_through(handle) == b"data"
 
 
 # --- query strings
