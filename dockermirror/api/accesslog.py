@@ -6,7 +6,7 @@ COALESCED, PASS), ``upstream`` (the upstream the request was routed to),
 guard or a client certificate says), ``refused`` (a short reason, e.g. ``no-client-certificate``,
 dockermirror/api/gate.py), ``quiet`` (log this line at debug: a refusal repeated too often
 for info), ``note`` (why a request failed), ``kind`` (manifest, blob, tags, referrers; else
-other), ``repository`` and ``reference`` (tag or digest).
+other), ``repository`` and ``reference`` (tag or digest) and ``digest`` (the one served).
 
 Each finished request is also one :class:`RequestDone`: handed to ``on_done`` (counters,
 metrics) and attached to the log record as ``record.request`` (structured journal fields).
@@ -71,7 +71,7 @@ class RequestDone:
     identity: str | None        # str(Identity): anonymous, user:NAME, cert:CN
     certificate: str | None     # the client certificate's subject
     note: str | None
-    digest: str | None = None   # the Docker-Content-Digest the response named (what a tag resolved to)
+    digest: str | None = None   # the digest served (Docker-Content-Digest: what a tag resolved to)
 
     @property
     def pull(self) -> bool:
@@ -93,14 +93,11 @@ class AccessLog:
         sent = 0
         complete = False
         short = False
-        digest = None
 
         async def send_and_count(message: Message) -> None:
-            nonlocal status, sent, complete, short, digest
+            nonlocal status, sent, complete, short
             if message["type"] == "http.response.start":
                 status = message["status"]
-                digest = next((v for k, v in message.get("headers", ()) if k.lower() == b"docker-content-digest"),
-                              None)
                 message["headers"] = [*message.get("headers", ()), API_VERSION]
             elif message["type"] == "http.response.body":
                 await send(message)     # counted once it went out: nothing if this raises
@@ -141,7 +138,7 @@ class AccessLog:
                 repository=state.get("repository"), reference=state.get("reference"),
                 identity=str(identity) if identity is not None else None,
                 certificate=certificate["subject"] if certificate else None, note=note or None,
-                digest=digest.decode("latin-1") if digest else None)
+                digest=state.get("digest"))
             log.log(
                 logging.DEBUG if state.get("quiet") else logging.INFO,
                 '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s%s',

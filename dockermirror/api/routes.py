@@ -238,7 +238,7 @@ class RegistryAPI:
                                   detail={"reference": reference})
         accept = _accept(request)
         result = await self.mirror.manifest(repo, reference, accept, head=request.method == "HEAD")
-        self._note(request, result.cache, result.upstream_status)
+        self._note(request, result.cache, result.upstream_status, result.digest)
         headers = _header_list({
             "Content-Type": result.media_type,
             "Docker-Content-Digest": result.digest,
@@ -263,7 +263,7 @@ class RegistryAPI:
             raise
 
     def _blob_response(self, request: Request, result: Blob, *, head: bool) -> ASGIApp:
-        self._note(request, result.cache, result.upstream_status)
+        self._note(request, result.cache, result.upstream_status, result.digest)
         headers = _header_list({
             "Content-Type": result.media_type or OCTET_STREAM,
             "Docker-Content-Digest": result.digest,
@@ -349,8 +349,11 @@ class RegistryAPI:
         return response
 
     @staticmethod
-    def _note(request: Request, cache: str, upstream_status: int | None) -> None:
+    def _note(request: Request, cache: str, upstream_status: int | None, digest: str | None = None) -> None:
+        """For the request log: how the cache answered, the upstream's status, the digest served."""
         request.state.cache = cache
+        if digest is not None:
+            request.state.digest = digest
         if upstream_status is not None:
             request.state.upstream_status = upstream_status
 
