@@ -11,18 +11,25 @@ from dockermirror import __version__, config as configuration
 from dockermirror.config import Config, ConfigError
 
 
+FLAGS = {"listen": ("listen", "--listen"), "cache.dir": ("cache_dir", "--cache-dir"),
+         "upstream.url": ("upstream", "--upstream")}   # key: (argparse name, flag)
+
+
 def _load(args: argparse.Namespace) -> Config:
     config = configuration.load(args.config)
-    overrides = {
-        "listen": getattr(args, "listen", None),
-        "cache.dir": getattr(args, "cache_dir", None),
-        "upstream.url": getattr(args, "upstream", None),
-    }
+    overrides = {key: getattr(args, name, None) for key, (name, _) in FLAGS.items()}
     try:
         return config.with_overrides(**overrides)
     except ConfigError as exc:
-        flag = {"listen": "--listen", "cache.dir": "--cache-dir", "upstream.url": "--upstream"}[exc.key]
-        raise ConfigError(exc.message, key=flag) from None
+        raise ConfigError(exc.message, key=FLAGS[exc.key][1]) from None
+
+
+def _user_error(args: argparse.Namespace, config: Config, key: str, message: str) -> ConfigError:
+    """A user's mistake about ``key``: named by its flag if one gave the value, else by key and file."""
+    name, flag = FLAGS.get(key, ("", ""))
+    if name and getattr(args, name, None) is not None:
+        return ConfigError(message, key=flag)
+    return ConfigError(message, source=config.source, key=key)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -38,6 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return serve(config, reload_config=lambda: _load(args), reload_requested=lambda: bool(hups))
     except StartupError as exc:
+        if exc.key:
+            raise _user_error(args, config, exc.key, str(exc)) from None
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1
 
@@ -45,8 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     if (problem := config.tls.client_auth_error()) is not None:    # what would stop serve
-        print(f"docker-mirror: configuration error: {problem}", file=sys.stderr)
-        return 2
+        raise ConfigError(problem)
     if config.auth.htpasswd is not None:    # the server refuses to start without a good one
         from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 
@@ -135,6 +143,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
                                                                  "cache_dir")}
     try:
         return cachectl.run(config, args.cache_command, **options)
+    except cachectl.NoCache as exc:
+        raise _user_error(args, config, "cache.dir", f"{exc}; give the server's cache directory "
+                                                     "(--cache-dir DIR, or cache.dir in --config FILE)") from None
     except cachectl.CommandError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1
@@ -420,12 +431,36 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+EXIT_USAGE = 2       # a user's mistake: one line on stderr, ``docker-mirror: <flag or key>: ...``
+EXIT_BUG = 70        # EX_SOFTWARE: an exception nobody expected; its traceback is shown
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The one edge where exceptions leave the commands: a user's mistake (:class:`ConfigError`,
+    raised by the configuration, the flags and the commands) is one line and exit status 2;
+    anything else is a bug, shown in full (on stderr, or to the log once ``serve`` set it up:
+    the journal then has it at priority crit) and ends with a line that says it is one."""
     args = parser().parse_args(argv)
     try:
         return args.run(args)
     except ConfigError as exc:
-        print(f"docker-mirror: configuration error: {exc}", file=sys.stderr)
-        return 2
+        print(f"docker-mirror: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        import logging
+        import traceback
+
+        line = (f"docker-mirror: bug: {type(exc).__name__} in {args.command}: {_one_line(str(exc))}; "
+                f"this is not your mistake: please report it with the lines above (docker-mirror {__version__})")
+        if logging.getLogger().handlers:     # serve's logging (journal or stderr)
+            logging.getLogger("dockermirror").critical("%s", line.removeprefix("docker-mirror: "), exc_info=True)
+        else:
+            traceback.print_exc()
+            print(line, file=sys.stderr)
+        return EXIT_BUG
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())

@@ -38,7 +38,7 @@ from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
 from dockermirror.config import Config, ConfigError, ServerConfig
 from dockermirror.humanize import printable, size
 from dockermirror.meter import NULL_METER
-from dockermirror.service import logs
+from dockermirror.service import logs, preflight
 from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
 from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
 
@@ -54,7 +54,12 @@ WORKER_THREADS = 32
 
 
 class StartupError(Exception):
-    """The mirror cannot start; the message says why."""
+    """The mirror cannot start; the message says why. ``key``: the configuration key at fault
+    (the command line names its flag instead, if one gave the value): a user's mistake."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def public_hostname(config: Config) -> str:
@@ -84,6 +89,10 @@ class Service:
         if self.sockets:
             log.info("listening on the socket(s) systemd passed (%s); listen: %s is not used", self.address,
                      config.listen)
+        elif (problem := preflight.listen_problem(*config.listen_address)) is not None:
+            raise StartupError(problem, key="listen")
+        if (problem := preflight.cache_dir_problem(config.cache.dir)) is not None:
+            raise StartupError(problem, key="cache.dir")
         self.tls: ServerTLS | None = None
         if (problem := config.tls.client_auth_error()) is not None:
             raise StartupError(problem)

@@ -1,0 +1,100 @@
+"""What ``serve`` checks before it changes anything: the listen address can be bound and a new
+cache directory can be made. A user's mistake here is one line naming the key, and nothing is
+created on disk (the cache directory, its index and lock are made only after these checks).
+
+An existing cache (it has an index) is not checked: on a read-only filesystem it is served
+as it is, degraded (see :meth:`dockermirror.cache.Cache.open`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+from dockermirror.cache import INDEX_NAME
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (and what to do), or None. Binds a socket to every
+    address the host name gives, as the server will, and closes it again."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        return (f"cannot listen on {shown}: {host!r} is not an address of this host ({reason}); "
+                "use one of its addresses or names, or 0.0.0.0")
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as sock:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+            except OSError as exc:
+                return f"cannot listen on {shown}: {exc.strerror or exc}; {_listen_hint(exc.errno, port)}"
+    return None
+
+
+def _listen_hint(code: int | None, port: int) -> str:
+    if code == errno.EADDRINUSE:
+        return (f"another process listens there (see: ss -ltnp 'sport = :{port}'); stop it, or choose "
+                "another port")
+    if code == errno.EACCES:
+        return "a port below 1024 needs root or CAP_NET_BIND_SERVICE; choose a port above 1023"
+    if code == errno.EADDRNOTAVAIL:
+        return "no interface of this host has that address; use one of its addresses, or 0.0.0.0"
+    return "choose another address"
+
+
+def cache_dir_problem(root: Path) -> str | None:
+    """Why the cache cannot be made in ``root`` (and what to do), or None."""
+    if (root / INDEX_NAME).exists():
+        return None
+    user = _user()
+    if root.exists() or root.is_symlink():
+        if not root.is_dir():
+            return f"{root} is not a directory; choose a directory for the cache (or move the file away)"
+        if not os.access(root, os.W_OK | os.X_OK):
+            return (f"{root} is not writable for {user}{_read_only(root)}; make it the service user's "
+                    f"(chown {_who()} {root}) or choose another directory")
+        return None
+    parent = root.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {root}: {_first_file(root)} is a file, not a directory; choose another directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return (f"cannot create {root}: {parent} is not writable for {user}{_read_only(parent)}; create it first "
+                f"(mkdir -p {root} && chown {_who()} {root}) or choose another directory")
+    return None
+
+
+def _first_file(root: Path) -> Path:
+    """The first component of ``root`` that exists and is not a directory."""
+    for path in reversed(root.parents):
+        if path.exists() and not path.is_dir():
+            return path
+    return root
+
+
+def _read_only(path: Path) -> str:
+    try:
+        return " (a read-only filesystem)" if os.statvfs(path).f_flag & os.ST_RDONLY else ""
+    except OSError:
+        return ""
+
+
+def _user() -> str:
+    return f"this user ({_who()})"
+
+
+def _who() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
