@@ -204,14 +204,13 @@ def cmd_cert(args: argparse.Namespace) -> int:
 
 
 def _client_target(wanted: str | None):
-    """(target, the line saying how it was picked), or None after saying --for is wrong."""
+    """(target, the line saying how it was picked); ConfigError if --for names none."""
     from dockermirror.service import clienttargets as targets
 
     if wanted is not None:
         if wanted not in targets.TARGETS:
-            print(f"docker-mirror: client-setup --for {wanted}: unknown; choose one of "
-                  f"{', '.join(targets.TARGETS)}", file=sys.stderr)
-            return None
+            raise ConfigError(f"unknown client system {wanted!r}; choose one of {', '.join(targets.TARGETS)}",
+                              key="--for")
         return targets.TARGETS[wanted], f"picked with --for {wanted}"
     try:
         fields = targets.parse_os_release(targets.OS_RELEASE.read_text(errors="replace"))
@@ -231,10 +230,7 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
     from dockermirror.service.clientsetup import instructions
     from dockermirror.service.server import public_hostname
 
-    picked = _client_target(args.target)
-    if picked is None:
-        return 2
-    target, how = picked
+    target, how = _client_target(args.target)
     config = _load(args)
     host = args.host or f"{public_hostname(config)}:{config.listen_address[1]}"
     tls = config.tls.active
@@ -310,8 +306,27 @@ def _parsed(parse, what: str):
     return convert
 
 
+def _host_port(text: str) -> str:
+    """--host: HOST or HOST:PORT as clients write it in an image name (no scheme, no path)."""
+    host, _, port = text.rpartition(":")
+    if not host or "]" in port:     # no port: "mirror", "[::1]"
+        host, port = text, ""
+    if (not host or text.startswith(":") or "/" in text or any(c.isspace() for c in text) or "@" in text
+            or (port and not (port.isdigit() and 0 < int(port) < 65536))):
+        raise ValueError(f"{text!r} is not HOST:PORT; give the name and port clients use, e.g. "
+                         "mirror.example.com:5000 (no https://, no path)")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes in one line (``docker-mirror: <what>; <what to do>``, exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"docker-mirror: {message.removeprefix('argument ')}; see {self.prog} --help\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="docker-mirror", description="A pull-through cache for OCI registries.")
+    top = _Parser(prog="docker-mirror", description="A pull-through cache for OCI registries.")
     top.add_argument("--version", action="version", version=f"docker-mirror {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -407,7 +422,7 @@ def parser() -> argparse.ArgumentParser:
     setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
                                                      "here (for every upstream)")
     setup.add_argument("--config", type=Path, help=config_help)
-    setup.add_argument("--host", metavar="HOST:PORT", help="how clients reach the mirror (default: hostname and port)")
+    setup.add_argument("--host", metavar="HOST:PORT", type=_parsed(_host_port, "HOST:PORT"), help="how clients reach the mirror (default: hostname and port)")
     setup.add_argument("--for", dest="target", metavar="el7|el8|el9|debian",
                        help="the client system (default: this one, from /etc/os-release)")
     setup.set_defaults(run=cmd_client_setup)

@@ -51,33 +51,33 @@ def _listen_hint(code: int | None, port: int) -> str:
 
 def cache_dir_problem(root: Path) -> str | None:
     """Why the cache cannot be made in ``root`` (and what to do), or None."""
-    if (root / INDEX_NAME).exists():
+    if os.path.exists(root / INDEX_NAME):
         return None
     user = _user()
-    if root.exists() or root.is_symlink():
+    path = root       # the nearest of root and its parents that this user can see
+    while True:
+        try:
+            os.stat(path)
+            break
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            if path == path.parent:
+                return None     # nothing to say here: the cache says what it finds
+            path = path.parent
+        except OSError as exc:
+            return f"cannot use {root}: {exc.strerror or exc}; choose another directory"
+    if path == root:
         if not root.is_dir():
             return f"{root} is not a directory; choose a directory for the cache (or move the file away)"
         if not os.access(root, os.W_OK | os.X_OK):
             return (f"{root} is not writable for {user}{_read_only(root)}; make it the service user's "
                     f"(chown {_who()} {root}) or choose another directory")
         return None
-    parent = root.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"cannot create {root}: {_first_file(root)} is a file, not a directory; choose another directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return (f"cannot create {root}: {parent} is not writable for {user}{_read_only(parent)}; create it first "
+    if not path.is_dir():
+        return f"cannot create {root}: {path} is a file, not a directory; choose another directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return (f"cannot create {root}: {path} is not writable for {user}{_read_only(path)}; create it first "
                 f"(mkdir -p {root} && chown {_who()} {root}) or choose another directory")
     return None
-
-
-def _first_file(root: Path) -> Path:
-    """The first component of ``root`` that exists and is not a directory."""
-    for path in reversed(root.parents):
-        if path.exists() and not path.is_dir():
-            return path
-    return root
 
 
 def _read_only(path: Path) -> str:
