@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-FREE = "127.0.0.1:1"     # never bound: every case stops before the server would listen
+def free_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return "%s:%d" % sock.getsockname()
+
+
+FREE = free_address()    # every case stops before the server would listen
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
