@@ -162,7 +162,7 @@ class Service:
         host, port = self.config.listen_address
         uv_config = uvicorn.Config(
             self.app.asgi, host=host, port=port, lifespan="on", log_config=None, access_log=False,
-            server_header=False, timeout_graceful_shutdown=GRACE, http=self.protocol,
+            server_header=False, timeout_graceful_shutdown=GRACE, http=self.protocol, ws="none",
             # the client address is the TCP peer's (access: from: rules): never X-Forwarded-For
             proxy_headers=False,
         )

@@ -153,7 +153,8 @@ class BlobStream:
                     raise
                 self.resumes += 1
                 self._meter.resumed(self._upstream)
-                log.warning("upstream broke off %s at byte %d of %d (%s); resuming there (resume %d, "
+                # recovered from (info); giving up fails the request (warning, above)
+                log.info("upstream broke off %s at byte %d of %d (%s); resuming there (resume %d, "
                             "%d in a row without progress)", self._what, self.received, self.size, reason,
                             self.resumes, behind)
                 if self._response is not None:
@@ -400,6 +401,8 @@ class UpstreamClient:
             if exc.status is None or exc.status >= 500:
                 raise self._failed(exc) from None
             raise Unauthorized(f"upstream authentication failed: {exc}", upstream_status=exc.status) from None
+        if self.reachable is False:
+            log.warning("upstream %s answers again (it was unreachable: %s)", self.key, self.last_error)
         self.reachable = True
         remaining = response.headers.get("ratelimit-remaining")
         if remaining is not None:
@@ -417,6 +420,9 @@ class UpstreamClient:
     def _failed(self, exc: Exception) -> UpstreamUnreachable:
         """Record that the upstream could not be reached; the exception to raise."""
         error = UpstreamUnreachable(_describe(exc) if isinstance(exc, httpx.TransportError) else str(exc))
+        if self.reachable is not False:     # once an outage: each failed request's line is the access line
+            log.warning("upstream %s is unreachable (%s): requests that need it fail until it answers again",
+                        self.key, error)
         self.reachable = False
         self.last_failure = time.monotonic()
         self.last_error = str(error)
