@@ -226,13 +226,26 @@ def _client_target(wanted: str | None):
                    f"system run client-setup --for {'|'.join(targets.TARGETS)}")
 
 
+def _mirror_name(config: Config):
+    """The one helper for the mirror's name (certs owns it: service/certs.py ``mirror_name``)."""
+    try:
+        from dockermirror.service.certs import mirror_name
+    except ImportError:     # before the certs branch of issue 13 is merged: the same, here
+        from dockermirror.service.clienttargets import mirror_name
+    return mirror_name(config)
+
+
 def cmd_client_setup(args: argparse.Namespace) -> int:
     from dockermirror.service.clientsetup import instructions
-    from dockermirror.service.server import public_hostname
 
     target, how = _client_target(args.target)
     config = _load(args)
-    host = args.host or f"{public_hostname(config)}:{config.listen_address[1]}"
+    if args.host:
+        host = args.host
+    else:   # the configured hostname:, else this host's FQDN, and the output says which
+        picked = _mirror_name(config)
+        host = f"{picked.name}:{config.listen_address[1]}"
+        how += f"\n{picked.note}; or give --host NAME:PORT"
     tls = config.tls.active
     try:
         ca_pem = config.tls.ca.read_text() if tls else None

@@ -68,6 +68,8 @@ def _not_cut_off(record: logging.LogRecord) -> bool:
 _CLIENT_CAUSED = ("Invalid HTTP request received.", "Unsupported upgrade request.",
                   "No supported WebSocket library detected", "Exceeded concurrency limit.",
                   "socket.send() raised exception.")
+_WHY = {"Exceeded concurrency limit.": "more connections than server.max_connections: answered 503; if this "
+                                       "shows often, raise it"}
 CLIENT_CAUSED_INTERVAL = 60.0
 
 
@@ -95,8 +97,8 @@ class ClientCaused(logging.Filter):
         self._last[kind] = now
         quiet = self._quiet.pop(kind, 0)
         record.levelno, record.levelname = logging.INFO, "INFO"
-        record.msg = f"{record.getMessage()} (a client's doing" + (f"; {quiet} more since, at debug)" if quiet
-                                                                   else ")")
+        why = _WHY.get(kind, "caused by a client")
+        record.msg = f"{record.getMessage()} ({why}" + (f"; {quiet} more since, at debug)" if quiet else ")")
         record.args = ()
         return logging.getLogger().isEnabledFor(logging.INFO)
 
