@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         if exc.key:
             raise _user_error(args, config, exc.key, str(exc)) from None
-        print(f"docker-mirror: {exc}", file=sys.stderr)
+        _say(f"docker-mirror: {_one_line(str(exc))}", priority=3)
         return 1
 
 
@@ -103,18 +103,16 @@ def cmd_access_check(args: argparse.Namespace) -> int:
     try:
         identity = Identity.parse(args.identity)
     except ValueError as exc:
-        print(f"docker-mirror: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{exc}; give anonymous, user:NAME or cert:COMMON-NAME", key="IDENTITY") from None
     if args.source is not None and client_address(args.source) is None:
-        print(f"docker-mirror: invalid address {args.source!r} for --from", file=sys.stderr)
-        return 2
+        raise ConfigError(f"invalid address {args.source!r}; give an IPv4 or IPv6 address", key="--from")
     # whether a user exists is not asked (nor the file read): the rules decide for a name
     guard = Guard.of(config, htpasswd=object() if config.auth.htpasswd else None)  # type: ignore[arg-type]
     try:
         route = guard.rules.table.route(args.repository.lower())
     except UnknownRegistry as exc:
-        print(f"docker-mirror: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{exc}; name a configured upstream (docker-mirror check-config lists them)",
+                          key="REPOSITORY") from None
     who = f"{identity}{f' from {args.source}' if args.source else ''} pulling {route.registry}/{route.repository}"
     if guard.certificate_required and identity.kind != CERTIFICATE:
         print(f"deny: tls.client_auth: required: a client certificate is required ({who})")
@@ -472,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ConfigError as exc:
-        print(f"docker-mirror: {_one_line(str(exc))}", file=sys.stderr)
+        _say(f"docker-mirror: {_one_line(str(exc))}", priority=3)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -486,8 +484,16 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("dockermirror").critical("%s", line.removeprefix("docker-mirror: "), exc_info=True)
         else:
             traceback.print_exc()
-            print(line, file=sys.stderr)
+            _say(line, priority=2)
         return EXIT_BUG
+
+
+def _say(line: str, priority: int) -> None:
+    """A line on stderr; when stderr is the journal (the service), with its syslog priority, so
+    that ``journalctl -p warning`` shows why the service does not start."""
+    from dockermirror.service.logs import stderr_is_journal
+
+    print(f"<{priority}>{line}" if stderr_is_journal() else line, file=sys.stderr)
 
 
 def _one_line(text: str) -> str:

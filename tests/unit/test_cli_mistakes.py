@@ -64,6 +64,9 @@ CASES = {
     "client-setup-host-port": (["client-setup", "--host", "mirror:99999"], "--host", "is not HOST:PORT"),
     "client-setup-unknown-flag": (["client-setup", "--bogus"], "unrecognized arguments", "--help"),
     "no-command": ([], "the following arguments are required", "--help"),
+    "access-identity": (["access", "check", "root", "busybox"], "IDENTITY", "user:NAME"),
+    "access-from": (["access", "check", "anonymous", "busybox", "--from", "10.0.0.300"], "--from", "invalid address"),
+    "access-registry": (["access", "check", "anonymous", "quay.io/x/y"], "REPOSITORY", "quay.io"),
 }
 
 
@@ -102,3 +105,19 @@ def test_a_bug_shows_its_traceback_and_says_it_is_one(tmp_path: Path):
     assert result.returncode == 70
     assert "Traceback" in result.stderr and "RuntimeError: boom" in result.stderr
     assert result.stderr.splitlines()[-1].startswith("docker-mirror: bug: RuntimeError in check-config: boom;")
+
+
+def test_under_systemd_the_line_carries_its_priority(tmp_path: Path):
+    """stderr is the journal (the service): the line is at priority err, so that
+    `journalctl -p warning` shows why the service does not start."""
+    stderr = tmp_path / "stderr"
+    with open(stderr, "wb") as f:
+        st = os.fstat(f.fileno())
+        env = {**{k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")},
+               "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        code = subprocess.run([sys.executable, "-m", "dockermirror", "serve", "--listen", "garbage"], stderr=f,
+                              stdout=subprocess.DEVNULL, env=env, cwd=tmp_path, timeout=60).returncode
+    assert code == 2
+    assert stderr.read_text().splitlines() == [
+        "<3>docker-mirror: --listen: invalid listen address 'garbage'; use HOST:PORT with a port from 1 to 65535, "
+        "e.g. 0.0.0.0:5000 or [::]:5000"]
