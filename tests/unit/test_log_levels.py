@@ -7,6 +7,8 @@ import logging
 
 import pytest
 
+pytestmark = pytest.mark.anyio
+
 from dockermirror.service import logs
 
 
@@ -61,3 +63,54 @@ def test_setup_attaches_it_to_uvicorn_and_asyncio_once():
         logging.getLogger().setLevel(level)
         for name in ("uvicorn.error", "asyncio"):
             logging.getLogger(name).removeFilter(logs._client_caused)
+
+
+# --- an upstream outage: one warning when it starts, one when it ends; a 5xx-answering upstream too
+
+async def test_an_outage_is_one_warning_when_it_starts_and_one_when_it_ends(caplog: pytest.LogCaptureFixture):
+    import httpx
+
+    from dockermirror.upstream.client import UpstreamClient, UpstreamUnreachable
+    from tests.unit.fakes import UPSTREAM, response
+
+    state = {"answer": "down"}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if state["answer"] == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        return response(503 if state["answer"] == "503" else 404)
+
+    caplog.set_level(logging.INFO, "dockermirror")
+    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
+
+    async def ask(times: int) -> None:
+        for _ in range(times):
+            try:
+                await client.manifest("a/b", "1", ["application/json"], head=True)
+            except UpstreamUnreachable:
+                pass
+            except Exception:
+                pass
+
+    def warnings() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        caplog.clear()
+        return lines
+
+    try:
+        await ask(3)
+        [down] = warnings()
+        assert down.startswith("upstream registry.test is unreachable (") and "ConnectError" in down
+        state["answer"] = "404"         # an answer (a 404 is the client's question, not an outage)
+        await ask(3)
+        assert warnings() == ["upstream registry.test answers again (it was unreachable: "
+                              f"{client.last_error})"]
+        state["answer"] = "503"
+        await ask(3)
+        assert warnings() == ["upstream registry.test fails: it answers HTTP 503; requests that need it fail "
+                              "until it answers again"]
+        state["answer"] = "404"
+        await ask(2)
+        assert warnings() == ["upstream registry.test answers again (it answered HTTP 503)"]
+    finally:
+        await client.aclose()
