@@ -108,3 +108,25 @@ def test_nothing_a_client_does_is_logged_at_warning_or_above(make_mirror, upstre
     assert loud == [], "\n".join(loud)
     assert any('"-" 400 0 note="invalid HTTP request"' in line for line in found["INFO"])
     assert "Traceback" not in mirror.log_text()
+
+
+def test_failed_logins_are_not_warnings(make_mirror, upstream: Upstream, tmp_path):
+    import subprocess
+    import sys
+
+    users = tmp_path / "htpasswd"
+    subprocess.run([sys.executable, "-m", "dockermirror", "user", "add", "alice", "--file", str(users),
+                    "--password-stdin", "--cost", "10"], input="secret\n", text=True, check=True, capture_output=True)
+    mirror = make_mirror(upstream.url, auth={"htpasswd": str(users)})
+    with httpx.Client(base_url=mirror.url, timeout=30) as client:
+        for auth in (("alice", "wrong"), ("mallory", "x"), ("", ""), ("alice", "secret" * 100)):
+            assert client.get("/v2/library/hello/manifests/latest", auth=auth).status_code == 401
+        for header in ("Basic !!!", "Bearer x", "Basic " + "A" * 5000, "Digest x"):
+            assert client.get("/v2/library/hello/manifests/latest", headers={"Authorization": header}).status_code in (
+                400, 401, 431)
+        assert client.get("/v2/", auth=("alice", "secret")).status_code == 200
+    time.sleep(0.5)
+    found = levels(mirror.log_text())
+    loud = [line for level in ("WARNING", "ERROR", "CRITICAL") for line in found.get(level, [])]
+    assert loud == [], "\n".join(loud)
+    assert sum(" 401 " in line for line in found["INFO"]) >= 1
