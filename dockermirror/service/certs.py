@@ -180,20 +180,24 @@ class _Staged:
             os.chmod(directory, mode if directory == path else 0o755)
 
     def write(self, path: Path, data: bytes, mode: int, group: int | None = None, dir_mode: int = 0o755) -> None:
-        self.mkdir(path.parent, dir_mode)
-        temp = path.with_name(f".{path.name}.new")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-        self.files.append((temp, path))
+        """Write ``path``'s temporary file; an OSError names ``path`` (the file that could not be made)."""
         try:
-            os.fchmod(fd, mode)
-            if group is not None:
-                os.fchown(fd, -1, group)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.mkdir(path.parent, dir_mode)
+            temp = path.with_name(f".{path.name}.new")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+            self.files.append((temp, path))
+            try:
+                os.fchmod(fd, mode)
+                if group is not None:
+                    os.fchown(fd, -1, group)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
 
     def abort(self) -> None:
         for temp, _ in self.files:
