@@ -168,7 +168,7 @@ def cmd_cert(args: argparse.Namespace) -> int:
             for label, path in (("server certificate", paths.certificate), ("CA", paths.ca)):
                 print(f"# {label}")
                 print("\n".join(certs.describe(path)))
-            print(f"# CA key: {paths.ca_key_in_use}")
+            print(f"# CA key: {paths.ca_key_in_use}" + ("" if paths.ca_key_in_use.exists() else " (missing)"))
             if paths.ca_key_in_use == paths.legacy_ca_key:
                 print(f"# {certs.legacy_key_note(paths)}")
             return 0
