@@ -236,9 +236,12 @@ def _cert_ensure(args: argparse.Namespace, config: Config, paths) -> int:
         try:
             names, until = certs.names_of(paths.certificate)
         except certs.CertError as exc:
-            say(f"TLS certificate {paths.certificate} exists already; nothing changed; but {exc}, so the "
-                "service cannot start with it", *next_lines)
-            return 1
+            status = _cert_failed(exc)
+            effect = ("the service will not start with it" if config.tls.enabled != "off" and args.dir is None
+                      else "replace it before you use it")
+            say(f"TLS certificate {paths.certificate} exists already; nothing changed; but it is not usable, so "
+                f"{effect}", *next_lines)
+            return status
         say(f"TLS certificate {paths.certificate} exists already (names: {', '.join(names) or 'none'}; "
             f"valid until {until:%Y-%m-%d}); nothing changed")
         say(certs.trust_note(paths), serving)

@@ -110,7 +110,7 @@ def mirror_name(config: Config) -> MirrorName:
 def check_dns_name(name: str, what: str) -> str:
     """A DNS name for a certificate (a leading *. allowed), or UsageError naming ``what``."""
     if _is_ip(name):
-        raise UsageError(f"{what}: {name} is an IP address: give it with --ip {name}")
+        raise UsageError(f"{what}: {name} is an IP address; give it with --ip {name}")
     labels = name.rstrip(".").split(".")
     if labels[0] == "*" and len(labels) > 2:
         labels = labels[1:]
@@ -125,7 +125,7 @@ def check_ips(ips: list[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Addr
         return [ipaddress.ip_address(ip) for ip in ips]
     except ValueError:
         bad = next(ip for ip in ips if not _is_ip(ip))
-        raise UsageError(f"--ip: {bad!r} is not an IP address (e.g. 10.1.2.3 or fd00::5)") from None
+        raise UsageError(f"--ip: {bad!r} is not an IP address; give one such as 10.1.2.3 or fd00::5") from None
 
 
 def _is_ip(text: str) -> bool:

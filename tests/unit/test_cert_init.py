@@ -92,8 +92,8 @@ def test_a_failure_keeps_the_existing_ca_and_certificate_as_they_were(site: Path
 @pytest.mark.parametrize("args, flag", [
     (["--hostname", "bad name"], "--hostname: 'bad name' is not a DNS name"),
     (["--hostname", "x-.example"], "--hostname: 'x-.example' is not a DNS name"),
-    (["--hostname", "10.1.2.3"], "--hostname: 10.1.2.3 is an IP address: give it with --ip 10.1.2.3"),
-    (["--ip", "10.1.2"], "--ip: '10.1.2' is not an IP address"),
+    (["--hostname", "10.1.2.3"], "--hostname: 10.1.2.3 is an IP address; give it with --ip 10.1.2.3"),
+    (["--ip", "10.1.2"], "--ip: '10.1.2' is not an IP address; give one such as 10.1.2.3"),
     (["--hostname", "m.example", "--days", "0"], "--days: 0 is not a number of days"),
     (["--hostname", "m.example", "--days", "5000"], "--days: the CA expires on "),
 ])
@@ -282,3 +282,16 @@ def test_ensure_that_cannot_make_one_says_how_the_service_speaks(site: Path, cap
         "restart docker-mirror; docker-mirror client-setup prints what each client needs"]
     # what the ensure output claims is what the server decides
     assert configuration.load(config).tls.active is (enabled is True)
+
+
+def test_ensure_with_a_certificate_that_is_no_certificate_says_so_and_changes_nothing(site: Path, capsys):
+    config = str(site / "etc" / "config.yml")
+    assert run(capsys, "init", "--config", config, "--hostname", "m.example")[0] == 0
+    cert = site / "pki" / "certs" / "docker-mirror.crt"
+    cert.write_text("not a certificate\n")
+    before = listing(site)
+    status, out, err = run(capsys, "ensure", "--config", config)
+    assert status == 1 and listing(site) == before
+    assert one_error_line(err) == f"docker-mirror: {cert} is not a PEM certificate\n"
+    assert out.startswith(f"docker-mirror: TLS certificate {cert} exists already; nothing changed; but it is not "
+                          "usable, so the service will not start with it\n")
