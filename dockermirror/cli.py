@@ -293,16 +293,8 @@ def _client_target(wanted: str | None):
                    f"system run client-setup --for {'|'.join(targets.TARGETS)}")
 
 
-def _mirror_name(config: Config):
-    """The one helper for the mirror's name (certs owns it: service/certs.py ``mirror_name``)."""
-    try:
-        from dockermirror.service.certs import mirror_name
-    except ImportError:     # before the certs branch of issue 13 is merged: the same, here
-        from dockermirror.service.clienttargets import mirror_name
-    return mirror_name(config)
-
-
 def cmd_client_setup(args: argparse.Namespace) -> int:
+    from dockermirror.service.certs import mirror_name
     from dockermirror.service.clientsetup import instructions
 
     target, how = _client_target(args.target)
@@ -310,7 +302,7 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
     if args.host:
         host = args.host
     else:   # the configured hostname:, else this host's FQDN, and the output says which
-        picked = _mirror_name(config)
+        picked = mirror_name(config)
         host = f"{picked.name}:{config.listen_address[1]}"
         how += f"\n{picked.note}; or give --host NAME:PORT"
     tls = config.tls.active

@@ -68,23 +68,3 @@ def detect(fields: Mapping[str, str]) -> Target | None:
 def describe(fields: Mapping[str, str]) -> str:
     """How os-release names the system, for the line that says what was picked."""
     return " ".join(f"{key}={fields[key]}" for key in ("ID", "VERSION_ID") if key in fields) or "nothing"
-
-
-# --- the mirror's name (a stand-in for service/certs.py's mirror_name until the certs branch of
-# issue 13 is merged; the same result and note; delete it then)
-
-@dataclass(frozen=True)
-class MirrorName:
-    name: str
-    configured: bool     # from the top-level hostname: key; False: this host's FQDN
-    note: str
-
-
-def mirror_name(config) -> MirrorName:
-    import socket
-
-    if config.hostname:
-        return MirrorName(config.hostname, True, f"name: {config.hostname} (hostname: in {config.source})")
-    fqdn = socket.getfqdn()
-    return MirrorName(fqdn, False, f"name: {fqdn} (this host's FQDN: hostname: is not set in {config.source}; "
-                                   "set it to the name clients use)")
