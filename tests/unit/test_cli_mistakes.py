@@ -121,3 +121,12 @@ def test_under_systemd_the_line_carries_its_priority(tmp_path: Path):
     assert stderr.read_text().splitlines() == [
         "<3>docker-mirror: --listen: invalid listen address 'garbage'; use HOST:PORT with a port from 1 to 65535, "
         "e.g. 0.0.0.0:5000 or [::]:5000"]
+
+
+def test_a_reader_that_stops_early_is_not_a_bug(tmp_path: Path):
+    """`docker-mirror client-setup | head -1`: the reader closed the pipe; nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "dockermirror", "client-setup", "--for", "el7"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141 and err == b""
