@@ -50,3 +50,22 @@ def test_serve_as_a_user_who_cannot_write_the_cache_dir(root_owned: Path, where,
     assert lines[0].startswith(f"docker-mirror: {named}: "), lines[0]
     assert "is not writable for this user (nobody)" in lines[0] and "chown nobody" in lines[0], lines[0]
     assert sorted(root_owned.rglob("*")) == before
+
+
+def test_serve_with_the_cache_dir_on_a_read_only_mount(root_owned: Path):
+    """As root too: a new cache directory on a read-only filesystem is refused in one line."""
+    mount = root_owned / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "--bind", str(mount), str(mount)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True)
+        result = subprocess.run([sys.executable, "-m", "dockermirror", "serve", "--listen", free_address(),
+                                 "--cache-dir", str(mount / "cache")], capture_output=True, text=True, cwd="/",
+                                timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+    assert result.returncode == 2, result
+    assert result.stderr.splitlines() == [
+        f"docker-mirror: --cache-dir: cannot create {mount / 'cache'}: {mount} is on a read-only filesystem; "
+        "choose a directory on a writable one"]
+    assert list(mount.iterdir()) == []

@@ -68,23 +68,27 @@ def cache_dir_problem(root: Path) -> str | None:
     if path == root:
         if not root.is_dir():
             return f"{root} is not a directory; choose a directory for the cache (or move the file away)"
+        if _read_only(root):
+            return f"{root} is on a read-only filesystem; choose a directory on a writable one"
         if not os.access(root, os.W_OK | os.X_OK):
-            return (f"{root} is not writable for {user}{_read_only(root)}; make it the service user's "
-                    f"(chown {_who()} {root}) or choose another directory")
+            return (f"{root} is not writable for {user}; make it the service user's (chown {_who()} {root}) "
+                    "or choose another directory")
         return None
     if not path.is_dir():
         return f"cannot create {root}: {path} is a file, not a directory; choose another directory"
+    if _read_only(path):
+        return f"cannot create {root}: {path} is on a read-only filesystem; choose a directory on a writable one"
     if not os.access(path, os.W_OK | os.X_OK):
-        return (f"cannot create {root}: {path} is not writable for {user}{_read_only(path)}; create it first "
+        return (f"cannot create {root}: {path} is not writable for {user}; create it first "
                 f"(mkdir -p {root} && chown {_who()} {root}) or choose another directory")
     return None
 
 
-def _read_only(path: Path) -> str:
+def _read_only(path: Path) -> bool:
     try:
-        return " (a read-only filesystem)" if os.statvfs(path).f_flag & os.ST_RDONLY else ""
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
-        return ""
+        return False
 
 
 def _user() -> str:
