@@ -11,18 +11,25 @@ from dockermirror import __version__, config as configuration
 from dockermirror.config import Config, ConfigError
 
 
+FLAGS = {"listen": ("listen", "--listen"), "cache.dir": ("cache_dir", "--cache-dir"),
+         "upstream.url": ("upstream", "--upstream")}   # key: (argparse name, flag)
+
+
 def _load(args: argparse.Namespace) -> Config:
     config = configuration.load(args.config)
-    overrides = {
-        "listen": getattr(args, "listen", None),
-        "cache.dir": getattr(args, "cache_dir", None),
-        "upstream.url": getattr(args, "upstream", None),
-    }
+    overrides = {key: getattr(args, name, None) for key, (name, _) in FLAGS.items()}
     try:
         return config.with_overrides(**overrides)
     except ConfigError as exc:
-        flag = {"listen": "--listen", "cache.dir": "--cache-dir", "upstream.url": "--upstream"}[exc.key]
-        raise ConfigError(exc.message, key=flag) from None
+        raise ConfigError(exc.message, key=FLAGS[exc.key][1]) from None
+
+
+def _user_error(args: argparse.Namespace, config: Config, key: str, message: str) -> ConfigError:
+    """A user's mistake about ``key``: named by its flag if one gave the value, else by key and file."""
+    name, flag = FLAGS.get(key, ("", ""))
+    if name and getattr(args, name, None) is not None:
+        return ConfigError(message, key=flag)
+    return ConfigError(message, source=config.source, key=key)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -38,15 +45,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return serve(config, reload_config=lambda: _load(args), reload_requested=lambda: bool(hups))
     except StartupError as exc:
-        print(f"docker-mirror: {exc}", file=sys.stderr)
+        if exc.key:
+            raise _user_error(args, config, exc.key, str(exc)) from None
+        _say(f"docker-mirror: {_one_line(str(exc))}", priority=3)
         return 1
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     if (problem := config.tls.client_auth_error()) is not None:    # what would stop serve
-        print(f"docker-mirror: configuration error: {problem}", file=sys.stderr)
-        return 2
+        raise ConfigError(problem)
     if config.auth.htpasswd is not None:    # the server refuses to start without a good one
         from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 
@@ -95,18 +103,16 @@ def cmd_access_check(args: argparse.Namespace) -> int:
     try:
         identity = Identity.parse(args.identity)
     except ValueError as exc:
-        print(f"docker-mirror: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{exc}; give anonymous, user:NAME or cert:COMMON-NAME", key="IDENTITY") from None
     if args.source is not None and client_address(args.source) is None:
-        print(f"docker-mirror: invalid address {args.source!r} for --from", file=sys.stderr)
-        return 2
+        raise ConfigError(f"invalid address {args.source!r}; give an IPv4 or IPv6 address", key="--from")
     # whether a user exists is not asked (nor the file read): the rules decide for a name
     guard = Guard.of(config, htpasswd=object() if config.auth.htpasswd else None)  # type: ignore[arg-type]
     try:
         route = guard.rules.table.route(args.repository.lower())
     except UnknownRegistry as exc:
-        print(f"docker-mirror: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{exc}; name a configured upstream (docker-mirror check-config lists them)",
+                          key="REPOSITORY") from None
     who = f"{identity}{f' from {args.source}' if args.source else ''} pulling {route.registry}/{route.repository}"
     if guard.certificate_required and identity.kind != CERTIFICATE:
         print(f"deny: tls.client_auth: required: a client certificate is required ({who})")
@@ -135,6 +141,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
                                                                  "cache_dir")}
     try:
         return cachectl.run(config, args.cache_command, **options)
+    except cachectl.NoCache as exc:
+        raise _user_error(args, config, "cache.dir", f"{exc}; give the server's cache directory "
+                                                     "(--cache-dir DIR, or cache.dir in --config FILE)") from None
     except cachectl.CommandError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1
@@ -262,14 +271,13 @@ def _cert_ensure(args: argparse.Namespace, config: Config, paths) -> int:
 
 
 def _client_target(wanted: str | None):
-    """(target, the line saying how it was picked), or None after saying --for is wrong."""
+    """(target, the line saying how it was picked); ConfigError if --for names none."""
     from dockermirror.service import clienttargets as targets
 
     if wanted is not None:
         if wanted not in targets.TARGETS:
-            print(f"docker-mirror: client-setup --for {wanted}: unknown; choose one of "
-                  f"{', '.join(targets.TARGETS)}", file=sys.stderr)
-            return None
+            raise ConfigError(f"unknown client system {wanted!r}; choose one of {', '.join(targets.TARGETS)}",
+                              key="--for")
         return targets.TARGETS[wanted], f"picked with --for {wanted}"
     try:
         fields = targets.parse_os_release(targets.OS_RELEASE.read_text(errors="replace"))
@@ -286,15 +294,17 @@ def _client_target(wanted: str | None):
 
 
 def cmd_client_setup(args: argparse.Namespace) -> int:
+    from dockermirror.service.certs import mirror_name
     from dockermirror.service.clientsetup import instructions
-    from dockermirror.service.server import public_hostname
 
-    picked = _client_target(args.target)
-    if picked is None:
-        return 2
-    target, how = picked
+    target, how = _client_target(args.target)
     config = _load(args)
-    host = args.host or f"{public_hostname(config)}:{config.listen_address[1]}"
+    if args.host:
+        host = args.host
+    else:   # the configured hostname:, else this host's FQDN, and the output says which
+        picked = mirror_name(config)
+        host = f"{picked.name}:{config.listen_address[1]}"
+        how += f"\n{picked.note}; or give --host NAME:PORT"
     tls = config.tls.active
     try:
         ca_pem = config.tls.ca.read_text() if tls else None
@@ -368,8 +378,27 @@ def _parsed(parse, what: str):
     return convert
 
 
+def _host_port(text: str) -> str:
+    """--host: HOST or HOST:PORT as clients write it in an image name (no scheme, no path)."""
+    host, _, port = text.rpartition(":")
+    if not host or "]" in port:     # no port: "mirror", "[::1]"
+        host, port = text, ""
+    if (not host or text.startswith(":") or "/" in text or any(c.isspace() for c in text) or "@" in text
+            or (port and not (port.isdigit() and 0 < int(port) < 65536))):
+        raise ValueError(f"{text!r} is not HOST:PORT; give the name and port clients use, e.g. "
+                         "mirror.example.com:5000 (no https://, no path)")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes in one line (``docker-mirror: <what>; <what to do>``, exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"docker-mirror: {message.removeprefix('argument ')}; see {self.prog} --help\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="docker-mirror", description="A pull-through cache for OCI registries.")
+    top = _Parser(prog="docker-mirror", description="A pull-through cache for OCI registries.")
     top.add_argument("--version", action="version", version=f"docker-mirror {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -469,7 +498,7 @@ def parser() -> argparse.ArgumentParser:
     setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
                                                      "here (for every upstream)")
     setup.add_argument("--config", type=Path, help=config_help)
-    setup.add_argument("--host", metavar="HOST:PORT", help="how clients reach the mirror (default: hostname and port)")
+    setup.add_argument("--host", metavar="HOST:PORT", type=_parsed(_host_port, "HOST:PORT"), help="how clients reach the mirror (default: hostname and port)")
     setup.add_argument("--for", dest="target", metavar="el7|el8|el9|debian",
                        help="the client system (default: this one, from /etc/os-release)")
     setup.set_defaults(run=cmd_client_setup)
@@ -493,12 +522,49 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+EXIT_USAGE = 2       # a user's mistake: one line on stderr, ``docker-mirror: <flag or key>: ...``
+EXIT_BUG = 70        # EX_SOFTWARE: an exception nobody expected; its traceback is shown
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The one edge where exceptions leave the commands: a user's mistake (:class:`ConfigError`,
+    raised by the configuration, the flags and the commands) is one line and exit status 2;
+    anything else is a bug, shown in full (on stderr, or to the log once ``serve`` set it up:
+    the journal then has it at priority crit) and ends with a line that says it is one."""
     args = parser().parse_args(argv)
     try:
         return args.run(args)
     except ConfigError as exc:
-        print(f"docker-mirror: configuration error: {exc}", file=sys.stderr)
-        return 2
+        _say(f"docker-mirror: {_one_line(str(exc))}", priority=3)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:     # `docker-mirror client-setup | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        import logging
+        import traceback
+
+        line = (f"docker-mirror: bug: {type(exc).__name__} in {args.command}: {_one_line(str(exc))}; "
+                f"this is not your mistake: please report it with the lines above (docker-mirror {__version__})")
+        if logging.getLogger().handlers:     # serve's logging (journal or stderr)
+            logging.getLogger("dockermirror").critical("%s", line.removeprefix("docker-mirror: "), exc_info=True)
+        else:
+            traceback.print_exc()
+            _say(line, priority=2)
+        return EXIT_BUG
+
+
+def _say(line: str, priority: int) -> None:
+    """A line on stderr; when stderr is the journal (the service), with its syslog priority, so
+    that ``journalctl -p warning`` shows why the service does not start."""
+    from dockermirror.service.logs import stderr_is_journal
+
+    print(f"<{priority}>{line}" if stderr_is_journal() else line, file=sys.stderr)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())

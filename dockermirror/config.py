@@ -141,7 +141,8 @@ def parse_listen(value: Any) -> str:
 def split_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"invalid listen address {text!r} (use HOST:PORT, e.g. 0.0.0.0:5000 or [::]:5000)")
+        raise ValueError(f"invalid listen address {text!r}; use HOST:PORT with a port from 1 to 65535, "
+                         "e.g. 0.0.0.0:5000 or [::]:5000")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
@@ -157,13 +158,13 @@ def parse_url(value: Any) -> str:
                          "(or password_file)")
     parts = urlsplit(text)
     if "://" not in text:
-        raise ValueError(f"URL {text!r} has no scheme: write https://{text} (or http:// for a plain-HTTP registry)")
+        raise ValueError(f"URL {text!r} has no scheme; write https://{text} (or http:// for a plain-HTTP registry)")
     try:
         port = parts.port
     except ValueError:
         raise ValueError(f"invalid port in URL {text!r} (1 to 65535)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
-        raise ValueError(f"invalid URL {text!r} (use e.g. https://registry-1.docker.io)")
+        raise ValueError(f"invalid URL {text!r}; use an https:// (or http://) URL, e.g. https://registry-1.docker.io")
     if parts.query or parts.fragment:
         raise ValueError(f"URL {text!r} must not have a query or fragment")
     return text.rstrip("/")

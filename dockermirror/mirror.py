@@ -544,7 +544,7 @@ class Mirror:
         if "link" in reply.headers:
             # the next page's query would not be forwarded (and a cached first page would answer it):
             # clients get the first page, which is all that registries send today
-            log.warning("the upstream paginates the referrers of %s@%s; serving only the first page", repo, subject)
+            log.info("the upstream paginates the referrers of %s@%s; serving only the first page", repo, subject)
         filtered = artifact_type is not None and "artifacttype" in _filters_applied(reply)
         digest = Digest.of(reply.body)
         stored = self.cache.entry(digest) is not None or await self.cache.put_manifest(
