@@ -231,7 +231,7 @@ class UpstreamClient:
         self.reachable: bool | None = None
         self.last_failure: float | None = None
         self.last_error = ""
-        self._failing = ""      # "it answers HTTP 503" while the upstream answers 5xx (logged once)
+        self._failing = ""      # "it answers HTTP 503" while the upstream answers 5xx or 429 (logged once)
         # Docker Hub's pull allowance as last reported ("ratelimit-remaining": "97;w=21600",
         # "ratelimit-limit": "100;w=21600"), as the upstream sent it (untrusted text)
         self.ratelimit_remaining: str | None = None
@@ -421,9 +421,9 @@ class UpstreamClient:
         return self.key or httpx.URL(self.base).host
 
     def _answered(self, status: int) -> None:
-        """The upstream answered: once when an outage ends (or when it starts answering 5xx, which
-        fails the requests that need it), a warning line; each request's own line is at info."""
-        failing = f"it answers HTTP {status}" if status >= 500 else ""
+        """The upstream answered: once when an outage ends (or when it starts answering 5xx or 429,
+        which fails the requests that need it), a warning line; each request's own line is at info."""
+        failing = f"it answers HTTP {status}" if status >= 500 or status == 429 else ""
         if failing and not self._failing:
             log.warning("upstream %s fails: %s; requests that need it fail until it answers again", self._name, failing)
         elif not failing and (self.reachable is False or self._failing):

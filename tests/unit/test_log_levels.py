@@ -78,7 +78,7 @@ async def test_an_outage_is_one_warning_when_it_starts_and_one_when_it_ends(capl
     def handle(request: httpx.Request) -> httpx.Response:
         if state["answer"] == "down":
             raise httpx.ConnectError("connection refused", request=request)
-        return response(503 if state["answer"] == "503" else 404)
+        return response(int(state["answer"]))
 
     caplog.set_level(logging.INFO, "dockermirror")
     client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
@@ -112,5 +112,12 @@ async def test_an_outage_is_one_warning_when_it_starts_and_one_when_it_ends(capl
         state["answer"] = "404"
         await ask(2)
         assert warnings() == ["upstream registry.test answers again (it answered HTTP 503)"]
+        state["answer"] = "429"         # Docker Hub's pull limit: once when it starts, once when it ends
+        await ask(3)
+        assert warnings() == ["upstream registry.test fails: it answers HTTP 429; requests that need it fail "
+                              "until it answers again"]
+        state["answer"] = "404"
+        await ask(1)
+        assert warnings() == ["upstream registry.test answers again (it answered HTTP 429)"]
     finally:
         await client.aclose()
