@@ -115,7 +115,7 @@ endif
 EL7_PYVER = tar -tzf '$(EL7_PYTHON)' | sed -n 's|^python/lib/python\(3\.[0-9]*\)/os.py$$|\1|p'
 
 rpm-el7: python-tarball
-	@test -n "$$($(EL7_PYVER))" || { echo "$(EL7_PYTHON): not a CPython install_only tarball (no python/lib/python3.X/os.py)"; exit 2; }
+	@test -n "$$($(EL7_PYVER))" || { echo "$(EL7_PYTHON): not a CPython install_only tarball (no python/lib/python3.X/os.py)" >&2; exit 2; }
 	$(MAKE) rpm-sources PYVER=$$($(EL7_PYVER))
 	cp '$(EL7_PYTHON)' $(RPMTOP)/SOURCES/python-install-only.tar.gz
 	if [ -z "$(ALLOW_NEWER_GLIBC_PYTHON)" ]; then python3 rpm/glibc-floor.py --max 2.17 '$(EL7_PYTHON)'; fi
