@@ -76,7 +76,7 @@ deb: $(WHEELS)/.complete
 
 # --- rpm ----------------------------------------------------------------------------
 
-RPMTOP    := $(CURDIR)/$(BUILD)/rpm
+RPMTOP    := $(abspath $(BUILD)/rpm)
 # Debian's rpm lacks EL's systemd macros and %rhel: supply EL7's definitions (rpm/macros.el).
 RPM_MACROS = $(if $(filter /usr/lib/systemd/system,$(shell rpm --eval '%{_unitdir}')),,--load rpm/macros.el)
 RPMBUILD   = rpmbuild --nodeps $(RPM_MACROS) --define "_topdir $(RPMTOP)" --define "version_ $(VERSION)" \
