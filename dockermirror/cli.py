@@ -150,9 +150,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 1
 
 
-def _cert_paths(config: Config):
+def _cert_paths(config: Config, args: argparse.Namespace):
     from dockermirror.service.certs import Paths
 
+    if getattr(args, "dir", None) is not None:
+        return Paths.under(args.dir)
     return Paths(config.tls.certificate, config.tls.key, config.tls.ca)
 
 
@@ -160,12 +162,15 @@ def cmd_cert(args: argparse.Namespace) -> int:
     from dockermirror.service import certs
 
     config = _load(args)
-    paths = _cert_paths(config)
+    paths = _cert_paths(config, args)
     try:
         if args.cert_command == "show":
             for label, path in (("server certificate", paths.certificate), ("CA", paths.ca)):
                 print(f"# {label}")
                 print("\n".join(certs.describe(path)))
+            print(f"# CA key: {paths.ca_key_in_use}" + ("" if paths.ca_key_in_use.exists() else " (missing)"))
+            if paths.ca_key_in_use == paths.legacy_ca_key:
+                print(f"# {certs.legacy_key_note(paths)}")
             return 0
         if args.cert_command in ("client", "revoke"):
             from dockermirror.service import clientcerts
@@ -176,20 +181,84 @@ def cmd_cert(args: argparse.Namespace) -> int:
                 done = clientcerts.revoke(paths, args.name, config.tls.crl)
             print("\n".join(done))
             return 0
-        names, ips = args.hostname or [], args.ip or []
-        if args.cert_command == "ensure":
-            if paths.certificate.exists() and paths.key.exists():
-                print(f"{paths.certificate} exists; nothing to do")
-                return 0
-            if not names and not ips:
-                names, ips = certs.default_names()
-        for line in certs.init(paths, names, ips, args.days):
-            print(line)
-        return 0
     except (certs.CertError, OSError) as exc:
-        message = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(f"docker-mirror: {message}", file=sys.stderr)
-        return 1
+        return _cert_failed(exc)
+    if args.cert_command == "ensure":
+        return _cert_ensure(args, config, paths)
+    try:
+        lines = _cert_init(args, config, paths)
+    except (certs.CertError, OSError) as exc:
+        return _cert_failed(exc)
+    print("\n".join(lines))
+    return 0
+
+
+def _cert_failed(exc: Exception) -> int:
+    from dockermirror.service.certs import UsageError
+
+    message = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+    print(f"docker-mirror: {message}", file=sys.stderr)
+    return 2 if isinstance(exc, UsageError) else 1
+
+
+def _cert_init(args: argparse.Namespace, config: Config, paths) -> list[str]:
+    """Make the CA if missing and a server certificate; the lines saying what was done."""
+    from dockermirror.service import certs
+
+    names, ips = args.hostname or [], args.ip or []
+    picked = None
+    if not names and not ips:
+        names, ips, picked = certs.default_names(config)
+    lines = certs.init(paths, names, ips, args.days)
+    if picked is not None:
+        lines.append(picked.note)
+    if args.dir is not None:
+        lines.append("to use these files, put this tls: section in the configuration "
+                     f"({config.source if config.source != '(defaults)' else '/etc/docker-mirror/config.yml'}):")
+        lines += paths.config_lines()
+    return lines
+
+
+def _cert_ensure(args: argparse.Namespace, config: Config, paths) -> int:
+    """``cert ensure`` (what the package scripts run): a certificate unless there is one,
+    and in every case what clients trust, how the service will speak, and the next commands."""
+    from dockermirror.service import certs
+
+    def say(*lines: str) -> None:
+        for line in lines:
+            print(f"docker-mirror: {line}")
+
+    serving = certs.serving_note(config.tls.enabled, config.source, paths, args.dir is not None)
+    next_lines = ["next: for the names clients use, docker-mirror cert init --hostname NAME (repeat for more), "
+                  "then systemctl reload docker-mirror",
+                  "next: docker-mirror client-setup prints what each client needs"]
+    if paths.certificate.exists() and paths.key.exists():
+        try:
+            names, until = certs.names_of(paths.certificate)
+        except certs.CertError as exc:
+            status = _cert_failed(exc)
+            effect = ("the service will not start with it" if config.tls.enabled != "off" and args.dir is None
+                      else "replace it before you use it")
+            say(f"TLS certificate {paths.certificate} exists already; nothing changed; but it is not usable, so "
+                f"{effect}", *next_lines)
+            return status
+        say(f"TLS certificate {paths.certificate} exists already (names: {', '.join(names) or 'none'}; "
+            f"valid until {until:%Y-%m-%d}); nothing changed")
+        say(certs.trust_note(paths), serving)
+        if paths.ca_key_in_use == paths.legacy_ca_key:
+            say(certs.legacy_key_note(paths))
+        say(*next_lines)
+        return 0
+    try:
+        lines = _cert_init(args, config, paths)
+    except (certs.CertError, OSError) as exc:
+        status = _cert_failed(exc)
+        say(f"no TLS certificate was made; {certs.no_certificate_note(config.tls.enabled, config.source, paths)}",
+            "next: docker-mirror cert init --hostname NAME (the name clients use), then "
+            "systemctl restart docker-mirror; docker-mirror client-setup prints what each client needs")
+        return status
+    say(*lines, certs.trust_note(paths), serving, *next_lines)
+    return 0
 
 
 def _client_target(wanted: str | None):
@@ -371,12 +440,16 @@ def parser() -> argparse.ArgumentParser:
                        ("show", "print subject, names, issuer and expiry of the certificate and the CA")):
         sub = cert_commands.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, help=config_help)
+        sub.add_argument("--dir", type=Path, metavar="DIR",
+                         help="use DIR/ca.crt (its key in DIR/private/ca.key) and DIR/server/docker-mirror.crt, "
+                              ".key instead of the tls: paths (to try TLS outside /etc/pki)")
         sub.set_defaults(run=cmd_cert)
         if name != "show":
             sub.add_argument("--hostname", action="append", metavar="NAME",
-                             help="a DNS name for the certificate (repeat for more)"
-                                  + ("; default: this host's names and localhost" if name == "ensure" else ""))
-            sub.add_argument("--ip", action="append", metavar="ADDRESS", help="an IP address for it (repeat)")
+                             help="a DNS name for the certificate (repeat for more); default: the configured "
+                                  "hostname: (else this host's FQDN and short name), and localhost")
+            sub.add_argument("--ip", action="append", metavar="ADDRESS",
+                             help="an IP address for it (repeat); default with no --hostname: 127.0.0.1, ::1")
             sub.add_argument("--days", type=int, default=825, help="validity of the server certificate")
 
     client = cert_commands.add_parser("client", help="issue a client certificate signed by the CA (for "

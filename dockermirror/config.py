@@ -229,7 +229,7 @@ class TLSConfig:
     enabled: str = _setting("auto", parse_switch)
     certificate: Path = _setting(Path("/etc/pki/tls/certs/docker-mirror.crt"), _path)
     key: Path = _setting(Path("/etc/pki/tls/private/docker-mirror.key"), _path)
-    # the CA clients should trust (docker-mirror cert init keeps ca.key beside it)
+    # the CA clients should trust (docker-mirror cert init keeps its key in private/ca.key beside it)
     ca: Path = _setting(Path("/etc/pki/docker-mirror/ca.crt"), _path)
     # client certificates (mTLS): none (not asked for), optional (verified when given),
     # required (a connection without a valid one fails in the handshake)

@@ -126,9 +126,17 @@ def active(container: Container) -> str:
 def test_deb_install_reload_upgrade_remove(packages, upstream: Upstream, tmp_path: Path):
     with install_host("dm-deb", tmp_path, upstream) as (c, address):
         config_before = c.read("/etc/docker-mirror/config.yml")
-        c.run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
-              f"/dist/{packages['deb'].name}", timeout=600)
+        installed = c.run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
+                          f"/dist/{packages['deb'].name}", timeout=600).stdout
         assert active(c) == "active"                          # Debian starts what it installs
+        # the certificate step says what it made (the preseeded hostname: localhost) and what next
+        for said in ("docker-mirror: created a private CA: /etc/pki/docker-mirror/ca.crt (its key "
+                     "/etc/pki/docker-mirror/private/ca.key, mode 0600)",
+                     "docker-mirror: issued /etc/pki/tls/certs/docker-mirror.crt for localhost, 127.0.0.1, ::1 ",
+                     "docker-mirror: name: localhost (hostname: in /etc/docker-mirror/config.yml)",
+                     "docker-mirror: clients trust the CA /etc/pki/docker-mirror/ca.crt",
+                     "docker-mirror: next: for the names clients use, docker-mirror cert init --hostname NAME"):
+            assert said in installed, said
         assert c.run("systemctl", "is-enabled", "docker-mirror").stdout.strip() == "enabled"
         assert c.run("stat", "-c", "%U:%G %a", "/etc/pki/tls/private/docker-mirror.key").stdout.strip() == \
             "root:docker-mirror 640"
@@ -149,7 +157,9 @@ def test_deb_install_reload_upgrade_remove(packages, upstream: Upstream, tmp_pat
         blobs_before = c.run("find", "/var/cache/docker-mirror/blobs", "-type", "f").stdout.split()
         assert blobs_before
         pid = c.show("docker-mirror", "MainPID")
-        c.run("apt-get", "install", "-y", "-q", f"/dist/{packages['upgrade'].name}", timeout=600)
+        upgraded = c.run("apt-get", "install", "-y", "-q", f"/dist/{packages['upgrade'].name}", timeout=600).stdout
+        assert ("docker-mirror: TLS certificate /etc/pki/tls/certs/docker-mirror.crt exists already (names: "
+                "localhost, 127.0.0.1, ::1; valid until ") in upgraded
         assert UPGRADE in c.run("dpkg-query", "-W", "-f", "${Version}", "docker-mirror").stdout
         assert c.read("/etc/docker-mirror/config.yml") == config_before      # the admin's config stays
         assert c.run("find", "/var/cache/docker-mirror/blobs", "-type", "f").stdout.split() == blobs_before
@@ -190,6 +200,8 @@ def test_rpm_install_creates_user_certificate_and_enabled_service(packages, upst
     with install_host("dm-rpm", tmp_path, upstream) as (c, address):
         out = c.run("rpm", "-i", "--nodeps", "--force-debian", f"/dist/{packages['rpm'].name}", timeout=600)
         assert "error" not in out.stderr.lower(), out.stderr
+        assert "docker-mirror: issued /etc/pki/tls/certs/docker-mirror.crt for localhost, 127.0.0.1, ::1 " in out.stdout
+        assert "docker-mirror: clients trust the CA /etc/pki/docker-mirror/ca.crt" in out.stdout
         assert c.run("getent", "passwd", "docker-mirror").stdout.split(":")[6].strip() == "/sbin/nologin"
         assert c.run("test", "-f", "/etc/pki/tls/certs/docker-mirror.crt").returncode == 0
         assert c.run("test", "-f", "/etc/docker-mirror/config.yml.rpmnew").returncode == 0   # ours kept
