@@ -1,4 +1,4 @@
-"""The firewalld service definition (firewalld/docker-mirror.xml; the .deb and both RPMs ship it as
+"""The firewalld service definition (etc/firewalld/docker-mirror.xml; the .deb and both RPMs ship it as
 /usr/lib/firewalld/services/docker-mirror.xml, tests/test_packages.py checks the packaged copies),
 read by firewalld's own code: ``firewall-offline-cmd`` on a scratch configuration
 (tests/support/firewalld.py), never the host's /etc/firewalld."""
@@ -12,7 +12,7 @@ from dockermirror.config import Config, load
 from tests.support.firewalld import OfflineFirewalld
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICE = REPO / "firewalld/docker-mirror.xml"
+SERVICE = REPO / "etc/firewalld/docker-mirror.xml"
 
 
 def default_ports() -> set[int]:

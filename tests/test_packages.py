@@ -272,7 +272,7 @@ def test_rpm_el7_takes_the_pinned_download_by_checksum(packages, tmp_path: Path)
 
 
 def test_packages_ship_the_firewalld_service(packages, tmp_path: Path):
-    source = REPO / "firewalld/docker-mirror.xml"
+    source = REPO / "etc/firewalld/docker-mirror.xml"
     for flavour in ("deb", "rpm", "rpm-el7"):
         content, mode = packaged_file(packages[flavour], FIREWALLD_SERVICE)
         assert content == source.read_bytes(), f"{packages[flavour].name}: {FIREWALLD_SERVICE}"
