@@ -172,7 +172,7 @@ def parse_url(value: Any) -> str:
 
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {value!r}")
+        raise ValueError(f"expected a non-empty string, got {value!r}; give a value, or leave it out for its default")
     return value
 
 
@@ -520,7 +520,10 @@ def load(path: Path | str | None = None) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read configuration: {exc.strerror}", source=str(path)) from None
+        hint = ("give an existing file (the packages install /etc/docker-mirror/config.yml), or leave out "
+                "--config for the embedded defaults" if isinstance(exc, FileNotFoundError)
+                else "give a readable YAML file (the packages install /etc/docker-mirror/config.yml)")
+        raise ConfigError(f"cannot read configuration: {exc.strerror}; {hint}", source=str(path)) from None
     except UnicodeDecodeError:
         raise ConfigError("configuration is not UTF-8 text", source=str(path)) from None
     return loads(text, source=str(path))
@@ -533,7 +536,8 @@ def loads(text: str, source: str = "<string>") -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML: {problem}", source=source,
+        raise ConfigError(f"invalid YAML: {problem}; fix the file at that line (indentation, a missing "
+                          "quote, bracket or colon; the shipped config.yml shows each key)", source=source,
                           line=mark.line + 1 if mark else None) from None
     finally:
         loader.dispose()

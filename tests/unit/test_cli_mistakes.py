@@ -92,6 +92,8 @@ def test_a_mistake_is_one_line_naming_the_flag_exit_2_and_creates_nothing(tmp_pa
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"docker-mirror: {names.format(**values)}"), lines[0]
     assert words.format(**values) in lines[0]
+    said = lines[0].partition(names.format(**values))[2]
+    assert "; " in said or "(use " in said, f"says what is wrong but not what to do: {lines[0]}"
     assert sorted(tmp_path.rglob("*")) == before      # nothing made: no cache directory, lock or index
 
 
