@@ -532,8 +532,15 @@ def main(argv: list[str] | None = None) -> int:
     anything else is a bug, shown in full (on stderr, or to the log once ``serve`` set it up:
     the journal then has it at priority crit) and ends with a line that says it is one."""
     args = parser().parse_args(argv)
+    out = sys.stdout = _Output(sys.stdout)
     try:
-        return args.run(args)
+        status = args.run(args)
+        out.flush()
+        return status
+    except _OutputError as exc:    # `check-config > /dev/full`: not a bug, and not the user's mistake either
+        _say(f"docker-mirror: cannot write the output: {exc.reason}; write it to a file system with room "
+             "(or to a terminal)", priority=3)
+        return 1
     except ConfigError as exc:
         _say(f"docker-mirror: {_one_line(str(exc))}", priority=3)
         return EXIT_USAGE
@@ -556,6 +563,39 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             _say(line, priority=2)
         return EXIT_BUG
+
+
+class _OutputError(Exception):
+    def __init__(self, error: OSError):
+        super().__init__(error)
+        self.reason = error.strerror or str(error)
+
+
+class _Output:
+    """stdout, whose write errors (ENOSPC, EIO; a closed pipe stays BrokenPipeError) are told
+    apart from the commands' own OSErrors."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputError(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputError(exc) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _say(line: str, priority: int) -> None:
