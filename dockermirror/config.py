@@ -436,6 +436,20 @@ def parse_metrics_listen(value: Any) -> str:
     return text
 
 
+def listen_overlap(listen: str, metrics: str) -> str | None:
+    """Why ``metrics.listen`` cannot be had next to ``listen`` (the same port, on the same or a
+    wildcard address: one of the two listeners would take it from the other), or None."""
+    if not metrics:
+        return None
+    (host, port), (metrics_host, metrics_port) = split_listen(listen), split_listen(metrics)
+    wildcards = ("0.0.0.0", "::")
+    if port != metrics_port or not (host == metrics_host or host in wildcards or metrics_host in wildcards):
+        return None
+    shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+    return (f"{metrics} is the registry's own port (listen: {listen}); give the metrics a port of their own, "
+            f"e.g. {shown}:9401")
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     # where GET /metrics (Prometheus text format) is served, apart from the registry port; empty: off
@@ -648,6 +662,9 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
         raise ConfigError("give either upstream: (one registry) or upstreams: (a list, the default first), "
                           f"not both (upstream: is on line {lines['upstream']})", source=source,
                           line=lines["upstreams"], key="upstreams")
+    if cls is Config and (problem := listen_overlap(built.listen, built.metrics.listen)) is not None:
+        raise ConfigError(problem, source=source, line=lines.get("metrics", lines.get("listen")),
+                          key="metrics.listen")
     if cls is Config and values.get("cache") is not None:
         _check_pins(built, source, node)
     if cls is Config and built.access:
