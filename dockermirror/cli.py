@@ -109,7 +109,7 @@ def cmd_access_check(args: argparse.Namespace) -> int:
     # whether a user exists is not asked (nor the file read): the rules decide for a name
     guard = Guard.of(config, htpasswd=object() if config.auth.htpasswd else None)  # type: ignore[arg-type]
     try:
-        route = guard.rules.table.route(args.repository.lower())
+        route = guard.rules.table.route(_repository_of(args.repository).lower())
     except UnknownRegistry as exc:
         raise ConfigError(f"{exc}; name a configured upstream (docker-mirror check-config lists them)",
                           key="REPOSITORY") from None
@@ -131,6 +131,15 @@ def cmd_access_check(args: argparse.Namespace) -> int:
     else:
         print(f"{action}: {decision.rule.where()} of {config.source} decides for {who}")
     return 0 if decision.allowed else 1
+
+
+def _repository_of(reference: str) -> str:
+    """The repository of a reference pasted from ``docker pull``: ``centos:7`` and
+    ``docker.io/centos@sha256:...`` name the repository the rules match (a tag or digest does not
+    change who may pull it); the :PORT of a registry (``host:5000/app``) stays."""
+    name = reference.partition("@")[0]
+    head, slash, last = name.rpartition("/")
+    return head + slash + last.partition(":")[0]
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -420,7 +429,8 @@ def parser() -> argparse.ArgumentParser:
         "check", help="print the rule that decides whether IDENTITY may pull REPOSITORY (exit 0: allowed, 1: not)")
     access_check.add_argument("identity", metavar="IDENTITY", help="anonymous, user:NAME or cert:COMMON-NAME")
     access_check.add_argument("repository", metavar="REPOSITORY",
-                              help="as a client names it: library/centos, ghcr.io/myorg/app")
+                              help="as a client names it: library/centos, ghcr.io/myorg/app (a :TAG or @DIGEST, "
+                                   "as docker pull takes it, is dropped: rules match the repository)")
     access_check.add_argument("--from", dest="source", metavar="ADDRESS", help="the client's address")
     access_check.add_argument("--config", type=Path, help=config_help)
     access_check.set_defaults(run=cmd_access_check)
