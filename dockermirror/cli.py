@@ -102,8 +102,9 @@ def cmd_access_check(args: argparse.Namespace) -> int:
     config = _load(args)
     try:
         identity = Identity.parse(args.identity)
-    except ValueError as exc:
-        raise ConfigError(f"{exc}; give anonymous, user:NAME or cert:COMMON-NAME", key="IDENTITY") from None
+    except ValueError:    # (its own message says what it expects: said once, here)
+        raise ConfigError(f"invalid identity {args.identity!r}; give anonymous, user:NAME or cert:COMMON-NAME",
+                          key="IDENTITY") from None
     if args.source is not None and client_address(args.source) is None:
         raise ConfigError(f"invalid address {args.source!r}; give an IPv4 or IPv6 address", key="--from")
     # whether a user exists is not asked (nor the file read): the rules decide for a name
@@ -153,6 +154,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     except cachectl.NoCache as exc:
         raise _user_error(args, config, "cache.dir", f"{exc}; give the server's cache directory "
                                                      "(--cache-dir DIR, or cache.dir in --config FILE)") from None
+    except cachectl.BadTarget as exc:
+        raise ConfigError(f"{exc}; give a digest (sha256:...) or [REGISTRY/]REPOSITORY[:TAG], e.g. library/busybox:1",
+                          key="TARGET") from None
     except cachectl.CommandError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1
@@ -355,7 +359,7 @@ def cmd_user(args: argparse.Namespace) -> int:
     try:
         if args.user_command == "list":
             for name in users.names(path):
-                print(name)
+                print(_printable(name))
         elif args.user_command == "add":
             password = _read_password(args.name, args.password_stdin)
             new = users.add(path, args.name, password, cost=args.cost)
@@ -364,7 +368,11 @@ def cmd_user(args: argparse.Namespace) -> int:
         else:
             users.remove(path, args.name)
             print(f"removed {args.name} from {path}; reload the service to apply it (systemctl reload docker-mirror)")
-    except (users.CommandError, _UserError) as exc:
+    except users.BadName as exc:
+        raise ConfigError(f"{exc}; choose another name", key="NAME") from None
+    except (users.BadPassword, _UserError) as exc:
+        raise ConfigError(f"{exc}; give it again (user add {_printable(args.name)})", key="password") from None
+    except users.CommandError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1
     problem = users.problem(path)
@@ -372,6 +380,18 @@ def cmd_user(args: argparse.Namespace) -> int:
         print(f"docker-mirror: the server refuses this file as it is: {problem}", file=sys.stderr)
         return 1
     return 0
+
+
+def _printable(text: str) -> str:
+    """A name from a file, safe on a terminal: control characters (an escape sequence) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _config_file(text: str) -> Path:
+    if not text.strip():     # Path("") is ".", the current directory
+        raise ValueError("expected a file name, got an empty one; give the configuration file, or leave out "
+                         "--config")
+    return Path(text)
 
 
 def _parsed(parse, what: str):
@@ -413,14 +433,14 @@ def parser() -> argparse.ArgumentParser:
 
     config_help = f"configuration file (default {configuration.DEFAULT_PATH}, if it exists)"
     serve = commands.add_parser("serve", help="run the mirror")
-    serve.add_argument("--config", type=Path, help=config_help)
+    serve.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)")
     serve.add_argument("--cache-dir", metavar="DIR", help="cache directory (default /var/cache/docker-mirror)")
     serve.add_argument("--upstream", metavar="URL", help="upstream registry (default https://registry-1.docker.io)")
     serve.set_defaults(run=cmd_serve)
 
     check = commands.add_parser("check-config", help="validate the configuration and print the effective values")
-    check.add_argument("--config", type=Path, help=config_help)
+    check.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     check.set_defaults(run=cmd_check_config)
 
     access = commands.add_parser("access", help="the access: rules")
@@ -432,7 +452,7 @@ def parser() -> argparse.ArgumentParser:
                               help="as a client names it: library/centos, ghcr.io/myorg/app (a :TAG or @DIGEST, "
                                    "as docker pull takes it, is dropped: rules match the repository)")
     access_check.add_argument("--from", dest="source", metavar="ADDRESS", help="the client's address")
-    access_check.add_argument("--config", type=Path, help=config_help)
+    access_check.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     access_check.set_defaults(run=cmd_access_check)
 
     cache = commands.add_parser("cache", help="look after the cache (also while the server runs)")
@@ -440,7 +460,7 @@ def parser() -> argparse.ArgumentParser:
 
     def cache_command(name: str, help: str) -> argparse.ArgumentParser:
         sub = cache_commands.add_parser(name, help=help)
-        sub.add_argument("--config", type=Path, help=config_help)
+        sub.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
         sub.add_argument("--cache-dir", metavar="DIR", help="cache directory (default: from the configuration)")
         sub.set_defaults(run=cmd_cache)
         return sub
@@ -478,7 +498,7 @@ def parser() -> argparse.ArgumentParser:
                        ("ensure", "like init, but only if there is no server certificate yet (for packages)"),
                        ("show", "print subject, names, issuer and expiry of the certificate and the CA")):
         sub = cert_commands.add_parser(name, help=text)
-        sub.add_argument("--config", type=Path, help=config_help)
+        sub.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
         sub.add_argument("--dir", type=Path, metavar="DIR",
                          help="use DIR/ca.crt (its key in DIR/private/ca.key) and DIR/server/docker-mirror.crt, "
                               ".key instead of the tls: paths (to try TLS outside /etc/pki)")
@@ -497,17 +517,17 @@ def parser() -> argparse.ArgumentParser:
     client.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="where to write client.cert, client.key and ca.crt")
     client.add_argument("--days", type=int, default=365, help="validity (default 365)")
-    client.add_argument("--config", type=Path, help=config_help)
+    client.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     client.set_defaults(run=cmd_cert)
     revoke = cert_commands.add_parser("revoke", help="add every client certificate issued to NAME to the CRL "
                                                      "(tls.crl); then reload the server")
     revoke.add_argument("name", metavar="NAME")
-    revoke.add_argument("--config", type=Path, help=config_help)
+    revoke.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     revoke.set_defaults(run=cmd_cert)
 
     setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
                                                      "here (for every upstream)")
-    setup.add_argument("--config", type=Path, help=config_help)
+    setup.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     setup.add_argument("--host", metavar="HOST:PORT", type=_parsed(_host_port, "HOST:PORT"), help="how clients reach the mirror (default: hostname and port)")
     setup.add_argument("--for", dest="target", metavar="el7|el8|el9|debian",
                        help="the client system (default: this one, from /etc/os-release)")
@@ -518,7 +538,7 @@ def parser() -> argparse.ArgumentParser:
     for name, text in (("add", "add a user, or change their password (bcrypt)"),
                        ("del", "remove a user"), ("list", "print the user names")):
         sub = user_commands.add_parser(name, help=text)
-        sub.add_argument("--config", type=Path, help=config_help)
+        sub.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
         sub.add_argument("--file", type=Path, help="the htpasswd file (default: auth.htpasswd of the configuration)")
         sub.set_defaults(run=cmd_user)
         if name != "list":
