@@ -593,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             _say(line, priority=2)
         return EXIT_BUG
+    finally:
+        if sys.stdout is out:    # (main called again in one process wraps the stream once)
+            sys.stdout = out.stream
 
 
 class _OutputError(Exception):
@@ -606,7 +609,7 @@ class _Output:
     apart from the commands' own OSErrors."""
 
     def __init__(self, stream):
-        self._stream = stream
+        self.stream = self._stream = stream
 
     def write(self, text: str) -> int:
         try:
