@@ -189,8 +189,8 @@ def parse_url(value: Any) -> str:
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a non-empty string, got {value!r}; give a value, or leave it out for its default")
-    try:
-        value.encode("utf-8")
+    try:    # (surrogateescape: a non-UTF-8 file name given on the command line is a file name still)
+        value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:    # "\ud800": a lone surrogate is no character of any file name or host
         raise ValueError(f"{value!r} holds an invalid character (a lone UTF-16 surrogate); write the "
                          "character itself, or its \\U escape") from None
@@ -641,6 +641,9 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
             expected = "a list" if f.metadata.get("sequence") else "a single value"
             raise ConfigError(f"expected {expected}", source=source, line=key_line, key=dotted)
         secret = f.metadata.get("secret") and not null
+        if secret and not value_node.tag.startswith("tag:yaml.org,2002:"):    # password: !ENV X is no "X"
+            raise ConfigError(f"the tag {value_node.tag} is not read; write the value itself (or use password_file)",
+                              source=source, line=value_node.start_mark.line + 1, key=dotted)
         # a secret is the text as written (password: 0123 is not the number 83), never echoed
         raw = value_node.value if secret else _construct(loader, value_node, source, dotted)
         try:

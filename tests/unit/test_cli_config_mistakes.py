@@ -18,6 +18,7 @@ CASES = {
     "nul-later": ('listen: 127.0.0.1:5000\ncache:\n  dir: /x\x01\n', ":3: invalid YAML", "#x0001"),
     "unknown-tag": ("listen: !ENV x\n", ":1: listen:", "!ENV"),
     "unknown-tag-rule": ("access:\n  - allow: [!ENV x]\n", ":2: access[0].allow[0]:", "!ENV"),
+    "unknown-tag-secret": ("upstream:\n  username: u\n  password: !ENV PASS\n", ":3: upstream.password:", "!ENV"),
     "duration-inf": ("cache:\n  blob_ttl: .inf\n", ":2: cache.blob_ttl:", "too long"),
     "duration-nan": ("cache:\n  tag_ttl: .nan\n", ":2: cache.tag_ttl:", "not a duration"),
     "duration-huge-text": ("cache:\n  blob_ttl: 99999999999999d\n", ":2: cache.blob_ttl:", "too long"),
@@ -49,6 +50,18 @@ def test_a_file_yaml_trips_on_is_one_line_exit_2(tmp_path: Path, command, text, 
     assert words in lines[0]
     assert "; " in lines[0]
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_non_utf8_file_name_from_the_command_line_is_still_a_file_name(tmp_path: Path):
+    """Not a lone surrogate of the file: bytes the shell passed (os.fsdecode gives \\udcff)."""
+    import subprocess
+    import sys
+
+    cache = os.fsencode(tmp_path) + b"/cache-\xff"
+    result = subprocess.run([os.fsencode(sys.executable), b"-m", b"dockermirror", b"cache", b"stats", b"--cache-dir",
+                             cache], capture_output=True, cwd=tmp_path, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result
+    assert b"no cache at" in result.stderr and b"surrogate" not in result.stderr
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
