@@ -351,11 +351,11 @@ def cmd_user(args: argparse.Namespace) -> int:
 
     path = args.file
     if path is None:
-        path = _load(args).auth.htpasswd
+        config = _load(args)
+        path = config.auth.htpasswd
         if path is None:
-            print("docker-mirror: no htpasswd file: set auth.htpasswd in the configuration, or give --file",
-                  file=sys.stderr)
-            return 2
+            raise ConfigError("no htpasswd file is set; set auth.htpasswd in the configuration, or give --file FILE",
+                              source=config.source, key="auth.htpasswd")
     try:
         if args.user_command == "list":
             for name in users.names(path):

@@ -71,6 +71,8 @@ CASES = {
     "cache-stats-file": (["cache", "stats", "--cache-dir", "{d}/afile"], "--cache-dir",
                          "no cache at {d}/afile: it is a file, not a directory"),
     "user-add-empty-password": (["user", "add", "bob", "--file", "{d}/users"], "password", "the password is empty"),
+    "user-list-no-file": (["user", "list", "--config", "{d}/nocache.yml"], "{d}/nocache.yml: auth.htpasswd",
+                          "no htpasswd file is set"),
     "user-add-bad-name": (["user", "add", "bo b", "--file", "{d}/users"], "NAME", "cannot hold ':', spaces"),
 }
 
