@@ -40,6 +40,7 @@ from dockermirror.errors import (
 from dockermirror.meter import NULL_METER, Meter, upstream_kind
 from dockermirror.oci import MAX_MANIFEST_SIZE, OCI_INDEX
 from dockermirror.upstream.auth import AuthError, Authenticator
+from dockermirror.upstream.outage import OutageLog
 from dockermirror.upstream.realms import RealmRefused, shown
 from dockermirror.upstream.bodies import (
     ERROR_BODY,
@@ -231,7 +232,7 @@ class UpstreamClient:
         self.reachable: bool | None = None
         self.last_failure: float | None = None
         self.last_error = ""
-        self._failing = ""      # "it answers HTTP 503" while the upstream answers 5xx or 429 (logged once)
+        self.outage = OutageLog()   # what of its trouble is a warning (once an outage), what a count
         # Docker Hub's pull allowance as last reported ("ratelimit-remaining": "97;w=21600",
         # "ratelimit-limit": "100;w=21600"), as the upstream sent it (untrusted text)
         self.ratelimit_remaining: str | None = None
@@ -421,24 +422,14 @@ class UpstreamClient:
         return self.key or httpx.URL(self.base).host
 
     def _answered(self, status: int) -> None:
-        """The upstream answered: once when an outage ends (or when it starts answering 5xx or 429,
-        which fails the requests that need it), a warning line; each request's own line is at info."""
-        failing = f"it answers HTTP {status}" if status >= 500 or status == 429 else ""
-        if failing and not self._failing:
-            log.warning("upstream %s fails: %s; requests that need it fail until it answers again", self._name, failing)
-        elif not failing and (self.reachable is False or self._failing):
-            was = self._failing or f"it was unreachable: {self.last_error}"
-            log.warning("upstream %s answers again (%s)", self._name, was.replace("it answers", "it answered"))
-        self._failing = failing
+        """The upstream answered (each request's own line is at info; outages: see outage.py)."""
+        self.outage.answered(self._name, status)
         self.reachable = True
 
     def _failed(self, exc: Exception) -> UpstreamUnreachable:
         """Record that the upstream could not be reached; the exception to raise."""
         error = UpstreamUnreachable(_describe(exc) if isinstance(exc, httpx.TransportError) else str(exc))
-        if self.reachable is not False:     # once an outage: each failed request's line is the access line
-            self._failing = ""
-            log.warning("upstream %s is unreachable (%s): requests that need it fail until it answers again",
-                        self._name, error)
+        self.outage.unreachable(self._name, error)   # each failed request's line is the access line
         self.reachable = False
         self.last_failure = time.monotonic()
         self.last_error = str(error)
