@@ -6,6 +6,9 @@
 #   make rpm                         EL8/EL9 RPM: a venv on the system's python$(PYVER)
 #   make rpm-el7 PYTHON_TARBALL=...  EL7 RPM bundling that CPython (python-build-standalone
 #                                    "install_only" tarball) in /opt/docker-mirror/python
+#   make repo REPO_URL=... SIGNING_KEY=key.asc   signed yum (el7, el8, el9) and apt repositories in
+#                                    dist/repo from the packages in dist/, to publish as REPO_URL;
+#                                    or GNUPGHOME=dir SIGNING_KEY_ID=fingerprint instead of SIGNING_KEY
 #
 # Options: PYVER (3.11), DEB_VERSION / RPM_RELEASE (rebuilds with a higher version),
 # ALLOW_NEWER_GLIBC_PYTHON=1 (accept a bundled interpreter built against a newer glibc:
@@ -21,7 +24,7 @@ RPM_RELEASE  ?= 1
 DEB_VERSION  ?=
 WHEELS        = $(BUILD)/wheelhouse-py$(PYVER)
 
-.PHONY: all wheelhouse deb rpm rpm-sources rpm-el7 clean
+.PHONY: all wheelhouse deb rpm rpm-sources rpm-el7 repo clean
 all: deb rpm
 
 $(TOOLS)/bin/python:
@@ -95,6 +98,14 @@ rpm-el7:
 	    sed -n 's|^python/lib/python\(3\.[0-9]*\)/os.py$$|\1|p')" --define "dist .el7" -bb rpm/docker-mirror.spec
 	cp $(RPMTOP)/RPMS/x86_64/docker-mirror-$(VERSION)-$(RPM_RELEASE).el7.x86_64.rpm $(DIST)/
 	rpmlint -r rpm/docker-mirror-el7.rpmlintrc $(DIST)/docker-mirror-$(VERSION)-$(RPM_RELEASE).el7.x86_64.rpm
+
+# --- repositories -------------------------------------------------------------------
+# repository/make-repo.sh says what lands where. The key is an input, never a file of the clone:
+# SIGNING_KEY is imported into a throw-away GnuPG home under build/ that is removed afterwards.
+
+repo:
+	@DIST=$(DIST) BUILD=$(BUILD) OUT=$(DIST)/repo REPO_URL="$(REPO_URL)" SIGNING_KEY="$(SIGNING_KEY)" \
+	    KEY_HOME="$(GNUPGHOME)" SIGNING_KEY_ID="$(SIGNING_KEY_ID)" sh repository/make-repo.sh
 
 clean:
 	rm -rf $(BUILD) $(DIST)
