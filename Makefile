@@ -10,7 +10,7 @@
 #                                    dist/repo from the packages in dist/, to publish as REPO_URL;
 #                                    or GNUPGHOME=dir SIGNING_KEY_ID=fingerprint instead of SIGNING_KEY
 #
-# Options: PYVER (3.11), DEB_VERSION / RPM_RELEASE (rebuilds with a higher version),
+# Options: REPO_DIR (dist/repo), PYVER (3.11), DEB_VERSION / RPM_RELEASE (rebuilds with a higher version),
 # ALLOW_NEWER_GLIBC_PYTHON=1 (accept a bundled interpreter built against a newer glibc:
 # only for the stand-in from rpm/standin-python.sh, which cannot run on EL7 anyway).
 
@@ -23,6 +23,7 @@ PIP          := $(TOOLS)/bin/python -m pip --disable-pip-version-check --quiet
 RPM_RELEASE  ?= 1
 DEB_VERSION  ?=
 WHEELS        = $(BUILD)/wheelhouse-py$(PYVER)
+REPO_DIR     ?= $(DIST)/repo
 
 .PHONY: all wheelhouse deb rpm rpm-sources rpm-el7 repo clean
 all: deb rpm
@@ -104,7 +105,7 @@ rpm-el7:
 # SIGNING_KEY is imported into a throw-away GnuPG home under build/ that is removed afterwards.
 
 repo:
-	@DIST=$(DIST) BUILD=$(BUILD) OUT=$(DIST)/repo REPO_URL="$(REPO_URL)" SIGNING_KEY="$(SIGNING_KEY)" \
+	@DIST=$(DIST) BUILD=$(BUILD) OUT=$(REPO_DIR) REPO_URL="$(REPO_URL)" SIGNING_KEY="$(SIGNING_KEY)" \
 	    KEY_HOME="$(GNUPGHOME)" SIGNING_KEY_ID="$(SIGNING_KEY_ID)" sh repository/make-repo.sh
 
 clean:

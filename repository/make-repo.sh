@@ -109,7 +109,7 @@ if [ -n "$yum_dists" ]; then
     cat >"$OUT/docker-mirror.repo" <<EOF
 # docker-mirror: put this file in /etc/yum.repos.d/ (EL7, EL8, EL9)
 [docker-mirror]
-name=docker-mirror, a pull-through cache for container registries (EL\$releasever)
+name=docker-mirror for EL\$releasever
 baseurl=$REPO_URL/yum/el\$releasever/\$basearch/
 enabled=1
 gpgcheck=1
