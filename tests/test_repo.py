@@ -291,17 +291,45 @@ def test_apt_refuses_a_changed_package(repo: Path, apt_host, apt_variants):
 
 # --- dnf and rpm on the yum repository -------------------------------------------------------
 
-def dnf(work: Path, repo_file: str, releasever: str, *args: str) -> subprocess.CompletedProcess:
-    """Debian's dnf on ``repo_file`` alone: installroot, configuration and repos.d in ``work``."""
+# What `dnf install` does with gpgcheck=1 before it installs a package (which needs the package's
+# dependencies, absent from an empty installroot): download it, check its signature against the
+# keys of the installroot's rpm database, import the repository's gpgkey= if that is missing, check again.
+PACKAGE_GPGCHECK = """
+import sys
+import dnf
+conf, root, releasever, reposdir, destdir = sys.argv[1:]
+base = dnf.Base()
+base.conf.read(conf)
+base.conf.installroot, base.conf.releasever, base.conf.reposdir, base.conf.destdir = root, releasever, [reposdir], destdir
+base.read_all_repos()
+base.fill_sack(load_system_repo=False)
+pkg = base.sack.query().available().filter(name="docker-mirror").run()[0]
+base.download_packages([pkg])
+code, message = base.package_signature_check(pkg)
+print("first check:", code, message)
+if code == 1:
+    base.package_import_key(pkg, askcb=lambda *args: True)
+    code, message = base.package_signature_check(pkg)
+print("check:", code, message, pkg.localPkg())
+"""
+
+
+def dnf(work: Path, repo_file: str, releasever: str, *args: str, python: bool = False) -> subprocess.CompletedProcess:
+    """Debian's dnf on ``repo_file`` alone: installroot, configuration and repos.d in ``work``
+    (``python``: PACKAGE_GPGCHECK through dnf's Python API instead of the dnf command)."""
     shutil.rmtree(work, ignore_errors=True)
     (work / "repos.d").mkdir(parents=True)
     (work / "root").mkdir()
     (work / "repos.d/docker-mirror.repo").write_text(repo_file)
     (work / "dnf.conf").write_text(f"[main]\ngpgcheck=1\nreposdir={work / 'repos.d'}\n")
+    if python:
+        argv = ["/usr/bin/python3", "-c", PACKAGE_GPGCHECK, str(work / "dnf.conf"), str(work / "root"), releasever,
+                str(work / "repos.d"), str(work / "download")]
+    else:
+        argv = ["dnf", "-y", "--config", str(work / "dnf.conf"), f"--setopt=reposdir={work / 'repos.d'}",
+                "--installroot", str(work / "root"), "--releasever", releasever, *args]
     try:
-        return subprocess.run(["dnf", "-y", "--config", str(work / "dnf.conf"), f"--setopt=reposdir={work / 'repos.d'}",
-                               "--installroot", str(work / "root"), "--releasever", releasever, *args],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
     finally:
         stop_agents(work)
 
@@ -317,6 +345,12 @@ def test_dnf_reads_the_signed_yum_repository(repo: Path, keys, tmp_path: Path, r
     found = dnf(tmp_path / "dnf", repo_file, releasever, "repoquery", "--location", "docker-mirror")
     assert found.returncode == 0, found.stdout + found.stderr
     assert found.stdout.split() == [f"file://{repo}/yum/el{releasever}/x86_64/{RPMS[releasever]}"]
+    # gpgcheck=1: the package's signature, with the key imported from gpgkey= into the installroot's rpmdb
+    checked = dnf(tmp_path / "dnf", repo_file, releasever, python=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "first check: 1 " in checked.stdout                        # signed by a key not yet trusted
+    assert f"check: 0  {repo}/yum/el{releasever}/x86_64/{RPMS[releasever]}" in checked.stdout.splitlines()
+    assert f"Importing GPG key 0x{signing.short.upper()}" in checked.stderr + checked.stdout
 
 
 def test_dnf_refuses_the_repository_under_another_key(repo: Path, keys, tmp_path: Path):
@@ -372,8 +406,8 @@ def test_rpm_refuses_a_changed_package(repo: Path, keys, tmp_path: Path):
     signing, _ = keys
     for release in ("7", "9"):
         rpm = (repo / f"yum/el{release}/x86_64/{RPMS[release]}").read_bytes()
-        header = tmp_path / f"header-el{release}.rpm"                  # the summary, in the signed header
-        header.write_bytes(flip(rpm, b"pull-through"))
+        header = tmp_path / f"header-el{release}.rpm"                  # the Summary, in the signed header
+        header.write_bytes(flip(rpm, b"Pull-through"))
         checked = rpm_k(tmp_path / "db", signing.public, header)
         assert checked.returncode == 1
         assert f"Header V4 RSA/SHA256 Signature, key ID {signing.short}: BAD" in checked.stdout, checked.stdout
