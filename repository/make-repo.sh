@@ -20,7 +20,8 @@ set -eu
 say() { echo "make repo: $*"; }
 die() { echo "make repo: $*" >&2; exit 2; }
 
-[ -n "${REPO_URL:-}" ] || die "set REPO_URL to where $OUT will be published (e.g. REPO_URL=https://packages.example.com/docker-mirror)"
+[ -n "${REPO_URL:-}" ] ||
+    die "set REPO_URL to where $OUT will be published (e.g. REPO_URL=https://packages.example.com/docker-mirror)"
 REPO_URL=${REPO_URL%/}
 mkdir -p "$BUILD"
 DIST=$(cd "$DIST" 2>/dev/null && pwd) || die "no $DIST directory: build the packages first (make deb rpm)"
@@ -93,7 +94,8 @@ for el in 7 8 9; do
     [ "$el" = 7 ] && v3=--rpmv3
     # (rpmsign warns when GPG_TTY is unset, as under make without a terminal: that line is dropped)
     rpmsign --addsign $v3 --define "__gpg $(command -v gpg)" --define "_gpg_path $GNUPGHOME" \
-        --define "_gpg_name $FPR" --define "_gpg_digest_algo sha256" "$dir"/*.rpm >/dev/null 2>"$BUILD/repo-rpmsign.err" ||
+        --define "_gpg_name $FPR" --define "_gpg_digest_algo sha256" "$dir"/*.rpm \
+        >/dev/null 2>"$BUILD/repo-rpmsign.err" ||
         { cat "$BUILD/repo-rpmsign.err" >&2; die "rpmsign failed"; }
     grep -v "Could not set GPG_TTY" "$BUILD/repo-rpmsign.err" >&2 || true
     for rpm in "$dir"/*.rpm; do

@@ -321,7 +321,8 @@ import dnf
 conf, root, releasever, reposdir, destdir = sys.argv[1:]
 base = dnf.Base()
 base.conf.read(conf)
-base.conf.installroot, base.conf.releasever, base.conf.reposdir, base.conf.destdir = root, releasever, [reposdir], destdir
+base.conf.installroot, base.conf.releasever = root, releasever
+base.conf.reposdir, base.conf.destdir = [reposdir], destdir
 for option in ("cachedir", "logdir", "persistdir"):        # what the dnf command does with --installroot
     base.conf.prepend_installroot(option)
     os.makedirs(getattr(base.conf, option), exist_ok=True)
