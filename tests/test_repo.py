@@ -199,6 +199,16 @@ def test_repository_files(repo: Path, keys, packages, tmp_path: Path):
         assert sorted(p.name for p in (repo / f"yum/el{release}/x86_64").glob("*.rpm")) == [name]
     assert sorted(p.name for p in (repo / "apt/pool/main/d/docker-mirror").iterdir()) == \
         sorted([packages["deb"].name, packages["upgrade"].name])
+    # the signatures of the metadata, checked with the published keyring alone
+    release = repo / "apt/dists/stable/Release"
+    repomds = sorted(repo.glob("yum/el*/x86_64/repodata/repomd.xml"))
+    assert len(repomds) == 3
+    for signed in ([release.with_name("InRelease")], [release.with_name("Release.gpg"), release],
+                   *([path.with_suffix(".xml.asc"), path] for path in repomds)):
+        verified = subprocess.run(["gpgv", "--homedir", str(tmp_path), "--keyring", str(repo / "docker-mirror.gpg"),
+                                   *map(str, signed)], capture_output=True, text=True)
+        assert verified.returncode == 0 and f"using RSA key {signing.fingerprint}" in verified.stderr, \
+            (signed, verified.stderr)
     # the packages in dist/ stay unsigned: the repository signs copies
     assert subprocess.run(["rpm", "-K", "--dbpath", str(tmp_path / "rpmdb"), str(packages["rpm"])], capture_output=True,
                           text=True).stdout.strip().endswith(": digests OK")
@@ -212,7 +222,7 @@ def apt_variants(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     root = tmp_path_factory.mktemp("apt-variants")
     unsigned = linked_copy(repo / "apt", root / "unsigned")
     for name in ("InRelease", "Release.gpg"):
-        (unsigned / "dists/stable" / name).unlink()
+        (unsigned / "dists/stable" / name).unlink(missing_ok=True)
     # the index says another size for the package, as a swapped .deb would need: Packages and Packages.gz
     tampered = linked_copy(repo / "apt", root / "tampered")
     index = tampered / "dists/stable/main/binary-amd64/Packages"
