@@ -110,6 +110,7 @@ done
 if [ -n "$yum_dists" ]; then
     cat >"$OUT/docker-mirror.repo" <<EOF
 # docker-mirror: put this file in /etc/yum.repos.d/ (EL7, EL8, EL9)
+# RHEL 7 and Oracle Linux 7 call their release 7Server: there, write el7 for el\$releasever
 [docker-mirror]
 name=docker-mirror for EL\$releasever
 baseurl=$REPO_URL/yum/el\$releasever/\$basearch/

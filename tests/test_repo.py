@@ -175,7 +175,7 @@ def test_make_repo_from_a_gnupg_home(packages, keys, tmp_path: Path):
 def test_repository_files(repo: Path, keys, packages, tmp_path: Path):
     signing, _ = keys
     url = f"file://{repo}"
-    assert (repo / "docker-mirror.repo").read_text().splitlines()[1:] == [
+    assert (repo / "docker-mirror.repo").read_text().splitlines()[2:] == [
         "[docker-mirror]",
         "name=docker-mirror for EL$releasever",
         f"baseurl={url}/yum/el$releasever/$basearch/",
