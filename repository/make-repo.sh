@@ -27,6 +27,10 @@ mkdir -p "$BUILD"
 DIST=$(cd "$DIST" 2>/dev/null && pwd) || die "no $DIST directory: build the packages first (make deb rpm)"
 BUILD=$(cd "$BUILD" && pwd)
 OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+# OUT is emptied and rebuilt: never a directory that holds anything else
+case $OUT in
+    / | "$DIST" | "$BUILD" | "$(pwd)" | "$HOME") die "REPO_DIR: $OUT would be emptied; give a directory of its own" ;;
+esac
 for tool in gpg:gnupg rpmsign:rpm createrepo_c:createrepo-c apt-ftparchive:apt-utils; do
     command -v "${tool%%:*}" >/dev/null || die "${tool%%:*} is missing; install Debian's ${tool#*:} package"
 done
