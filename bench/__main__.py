@@ -7,7 +7,7 @@ Starts an upstream registry seeded with a big blob, a 1 MiB blob and a multi-lay
 image, then an HTTP and a TLS instance of each mirror with its own empty cache, all on
 127.0.0.1; runs every scenario on both mirrors in turn; prints medians, ratios and
 PASS/MISS against the targets; writes bench/results/latest.json and, after a run of
-every scenario, the table in README.md. A missed target is not a failure: the exit
+every scenario, the table in docs/performance.md. A missed target is not a failure: the exit
 status is non-zero only when the benchmark itself broke (a failed request, a dead server).
 """
 
@@ -129,7 +129,7 @@ def keep_logs(logs: dict[str, Path]) -> dict[str, list[str]]:
 
 def summary(args: argparse.Namespace, results: report.Results, ceiling: WrkResult | None, command: str,
             date: datetime.datetime, source: str, seconds: float, load: str) -> str:
-    """The Markdown that is printed and goes into README.md."""
+    """The Markdown that is printed and goes into docs/performance.md."""
     parts = [
         f"Measured {date:%Y-%m-%d %H:%M} UTC on {report.machine()}; docker-mirror {source}.",
         f"Command: `{command}` ({args.rounds} round{'s' if args.rounds > 1 else ''}, run time {seconds / 60:.1f} min, "
@@ -186,10 +186,10 @@ def main(argv: list[str]) -> int:
     }, indent=2) + "\n")
     print("wrote bench/results/latest.json")
     if set(args.only) == set(SCENARIOS):
-        report.replace_readme(ROOT / "README.md", text)
-        print("updated the table in README.md")
+        report.replace_readme(ROOT / "docs" / "performance.md", text)
+        print("updated the table in docs/performance.md")
     else:
-        print("README.md left alone (only a full run of every scenario updates it)")
+        print("docs/performance.md left alone (only a full run of every scenario updates it)")
     return 0
 
 

@@ -1,7 +1,7 @@
-"""Turning rounds into tables: the targets (PASS/MISS), every metric, the machine, the README part.
+"""Turning rounds into tables: the targets (PASS/MISS), every metric, the machine, the docs/performance.md part.
 
 Ratios are docker-mirror / reference, of medians. Tables are Markdown, printed as they
-go into README.md between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``.
+go into docs/performance.md between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ Rows, every variant once per round, in an order rotated each round (A B C, B C A
         yet (a fresh one each time): wall ms until the last has it all, upstream GETs.
 A ratio is variant / one of the same round (they ran back to back), shown as the median over
 the rounds with its min..max. The machine is shared: the load average is printed per round.
-Writes bench/results/routing.json and the table between the bench-routing markers in README.md.
+Writes bench/results/routing.json and the table between the bench-routing markers in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -559,17 +559,17 @@ def main(argv: list[str]) -> int:
     }, indent=2) + "\n")
     if args.metrics:
         print("wrote bench/results/metrics.json")
-        report.replace_readme(ROOT / "README.md", text, METRICS_BEGIN, METRICS_END)
-        print("updated the metrics table in README.md")
+        report.replace_readme(ROOT / "docs" / "performance.md", text, METRICS_BEGIN, METRICS_END)
+        print("updated the metrics table in docs/performance.md")
         return 0
     if args.auth:
         print("wrote bench/results/auth.json")
-        report.replace_readme(ROOT / "README.md", text, AUTH_BEGIN, AUTH_END)
-        print("updated the auth table in README.md")
+        report.replace_readme(ROOT / "docs" / "performance.md", text, AUTH_BEGIN, AUTH_END)
+        print("updated the auth table in docs/performance.md")
         return 0
     print("wrote bench/results/routing.json")
-    report.replace_readme(ROOT / "README.md", text, BEGIN, END)
-    print("updated the routing table in README.md")
+    report.replace_readme(ROOT / "docs" / "performance.md", text, BEGIN, END)
+    print("updated the routing table in docs/performance.md")
     return 0
 
 

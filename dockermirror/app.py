@@ -187,7 +187,7 @@ class DockerMirror:
         keep the client they started with (through their ``Repo``); a removed upstream's
         cached content stays until it expires or is evicted."""
         old, restart = self.config, []
-        if new.cache.dir != old.cache.dir:
+        if new.cache.dir != self.cache.root:     # the directory it runs with, not the previous file's
             restart.append("cache.dir")
         if new.registries != old.registries or self._ca_bundle_changed():
             self._swap_upstreams(new)

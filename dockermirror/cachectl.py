@@ -29,6 +29,10 @@ class CommandError(Exception):
     """A problem to report in one line, with exit status 1."""
 
 
+class NoCache(CommandError):
+    """The cache directory does not exist, or holds no cache: the user named the wrong one."""
+
+
 @dataclass
 class Opened:
     config: Config
@@ -48,9 +52,9 @@ class Opened:
 def open_cache(config: Config) -> Opened:
     root = config.cache.dir
     if not root.is_dir():
-        raise CommandError(f"no cache at {root}: the directory does not exist")
+        raise NoCache(f"no cache at {root}: the directory does not exist")
     if not (root / INDEX_NAME).is_file():
-        raise CommandError(f"{root} is not a docker-mirror cache: it has no {INDEX_NAME}")
+        raise NoCache(f"{root} is not a docker-mirror cache: it has no {INDEX_NAME}")
     table = config.registry_table()
     pins = tuple(table.pattern(p) for p in config.cache.pin)
     try:

@@ -11,18 +11,25 @@ from dockermirror import __version__, config as configuration
 from dockermirror.config import Config, ConfigError
 
 
+FLAGS = {"listen": ("listen", "--listen"), "cache.dir": ("cache_dir", "--cache-dir"),
+         "upstream.url": ("upstream", "--upstream")}   # key: (argparse name, flag)
+
+
 def _load(args: argparse.Namespace) -> Config:
     config = configuration.load(args.config)
-    overrides = {
-        "listen": getattr(args, "listen", None),
-        "cache.dir": getattr(args, "cache_dir", None),
-        "upstream.url": getattr(args, "upstream", None),
-    }
+    overrides = {key: getattr(args, name, None) for key, (name, _) in FLAGS.items()}
     try:
         return config.with_overrides(**overrides)
     except ConfigError as exc:
-        flag = {"listen": "--listen", "cache.dir": "--cache-dir", "upstream.url": "--upstream"}[exc.key]
-        raise ConfigError(exc.message, key=flag) from None
+        raise ConfigError(exc.message, key=FLAGS[exc.key][1]) from None
+
+
+def _user_error(args: argparse.Namespace, config: Config, key: str, message: str) -> ConfigError:
+    """A user's mistake about ``key``: named by its flag if one gave the value, else by key and file."""
+    name, flag = FLAGS.get(key, ("", ""))
+    if name and getattr(args, name, None) is not None:
+        return ConfigError(message, key=flag)
+    return ConfigError(message, source=config.source, key=key)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -38,15 +45,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return serve(config, reload_config=lambda: _load(args), reload_requested=lambda: bool(hups))
     except StartupError as exc:
-        print(f"docker-mirror: {exc}", file=sys.stderr)
+        if exc.key:
+            raise _user_error(args, config, exc.key, str(exc)) from None
+        _say(f"docker-mirror: {_one_line(str(exc))}", priority=3)
         return 1
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     if (problem := config.tls.client_auth_error()) is not None:    # what would stop serve
-        print(f"docker-mirror: configuration error: {problem}", file=sys.stderr)
-        return 2
+        raise ConfigError(problem)
     if config.auth.htpasswd is not None:    # the server refuses to start without a good one
         from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 
@@ -95,18 +103,16 @@ def cmd_access_check(args: argparse.Namespace) -> int:
     try:
         identity = Identity.parse(args.identity)
     except ValueError as exc:
-        print(f"docker-mirror: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{exc}; give anonymous, user:NAME or cert:COMMON-NAME", key="IDENTITY") from None
     if args.source is not None and client_address(args.source) is None:
-        print(f"docker-mirror: invalid address {args.source!r} for --from", file=sys.stderr)
-        return 2
+        raise ConfigError(f"invalid address {args.source!r}; give an IPv4 or IPv6 address", key="--from")
     # whether a user exists is not asked (nor the file read): the rules decide for a name
     guard = Guard.of(config, htpasswd=object() if config.auth.htpasswd else None)  # type: ignore[arg-type]
     try:
         route = guard.rules.table.route(args.repository.lower())
     except UnknownRegistry as exc:
-        print(f"docker-mirror: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{exc}; name a configured upstream (docker-mirror check-config lists them)",
+                          key="REPOSITORY") from None
     who = f"{identity}{f' from {args.source}' if args.source else ''} pulling {route.registry}/{route.repository}"
     if guard.certificate_required and identity.kind != CERTIFICATE:
         print(f"deny: tls.client_auth: required: a client certificate is required ({who})")
@@ -135,6 +141,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
                                                                  "cache_dir")}
     try:
         return cachectl.run(config, args.cache_command, **options)
+    except cachectl.NoCache as exc:
+        raise _user_error(args, config, "cache.dir", f"{exc}; give the server's cache directory "
+                                                     "(--cache-dir DIR, or cache.dir in --config FILE)") from None
     except cachectl.CommandError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1
@@ -150,9 +159,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 1
 
 
-def _cert_paths(config: Config):
+def _cert_paths(config: Config, args: argparse.Namespace):
     from dockermirror.service.certs import Paths
 
+    if getattr(args, "dir", None) is not None:
+        return Paths.under(args.dir)
     return Paths(config.tls.certificate, config.tls.key, config.tls.ca)
 
 
@@ -160,12 +171,15 @@ def cmd_cert(args: argparse.Namespace) -> int:
     from dockermirror.service import certs
 
     config = _load(args)
-    paths = _cert_paths(config)
+    paths = _cert_paths(config, args)
     try:
         if args.cert_command == "show":
             for label, path in (("server certificate", paths.certificate), ("CA", paths.ca)):
                 print(f"# {label}")
                 print("\n".join(certs.describe(path)))
+            print(f"# CA key: {paths.ca_key_in_use}" + ("" if paths.ca_key_in_use.exists() else " (missing)"))
+            if paths.ca_key_in_use == paths.legacy_ca_key:
+                print(f"# {certs.legacy_key_note(paths)}")
             return 0
         if args.cert_command in ("client", "revoke"):
             from dockermirror.service import clientcerts
@@ -176,31 +190,94 @@ def cmd_cert(args: argparse.Namespace) -> int:
                 done = clientcerts.revoke(paths, args.name, config.tls.crl)
             print("\n".join(done))
             return 0
-        names, ips = args.hostname or [], args.ip or []
-        if args.cert_command == "ensure":
-            if paths.certificate.exists() and paths.key.exists():
-                print(f"{paths.certificate} exists; nothing to do")
-                return 0
-            if not names and not ips:
-                names, ips = certs.default_names()
-        for line in certs.init(paths, names, ips, args.days):
-            print(line)
-        return 0
     except (certs.CertError, OSError) as exc:
-        message = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(f"docker-mirror: {message}", file=sys.stderr)
-        return 1
+        return _cert_failed(exc)
+    if args.cert_command == "ensure":
+        return _cert_ensure(args, config, paths)
+    try:
+        lines = _cert_init(args, config, paths)
+    except (certs.CertError, OSError) as exc:
+        return _cert_failed(exc)
+    print("\n".join(lines))
+    return 0
+
+
+def _cert_failed(exc: Exception) -> int:
+    from dockermirror.service.certs import UsageError
+
+    message = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+    print(f"docker-mirror: {message}", file=sys.stderr)
+    return 2 if isinstance(exc, UsageError) else 1
+
+
+def _cert_init(args: argparse.Namespace, config: Config, paths) -> list[str]:
+    """Make the CA if missing and a server certificate; the lines saying what was done."""
+    from dockermirror.service import certs
+
+    names, ips = args.hostname or [], args.ip or []
+    picked = None
+    if not names and not ips:
+        names, ips, picked = certs.default_names(config)
+    lines = certs.init(paths, names, ips, args.days)
+    if picked is not None:
+        lines.append(picked.note)
+    if args.dir is not None:
+        lines.append("to use these files, put this tls: section in the configuration "
+                     f"({config.source if config.source != '(defaults)' else '/etc/docker-mirror/config.yml'}):")
+        lines += paths.config_lines()
+    return lines
+
+
+def _cert_ensure(args: argparse.Namespace, config: Config, paths) -> int:
+    """``cert ensure`` (what the package scripts run): a certificate unless there is one,
+    and in every case what clients trust, how the service will speak, and the next commands."""
+    from dockermirror.service import certs
+
+    def say(*lines: str) -> None:
+        for line in lines:
+            print(f"docker-mirror: {line}")
+
+    serving = certs.serving_note(config.tls.enabled, config.source, paths, args.dir is not None)
+    next_lines = ["next: for the names clients use, docker-mirror cert init --hostname NAME (repeat for more), "
+                  "then systemctl reload docker-mirror",
+                  "next: docker-mirror client-setup prints what each client needs"]
+    if paths.certificate.exists() and paths.key.exists():
+        try:
+            names, until = certs.names_of(paths.certificate)
+        except certs.CertError as exc:
+            status = _cert_failed(exc)
+            effect = ("the service will not start with it" if config.tls.enabled != "off" and args.dir is None
+                      else "replace it before you use it")
+            say(f"TLS certificate {paths.certificate} exists already; nothing changed; but it is not usable, so "
+                f"{effect}", *next_lines)
+            return status
+        say(f"TLS certificate {paths.certificate} exists already (names: {', '.join(names) or 'none'}; "
+            f"valid until {until:%Y-%m-%d}); nothing changed")
+        say(certs.trust_note(paths), serving)
+        if paths.ca_key_in_use == paths.legacy_ca_key:
+            say(certs.legacy_key_note(paths))
+        say(*next_lines)
+        return 0
+    try:
+        lines = _cert_init(args, config, paths)
+    except (certs.CertError, OSError) as exc:
+        status = _cert_failed(exc)
+        say(f"no TLS certificate was made; {certs.no_certificate_note(config.tls.enabled, config.source, paths)}",
+            "next: docker-mirror cert init --hostname NAME (the name clients use), then "
+            "systemctl restart docker-mirror; docker-mirror client-setup prints what each client needs")
+        return status
+    say(*lines, certs.trust_note(paths), serving, *next_lines)
+    return 0
 
 
 def _client_target(wanted: str | None):
-    """(target, the line saying how it was picked), or None after saying --for is wrong."""
+    """(target, the line saying how it was picked); ConfigError if --for names none."""
     from dockermirror.service import clienttargets as targets
 
     if wanted is not None:
         if wanted not in targets.TARGETS:
-            print(f"docker-mirror: client-setup --for {wanted}: unknown; choose one of "
-                  f"{', '.join(targets.TARGETS)}", file=sys.stderr)
-            return None
+            raise ConfigError(f"unknown client system {wanted!r}; choose one of {', '.join(targets.TARGETS)}",
+                              key="--for")
         return targets.TARGETS[wanted], f"picked with --for {wanted}"
     try:
         fields = targets.parse_os_release(targets.OS_RELEASE.read_text(errors="replace"))
@@ -217,15 +294,17 @@ def _client_target(wanted: str | None):
 
 
 def cmd_client_setup(args: argparse.Namespace) -> int:
+    from dockermirror.service.certs import mirror_name
     from dockermirror.service.clientsetup import instructions
-    from dockermirror.service.server import public_hostname
 
-    picked = _client_target(args.target)
-    if picked is None:
-        return 2
-    target, how = picked
+    target, how = _client_target(args.target)
     config = _load(args)
-    host = args.host or f"{public_hostname(config)}:{config.listen_address[1]}"
+    if args.host:
+        host = args.host
+    else:   # the configured hostname:, else this host's FQDN, and the output says which
+        picked = mirror_name(config)
+        host = f"{picked.name}:{config.listen_address[1]}"
+        how += f"\n{picked.note}; or give --host NAME:PORT"
     tls = config.tls.active
     try:
         ca_pem = config.tls.ca.read_text() if tls else None
@@ -299,8 +378,27 @@ def _parsed(parse, what: str):
     return convert
 
 
+def _host_port(text: str) -> str:
+    """--host: HOST or HOST:PORT as clients write it in an image name (no scheme, no path)."""
+    host, _, port = text.rpartition(":")
+    if not host or "]" in port:     # no port: "mirror", "[::1]"
+        host, port = text, ""
+    if (not host or text.startswith(":") or "/" in text or any(c.isspace() for c in text) or "@" in text
+            or (port and not (port.isdigit() and 0 < int(port) < 65536))):
+        raise ValueError(f"{text!r} is not HOST:PORT; give the name and port clients use, e.g. "
+                         "mirror.example.com:5000 (no https://, no path)")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes in one line (``docker-mirror: <what>; <what to do>``, exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"docker-mirror: {message.removeprefix('argument ')}; see {self.prog} --help\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="docker-mirror", description="A pull-through cache for OCI registries.")
+    top = _Parser(prog="docker-mirror", description="A pull-through cache for OCI registries.")
     top.add_argument("--version", action="version", version=f"docker-mirror {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -371,12 +469,16 @@ def parser() -> argparse.ArgumentParser:
                        ("show", "print subject, names, issuer and expiry of the certificate and the CA")):
         sub = cert_commands.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, help=config_help)
+        sub.add_argument("--dir", type=Path, metavar="DIR",
+                         help="use DIR/ca.crt (its key in DIR/private/ca.key) and DIR/server/docker-mirror.crt, "
+                              ".key instead of the tls: paths (to try TLS outside /etc/pki)")
         sub.set_defaults(run=cmd_cert)
         if name != "show":
             sub.add_argument("--hostname", action="append", metavar="NAME",
-                             help="a DNS name for the certificate (repeat for more)"
-                                  + ("; default: this host's names and localhost" if name == "ensure" else ""))
-            sub.add_argument("--ip", action="append", metavar="ADDRESS", help="an IP address for it (repeat)")
+                             help="a DNS name for the certificate (repeat for more); default: the configured "
+                                  "hostname: (else this host's FQDN and short name), and localhost")
+            sub.add_argument("--ip", action="append", metavar="ADDRESS",
+                             help="an IP address for it (repeat); default with no --hostname: 127.0.0.1, ::1")
             sub.add_argument("--days", type=int, default=825, help="validity of the server certificate")
 
     client = cert_commands.add_parser("client", help="issue a client certificate signed by the CA (for "
@@ -396,7 +498,7 @@ def parser() -> argparse.ArgumentParser:
     setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
                                                      "here (for every upstream)")
     setup.add_argument("--config", type=Path, help=config_help)
-    setup.add_argument("--host", metavar="HOST:PORT", help="how clients reach the mirror (default: hostname and port)")
+    setup.add_argument("--host", metavar="HOST:PORT", type=_parsed(_host_port, "HOST:PORT"), help="how clients reach the mirror (default: hostname and port)")
     setup.add_argument("--for", dest="target", metavar="el7|el8|el9|debian",
                        help="the client system (default: this one, from /etc/os-release)")
     setup.set_defaults(run=cmd_client_setup)
@@ -420,12 +522,49 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+EXIT_USAGE = 2       # a user's mistake: one line on stderr, ``docker-mirror: <flag or key>: ...``
+EXIT_BUG = 70        # EX_SOFTWARE: an exception nobody expected; its traceback is shown
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The one edge where exceptions leave the commands: a user's mistake (:class:`ConfigError`,
+    raised by the configuration, the flags and the commands) is one line and exit status 2;
+    anything else is a bug, shown in full (on stderr, or to the log once ``serve`` set it up:
+    the journal then has it at priority crit) and ends with a line that says it is one."""
     args = parser().parse_args(argv)
     try:
         return args.run(args)
     except ConfigError as exc:
-        print(f"docker-mirror: configuration error: {exc}", file=sys.stderr)
-        return 2
+        _say(f"docker-mirror: {_one_line(str(exc))}", priority=3)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:     # `docker-mirror client-setup | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        import logging
+        import traceback
+
+        line = (f"docker-mirror: bug: {type(exc).__name__} in {args.command}: {_one_line(str(exc))}; "
+                f"this is not your mistake: please report it with the lines above (docker-mirror {__version__})")
+        if logging.getLogger().handlers:     # serve's logging (journal or stderr)
+            logging.getLogger("dockermirror").critical("%s", line.removeprefix("docker-mirror: "), exc_info=True)
+        else:
+            traceback.print_exc()
+            _say(line, priority=2)
+        return EXIT_BUG
+
+
+def _say(line: str, priority: int) -> None:
+    """A line on stderr; when stderr is the journal (the service), with its syslog priority, so
+    that ``journalctl -p warning`` shows why the service does not start."""
+    from dockermirror.service.logs import stderr_is_journal
+
+    print(f"<{priority}>{line}" if stderr_is_journal() else line, file=sys.stderr)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())

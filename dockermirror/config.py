@@ -141,7 +141,8 @@ def parse_listen(value: Any) -> str:
 def split_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"invalid listen address {text!r} (use HOST:PORT, e.g. 0.0.0.0:5000 or [::]:5000)")
+        raise ValueError(f"invalid listen address {text!r}; use HOST:PORT with a port from 1 to 65535, "
+                         "e.g. 0.0.0.0:5000 or [::]:5000")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
@@ -157,13 +158,13 @@ def parse_url(value: Any) -> str:
                          "(or password_file)")
     parts = urlsplit(text)
     if "://" not in text:
-        raise ValueError(f"URL {text!r} has no scheme: write https://{text} (or http:// for a plain-HTTP registry)")
+        raise ValueError(f"URL {text!r} has no scheme; write https://{text} (or http:// for a plain-HTTP registry)")
     try:
         port = parts.port
     except ValueError:
         raise ValueError(f"invalid port in URL {text!r} (1 to 65535)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
-        raise ValueError(f"invalid URL {text!r} (use e.g. https://registry-1.docker.io)")
+        raise ValueError(f"invalid URL {text!r}; use an https:// (or http://) URL, e.g. https://registry-1.docker.io")
     if parts.query or parts.fragment:
         raise ValueError(f"URL {text!r} must not have a query or fragment")
     return text.rstrip("/")
@@ -171,7 +172,7 @@ def parse_url(value: Any) -> str:
 
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {value!r}")
+        raise ValueError(f"expected a non-empty string, got {value!r}; give a value, or leave it out for its default")
     return value
 
 
@@ -229,7 +230,7 @@ class TLSConfig:
     enabled: str = _setting("auto", parse_switch)
     certificate: Path = _setting(Path("/etc/pki/tls/certs/docker-mirror.crt"), _path)
     key: Path = _setting(Path("/etc/pki/tls/private/docker-mirror.key"), _path)
-    # the CA clients should trust (docker-mirror cert init keeps ca.key beside it)
+    # the CA clients should trust (docker-mirror cert init keeps its key in private/ca.key beside it)
     ca: Path = _setting(Path("/etc/pki/docker-mirror/ca.crt"), _path)
     # client certificates (mTLS): none (not asked for), optional (verified when given),
     # required (a connection without a valid one fails in the handshake)
@@ -519,7 +520,10 @@ def load(path: Path | str | None = None) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read configuration: {exc.strerror}", source=str(path)) from None
+        hint = ("give an existing file (the packages install /etc/docker-mirror/config.yml), or leave out "
+                "--config for the embedded defaults" if isinstance(exc, FileNotFoundError)
+                else "give a readable YAML file (the packages install /etc/docker-mirror/config.yml)")
+        raise ConfigError(f"cannot read configuration: {exc.strerror}; {hint}", source=str(path)) from None
     except UnicodeDecodeError:
         raise ConfigError("configuration is not UTF-8 text", source=str(path)) from None
     return loads(text, source=str(path))
@@ -532,7 +536,8 @@ def loads(text: str, source: str = "<string>") -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML: {problem}", source=source,
+        raise ConfigError(f"invalid YAML: {problem}; fix the file at that line (indentation, a missing "
+                          "quote, bracket or colon; the shipped config.yml shows each key)", source=source,
                           line=mark.line + 1 if mark else None) from None
     finally:
         loader.dispose()

@@ -389,8 +389,8 @@ class Mirror:
                                            upstream_status=getattr(error, "upstream_status", None))
         except Unavailable:
             raise error from None
-        log.warning("upstream failed for %s:%s (%s); serving the cached tag (digest %s, checked %s)",
-                    repo, tag, error, row.digest, humanize.age(self.clock() - row.checked) + " ago")
+        log.info("upstream failed for %s:%s (%s); serving the cached tag (digest %s, checked %s)",
+                 repo, tag, error, row.digest, humanize.age(self.clock() - row.checked) + " ago")
         return served
 
     async def _from_cache(self, repo: Repo, entry: Entry, *, head: bool, cache: str,
@@ -490,8 +490,8 @@ class Mirror:
         if error.status >= 500 or error.status == 429:
             known = self.cache.tags_of(repo.upstream.key, repo.name)
             if known:
-                log.warning("upstream failed for the tag list of %s (%s); listing the %d cached tag(s)",
-                            repo, error, len(known))
+                log.info("upstream failed for the tag list of %s (%s); listing the %d cached tag(s)",
+                         repo, error, len(known))
                 return {"name": repo.name, "tags": known}, STALE
         raise error
 
@@ -544,7 +544,7 @@ class Mirror:
         if "link" in reply.headers:
             # the next page's query would not be forwarded (and a cached first page would answer it):
             # clients get the first page, which is all that registries send today
-            log.warning("the upstream paginates the referrers of %s@%s; serving only the first page", repo, subject)
+            log.info("the upstream paginates the referrers of %s@%s; serving only the first page", repo, subject)
         filtered = artifact_type is not None and "artifacttype" in _filters_applied(reply)
         digest = Digest.of(reply.body)
         stored = self.cache.entry(digest) is not None or await self.cache.put_manifest(
@@ -580,9 +580,9 @@ class Mirror:
         if served is None:
             raise error
         self.cache.touch_referrers(row.upstream, row.repository, row.subject, row.artifact_type)
-        log.warning("upstream failed for the referrers of %s@%s%s (%s); serving the cached answer (checked %s)",
-                    repo, row.subject, f" (artifactType {row.artifact_type})" if row.artifact_type else "", error,
-                    humanize.age(self.clock() - row.checked) + " ago")
+        log.info("upstream failed for the referrers of %s@%s%s (%s); serving the cached answer (checked %s)",
+                 repo, row.subject, f" (artifactType {row.artifact_type})" if row.artifact_type else "", error,
+                 humanize.age(self.clock() - row.checked) + " ago")
         return served
 
     # --- content shared across repositories

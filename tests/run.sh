@@ -30,6 +30,12 @@ if [ -z "$fast" ]; then
     # prometheus and promtool from Debian's package, unpacked, not installed: the package would
     # start a prometheus.service listening on every address of the machine
     tests/apt-ensure.sh --unpack "${DM_TEST_CACHE:-/var/cache/docker-mirror-tests}/prometheus" prometheus
+    # firewalld's own code reads the packaged service file (tests/support/firewalld.py): unpacked, not
+    # installed (the package would start firewalld and load its rules); it runs on Debian's python3
+    tests/apt-ensure.sh python3-gi python3-dbus gir1.2-glib-2.0
+    for p in firewalld python3-firewall python3-nftables; do
+        tests/apt-ensure.sh --unpack "${DM_TEST_CACHE:-/var/cache/docker-mirror-tests}/firewalld/$p" "$p"
+    done
 fi
 
 # Debian's python3, in a virtualenv of the clone, with the pinned versions

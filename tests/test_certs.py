@@ -3,6 +3,7 @@ says about a certificate at start."""
 
 from __future__ import annotations
 
+import shutil
 import stat
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from tests.support.certs import make_pki
+from tests.support.clients import skopeo
 from tests.support.procs import free_port
 from tests.support.sandbox import Sandbox
 
@@ -35,11 +37,13 @@ def test_init_makes_a_chain_that_verifies(tmp_path: Path, tls_config: Path):
     result = cli("cert", "init", "--config", str(tls_config), "--hostname", "mirror.example.org",
                  "--hostname", "mirror", "--ip", "10.1.2.3")
     assert result.returncode == 0, result.stderr
-    ca, ca_key = tmp_path / "ca" / "ca.crt", tmp_path / "ca" / "ca.key"
+    ca, ca_key = tmp_path / "ca" / "ca.crt", tmp_path / "ca" / "private" / "ca.key"
     cert, key = tmp_path / "certs" / "server.crt", tmp_path / "private" / "server.key"
     verified = subprocess.run(["openssl", "verify", "-CAfile", str(ca), str(cert)], capture_output=True, text=True)
     assert verified.returncode == 0 and verified.stdout.strip() == f"{cert}: OK"
     assert stat.S_IMODE(ca_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(ca_key.parent.stat().st_mode) == 0o700
+    assert sorted(p.name for p in ca.parent.iterdir()) == ["ca.crt", "private"]   # no *.key for certs.d
     assert stat.S_IMODE(ca.stat().st_mode) == 0o644
     assert stat.S_IMODE(key.stat().st_mode) in (0o600, 0o640)   # 0640 with the docker-mirror group
     text = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-text"], capture_output=True,
@@ -68,12 +72,15 @@ def test_ensure_only_acts_when_nothing_is_there(tmp_path: Path, tls_config: Path
                     hosts="127.0.0.1\tlocalhost\n127.0.1.1\tdm-test-box.example.test dm-test-box\n")
     first = names.run([sys.executable, "-m", "dockermirror", "cert", "ensure", "--config", str(tls_config)],
                       capture_output=True, text=True, timeout=60)
-    assert first.returncode == 0 and "created CA" in first.stdout and "issued" in first.stdout, first.stderr
+    assert first.returncode == 0 and "created a private CA" in first.stdout and "issued" in first.stdout, \
+        first.stderr
     assert " for dm-test-box.example.test, dm-test-box, localhost, 127.0.0.1, ::1 (serial " in first.stdout
+    assert (f"docker-mirror: name: dm-test-box.example.test (this host's FQDN: hostname: is not set in {tls_config}; "
+            "set it to the name clients use)") in first.stdout
     cert = tmp_path / "certs" / "server.crt"
     before = cert.read_bytes()
     again = cli("cert", "ensure", "--config", str(tls_config))
-    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert again.returncode == 0 and f"TLS certificate {cert} exists already" in again.stdout
     assert cert.read_bytes() == before
 
 
@@ -139,3 +146,81 @@ def test_certificate_checks_at_start(tmp_path: Path, case: str, outcome: str):
         if proc.poll() is None:
             proc.terminate()
             proc.wait(15)
+
+
+def listing(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every file and directory under root: mode and content."""
+    return {str(path.relative_to(root)): (path.lstat().st_mode, path.read_bytes() if path.is_file() else None)
+            for path in sorted(root.rglob("*"))}
+
+
+def in_mount_namespace(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``script`` (sh, with "$@" = args) in a mount namespace of its own: its mounts vanish with it."""
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-euc", script, "sh", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_init_on_a_read_only_key_directory_leaves_no_ca(tmp_path: Path, tls_config: Path):
+    # the CA's directory is writable; the server key's is a read-only mount (also for root)
+    (tmp_path / "private").mkdir()
+    before = listing(tmp_path)
+    result = in_mount_namespace('mount --bind "$1" "$1"; mount -o remount,bind,ro "$1"; shift; exec "$@"',
+                                str(tmp_path / "private"), sys.executable, "-m", "dockermirror", "cert", "init",
+                                "--config", str(tls_config), "--hostname", "mirror.example.org")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"docker-mirror: {tmp_path}/private/server.key: Read-only file system: "
+                             "nothing was changed\n")
+    assert listing(tmp_path) == before
+
+
+def test_init_on_a_full_disk_keeps_the_old_ca_certificate_and_key(tmp_path: Path, tls_config: Path):
+    assert cli("cert", "init", "--config", str(tls_config), "--hostname", "old.example.org").returncode == 0
+    certs_dir = tmp_path / "certs"
+    old = (certs_dir / "server.crt").read_bytes()
+    before = listing(tmp_path)
+    # the certificate's directory becomes a full file system (one page, which the old certificate
+    # fills): the new CA-signed key is written, the new certificate cannot be
+    script = """
+        dir=$1; shift
+        old=$(cat "$dir/server.crt")
+        mount -t tmpfs -o size=4k,mode=0755 full "$dir"
+        printf '%s\\n' "$old" > "$dir/server.crt"
+        status=0; "$@" || status=$?
+        echo "status $status"
+        ls -A "$dir"
+        cat "$dir/server.crt"
+    """
+    result = in_mount_namespace(script, str(certs_dir), sys.executable, "-m", "dockermirror", "cert", "init",
+                                "--config", str(tls_config), "--hostname", "new.example.org")
+    assert result.stderr == (f"docker-mirror: {certs_dir}/server.crt: No space left on device: "
+                             "nothing was changed\n")
+    status, listed, certificate = result.stdout.split("\n", 2)
+    assert (status, listed) == ("status 1", "server.crt")    # no temporary file left on the full disk
+    assert certificate.encode() == old                         # the old certificate, byte for byte
+    assert listing(tmp_path) == before          # the old key, CA and CA key as they were
+
+
+def test_a_client_cert_dir_with_ca_key_fails_and_a_copy_of_the_new_ca_directory_works(
+        tmp_path: Path, make_mirror, upstream):
+    """Why the CA key moved to private/: skopeo (containers/image, as podman and dockerd's
+    certs.d) takes every *.key in a cert directory for half of a client key pair."""
+    config = tmp_path / "admin.yml"
+    tls = {"certificate": str(tmp_path / "server.crt"), "key": str(tmp_path / "server.key"),
+           "ca": str(tmp_path / "ca" / "ca.crt")}
+    config.write_text(yaml.safe_dump({"tls": tls}))
+    assert cli("cert", "init", "--config", str(config), "--hostname", "localhost", "--ip", "127.0.0.1").returncode == 0
+    mirror = make_mirror(tls={"enabled": True, **tls})
+    seeded = upstream.seeded["busybox"]
+    source = f"docker://{mirror.address}/{seeded.repo}:{seeded.tag}"
+
+    copied = tmp_path / "copied"
+    shutil.copytree(tmp_path / "ca", copied)                    # the CA directory as it is now
+    assert skopeo("inspect", "--raw", "--cert-dir", str(copied), source, parent=tmp_path).stdout.startswith("{")
+
+    old_layout = tmp_path / "old-layout"                        # as it was: ca.key beside ca.crt
+    old_layout.mkdir()
+    shutil.copy(tmp_path / "ca" / "ca.crt", old_layout)
+    shutil.copy(tmp_path / "ca" / "private" / "ca.key", old_layout)
+    with pytest.raises(AssertionError) as failed:
+        skopeo("inspect", "--raw", "--cert-dir", str(old_layout), source, parent=tmp_path)
+    assert "missing client certificate ca.cert for key ca.key" in str(failed.value)

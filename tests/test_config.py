@@ -123,7 +123,7 @@ def test_errors_name_file_line_and_key(tmp_path, yaml_text, line, key, words):
     served = cli("serve", "--config", str(path), "--cache-dir", str(tmp_path / "cache"))
     for result in (checked, served):
         assert result.returncode == 2
-        assert result.stderr.strip() == f"docker-mirror: configuration error: {error}"
+        assert result.stderr.strip() == f"docker-mirror: {error}"
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "cache").exists()  # refused before touching anything
 

@@ -86,9 +86,17 @@ def active(container: Container) -> str:
 def test_deb_install_reload_upgrade_remove(packages, upstream: Upstream, tmp_path: Path):
     with install_host("dm-deb", tmp_path, upstream) as (c, address):
         config_before = c.read("/etc/docker-mirror/config.yml")
-        c.run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
-              f"/dist/{packages['deb'].name}", timeout=600)
+        installed = c.run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
+                          f"/dist/{packages['deb'].name}", timeout=600).stdout
         assert active(c) == "active"                          # Debian starts what it installs
+        # the certificate step says what it made (the preseeded hostname: localhost) and what next
+        for said in ("docker-mirror: created a private CA: /etc/pki/docker-mirror/ca.crt (its key "
+                     "/etc/pki/docker-mirror/private/ca.key, mode 0600)",
+                     "docker-mirror: issued /etc/pki/tls/certs/docker-mirror.crt for localhost, 127.0.0.1, ::1 ",
+                     "docker-mirror: name: localhost (hostname: in /etc/docker-mirror/config.yml)",
+                     "docker-mirror: clients trust the CA /etc/pki/docker-mirror/ca.crt",
+                     "docker-mirror: next: for the names clients use, docker-mirror cert init --hostname NAME"):
+            assert said in installed, said
         assert c.run("systemctl", "is-enabled", "docker-mirror").stdout.strip() == "enabled"
         assert c.run("stat", "-c", "%U:%G %a", "/etc/pki/tls/private/docker-mirror.key").stdout.strip() == \
             "root:docker-mirror 640"
@@ -109,7 +117,9 @@ def test_deb_install_reload_upgrade_remove(packages, upstream: Upstream, tmp_pat
         blobs_before = c.run("find", "/var/cache/docker-mirror/blobs", "-type", "f").stdout.split()
         assert blobs_before
         pid = c.show("docker-mirror", "MainPID")
-        c.run("apt-get", "install", "-y", "-q", f"/dist/{packages['upgrade'].name}", timeout=600)
+        upgraded = c.run("apt-get", "install", "-y", "-q", f"/dist/{packages['upgrade'].name}", timeout=600).stdout
+        assert ("docker-mirror: TLS certificate /etc/pki/tls/certs/docker-mirror.crt exists already (names: "
+                "localhost, 127.0.0.1, ::1; valid until ") in upgraded
         assert UPGRADE in c.run("dpkg-query", "-W", "-f", "${Version}", "docker-mirror").stdout
         assert c.read("/etc/docker-mirror/config.yml") == config_before      # the admin's config stays
         assert c.run("find", "/var/cache/docker-mirror/blobs", "-type", "f").stdout.split() == blobs_before
@@ -150,6 +160,8 @@ def test_rpm_install_creates_user_certificate_and_enabled_service(packages, upst
     with install_host("dm-rpm", tmp_path, upstream) as (c, address):
         out = c.run("rpm", "-i", "--nodeps", "--force-debian", f"/dist/{packages['rpm'].name}", timeout=600)
         assert "error" not in out.stderr.lower(), out.stderr
+        assert "docker-mirror: issued /etc/pki/tls/certs/docker-mirror.crt for localhost, 127.0.0.1, ::1 " in out.stdout
+        assert "docker-mirror: clients trust the CA /etc/pki/docker-mirror/ca.crt" in out.stdout
         assert c.run("getent", "passwd", "docker-mirror").stdout.split(":")[6].strip() == "/sbin/nologin"
         assert c.run("test", "-f", "/etc/pki/tls/certs/docker-mirror.crt").returncode == 0
         assert c.run("test", "-f", "/etc/docker-mirror/config.yml.rpmnew").returncode == 0   # ours kept
@@ -190,3 +202,89 @@ def test_packages_ship_the_dashboard_and_the_alert_rules(packages):
             content, mode = packaged_file(packages[flavour], path)
             assert content == source.read_bytes(), f"{packages[flavour].name}: {path}"
             assert mode == 0o644, f"{packages[flavour].name}: {path} {mode:o}"
+
+
+# --- issue 13: the pinned EL7 interpreter, the firewalld service, the SELinux relabelling ---------
+
+import hashlib  # noqa: E402  (this section is appended; its imports stay with it)
+
+from tests.support.firewalld import OfflineFirewalld  # noqa: E402
+
+FIREWALLD_SERVICE = "/usr/lib/firewalld/services/docker-mirror.xml"
+
+
+def test_rpm_el7_takes_the_pinned_download_by_checksum(packages, tmp_path: Path):
+    """`make python-tarball` with the stand-in as the download (file://) and its real checksum keeps
+    it; `make rpm-el7` with a wrong checksum stops before building: no RPM, no file left."""
+    digest = hashlib.sha256(STANDIN.read_bytes()).hexdigest()
+    layout = [f"BUILD={tmp_path / 'build'}", f"DIST={tmp_path / 'dist'}", f"PYTHON_URL=file://{STANDIN}"]
+    kept = subprocess.run(["make", "-C", str(REPO), "python-tarball", *layout, f"PYTHON_SHA256={digest}"],
+                          capture_output=True, text=True, timeout=600)
+    assert kept.returncode == 0, kept.stderr
+    assert (tmp_path / "build/python" / STANDIN.name).read_bytes() == STANDIN.read_bytes()
+    (tmp_path / "build/python" / STANDIN.name).unlink()
+    wrong = digest[::-1]
+    refused = subprocess.run(["make", "-C", str(REPO), "rpm-el7", *layout, f"PYTHON_SHA256={wrong}",
+                              "ALLOW_NEWER_GLIBC_PYTHON=1"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2
+    assert f"SHA-256 is {digest}, expected {wrong} (PYTHON_SHA256); refusing the download" in refused.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]               # no RPM, no partial download
+
+
+def test_packages_ship_the_firewalld_service(packages, tmp_path: Path):
+    source = REPO / "etc/firewalld/docker-mirror.xml"
+    for flavour in ("deb", "rpm", "rpm-el7"):
+        content, mode = packaged_file(packages[flavour], FIREWALLD_SERVICE)
+        assert content == source.read_bytes(), f"{packages[flavour].name}: {FIREWALLD_SERVICE}"
+        assert mode == 0o644, f"{packages[flavour].name}: {FIREWALLD_SERVICE} {mode:o}"
+    for flavour in ("rpm", "rpm-el7"):                                        # who owns the directory
+        assert "firewalld-filesystem" in rpm_query(packages[flavour], "--requires").splitlines()
+    # firewalld reads the packaged file: the default listen port (tests/test_firewalld.py: and more)
+    firewalld = OfflineFirewalld(tmp_path)
+    firewalld.add_service_file("docker-mirror", packaged_file(packages["deb"], FIREWALLD_SERVICE)[0])
+    assert firewalld.service_ports("docker-mirror") == ["5000/tcp"]
+
+
+def selinux_block(package: Path) -> str:
+    """The SELinux part of the RPM's %post, as rpm -qp --scripts shows it (the rest starts services
+    and writes certificates: not run here)."""
+    scripts = rpm_query(package, "--scripts")
+    post = scripts.split("postinstall scriptlet (using /bin/sh):\n", 1)[1].split(" scriptlet (using", 1)[0]
+    post = post.rsplit("\n", 1)[0]                                            # the next scriptlet's name
+    check = subprocess.run(["sh", "-n"], input=post, capture_output=True, text=True)
+    assert check.returncode == 0, f"{package.name} %post: {check.stderr}"
+    lines = post.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("if command -v selinuxenabled"))
+    end = next(i for i in range(start, len(lines)) if lines[i] == "fi")
+    return "\n".join(lines[start:end + 1]) + "\n"
+
+
+def test_rpm_post_restores_selinux_labels_only_where_selinux_is_on(packages, tmp_path: Path):
+    """The guarded restorecon of %post, run with stand-ins for selinuxenabled and restorecon:
+    what it relabels on an install and an upgrade, and that it does nothing (and never fails)
+    where SELinux is off, the tools are missing, or restorecon fails."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    calls = tmp_path / "restorecon.calls"
+    (tools / "selinuxenabled").write_text('#!/bin/sh\nexit "$SELINUX"\n')
+    (tools / "restorecon").write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexit "$RESTORECON"\n')
+    for tool in tools.iterdir():
+        tool.chmod(0o755)
+    everything = ("-R -i /etc/docker-mirror /etc/pki/docker-mirror /etc/pki/tls/certs/docker-mirror.crt "
+                  "/etc/pki/tls/private/docker-mirror.key /var/lib/docker-mirror")
+    cache = "-R -i /var/cache/docker-mirror"
+    for flavour in ("rpm", "rpm-el7"):
+        block = selinux_block(packages[flavour])
+
+        def post(argument: int, selinux: int = 0, restorecon: int = 0, path: Path = tools) -> list[str]:
+            calls.unlink(missing_ok=True)
+            result = subprocess.run(["/bin/sh", "-c", block, "post", str(argument)], capture_output=True, text=True,
+                                    env={"PATH": str(path), "SELINUX": str(selinux), "RESTORECON": str(restorecon)})
+            assert result.returncode == 0, f"{flavour}: {result.stderr}"    # never fails the install
+            return calls.read_text().splitlines() if calls.exists() else []
+
+        assert post(1) == [everything, cache], flavour                          # first install
+        assert post(2) == [everything], flavour                                  # upgrade: not the whole cache
+        assert post(1, selinux=1) == [], flavour                                 # SELinux disabled
+        assert post(1, restorecon=1) == [everything, cache], flavour             # restorecon failing
+        assert post(1, path=tmp_path / "empty") == [], flavour                   # no SELinux tools at all

@@ -73,3 +73,29 @@ def test_sighup_while_starting_is_applied_once_ready(tmp_path, notify, upstream:
     finally:
         mirror.stop()
     assert mirror.proc.returncode in (0, -signal.SIGTERM)
+
+
+def test_a_restart_stays_pending_over_reloads_until_the_file_is_changed_back(make_mirror, upstream: Upstream):
+    """listen changed: every reload says a restart is needed (compared with where the server
+    listens, not with the previous file); changed back: it says no restart is needed any more."""
+    mirror = make_mirror(upstream.url)
+    running = yaml.safe_load(mirror.config_path.read_text())
+    moved = {**running, "listen": "127.0.0.1:1"}
+
+    def reload(config: dict) -> str:
+        mirror.config_path.write_text(yaml.safe_dump(config))
+        before = mirror.log_text()
+        mirror.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: mirror.log_text().count("reloaded ") > before.count("reloaded "), 30, what="the reload")
+        [line] = [line for line in mirror.log_text()[len(before):].splitlines() if "reloaded " in line]
+        return line
+
+    pending = (f"WARNING dockermirror: reloaded {mirror.config_path}; restart to apply: "
+               f"listen (running {running['listen']}, configured 127.0.0.1:1)")
+    assert reload(moved).endswith(pending)
+    assert reload(moved).endswith(pending)              # the second reload has not forgotten
+    assert reload(running).endswith(f"INFO dockermirror: reloaded {mirror.config_path}; no restart needed any "
+                                    "more: the file is back to what the server runs with")
+    assert reload(running).endswith(f"INFO dockermirror: reloaded {mirror.config_path}")
+    with mirror.client() as client:                     # still serving where it listened from the start
+        assert client.get("/v2/").status_code == 200

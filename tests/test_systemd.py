@@ -168,7 +168,8 @@ def test_enable_now_gives_an_active_tls_mirror(booted: Container, upstream: Upst
     assert (dest / "manifest.json").exists()
     key_mode = booted.run("stat", "-c", "%U:%G %a", "/etc/pki/tls/private/docker-mirror.key").stdout.strip()
     assert key_mode == "root:docker-mirror 640"
-    assert booted.run("stat", "-c", "%U %a", "/etc/pki/docker-mirror/ca.key").stdout.strip() == "root 600"
+    assert booted.run("stat", "-c", "%U %a", "/etc/pki/docker-mirror/private/ca.key").stdout.strip() == "root 600"
+    assert booted.run("stat", "-c", "%U %a", "/etc/pki/docker-mirror/private").stdout.strip() == "root 700"
 
 
 def test_journal_has_request_lines_at_the_right_priority(booted: Container, upstream: Upstream):

@@ -384,7 +384,8 @@ class Transfer:
             try:
                 await asyncio.wait_for(moved.wait(), SLOW_READER)
             except TimeoutError:
-                log.warning("a reader of %s fell %d bytes behind; dropping what it has not read",
+                # a slow client's doing: info, never a warning (see the README's "Logs")
+                log.info("a reader of %s fell %d bytes behind; dropping what it has not read",
                             self.digest, self._tail_bytes)
                 _, data = self._tail.popleft()
                 self._tail_bytes -= len(data)

@@ -2,13 +2,20 @@
 
 Files (EL conventions; all paths come from the tls: section of the configuration):
 
-    /etc/pki/docker-mirror/ca.crt            the CA clients trust (0644)
-    /etc/pki/docker-mirror/ca.key            its key (0600, root)
-    /etc/pki/tls/certs/docker-mirror.crt     server certificate + CA (0644)
-    /etc/pki/tls/private/docker-mirror.key   server key (0640, group docker-mirror)
+    /etc/pki/docker-mirror/ca.crt             the CA clients trust (0644)
+    /etc/pki/docker-mirror/private/ca.key     its key (0600, in a 0700 directory, root)
+    /etc/pki/tls/certs/docker-mirror.crt      server certificate + CA (0644)
+    /etc/pki/tls/private/docker-mirror.key    server key (0640, group docker-mirror)
 
-Files are written to a temporary name and renamed, so a server reloading at the same
-moment never reads half a file.
+The CA key lives in private/ so that a copy of the CA directory used as a client's
+certs.d/<host>/ or --cert-dir holds no *.key (podman, skopeo and dockerd take a *.key there
+for half of a client key pair and refuse the directory). A CA key of an older install beside
+ca.crt (ca.key) is still read; ``cert init`` moves it to private/.
+
+``init`` is all or nothing: every file is first written to a temporary name beside its
+target, and only when all of them are written are they renamed into place; a failure
+before that removes the temporary files and any directory it made. A server reloading at
+the same moment never reads half a file.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import datetime
 import grp
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,13 +37,22 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dockermirror.service.tls import sans
 
+if TYPE_CHECKING:
+    from dockermirror.config import Config
+
 SERVICE_GROUP = "docker-mirror"
 CA_DAYS = 3650
 SERVER_DAYS = 825
+LOOPBACK = ["127.0.0.1", "::1"]
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 class CertError(Exception):
     """A certificate operation failed; the message names the file."""
+
+
+class UsageError(CertError):
+    """A flag or configuration key has a value no certificate can be made with (exit status 2)."""
 
 
 @dataclass
@@ -45,28 +63,208 @@ class Paths:
 
     @property
     def ca_key(self) -> Path:
+        """Where the CA key belongs: private/ca.key beside the CA."""
+        return self.ca.parent / "private" / "ca.key"
+
+    @property
+    def legacy_ca_key(self) -> Path:
+        """Where installs before private/ kept it: ca.key beside the CA."""
         return self.ca.with_name("ca.key")
 
+    @property
+    def ca_key_in_use(self) -> Path:
+        """The CA key that is read: private/ca.key, or else an older install's ca.key."""
+        if not self.ca_key.exists() and self.legacy_ca_key.exists():
+            return self.legacy_ca_key
+        return self.ca_key
 
-def default_names() -> tuple[list[str], list[str]]:
-    """Names for a certificate nobody asked names for: this host's, and loopback."""
-    names = [socket.getfqdn(), socket.gethostname(), "localhost"]
-    return list(dict.fromkeys(n for n in names if n)), ["127.0.0.1", "::1"]
+    @classmethod
+    def under(cls, directory: Path) -> Paths:
+        """``cert init --dir DIR``: the CA in DIR (its key in DIR/private), the server pair in DIR/server."""
+        directory = directory.absolute()
+        return cls(directory / "server" / "docker-mirror.crt", directory / "server" / "docker-mirror.key",
+                   directory / "ca.crt")
+
+    def config_lines(self) -> list[str]:
+        """The tls: section that makes the server use these files."""
+        return ["tls:", f"  certificate: {self.certificate}", f"  key: {self.key}", f"  ca: {self.ca}"]
+
+
+@dataclass(frozen=True)
+class MirrorName:
+    """The name clients use to reach the mirror, and where it came from."""
+    name: str
+    configured: bool     # from the top-level hostname: key; False: this host's FQDN
+    note: str            # one line saying which, for the command's output
+
+
+def mirror_name(config: Config) -> MirrorName:
+    """The configured ``hostname:``, or else this host's FQDN (and a note saying so)."""
+    if config.hostname:
+        return MirrorName(config.hostname, True, f"name: {config.hostname} (hostname: in {config.source})")
+    fqdn = socket.getfqdn()
+    return MirrorName(fqdn, False, f"name: {fqdn} (this host's FQDN: hostname: is not set in {config.source}; "
+                                   "set it to the name clients use)")
+
+
+def check_dns_name(name: str, what: str) -> str:
+    """A DNS name for a certificate (a leading *. allowed), or UsageError naming ``what``."""
+    if _is_ip(name):
+        raise UsageError(f"{what}: {name} is an IP address; give it with --ip {name}")
+    labels = name.rstrip(".").split(".")
+    if labels[0] == "*" and len(labels) > 2:
+        labels = labels[1:]
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise UsageError(f"{what}: {name!r} is not a DNS name (letters, digits and -, in labels separated "
+                         "by dots); give the name clients use")
+    return name.rstrip(".").lower()
+
+
+def check_ips(ips: list[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        return [ipaddress.ip_address(ip) for ip in ips]
+    except ValueError:
+        bad = next(ip for ip in ips if not _is_ip(ip))
+        raise UsageError(f"--ip: {bad!r} is not an IP address; give one such as 10.1.2.3 or fd00::5") from None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def default_names(config: Config) -> tuple[list[str], list[str], MirrorName]:
+    """Names for a certificate nobody gave names for: the mirror's name (the configured
+    hostname:, else this host's FQDN and short name), localhost and the loopback addresses.
+    A configured hostname: that is an IP address goes with the addresses."""
+    picked = mirror_name(config)
+    if picked.configured:
+        if _is_ip(picked.name):
+            return ["localhost"], [str(ipaddress.ip_address(picked.name)), *LOOPBACK], picked
+        check_dns_name(picked.name, f"{config.source}: hostname")
+        candidates = [picked.name, "localhost"]
+    else:
+        candidates = [picked.name, socket.gethostname(), "localhost"]
+    names = []
+    for name in candidates:
+        try:
+            names.append(check_dns_name(name, "name"))
+        except UsageError:
+            continue    # a host name no certificate can hold (e.g. with _): leave it out
+    return list(dict.fromkeys(names)), list(LOOPBACK), picked
+
+
+class _Staged:
+    """Files written beside their targets under temporary names, renamed into place together."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[Path, Path]] = []      # (temporary, target)
+        self.made_dirs: list[Path] = []
+        self.remove: list[Path] = []                 # renamed away when everything else is in place
+
+    def mkdir(self, path: Path, mode: int) -> None:
+        missing = []
+        for parent in (path, *path.parents):
+            if parent.exists():
+                break
+            missing.append(parent)
+        for directory in reversed(missing):
+            try:
+                directory.mkdir(mode=mode if directory == path else 0o755)
+            except FileExistsError:
+                continue
+            self.made_dirs.append(directory)
+            os.chmod(directory, mode if directory == path else 0o755)
+
+    def write(self, path: Path, data: bytes, mode: int, group: int | None = None, dir_mode: int = 0o755) -> None:
+        """Write ``path``'s temporary file; an OSError names ``path`` (the file that could not be made)."""
+        try:
+            self.mkdir(path.parent, dir_mode)
+            temp = path.with_name(f".{path.name}.new")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+            self.files.append((temp, path))
+            try:
+                os.fchmod(fd, mode)
+                if group is not None:
+                    os.fchown(fd, -1, group)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+    def abort(self) -> None:
+        for temp, _ in self.files:
+            try:
+                temp.unlink()
+            except OSError:
+                pass
+        for directory in reversed(self.made_dirs):
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
+    def commit(self) -> None:
+        """Rename every file into place; if a rename fails, put back what was there."""
+        done: list[tuple[Path, Path | None]] = []     # (target, a link to the file it replaced, or None)
+        try:
+            for temp, path in self.files:
+                backup = None
+                if path.exists():
+                    backup = path.with_name(f".{path.name}.old")
+                    backup.unlink(missing_ok=True)
+                    os.link(path, backup)
+                os.replace(temp, path)
+                done.append((path, backup))
+        except OSError:
+            for path, backup in reversed(done):
+                try:
+                    if backup is not None:
+                        os.replace(backup, path)
+                    else:
+                        path.unlink()
+                except OSError:
+                    pass
+            self.abort()
+            raise
+        for _, backup in done:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+        for path in self.remove:
+            path.unlink(missing_ok=True)
+        for path in {p.parent for _, p in self.files}:
+            _sync_dir(path)
+
+
+def _sync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write(path: Path, data: bytes, mode: int, group: int | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.new")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    """One file, atomically (a temporary name, then renamed)."""
+    staged = _Staged()
     try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-        if group is not None:
-            os.fchown(fd, -1, group)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
+        staged.write(path, data, mode, group)
+    except BaseException:
+        staged.abort()
+        raise
+    staged.commit()
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -83,11 +281,13 @@ def _now() -> datetime.datetime:
 
 
 def load_ca(paths: Paths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
-    if not paths.ca.exists() and not paths.ca_key.exists():
+    """The CA and its key (private/ca.key, or an older install's ca.key), or None if there is neither."""
+    key_path = paths.ca_key_in_use
+    if not paths.ca.exists() and not key_path.exists():
         return None
     try:
         cert = x509.load_pem_x509_certificate(paths.ca.read_bytes())
-        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except OSError as exc:
         raise CertError(f"cannot read the CA {exc.filename}: {exc.strerror}") from None
     except ValueError as exc:
@@ -95,9 +295,10 @@ def load_ca(paths: Paths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
     return cert, key  # type: ignore[return-value]
 
 
-def create_ca(paths: Paths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def new_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new self-signed CA (in memory)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"docker-mirror CA ({socket.getfqdn()})")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"docker-mirror CA ({socket.getfqdn()})"[:64])])
     now = _now()
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
@@ -110,10 +311,6 @@ def create_ca(paths: Paths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    paths.ca.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(paths.ca.parent, 0o755)
-    _write(paths.ca_key, _key_pem(key), 0o600)
-    _write(paths.ca, _cert_pem(cert), 0o644)
     return cert, key
 
 
@@ -155,14 +352,18 @@ def sign_leaf(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], common_na
 def issue(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], names: list[str], ips: list[str],
           days: int = SERVER_DAYS) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     if not names and not ips:
-        raise CertError("a server certificate needs at least one --hostname or --ip")
-    try:
-        addresses = [ipaddress.ip_address(ip) for ip in ips]
-    except ValueError as exc:
-        raise CertError(str(exc)) from None
+        raise UsageError("--hostname: a server certificate needs at least one --hostname or --ip")
+    names = [check_dns_name(name, "--hostname") for name in names]
+    addresses = check_ips(ips)
+    if days < 1:
+        raise UsageError(f"--days: {days} is not a number of days; give 1 or more (default {SERVER_DAYS})")
+    until = _now() + datetime.timedelta(days=days)
+    if until > ca[0].not_valid_after_utc:
+        raise UsageError(f"--days: the CA expires on {ca[0].not_valid_after_utc:%Y-%m-%d}, before {days} days; "
+                         "give fewer --days")
     names_ext = x509.SubjectAlternativeName([*(x509.DNSName(n) for n in names),
                                              *(x509.IPAddress(a) for a in addresses)])
-    return sign_leaf(ca, (names or ips)[0], _now() + datetime.timedelta(days=days), ExtendedKeyUsageOID.SERVER_AUTH,
+    return sign_leaf(ca, (names or ips)[0][:64], until, ExtendedKeyUsageOID.SERVER_AUTH,
                      key_agreement=True, extensions=((names_ext, False),))
 
 
@@ -174,20 +375,93 @@ def service_group() -> int | None:
 
 
 def init(paths: Paths, names: list[str], ips: list[str], days: int = SERVER_DAYS) -> list[str]:
-    """Create the CA if missing and a new server certificate signed by it; returns what was done."""
+    """Create the CA if missing and a new server certificate signed by it; returns what was done.
+    All or nothing: when anything fails, no file has changed (and no CA was left behind)."""
     done = []
     ca = load_ca(paths)
+    created = ca is None
     if ca is None:
-        ca = create_ca(paths)
-        done.append(f"created CA {paths.ca} (key {paths.ca_key}, mode 0600)")
-    cert, key = issue(ca, names, ips, days)
+        ca = new_ca()
+    cert, key = issue(ca, names, ips, days)      # checks the names before anything is written
     group = service_group() if os.geteuid() == 0 else None
-    _write(paths.key, _key_pem(key), 0o640 if group is not None else 0o600, group)
-    _write(paths.certificate, _cert_pem(cert) + _cert_pem(ca[0]), 0o644)
+    staged = _Staged()
+    try:
+        if created or paths.ca_key_in_use == paths.legacy_ca_key:
+            staged.write(paths.ca_key, _key_pem(ca[1]), 0o600, dir_mode=0o700)
+        if created:
+            staged.write(paths.ca, _cert_pem(ca[0]), 0o644)
+        staged.write(paths.key, _key_pem(key), 0o640 if group is not None else 0o600, group)
+        staged.write(paths.certificate, _cert_pem(cert) + _cert_pem(ca[0]), 0o644)
+    except OSError as exc:
+        staged.abort()
+        raise CertError(f"{exc.filename}: {exc.strerror}: nothing was changed") from None
+    except BaseException:
+        staged.abort()
+        raise
+    moved = not created and paths.ca_key_in_use == paths.legacy_ca_key
+    if moved:
+        staged.remove.append(paths.legacy_ca_key)
+    try:
+        staged.commit()
+    except OSError as exc:
+        raise CertError(f"{exc.filename}: {exc.strerror}: nothing was changed") from None
+    if created:
+        done.append(f"created a private CA: {paths.ca} (its key {paths.ca_key}, mode 0600)")
+    if moved:
+        done.append(f"moved the CA key {paths.legacy_ca_key} to {paths.ca_key} (mode 0600), so that a copy "
+                    f"of {paths.ca.parent} as a client's certs.d directory holds no *.key")
     readable = f"group {SERVICE_GROUP}, mode 0640" if group is not None else "mode 0600: no docker-mirror group"
     done.append(f"issued {paths.certificate} for {', '.join(names + ips)} (serial {cert.serial_number:x}, "
                 f"valid until {cert.not_valid_after_utc:%Y-%m-%d}); key {paths.key} ({readable})")
     return done
+
+
+def names_of(path: Path) -> tuple[list[str], datetime.datetime]:
+    """The names a certificate file covers and when it expires."""
+    try:
+        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except OSError as exc:
+        raise CertError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        raise CertError(f"{path} is not a PEM certificate") from None
+    return sans(cert), cert.not_valid_after_utc
+
+
+def trust_note(paths: Paths) -> str:
+    if paths.ca.exists():
+        return f"clients trust the CA {paths.ca}"
+    return f"clients must trust the CA that signed it (there is no {paths.ca})"
+
+
+def serving_note(enabled: str, source: str, paths: Paths, elsewhere: bool) -> str:
+    """How the service speaks, now that there is a certificate (as TLSConfig.active decides)."""
+    if elsewhere:
+        return ("the service does not use these files until the tls: section of the configuration names them "
+                f"(certificate: {paths.certificate}, key: {paths.key}, ca: {paths.ca})")
+    if enabled == "off":
+        return (f"but tls.enabled is false in {source}: the service speaks plain HTTP; set it to auto to use "
+                "this certificate, then systemctl restart docker-mirror")
+    return (f"the service speaks HTTPS with it (tls.enabled: {'auto' if enabled == 'auto' else 'true'}); "
+            "if it is running over plain HTTP now: systemctl restart docker-mirror")
+
+
+def no_certificate_note(enabled: str, source: str, paths: Paths) -> str:
+    """How the service speaks without a new certificate (as TLSConfig.active and the server decide)."""
+    if enabled == "off":
+        return f"the service speaks plain HTTP (tls.enabled is false in {source})"
+    if paths.certificate.exists():
+        return (f"the service will not start: it has the certificate {paths.certificate} but cannot use it "
+                f"without its key {paths.key}")
+    if enabled == "on":
+        return f"the service will not start (tls.enabled is true in {source}, and there is no {paths.certificate})"
+    return f"the service speaks plain HTTP (tls.enabled: auto, and there is no {paths.certificate})"
+
+
+def legacy_key_note(paths: Paths) -> str:
+    return (f"the CA key is at {paths.legacy_ca_key}, where older versions kept it: it still works; "
+            f"move it so that a copy of {paths.ca.parent} as a client's certs.d directory holds no *.key: "
+            f"install -d -m 0700 {paths.ca_key.parent} && mv {paths.legacy_ca_key} {paths.ca_key} "
+            "(docker-mirror cert init moves it too)")
 
 
 def describe(path: Path) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from dockermirror.humanize import controls_escaped
 
@@ -62,6 +63,49 @@ def _not_cut_off(record: logging.LogRecord) -> bool:
     return record.getMessage() != _CUT_OFF
 
 
+# What uvicorn and asyncio log at warning about what a client did (our protocol logs the
+# malformed and upgrade requests itself, at info): never a warning here.
+_CLIENT_CAUSED = ("Invalid HTTP request received.", "Unsupported upgrade request.",
+                  "No supported WebSocket library detected", "Exceeded concurrency limit.",
+                  "socket.send() raised exception.")
+_WHY = {"Exceeded concurrency limit.": "more connections than server.max_connections: answered 503; if this "
+                                       "shows often, raise it"}
+CLIENT_CAUSED_INTERVAL = 60.0
+
+
+class ClientCaused(logging.Filter):
+    """Demotes a library's warning that a client can cause: the first of each kind an info line,
+    then one a minute (saying how many came since, at debug)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or not isinstance(record.msg, str):
+            return True
+        kind = next((k for k in _CLIENT_CAUSED if record.msg.startswith(k)), None)
+        if kind is None:
+            return True
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < CLIENT_CAUSED_INTERVAL:
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        self._last[kind] = now
+        quiet = self._quiet.pop(kind, 0)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        why = _WHY.get(kind, "caused by a client")
+        record.msg = f"{record.getMessage()} ({why}" + (f"; {quiet} more since, at debug)" if quiet else ")")
+        record.args = ()
+        return logging.getLogger().isEnabledFor(logging.INFO)
+
+
+_client_caused = ClientCaused()
+
+
 def setup(level: str = "info", journal_fields: bool = True) -> None:
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     journal = stderr_is_journal()
@@ -77,6 +121,9 @@ def setup(level: str = "info", journal_fields: bool = True) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    for name in ("uvicorn.error", "asyncio"):
+        if _client_caused not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_client_caused)
 
 
 def set_level(level: str) -> None:

@@ -38,7 +38,7 @@ from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
 from dockermirror.config import Config, ConfigError, ServerConfig
 from dockermirror.humanize import printable, size
 from dockermirror.meter import NULL_METER
-from dockermirror.service import logs
+from dockermirror.service import logs, preflight, restart
 from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
 from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
 
@@ -54,7 +54,12 @@ WORKER_THREADS = 32
 
 
 class StartupError(Exception):
-    """The mirror cannot start; the message says why."""
+    """The mirror cannot start; the message says why. ``key``: the configuration key at fault
+    (the command line names its flag instead, if one gave the value): a user's mistake."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def public_hostname(config: Config) -> str:
@@ -65,8 +70,9 @@ class Service:
     """One daemon process: the application, its TLS context, and systemd."""
 
     def __init__(self, config: Config, reload_config: Callable[[], Config],
-                 reload_requested: Callable[[], bool] = lambda: False) -> None:
-        """``reload_requested``: whether a SIGHUP came before the server could handle it."""
+                 reload_requested: Callable[[], bool] = lambda: False, check_listen: bool = False) -> None:
+        """``reload_requested``: whether a SIGHUP came before the server could handle it;
+        ``check_listen``: refuse, before anything is created, an address that cannot be bound."""
         self.config = config
         self.reload_config = reload_config
         self._reload_requested = reload_requested
@@ -84,6 +90,10 @@ class Service:
         if self.sockets:
             log.info("listening on the socket(s) systemd passed (%s); listen: %s is not used", self.address,
                      config.listen)
+        elif check_listen and (problem := preflight.listen_problem(*config.listen_address)) is not None:
+            raise StartupError(problem, key="listen")
+        if (problem := preflight.cache_dir_problem(config.cache.dir)) is not None:
+            raise StartupError(problem, key="cache.dir")
         self.tls: ServerTLS | None = None
         if (problem := config.tls.client_auth_error()) is not None:
             raise StartupError(problem)
@@ -135,6 +145,9 @@ class Service:
         if self.metrics is not None:
             self.metrics.attach(self.app)
         self._tasks: set[asyncio.Task[None]] = set()
+        # what this process runs with of the settings only a restart changes (:mod:`.restart`)
+        self.running = restart.settings(config, tls=self.tls is not None, socket_activated=bool(self.sockets))
+        self.restart_pending: list[str] = []
 
     @property
     def scheme(self) -> str:
@@ -149,7 +162,7 @@ class Service:
         host, port = self.config.listen_address
         uv_config = uvicorn.Config(
             self.app.asgi, host=host, port=port, lifespan="on", log_config=None, access_log=False,
-            server_header=False, timeout_graceful_shutdown=GRACE, http=self.protocol,
+            server_header=False, timeout_graceful_shutdown=GRACE, http=self.protocol, ws="none",
             # the client address is the TCP peer's (access: from: rules): never X-Forwarded-For
             proxy_headers=False,
         )
@@ -212,10 +225,7 @@ class Service:
             log.error("reload refused, still running with the previous configuration: %s", problem)
             self.systemd.ready(self.status())
             return
-        notes = []
-        if new.tls.active != bool(self.tls):
-            notes.append("tls.enabled")
-        elif self.tls is not None:
+        if self.tls is not None and new.tls.active:
             from dockermirror.service.tls import TLSError, TrustLost
 
             try:
@@ -233,12 +243,8 @@ class Service:
             except TLSError as exc:
                 log.error("reload kept the previous TLS certificate, client CA and CRL: %s", exc)
                 new = _keep_tls(new, self.config)
-        if new.listen != self.config.listen and not self.sockets:   # with sockets, systemd owns the address
-            notes.append("listen")
-        if new.metrics.listen != self.config.metrics.listen:
-            notes.append("metrics.listen")
         try:
-            notes += self.app.reconfigure(new)
+            self.app.reconfigure(new)    # its own list of what needs a restart is in :mod:`.restart`'s
         except Exception as exc:    # e.g. a CA bundle replaced by garbage after the configuration was read
             log.error("reload refused, still running with the previous upstreams and cache settings: %s",
                       printable(str(exc), quote=False))
@@ -252,10 +258,14 @@ class Service:
                 _apply_server(self._uv_config, new.server)
         logs.set_level(new.log.level)
         self.config = new
+        notes = restart.pending(self.running, restart.settings(new))
         if notes:
             log.warning("reloaded %s; restart to apply: %s", new.source, ", ".join(notes))
+        elif self.restart_pending:
+            log.info("reloaded %s; no restart needed any more: the file is back to what the server runs with", new.source)
         else:
             log.info("reloaded %s", new.source)
+        self.restart_pending = notes
         self.systemd.ready(self.status())
 
     # --- status
@@ -275,6 +285,8 @@ class Service:
         if cache.degraded is not None:
             parts.append(f"cache DEGRADED ({cache.degraded}): serving what is cached, not caching")
         parts += upstream_status(list(self.app.mirror.upstreams))
+        if self.restart_pending:
+            parts.append(f"restart to apply: {', '.join(note.split(' ')[0] for note in self.restart_pending)}")
         return " | ".join(parts)
 
 
@@ -349,7 +361,7 @@ class MirrorServer(uvicorn.Server):
 
 def serve(config: Config, reload_config: Callable[[], Config],
           reload_requested: Callable[[], bool] = lambda: False) -> int:
-    service = Service(config, reload_config, reload_requested)
+    service = Service(config, reload_config, reload_requested, check_listen=True)
     server = service.server()
     try:
         server.run(sockets=service.sockets or None)

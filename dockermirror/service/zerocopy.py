@@ -24,10 +24,11 @@ On TLS, a client certificate the handshake verified is put in every request's sc
 ``scope["client_certificate"]``, once the trust in force for that request (the last reload's
 client CAs and CRL) agreed (see service/clientcert.py).
 
-On a connection without a certificate where one is required, the lines that malformed or
-refused requests would log (uvicorn's "Invalid HTTP request received.", our 400/408/413/414/431
-lines) go through the same limiter as the gate's refusals (api/refusals.py): such a client
-cannot flood the log with them.
+A malformed request (uvicorn's "Invalid HTTP request received.", which uvicorn logs as a
+warning: a TLS ClientHello on a plain-HTTP port is one) and an upgrade request (WebSocket) get
+an info line through the same limiter as the gate's refusals (api/refusals.py): a client
+cannot flood the log with them, nor put anything at warning. On a connection without a
+certificate where one is required, our 400/408/413/414/431 lines go through it too.
 
 A response may carry its own reason phrase: ``"reason"`` in its ``http.response.start``
 message (an extension of ours; printable ASCII, else the standard phrase is sent). Some
@@ -417,21 +418,15 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            elif self._unidentified:
-                self._log_refusal(logging.INFO, '%s "-" 0 0 note="unsupported upgrade request"', self._address())
-            else:
-                self._unsupported_upgrade_warning()
+            # what a client sent is never a warning (uvicorn's are): an info line, rate-limited
+            self._log_refusal(logging.INFO, '%s "-" 0 0 note="unsupported upgrade request"', self._address())
             return False
         except httptools.HttpParserError:
             if self._refusal is not None:
                 self._refuse(*self._refusal)
             else:
-                if self._unidentified:
-                    self._log_refusal(logging.INFO, '%s "-" 400 0 note="invalid HTTP request"', self._address())
-                else:
-                    self.logger.warning("Invalid HTTP request received.")
+                # e.g. a TLS ClientHello on a plain-HTTP port, a scanner's garbage
+                self._log_refusal(logging.INFO, '%s "-" 400 0 note="invalid HTTP request"', self._address())
                 self.send_400_response("Invalid HTTP request received.")
             return False
         return not self.transport.is_closing()

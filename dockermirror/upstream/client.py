@@ -153,7 +153,8 @@ class BlobStream:
                     raise
                 self.resumes += 1
                 self._meter.resumed(self._upstream)
-                log.warning("upstream broke off %s at byte %d of %d (%s); resuming there (resume %d, "
+                # recovered from (info); giving up fails the request (warning, above)
+                log.info("upstream broke off %s at byte %d of %d (%s); resuming there (resume %d, "
                             "%d in a row without progress)", self._what, self.received, self.size, reason,
                             self.resumes, behind)
                 if self._response is not None:
@@ -230,6 +231,7 @@ class UpstreamClient:
         self.reachable: bool | None = None
         self.last_failure: float | None = None
         self.last_error = ""
+        self._failing = ""      # "it answers HTTP 503" while the upstream answers 5xx or 429 (logged once)
         # Docker Hub's pull allowance as last reported ("ratelimit-remaining": "97;w=21600",
         # "ratelimit-limit": "100;w=21600"), as the upstream sent it (untrusted text)
         self.ratelimit_remaining: str | None = None
@@ -400,7 +402,7 @@ class UpstreamClient:
             if exc.status is None or exc.status >= 500:
                 raise self._failed(exc) from None
             raise Unauthorized(f"upstream authentication failed: {exc}", upstream_status=exc.status) from None
-        self.reachable = True
+        self._answered(response.status_code)
         remaining = response.headers.get("ratelimit-remaining")
         if remaining is not None:
             self.ratelimit_remaining = remaining
@@ -414,9 +416,29 @@ class UpstreamClient:
         request = client.build_request(method, url, headers=all_headers)
         return await timed(self.meter, self.key, kind, send(client, request, self.read_timeout))
 
+    @property
+    def _name(self) -> str:
+        return self.key or httpx.URL(self.base).host
+
+    def _answered(self, status: int) -> None:
+        """The upstream answered: once when an outage ends (or when it starts answering 5xx or 429,
+        which fails the requests that need it), a warning line; each request's own line is at info."""
+        failing = f"it answers HTTP {status}" if status >= 500 or status == 429 else ""
+        if failing and not self._failing:
+            log.warning("upstream %s fails: %s; requests that need it fail until it answers again", self._name, failing)
+        elif not failing and (self.reachable is False or self._failing):
+            was = self._failing or f"it was unreachable: {self.last_error}"
+            log.warning("upstream %s answers again (%s)", self._name, was.replace("it answers", "it answered"))
+        self._failing = failing
+        self.reachable = True
+
     def _failed(self, exc: Exception) -> UpstreamUnreachable:
         """Record that the upstream could not be reached; the exception to raise."""
         error = UpstreamUnreachable(_describe(exc) if isinstance(exc, httpx.TransportError) else str(exc))
+        if self.reachable is not False:     # once an outage: each failed request's line is the access line
+            self._failing = ""
+            log.warning("upstream %s is unreachable (%s): requests that need it fail until it answers again",
+                        self._name, error)
         self.reachable = False
         self.last_failure = time.monotonic()
         self.last_error = str(error)

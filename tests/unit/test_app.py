@@ -227,7 +227,7 @@ class TestTagFreshness:
         caplog.set_level(logging.INFO)
         stale = await self.pull_tag(mirror)
         assert stale.status_code == 200 and stale.content == image.manifest
-        assert any("serving the cached tag" in r.getMessage() and r.levelno == logging.WARNING
+        assert any("serving the cached tag" in r.getMessage() and r.levelno == logging.INFO
                    for r in caplog.records)
         assert any("cache=STALE" in r.getMessage() for r in caplog.records if r.name == "dockermirror.access")
 

@@ -133,7 +133,7 @@ def test_cli_detects_the_local_system(tmp_path, capsys, monkeypatch):
 def test_cli_refuses_an_unknown_target(tmp_path, capsys):
     code, out, err = run_cli(tmp_path, capsys, "--for", "el6")
     assert code == 2 and out == ""
-    assert err == "docker-mirror: client-setup --for el6: unknown; choose one of el7, el8, el9, debian\n"
+    assert err == "docker-mirror: --for: unknown client system 'el6'; choose one of el7, el8, el9, debian\n"
 
 
 # --- what each target prints

@@ -62,7 +62,7 @@ MISTAKES = [
                  9, "upstreams[1].aliases", "'b.example' is already a name of upstreams[0] (line 5)",
                  id="alias-in-block-list"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    url: ghcr.io\n",
-                 3, "upstreams[0].url", "has no scheme: write https://ghcr.io", id="url-without-scheme"),
+                 3, "upstreams[0].url", "has no scheme; write https://ghcr.io", id="url-without-scheme"),
     pytest.param("upstreams:\n  - registry: ghcr.io\n    url: ftp://ghcr.io\n",
                  3, "upstreams[0].url", "invalid URL", id="url-not-http"),
     pytest.param("upstream:\n  url: https://a.example\nupstreams:\n  - registry: ghcr.io\n",
@@ -130,7 +130,7 @@ def test_each_mistake_is_one_line_with_file_line_and_key(tmp_path, files, capsys
     assert cli.main(["check-config", "--config", str(path)]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f"docker-mirror: configuration error: {error}\n"     # one line
+    assert err == f"docker-mirror: {error}\n"     # one line
 
 
 def test_check_config_command_reports_one_line(tmp_path):
@@ -139,7 +139,7 @@ def test_check_config_command_reports_one_line(tmp_path):
     result = check_config("--config", str(path))
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.splitlines() == [f"docker-mirror: configuration error: {path}:4: upstreams[2].registry: "
+    assert result.stderr.splitlines() == [f"docker-mirror: {path}:4: upstreams[2].registry: "
                                           "'ghcr.io' is already a name of upstreams[0] (line 2): each registry name "
                                           "and alias must name one upstream"]
 

@@ -483,7 +483,7 @@ def test_check_config_and_serve_refuse_a_bad_file_with_its_line(tmp_path, capsys
     path = write(tmp_path / "config.yml", config_text(tmp_path / "cache", f"auth:\n  htpasswd: {users}\n"))
     assert cli.main(["check-config", "--config", str(path)]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith(f"docker-mirror: configuration error: auth.htpasswd: {users}:3: user 'bob'")
+    assert out == "" and err.startswith(f"docker-mirror: auth.htpasswd: {users}:3: user 'bob'")
     assert SECRET_HASH not in err and err.count("\n") == 1
     serve = subprocess.run([sys.executable, "-m", "dockermirror", "serve", "--config", str(path)],
                            capture_output=True, text=True, timeout=60)

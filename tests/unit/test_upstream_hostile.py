@@ -257,7 +257,7 @@ async def test_a_trickling_blob_body_is_treated_as_stalled_and_resumed(caplog):
     handle = blob_server(data, lambda attempt, start: Paced(data, start, piece=1, every=0.01, slow=500)
                          if attempt == 1 else Paced(data, start), seen)
     client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle), read_timeout=0.5)
-    caplog.set_level(logging.WARNING, "dockermirror.upstream")
+    caplog.set_level(logging.INFO, "dockermirror.upstream")
     try:
         assert await read_all(client, digest_of(data)) == data
     finally:
@@ -307,7 +307,7 @@ async def test_a_body_cut_every_256_KiB_is_resumed_to_the_end(tmp_path, caplog):
     digest = digest_of(data)
     seen: list[httpx.Request] = []
     handle = blob_server(data, lambda attempt, start: Paced(data, start, cut=256 * KiB), seen)
-    caplog.set_level(logging.WARNING, "dockermirror.upstream")
+    caplog.set_level(logging.INFO, "dockermirror.upstream")
     async with mirror_with(tmp_path, handle) as client:
         answer = await client.get(f"/v2/acme/tool/blobs/{digest}")
     assert answer.status_code == 200 and answer.content == data

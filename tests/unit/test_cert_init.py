@@ -1,0 +1,297 @@
+"""`docker-mirror cert init|ensure|show` in-process: all or nothing, the default name, --dir,
+the CA key in private/ (and an older install's ca.key), what ensure tells a package's user,
+and one line with the flag or file for every mistake."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+
+from dockermirror import cli, config as configuration
+from dockermirror.service import certs, clientcerts
+from dockermirror.service.tls import check, sans
+
+
+def listing(root: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every file and directory under root: mode and content."""
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(directory) / name
+            info = path.lstat()
+            found[str(path.relative_to(root))] = (info.st_mode, path.read_bytes() if stat.S_ISREG(info.st_mode)
+                                                  else None)
+    return found
+
+
+def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    status = cli.main(["cert", *args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """tmp_path/etc/config.yml naming tls: paths under tmp_path/pki (nothing there yet)."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "pki").mkdir()
+    write_config(tmp_path, {})
+    return tmp_path
+
+
+def write_config(site: Path, extra: dict, **tls: str) -> Path:
+    config = site / "etc" / "config.yml"
+    paths = {"certificate": str(site / "pki" / "certs" / "docker-mirror.crt"),
+             "key": str(site / "pki" / "private" / "docker-mirror.key"),
+             "ca": str(site / "pki" / "docker-mirror" / "ca.crt"), **tls}
+    config.write_text(yaml.safe_dump({**extra, "tls": paths}))
+    return config
+
+
+def names_in(path: Path) -> list[str]:
+    return sans(x509.load_pem_x509_certificates(path.read_bytes())[0])
+
+
+def one_error_line(err: str) -> str:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# --- all or nothing
+
+
+def test_a_server_key_that_cannot_be_written_leaves_no_ca_behind(site: Path, capsys):
+    (site / "pki" / "private").write_text("a file where the key's directory should be\n")
+    before = listing(site)
+    status, out, err = run(capsys, "init", "--config", str(site / "etc" / "config.yml"), "--hostname", "m.example")
+    assert status == 1 and out == ""
+    assert one_error_line(err) == (f"docker-mirror: {site}/pki/private/docker-mirror.key: Not a directory: "
+                                   "nothing was changed\n")
+    assert listing(site) == before          # no CA, no private/, no temporary file
+
+
+def test_a_failure_keeps_the_existing_ca_and_certificate_as_they_were(site: Path, capsys):
+    config = str(site / "etc" / "config.yml")
+    assert run(capsys, "init", "--config", config, "--hostname", "m.example")[0] == 0
+    # the certificate's directory becomes a file: the new key is written, the certificate cannot be
+    cert_dir = site / "pki" / "certs"
+    os.rename(cert_dir, site / "certs-away")
+    cert_dir.write_text("in the way\n")
+    before = listing(site)
+    status, out, err = run(capsys, "init", "--config", config, "--hostname", "other.example")
+    assert status == 1 and out == ""
+    assert one_error_line(err) == f"docker-mirror: {cert_dir}/docker-mirror.crt: Not a directory: nothing was changed\n"
+    assert listing(site) == before          # the key (written before) is not replaced either
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--hostname", "bad name"], "--hostname: 'bad name' is not a DNS name"),
+    (["--hostname", "x-.example"], "--hostname: 'x-.example' is not a DNS name"),
+    (["--hostname", "10.1.2.3"], "--hostname: 10.1.2.3 is an IP address; give it with --ip 10.1.2.3"),
+    (["--ip", "10.1.2"], "--ip: '10.1.2' is not an IP address; give one such as 10.1.2.3"),
+    (["--hostname", "m.example", "--days", "0"], "--days: 0 is not a number of days"),
+    (["--hostname", "m.example", "--days", "5000"], "--days: the CA expires on "),
+])
+def test_a_bad_flag_is_a_usage_error_and_writes_nothing(site: Path, capsys, args: list[str], flag: str):
+    before = listing(site)
+    status, out, err = run(capsys, "init", "--config", str(site / "etc" / "config.yml"), *args)
+    assert status == 2 and out == ""
+    assert one_error_line(err).startswith(f"docker-mirror: {flag}")
+    assert listing(site) == before
+
+
+def test_a_configured_hostname_that_is_no_dns_name_is_named_with_its_file(site: Path, capsys):
+    config = write_config(site, {"hostname": "my_mirror!"})
+    before = listing(site)
+    status, _, err = run(capsys, "init", "--config", str(config))
+    assert status == 2
+    assert one_error_line(err) == (f"docker-mirror: {config}: hostname: 'my_mirror!' is not a DNS name (letters, "
+                                   "digits and -, in labels separated by dots); give the name clients use\n")
+    assert listing(site) == before
+
+
+# --- the CA key in private/
+
+
+def test_the_ca_key_is_in_private_and_the_ca_directory_holds_no_key(site: Path, capsys):
+    assert run(capsys, "init", "--config", str(site / "etc" / "config.yml"), "--hostname", "m.example")[0] == 0
+    ca_dir = site / "pki" / "docker-mirror"
+    assert sorted(p.name for p in ca_dir.iterdir()) == ["ca.crt", "private"]
+    assert stat.S_IMODE((ca_dir / "private").stat().st_mode) == 0o700
+    assert stat.S_IMODE((ca_dir / "private" / "ca.key").stat().st_mode) == 0o600
+    assert not list(ca_dir.glob("*.key"))
+
+
+def older_install(site: Path, capsys) -> certs.Paths:
+    """A CA as versions before private/ left it: ca.key beside ca.crt."""
+    config = str(site / "etc" / "config.yml")
+    assert run(capsys, "init", "--config", config, "--hostname", "m.example")[0] == 0
+    ca_dir = site / "pki" / "docker-mirror"
+    os.rename(ca_dir / "private" / "ca.key", ca_dir / "ca.key")
+    (ca_dir / "private").rmdir()
+    return certs.Paths(site / "pki" / "certs" / "docker-mirror.crt", site / "pki" / "private" / "docker-mirror.key",
+                       ca_dir / "ca.crt")
+
+
+def test_an_older_installs_ca_key_still_signs(site: Path, capsys):
+    paths = older_install(site, capsys)
+    clientcerts.issue_client(paths, "ci", site / "out", days=5)
+    issued = x509.load_pem_x509_certificate((site / "out" / "client.cert").read_bytes())
+    assert issued.issuer == x509.load_pem_x509_certificate(paths.ca.read_bytes()).subject
+    assert not paths.ca_key.exists()
+
+
+def test_ensure_leaves_an_older_key_where_it_is_and_says_how_to_move_it(site: Path, capsys):
+    paths = older_install(site, capsys)
+    before = listing(site)
+    status, out, _ = run(capsys, "ensure", "--config", str(site / "etc" / "config.yml"))
+    assert status == 0 and listing(site) == before
+    assert (f"docker-mirror: the CA key is at {paths.legacy_ca_key}, where older versions kept it: it still works; "
+            f"move it so that a copy of {paths.ca.parent} as a client's certs.d directory holds no *.key: "
+            f"install -d -m 0700 {paths.ca_key.parent} && mv {paths.legacy_ca_key} {paths.ca_key}") in out
+
+
+def test_init_moves_an_older_key_to_private_and_says_so(site: Path, capsys):
+    paths = older_install(site, capsys)
+    key = paths.legacy_ca_key.read_bytes()
+    ca = paths.ca.read_bytes()
+    status, out, _ = run(capsys, "init", "--config", str(site / "etc" / "config.yml"), "--hostname", "m.example")
+    assert status == 0
+    assert f"moved the CA key {paths.legacy_ca_key} to {paths.ca_key} (mode 0600)" in out
+    assert not paths.legacy_ca_key.exists() and paths.ca_key.read_bytes() == key and paths.ca.read_bytes() == ca
+    assert stat.S_IMODE(paths.ca_key.parent.stat().st_mode) == 0o700
+
+
+# --- the default name
+
+
+def test_init_without_names_takes_the_configured_hostname(site: Path, capsys):
+    config = write_config(site, {"hostname": "Mirror.Example.org"})
+    status, out, _ = run(capsys, "init", "--config", str(config))
+    assert status == 0
+    assert names_in(site / "pki" / "certs" / "docker-mirror.crt") == ["mirror.example.org", "localhost",
+                                                                     "127.0.0.1", "::1"]
+    assert f"name: Mirror.Example.org (hostname: in {config})" in out
+
+
+def test_a_configured_hostname_that_is_an_address_goes_in_as_one(site: Path, capsys):
+    config = write_config(site, {"hostname": "10.9.8.7"})
+    assert run(capsys, "init", "--config", str(config))[0] == 0
+    assert names_in(site / "pki" / "certs" / "docker-mirror.crt") == ["localhost", "10.9.8.7", "127.0.0.1", "::1"]
+
+
+def test_without_hostname_the_fqdn_and_it_says_so(site: Path, capsys, monkeypatch):
+    monkeypatch.setattr(certs.socket, "getfqdn", lambda: "box.lan.example")
+    monkeypatch.setattr(certs.socket, "gethostname", lambda: "box")
+    config = site / "etc" / "config.yml"
+    status, out, _ = run(capsys, "init", "--config", str(config))
+    assert status == 0
+    assert names_in(site / "pki" / "certs" / "docker-mirror.crt") == ["box.lan.example", "box", "localhost",
+                                                                     "127.0.0.1", "::1"]
+    assert (f"name: box.lan.example (this host's FQDN: hostname: is not set in {config}; set it to the name "
+            "clients use)") in out
+
+
+def test_mirror_name_is_the_one_answer_for_every_command(monkeypatch):
+    monkeypatch.setattr(certs.socket, "getfqdn", lambda: "box.lan.example")
+    assert certs.mirror_name(configuration.loads("hostname: m.example\n", "c.yml")) == certs.MirrorName(
+        "m.example", True, "name: m.example (hostname: in c.yml)")
+    fallback = certs.mirror_name(configuration.loads("listen: 0.0.0.0:5000\n", "c.yml"))
+    assert (fallback.name, fallback.configured) == ("box.lan.example", False)
+
+
+def test_a_host_name_no_certificate_can_hold_is_left_out(site: Path, capsys, monkeypatch):
+    monkeypatch.setattr(certs.socket, "getfqdn", lambda: "under_score.example")
+    monkeypatch.setattr(certs.socket, "gethostname", lambda: "under_score")
+    assert run(capsys, "init", "--config", str(site / "etc" / "config.yml"))[0] == 0
+    assert names_in(site / "pki" / "certs" / "docker-mirror.crt") == ["localhost", "127.0.0.1", "::1"]
+
+
+# --- --dir
+
+
+def test_dir_writes_there_and_prints_the_tls_section_that_uses_it(site: Path, capsys, tmp_path: Path):
+    before = listing(site / "pki")
+    status, out, _ = run(capsys, "init", "--config", str(site / "etc" / "config.yml"), "--dir", str(tmp_path / "try"),
+                         "--hostname", "m.example")
+    assert status == 0 and listing(site / "pki") == before        # the configured paths are untouched
+    section = out[out.index("tls:\n"):]
+    assert yaml.safe_load(section) == {"tls": {"certificate": f"{tmp_path}/try/server/docker-mirror.crt",
+                                               "key": f"{tmp_path}/try/server/docker-mirror.key",
+                                               "ca": f"{tmp_path}/try/ca.crt"}}
+    assert sorted(p.name for p in (tmp_path / "try").iterdir()) == ["ca.crt", "private", "server"]
+    config = configuration.loads(section, "pasted.yml")
+    assert config.tls.active
+    assert check(config.tls.certificate, config.tls.key, "m.example").warnings == []
+    status, out, _ = run(capsys, "show", "--dir", str(tmp_path / "try"))
+    assert status == 0 and "names:    m.example" in out and f"# CA key: {tmp_path}/try/private/ca.key" in out
+
+
+# --- what ensure says (the package scripts show it)
+
+
+def test_ensure_says_the_names_the_ca_and_the_next_commands(site: Path, capsys):
+    config = write_config(site, {"hostname": "mirror.example.org"})
+    pki = site / "pki"
+    status, out, _ = run(capsys, "ensure", "--config", str(config))
+    assert status == 0
+    lines = out.splitlines()
+    assert all(line.startswith("docker-mirror: ") for line in lines)
+    assert f"docker-mirror: created a private CA: {pki}/docker-mirror/ca.crt" in out
+    assert f"issued {pki}/certs/docker-mirror.crt for mirror.example.org, localhost, 127.0.0.1, ::1 (serial" in out
+    assert f"docker-mirror: clients trust the CA {pki}/docker-mirror/ca.crt\n" in out
+    assert "docker-mirror: the service speaks HTTPS with it (tls.enabled: auto)" in out
+    assert ("docker-mirror: next: for the names clients use, docker-mirror cert init --hostname NAME (repeat for "
+            "more), then systemctl reload docker-mirror\n") in out
+    assert "docker-mirror: next: docker-mirror client-setup prints what each client needs\n" in out
+
+    before = listing(site)
+    status, out, _ = run(capsys, "ensure", "--config", str(config))
+    assert status == 0 and listing(site) == before
+    assert (f"docker-mirror: TLS certificate {pki}/certs/docker-mirror.crt exists already (names: mirror.example.org, "
+            "localhost, 127.0.0.1, ::1; valid until ") in out
+    assert f"docker-mirror: clients trust the CA {pki}/docker-mirror/ca.crt\n" in out
+    assert "cert init --hostname NAME" in out
+
+
+@pytest.mark.parametrize("enabled, speaks", [
+    ("auto", "the service speaks plain HTTP (tls.enabled: auto, and there is no {cert})"),
+    (True, "the service will not start (tls.enabled is true in {config}, and there is no {cert})"),
+    (False, "the service speaks plain HTTP (tls.enabled is false in {config})"),
+])
+def test_ensure_that_cannot_make_one_says_how_the_service_speaks(site: Path, capsys, enabled, speaks: str):
+    cert = site / "pki" / "certs" / "docker-mirror.crt"
+    config = write_config(site, {})
+    text = yaml.safe_load(config.read_text())
+    text["tls"]["enabled"] = enabled
+    config.write_text(yaml.safe_dump(text))
+    (site / "pki" / "private").write_text("in the way\n")
+    before = listing(site)
+    status, out, err = run(capsys, "ensure", "--config", str(config))
+    assert status == 1 and listing(site) == before
+    assert one_error_line(err) == (f"docker-mirror: {site}/pki/private/docker-mirror.key: Not a directory: "
+                                   "nothing was changed\n")
+    assert out.splitlines() == [
+        "docker-mirror: no TLS certificate was made; " + speaks.format(cert=cert, config=config),
+        "docker-mirror: next: docker-mirror cert init --hostname NAME (the name clients use), then systemctl "
+        "restart docker-mirror; docker-mirror client-setup prints what each client needs"]
+    # what the ensure output claims is what the server decides
+    assert configuration.load(config).tls.active is (enabled is True)
+
+
+def test_ensure_with_a_certificate_that_is_no_certificate_says_so_and_changes_nothing(site: Path, capsys):
+    config = str(site / "etc" / "config.yml")
+    assert run(capsys, "init", "--config", config, "--hostname", "m.example")[0] == 0
+    cert = site / "pki" / "certs" / "docker-mirror.crt"
+    cert.write_text("not a certificate\n")
+    before = listing(site)
+    status, out, err = run(capsys, "ensure", "--config", config)
+    assert status == 1 and listing(site) == before
+    assert one_error_line(err) == f"docker-mirror: {cert} is not a PEM certificate\n"
+    assert out.startswith(f"docker-mirror: TLS certificate {cert} exists already; nothing changed; but it is not "
+                          "usable, so the service will not start with it\n")
