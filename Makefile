@@ -129,12 +129,12 @@ rpm-el7: python-tarball
 	rpmlint -r rpm/docker-mirror-el7.rpmlintrc $(DIST)/docker-mirror-$(VERSION)-$(RPM_RELEASE).el7.x86_64.rpm
 
 # --- repositories -------------------------------------------------------------------
-# repository/make-repo.sh says what lands where. The key is an input, never a file of the clone:
+# rpm/make-repo.sh says what lands where. The key is an input, never a file of the clone:
 # SIGNING_KEY is imported into a throw-away GnuPG home under build/ that is removed afterwards.
 
 repo:
 	@DIST=$(DIST) BUILD=$(BUILD) OUT=$(REPO_DIR) REPO_URL="$(REPO_URL)" SIGNING_KEY="$(SIGNING_KEY)" \
-	    KEY_HOME="$(GNUPGHOME)" SIGNING_KEY_ID="$(SIGNING_KEY_ID)" sh repository/make-repo.sh
+	    KEY_HOME="$(GNUPGHOME)" SIGNING_KEY_ID="$(SIGNING_KEY_ID)" sh rpm/make-repo.sh
 
 clean:
 	rm -rf $(BUILD) $(DIST)
