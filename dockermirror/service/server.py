@@ -163,7 +163,8 @@ class Service:
         uv_config = uvicorn.Config(
             self.app.asgi, host=host, port=port, lifespan="on", log_config=None, access_log=False,
             server_header=False, timeout_graceful_shutdown=GRACE, http=self.protocol, ws="none",
-            # the client address is the TCP peer's (access: from: rules): never X-Forwarded-For
+            # the client address is the TCP peer's; X-Forwarded-For only from server.trusted_proxies,
+            # in one place: dockermirror/api/forwarded.py (never uvicorn's proxy_headers)
             proxy_headers=False,
         )
         _apply_server(uv_config, self.config.server)
@@ -252,6 +253,7 @@ class Service:
             return
         if self.metrics is not None:
             self.metrics.add_upstreams(u.key for u in self.app.mirror.upstreams)
+            self.metrics.set_node(new.node)
         if new.server != self.config.server:
             self.protocol.limits = client_limits(new.server)
             if self._uv_config is not None:
