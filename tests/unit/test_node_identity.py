@@ -237,3 +237,47 @@ async def test_a_reload_applies_new_trusted_proxies(tmp_path, caplog) -> None:
         await client.get("/v2/", headers={"X-Forwarded-For": "203.0.113.9"})
     lines = _access(caplog)
     assert lines[0].startswith("192.0.2.7 ") and lines[1].startswith("203.0.113.9 ")
+
+
+# --- client-setup behind a balancer
+
+
+@pytest.fixture
+def _setup_env(tmp_path, monkeypatch):
+    import socket
+
+    from dockermirror.service import clienttargets
+
+    os_release = tmp_path / "os-release"
+    os_release.write_text("ID=arch\n")
+    monkeypatch.setattr(clienttargets, "OS_RELEASE", os_release)
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: "host1.example.net")
+
+
+def _client_setup(tmp_path, capsys, config: str, *argv: str) -> str:
+    from dockermirror import cli
+
+    path = tmp_path / "config.yml"
+    path.write_text(config)
+    assert cli.main(["client-setup", "--config", str(path), *argv]) == 0
+    return capsys.readouterr().out
+
+
+NODE_CONFIG = "node: web-1\nhostname: node1.example.com\nlisten: 0.0.0.0:5001\ntls: {enabled: false}\n"
+
+
+@pytest.mark.usefixtures("_setup_env")
+def test_client_setup_on_a_node_prints_the_balancers_name_given_with_host(tmp_path, capsys) -> None:
+    out = _client_setup(tmp_path, capsys, NODE_CONFIG, "--host", "registry.example.com:5000")
+    assert out.startswith("# docker-mirror at http://registry.example.com:5000,")
+    assert '"registry-mirrors": ["http://registry.example.com:5000"]' in out
+    assert "node1.example.com" not in out and "web-1" not in out and "host1.example.net" not in out
+
+
+@pytest.mark.usefixtures("_setup_env")
+def test_client_setup_on_a_node_without_host_says_to_give_the_balancer(tmp_path, capsys) -> None:
+    out = _client_setup(tmp_path, capsys, NODE_CONFIG)
+    assert out.startswith("# docker-mirror at http://node1.example.com:5001,")
+    assert "# node: web-1 is set: if clients reach this mirror through a load balancer, run client-setup " \
+           "--host BALANCER:PORT" in out
+    assert "node: web-1" not in _client_setup(tmp_path, capsys, NODE_CONFIG.replace("node: web-1\n", ""))
