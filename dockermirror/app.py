@@ -41,7 +41,8 @@ def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None, mete
     return UpstreamClient(up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
                           connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
                           transfer_timeout=up.transfer_timeout, token_realms=up.token_realms,
-                          transport=transport, meter=meter, key=registry_key(up.registry))
+                          transport=transport, meter=meter, key=registry_key(up.registry),
+                          namespace=registry_key(up.registry) if up.send_ns else None)
 
 
 def _ca_fingerprint(up: UpstreamConfig) -> str | None:

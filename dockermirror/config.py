@@ -378,6 +378,8 @@ class UpstreamConfig:
     tag_ttl: float | None = _setting(None, _optional(parse_duration), show=format_duration)
     # token services besides the upstream's own domain that may get its credentials
     token_realms: tuple[str, ...] = _setting((), parse_hosts, sequence=True)
+    # the upstream is another mirror (a central docker-mirror): every request names the registry with ?ns=
+    send_ns: bool = _setting(False, _boolean)
 
 
 @dataclass(frozen=True)
