@@ -127,3 +127,27 @@ def test_the_sites_serve_what_they_cached_with_the_central_mirror_stopped(tiers,
             assert site.access_lines(rf'"GET /v2/library/hello/blobs/{re.escape(digest)}" 200 .* cache=HIT',
                                      at_least=2)
         assert re.search(r"upstream failed for .*hello:latest .*serving the cached tag", site.log_text())
+
+
+def test_one_central_mirror_serves_two_registries_to_a_site_with_send_ns(make_mirror, upstream, pki) -> None:
+    """A site with two upstreams, both the central mirror (``send_ns: true``): the central routes
+    each request to the upstream of the registry the site named (its request log says which)."""
+    second = "registry.test:5443"
+    central = make_mirror(start=False, upstreams=[{"registry": "docker.io", "url": upstream.url},
+                                                  {"registry": second, "url": upstream.url}],
+                          tls={"enabled": True, "certificate": str(pki.certificate), "key": str(pki.key)})
+    central.start()
+    site = make_mirror(upstreams=[{"registry": "docker.io", "url": central.url, "ca_bundle": str(pki.ca),
+                                   "send_ns": True},
+                                  {"registry": second, "url": central.url, "ca_bundle": str(pki.ca),
+                                   "send_ns": True}])
+    tool = upstream.seeded["tool"]
+    with site.client() as client:
+        response, blobs = _pull(client, f"{second}/acme/tool", tool.tag)
+        hello, _ = _pull(client, "hello", "latest")
+    assert response.headers["docker-content-digest"] == tool.digest
+    assert hello.headers["docker-content-digest"] == upstream.seeded["hello"].digest
+    for digest in blobs:
+        line = central.access_lines(rf'"GET /v2/acme/tool/blobs/{re.escape(digest)}\?ns=registry.test%3A5443" 200')
+        assert line and " upstream=registry.test:5443 " in line[0], line
+    assert " upstream=docker.io " in central.access_lines(r'"GET /v2/library/hello/blobs/.*\?ns=docker.io" 200')[0]
