@@ -80,7 +80,7 @@ class Service:
         self._reload_pending = False
         # the HTTP protocol of this server; its limits change on reload (for new connections)
         self.protocol = type("MirrorHttpProtocol", (ZeroCopyHttpToolsProtocol,),
-                             {"limits": client_limits(config.server)})
+                             {"limits": client_limits(config.server, config.node)})
         self._uv_config: uvicorn.Config | None = None
         self.systemd = Systemd()
         try:
@@ -254,8 +254,8 @@ class Service:
         if self.metrics is not None:
             self.metrics.add_upstreams(u.key for u in self.app.mirror.upstreams)
             self.metrics.set_node(new.node)
-        if new.server != self.config.server:
-            self.protocol.limits = client_limits(new.server)
+        if new.server != self.config.server or new.node != self.config.node:
+            self.protocol.limits = client_limits(new.server, new.node)
             if self._uv_config is not None:
                 _apply_server(self._uv_config, new.server)
         logs.set_level(new.log.level)
@@ -321,9 +321,10 @@ def client_auth(config: Config) -> ClientAuth:
     return ClientAuth(tls.client_auth, tls.client_ca_path, tls.crl)
 
 
-def client_limits(server: ServerConfig) -> ClientLimits:
+def client_limits(server: ServerConfig, node: str = "") -> ClientLimits:
+    """The protocol's limits; ``node`` names this node on the refusals it answers itself."""
     return ClientLimits(max_header_size=server.max_header_size, header_timeout=server.header_timeout,
-                        send_timeout=server.send_timeout)
+                        send_timeout=server.send_timeout, node=node)
 
 
 def _apply_server(uv_config: uvicorn.Config, server: ServerConfig) -> None:

@@ -281,3 +281,32 @@ def test_client_setup_on_a_node_without_host_says_to_give_the_balancer(tmp_path,
     assert "# node: web-1 is set: if clients reach this mirror through a load balancer, run client-setup " \
            "--host BALANCER:PORT" in out
     assert "node: web-1" not in _client_setup(tmp_path, capsys, NODE_CONFIG.replace("node: web-1\n", ""))
+
+
+# --- the real server (uvicorn with our protocol): its own refusals, and X-Forwarded-For
+
+
+from tests.unit.test_mtls_live import config_text as live_text  # noqa: E402
+from tests.unit.test_mtls_live import live, pki  # noqa: E402,F401  (pki: a fixture)
+
+
+async def test_the_live_server_names_the_node_on_its_own_refusals_and_believes_its_proxy(pki, caplog) -> None:  # noqa: F811
+    caplog.set_level(logging.INFO, "dockermirror")
+    text = live_text(pki, client_auth="none", extra="node: web-1\nserver:\n  trusted_proxies: [127.0.0.1]\n")
+    too_long = b"GET /v2/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    forwarded = b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 10.9.9.9, 203.0.113.9\r\n\r\n"
+    async with live(pki, text) as mirror:
+        refused = await (await mirror.connect()).send(too_long)     # answered by the protocol, not the app
+        answered = await (await mirror.connect()).send(forwarded)
+        await mirror.reload(text.replace("node: web-1", "node: web-2").replace("[127.0.0.1]", "[]"))
+        renamed = await (await mirror.connect()).send(too_long)
+        ignored = await (await mirror.connect()).send(forwarded)
+    assert refused.status == 414 and refused.headers["docker-mirror-node"] == "web-1"
+    assert answered.status == 200 and answered.headers["docker-mirror-node"] == "web-1"
+    assert renamed.status == 414 and renamed.headers["docker-mirror-node"] == "web-2"
+    assert ignored.headers["docker-mirror-node"] == "web-2"
+    lines = [r.getMessage() for r in caplog.records if r.name == "dockermirror.access" and '"GET /v2/"' in r.getMessage()]
+    assert lines[0].startswith("203.0.113.9 ") and lines[0].endswith(" node=web-1"), lines
+    assert lines[1].startswith("127.0.0.1 ") and lines[1].endswith(" node=web-2"), lines
+    refusals = [r.getMessage() for r in caplog.records if '"-" 414' in r.getMessage()]
+    assert refusals[0].endswith(" node=web-1") and refusals[1].endswith(" node=web-2"), refusals
