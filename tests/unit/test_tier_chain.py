@@ -103,3 +103,29 @@ async def test_send_ns_goes_on_tag_lists_and_referrers_too(tmp_path) -> None:
     queries = [dict(request.url.params) for request in seen if request.url.host == "central.test"]
     assert queries and all(q.get("ns") == "registry.example.org:5000" for q in queries), queries
     assert {"n": "5", "ns": "registry.example.org:5000"} in queries
+
+
+async def test_a_central_mirror_with_users_and_rules_serves_a_site_with_its_credentials(tmp_path) -> None:
+    """A central with auth.htpasswd and access: rules: a site whose upstream has a central user's
+    credentials pulls (it answers the central's Basic challenge); a site without them gets the
+    central's refusal, not content."""
+    import bcrypt
+
+    hub = FakeRegistry()
+    hub.push("library/hello", "latest", b"hub layer\n" * 50)
+    users = tmp_path / "htpasswd"
+    users.write_text(f"site-a:{bcrypt.hashpw(b'site-secret', bcrypt.gensalt(4)).decode()}\n")
+    central = DockerMirror(configuration.loads(
+        _text(tmp_path / "central", [("docker.io", "https://hub.test", "")])
+        + f"auth:\n  htpasswd: {users}\naccess:\n  - allow: [user:site-a]\n"), clock=FakeClock(),
+        upstream_transport=hub.transport)
+    sites = {}
+    for name, extra in (("with", "username: site-a\n    password: site-secret"), ("without", "")):
+        sites[name] = DockerMirror(configuration.loads(_text(tmp_path / name, [
+            ("docker.io", "http://central.test:5000", extra)])), clock=FakeClock(),
+            upstream_transport=httpx.ASGITransport(app=central.asgi, client=("10.0.0.2", 40000)))
+    async with central.running(), sites["with"].running(), sites["without"].running():
+        ok, blobs = await _pull(sites["with"], "hello", "latest")
+        refused, _ = await _pull(sites["without"], "hello", "latest")
+    assert ok.status_code == 200 and [b.content for b in blobs] == [b"hub layer\n" * 50]
+    assert refused.status_code == 401 and "upstream.username" in refused.json()["errors"][0]["message"]
