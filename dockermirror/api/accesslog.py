@@ -58,7 +58,8 @@ KINDS = ("manifest", "blob", "tags", "referrers", "other")
 
 @dataclass(slots=True, frozen=True)
 class RequestDone:
-    """One finished request, as the log line says it (``client`` is the peer's address)."""
+    """One finished request, as the log line says it (``client``: the TCP peer's address, or the
+    client a trusted proxy named in X-Forwarded-For: api/forwarded.py)."""
     client: str
     method: str
     path: str                   # path and query as received (not escaped; the query's bytes as latin-1)
