@@ -305,6 +305,9 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
         picked = mirror_name(config)
         host = f"{picked.name}:{config.listen_address[1]}"
         how += f"\n{picked.note}; or give --host NAME:PORT"
+        if config.node:     # one node of several: clients should be given the balancer's name
+            how += (f"\nnode: {config.node} is set: if clients reach this mirror through a load balancer, "
+                    "run client-setup --host BALANCER:PORT (the balancer's name and port)")
     tls = config.tls.active
     try:
         ca_pem = config.tls.ca.read_text() if tls else None

@@ -201,11 +201,15 @@ class UpstreamClient:
         transport: httpx.AsyncBaseTransport | None = None,
         meter: Meter = NULL_METER,
         key: str = "",
+        namespace: str | None = None,
     ) -> None:
         """``token_realms``: hosts besides the upstream's own site that may get the credentials
         (see :mod:`.realms`); ``transport`` replaces the network (tests pass an ``httpx.MockTransport``);
-        ``meter`` hears of each request sent and the bytes received, as this upstream's ``key``."""
+        ``meter`` hears of each request sent and the bytes received, as this upstream's ``key``;
+        ``namespace``: the upstream is another mirror (``send_ns``): every request under ``/v2/<name>/``
+        carries ``?ns=<namespace>``, as containerd names the registry to a mirror."""
         self.base = url.rstrip("/")
+        self._ns = f"ns={quote(namespace, safe='')}" if namespace else ""
         self.meter = meter
         self.key = key
         self.read_timeout = read_timeout
@@ -357,6 +361,8 @@ class UpstreamClient:
     async def _send(self, method: str, repository: str, path: str, headers: Headers,
                     *, blob: bool = False) -> httpx.Response:
         url = f"{self.base}/v2/{repository}/{path}"
+        if self._ns:
+            url += ("&" if "?" in path else "?") + self._ns
         scope = f"repository:{repository}:pull"
         headers = list(headers)
         kind = upstream_kind(path)
