@@ -15,6 +15,7 @@ import hashlib
 import http.server
 import json
 import socket
+import ssl
 import threading
 from pathlib import Path
 
@@ -38,10 +39,12 @@ class Stub(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, name: str, port: int = 0) -> None:
+    def __init__(self, name: str, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.name = name
         self.connections: set = set()
         super().__init__(("127.0.0.1", port), _Echo)
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
@@ -268,5 +271,84 @@ def test_the_routing_check_notices_a_balancer_that_hashes_the_whole_uri(engine: 
                            what="haproxy sending to both stubs")
             with pytest.raises(AssertionError, match="went to several servers"):
                 blob_servers(client)
+    finally:
+        balancer.stop()
+
+
+# --- TLS: terminated at the balancer (nodes over HTTPS, checked against the CA), and passed through ----------
+
+@pytest.fixture
+def tls_stubs(pem):
+    pki, _ = pem
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.certificate, pki.key)
+    started = [Stub("A", tls=context), Stub("B", tls=context)]
+    yield started
+    for stub in started:
+        stub.stop()
+
+
+def wait_for_both(client: httpx.Client) -> None:
+    wait_until(lambda: len({fetch(client, f"/v2/{i}/x")["server"] for i in range(12)}) == 2, 30,
+               what="the balancer sending to both stubs")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tls_ends_at_the_balancer_and_the_nodes_certificates_are_checked(engine: str, tmp_path: Path, pem,
+                                                                          tls_stubs):
+    pki, combined = pem
+    port = free_port()
+    text = generate(engine, listen=f"127.0.0.1:{port}", nodes=tuple(s.address for s in tls_stubs),
+                    tls_cert=combined, node_tls=True, node_ca=str(pki.ca), node_tls_name="localhost")
+    balancer = Balancer(engine, text, tmp_path / "lb")
+    balancer.start()
+    try:
+        with httpx.Client(base_url=f"https://localhost:{port}", verify=ssl.create_default_context(cafile=pki.ca),
+                          timeout=30) as client:
+            wait_for_both(client)
+            blobs = blob_servers(client)
+            assert set(blobs.values()) == {"A", "B"}
+            headers = {k.lower(): v for k, v in fetch(client, f"/v2/a/blobs/{DIGESTS[0]}")["headers"]}
+            assert headers["x-forwarded-proto"] == "https"
+    finally:
+        balancer.stop()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_node_with_a_certificate_of_another_ca_gets_no_requests(engine: str, tmp_path: Path, pem, tls_stubs):
+    """--node-ca is enforced: checked against an unrelated CA, no request reaches a node."""
+    pki, combined = pem
+    other = make_pki(tmp_path / "other")
+    port = free_port()
+    text = generate(engine, listen=f"127.0.0.1:{port}", nodes=tuple(s.address for s in tls_stubs),
+                    tls_cert=combined, node_tls=True, node_ca=str(other.ca), node_tls_name="localhost")
+    balancer = Balancer(engine, text, tmp_path / "lb")
+    balancer.start()
+    try:
+        with httpx.Client(base_url=f"https://localhost:{port}", verify=ssl.create_default_context(cafile=pki.ca),
+                          timeout=30) as client:
+            answer = client.get(f"/v2/a/blobs/{DIGESTS[0]}")
+            assert answer.status_code in (502, 503) and "X-Stub-Server" not in answer.headers
+    finally:
+        balancer.stop()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_passthrough_carries_tls_to_the_nodes_and_keeps_a_client_on_one_node(engine: str, tmp_path: Path, pem,
+                                                                             tls_stubs):
+    pki, _ = pem
+    port = free_port()
+    text = generate(engine, listen=f"127.0.0.1:{port}", nodes=tuple(s.address for s in tls_stubs),
+                    passthrough=True, node_ca=str(pki.ca))
+    balancer = Balancer(engine, text, tmp_path / "lb")
+    balancer.start()
+    try:
+        with httpx.Client(base_url=f"https://localhost:{port}", verify=ssl.create_default_context(cafile=pki.ca),
+                          timeout=30) as client:
+            # the node's own certificate reached the client (verified against the nodes' CA), and
+            # every request of this client went to one node: by source address, not by content
+            servers = {fetch(client, f"/v2/{repo}/blobs/{digest}", **{"Connection": "close"})["server"]
+                       for digest in DIGESTS[:6] for repo in REPOS}
+            assert len(servers) == 1
     finally:
         balancer.stop()
