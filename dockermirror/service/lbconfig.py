@@ -203,7 +203,7 @@ def haproxy(options: Options) -> str:
             verify = f"ssl verify required ca-file {o.node_ca}" + (f" verifyhost {o.node_tls_name}"
                                                                    if o.node_tls_name else "")
             if not o.node_tls_name:
-                out.append("    # node certificates are checked against the CA (add --node-tls-name to check a name too)")
+                out.append("    # node certificates are checked against the CA; add --node-tls-name to check a name")
         else:
             verify = "ssl verify none"
             out.append("    # HTTPS to the nodes WITHOUT checking their certificates: give --node-ca CA to check them")
