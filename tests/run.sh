@@ -36,6 +36,16 @@ if [ -z "$fast" ]; then
     for p in firewalld python3-firewall python3-nftables; do
         tests/apt-ensure.sh --unpack "${DM_TEST_CACHE:-/var/cache/docker-mirror-tests}/firewalld/$p" "$p"
     done
+    # HAProxy and nginx for the generated balancer configurations (tests/support/balancers.py): unpacked,
+    # not installed (either package would start a server on every address of the machine); haproxy runs
+    # with LD_LIBRARY_PATH on the libraries it links that are unpacked next to it; nginx is nginx-core's
+    # binary, with the stream module (a dynamic module in Debian) for TLS passthrough
+    for p in haproxy liblua5.3-0 libopentracing-c-wrapper0 libopentracing1; do
+        tests/apt-ensure.sh --unpack "${DM_TEST_CACHE:-/var/cache/docker-mirror-tests}/haproxy/$p" "$p"
+    done
+    for p in nginx libnginx-mod-stream; do
+        tests/apt-ensure.sh --unpack "${DM_TEST_CACHE:-/var/cache/docker-mirror-tests}/nginx/$p" "$p"
+    done
 fi
 
 # Debian's python3, in a virtualenv of the clone, with the pinned versions
