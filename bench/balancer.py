@@ -12,6 +12,8 @@ configuration written here instead, see :func:`hand_config`). The modes:
   direct   wrk on the node's own port
   haproxy  wrk on HAProxy's port, which passes every request to the same node
   control  wrk on the node's own port again: what two identical runs differ by (the noise)
+  haproxy-splice  (--splice) a second HAProxy, the same configuration plus ``option splice-response``
+           in its defaults (the kernel moves bodies between the sockets, HAProxy does not copy them)
 
 Every mode runs once per round (``wrk -t2 -c32 -dDs --latency``, keep-alive, the load tool of
 the other bench tables), in an order rotated each round (A B C, B C A, ...). Per run: req/s,
@@ -48,7 +50,7 @@ import httpx
 from bench import report
 from bench.__main__ import revision
 from bench.clients import BenchError, WrkResult, _seconds, wrk
-from bench.monitor import Monitor
+from bench.monitor import Monitor, Usage
 from bench.routing import busy_seconds, load_average, order, push_blob
 from bench.seed import MiB, random_data
 from bench.servers import DockerMirror, snapshot
@@ -63,8 +65,9 @@ MODES = {
     "direct": "wrk on the node's own port",
     "haproxy": "wrk on HAProxy, in front of the same node",
     "control": "wrk on the node's own port again (the noise)",
+    "haproxy-splice": "the same through HAProxy with option splice-response",
 }
-THROUGH_BALANCER = {"haproxy"}
+THROUGH_BALANCER = {"haproxy", "haproxy-splice"}
 
 # metric key -> column label; the order of the table's columns
 METRICS = {
@@ -97,6 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=5, help="seconds of each 32-client wrk run (default 5)")
     parser.add_argument("--hand-config", action="store_true",
                         help="HAProxy with the minimal configuration written here, not lb-config's")
+    parser.add_argument("--splice", action="store_true",
+                        help="add a second HAProxy with option splice-response (mode haproxy-splice)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration < 1:
         parser.error("--rounds and --duration must be at least 1")
@@ -128,9 +133,10 @@ defaults
     timeout http-request 30s
 frontend mirror
     bind {listen}
-    http-request set-var(txn.key) path,regsub(^/v2/.+/blobs/,) if {{ path_reg ^/v2/.+/blobs/[a-z0-9]+:[a-f0-9]+$ }}
-    http-request set-var(txn.key) path,regsub(/(manifests|tags|referrers)/.*$,) if !{{ var(txn.key) -m found }} \
-{{ path_reg ^/v2/.+/(manifests|tags|referrers)/ }}
+    http-request set-var(txn.key) path,regsub('^/v2/.+/blobs/','blob:') \
+if {{ path_reg ^/v2/.+/blobs/[a-z0-9]+:[a-f0-9]+$ }}
+    http-request set-var(txn.key) path,regsub('/manifests/.*$','/'),regsub('/tags/.*$','/'),\
+regsub('/referrers/.*$','/') if !{{ var(txn.key) -m found }} {{ path_reg ^/v2/.+/(manifests|tags|referrers)/ }}
     http-request set-header X-Mirror-Key %[var(txn.key)] if {{ var(txn.key) -m found }}
     default_backend nodes
 backend nodes
@@ -139,6 +145,14 @@ backend nodes
     option httpchk GET /healthz
     server node1 {node} check inter 2s
 """
+
+
+def with_splice(config: str) -> str:
+    """``config`` with ``option splice-response`` as the first line of its (first) defaults section."""
+    found = re.search(r"^defaults\b.*$", config, re.M)
+    if not found:
+        raise BenchError("no defaults section in the HAProxy configuration to add option splice-response to")
+    return f"{config[:found.end()]}\n    option splice-response{config[found.end():]}"
 
 
 def generated_config(code: Path, listen: str, node: str) -> str:
@@ -170,7 +184,7 @@ def values_table(series: dict[str, Series]) -> str:
     lines = ["| mode | " + " | ".join(METRICS.values()) + " |", "|---|" + "--:|" * len(METRICS)]
     for name, s in series.items():
         cells = [_cell(s.values[m]) if m in s.values and (not m.startswith("haproxy") or name in THROUGH_BALANCER)
-                 else "–" for m in METRICS]
+                 else "-" for m in METRICS]
         lines.append(f"| {name}: {MODES[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -185,7 +199,7 @@ def ratios_table(series: dict[str, Series]) -> str:
         cells = []
         for metric in RATIO_METRICS:
             r = ratios(series, name, metric)
-            cells.append(f"{statistics.median(r):.3f} ({min(r):.3f}..{max(r):.3f})" if r else "–")
+            cells.append(f"{statistics.median(r):.3f} ({min(r):.3f}..{max(r):.3f})" if r else "-")
         lines.append(f"| {name} / direct | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -232,7 +246,8 @@ def measure(args: argparse.Namespace, scratch: Path, loads: list[float]) -> tupl
     """Start everything, run the rounds, stop everything (by PID, also on failure)."""
     from tests.support.balancers import Balancer, haproxy_binary, haproxy_env
 
-    series = {name: Series() for name in MODES}
+    names = [name for name in MODES if args.splice or name != "haproxy-splice"]
+    series = {name: Series() for name in names}
     info: dict = {}
     with contextlib.ExitStack() as stack:
         upstream = Registry(scratch / "upstream")
@@ -260,25 +275,39 @@ def measure(args: argparse.Namespace, scratch: Path, loads: list[float]) -> tupl
         info["config"] = config
         info["haproxy_version"] = subprocess.run([haproxy_binary(), "-v"], capture_output=True, text=True,
                                                  env=haproxy_env()).stdout.split("\n")[0].strip()
-        balancer = Balancer("haproxy", config, scratch / "haproxy", port=int(listen.rsplit(":", 1)[1]))
-        stack.callback(balancer.stop)
-        balancer.start()
-        urls = {"direct": node.url + path, "haproxy": f"http://{listen}{path}", "control": node.url + path}
-        got = httpx.get(urls["haproxy"], timeout=60)
-        if got.status_code != 200 or hashlib.sha256(got.content).hexdigest() != digest.split(":")[1]:
-            raise BenchError(f"GET {urls['haproxy']}: HTTP {got.status_code}, not the blob")
-        print(f"node {node.url} (pid {node.pid}), HAProxy http://{listen} (pid {balancer.pid}), "
-              f"{info['haproxy_version']}; configuration: {info['config_source']}", flush=True)
-        for name in MODES:     # a short warm-up of each path
+        balancers = {}
+        for name in (n for n in names if n in THROUGH_BALANCER):
+            text = with_splice(config) if name == "haproxy-splice" else config
+            if name != "haproxy":     # its own port; the same configuration otherwise
+                port = free_port()
+                text = text.replace(listen, f"127.0.0.1:{port}")
+            else:
+                port = int(listen.rsplit(":", 1)[1])
+            balancers[name] = Balancer("haproxy", text, scratch / name, port=port)
+            stack.callback(balancers[name].stop)
+            balancers[name].start()
+        urls = {name: balancers[name].url + path if name in balancers else node.url + path for name in names}
+        for name, balancer in balancers.items():
+            got = httpx.get(urls[name], timeout=60)
+            if got.status_code != 200 or hashlib.sha256(got.content).hexdigest() != digest.split(":")[1]:
+                raise BenchError(f"GET {urls[name]}: HTTP {got.status_code}, not the blob")
+            print(f"{name}: {balancer.url} (pid {balancer.pid}) in front of the node {node.url} (pid {node.pid})",
+                  flush=True)
+        print(f"{info['haproxy_version']}; configuration: {info['config_source']}", flush=True)
+        for name in names:     # a short warm-up of each path
             wrk(urls[name], CLIENTS, 2)
         with Monitor() as monitor:
             for number in range(args.rounds):
                 loads.append(load_average())
                 print(f"round {number + 1}/{args.rounds} (load average {loads[-1]:.2f})", flush=True)
-                for name in order(list(MODES), number):
+                for name in order(names, number):
                     busy = busy_seconds()
-                    with monitor.watch(node.pid) as node_usage, monitor.watch(balancer.pid) as lb_usage:
+                    with contextlib.ExitStack() as watching:
+                        node_usage = watching.enter_context(monitor.watch(node.pid))
+                        lb_usages = {key: watching.enter_context(monitor.watch(b.pid)) for key, b in balancers.items()}
                         result = wrk(urls[name], CLIENTS, args.duration)
+                    idle = sum(u.cpu for key, u in lb_usages.items() if key != name)   # the others' checks
+                    lb_usage = lb_usages.get(name, Usage())
                     others = busy_seconds() - busy - node_usage.cpu - lb_usage.cpu - result.cpu
                     gb = result.requests * len(data) / 1e9
                     s = series[name]
@@ -288,10 +317,10 @@ def measure(args: argparse.Namespace, scratch: Path, loads: list[float]) -> tupl
                     s.add("p99 ms", result.p99 * 1000)
                     s.add("node CPU s/GB", node_usage.cpu / gb)
                     s.add("haproxy CPU s/GB", lb_usage.cpu / gb)
-                    s.add("total CPU s/GB", (node_usage.cpu + (lb_usage.cpu if name in THROUGH_BALANCER else 0)) / gb)
+                    s.add("total CPU s/GB", (node_usage.cpu + lb_usage.cpu) / gb)
                     s.add("wrk CPU %", 100 * result.cpu / args.duration)
-                    s.add("others CPU %", 100 * others / args.duration
-                          + (0 if name in THROUGH_BALANCER else 100 * lb_usage.cpu / args.duration))
+                    s.add("others CPU %", 100 * others / args.duration)
+                    s.add("idle HAProxy CPU %", 100 * idle / args.duration)
                     print(f"  {name}: {result.rps:,.0f} req/s, p50 {p50(result) * 1000:.1f} ms, "
                           f"p99 {result.p99 * 1000:.1f} ms, node {node_usage.cpu / gb:.2f} s/GB, "
                           f"HAProxy {lb_usage.cpu / gb:.2f} s/GB, wrk {100 * result.cpu / args.duration:.0f}%, "
@@ -300,7 +329,7 @@ def measure(args: argparse.Namespace, scratch: Path, loads: list[float]) -> tupl
         problems = [line for line in node.log_text().splitlines() if " WARNING " in line or " ERROR " in line]
         if problems:
             print(f"node log: {len(problems)} warning/error line(s), first: {problems[0]}")
-        for what, process in (("the node", node), ("HAProxy", balancer)):
+        for what, process in (("the node", node), *balancers.items()):
             if not process.running():
                 raise BenchError(f"{what} died:\n{process.log_text()[-2000:]}")
     return series, info
