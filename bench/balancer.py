@@ -212,6 +212,14 @@ def summary_line(series: dict[str, Series]) -> str:
     parts = [f"Through HAProxy / direct (median of the per-round ratios): req/s {med('haproxy', 'req/s'):.3f}, "
              f"p99 {med('haproxy', 'p99 ms'):.3f}, CPU per GB of docker-mirror and HAProxy together "
              f"{med('haproxy', 'total CPU s/GB'):.3f}"]
+    lb = statistics.median(series["haproxy"].values["haproxy CPU s/GB"])
+    node = statistics.median(series["direct"].values["node CPU s/GB"])
+    parts.append(f"; HAProxy's own CPU {lb:.2f} s/GB against the node's {node:.2f} s/GB direct")
+    if "haproxy-splice" in series:
+        spliced = statistics.median(series["haproxy-splice"].values["haproxy CPU s/GB"])
+        parts.append(f"; with option splice-response: HAProxy {spliced:.2f} s/GB, req/s "
+                     f"{med('haproxy-splice', 'req/s'):.3f}, p99 {med('haproxy-splice', 'p99 ms'):.3f}, CPU per GB "
+                     f"together {med('haproxy-splice', 'total CPU s/GB'):.3f} of direct")
     if "control" in series:
         parts.append(f"; two identical direct runs (control / direct): req/s {med('control', 'req/s'):.3f}, "
                      f"p99 {med('control', 'p99 ms'):.3f}, CPU per GB {med('control', 'total CPU s/GB'):.3f}")

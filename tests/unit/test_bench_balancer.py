@@ -79,6 +79,19 @@ def test_render_names_the_run_and_its_load():
     assert "`wrk -t2 -c32 -d5s --latency`" in text
     assert "Through HAProxy / direct (median of the per-round ratios): req/s 0.500, p99 1.000" in text
     assert "control / direct): req/s 1.000" in text
+    assert "HAProxy's own CPU 0.50 s/GB against the node's 0.50 s/GB direct" in text
+    assert "splice" not in text
+
+
+def test_the_splice_mode_gets_its_row_and_its_sentence():
+    modes = sample()
+    modes["haproxy-splice"] = modes.pop("control")
+    text = render(modes, date=datetime.datetime(2026, 12, 2, 23, 0, tzinfo=datetime.UTC), machine="m", head="h",
+                  command="c", rounds=3, duration=5, seconds=90, loads=[1.0], config_source="s",
+                  haproxy_version="v")
+    assert "| haproxy-splice: the same through HAProxy with option splice-response | 1,500 (1,000..2,200) |" in text
+    assert "| haproxy-splice / direct | 1.000 (1.000..1.100) |" in text
+    assert "with option splice-response: HAProxy 0.00 s/GB, req/s 1.000" in text
 
 
 def test_the_splice_variant_adds_one_option_to_the_defaults_section():
