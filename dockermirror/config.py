@@ -148,6 +148,39 @@ def parse_patterns(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
+
+
+def parse_node(value: Any) -> str:
+    """This node's name in a cluster (``node:``): a short label; empty (or null): none."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or not NODE_NAME.fullmatch(str(value)):
+        raise ValueError(f"invalid node name {value!r}: expected up to 63 letters, digits, '.', '-' or '_' "
+                         "(e.g. mirror-1), or empty for none")
+    return str(value)
+
+
+def parse_networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of IP networks or addresses (``10.0.0.0/8``, ``192.0.2.7``, ``fd00::/8``)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of IP networks, got {value!r}")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"invalid IP network {item!r}: expected an address or a network, e.g. 10.0.0.5, "
+                             "10.0.0.0/24 or fd00::/64") from None
+    return tuple(networks)
+
+
+def _show_networks(value: tuple) -> list[str]:
+    return [str(network) for network in value]
+
+
 def parse_listen(value: Any) -> str:
     """``HOST:PORT`` or ``[V6]:PORT``; returned unchanged once checked."""
     split_listen(str(value))
@@ -366,6 +399,8 @@ class UpstreamConfig:
     tag_ttl: float | None = _setting(None, _optional(parse_duration), show=format_duration)
     # token services besides the upstream's own domain that may get its credentials
     token_realms: tuple[str, ...] = _setting((), parse_hosts, sequence=True)
+    # the upstream is another mirror (a central docker-mirror): every request names the registry with ?ns=
+    send_ns: bool = _setting(False, _boolean)
 
 
 @dataclass(frozen=True)
@@ -410,6 +445,8 @@ class ServerConfig:
     keepalive_timeout: float = _timeout(5.0)
     send_timeout: float = _timeout(60.0)
     max_connections: int = _setting(10000, parse_count)
+    # peers (a load balancer) whose X-Forwarded-For names the client (api/forwarded.py); none: no one's
+    trusted_proxies: tuple = _setting((), parse_networks, show=_show_networks, sequence=True)
 
 
 @dataclass(frozen=True)
@@ -472,6 +509,8 @@ class Config:
     listen: str = _setting("0.0.0.0:5000", parse_listen)
     # the name clients use to reach this mirror (empty: the machine's FQDN)
     hostname: str = _setting("", lambda v: "" if v in (None, "") else _string(v))
+    # this node's name in a cluster: in the request log, a response header, /metrics, the journal
+    node: str = _setting("", parse_node)
     # GET / answers the status page (false: 404); /healthz answers either way
     status_page: bool = _setting(True, _boolean)
     tls: TLSConfig = field(default_factory=TLSConfig)

@@ -21,7 +21,7 @@ fi
 
 PACKAGES="python3 python3-venv ca-certificates curl openssl git make docker-registry skopeo podman docker.io
           containerd iproute2 systemd systemd-container debootstrap util-linux chromium
-          dh-virtualenv debhelper devscripts fakeroot lintian rpm rpmlint
+          dh-virtualenv debhelper devscripts fakeroot lintian rpm rpmlint createrepo-c apt-utils gnupg dnf
           build-essential dpkg-dev xz-utils libssl-dev zlib1g-dev libffi-dev libbz2-dev liblzma-dev libsqlite3-dev"
 if [ -z "$fast" ]; then
     say "checking the Debian packages the tests need"
@@ -35,6 +35,16 @@ if [ -z "$fast" ]; then
     tests/apt-ensure.sh python3-gi python3-dbus gir1.2-glib-2.0
     for p in firewalld python3-firewall python3-nftables; do
         tests/apt-ensure.sh --unpack "${DM_TEST_CACHE:-/var/cache/docker-mirror-tests}/firewalld/$p" "$p"
+    done
+    # HAProxy and nginx for the generated balancer configurations (tests/support/balancers.py): unpacked,
+    # not installed (either package would start a server on every address of the machine); haproxy runs
+    # with LD_LIBRARY_PATH on the libraries it links that are unpacked next to it; nginx is nginx-core's
+    # binary, with the stream module (a dynamic module in Debian) for TLS passthrough
+    for p in haproxy liblua5.3-0 libopentracing-c-wrapper0 libopentracing1; do
+        tests/apt-ensure.sh --unpack "${DM_TEST_CACHE:-/var/cache/docker-mirror-tests}/haproxy/$p" "$p"
+    done
+    for p in nginx libnginx-mod-stream; do
+        tests/apt-ensure.sh --unpack "${DM_TEST_CACHE:-/var/cache/docker-mirror-tests}/nginx/$p" "$p"
     done
 fi
 

@@ -80,7 +80,7 @@ class Service:
         self._reload_pending = False
         # the HTTP protocol of this server; its limits change on reload (for new connections)
         self.protocol = type("MirrorHttpProtocol", (ZeroCopyHttpToolsProtocol,),
-                             {"limits": client_limits(config.server)})
+                             {"limits": client_limits(config.server, config.node)})
         self._uv_config: uvicorn.Config | None = None
         self.systemd = Systemd()
         try:
@@ -168,7 +168,8 @@ class Service:
         uv_config = uvicorn.Config(
             self.app.asgi, host=host, port=port, lifespan="on", log_config=None, access_log=False,
             server_header=False, timeout_graceful_shutdown=GRACE, http=self.protocol, ws="none",
-            # the client address is the TCP peer's (access: from: rules): never X-Forwarded-For
+            # the client address is the TCP peer's; X-Forwarded-For only from server.trusted_proxies,
+            # in one place: dockermirror/api/forwarded.py (never uvicorn's proxy_headers)
             proxy_headers=False,
         )
         _apply_server(uv_config, self.config.server)
@@ -257,8 +258,9 @@ class Service:
             return
         if self.metrics is not None:
             self.metrics.add_upstreams(u.key for u in self.app.mirror.upstreams)
-        if new.server != self.config.server:
-            self.protocol.limits = client_limits(new.server)
+            self.metrics.set_node(new.node)
+        if new.server != self.config.server or new.node != self.config.node:
+            self.protocol.limits = client_limits(new.server, new.node)
             if self._uv_config is not None:
                 _apply_server(self._uv_config, new.server)
         logs.set_level(new.log.level)
@@ -324,9 +326,10 @@ def client_auth(config: Config) -> ClientAuth:
     return ClientAuth(tls.client_auth, tls.client_ca_path, tls.crl)
 
 
-def client_limits(server: ServerConfig) -> ClientLimits:
+def client_limits(server: ServerConfig, node: str = "") -> ClientLimits:
+    """The protocol's limits; ``node`` names this node on the refusals it answers itself."""
     return ClientLimits(max_header_size=server.max_header_size, header_timeout=server.header_timeout,
-                        send_timeout=server.send_timeout)
+                        send_timeout=server.send_timeout, node=node)
 
 
 def _apply_server(uv_config: uvicorn.Config, server: ServerConfig) -> None:

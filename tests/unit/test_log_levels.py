@@ -129,6 +129,8 @@ async def test_an_outage_is_one_warning_when_it_starts_and_one_when_it_ends(capl
 
     caplog.set_level(logging.INFO, "dockermirror")
     client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
+    now = [0.0]
+    client.outage.clock = lambda: now[0]
 
     async def ask(times: int) -> None:
         for _ in range(times):
@@ -152,19 +154,58 @@ async def test_an_outage_is_one_warning_when_it_starts_and_one_when_it_ends(capl
         await ask(3)
         assert warnings() == ["upstream registry.test answers again (it was unreachable: "
                               f"{client.last_error})"]
-        state["answer"] = "503"
+        state["answer"] = "503"         # another outage, after the quiet period
+        now[0] += 600
         await ask(3)
         assert warnings() == ["upstream registry.test fails: it answers HTTP 503; requests that need it fail "
                               "until it answers again"]
         state["answer"] = "404"
         await ask(2)
         assert warnings() == ["upstream registry.test answers again (it answered HTTP 503)"]
-        state["answer"] = "429"         # Docker Hub's pull limit: once when it starts, once when it ends
+        state["answer"] = "429"         # Docker Hub's pull limit: one line with the count, not an outage
         await ask(3)
-        assert warnings() == ["upstream registry.test fails: it answers HTTP 429; requests that need it fail "
-                              "until it answers again"]
+        [limit] = warnings()
+        assert limit.startswith("upstream registry.test answers HTTP 429 (too many requests") and "(1 such" in limit
         state["answer"] = "404"
         await ask(1)
-        assert warnings() == ["upstream registry.test answers again (it answered HTTP 429)"]
+        assert warnings() == []
     finally:
         await client.aclose()
+
+
+async def test_a_flapping_upstream_or_one_failing_path_cannot_flood_the_warnings(caplog):
+    """A client alternating a failing path with a working one is no outage; an upstream that
+    flaps is one warning pair a quiet period, the rest at info, counted in the next warning."""
+    import dockermirror.upstream.outage as outage
+
+    now = [1000.0]
+    log = outage.OutageLog(clock=lambda: now[0])
+    caplog.set_level(logging.INFO, "dockermirror")
+
+    def warnings() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        caplog.clear()
+        return lines
+
+    for _ in range(20):                 # one path answers 503, another 404: never three 5xx in a row
+        log.answered("up", 503)
+        log.answered("up", 404)
+    assert warnings() == []
+    for _ in range(10):                 # a real outage, then it flaps within the quiet period
+        for status in (503, 503, 503, 200):
+            log.answered("up", status)
+        log.unreachable("up", "connection refused")
+        log.answered("up", 200)
+    assert warnings() == ["upstream up fails: it answers HTTP 503; requests that need it fail until it answers again",
+                          "upstream up answers again (it answered HTTP 503)"]
+    now[0] += outage.QUIET
+    log.unreachable("up", "connection refused")
+    [down] = warnings()
+    assert down.startswith("upstream up is unreachable (connection refused)") and "(19 more outage(s)" in down
+    for _ in range(50):
+        log.answered("up", 429)
+    [limit] = warnings()
+    assert "(1 such answer(s) since the last line)" in limit
+    now[0] += outage.QUIET
+    log.answered("up", 429)
+    assert "(50 such answer(s)" in warnings()[0]
