@@ -35,7 +35,7 @@ from dockermirror.app import DockerMirror
 from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
 from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
-from dockermirror.config import Config, ConfigError, ServerConfig
+from dockermirror.config import Config, ConfigError, ServerConfig, listen_overlap
 from dockermirror.humanize import printable, size
 from dockermirror.meter import NULL_METER
 from dockermirror.service import logs, preflight, restart
@@ -120,6 +120,11 @@ class Service:
         self.metrics_listener: MetricsListener | None = None
         if config.metrics.listen_address is not None:
             from dockermirror.service.metrics import Metrics, MetricsListener, bind
+
+            if not self.sockets and (problem := listen_overlap(config.listen, config.metrics.listen)):
+                raise StartupError(problem, key="metrics.listen")    # (--listen gave the same port)
+            if check_listen and (problem := preflight.listen_problem(*config.metrics.listen_address)):
+                raise StartupError(problem, key="metrics.listen")
 
             try:
                 sock = bind(config.metrics.listen_address)
@@ -345,7 +350,16 @@ class MirrorServer(uvicorn.Server):
         self.service = service
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            # uvicorn exits 3 when it cannot bind (it logged why): someone took the port after
+            # the preflight check; said as that check says it (exit 2), not as an undocumented 3
+            if self.lifespan.should_exit or sockets:
+                raise
+            host, port = self.config.host, self.config.port
+            problem = preflight.listen_problem(host, port) or f"cannot listen on {host}:{port}; choose another port"
+            raise StartupError(problem, key="listen") from None
         if self.started and not self.should_exit:
             if self.service.metrics_listener is not None:
                 await self.service.metrics_listener.start()

@@ -34,12 +34,59 @@ def test_client_caused_warnings_are_info_once_a_minute(monkeypatch: pytest.Monke
     for _ in range(3):
         again = record("Invalid HTTP request received.")
         assert not demote.filter(again) and again.levelno == logging.DEBUG      # at debug: not shown at info
-    other = record("Exceeded concurrency limit.")                              # another kind: its own minute
-    assert demote.filter(other) and other.levelno == logging.INFO and "server.max_connections" in other.getMessage()
+    other = record("Invalid HTTP request received.".replace("Invalid HTTP request received.",
+                                                            "Unsupported upgrade request."))  # another kind: its own minute
+    assert demote.filter(other) and other.levelno == logging.INFO
     now[0] += logs.CLIENT_CAUSED_INTERVAL
     later = record("Invalid HTTP request received.")
     assert demote.filter(later) and later.levelno == logging.INFO
     assert later.getMessage() == "Invalid HTTP request received. (caused by a client; 3 more since, at debug)"
+
+
+def test_the_concurrency_limit_is_a_warning_once_per_ten_minutes(monkeypatch: pytest.MonkeyPatch, at_info):
+    """Clients got 503s: an admin must see it (raise server.max_connections), but not 1000 times."""
+    now = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    demote = logs.ClientCaused()
+    first = record("Exceeded concurrency limit.")
+    assert demote.filter(first) and first.levelno == logging.WARNING and first.levelname == "WARNING"
+    assert "server.max_connections" in first.getMessage()
+    for _ in range(5):
+        now[0] += 60
+        again = record("Exceeded concurrency limit.")
+        assert not demote.filter(again) and again.levelno == logging.DEBUG
+    now[0] = 1000.0 + 600
+    later = record("Exceeded concurrency limit.")
+    assert demote.filter(later) and later.levelno == logging.WARNING
+    assert later.getMessage().endswith("raise it; 5 more since, at debug)")
+
+
+def test_a_blob_larger_than_the_cache_warns_once_per_ten_minutes(caplog: pytest.LogCaptureFixture, monkeypatch):
+    """Every client pulling a public blob larger than max_size: one warning a period, the rest info."""
+    from dockermirror.cache import inflight
+    from dockermirror.lograte import RateLimited
+
+    now = [0.0]
+    monkeypatch.setattr(inflight, "not_caching_log", RateLimited(inflight.log, clock=lambda: now[0]))
+
+    class Fake:
+        caching, spilling, _reserved, _temp, size = True, False, 0, None, 10**12
+        space = type("S", (), {"release": lambda self, n: None})()
+
+    caplog.set_level(logging.INFO, logger="dockermirror.cache")
+    for i in range(4):
+        fake = Fake()
+        fake.digest = f"sha256:{i:064x}"
+        inflight.Transfer._not_cached(fake, "it is larger than the cache")
+        now[0] += 60
+    now[0] = 600.0
+    fake = Fake()
+    fake.digest = "sha256:" + "f" * 64
+    inflight.Transfer._not_cached(fake, "it is larger than the cache")
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records if "not caching" in r.getMessage()]
+    assert [level for level, _ in levels] == ["WARNING", "INFO", "INFO", "INFO", "WARNING"]
+    assert levels[0][1].startswith(f"not caching sha256:{0:064x} (1000000000000 bytes): it is larger than the cache")
+    assert levels[-1][1].endswith("(3 more like it in the last 10 min, at info)")
 
 
 def test_other_warnings_and_errors_are_kept():
