@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -184,10 +185,11 @@ def cmd_cert(args: argparse.Namespace) -> int:
         if args.cert_command in ("client", "revoke"):
             from dockermirror.service import clientcerts
 
-            if args.cert_command == "client":
-                done = clientcerts.issue_client(paths, args.name, args.out, args.days)
-            else:
-                done = clientcerts.revoke(paths, args.name, config.tls.crl)
+            with certs.ca_lock(paths):     # a revocation reads and rewrites the CRL: one at a time
+                if args.cert_command == "client":
+                    done = clientcerts.issue_client(paths, args.name, args.out, args.days)
+                else:
+                    done = clientcerts.revoke(paths, args.name, config.tls.crl)
             print("\n".join(done))
             return 0
     except (certs.CertError, OSError) as exc:
@@ -241,6 +243,25 @@ def _cert_ensure(args: argparse.Namespace, config: Config, paths) -> int:
     next_lines = ["next: for the names clients use, docker-mirror cert init --hostname NAME (repeat for more), "
                   "then systemctl reload docker-mirror",
                   "next: docker-mirror client-setup prints what each client needs"]
+    def not_made(exc: Exception) -> int:
+        status = _cert_failed(exc)
+        say(f"no TLS certificate was made; {certs.no_certificate_note(config.tls.enabled, config.source, paths)}",
+            "next: docker-mirror cert init --hostname NAME (the name clients use), then "
+            "systemctl restart docker-mirror; docker-mirror client-setup prints what each client needs")
+        return status
+
+    with contextlib.ExitStack() as held:
+        try:    # whether there is one, and making one, is one step: another run waits for it
+            held.enter_context(certs.ca_lock(paths))
+        except certs.CertError as exc:
+            return not_made(exc)
+        return _cert_ensure_locked(args, config, paths, say, serving, next_lines, not_made)
+
+
+def _cert_ensure_locked(args: argparse.Namespace, config: Config, paths, say, serving: str,
+                        next_lines: list[str], not_made) -> int:
+    from dockermirror.service import certs
+
     if paths.certificate.exists() and paths.key.exists():
         try:
             names, until = certs.names_of(paths.certificate)
@@ -261,11 +282,7 @@ def _cert_ensure(args: argparse.Namespace, config: Config, paths) -> int:
     try:
         lines = _cert_init(args, config, paths)
     except (certs.CertError, OSError) as exc:
-        status = _cert_failed(exc)
-        say(f"no TLS certificate was made; {certs.no_certificate_note(config.tls.enabled, config.source, paths)}",
-            "next: docker-mirror cert init --hostname NAME (the name clients use), then "
-            "systemctl restart docker-mirror; docker-mirror client-setup prints what each client needs")
-        return status
+        return not_made(exc)
     say(*lines, certs.trust_note(paths), serving, *next_lines)
     return 0
 

@@ -12,20 +12,28 @@ certs.d/<host>/ or --cert-dir holds no *.key (podman, skopeo and dockerd take a 
 for half of a client key pair and refuse the directory). A CA key of an older install beside
 ca.crt (ca.key) is still read; ``cert init`` moves it to private/.
 
-``init`` is all or nothing: every file is first written to a temporary name beside its
-target, and only when all of them are written are they renamed into place; a failure
+``init`` is all or nothing: every file is first written to a temporary name of its own beside
+its target, and only when all of them are written are they renamed into place; a failure
 before that removes the temporary files and any directory it made. A server reloading at
 the same moment never reads half a file.
+
+Two runs at the same time (the package script and an admin) take turns: each holds a lock on
+the CA's directory (flock on the directory itself: no lock file) from reading the CA until its
+files are in place, so the second one signs with the CA the first one made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import grp
 import ipaddress
 import os
 import re
 import socket
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -183,8 +191,9 @@ class _Staged:
         """Write ``path``'s temporary file; an OSError names ``path`` (the file that could not be made)."""
         try:
             self.mkdir(path.parent, dir_mode)
-            temp = path.with_name(f".{path.name}.new")
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+            # a name of its own (O_EXCL): another run writing the same file never shares it
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
+            temp = Path(name)
             self.files.append((temp, path))
             try:
                 os.fchmod(fd, mode)
@@ -253,6 +262,44 @@ def _sync_dir(path: Path) -> None:
     except OSError:
         pass
     finally:
+        os.close(fd)
+
+
+_held: set[Path] = set()     # CA directories this process holds the lock of
+
+
+@contextlib.contextmanager
+def ca_lock(paths: Paths) -> Iterator[None]:
+    """Hold the CA directory's lock (made if missing; removed again at the end if it is still
+    empty). Re-entrant within a process. A directory removed by a run that failed while this one
+    waited is made and locked afresh."""
+    directory = paths.ca.parent.absolute()
+    if directory in _held:
+        yield
+        return
+    while True:
+        made = _Staged()
+        try:
+            made.mkdir(directory, 0o755)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            made.abort()
+            raise CertError(f"{exc.filename or directory}: {exc.strerror}: nothing was changed") from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            now = os.stat(directory)
+            locked = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    _held.add(directory)
+    try:
+        yield
+    finally:
+        _held.discard(directory)
+        made.abort()        # the directories it made, if nothing was put in them
         os.close(fd)
 
 
@@ -376,7 +423,13 @@ def service_group() -> int | None:
 
 def init(paths: Paths, names: list[str], ips: list[str], days: int = SERVER_DAYS) -> list[str]:
     """Create the CA if missing and a new server certificate signed by it; returns what was done.
-    All or nothing: when anything fails, no file has changed (and no CA was left behind)."""
+    All or nothing: when anything fails, no file has changed (and no CA was left behind).
+    Holds the CA's lock throughout (:func:`ca_lock`)."""
+    with ca_lock(paths):
+        return _init(paths, names, ips, days)
+
+
+def _init(paths: Paths, names: list[str], ips: list[str], days: int) -> list[str]:
     done = []
     ca = load_ca(paths)
     created = ca is None
