@@ -263,17 +263,28 @@ def _cert_ensure_locked(args: argparse.Namespace, config: Config, paths, say, se
     from dockermirror.service import certs
 
     if paths.certificate.exists() and paths.key.exists():
+        from dockermirror.service.tls import TLSError, check
+
+        renew = "docker-mirror cert init --hostname NAME (the name clients use)"
         try:
             names, until = certs.names_of(paths.certificate)
-        except certs.CertError as exc:
+            # what serve checks at start (and at reload): key and certificate match, in date
+            checked = check(paths.certificate, paths.key, certs.mirror_name(config).name)
+        except (certs.CertError, TLSError) as exc:
             status = _cert_failed(exc)
-            effect = ("the service will not start with it" if config.tls.enabled != "off" and args.dir is None
-                      else "replace it before you use it")
+            if config.tls.enabled != "off" and args.dir is None:
+                effect = f"the service will not start with it: run {renew}, then systemctl restart docker-mirror"
+            else:
+                effect = f"replace it before you use it: {renew}"
             say(f"TLS certificate {paths.certificate} exists already; nothing changed; but it is not usable, so "
-                f"{effect}", *next_lines)
+                f"{effect}", next_lines[-1])
             return status
         say(f"TLS certificate {paths.certificate} exists already (names: {', '.join(names) or 'none'}; "
             f"valid until {until:%Y-%m-%d}); nothing changed")
+        for warning in checked.warnings:
+            if " expires in " in warning:
+                warning += "; renew it: docker-mirror cert init --hostname NAME, then systemctl reload docker-mirror"
+            say(f"warning: {warning}")
         say(certs.trust_note(paths), serving)
         if paths.ca_key_in_use == paths.legacy_ca_key:
             say(certs.legacy_key_note(paths))

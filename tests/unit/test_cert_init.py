@@ -5,6 +5,7 @@ and one line with the flag or file for every mistake."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -294,4 +295,55 @@ def test_ensure_with_a_certificate_that_is_no_certificate_says_so_and_changes_no
     assert status == 1 and listing(site) == before
     assert one_error_line(err) == f"docker-mirror: {cert} is not a PEM certificate\n"
     assert out.startswith(f"docker-mirror: TLS certificate {cert} exists already; nothing changed; but it is not "
-                          "usable, so the service will not start with it\n")
+                          "usable, so the service will not start with it: run docker-mirror cert init --hostname "
+                          "NAME (the name clients use), then systemctl restart docker-mirror\n")
+
+
+# --- ensure checks an existing certificate as serve does at start
+
+
+def bad_pair(site: Path, case: str) -> tuple[Path, Path]:
+    """A certificate and key in the configured places that serve refuses (or warns about)."""
+    from tests.support.certs import make_pki
+
+    kwargs = {"expired": {"start_days": -40, "days": -1}, "soon": {"days": 10}}.get(case, {})
+    pki = make_pki(site / "made", names=("m.example",), **kwargs)
+    cert, key = site / "pki" / "certs" / "docker-mirror.crt", site / "pki" / "private" / "docker-mirror.key"
+    for path, source in ((cert, pki.certificate), (key, pki.key)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(source.read_bytes())
+    if case == "other key":
+        key.write_bytes(make_pki(site / "other").key.read_bytes())
+    return cert, key
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("expired", "TLS certificate {cert} expired on "),
+    ("other key", "TLS key {key} does not belong to certificate {cert}"),
+])
+def test_ensure_with_a_certificate_serve_refuses_says_the_service_will_not_start(site: Path, capsys, case, problem):
+    config = str(write_config(site, {"hostname": "m.example"}))
+    cert, key = bad_pair(site, case)
+    before = listing(site)
+    status, out, err = run(capsys, "ensure", "--config", config)
+    assert status == 1 and listing(site) == before
+    assert one_error_line(err).startswith("docker-mirror: " + problem.format(cert=cert, key=key))
+    assert out.startswith(f"docker-mirror: TLS certificate {cert} exists already; nothing changed; but it is not "
+                          "usable, so the service will not start with it: run docker-mirror cert init --hostname "
+                          "NAME (the name clients use), then systemctl restart docker-mirror\n"), out
+    assert "speaks HTTPS" not in out and "reload" not in out
+    # and serve's own check says the same
+    with pytest.raises(Exception, match=problem.format(cert=cert, key=key).split(" {")[0]):
+        check(cert, key)
+
+
+def test_ensure_warns_of_a_certificate_that_expires_within_30_days(site: Path, capsys):
+    config = str(write_config(site, {"hostname": "m.example"}))
+    cert, _ = bad_pair(site, "soon")
+    status, out, err = run(capsys, "ensure", "--config", config)
+    assert status == 0 and err == ""
+    assert f"docker-mirror: TLS certificate {cert} exists already (names: m.example, 127.0.0.1, ::1; " in out
+    assert re.search(rf"\ndocker-mirror: warning: TLS certificate {re.escape(str(cert))} expires in (9|10) day\(s\), "
+                     r"on \d{4}-\d\d-\d\d; renew it: docker-mirror cert init --hostname NAME, then systemctl reload "
+                     r"docker-mirror\n", out), out
+    assert "the service speaks HTTPS with it" in out
