@@ -331,6 +331,9 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
         host = args.host
     else:   # the configured hostname:, else this host's FQDN, and the output says which
         picked = mirror_name(config)
+        if not picked.name:
+            raise ConfigError(f"{picked.unknown}; set hostname: in {config.source} to the name clients use, or give "
+                              "--host NAME:PORT", key="--host")
         host = f"{picked.name}:{config.listen_address[1]}"
         how += f"\n{picked.note}; or give --host NAME:PORT"
     tls = config.tls.active

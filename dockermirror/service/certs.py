@@ -106,13 +106,47 @@ class MirrorName:
     note: str            # one line saying which, for the command's output
 
 
+    unknown: str = ""    # name == "": why (this host has no name clients can use), for an error line
+
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "localhost4", "localhost4.localdomain4", "localhost6",
+                   "localhost6.localdomain6", "ip6-localhost", "ip6-loopback"}
+
+
+def usable_name(name: str) -> bool:
+    """Whether another machine can reach this one by ``name``: a DNS name or an address, not
+    localhost or a loopback address (getfqdn() says localhost when /etc/hosts lists
+    ``127.0.0.1 localhost`` first)."""
+    name = name.rstrip(".").lower()
+    if _is_ip(name):
+        address = ipaddress.ip_address(name)
+        return not (address.is_loopback or address.is_unspecified)
+    if name in _LOOPBACK_NAMES or name.startswith("localhost.") or "*" in name:
+        return False
+    try:
+        check_dns_name(name, "name")
+    except UsageError:
+        return False
+    return True
+
+
 def mirror_name(config: Config) -> MirrorName:
-    """The configured ``hostname:``, or else this host's FQDN (and a note saying so)."""
+    """The configured ``hostname:``, or else this host's FQDN, or else its host name (and a note
+    saying which); name "" when none of them is a name clients can use."""
     if config.hostname:
         return MirrorName(config.hostname, True, f"name: {config.hostname} (hostname: in {config.source})")
     fqdn = socket.getfqdn()
-    return MirrorName(fqdn, False, f"name: {fqdn} (this host's FQDN: hostname: is not set in {config.source}; "
-                                   "set it to the name clients use)")
+    if usable_name(fqdn):
+        return MirrorName(fqdn, False, f"name: {fqdn} (this host's FQDN: hostname: is not set in {config.source}; "
+                                       "set it to the name clients use)")
+    short = socket.gethostname()
+    if usable_name(short):
+        return MirrorName(short, False, f"name: {short} (this host's name: its FQDN {fqdn!r} is no name clients "
+                                        f"can use, and hostname: is not set in {config.source}; set it to the name "
+                                        "clients use)")
+    why = f"this host has no name clients can use (its FQDN is {fqdn!r}, its host name {short!r})"
+    return MirrorName("", False, f"name: unknown (this host's FQDN is {fqdn!r}, its host name {short!r}); set hostname: in "
+                                 f"{config.source} to the name clients use", why)
 
 
 def check_dns_name(name: str, what: str) -> str:

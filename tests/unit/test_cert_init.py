@@ -347,3 +347,18 @@ def test_ensure_warns_of_a_certificate_that_expires_within_30_days(site: Path, c
                      r"on \d{4}-\d\d-\d\d; renew it: docker-mirror cert init --hostname NAME, then systemctl reload "
                      r"docker-mirror\n", out), out
     assert "the service speaks HTTPS with it" in out
+
+
+def test_an_fqdn_of_localhost_is_no_mirror_name(site: Path, capsys, monkeypatch):
+    monkeypatch.setattr(certs.socket, "getfqdn", lambda: "localhost")
+    monkeypatch.setattr(certs.socket, "gethostname", lambda: "box")
+    config = site / "etc" / "config.yml"
+    status, out, _ = run(capsys, "init", "--config", str(config))
+    assert status == 0
+    assert names_in(site / "pki" / "certs" / "docker-mirror.crt") == ["box", "localhost", "127.0.0.1", "::1"]
+    assert (f"name: box (this host's name: its FQDN 'localhost' is no name clients can use, and hostname: is not "
+            f"set in {config}; set it to the name clients use)") in out
+    monkeypatch.setattr(certs.socket, "gethostname", lambda: "localhost")
+    picked = certs.mirror_name(configuration.load(config))
+    assert (picked.name, picked.configured) == ("", False)
+    assert picked.note.startswith("name: unknown (this host's FQDN is 'localhost', its host name 'localhost');")
