@@ -334,7 +334,7 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
         if not picked.name:
             raise ConfigError(f"{picked.unknown}; set hostname: in {config.source} to the name clients use, or give "
                               "--host NAME:PORT", key="--host")
-        host = f"{picked.name}:{config.listen_address[1]}"
+        host = configuration.host_port(picked.name, config.listen_address[1])
         how += f"\n{picked.note}; or give --host NAME:PORT"
     tls = config.tls.active
     try:
@@ -410,14 +410,32 @@ def _parsed(parse, what: str):
 
 
 def _host_port(text: str) -> str:
-    """--host: HOST or HOST:PORT as clients write it in an image name (no scheme, no path)."""
-    host, _, port = text.rpartition(":")
-    if not host or "]" in port:     # no port: "mirror", "[::1]"
-        host, port = text, ""
-    if (not host or text.startswith(":") or "/" in text or any(c.isspace() for c in text) or "@" in text
-            or (port and not (port.isdigit() and 0 < int(port) < 65536))):
-        raise ValueError(f"{text!r} is not HOST:PORT; give the name and port clients use, e.g. "
-                         "mirror.example.com:5000 (no https://, no path)")
+    """--host: HOST:PORT (or HOST) as clients write it in an image name: a DNS name, an IPv4
+    address, or an IPv6 address in brackets; no scheme, no path."""
+    import ipaddress
+
+    bad = (f"{text!r} is not HOST:PORT; give the name and port clients use, e.g. mirror.example.com:5000 or "
+           "[fd00::5]:5000 (no https://, no path)")
+    if text.startswith("["):
+        inner, closed, rest = text[1:].partition("]")
+        try:
+            address = ipaddress.IPv6Address(inner) if closed else None
+        except ValueError:
+            address = None
+        if address is None or address.scope_id or (rest and not rest.startswith(":")):
+            raise ValueError(bad)
+        port = rest[1:] if rest else None
+    else:
+        host, _, port = text.partition(":") if ":" in text else (text, "", None)
+        if port is not None and ":" in port:    # fd00::5 or fd00::5:5000
+            raise ValueError(f"{bad}; put an IPv6 address in brackets")
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not configuration.is_dns_name(host.removesuffix(".")):
+                raise ValueError(bad) from None
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(bad)
     return text
 
 

@@ -111,8 +111,9 @@ def test_a_configured_hostname_that_is_no_dns_name_is_named_with_its_file(site: 
     before = listing(site)
     status, _, err = run(capsys, "init", "--config", str(config))
     assert status == 2
-    assert one_error_line(err) == (f"docker-mirror: {config}: hostname: 'my_mirror!' is not a DNS name (letters, "
-                                   "digits and -, in labels separated by dots); give the name clients use\n")
+    # refused where the configuration is read (as check-config and serve do), with its line
+    assert one_error_line(err) == (f"docker-mirror: {config}:1: hostname: 'my_mirror!' is not a DNS name or an IP "
+                                   "address; give the name clients use, e.g. mirror.example.com\n")
     assert listing(site) == before
 
 
