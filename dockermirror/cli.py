@@ -192,13 +192,13 @@ def cmd_cert(args: argparse.Namespace) -> int:
                     done = clientcerts.revoke(paths, args.name, config.tls.crl)
             print("\n".join(done))
             return 0
-    except (certs.CertError, OSError) as exc:
+    except certs.CertError as exc:      # file errors are CertErrors naming the file; not a closed stdout
         return _cert_failed(exc)
     if args.cert_command == "ensure":
         return _cert_ensure(args, config, paths)
     try:
         lines = _cert_init(args, config, paths)
-    except (certs.CertError, OSError) as exc:
+    except certs.CertError as exc:
         return _cert_failed(exc)
     print("\n".join(lines))
     return 0
@@ -292,7 +292,7 @@ def _cert_ensure_locked(args: argparse.Namespace, config: Config, paths, say, se
         return 0
     try:
         lines = _cert_init(args, config, paths)
-    except (certs.CertError, OSError) as exc:
+    except certs.CertError as exc:
         return not_made(exc)
     say(*lines, certs.trust_note(paths), serving, *next_lines)
     return 0

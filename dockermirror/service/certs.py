@@ -264,7 +264,10 @@ class _Staged:
                     backup = path.with_name(f".{path.name}.old")
                     backup.unlink(missing_ok=True)
                     os.link(path, backup)
-                os.replace(temp, path)
+                try:
+                    os.replace(temp, path)
+                except OSError as exc:
+                    raise OSError(exc.errno, exc.strerror, str(path)) from None     # the target's name
                 done.append((path, backup))
         except OSError:
             for path, backup in reversed(done):
@@ -319,7 +322,12 @@ def ca_lock(paths: Paths) -> Iterator[None]:
         except OSError as exc:
             made.abort()
             raise CertError(f"{exc.filename or directory}: {exc.strerror}: nothing was changed") from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(fd)
+            made.abort()
+            raise CertError(f"{directory}: cannot lock it: {exc.strerror}: nothing was changed") from None
         try:
             now = os.stat(directory)
             locked = os.fstat(fd)

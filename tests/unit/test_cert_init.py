@@ -363,3 +363,30 @@ def test_an_fqdn_of_localhost_is_no_mirror_name(site: Path, capsys, monkeypatch)
     picked = certs.mirror_name(configuration.load(config))
     assert (picked.name, picked.configured) == ("", False)
     assert picked.note.startswith("name: unknown (this host's FQDN is 'localhost', its host name 'localhost');")
+
+
+# --- a closed stdout is not a failure; a file that cannot be written is named
+
+
+@pytest.mark.parametrize("command", [["show"], ["init", "--hostname", "m.example"]])
+def test_a_reader_that_stops_early_is_no_error(tmp_path: Path, capsys, command: list[str]):
+    """`docker-mirror cert show | head -1`: exit 141, nothing on stderr (as every command)."""
+    import subprocess
+    import sys
+
+    pki = tmp_path / "pki"
+    assert run(capsys, "init", "--dir", str(pki), "--hostname", "m.example")[0] == 0
+    proc = subprocess.Popen([sys.executable, "-m", "dockermirror", "cert", *command, "--dir", str(pki)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141 and err == b""
+
+
+def test_a_client_directory_that_cannot_be_made_is_named(site: Path, capsys):
+    config = str(site / "etc" / "config.yml")
+    assert run(capsys, "init", "--config", config, "--hostname", "m.example")[0] == 0
+    (site / "afile").write_text("x\n")
+    status, out, err = run(capsys, "client", "c1", "--out", str(site / "afile" / "c1"), "--config", config)
+    assert status == 1 and out == ""
+    assert one_error_line(err) == f"docker-mirror: {site}/afile/c1: Not a directory\n"
