@@ -164,10 +164,27 @@ def check_dns_name(name: str, what: str) -> str:
 
 def check_ips(ips: list[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     try:
-        return [ipaddress.ip_address(ip) for ip in ips]
+        addresses = [ipaddress.ip_address(ip) for ip in ips]
     except ValueError:
         bad = next(ip for ip in ips if not _is_ip(ip))
         raise UsageError(f"--ip: {bad!r} is not an IP address; give one such as 10.1.2.3 or fd00::5") from None
+    for ip, address in zip(ips, addresses):
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+            raise UsageError(f"--ip: {ip!r} is a scoped address (%{address.scope_id}): a certificate cannot hold "
+                             "the scope; give the address without it")
+    return addresses
+
+
+MAX_DAYS = 36500
+
+
+def check_days(days: int, default: int) -> int:
+    """--days: 1 to MAX_DAYS (a date beyond that is no certificate's business), or UsageError."""
+    if days < 1:
+        raise UsageError(f"--days: {days} is not a number of days; give 1 to {MAX_DAYS} (default {default})")
+    if days > MAX_DAYS:
+        raise UsageError(f"--days: {days} is more than {MAX_DAYS} days; give 1 to {MAX_DAYS} (default {default})")
+    return days
 
 
 def _is_ip(text: str) -> bool:
@@ -444,8 +461,7 @@ def issue(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], names: list[s
         raise UsageError("--hostname: a server certificate needs at least one --hostname or --ip")
     names = [check_dns_name(name, "--hostname") for name in names]
     addresses = check_ips(ips)
-    if days < 1:
-        raise UsageError(f"--days: {days} is not a number of days; give 1 or more (default {SERVER_DAYS})")
+    check_days(days, SERVER_DAYS)
     until = _now() + datetime.timedelta(days=days)
     if until > ca[0].not_valid_after_utc:
         raise UsageError(f"--days: the CA expires on {ca[0].not_valid_after_utc:%Y-%m-%d}, before {days} days; "

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dockermirror.service.certs import CertError, Paths, _cert_pem, _key_pem, _now, _write, load_ca, sign_leaf
+from dockermirror.service.certs import CertError, Paths, check_days, _cert_pem, _key_pem, _now, _write, load_ca, sign_leaf
 
 CLIENT_DAYS = 365
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -60,8 +60,7 @@ def issue_client(paths: Paths, name: str, out: Path, days: int = CLIENT_DAYS) ->
     """A key and a certificate for client ``name`` (CN=name, clientAuth), signed by the CA,
     written to ``out`` with a copy of the CA, and recorded for ``revoke``."""
     check_name(name)
-    if days < 1:
-        raise CertError("--days must be at least 1")
+    check_days(days, CLIENT_DAYS)
     ca_cert, ca_key = _ca(paths)
     now = _now()
     until = now + datetime.timedelta(days=days)

@@ -97,6 +97,11 @@ def test_a_failure_keeps_the_existing_ca_and_certificate_as_they_were(site: Path
     (["--ip", "10.1.2"], "--ip: '10.1.2' is not an IP address; give one such as 10.1.2.3"),
     (["--hostname", "m.example", "--days", "0"], "--days: 0 is not a number of days"),
     (["--hostname", "m.example", "--days", "5000"], "--days: the CA expires on "),
+    (["--hostname", "m.example", "--days", "999999999"], "--days: 999999999 is more than 36500 days; give 1 to "
+                                                         "36500 (default 825)"),
+    (["--hostname", "m.example", "--days", "-5"], "--days: -5 is not a number of days; give 1 to 36500"),
+    (["--ip", "fd00::5%eth0"], "--ip: 'fd00::5%eth0' is a scoped address (%eth0): a certificate cannot hold the "
+                               "scope; give the address without it"),
 ])
 def test_a_bad_flag_is_a_usage_error_and_writes_nothing(site: Path, capsys, args: list[str], flag: str):
     before = listing(site)
@@ -390,3 +395,16 @@ def test_a_client_directory_that_cannot_be_made_is_named(site: Path, capsys):
     status, out, err = run(capsys, "client", "c1", "--out", str(site / "afile" / "c1"), "--config", config)
     assert status == 1 and out == ""
     assert one_error_line(err) == f"docker-mirror: {site}/afile/c1: Not a directory\n"
+
+
+@pytest.mark.parametrize("days, problem", [
+    ("999999999", "--days: 999999999 is more than 36500 days; give 1 to 36500 (default 365)"),
+    ("0", "--days: 0 is not a number of days; give 1 to 36500 (default 365)"),
+])
+def test_a_client_certificate_with_days_out_of_range_is_a_usage_error(site: Path, capsys, days, problem):
+    config = str(site / "etc" / "config.yml")
+    assert run(capsys, "init", "--config", config, "--hostname", "m.example")[0] == 0
+    before = listing(site)
+    status, out, err = run(capsys, "client", "c1", "--out", str(site / "c1"), "--days", days, "--config", config)
+    assert status == 2 and out == "" and listing(site) == before
+    assert one_error_line(err) == f"docker-mirror: {problem}\n"
