@@ -408,3 +408,39 @@ def test_a_client_certificate_with_days_out_of_range_is_a_usage_error(site: Path
     status, out, err = run(capsys, "client", "c1", "--out", str(site / "c1"), "--days", days, "--config", config)
     assert status == 2 and out == "" and listing(site) == before
     assert one_error_line(err) == f"docker-mirror: {problem}\n"
+
+
+# --- replacing a pair that a server reads
+
+
+def test_a_reload_between_the_renames_of_key_and_certificate_loads_the_new_pair(tmp_path: Path, monkeypatch):
+    """cert init renames the new key and certificate into place one after the other; a reload
+    landing between them reads a key that does not belong to the certificate. The server
+    looks again a moment later instead of failing the reload."""
+    from dockermirror.service import tls
+
+    live, fresh = certs.Paths.under(tmp_path / "live"), certs.Paths.under(tmp_path / "fresh")
+    certs.init(live, ["localhost"], [])
+    server = tls.ServerTLS(live.certificate, live.key, "localhost")
+    certs.init(fresh, ["localhost"], [])
+    live.key.write_bytes(fresh.key.read_bytes())            # the first rename has happened
+    waited = []
+
+    def second_rename(seconds: float) -> None:
+        waited.append(seconds)
+        live.certificate.write_bytes(fresh.certificate.read_bytes())
+
+    monkeypatch.setattr(tls.time, "sleep", second_rename)
+    checked = server.reload(live.certificate, live.key, "localhost")
+    new_serial = x509.load_pem_x509_certificates(fresh.certificate.read_bytes())[0].serial_number
+    assert checked.certificate.serial_number == new_serial and server.checked.certificate.serial_number == new_serial
+    assert len(waited) == 1
+    # a pair that stays mismatched is still refused (after one look more), and the old one kept
+    other = certs.Paths.under(tmp_path / "other")
+    certs.init(other, ["localhost"], [])
+    live.key.write_bytes(other.key.read_bytes())
+    monkeypatch.setattr(tls.time, "sleep", lambda seconds: waited.append(seconds))
+    with pytest.raises(tls.TLSError, match="does not belong to certificate"):
+        server.reload(live.certificate, live.key, "localhost")
+    assert len(waited) == 2 and server.checked.certificate.serial_number == new_serial
+
