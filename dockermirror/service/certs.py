@@ -284,6 +284,8 @@ class _Staged:
                 try:
                     os.replace(temp, path)
                 except OSError as exc:
+                    if backup is not None:
+                        backup.unlink(missing_ok=True)      # the file it would back up is still in place
                     raise OSError(exc.errno, exc.strerror, str(path)) from None     # the target's name
                 done.append((path, backup))
         except OSError:

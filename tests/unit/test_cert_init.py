@@ -444,3 +444,22 @@ def test_a_reload_between_the_renames_of_key_and_certificate_loads_the_new_pair(
         server.reload(live.certificate, live.key, "localhost")
     assert len(waited) == 2 and server.checked.certificate.serial_number == new_serial
 
+
+def test_a_rename_that_fails_leaves_the_old_files_and_no_backup(site: Path, capsys, monkeypatch):
+    config = str(site / "etc" / "config.yml")
+    assert run(capsys, "init", "--config", config, "--hostname", "old.example")[0] == 0
+    before = listing(site)
+    cert = site / "pki" / "certs" / "docker-mirror.crt"
+    real_replace = os.replace
+
+    def replace(source, target):
+        if Path(target) == cert:
+            raise OSError(28, "No space left on device", str(source))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(certs.os, "replace", replace)
+    status, out, err = run(capsys, "init", "--config", config, "--hostname", "new.example")
+    assert status == 1 and out == ""
+    assert one_error_line(err) == f"docker-mirror: {cert}: No space left on device: nothing was changed\n"
+    assert listing(site) == before          # the old key back in place, no .old or .new file left
+
