@@ -497,6 +497,15 @@ def _init(paths: Paths, names: list[str], ips: list[str], days: int) -> list[str
         ca = new_ca()
     cert, key = issue(ca, names, ips, days)      # checks the names before anything is written
     group = service_group() if os.geteuid() == 0 else None
+    writes = [paths.key, paths.certificate]
+    if created or paths.ca_key_in_use == paths.legacy_ca_key:
+        writes.append(paths.ca_key)
+    if created:
+        writes.append(paths.ca)
+    for path in writes:     # a link to a file managed elsewhere: neither replaced nor written through
+        if path.is_symlink():
+            raise CertError(f"{path} is a symbolic link (to {os.readlink(path)}): cert init does not replace it; "
+                            "remove the link, or point tls: at other paths: nothing was changed")
     staged = _Staged()
     try:
         if created or paths.ca_key_in_use == paths.legacy_ca_key:

@@ -463,3 +463,22 @@ def test_a_rename_that_fails_leaves_the_old_files_and_no_backup(site: Path, caps
     assert one_error_line(err) == f"docker-mirror: {cert}: No space left on device: nothing was changed\n"
     assert listing(site) == before          # the old key back in place, no .old or .new file left
 
+
+@pytest.mark.parametrize("which", ["certificate", "key"])
+def test_a_symlinked_file_is_not_replaced_by_a_file(site: Path, capsys, which: str):
+    """A tls: path that is a symbolic link (to a certificate managed elsewhere): init refuses, in
+    one line, rather than put a file of its own in place of the link or write through it."""
+    elsewhere = site / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / "managed.pem"
+    target.write_text("managed elsewhere\n")
+    link = {"certificate": site / "pki" / "certs" / "docker-mirror.crt",
+            "key": site / "pki" / "private" / "docker-mirror.key"}[which]
+    link.parent.mkdir(parents=True)
+    link.symlink_to(target)
+    before = listing(site)
+    status, out, err = run(capsys, "init", "--config", str(site / "etc" / "config.yml"), "--hostname", "m.example")
+    assert status == 1 and out == "" and listing(site) == before
+    assert one_error_line(err) == (f"docker-mirror: {link} is a symbolic link (to {target}): cert init does not "
+                                   "replace it; remove the link, or point tls: at other paths: nothing was "
+                                   "changed\n")
