@@ -281,12 +281,15 @@ def _cert_ensure_locked(args: argparse.Namespace, config: Config, paths, say, se
             return status
         say(f"TLS certificate {paths.certificate} exists already (names: {', '.join(names) or 'none'}; "
             f"valid until {until:%Y-%m-%d}); nothing changed")
+        legacy = paths.ca_key_in_use == paths.legacy_ca_key
+        if not checked.warnings and not legacy:
+            return 0    # nothing to do (every package upgrade): that one line
         for warning in checked.warnings:
             if " expires in " in warning:
                 warning += "; renew it: docker-mirror cert init --hostname NAME, then systemctl reload docker-mirror"
             say(f"warning: {warning}")
         say(certs.trust_note(paths), serving)
-        if paths.ca_key_in_use == paths.legacy_ca_key:
+        if legacy:
             say(certs.legacy_key_note(paths))
         say(*next_lines)
         return 0
