@@ -243,6 +243,7 @@ def _cert_ensure(args: argparse.Namespace, config: Config, paths) -> int:
     next_lines = ["next: for the names clients use, docker-mirror cert init --hostname NAME (repeat for more), "
                   "then systemctl reload docker-mirror",
                   "next: docker-mirror client-setup prints what each client needs"]
+
     def not_made(exc: Exception) -> int:
         status = _cert_failed(exc)
         say(f"no TLS certificate was made; {certs.no_certificate_note(config.tls.enabled, config.source, paths)}",
@@ -550,7 +551,9 @@ def parser() -> argparse.ArgumentParser:
     setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
                                                      "here (for every upstream)")
     setup.add_argument("--config", type=Path, help=config_help)
-    setup.add_argument("--host", metavar="HOST:PORT", type=_parsed(_host_port, "HOST:PORT"), help="how clients reach the mirror (default: hostname and port)")
+    setup.add_argument("--host", metavar="HOST:PORT", type=_parsed(_host_port, "HOST:PORT"),
+                       help="how clients reach the mirror, [V6]:PORT for an IPv6 address (default: hostname: and "
+                            "the port of listen:)")
     setup.add_argument("--for", dest="target", metavar="el7|el8|el9|debian",
                        help="the client system (default: this one, from /etc/os-release)")
     setup.set_defaults(run=cmd_client_setup)

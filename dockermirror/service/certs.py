@@ -145,8 +145,8 @@ def mirror_name(config: Config) -> MirrorName:
                                         f"can use, and hostname: is not set in {config.source}; set it to the name "
                                         "clients use)")
     why = f"this host has no name clients can use (its FQDN is {fqdn!r}, its host name {short!r})"
-    return MirrorName("", False, f"name: unknown (this host's FQDN is {fqdn!r}, its host name {short!r}); set hostname: in "
-                                 f"{config.source} to the name clients use", why)
+    return MirrorName("", False, f"name: unknown (this host's FQDN is {fqdn!r}, its host name {short!r}); set "
+                                 f"hostname: in {config.source} to the name clients use", why)
 
 
 def check_dns_name(name: str, what: str) -> str:
@@ -168,7 +168,7 @@ def check_ips(ips: list[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Addr
     except ValueError:
         bad = next(ip for ip in ips if not _is_ip(ip))
         raise UsageError(f"--ip: {bad!r} is not an IP address; give one such as 10.1.2.3 or fd00::5") from None
-    for ip, address in zip(ips, addresses):
+    for ip, address in zip(ips, addresses, strict=True):
         if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
             raise UsageError(f"--ip: {ip!r} is a scoped address (%{address.scope_id}): a certificate cannot hold "
                              "the scope; give the address without it")

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dockermirror.service.certs import CertError, Paths, check_days, _cert_pem, _key_pem, _now, _write, load_ca, sign_leaf
+from dockermirror.service.certs import (CertError, Paths, _cert_pem, _key_pem, _now, _write, check_days, load_ca,
+                                        sign_leaf)
 
 CLIENT_DAYS = 365
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")

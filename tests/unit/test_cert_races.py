@@ -38,8 +38,8 @@ def concurrently(workdir: Path, argvs: list[list[str]]) -> list[tuple[int, str, 
                 for fd, path in ((1, out), (2, err)):
                     os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
                 import sys
-                sys.stdout = open(1, "w", closefd=False)
-                sys.stderr = open(2, "w", closefd=False)
+                sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115  (the child's, until os._exit)
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
                 status = cli.main(argv)
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -88,7 +88,7 @@ def test_runs_at_the_same_time_leave_a_working_ca_and_say_what_they_did(tmp_path
         directory = tmp_path / f"round{round_number}" / "pki"
         argv = ["cert", command, "--config", str(config), "--dir", str(directory), "--hostname", "m.example"]
         results = concurrently(tmp_path, [argv] * RUNS)
-        for status, out, err in results:
+        for status, _, err in results:
             assert (status, err) == (0, ""), (round_number, results)
         certificate = assert_consistent(directory)
         created = [out for _, out, _ in results if "created a private CA" in out]
