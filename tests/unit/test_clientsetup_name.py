@@ -115,3 +115,15 @@ def test_no_usable_name_at_all_asks_for_hostname_or_host(tmp_path, capsys, monke
     # with --host it needs none
     assert cli.main(["client-setup", "--config", str(path), "--host", "mirror.lan:5001"]) == 0
     assert capsys.readouterr().out.startswith("# docker-mirror at http://mirror.lan:5001,")
+
+
+def test_the_server_checks_its_certificate_against_the_same_name(monkeypatch):
+    """serve warns when the certificate does not cover the mirror's name: the name client-setup
+    and cert init use, not localhost."""
+    from dockermirror import config as configuration
+    from dockermirror.service.server import public_hostname
+
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: "localhost")
+    monkeypatch.setattr(socket, "gethostname", lambda: "box")
+    assert public_hostname(configuration.loads("listen: 0.0.0.0:5000\n", "c.yml")) == "box"
+    assert public_hostname(configuration.loads("hostname: m.example\n", "c.yml")) == "m.example"
