@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -197,19 +198,20 @@ def cmd_cert(args: argparse.Namespace) -> int:
         if args.cert_command in ("client", "revoke"):
             from dockermirror.service import clientcerts
 
-            if args.cert_command == "client":
-                done = clientcerts.issue_client(paths, args.name, args.out, args.days)
-            else:
-                done = clientcerts.revoke(paths, args.name, config.tls.crl)
+            with certs.ca_lock(paths):     # a revocation reads and rewrites the CRL: one at a time
+                if args.cert_command == "client":
+                    done = clientcerts.issue_client(paths, args.name, args.out, args.days)
+                else:
+                    done = clientcerts.revoke(paths, args.name, config.tls.crl)
             print("\n".join(done))
             return 0
-    except (certs.CertError, OSError) as exc:
+    except certs.CertError as exc:      # file errors are CertErrors naming the file; not a closed stdout
         return _cert_failed(exc)
     if args.cert_command == "ensure":
         return _cert_ensure(args, config, paths)
     try:
         lines = _cert_init(args, config, paths)
-    except (certs.CertError, OSError) as exc:
+    except certs.CertError as exc:
         return _cert_failed(exc)
     print("\n".join(lines))
     return 0
@@ -254,31 +256,61 @@ def _cert_ensure(args: argparse.Namespace, config: Config, paths) -> int:
     next_lines = ["next: for the names clients use, docker-mirror cert init --hostname NAME (repeat for more), "
                   "then systemctl reload docker-mirror",
                   "next: docker-mirror client-setup prints what each client needs"]
-    if paths.certificate.exists() and paths.key.exists():
-        try:
-            names, until = certs.names_of(paths.certificate)
-        except certs.CertError as exc:
-            status = _cert_failed(exc)
-            effect = ("the service will not start with it" if config.tls.enabled != "off" and args.dir is None
-                      else "replace it before you use it")
-            say(f"TLS certificate {paths.certificate} exists already; nothing changed; but it is not usable, so "
-                f"{effect}", *next_lines)
-            return status
-        say(f"TLS certificate {paths.certificate} exists already (names: {', '.join(names) or 'none'}; "
-            f"valid until {until:%Y-%m-%d}); nothing changed")
-        say(certs.trust_note(paths), serving)
-        if paths.ca_key_in_use == paths.legacy_ca_key:
-            say(certs.legacy_key_note(paths))
-        say(*next_lines)
-        return 0
-    try:
-        lines = _cert_init(args, config, paths)
-    except (certs.CertError, OSError) as exc:
+
+    def not_made(exc: Exception) -> int:
         status = _cert_failed(exc)
         say(f"no TLS certificate was made; {certs.no_certificate_note(config.tls.enabled, config.source, paths)}",
             "next: docker-mirror cert init --hostname NAME (the name clients use), then "
             "systemctl restart docker-mirror; docker-mirror client-setup prints what each client needs")
         return status
+
+    with contextlib.ExitStack() as held:
+        try:    # whether there is one, and making one, is one step: another run waits for it
+            held.enter_context(certs.ca_lock(paths))
+        except certs.CertError as exc:
+            return not_made(exc)
+        return _cert_ensure_locked(args, config, paths, say, serving, next_lines, not_made)
+
+
+def _cert_ensure_locked(args: argparse.Namespace, config: Config, paths, say, serving: str,
+                        next_lines: list[str], not_made) -> int:
+    from dockermirror.service import certs
+
+    if paths.certificate.exists() and paths.key.exists():
+        from dockermirror.service.tls import TLSError, check
+
+        renew = "docker-mirror cert init --hostname NAME (the name clients use)"
+        try:
+            names, until = certs.names_of(paths.certificate)
+            # what serve checks at start (and at reload): key and certificate match, in date
+            checked = check(paths.certificate, paths.key, certs.mirror_name(config).name)
+        except (certs.CertError, TLSError) as exc:
+            status = _cert_failed(exc)
+            if config.tls.enabled != "off" and args.dir is None:
+                effect = f"the service will not start with it: run {renew}, then systemctl restart docker-mirror"
+            else:
+                effect = f"replace it before you use it: {renew}"
+            say(f"TLS certificate {paths.certificate} exists already; nothing changed; but it is not usable, so "
+                f"{effect}", next_lines[-1])
+            return status
+        say(f"TLS certificate {paths.certificate} exists already (names: {', '.join(names) or 'none'}; "
+            f"valid until {until:%Y-%m-%d}); nothing changed")
+        legacy = paths.ca_key_in_use == paths.legacy_ca_key
+        if not checked.warnings and not legacy:
+            return 0    # nothing to do (every package upgrade): that one line
+        for warning in checked.warnings:
+            if " expires in " in warning:
+                warning += "; renew it: docker-mirror cert init --hostname NAME, then systemctl reload docker-mirror"
+            say(f"warning: {warning}")
+        say(certs.trust_note(paths), serving)
+        if legacy:
+            say(certs.legacy_key_note(paths))
+        say(*next_lines)
+        return 0
+    try:
+        lines = _cert_init(args, config, paths)
+    except certs.CertError as exc:
+        return not_made(exc)
     say(*lines, certs.trust_note(paths), serving, *next_lines)
     return 0
 
@@ -316,7 +348,10 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
         host = args.host
     else:   # the configured hostname:, else this host's FQDN, and the output says which
         picked = mirror_name(config)
-        host = f"{picked.name}:{config.listen_address[1]}"
+        if not picked.name:
+            raise ConfigError(f"{picked.unknown}; set hostname: in {config.source} to the name clients use, or give "
+                              "--host NAME:PORT", key="--host")
+        host = configuration.host_port(picked.name, config.listen_address[1])
         how += f"\n{picked.note}; or give --host NAME:PORT"
         if config.node:     # one node of several: clients should be given the balancer's name
             how += (f"\nnode: {config.node} is set: if clients reach this mirror through a load balancer, "
@@ -430,14 +465,32 @@ def _parsed(parse, what: str):
 
 
 def _host_port(text: str) -> str:
-    """--host: HOST or HOST:PORT as clients write it in an image name (no scheme, no path)."""
-    host, _, port = text.rpartition(":")
-    if not host or "]" in port:     # no port: "mirror", "[::1]"
-        host, port = text, ""
-    if (not host or text.startswith(":") or "/" in text or any(c.isspace() for c in text) or "@" in text
-            or (port and not (port.isdigit() and 0 < int(port) < 65536))):
-        raise ValueError(f"{text!r} is not HOST:PORT; give the name and port clients use, e.g. "
-                         "mirror.example.com:5000 (no https://, no path)")
+    """--host: HOST:PORT (or HOST) as clients write it in an image name: a DNS name, an IPv4
+    address, or an IPv6 address in brackets; no scheme, no path."""
+    import ipaddress
+
+    bad = (f"{text!r} is not HOST:PORT; give the name and port clients use, e.g. mirror.example.com:5000 or "
+           "[fd00::5]:5000 (no https://, no path)")
+    if text.startswith("["):
+        inner, closed, rest = text[1:].partition("]")
+        try:
+            address = ipaddress.IPv6Address(inner) if closed else None
+        except ValueError:
+            address = None
+        if address is None or address.scope_id or (rest and not rest.startswith(":")):
+            raise ValueError(bad)
+        port = rest[1:] if rest else None
+    else:
+        host, _, port = text.partition(":") if ":" in text else (text, "", None)
+        if port is not None and ":" in port:    # fd00::5 or fd00::5:5000
+            raise ValueError(f"{bad}; put an IPv6 address in brackets")
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not configuration.is_dns_name(host.removesuffix(".")):
+                raise ValueError(bad) from None
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(bad)
     return text
 
 
@@ -550,7 +603,9 @@ def parser() -> argparse.ArgumentParser:
     setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
                                                      "here (for every upstream)")
     setup.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
-    setup.add_argument("--host", metavar="HOST:PORT", type=_parsed(_host_port, "HOST:PORT"), help="how clients reach the mirror (default: hostname and port)")
+    setup.add_argument("--host", metavar="HOST:PORT", type=_parsed(_host_port, "HOST:PORT"),
+                       help="how clients reach the mirror, [V6]:PORT for an IPv6 address (default: hostname: and "
+                            "the port of listen:)")
     setup.add_argument("--for", dest="target", metavar="el7|el8|el9|debian",
                        help="the client system (default: this one, from /etc/os-release)")
     setup.set_defaults(run=cmd_client_setup)

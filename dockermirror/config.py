@@ -199,6 +199,49 @@ def split_listen(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_NAME_ONLY = "give the name only, e.g. mirror.example.com"
+
+
+def is_dns_name(text: str) -> bool:
+    """Letters, digits and -, in labels separated by dots (a host name as certificates hold it)."""
+    return 0 < len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in text.split("."))
+
+
+def host_port(host: str, port: int | str) -> str:
+    """HOST:PORT as clients write it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_hostname(value: Any) -> str:
+    """``hostname:``: the name clients use (a DNS name or an IP address): no port, scheme or path."""
+    if value is None or value == "":
+        return ""
+    text = _string(value)
+    if "://" in text:
+        raise ValueError(f"{text!r} has a scheme; {_NAME_ONLY}")
+    if "/" in text:
+        raise ValueError(f"{text!r} has a path; {_NAME_ONLY}")
+    if text.startswith("[") and text.endswith("]") and _is_ipv6(text[1:-1]):
+        raise ValueError(f"{text!r} is an IPv6 address in brackets; give it without them: {text[1:-1]}")
+    if "%" in text and _is_ipv6(text):
+        scope = text[text.index("%"):]
+        raise ValueError(f"{text!r} is a scoped address ({scope}): clients elsewhere cannot use it; give the name "
+                         "or a global address")
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    host, sep, port = text.rpartition(":")
+    if sep and host and port.isdigit():
+        raise ValueError(f"{text!r} has a port; {_NAME_ONLY} (the port comes from listen:)")
+    name = text.removesuffix(".")
+    if not is_dns_name(name):
+        raise ValueError(f"{text!r} is not a DNS name or an IP address; give the name clients use, e.g. "
+                         "mirror.example.com")
+    return name
+
+
 def parse_url(value: Any) -> str:
     text = _string(value)
     if "@" in text:
@@ -508,7 +551,7 @@ class LogConfig:
 class Config:
     listen: str = _setting("0.0.0.0:5000", parse_listen)
     # the name clients use to reach this mirror (empty: the machine's FQDN)
-    hostname: str = _setting("", lambda v: "" if v in (None, "") else _string(v))
+    hostname: str = _setting("", parse_hostname)
     # this node's name in a cluster: in the request log, a response header, /metrics, the journal
     node: str = _setting("", parse_node)
     # GET / answers the status page (false: 404); /healthz answers either way

@@ -120,6 +120,7 @@ def test_deb_install_reload_upgrade_remove(packages, upstream: Upstream, tmp_pat
         upgraded = c.run("apt-get", "install", "-y", "-q", f"/dist/{packages['upgrade'].name}", timeout=600).stdout
         assert ("docker-mirror: TLS certificate /etc/pki/tls/certs/docker-mirror.crt exists already (names: "
                 "localhost, 127.0.0.1, ::1; valid until ") in upgraded
+        assert "docker-mirror: next:" not in upgraded       # a certificate that works: that one line
         assert UPGRADE in c.run("dpkg-query", "-W", "-f", "${Version}", "docker-mirror").stdout
         assert c.read("/etc/docker-mirror/config.yml") == config_before      # the admin's config stays
         assert c.run("find", "/var/cache/docker-mirror/blobs", "-type", "f").stdout.split() == blobs_before

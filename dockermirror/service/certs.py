@@ -12,20 +12,28 @@ certs.d/<host>/ or --cert-dir holds no *.key (podman, skopeo and dockerd take a 
 for half of a client key pair and refuse the directory). A CA key of an older install beside
 ca.crt (ca.key) is still read; ``cert init`` moves it to private/.
 
-``init`` is all or nothing: every file is first written to a temporary name beside its
-target, and only when all of them are written are they renamed into place; a failure
+``init`` is all or nothing: every file is first written to a temporary name of its own beside
+its target, and only when all of them are written are they renamed into place; a failure
 before that removes the temporary files and any directory it made. A server reloading at
 the same moment never reads half a file.
+
+Two runs at the same time (the package script and an admin) take turns: each holds a lock on
+the CA's directory (flock on the directory itself: no lock file) from reading the CA until its
+files are in place, so the second one signs with the CA the first one made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import grp
 import ipaddress
 import os
 import re
 import socket
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,13 +106,47 @@ class MirrorName:
     note: str            # one line saying which, for the command's output
 
 
+    unknown: str = ""    # name == "": why (this host has no name clients can use), for an error line
+
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "localhost4", "localhost4.localdomain4", "localhost6",
+                   "localhost6.localdomain6", "ip6-localhost", "ip6-loopback"}
+
+
+def usable_name(name: str) -> bool:
+    """Whether another machine can reach this one by ``name``: a DNS name or an address, not
+    localhost or a loopback address (getfqdn() says localhost when /etc/hosts lists
+    ``127.0.0.1 localhost`` first)."""
+    name = name.rstrip(".").lower()
+    if _is_ip(name):
+        address = ipaddress.ip_address(name)
+        return not (address.is_loopback or address.is_unspecified)
+    if name in _LOOPBACK_NAMES or name.startswith("localhost.") or "*" in name:
+        return False
+    try:
+        check_dns_name(name, "name")
+    except UsageError:
+        return False
+    return True
+
+
 def mirror_name(config: Config) -> MirrorName:
-    """The configured ``hostname:``, or else this host's FQDN (and a note saying so)."""
+    """The configured ``hostname:``, or else this host's FQDN, or else its host name (and a note
+    saying which); name "" when none of them is a name clients can use."""
     if config.hostname:
         return MirrorName(config.hostname, True, f"name: {config.hostname} (hostname: in {config.source})")
     fqdn = socket.getfqdn()
-    return MirrorName(fqdn, False, f"name: {fqdn} (this host's FQDN: hostname: is not set in {config.source}; "
-                                   "set it to the name clients use)")
+    if usable_name(fqdn):
+        return MirrorName(fqdn, False, f"name: {fqdn} (this host's FQDN: hostname: is not set in {config.source}; "
+                                       "set it to the name clients use)")
+    short = socket.gethostname()
+    if usable_name(short):
+        return MirrorName(short, False, f"name: {short} (this host's name: its FQDN {fqdn!r} is no name clients "
+                                        f"can use, and hostname: is not set in {config.source}; set it to the name "
+                                        "clients use)")
+    why = f"this host has no name clients can use (its FQDN is {fqdn!r}, its host name {short!r})"
+    return MirrorName("", False, f"name: unknown (this host's FQDN is {fqdn!r}, its host name {short!r}); set "
+                                 f"hostname: in {config.source} to the name clients use", why)
 
 
 def check_dns_name(name: str, what: str) -> str:
@@ -122,10 +164,27 @@ def check_dns_name(name: str, what: str) -> str:
 
 def check_ips(ips: list[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     try:
-        return [ipaddress.ip_address(ip) for ip in ips]
+        addresses = [ipaddress.ip_address(ip) for ip in ips]
     except ValueError:
         bad = next(ip for ip in ips if not _is_ip(ip))
         raise UsageError(f"--ip: {bad!r} is not an IP address; give one such as 10.1.2.3 or fd00::5") from None
+    for ip, address in zip(ips, addresses, strict=True):
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+            raise UsageError(f"--ip: {ip!r} is a scoped address (%{address.scope_id}): a certificate cannot hold "
+                             "the scope; give the address without it")
+    return addresses
+
+
+MAX_DAYS = 36500
+
+
+def check_days(days: int, default: int) -> int:
+    """--days: 1 to MAX_DAYS (a date beyond that is no certificate's business), or UsageError."""
+    if days < 1:
+        raise UsageError(f"--days: {days} is not a number of days; give 1 to {MAX_DAYS} (default {default})")
+    if days > MAX_DAYS:
+        raise UsageError(f"--days: {days} is more than {MAX_DAYS} days; give 1 to {MAX_DAYS} (default {default})")
+    return days
 
 
 def _is_ip(text: str) -> bool:
@@ -183,8 +242,9 @@ class _Staged:
         """Write ``path``'s temporary file; an OSError names ``path`` (the file that could not be made)."""
         try:
             self.mkdir(path.parent, dir_mode)
-            temp = path.with_name(f".{path.name}.new")
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+            # a name of its own (O_EXCL): another run writing the same file never shares it
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
+            temp = Path(name)
             self.files.append((temp, path))
             try:
                 os.fchmod(fd, mode)
@@ -221,7 +281,12 @@ class _Staged:
                     backup = path.with_name(f".{path.name}.old")
                     backup.unlink(missing_ok=True)
                     os.link(path, backup)
-                os.replace(temp, path)
+                try:
+                    os.replace(temp, path)
+                except OSError as exc:
+                    if backup is not None:
+                        backup.unlink(missing_ok=True)      # the file it would back up is still in place
+                    raise OSError(exc.errno, exc.strerror, str(path)) from None     # the target's name
                 done.append((path, backup))
         except OSError:
             for path, backup in reversed(done):
@@ -253,6 +318,49 @@ def _sync_dir(path: Path) -> None:
     except OSError:
         pass
     finally:
+        os.close(fd)
+
+
+_held: set[Path] = set()     # CA directories this process holds the lock of
+
+
+@contextlib.contextmanager
+def ca_lock(paths: Paths) -> Iterator[None]:
+    """Hold the CA directory's lock (made if missing; removed again at the end if it is still
+    empty). Re-entrant within a process. A directory removed by a run that failed while this one
+    waited is made and locked afresh."""
+    directory = paths.ca.parent.absolute()
+    if directory in _held:
+        yield
+        return
+    while True:
+        made = _Staged()
+        try:
+            made.mkdir(directory, 0o755)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            made.abort()
+            raise CertError(f"{exc.filename or directory}: {exc.strerror}: nothing was changed") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(fd)
+            made.abort()
+            raise CertError(f"{directory}: cannot lock it: {exc.strerror}: nothing was changed") from None
+        try:
+            now = os.stat(directory)
+            locked = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    _held.add(directory)
+    try:
+        yield
+    finally:
+        _held.discard(directory)
+        made.abort()        # the directories it made, if nothing was put in them
         os.close(fd)
 
 
@@ -355,8 +463,7 @@ def issue(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], names: list[s
         raise UsageError("--hostname: a server certificate needs at least one --hostname or --ip")
     names = [check_dns_name(name, "--hostname") for name in names]
     addresses = check_ips(ips)
-    if days < 1:
-        raise UsageError(f"--days: {days} is not a number of days; give 1 or more (default {SERVER_DAYS})")
+    check_days(days, SERVER_DAYS)
     until = _now() + datetime.timedelta(days=days)
     if until > ca[0].not_valid_after_utc:
         raise UsageError(f"--days: the CA expires on {ca[0].not_valid_after_utc:%Y-%m-%d}, before {days} days; "
@@ -376,7 +483,13 @@ def service_group() -> int | None:
 
 def init(paths: Paths, names: list[str], ips: list[str], days: int = SERVER_DAYS) -> list[str]:
     """Create the CA if missing and a new server certificate signed by it; returns what was done.
-    All or nothing: when anything fails, no file has changed (and no CA was left behind)."""
+    All or nothing: when anything fails, no file has changed (and no CA was left behind).
+    Holds the CA's lock throughout (:func:`ca_lock`)."""
+    with ca_lock(paths):
+        return _init(paths, names, ips, days)
+
+
+def _init(paths: Paths, names: list[str], ips: list[str], days: int) -> list[str]:
     done = []
     ca = load_ca(paths)
     created = ca is None
@@ -384,6 +497,15 @@ def init(paths: Paths, names: list[str], ips: list[str], days: int = SERVER_DAYS
         ca = new_ca()
     cert, key = issue(ca, names, ips, days)      # checks the names before anything is written
     group = service_group() if os.geteuid() == 0 else None
+    writes = [paths.key, paths.certificate]
+    if created or paths.ca_key_in_use == paths.legacy_ca_key:
+        writes.append(paths.ca_key)
+    if created:
+        writes.append(paths.ca)
+    for path in writes:     # a link to a file managed elsewhere: neither replaced nor written through
+        if path.is_symlink():
+            raise CertError(f"{path} is a symbolic link (to {os.readlink(path)}): cert init does not replace it; "
+                            "remove the link, or point tls: at other paths: nothing was changed")
     staged = _Staged()
     try:
         if created or paths.ca_key_in_use == paths.legacy_ca_key:

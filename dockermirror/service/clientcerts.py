@@ -11,9 +11,11 @@ A revocation takes effect when the server reloads (``systemctl reload docker-mir
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
@@ -21,10 +23,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dockermirror.service.certs import CertError, Paths, _cert_pem, _key_pem, _now, _write, load_ca, sign_leaf
+from dockermirror.service.certs import (CertError, Paths, _cert_pem, _key_pem, _now, _write, check_days, load_ca,
+                                        sign_leaf)
 
 CLIENT_DAYS = 365
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+
+@contextlib.contextmanager
+def _naming_the_file() -> Iterator[None]:
+    """A file operation's OSError as a CertError that names the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise CertError(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)) from None
 
 
 def index_dir(paths: Paths) -> Path:
@@ -49,8 +61,7 @@ def issue_client(paths: Paths, name: str, out: Path, days: int = CLIENT_DAYS) ->
     """A key and a certificate for client ``name`` (CN=name, clientAuth), signed by the CA,
     written to ``out`` with a copy of the CA, and recorded for ``revoke``."""
     check_name(name)
-    if days < 1:
-        raise CertError("--days must be at least 1")
+    check_days(days, CLIENT_DAYS)
     ca_cert, ca_key = _ca(paths)
     now = _now()
     until = now + datetime.timedelta(days=days)
@@ -59,13 +70,14 @@ def issue_client(paths: Paths, name: str, out: Path, days: int = CLIENT_DAYS) ->
     cert, key = sign_leaf((ca_cert, ca_key), name, until, ExtendedKeyUsageOID.CLIENT_AUTH, key_agreement=False,
                           key_identifier=True)
     index = index_dir(paths)
-    index.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write(index / f"{cert.serial_number:x}.crt", _cert_pem(cert), 0o644)
-    if not out.exists():
-        out.mkdir(mode=0o700, parents=True)
-    _write(out / "client.key", _key_pem(key), 0o600)
-    _write(out / "client.cert", _cert_pem(cert), 0o644)
-    shutil.copyfile(paths.ca, out / "ca.crt")
+    with _naming_the_file():
+        index.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write(index / f"{cert.serial_number:x}.crt", _cert_pem(cert), 0o644)
+        if not out.exists():
+            out.mkdir(mode=0o700, parents=True)
+        _write(out / "client.key", _key_pem(key), 0o600)
+        _write(out / "client.cert", _cert_pem(cert), 0o644)
+        shutil.copyfile(paths.ca, out / "ca.crt")
     return [f"issued client certificate CN={name} (serial {cert.serial_number:x}, valid until {until:%Y-%m-%d}) "
             f"to {out}/client.cert, key {out}/client.key (mode 0600), CA {out}/ca.crt",
             f"copy {out} to the client as /etc/docker/certs.d/<mirror host:port>/ (dockerd) or "
@@ -145,7 +157,8 @@ def revoke(paths: Paths, name: str, crl_path: Path) -> list[str]:
     for entry in entries:
         builder = builder.add_revoked_certificate(entry)
     crl = builder.sign(ca_key, hashes.SHA256())
-    _write(crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    with _naming_the_file():
+        _write(crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
     return [f"revoked {name}: serial {', '.join(f'{c.serial_number:x}' for c in new)} added to {crl_path} "
             f"({len(entries)} revoked in all)",
             "the server refuses it once reloaded: systemctl reload docker-mirror"]

@@ -63,7 +63,10 @@ class StartupError(Exception):
 
 
 def public_hostname(config: Config) -> str:
-    return config.hostname or socket.getfqdn()
+    """The mirror's name as cert init and client-setup pick it ("" if this host has none clients can use)."""
+    from dockermirror.service.certs import mirror_name
+
+    return mirror_name(config).name
 
 
 class Service:

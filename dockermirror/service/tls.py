@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -29,6 +30,15 @@ log = logging.getLogger("dockermirror.tls")
 
 class TLSError(Exception):
     """The certificate or key cannot be used; the message names the file and the problem."""
+
+
+class PairMismatch(TLSError):
+    """The key does not belong to the certificate: maybe only for a moment (``cert init`` renames
+    the new key and certificate into place one after the other)."""
+
+
+# how long a reader waits before it looks at a mismatched pair once more
+PAIR_SETTLE = 0.1
 
 
 class TrustLost(TLSError):
@@ -92,7 +102,7 @@ def check(certificate_path: Path, key_path: Path, hostname: str = "",
     leaf = chain[0]
     public = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     if leaf.public_key().public_bytes(*public) != key.public_key().public_bytes(*public):
-        raise TLSError(f"TLS key {key_path} does not belong to certificate {certificate_path}")
+        raise PairMismatch(f"TLS key {key_path} does not belong to certificate {certificate_path}")
     now = now or datetime.datetime.now(datetime.UTC)
     if leaf.not_valid_after_utc <= now:
         raise TLSError(f"TLS certificate {certificate_path} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
@@ -262,6 +272,17 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
         return False
 
 
+def _settled(read: Callable[[], Any]) -> Any:
+    """``read()``; if the key did not belong to the certificate, once more a moment later:
+    ``cert init`` renames the new key into place just before the new certificate, and a start
+    or reload landing between the two reads a new key with the old certificate."""
+    try:
+        return read()
+    except PairMismatch:
+        time.sleep(PAIR_SETTLE)
+        return read()
+
+
 class ServerTLS:
     """The server's TLS contexts, checked at creation and on every reload.
 
@@ -285,12 +306,16 @@ class ServerTLS:
     def __init__(self, certificate: Path, key: Path, hostname: str = "",
                  client: ClientAuth = ClientAuth()) -> None:
         self.certificate, self.key, self.hostname, self.client = certificate, key, hostname, client
-        self.checked = check(certificate, key, hostname)
         self.refusals = Refusals()
         self.crl_in_force = False       # a CRL was in force at some point in this process
-        self.current, self.revoked, self.trust = self._build(certificate, key, client)
-        self.context = _new_context()
-        self._load(self.context, certificate, key)
+
+        def start() -> tuple[Checked, tuple[ssl.SSLContext, int | None, ClientTrust], _Context]:
+            checked, built, context = check(certificate, key, hostname), self._build(certificate, key, client), \
+                _new_context()
+            self._load(context, certificate, key)
+            return checked, built, context
+
+        self.checked, (self.current, self.revoked, self.trust), self.context = _settled(start)
         self._apply(client, self.current, self.revoked, self.trust)
         self.context.sni_callback = self._choose
 
@@ -302,8 +327,9 @@ class ServerTLS:
         try:
             context.load_cert_chain(str(certificate), str(key))
         except ssl.SSLError as exc:
-            raise TLSError(f"cannot use TLS certificate {certificate} with key {key}: "
-                           f"{exc.reason or exc}") from None
+            problem = PairMismatch if exc.reason == "KEY_VALUES_MISMATCH" else TLSError
+            raise problem(f"cannot use TLS certificate {certificate} with key {key}: "
+                          f"{exc.reason or exc}") from None
 
     def _build(self, certificate: Path, key: Path,
                client: ClientAuth) -> tuple[ssl.SSLContext, int | None, ClientTrust]:
@@ -388,9 +414,13 @@ class ServerTLS:
                client: ClientAuth | None = None) -> Checked:
         """Check the (new) files, then switch new connections to them; on any error nothing changes."""
         client = client or self.client
-        checked = check(certificate, key, hostname)
-        current, revoked, trust = self._build(certificate, key, client)
-        self._load(self.context, certificate, key)
+
+        def read() -> tuple[Checked, tuple[ssl.SSLContext, int | None, ClientTrust]]:
+            checked, built = check(certificate, key, hostname), self._build(certificate, key, client)
+            self._load(self.context, certificate, key)      # last: only a pair that passed the rest
+            return checked, built
+
+        checked, (current, revoked, trust) = _settled(read)
         self._apply(client, current, revoked, trust)
         self.certificate, self.key = certificate, key
         self.hostname, self.checked = hostname, checked

@@ -5,6 +5,7 @@ and one line with the flag or file for every mistake."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -96,6 +97,11 @@ def test_a_failure_keeps_the_existing_ca_and_certificate_as_they_were(site: Path
     (["--ip", "10.1.2"], "--ip: '10.1.2' is not an IP address; give one such as 10.1.2.3"),
     (["--hostname", "m.example", "--days", "0"], "--days: 0 is not a number of days"),
     (["--hostname", "m.example", "--days", "5000"], "--days: the CA expires on "),
+    (["--hostname", "m.example", "--days", "999999999"], "--days: 999999999 is more than 36500 days; give 1 to "
+                                                         "36500 (default 825)"),
+    (["--hostname", "m.example", "--days", "-5"], "--days: -5 is not a number of days; give 1 to 36500"),
+    (["--ip", "fd00::5%eth0"], "--ip: 'fd00::5%eth0' is a scoped address (%eth0): a certificate cannot hold the "
+                               "scope; give the address without it"),
 ])
 def test_a_bad_flag_is_a_usage_error_and_writes_nothing(site: Path, capsys, args: list[str], flag: str):
     before = listing(site)
@@ -110,8 +116,9 @@ def test_a_configured_hostname_that_is_no_dns_name_is_named_with_its_file(site: 
     before = listing(site)
     status, _, err = run(capsys, "init", "--config", str(config))
     assert status == 2
-    assert one_error_line(err) == (f"docker-mirror: {config}: hostname: 'my_mirror!' is not a DNS name (letters, "
-                                   "digits and -, in labels separated by dots); give the name clients use\n")
+    # refused where the configuration is read (as check-config and serve do), with its line
+    assert one_error_line(err) == (f"docker-mirror: {config}:1: hostname: 'my_mirror!' is not a DNS name or an IP "
+                                   "address; give the name clients use, e.g. mirror.example.com\n")
     assert listing(site) == before
 
 
@@ -250,13 +257,22 @@ def test_ensure_says_the_names_the_ca_and_the_next_commands(site: Path, capsys):
             "more), then systemctl reload docker-mirror\n") in out
     assert "docker-mirror: next: docker-mirror client-setup prints what each client needs\n" in out
 
+    # again (a package upgrade): a certificate the service starts with, for the configured name,
+    # not about to expire: one line, what there is
     before = listing(site)
     status, out, _ = run(capsys, "ensure", "--config", str(config))
     assert status == 0 and listing(site) == before
-    assert (f"docker-mirror: TLS certificate {pki}/certs/docker-mirror.crt exists already (names: mirror.example.org, "
-            "localhost, 127.0.0.1, ::1; valid until ") in out
+    assert re.fullmatch(f"docker-mirror: TLS certificate {pki}/certs/docker-mirror.crt exists already \\(names: "
+                        r"mirror\.example\.org, localhost, 127\.0\.0\.1, ::1; valid until \d{4}-\d\d-\d\d\); "
+                        r"nothing changed\n", out), out
+
+    # one for another name: the warning, and what to do about it
+    write_config(site, {"hostname": "other.example.org"})
+    before = listing(site)
+    status, out, _ = run(capsys, "ensure", "--config", str(config))
+    assert status == 0 and listing(site) == before
+    assert "is not valid for other.example.org" in out and "cert init --hostname NAME" in out
     assert f"docker-mirror: clients trust the CA {pki}/docker-mirror/ca.crt\n" in out
-    assert "cert init --hostname NAME" in out
 
 
 @pytest.mark.parametrize("enabled, speaks", [
@@ -294,4 +310,184 @@ def test_ensure_with_a_certificate_that_is_no_certificate_says_so_and_changes_no
     assert status == 1 and listing(site) == before
     assert one_error_line(err) == f"docker-mirror: {cert} is not a PEM certificate\n"
     assert out.startswith(f"docker-mirror: TLS certificate {cert} exists already; nothing changed; but it is not "
-                          "usable, so the service will not start with it\n")
+                          "usable, so the service will not start with it: run docker-mirror cert init --hostname "
+                          "NAME (the name clients use), then systemctl restart docker-mirror\n")
+
+
+# --- ensure checks an existing certificate as serve does at start
+
+
+def bad_pair(site: Path, case: str) -> tuple[Path, Path]:
+    """A certificate and key in the configured places that serve refuses (or warns about)."""
+    from tests.support.certs import make_pki
+
+    kwargs = {"expired": {"start_days": -40, "days": -1}, "soon": {"days": 10}}.get(case, {})
+    pki = make_pki(site / "made", names=("m.example",), **kwargs)
+    cert, key = site / "pki" / "certs" / "docker-mirror.crt", site / "pki" / "private" / "docker-mirror.key"
+    for path, source in ((cert, pki.certificate), (key, pki.key)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(source.read_bytes())
+    if case == "other key":
+        key.write_bytes(make_pki(site / "other").key.read_bytes())
+    return cert, key
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("expired", "TLS certificate {cert} expired on "),
+    ("other key", "TLS key {key} does not belong to certificate {cert}"),
+])
+def test_ensure_with_a_certificate_serve_refuses_says_the_service_will_not_start(site: Path, capsys, case, problem):
+    config = str(write_config(site, {"hostname": "m.example"}))
+    cert, key = bad_pair(site, case)
+    before = listing(site)
+    status, out, err = run(capsys, "ensure", "--config", config)
+    assert status == 1 and listing(site) == before
+    assert one_error_line(err).startswith("docker-mirror: " + problem.format(cert=cert, key=key))
+    assert out.startswith(f"docker-mirror: TLS certificate {cert} exists already; nothing changed; but it is not "
+                          "usable, so the service will not start with it: run docker-mirror cert init --hostname "
+                          "NAME (the name clients use), then systemctl restart docker-mirror\n"), out
+    assert "speaks HTTPS" not in out and "reload" not in out
+    # and serve's own check says the same
+    with pytest.raises(Exception, match=problem.format(cert=cert, key=key).split(" {")[0]):
+        check(cert, key)
+
+
+def test_ensure_warns_of_a_certificate_that_expires_within_30_days(site: Path, capsys):
+    config = str(write_config(site, {"hostname": "m.example"}))
+    cert, _ = bad_pair(site, "soon")
+    status, out, err = run(capsys, "ensure", "--config", config)
+    assert status == 0 and err == ""
+    assert f"docker-mirror: TLS certificate {cert} exists already (names: m.example, 127.0.0.1, ::1; " in out
+    assert re.search(rf"\ndocker-mirror: warning: TLS certificate {re.escape(str(cert))} expires in (9|10) day\(s\), "
+                     r"on \d{4}-\d\d-\d\d; renew it: docker-mirror cert init --hostname NAME, then systemctl reload "
+                     r"docker-mirror\n", out), out
+    assert "the service speaks HTTPS with it" in out
+
+
+def test_an_fqdn_of_localhost_is_no_mirror_name(site: Path, capsys, monkeypatch):
+    monkeypatch.setattr(certs.socket, "getfqdn", lambda: "localhost")
+    monkeypatch.setattr(certs.socket, "gethostname", lambda: "box")
+    config = site / "etc" / "config.yml"
+    status, out, _ = run(capsys, "init", "--config", str(config))
+    assert status == 0
+    assert names_in(site / "pki" / "certs" / "docker-mirror.crt") == ["box", "localhost", "127.0.0.1", "::1"]
+    assert (f"name: box (this host's name: its FQDN 'localhost' is no name clients can use, and hostname: is not "
+            f"set in {config}; set it to the name clients use)") in out
+    monkeypatch.setattr(certs.socket, "gethostname", lambda: "localhost")
+    picked = certs.mirror_name(configuration.load(config))
+    assert (picked.name, picked.configured) == ("", False)
+    assert picked.note.startswith("name: unknown (this host's FQDN is 'localhost', its host name 'localhost');")
+
+
+# --- a closed stdout is not a failure; a file that cannot be written is named
+
+
+@pytest.mark.parametrize("command", [["show"], ["init", "--hostname", "m.example"]])
+def test_a_reader_that_stops_early_is_no_error(tmp_path: Path, capsys, command: list[str]):
+    """`docker-mirror cert show | head -1`: exit 141, nothing on stderr (as every command)."""
+    import subprocess
+    import sys
+
+    pki = tmp_path / "pki"
+    assert run(capsys, "init", "--dir", str(pki), "--hostname", "m.example")[0] == 0
+    proc = subprocess.Popen([sys.executable, "-m", "dockermirror", "cert", *command, "--dir", str(pki)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141 and err == b""
+
+
+def test_a_client_directory_that_cannot_be_made_is_named(site: Path, capsys):
+    config = str(site / "etc" / "config.yml")
+    assert run(capsys, "init", "--config", config, "--hostname", "m.example")[0] == 0
+    (site / "afile").write_text("x\n")
+    status, out, err = run(capsys, "client", "c1", "--out", str(site / "afile" / "c1"), "--config", config)
+    assert status == 1 and out == ""
+    assert one_error_line(err) == f"docker-mirror: {site}/afile/c1: Not a directory\n"
+
+
+@pytest.mark.parametrize("days, problem", [
+    ("999999999", "--days: 999999999 is more than 36500 days; give 1 to 36500 (default 365)"),
+    ("0", "--days: 0 is not a number of days; give 1 to 36500 (default 365)"),
+])
+def test_a_client_certificate_with_days_out_of_range_is_a_usage_error(site: Path, capsys, days, problem):
+    config = str(site / "etc" / "config.yml")
+    assert run(capsys, "init", "--config", config, "--hostname", "m.example")[0] == 0
+    before = listing(site)
+    status, out, err = run(capsys, "client", "c1", "--out", str(site / "c1"), "--days", days, "--config", config)
+    assert status == 2 and out == "" and listing(site) == before
+    assert one_error_line(err) == f"docker-mirror: {problem}\n"
+
+
+# --- replacing a pair that a server reads
+
+
+def test_a_reload_between_the_renames_of_key_and_certificate_loads_the_new_pair(tmp_path: Path, monkeypatch):
+    """cert init renames the new key and certificate into place one after the other; a reload
+    landing between them reads a key that does not belong to the certificate. The server
+    looks again a moment later instead of failing the reload."""
+    from dockermirror.service import tls
+
+    live, fresh = certs.Paths.under(tmp_path / "live"), certs.Paths.under(tmp_path / "fresh")
+    certs.init(live, ["localhost"], [])
+    server = tls.ServerTLS(live.certificate, live.key, "localhost")
+    certs.init(fresh, ["localhost"], [])
+    live.key.write_bytes(fresh.key.read_bytes())            # the first rename has happened
+    waited = []
+
+    def second_rename(seconds: float) -> None:
+        waited.append(seconds)
+        live.certificate.write_bytes(fresh.certificate.read_bytes())
+
+    monkeypatch.setattr(tls.time, "sleep", second_rename)
+    checked = server.reload(live.certificate, live.key, "localhost")
+    new_serial = x509.load_pem_x509_certificates(fresh.certificate.read_bytes())[0].serial_number
+    assert checked.certificate.serial_number == new_serial and server.checked.certificate.serial_number == new_serial
+    assert len(waited) == 1
+    # a pair that stays mismatched is still refused (after one look more), and the old one kept
+    other = certs.Paths.under(tmp_path / "other")
+    certs.init(other, ["localhost"], [])
+    live.key.write_bytes(other.key.read_bytes())
+    monkeypatch.setattr(tls.time, "sleep", lambda seconds: waited.append(seconds))
+    with pytest.raises(tls.TLSError, match="does not belong to certificate"):
+        server.reload(live.certificate, live.key, "localhost")
+    assert len(waited) == 2 and server.checked.certificate.serial_number == new_serial
+
+
+def test_a_rename_that_fails_leaves_the_old_files_and_no_backup(site: Path, capsys, monkeypatch):
+    config = str(site / "etc" / "config.yml")
+    assert run(capsys, "init", "--config", config, "--hostname", "old.example")[0] == 0
+    before = listing(site)
+    cert = site / "pki" / "certs" / "docker-mirror.crt"
+    real_replace = os.replace
+
+    def replace(source, target):
+        if Path(target) == cert:
+            raise OSError(28, "No space left on device", str(source))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(certs.os, "replace", replace)
+    status, out, err = run(capsys, "init", "--config", config, "--hostname", "new.example")
+    assert status == 1 and out == ""
+    assert one_error_line(err) == f"docker-mirror: {cert}: No space left on device: nothing was changed\n"
+    assert listing(site) == before          # the old key back in place, no .old or .new file left
+
+
+@pytest.mark.parametrize("which", ["certificate", "key"])
+def test_a_symlinked_file_is_not_replaced_by_a_file(site: Path, capsys, which: str):
+    """A tls: path that is a symbolic link (to a certificate managed elsewhere): init refuses, in
+    one line, rather than put a file of its own in place of the link or write through it."""
+    elsewhere = site / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / "managed.pem"
+    target.write_text("managed elsewhere\n")
+    link = {"certificate": site / "pki" / "certs" / "docker-mirror.crt",
+            "key": site / "pki" / "private" / "docker-mirror.key"}[which]
+    link.parent.mkdir(parents=True)
+    link.symlink_to(target)
+    before = listing(site)
+    status, out, err = run(capsys, "init", "--config", str(site / "etc" / "config.yml"), "--hostname", "m.example")
+    assert status == 1 and out == "" and listing(site) == before
+    assert one_error_line(err) == (f"docker-mirror: {link} is a symbolic link (to {target}): cert init does not "
+                                   "replace it; remove the link, or point tls: at other paths: nothing was "
+                                   "changed\n")

@@ -82,3 +82,48 @@ def test_no_step_replaces_an_existing_daemon_json(tmp_path, capsys, target, tls)
     merged = json.loads(result.files[DAEMON])
     assert {k: merged[k] for k in json.loads(OWN)} == json.loads(OWN)
     assert merged["registry-mirrors"] == [f"{'https' if tls else 'http'}://mirror.example.com:5000"]
+
+
+@pytest.mark.parametrize("fqdn", ["localhost", "localhost.localdomain", "127.0.0.1", "::1", "", "under_score.lan"])
+def test_an_fqdn_clients_cannot_use_falls_back_to_the_host_name_and_says_so(tmp_path, capsys, monkeypatch, fqdn):
+    """/etc/hosts listing ``127.0.0.1 localhost box`` makes getfqdn() say localhost."""
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: fqdn)
+    monkeypatch.setattr(socket, "gethostname", lambda: "box")
+    out = client_setup(tmp_path, capsys, "listen: 0.0.0.0:5001\ntls: {enabled: false}\n")
+    assert out.startswith("# docker-mirror at http://box:5001, mirroring docker.io\n"), out
+    steps = "\n".join(line for line in out.splitlines() if not line.startswith("# name: "))
+    assert f"/{fqdn}:5001" not in steps and f'"{fqdn}:5001' not in steps
+    assert "[::1]" not in steps and "box:5001" in steps
+    note = [line for line in out.splitlines() if line.startswith("# name: ")]
+    assert note == [f"# name: box (this host's name: its FQDN {fqdn!r} is no name clients can use, and hostname: "
+                    f"is not set in {tmp_path / 'config.yml'}; set it to the name clients use); or give --host "
+                    "NAME:PORT"], note
+
+
+@pytest.mark.parametrize("short", ["localhost", "localhost6", ""])
+def test_no_usable_name_at_all_asks_for_hostname_or_host(tmp_path, capsys, monkeypatch, short):
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: "localhost")
+    monkeypatch.setattr(socket, "gethostname", lambda: short)
+    path = tmp_path / "config.yml"
+    path.write_text("listen: 0.0.0.0:5001\ntls: {enabled: false}\n")
+    assert cli.main(["client-setup", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (f"docker-mirror: --host: this host has no name clients can use (its FQDN is 'localhost', its "
+                   f"host name {short!r}); set hostname: in {path} to the name clients use, or give --host "
+                   "NAME:PORT\n")
+    # with --host it needs none
+    assert cli.main(["client-setup", "--config", str(path), "--host", "mirror.lan:5001"]) == 0
+    assert capsys.readouterr().out.startswith("# docker-mirror at http://mirror.lan:5001,")
+
+
+def test_the_server_checks_its_certificate_against_the_same_name(monkeypatch):
+    """serve warns when the certificate does not cover the mirror's name: the name client-setup
+    and cert init use, not localhost."""
+    from dockermirror import config as configuration
+    from dockermirror.service.server import public_hostname
+
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: "localhost")
+    monkeypatch.setattr(socket, "gethostname", lambda: "box")
+    assert public_hostname(configuration.loads("listen: 0.0.0.0:5000\n", "c.yml")) == "box"
+    assert public_hostname(configuration.loads("hostname: m.example\n", "c.yml")) == "m.example"
