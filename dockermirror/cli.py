@@ -317,6 +317,25 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lb_config(args: argparse.Namespace) -> int:
+    import os
+
+    from dockermirror.service import lbconfig
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else path
+
+    options = lbconfig.Options(listen=args.listen, nodes=tuple(args.node or ()), tls_cert=absolute(args.tls_cert),
+                               node_tls=args.node_tls, node_ca=absolute(args.node_ca),
+                               node_tls_name=args.node_tls_name, passthrough=args.passthrough)
+    try:
+        text = lbconfig.ENGINES[args.engine](options)
+    except lbconfig.OptionError as exc:
+        raise ConfigError(str(exc), key=exc.flag) from None
+    print(text, end="")
+    return 0
+
+
 def _read_password(name: str, from_stdin: bool) -> str:
     """Twice with getpass on a terminal (unless --password-stdin), else the first line of stdin."""
     if not from_stdin and sys.stdin.isatty():
@@ -502,6 +521,21 @@ def parser() -> argparse.ArgumentParser:
     setup.add_argument("--for", dest="target", metavar="el7|el8|el9|debian",
                        help="the client system (default: this one, from /etc/os-release)")
     setup.set_defaults(run=cmd_client_setup)
+
+    lb = commands.add_parser("lb-config", help="print an HAProxy or nginx configuration that spreads clients over "
+                                               "several mirrors by content (each blob fetched once per cluster)")
+    lb.add_argument("engine", choices=("haproxy", "nginx"), help="the load balancer")
+    lb.add_argument("--listen", metavar="HOST:PORT", required=True, help="where the balancer listens")
+    lb.add_argument("--node", metavar="HOST:PORT", action="append",
+                    help="a docker-mirror behind it (once per node; HAProxy: append new nodes at the end)")
+    lb.add_argument("--tls-cert", metavar="PEM", help="end TLS at the balancer: certificate chain and key in one PEM")
+    lb.add_argument("--node-tls", action="store_true", help="the nodes speak HTTPS")
+    lb.add_argument("--node-ca", metavar="CA", help="check the nodes' certificates against this CA")
+    lb.add_argument("--node-tls-name", metavar="NAME", help="the DNS name every node's certificate carries "
+                                                             "(checked with --node-ca; nginx needs it)")
+    lb.add_argument("--passthrough", action="store_true",
+                    help="pass TLS through to the nodes (by client address: no content routing)")
+    lb.set_defaults(run=cmd_lb_config)
 
     user = commands.add_parser("user", help="the users of the htpasswd file (auth.htpasswd)")
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="COMMAND")
