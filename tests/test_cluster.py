@@ -7,17 +7,25 @@ once through the balancer. Then one node is killed (SIGKILL) and three fresh cli
 again. What is asserted is what the upstream saw (its access log), what each node's cache holds,
 and the bytes the clients wrote: each blob is fetched from the upstream once for the whole cluster
 and lives on one node; losing a node costs its share of blobs, fetched again once each, and
-nothing else.
+nothing else. The node is started again on the same cache: it gets its own share back, and the
+upstream is asked nothing.
+
+That these tests catch broken routing can be seen with a hand-written configuration instead of
+``lb-config``'s (tests/support/cluster.py ``hand_config``): ``DM_CLUSTER_BALANCE=roundrobin`` (keys
+ignored) or ``=uri`` (a layer routed by repository and digest) fail the first pull's counts, ``=map``
+(no consistent hashing) fails HAProxy on the lost node, ``=hash`` (routing as it should be) passes.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.support.balancers import haproxy_binary, nginx_binary
-from tests.support.cluster import Cluster, ClusterUpstream, pull_all, seed
+from tests.support.cluster import Cluster, ClusterUpstream, hand_config, pull_all, seed
 from tests.support.procs import Registry
 
 
@@ -35,7 +43,9 @@ def cluster_upstream(tmp_path_factory: pytest.TempPathFactory) -> ClusterUpstrea
 @pytest.fixture(params=["haproxy", "nginx"])
 def cluster(request: pytest.FixtureRequest, tmp_path: Path, cluster_upstream: ClusterUpstream) -> Cluster:
     (haproxy_binary if request.param == "haproxy" else nginx_binary)()     # skips if not unpacked
-    cluster = Cluster(tmp_path, cluster_upstream, request.param)
+    balance = os.environ.get("DM_CLUSTER_BALANCE")      # see above: the tests' own check
+    configure = functools.partial(hand_config, balance=balance) if balance else None
+    cluster = Cluster(tmp_path, cluster_upstream, request.param, configure=configure)
     try:
         yield cluster.start()
     finally:
@@ -96,3 +106,15 @@ def test_each_blob_fetched_once_per_cluster_and_a_lost_node_costs_its_share(clus
     assert not (wrong := _once_each(up.tag_heads(mark), up.tags_of(lost_repos), "HEAD tag after the loss")), wrong
     assert not (wrong := _at_most_once(up.manifest_gets(mark), up.manifests_of(lost_repos),
                                        "GET manifest after the loss")), wrong
+
+    # the node comes back on its cache: once the balancer sends it its keys again, it serves its
+    # own share again (every blob it had, nothing else) and the upstream is asked nothing
+    offset = len(victim.log_text())
+    victim.start()
+    probe = next(p for p in up.pullables if lost & p.blobs)
+    cluster.back_in_rotation(victim, probe, min(lost & probe.blobs))
+    mark = up.mark()
+    problems = pull_all(cluster.address, up.pullables, tmp_path / "third")
+    assert not problems, "\n".join(problems) + "\n" + cluster.logs()
+    assert not (asked := up.registry.requests(mark)), "asked of the upstream after the return:\n" + "\n".join(asked)
+    assert cluster.blobs_served(victim, offset) == lost

@@ -10,6 +10,7 @@ and whether what a client wrote is byte for byte what the upstream has (every fi
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import json
@@ -216,7 +217,8 @@ def hand_config(kind: str, listen: str, nodes: list[str], balance: str = "hash")
         algorithm = {"hash": "balance hdr(X-Docker-Mirror-Key)\n    hash-type consistent",
                      "map": "balance hdr(X-Docker-Mirror-Key)\n    hash-type map-based",
                      "uri": "balance uri\n    hash-type consistent", "roundrobin": "balance roundrobin"}[balance]
-        servers = "".join(f"    server node{i + 1} {node} check inter 1s fall 2 rise 2\n" for i, node in enumerate(nodes))
+        servers = "".join(f"    server node{i + 1} {node} check inter 1s fall 2 rise 2\n"
+                          for i, node in enumerate(nodes))
         return f"""global
     maxconn 512
 defaults
@@ -232,7 +234,8 @@ frontend docker_mirror
     default_backend nodes
 backend nodes
     {algorithm}
-    http-request set-header X-Docker-Mirror-Key %[path,regsub(^/v2/.+/blobs/,)] if {{ path_reg ^/v2/.+/blobs/[a-z0-9]+:[0-9a-f]+$ }}
+    acl blob path_reg ^/v2/.+/blobs/[a-z0-9]+:[0-9a-f]+$
+    http-request set-header X-Docker-Mirror-Key %[path,regsub(^/v2/.+/blobs/,)] if blob
     http-request set-header X-Docker-Mirror-Key %[path,regsub(/manifests/.*$,)] if {{ path_reg ^/v2/.+/manifests/ }}
     http-request set-header X-Docker-Mirror-Key %[path,regsub(/tags/.*$,)] if {{ path_reg ^/v2/.+/tags/ }}
     http-request set-header X-Docker-Mirror-Key %[path,regsub(/referrers/.*$,)] if {{ path_reg ^/v2/.+/referrers/ }}
@@ -275,7 +278,7 @@ class Cluster:
 
     def __init__(self, workdir: Path, upstream: ClusterUpstream, kind: str, size: int = 3,
                  configure=None) -> None:
-        """``configure(kind, listen, nodes)``: the balancer's configuration text (default :func:`lb_config`)."""
+        """``configure(kind, listen, nodes)``: the balancer's configuration (default :func:`lb_config`)."""
         self.workdir = workdir
         self.configure = configure or lb_config
         self.upstream = upstream
@@ -283,7 +286,7 @@ class Cluster:
         # tags are trusted for an hour: within a test, a tag is asked of the upstream only by a node
         # that has not seen it (however slow the machine)
         config = {"upstream": {"url": upstream.url, "registry": "docker.io"}, "cache": {"tag_ttl": "1h"}}
-        self.nodes = [Mirror(workdir, json.loads(json.dumps(config)), name=f"node{i + 1}") for i in range(size)]
+        self.nodes = [Mirror(workdir, copy.deepcopy(config), name=f"node{i + 1}") for i in range(size)]
         self.port = free_port()
         self.balancer: Balancer | None = None
         self.config_text = ""
@@ -330,6 +333,24 @@ class Cluster:
         """The repositories whose manifests ``node`` answered (its request log)."""
         return set(re.findall(r' access: \S+ "(?:GET|HEAD) /v2/(.+?)/manifests/', node.log_text()))
 
+    @staticmethod
+    def blobs_served(node: Mirror, since: int = 0) -> set[str]:
+        """The blob digests ``node`` answered a GET for (its request log, from character ``since``)."""
+        return set(re.findall(r' access: \S+ "GET /v2/.+?/blobs/(sha256:[0-9a-f]{64})"', node.log_text()[since:]))
+
+    def back_in_rotation(self, node: Mirror, pullable: Pullable, digest: str, timeout: float = 60) -> None:
+        """Wait until the balancer sends ``node`` its keys again: HEAD ``digest`` (one of ``node``'s
+        blobs, cached by whichever node answers: the upstream is not asked) through the balancer until
+        ``node`` is the one that answers (its health checks passed; nginx: its fail_timeout is over)."""
+        offset = len(node.log_text())
+        url = f"http://{self.address}/v2/{pullable.repo}/blobs/{digest}"
+
+        def answered_by_node() -> bool:
+            httpx.head(url, timeout=30)
+            return f'"HEAD /v2/{pullable.repo}/blobs/{digest}"' in node.log_text()[offset:]
+
+        wait_until(answered_by_node, timeout, interval=0.5, what=f"{node.config_path.stem} back behind the balancer")
+
     def logs(self) -> str:
         """Every node's and the balancer's log tail, for a failure message."""
         parts = [f"--- {node.config_path.stem} ({node.address})\n{node.log_text()[-3000:]}" for node in self.nodes]
@@ -367,7 +388,8 @@ def verify_pulled(pullable: Pullable, dest: Path) -> list[str]:
     if blobs != pullable.blobs:
         problems.append(f"{pullable.repo}: blobs {sorted(blobs ^ pullable.blobs)} differ from the upstream's")
     if manifests != pullable.manifests:
-        problems.append(f"{pullable.repo}: manifests {sorted(manifests ^ pullable.manifests)} differ from the upstream's")
+        problems.append(f"{pullable.repo}: manifests {sorted(manifests ^ pullable.manifests)} differ "
+                        "from the upstream's")
     return problems
 
 
