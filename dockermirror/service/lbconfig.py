@@ -31,6 +31,7 @@ KEY_HEADER = "X-Docker-Mirror-Route"     # HAProxy only: carries the key to `bal
 UPSTREAM = "docker_mirror_nodes"
 HAPROXY_VERSIONS = ("Needs HAProxy >= 1.6 (the regsub converter): 1.8 (EL8, EL7's rh-haproxy18),",
                     "2.4 (EL9), 2.6 (Debian 12: tested); not 1.5 (EL7 base), which cannot take a key from the path.")
+HAPROXY_TCP_VERSIONS = ("Needs HAProxy >= 1.5 (EL7 base, EL8, EL9, Debian 12: 2.6 tested).",)
 NGINX_VERSIONS = ("Needs nginx >= 1.12 (a map value of text and variables, $request_id): 1.14 and 1.20",
                   "(EL8), 1.20 (EL7 EPEL, EL9), 1.22 (Debian 12: tested).")
 TIMEOUT = "10m"      # between two reads or writes of a big blob; not the whole transfer
@@ -136,9 +137,11 @@ def command(options: Options, engine: str) -> str:
 
 
 def _header(options: Options, engine: str, lines: list[str]) -> list[str]:
+    versions = NGINX_VERSIONS if engine == "nginx" else HAPROXY_TCP_VERSIONS if options.passthrough \
+        else HAPROXY_VERSIONS
     head = [f"# {command(options, engine)}",
             f"# {engine} configuration for {len(options.nodes)} docker-mirror node(s), printed by the command above.",
-            *(f"# {line}" for line in (HAPROXY_VERSIONS if engine == "haproxy" else NGINX_VERSIONS))]
+            *(f"# {line}" for line in versions)]
     return head + [f"# {line}" if line else "#" for line in lines]
 
 
@@ -160,12 +163,12 @@ def haproxy(options: Options) -> str:
     ])
     out += ["", "defaults",
             "    mode http",
-            "    option forwardfor                  # X-Forwarded-For: the client's address",
-            "    option redispatch                  # a refused connection is retried on another node",
+            "    option forwardfor    # X-Forwarded-For: the client's address",
+            "    option redispatch    # a refused connection is retried on another node",
             "    retries 2",
             "    timeout connect 5s",
-            f"    timeout client {TIMEOUT}                 # idle time within a big blob's transfer",
-            f"    timeout server {TIMEOUT}                 # a cold blob: the node waits for its upstream",
+            f"    timeout client {TIMEOUT}    # idle time within a big blob's transfer, not its whole length",
+            f"    timeout server {TIMEOUT}    # a cold blob: the node waits for its upstream",
             "    timeout http-request 30s",
             "    timeout http-keep-alive 1m",
             "    timeout queue 1m",
@@ -173,7 +176,7 @@ def haproxy(options: Options) -> str:
             "",
             "frontend docker_mirror"]
     if o.tls_cert:
-        out += [f"    bind {o.listen} ssl crt {o.tls_cert}   # TLS ends here: certificate chain and key in one PEM",
+        out += [f"    bind {o.listen} ssl crt {o.tls_cert}    # TLS ends here: certificate chain and key in one PEM",
                 "    http-request set-header X-Forwarded-Proto https"]
     else:
         out += [f"    bind {o.listen}"]
@@ -192,7 +195,7 @@ def haproxy(options: Options) -> str:
             f"    http-send-name-header {KEY_HEADER}",
             f"    balance hdr({KEY_HEADER})",
             "    hash-type consistent",
-            "    option httpchk GET /healthz        # answers without asking the upstream",
+            "    option httpchk GET /healthz    # answers without asking the upstream",
             "    http-check expect status 200",
             "    default-server inter 2s fall 3 rise 2"]
     if tls_node:
@@ -200,7 +203,7 @@ def haproxy(options: Options) -> str:
             verify = f"ssl verify required ca-file {o.node_ca}" + (f" verifyhost {o.node_tls_name}"
                                                                    if o.node_tls_name else "")
             if not o.node_tls_name:
-                out.append("    # node certificates are checked against the CA (add --node-tls-name to check a name too)")
+                out.append("    # node certificates are checked against the CA; add --node-tls-name to check a name")
         else:
             verify = "ssl verify none"
             out.append("    # HTTPS to the nodes WITHOUT checking their certificates: give --node-ca CA to check them")
@@ -235,7 +238,7 @@ def _haproxy_passthrough(o: Options) -> str:
             f"backend {UPSTREAM}",
             "    balance source",
             "    hash-type consistent",
-            "    option httpchk GET /healthz        # over TLS to each node (check-ssl)",
+            "    option httpchk GET /healthz    # over TLS to each node (check-ssl)",
             "    http-check expect status 200",
             f"    default-server inter 2s fall 3 rise 2 {check_opts}"]
     out += [f"    server node{number} {node} check" for number, node in enumerate(o.nodes, 1)]
@@ -275,27 +278,27 @@ def nginx(options: Options) -> str:
             "",
             "server {"]
     if o.tls_cert:
-        out += [f"    listen {o.listen} ssl;          # TLS ends here",
-                f"    ssl_certificate {o.tls_cert};       # certificate chain and key in one PEM",
+        out += [f"    listen {o.listen} ssl;    # TLS ends here",
+                f"    ssl_certificate {o.tls_cert};    # certificate chain and key in one PEM",
                 f"    ssl_certificate_key {o.tls_cert};",
                 "    ssl_protocols TLSv1.2 TLSv1.3;"]
     else:
         out += [f"    listen {o.listen};"]
-    out += ["    client_max_body_size 1m;          # a mirror takes no uploads",
+    out += ["    client_max_body_size 1m;    # a mirror takes no uploads",
             "",
             "    location / {",
             f"        proxy_pass {scheme}://{UPSTREAM};",
-            "        proxy_http_version 1.1;         # keep-alive to the nodes",
+            "        proxy_http_version 1.1;    # keep-alive to the nodes",
             '        proxy_set_header Connection "";',
             "        proxy_set_header Host $http_host;",
             "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
             "        proxy_set_header X-Forwarded-Proto $scheme;",
-            "        proxy_buffering off;            # stream blobs as they come",
+            "        proxy_buffering off;    # stream blobs as they come: no memory buffers, no temporary files",
             "        proxy_request_buffering off;",
             "        proxy_max_temp_file_size 0;",
             "        proxy_redirect off;",
             "        proxy_connect_timeout 5s;",
-            f"        proxy_read_timeout {TIMEOUT};        # a cold blob: the node waits for its upstream",
+            f"        proxy_read_timeout {TIMEOUT};    # between two reads: a cold blob waits for the upstream",
             f"        proxy_send_timeout {TIMEOUT};",
             "        proxy_next_upstream error timeout;",
             "        proxy_next_upstream_tries 3;"]
