@@ -12,8 +12,9 @@ upstream is asked nothing.
 
 That these tests catch broken routing can be seen with a hand-written configuration instead of
 ``lb-config``'s (tests/support/cluster.py ``hand_config``): ``DM_CLUSTER_BALANCE=roundrobin`` (keys
-ignored) or ``=uri`` (a layer routed by repository and digest) fail the first pull's counts, ``=map``
-(no consistent hashing) fails HAProxy on the lost node, ``=hash`` (routing as it should be) passes.
+ignored) or ``=uri`` (a layer routed by repository and digest) fail the first pull's counts; ``=map``
+(no consistent hashing) fails HAProxy once a node is lost (nginx's plain ``hash`` keeps the other
+nodes' keys where they are while one is down: it passes); ``=hash`` (routing as it should be) passes.
 """
 
 from __future__ import annotations

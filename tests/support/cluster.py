@@ -408,7 +408,8 @@ def pull_all(address: str, pullables: list[Pullable], workdir: Path, clients: in
             try:
                 pull(address, pullable, dest)
             except (AssertionError, subprocess.TimeoutExpired) as exc:
-                problems.append(f"client {number}: pull of {pullable.repo}:{pullable.tag} failed: {exc}")
+                lines = str(exc).strip().splitlines()           # skopeo's last line says why
+                problems.append(f"client {number}: pull of {pullable.repo}:{pullable.tag} failed: {lines[-1]}")
                 continue
             problems += [f"client {number}: {p}" for p in verify_pulled(pullable, dest)]
         return problems
