@@ -77,7 +77,9 @@ def _on_one_node(cluster: Cluster, digests: set[str], nodes) -> str:
 def test_each_blob_fetched_once_per_cluster_and_a_lost_node_costs_its_share(cluster: Cluster, tmp_path: Path):
     up = cluster.upstream
     blobs = up.blobs
-    assert len(blobs) > 20 and up.repos == {p.repo for p in up.pullables}
+    # the plan does what it says: layers carried by several repositories
+    shared = {d for d in blobs if sum(d in p.blobs for p in up.pullables) > 1}
+    assert len(blobs) > 20 and len(shared) >= 6
 
     # three clients, ten images, all at once, through the balancer
     mark = up.mark()
@@ -111,11 +113,12 @@ def test_each_blob_fetched_once_per_cluster_and_a_lost_node_costs_its_share(clus
     # the node comes back on its cache: once the balancer sends it its keys again, it serves its
     # own share again (every blob it had, nothing else) and the upstream is asked nothing
     offset = len(victim.log_text())
-    victim.start()
+    victim.restart()
     probe = next(p for p in up.pullables if lost & p.blobs)
     cluster.back_in_rotation(victim, probe, min(lost & probe.blobs))
     mark = up.mark()
     problems = pull_all(cluster.address, up.pullables, tmp_path / "third")
     assert not problems, "\n".join(problems) + "\n" + cluster.logs()
     assert not (asked := up.registry.requests(mark)), "asked of the upstream after the return:\n" + "\n".join(asked)
-    assert cluster.blobs_served(victim, offset) == lost
+    served = cluster.blobs_served(victim, offset)
+    assert served == lost, f"back, it served {sorted(served - lost)} it did not have; not {sorted(lost - served)}"
