@@ -45,8 +45,9 @@ class Planned:
     same_as: str = ""                       # push the image of this repository again, under this name
 
 
-# Ten images: six repositories share base-a or base-b, three runtime-x or runtime-y; one is an
-# index of two architectures; one repository carries the very same image as another.
+# Ten images, 1.2 MiB of blobs in all: base-a is in six repositories, base-b in five, runtime-x in
+# four, runtime-y in two; acme/golf is an index of two architectures; mirror/alpha carries the very
+# same image as library/alpha (same manifest, same blobs).
 PLAN: tuple[Planned, ...] = (
     Planned("library/alpha", "1", {"amd64": ("base-a", "runtime-x")}),
     Planned("library/bravo", "1", {"amd64": ("base-a", "runtime-x")}),
