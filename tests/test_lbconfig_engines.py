@@ -186,6 +186,15 @@ def routing(client: httpx.Client) -> dict[str, str]:
     return {**blob_servers(client), **repo_servers(client)}
 
 
+def settled(client: httpx.Client) -> dict[str, str] | None:
+    """The routing, or None while a returning node is being taken back in (one key may then
+    see both nodes within a round)."""
+    try:
+        return routing(client)
+    except AssertionError:
+        return None
+
+
 @pytest.fixture
 def stubs():
     started = [Stub("A"), Stub("B")]
@@ -262,7 +271,7 @@ def test_a_stopped_node_gives_away_only_its_keys_and_gets_them_back(engine: str,
             moved = {key for key in before if before[key] != while_down[key]}
             assert moved == {key for key in before if before[key] == "A"}, "keys of nodes that stayed up moved"
             stubs[0] = Stub("A", port)
-            wait_until(lambda: routing(client) == before, 60, interval=0.5, what="A's keys back on A")
+            wait_until(lambda: settled(client) == before, 60, interval=0.5, what="A's keys back on A")
     finally:
         balancer.stop()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
 
 # The digest grammar of the OCI image spec: algorithm [a-z0-9]+ with + . _ - separators, ':',
 # then the encoded part [a-zA-Z0-9=_-]+.
@@ -29,9 +28,8 @@ _REPO = re.compile(r"^/v2/(?P<name>.+)/(?:manifests|tags|referrers)/[^/]+$")
 
 KEY_HEADER = "X-Docker-Mirror-Route"     # HAProxy only: carries the key to `balance hdr()`
 UPSTREAM = "docker_mirror_nodes"
-HAPROXY_VERSIONS = ("Needs HAProxy >= 1.6 (the regsub converter): 1.8 (EL8, EL7's rh-haproxy18),",
-                    "2.4 (EL9), 2.6 (Debian 12: tested); not 1.5 (EL7 base), which cannot take a key from the path.")
-HAPROXY_TCP_VERSIONS = ("Needs HAProxy >= 1.5 (EL7 base, EL8, EL9, Debian 12: 2.6 tested).",)
+HAPROXY_VERSIONS = ("Needs HAProxy >= 1.5: 1.5 (EL7), 1.8 (EL8, EL7's rh-haproxy18), 2.4 (EL9),",
+                    "2.6 (Debian 12: tested). The key is made with replace-header, not regsub (1.6+).")
 NGINX_VERSIONS = ("Needs nginx >= 1.12 (a map value of text and variables, $request_id): 1.14 and 1.20",
                   "(EL8), 1.20 (EL7 EPEL, EL9), 1.22 (Debian 12: tested).")
 TIMEOUT = "10m"      # between two reads or writes of a big blob; not the whole transfer
@@ -44,7 +42,8 @@ def route_key(path: str, query: str = "") -> str | None:
         return blob.group("digest")
     repo = _REPO.match(path)
     if repo:
-        ns = next((value for name, value in parse_qsl(query, keep_blank_values=True) if name == "ns"), "")
+        # the first ns=, as sent (HAProxy's urlp() and nginx's $arg_ns do not decode it either)
+        ns = next((part[3:] for part in query.split("&") if part.startswith("ns=")), "")
         return f"{ns}/{repo.group('name')}"
     return None
 
@@ -137,8 +136,7 @@ def command(options: Options, engine: str) -> str:
 
 
 def _header(options: Options, engine: str, lines: list[str]) -> list[str]:
-    versions = NGINX_VERSIONS if engine == "nginx" else HAPROXY_TCP_VERSIONS if options.passthrough \
-        else HAPROXY_VERSIONS
+    versions = NGINX_VERSIONS if engine == "nginx" else HAPROXY_VERSIONS
     head = [f"# {command(options, engine)}",
             f"# {engine} configuration for {len(options.nodes)} docker-mirror node(s), printed by the command above.",
             *(f"# {line}" for line in versions)]
@@ -189,9 +187,11 @@ def haproxy(options: Options) -> str:
             f"    acl dm_blob path_reg {BLOB_PATH}",
             f"    acl dm_repo path_reg {REPO_PATH}",
             f"    http-request del-header {KEY_HEADER}",
-            f"    http-request set-header {KEY_HEADER} %[path,regsub(^/v2/.+/blobs/,)] if dm_blob",
-            f"    http-request set-header {KEY_HEADER} %[urlp(ns)]/%[path,regsub(^/v2/,),regsub(/[^/]+/[^/]+$,)]"
-            " if dm_repo !dm_blob",
+            f"    http-request set-header {KEY_HEADER} %[path] if dm_blob",
+            f"    http-request replace-header {KEY_HEADER} ^/v2/.+/blobs/([^/]+)$ \\1 if dm_blob",
+            f"    http-request set-header {KEY_HEADER} %[path]?%[urlp(ns)] if dm_repo !dm_blob",
+            f"    http-request replace-header {KEY_HEADER} ^/v2/(.+)/(manifests|tags|referrers)/[^/?]+[?](.*)$ "
+            "\\3/\\1 if dm_repo !dm_blob",
             f"    http-send-name-header {KEY_HEADER}",
             f"    balance hdr({KEY_HEADER})",
             "    hash-type consistent",
@@ -223,7 +223,7 @@ def _haproxy_passthrough(o: Options) -> str:
     ])
     check_opts = (f"check-ssl verify required ca-file {o.node_ca}" + (f" verifyhost {o.node_tls_name}"
                                                                        if o.node_tls_name else "")
-                  if o.node_ca else "check-ssl verify none")
+                  if o.node_ca else "check-ssl verify none")     # on each server: 1.5 has none in default-server
     out += ["", "defaults",
             "    mode tcp",
             "    timeout connect 5s",
@@ -240,8 +240,8 @@ def _haproxy_passthrough(o: Options) -> str:
             "    hash-type consistent",
             "    option httpchk GET /healthz    # over TLS to each node (check-ssl)",
             "    http-check expect status 200",
-            f"    default-server inter 2s fall 3 rise 2 {check_opts}"]
-    out += [f"    server node{number} {node} check" for number, node in enumerate(o.nodes, 1)]
+            "    default-server inter 2s fall 3 rise 2"]
+    out += [f"    server node{number} {node} check {check_opts}" for number, node in enumerate(o.nodes, 1)]
     return "\n".join(out) + "\n"
 
 

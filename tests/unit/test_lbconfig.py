@@ -61,6 +61,8 @@ def test_manifests_tags_and_referrers_are_keyed_by_ns_and_repository(path: str, 
     assert route_key(path) == f"/{name}"
     assert route_key(path, "ns=docker.io") == f"docker.io/{name}"
     assert route_key(path, "n=1&ns=ghcr.io&ns=other") == f"ghcr.io/{name}"
+    assert route_key(path, "ns=my%2Eregistry") == f"my%2Eregistry/{name}"     # as sent, like urlp() and $arg_ns
+    assert route_key(path, "xns=a") == f"/{name}"
 
 
 def test_one_repository_is_one_key_and_a_tag_and_its_digest_meet():
@@ -96,7 +98,7 @@ def test_the_configuration_names_its_nodes_and_the_versions_it_needs(capsys):
     text = lb_config(capsys, "haproxy", "--listen", "0.0.0.0:5000", "--node", "10.0.0.1:5000",
                      "--node", "[2001:db8::2]:5000")
     assert "server node1 10.0.0.1:5000 check\n" in text and "server node2 [2001:db8::2]:5000 check\n" in text
-    assert "Needs HAProxy >= 1.6" in text and "hash-type consistent" in text
+    assert "Needs HAProxy >= 1.5" in text and "hash-type consistent" in text
     text = lb_config(capsys, "nginx", "--listen", "0.0.0.0:5000", "--node", "10.0.0.1:5000")
     assert "Needs nginx >= 1.12" in text and "hash $docker_mirror_key consistent;" in text
     assert "no active health checks" in text
