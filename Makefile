@@ -11,8 +11,11 @@
 #   make python-tarball              only that download and check (the network, like wheelhouse)
 #   make rpm-el7 PYTHON_TARBALL=F    bundle the install_only tarball F instead, used as given
 #                                    (its SHA-256 is printed; checked when PYTHON_SHA256 is given too)
+#   make repo REPO_URL=... SIGNING_KEY=key.asc   signed yum (el7, el8, el9) and apt repositories in
+#                                    dist/repo from the packages in dist/, to publish as REPO_URL;
+#                                    or GNUPGHOME=dir SIGNING_KEY_ID=fingerprint instead of SIGNING_KEY
 #
-# Options: PYVER (3.11), DEB_VERSION / RPM_RELEASE (rebuilds with a higher version),
+# Options: REPO_DIR (dist/repo), PYVER (3.11), DEB_VERSION / RPM_RELEASE (rebuilds with a higher version),
 # ALLOW_NEWER_GLIBC_PYTHON=1 (accept a bundled interpreter built against a newer glibc:
 # only for the stand-in from rpm/standin-python.sh, which cannot run on EL7 anyway).
 
@@ -25,6 +28,7 @@ PIP          := $(TOOLS)/bin/python -m pip --disable-pip-version-check --quiet
 RPM_RELEASE  ?= 1
 DEB_VERSION  ?=
 WHEELS        = $(BUILD)/wheelhouse-py$(PYVER)
+REPO_DIR     ?= $(DIST)/repo
 # The interpreter of the EL7 RPM. To move to a newer build: take the asset's URL and the SHA-256
 # published with the release of astral-sh/python-build-standalone, set both here,
 # `make python-tarball`, then `make rpm-el7` and the package tests (README: Building packages).
@@ -34,7 +38,7 @@ PYTHON_TARBALL ?=
 PYTHON_DOWNLOAD = $(BUILD)/python/$(subst %2B,+,$(notdir $(PYTHON_URL)))
 EL7_PYTHON      = $(or $(PYTHON_TARBALL),$(PYTHON_DOWNLOAD))
 
-.PHONY: all wheelhouse deb rpm rpm-sources python-tarball rpm-el7 clean
+.PHONY: all wheelhouse deb rpm rpm-sources python-tarball rpm-el7 repo clean
 all: deb rpm
 
 $(TOOLS)/bin/python:
@@ -123,6 +127,14 @@ rpm-el7: python-tarball
 	$(RPMBUILD) --with bundled_python --define "pyver $$($(EL7_PYVER))" --define "dist .el7" -bb rpm/docker-mirror.spec
 	cp $(RPMTOP)/RPMS/x86_64/docker-mirror-$(VERSION)-$(RPM_RELEASE).el7.x86_64.rpm $(DIST)/
 	rpmlint -r rpm/docker-mirror-el7.rpmlintrc $(DIST)/docker-mirror-$(VERSION)-$(RPM_RELEASE).el7.x86_64.rpm
+
+# --- repositories -------------------------------------------------------------------
+# rpm/make-repo.sh says what lands where. The key is an input, never a file of the clone:
+# SIGNING_KEY is imported into a throw-away GnuPG home under build/ that is removed afterwards.
+
+repo:
+	@DIST=$(DIST) BUILD=$(BUILD) OUT=$(REPO_DIR) REPO_URL="$(REPO_URL)" SIGNING_KEY="$(SIGNING_KEY)" \
+	    KEY_HOME="$(GNUPGHOME)" SIGNING_KEY_ID="$(SIGNING_KEY_ID)" sh rpm/make-repo.sh
 
 clean:
 	rm -rf $(BUILD) $(DIST)

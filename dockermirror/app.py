@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 
 from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 from dockermirror.api.accesslog import AccessLog, RequestDone
+from dockermirror.api.forwarded import ClientAddress
 from dockermirror.api.gate import Gate
 from dockermirror.api.refusals import RefusalLog
 from dockermirror.access.guard import Guard
@@ -40,7 +41,8 @@ def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None, mete
     return UpstreamClient(up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
                           connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
                           transfer_timeout=up.transfer_timeout, token_realms=up.token_realms,
-                          transport=transport, meter=meter, key=registry_key(up.registry))
+                          transport=transport, meter=meter, key=registry_key(up.registry),
+                          namespace=registry_key(up.registry) if up.send_ns else None)
 
 
 def _ca_fingerprint(up: UpstreamConfig) -> str | None:
@@ -114,7 +116,11 @@ class DockerMirror:
         self.refusals = RefusalLog()
         # tls.client_auth: required: a request without a client certificate stops at the gate, as does
         # one whose connection's certificate was refused since (revoked, no longer trusted)
-        self.asgi = AccessLog(Gate(starlette, lambda: self.api.guard, self.refusals), on_done=self._request_done)
+        # server.trusted_proxies: the client's address from X-Forwarded-For, before anything reads it;
+        # node: this node's name on every response and log line (both as the configuration in force says)
+        logged = AccessLog(Gate(starlette, lambda: self.api.guard, self.refusals), on_done=self._request_done,
+                           node=lambda: self.config.node)
+        self.asgi = ClientAddress(logged, lambda: self.config.server.trusted_proxies)
 
     def _request_done(self, done: RequestDone) -> None:
         self.mirror.record(done.cache, done.sent, done.upstream)

@@ -29,6 +29,10 @@ class CommandError(Exception):
     """A problem to report in one line, with exit status 1."""
 
 
+class BadTarget(CommandError):
+    """cache rm's argument is no digest or reference: the user's mistake (exit status 2)."""
+
+
 class NoCache(CommandError):
     """The cache directory does not exist, or holds no cache: the user named the wrong one."""
 
@@ -52,7 +56,8 @@ class Opened:
 def open_cache(config: Config) -> Opened:
     root = config.cache.dir
     if not root.is_dir():
-        raise NoCache(f"no cache at {root}: the directory does not exist")
+        raise NoCache(f"no cache at {root}: " + ("it is a file, not a directory" if root.exists()
+                                                 else "the directory does not exist"))
     if not (root / INDEX_NAME).is_file():
         raise NoCache(f"{root} is not a docker-mirror cache: it has no {INDEX_NAME}")
     table = config.registry_table()
@@ -230,7 +235,7 @@ def rm(opened: Opened, target: str) -> int:
         try:
             digest = Digest.parse(target)
         except InvalidDigest as exc:
-            raise CommandError(str(exc)) from None
+            raise BadTarget(str(exc)) from None
         entry = index.content(str(digest))
         tags = index.tags_pointing_to(str(digest))
         if entry is None and not tags:
@@ -276,20 +281,20 @@ def route(opened: Opened, target: str) -> tuple[str, str, str]:
     last, colon, tag = last.partition(":")
     name = f"{head}/{last}" if head else last
     if (colon and not valid_tag(tag)) or not name:
-        raise CommandError(f"{target!r} is neither a digest nor [REGISTRY/]REPOSITORY[:TAG]")
+        raise BadTarget(f"{target!r} is neither a digest nor [REGISTRY/]REPOSITORY[:TAG]")
     first, _, rest = name.partition("/")
     if looks_like_host(first):
         key = opened.table.lookup(first) or registry_key(first)
         if not rest:
-            raise CommandError(f"{first} is a registry: name a repository in it, as in {first}/<repository>")
+            raise BadTarget(f"{first} is a registry: name a repository in it, as in {first}/<repository>")
         if key not in opened.table.keys and not opened.index.knows_upstream(key):
-            raise CommandError(f"{first} is not a configured upstream ({', '.join(opened.table.keys)}) and the "
+            raise BadTarget(f"{first} is not a configured upstream ({', '.join(opened.table.keys)}) and the "
                                "cache holds nothing of it")
         name = rest
     else:
         key = opened.upstream
     if not valid_name(name):
-        raise CommandError(f"{target!r} is neither a digest nor [REGISTRY/]REPOSITORY[:TAG]")
+        raise BadTarget(f"{target!r} is neither a digest nor [REGISTRY/]REPOSITORY[:TAG]")
     return key, upstream_repository(key, name), tag
 
 

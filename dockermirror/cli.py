@@ -102,14 +102,15 @@ def cmd_access_check(args: argparse.Namespace) -> int:
     config = _load(args)
     try:
         identity = Identity.parse(args.identity)
-    except ValueError as exc:
-        raise ConfigError(f"{exc}; give anonymous, user:NAME or cert:COMMON-NAME", key="IDENTITY") from None
+    except ValueError:    # (its own message says what it expects: said once, here)
+        raise ConfigError(f"invalid identity {args.identity!r}; give anonymous, user:NAME or cert:COMMON-NAME",
+                          key="IDENTITY") from None
     if args.source is not None and client_address(args.source) is None:
         raise ConfigError(f"invalid address {args.source!r}; give an IPv4 or IPv6 address", key="--from")
     # whether a user exists is not asked (nor the file read): the rules decide for a name
     guard = Guard.of(config, htpasswd=object() if config.auth.htpasswd else None)  # type: ignore[arg-type]
     try:
-        route = guard.rules.table.route(args.repository.lower())
+        route = guard.rules.table.route(_repository_of(args.repository).lower())
     except UnknownRegistry as exc:
         raise ConfigError(f"{exc}; name a configured upstream (docker-mirror check-config lists them)",
                           key="REPOSITORY") from None
@@ -133,6 +134,15 @@ def cmd_access_check(args: argparse.Namespace) -> int:
     return 0 if decision.allowed else 1
 
 
+def _repository_of(reference: str) -> str:
+    """The repository of a reference pasted from ``docker pull``: ``centos:7`` and
+    ``docker.io/centos@sha256:...`` name the repository the rules match (a tag or digest does not
+    change who may pull it); the :PORT of a registry (``host:5000/app``) stays."""
+    name = reference.partition("@")[0]
+    head, slash, last = name.rpartition("/")
+    return head + slash + last.partition(":")[0]
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from dockermirror import cachectl
 
@@ -144,6 +154,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     except cachectl.NoCache as exc:
         raise _user_error(args, config, "cache.dir", f"{exc}; give the server's cache directory "
                                                      "(--cache-dir DIR, or cache.dir in --config FILE)") from None
+    except cachectl.BadTarget as exc:
+        raise ConfigError(f"{exc}; give a digest (sha256:...) or [REGISTRY/]REPOSITORY[:TAG], e.g. library/busybox:1",
+                          key="TARGET") from None
     except cachectl.CommandError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1
@@ -305,6 +318,9 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
         picked = mirror_name(config)
         host = f"{picked.name}:{config.listen_address[1]}"
         how += f"\n{picked.note}; or give --host NAME:PORT"
+        if config.node:     # one node of several: clients should be given the balancer's name
+            how += (f"\nnode: {config.node} is set: if clients reach this mirror through a load balancer, "
+                    "run client-setup --host BALANCER:PORT (the balancer's name and port)")
     tls = config.tls.active
     try:
         ca_pem = config.tls.ca.read_text() if tls else None
@@ -357,15 +373,15 @@ def cmd_user(args: argparse.Namespace) -> int:
 
     path = args.file
     if path is None:
-        path = _load(args).auth.htpasswd
+        config = _load(args)
+        path = config.auth.htpasswd
         if path is None:
-            print("docker-mirror: no htpasswd file: set auth.htpasswd in the configuration, or give --file",
-                  file=sys.stderr)
-            return 2
+            raise ConfigError("no htpasswd file is set; set auth.htpasswd in the configuration, or give --file FILE",
+                              source=config.source, key="auth.htpasswd")
     try:
         if args.user_command == "list":
             for name in users.names(path):
-                print(name)
+                print(_printable(name))
         elif args.user_command == "add":
             password = _read_password(args.name, args.password_stdin)
             new = users.add(path, args.name, password, cost=args.cost)
@@ -374,7 +390,11 @@ def cmd_user(args: argparse.Namespace) -> int:
         else:
             users.remove(path, args.name)
             print(f"removed {args.name} from {path}; reload the service to apply it (systemctl reload docker-mirror)")
-    except (users.CommandError, _UserError) as exc:
+    except users.BadName as exc:
+        raise ConfigError(f"{exc}; choose another name", key="NAME") from None
+    except (users.BadPassword, _UserError) as exc:
+        raise ConfigError(f"{exc}; give it again (user add {_printable(args.name)})", key="password") from None
+    except users.CommandError as exc:
         print(f"docker-mirror: {exc}", file=sys.stderr)
         return 1
     problem = users.problem(path)
@@ -382,6 +402,18 @@ def cmd_user(args: argparse.Namespace) -> int:
         print(f"docker-mirror: the server refuses this file as it is: {problem}", file=sys.stderr)
         return 1
     return 0
+
+
+def _printable(text: str) -> str:
+    """A name from a file, safe on a terminal: control characters (an escape sequence) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _config_file(text: str) -> Path:
+    if not text.strip():     # Path("") is ".", the current directory
+        raise ValueError("expected a file name, got an empty one; give the configuration file, or leave out "
+                         "--config")
+    return Path(text)
 
 
 def _parsed(parse, what: str):
@@ -423,14 +455,14 @@ def parser() -> argparse.ArgumentParser:
 
     config_help = f"configuration file (default {configuration.DEFAULT_PATH}, if it exists)"
     serve = commands.add_parser("serve", help="run the mirror")
-    serve.add_argument("--config", type=Path, help=config_help)
+    serve.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)")
     serve.add_argument("--cache-dir", metavar="DIR", help="cache directory (default /var/cache/docker-mirror)")
     serve.add_argument("--upstream", metavar="URL", help="upstream registry (default https://registry-1.docker.io)")
     serve.set_defaults(run=cmd_serve)
 
     check = commands.add_parser("check-config", help="validate the configuration and print the effective values")
-    check.add_argument("--config", type=Path, help=config_help)
+    check.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     check.set_defaults(run=cmd_check_config)
 
     access = commands.add_parser("access", help="the access: rules")
@@ -439,9 +471,10 @@ def parser() -> argparse.ArgumentParser:
         "check", help="print the rule that decides whether IDENTITY may pull REPOSITORY (exit 0: allowed, 1: not)")
     access_check.add_argument("identity", metavar="IDENTITY", help="anonymous, user:NAME or cert:COMMON-NAME")
     access_check.add_argument("repository", metavar="REPOSITORY",
-                              help="as a client names it: library/centos, ghcr.io/myorg/app")
+                              help="as a client names it: library/centos, ghcr.io/myorg/app (a :TAG or @DIGEST, "
+                                   "as docker pull takes it, is dropped: rules match the repository)")
     access_check.add_argument("--from", dest="source", metavar="ADDRESS", help="the client's address")
-    access_check.add_argument("--config", type=Path, help=config_help)
+    access_check.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     access_check.set_defaults(run=cmd_access_check)
 
     cache = commands.add_parser("cache", help="look after the cache (also while the server runs)")
@@ -449,7 +482,7 @@ def parser() -> argparse.ArgumentParser:
 
     def cache_command(name: str, help: str) -> argparse.ArgumentParser:
         sub = cache_commands.add_parser(name, help=help)
-        sub.add_argument("--config", type=Path, help=config_help)
+        sub.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
         sub.add_argument("--cache-dir", metavar="DIR", help="cache directory (default: from the configuration)")
         sub.set_defaults(run=cmd_cache)
         return sub
@@ -487,7 +520,7 @@ def parser() -> argparse.ArgumentParser:
                        ("ensure", "like init, but only if there is no server certificate yet (for packages)"),
                        ("show", "print subject, names, issuer and expiry of the certificate and the CA")):
         sub = cert_commands.add_parser(name, help=text)
-        sub.add_argument("--config", type=Path, help=config_help)
+        sub.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
         sub.add_argument("--dir", type=Path, metavar="DIR",
                          help="use DIR/ca.crt (its key in DIR/private/ca.key) and DIR/server/docker-mirror.crt, "
                               ".key instead of the tls: paths (to try TLS outside /etc/pki)")
@@ -506,17 +539,17 @@ def parser() -> argparse.ArgumentParser:
     client.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="where to write client.cert, client.key and ca.crt")
     client.add_argument("--days", type=int, default=365, help="validity (default 365)")
-    client.add_argument("--config", type=Path, help=config_help)
+    client.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     client.set_defaults(run=cmd_cert)
     revoke = cert_commands.add_parser("revoke", help="add every client certificate issued to NAME to the CRL "
                                                      "(tls.crl); then reload the server")
     revoke.add_argument("name", metavar="NAME")
-    revoke.add_argument("--config", type=Path, help=config_help)
+    revoke.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     revoke.set_defaults(run=cmd_cert)
 
     setup = commands.add_parser("client-setup", help="print the steps that point docker, containerd and podman "
                                                      "here (for every upstream)")
-    setup.add_argument("--config", type=Path, help=config_help)
+    setup.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
     setup.add_argument("--host", metavar="HOST:PORT", type=_parsed(_host_port, "HOST:PORT"), help="how clients reach the mirror (default: hostname and port)")
     setup.add_argument("--for", dest="target", metavar="el7|el8|el9|debian",
                        help="the client system (default: this one, from /etc/os-release)")
@@ -542,7 +575,7 @@ def parser() -> argparse.ArgumentParser:
     for name, text in (("add", "add a user, or change their password (bcrypt)"),
                        ("del", "remove a user"), ("list", "print the user names")):
         sub = user_commands.add_parser(name, help=text)
-        sub.add_argument("--config", type=Path, help=config_help)
+        sub.add_argument("--config", type=_parsed(_config_file, "FILE"), help=config_help)
         sub.add_argument("--file", type=Path, help="the htpasswd file (default: auth.htpasswd of the configuration)")
         sub.set_defaults(run=cmd_user)
         if name != "list":
@@ -566,8 +599,15 @@ def main(argv: list[str] | None = None) -> int:
     anything else is a bug, shown in full (on stderr, or to the log once ``serve`` set it up:
     the journal then has it at priority crit) and ends with a line that says it is one."""
     args = parser().parse_args(argv)
+    out = sys.stdout = _Output(sys.stdout)
     try:
-        return args.run(args)
+        status = args.run(args)
+        out.flush()
+        return status
+    except _OutputError as exc:    # `check-config > /dev/full`: not a bug, and not the user's mistake either
+        _say(f"docker-mirror: cannot write the output: {exc.reason}; write it to a file system with room "
+             "(or to a terminal)", priority=3)
+        return 1
     except ConfigError as exc:
         _say(f"docker-mirror: {_one_line(str(exc))}", priority=3)
         return EXIT_USAGE
@@ -590,6 +630,42 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             _say(line, priority=2)
         return EXIT_BUG
+    finally:
+        if sys.stdout is out:    # (main called again in one process wraps the stream once)
+            sys.stdout = out.stream
+
+
+class _OutputError(Exception):
+    def __init__(self, error: OSError):
+        super().__init__(error)
+        self.reason = error.strerror or str(error)
+
+
+class _Output:
+    """stdout, whose write errors (ENOSPC, EIO; a closed pipe stays BrokenPipeError) are told
+    apart from the commands' own OSErrors."""
+
+    def __init__(self, stream):
+        self.stream = self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputError(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputError(exc) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _say(line: str, priority: int) -> None:

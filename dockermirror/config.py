@@ -46,6 +46,22 @@ _SIZE_UNITS = {
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+MAX_DURATION = 100 * 365 * 86400      # 100 years: longer is "never", and stays a number everything can store
+MAX_SIZE = 2**63 - 1                  # what the index (SQLite) stores; far beyond any disk
+
+
+def _finite_duration(seconds: float, value: Any) -> float:
+    if seconds != seconds:    # NaN
+        raise ValueError(f"{value!r} is not a duration; use e.g. 30s, 5m, 2h, 7d or 1h30m")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"duration {value!r} is too long; give at most 100 years (36500d)")
+    return float(seconds)
+
+
+def _finite_size(size: float, value: Any) -> int:
+    if size != size or size > MAX_SIZE:    # NaN, inf, 10**4000 (no float conversion: it overflows)
+        raise ValueError(f"size {value!r} is too large; give at most 8EiB (e.g. 500GB or 2TB)")
+    return int(size)
 
 
 def parse_duration(value: Any) -> float:
@@ -55,7 +71,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
+        return _finite_duration(value, value)
     text = str(value).strip().lower()
     pos, total = 0, 0.0
     for match in _DURATION_RE.finditer(text):
@@ -65,7 +81,7 @@ def parse_duration(value: Any) -> float:
         pos = match.end()
     if not text or pos != len(text):
         raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 2h, 7d or 1h30m)")
-    return total
+    return _finite_duration(total, value)
 
 
 def parse_size(value: Any) -> int:
@@ -75,11 +91,11 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
-        return value
+        return _finite_size(value, value)
     match = _SIZE_RE.fullmatch(str(value).strip().lower())
     if not match or match.group(2) not in _SIZE_UNITS:
         raise ValueError(f"invalid size {value!r} (use e.g. 500MB, 20GiB or a number of bytes)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    return _finite_size(float(match.group(1)) * _SIZE_UNITS[match.group(2)], value)
 
 
 def format_duration(seconds: float) -> str:
@@ -132,6 +148,39 @@ def parse_patterns(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
+
+
+def parse_node(value: Any) -> str:
+    """This node's name in a cluster (``node:``): a short label; empty (or null): none."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or not NODE_NAME.fullmatch(str(value)):
+        raise ValueError(f"invalid node name {value!r}: expected up to 63 letters, digits, '.', '-' or '_' "
+                         "(e.g. mirror-1), or empty for none")
+    return str(value)
+
+
+def parse_networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of IP networks or addresses (``10.0.0.0/8``, ``192.0.2.7``, ``fd00::/8``)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of IP networks, got {value!r}")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"invalid IP network {item!r}: expected an address or a network, e.g. 10.0.0.5, "
+                             "10.0.0.0/24 or fd00::/64") from None
+    return tuple(networks)
+
+
+def _show_networks(value: tuple) -> list[str]:
+    return [str(network) for network in value]
+
+
 def parse_listen(value: Any) -> str:
     """``HOST:PORT`` or ``[V6]:PORT``; returned unchanged once checked."""
     split_listen(str(value))
@@ -173,6 +222,11 @@ def parse_url(value: Any) -> str:
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a non-empty string, got {value!r}; give a value, or leave it out for its default")
+    try:    # (surrogateescape: a non-UTF-8 file name given on the command line is a file name still)
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:    # "\ud800": a lone surrogate is no character of any file name or host
+        raise ValueError(f"{value!r} holds an invalid character (a lone UTF-16 surrogate); write the "
+                         "character itself, or its \\U escape") from None
     return value
 
 
@@ -345,6 +399,8 @@ class UpstreamConfig:
     tag_ttl: float | None = _setting(None, _optional(parse_duration), show=format_duration)
     # token services besides the upstream's own domain that may get its credentials
     token_realms: tuple[str, ...] = _setting((), parse_hosts, sequence=True)
+    # the upstream is another mirror (a central docker-mirror): every request names the registry with ?ns=
+    send_ns: bool = _setting(False, _boolean)
 
 
 @dataclass(frozen=True)
@@ -389,6 +445,8 @@ class ServerConfig:
     keepalive_timeout: float = _timeout(5.0)
     send_timeout: float = _timeout(60.0)
     max_connections: int = _setting(10000, parse_count)
+    # peers (a load balancer) whose X-Forwarded-For names the client (api/forwarded.py); none: no one's
+    trusted_proxies: tuple = _setting((), parse_networks, show=_show_networks, sequence=True)
 
 
 @dataclass(frozen=True)
@@ -415,6 +473,20 @@ def parse_metrics_listen(value: Any) -> str:
     return text
 
 
+def listen_overlap(listen: str, metrics: str) -> str | None:
+    """Why ``metrics.listen`` cannot be had next to ``listen`` (the same port, on the same or a
+    wildcard address: one of the two listeners would take it from the other), or None."""
+    if not metrics:
+        return None
+    (host, port), (metrics_host, metrics_port) = split_listen(listen), split_listen(metrics)
+    wildcards = ("0.0.0.0", "::")
+    if port != metrics_port or not (host == metrics_host or host in wildcards or metrics_host in wildcards):
+        return None
+    shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+    return (f"{metrics} is the registry's own port (listen: {listen}); give the metrics a port of their own, "
+            f"e.g. {shown}:9401")
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     # where GET /metrics (Prometheus text format) is served, apart from the registry port; empty: off
@@ -437,6 +509,8 @@ class Config:
     listen: str = _setting("0.0.0.0:5000", parse_listen)
     # the name clients use to reach this mirror (empty: the machine's FQDN)
     hostname: str = _setting("", lambda v: "" if v in (None, "") else _string(v))
+    # this node's name in a cluster: in the request log, a response header, /metrics, the journal
+    node: str = _setting("", parse_node)
     # GET / answers the status page (false: 404); /healthz answers either way
     status_page: bool = _setting(True, _boolean)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -529,18 +603,32 @@ def load(path: Path | str | None = None) -> Config:
     return loads(text, source=str(path))
 
 
+def _yaml_error(exc: yaml.YAMLError, source: str, text: str) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    line = mark.line + 1 if mark else None
+    if isinstance(exc, yaml.reader.ReaderError):    # a control character: no mark, a position
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return ConfigError(f"invalid YAML: control character #x{code:04x} ({exc.reason}); remove it (is this "
+                           "the configuration file, as text?)", source=source, line=line)
+    return ConfigError(f"invalid YAML: {problem}; fix the file at that line (indentation, a missing quote, "
+                       "bracket or colon; the shipped config.yml shows each key)", source=source, line=line)
+
+
 def loads(text: str, source: str = "<string>") -> Config:
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)    # checks the characters: a NUL is a ReaderError here
         node = loader.get_single_node()
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML: {problem}; fix the file at that line (indentation, a missing "
-                          "quote, bracket or colon; the shipped config.yml shows each key)", source=source,
-                          line=mark.line + 1 if mark else None) from None
+        raise _yaml_error(exc, source, text) from None
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deeply; fix the file (a configuration nests a few levels)",
+                          source=source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if node is None or (isinstance(node, yaml.ScalarNode) and node.value == ""):
         return Config(source=source)
     config = _build(Config, node, loader, source, "")
@@ -592,8 +680,11 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
             expected = "a list" if f.metadata.get("sequence") else "a single value"
             raise ConfigError(f"expected {expected}", source=source, line=key_line, key=dotted)
         secret = f.metadata.get("secret") and not null
+        if secret and not value_node.tag.startswith("tag:yaml.org,2002:"):    # password: !ENV X is no "X"
+            raise ConfigError(f"the tag {value_node.tag} is not read; write the value itself (or use password_file)",
+                              source=source, line=value_node.start_mark.line + 1, key=dotted)
         # a secret is the text as written (password: 0123 is not the number 83), never echoed
-        raw = value_node.value if secret else loader.construct_object(value_node, deep=True)
+        raw = value_node.value if secret else _construct(loader, value_node, source, dotted)
         try:
             values[key] = f.metadata["parse"](raw)
         except ValueError as exc:
@@ -613,11 +704,33 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
         raise ConfigError("give either upstream: (one registry) or upstreams: (a list, the default first), "
                           f"not both (upstream: is on line {lines['upstream']})", source=source,
                           line=lines["upstreams"], key="upstreams")
+    if cls is Config and (problem := listen_overlap(built.listen, built.metrics.listen)) is not None:
+        raise ConfigError(problem, source=source, line=lines.get("metrics", lines.get("listen")),
+                          key="metrics.listen")
     if cls is Config and values.get("cache") is not None:
         _check_pins(built, source, node)
     if cls is Config and built.access:
         _check_rules(built, source)
     return built
+
+
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, source: str, key: str) -> Any:
+    """The value of a node; an unknown tag (``!ENV x``), an integer of thousands of digits or a
+    structure nested too deeply is the file's mistake, named by its line and key."""
+    line = node.start_mark.line + 1
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{_one_line(problem)}; write a plain value (YAML tags such as !ENV are not read)",
+                          source=source, line=line, key=key) from None
+    except (ValueError, RecursionError):    # int("9" * 5000) is refused by Python itself
+        raise ConfigError("cannot read this value (a number of thousands of digits, or nested too deeply); "
+                          "write a plain value such as 500GB or 7d", source=source, line=line, key=key) from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _build_items(cls: type, node: yaml.SequenceNode, loader: yaml.SafeLoader, source: str,
@@ -696,7 +809,7 @@ def _build_rules(node: yaml.Node, loader: yaml.SafeLoader, source: str, prefix: 
                         raise ValueError("expected a single value" + (
                             " (a colon then a space makes a mapping: quote it, as in 'user:ci')"
                             if isinstance(entry, yaml.MappingNode) else ""))
-                    values.append(parse(loader.construct_object(entry)))
+                    values.append(parse(_construct(loader, entry, source, f"{where}.{key}[{j}]")))
                 except ValueError as exc:
                     raise ConfigError(str(exc), source=source, line=entry.start_mark.line + 1,
                                       key=f"{where}.{key}[{j}]") from None

@@ -31,6 +31,9 @@ from tests.support.faultproxy import FaultProxy
 from tests.support.procs import Mirror, Registry
 from tests.support.upstreams import Seeded, Site, ThreeUpstreams, Upstream, tls_site, token_site
 
+# the session's package build (`packages`), shared by tests/test_packages.py and tests/test_repo.py
+pytest_plugins = ("tests.support.packaging",)
+
 FAST_TIER = Path(__file__).resolve().parent / "unit"
 # Set by the host, never by a test: each changes how our processes or the clients behave.
 HOST_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",

@@ -21,7 +21,7 @@ fi
 
 PACKAGES="python3 python3-venv ca-certificates curl openssl git make docker-registry skopeo podman docker.io
           containerd iproute2 systemd systemd-container debootstrap util-linux chromium
-          dh-virtualenv debhelper devscripts fakeroot lintian rpm rpmlint
+          dh-virtualenv debhelper devscripts fakeroot lintian rpm rpmlint createrepo-c apt-utils gnupg dnf
           build-essential dpkg-dev xz-utils libssl-dev zlib1g-dev libffi-dev libbz2-dev liblzma-dev libsqlite3-dev"
 if [ -z "$fast" ]; then
     say "checking the Debian packages the tests need"

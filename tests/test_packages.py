@@ -18,38 +18,19 @@ import io
 import os
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import Upstream
-from tests.support import progress
 from tests.support.clients import skopeo_copy
-from tests.support.nspawn import CACHE, Container
+from tests.support.nspawn import Container
+# the packages themselves: the session's `packages` fixture (tests/support/packaging.py)
+from tests.support.packaging import DIST, REPO, STANDIN, UPGRADE, VERSION, make  # noqa: F401
 from tests.support.procs import free_port
 
-REPO = Path(__file__).resolve().parent.parent
-DIST = REPO / "dist"
-VERSION = next(line.split('"')[1] for line in (REPO / "dockermirror/__init__.py").read_text().splitlines()
-               if line.startswith("__version__"))
-UPGRADE = f"{VERSION}+upgrade1"
-STANDIN = CACHE / "python-standin-3.11-x86_64.tar.gz"
 # the Grafana dashboard and the alert rules: /usr/share/docker-mirror/X is docs/monitoring/X
 MONITORING = {f"/usr/share/docker-mirror/{path}": REPO / "docs/monitoring" / path
               for path in ("grafana/docker-mirror.json", "prometheus/docker-mirror-alerts.yml")}
-
-
-def make(*targets: str, **variables: str) -> float:
-    started = time.monotonic()
-    command = " ".join(["make", *targets, *(f"{k}={v}" for k, v in variables.items())])
-    with progress.step(command):
-        result = subprocess.run(["make", "-C", str(REPO), *targets, *(f"{k}={v}" for k, v in variables.items())],
-                                capture_output=True, text=True, timeout=3600)
-    assert result.returncode == 0, \
-        f"make {' '.join(targets)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return time.monotonic() - started
 
 
 def rpm_query(path: Path, *args: str) -> str:
@@ -76,27 +57,6 @@ def packaged_file(package: Path, path: str) -> tuple[bytes, int]:
     rpm2cpio.stdout.close()
     assert rpm2cpio.wait() == 0
     return content, mode & 0o7777
-
-
-@pytest.fixture(scope="module")
-def packages() -> dict[str, Path]:
-    """Build the three packages (and an upgrade of the .deb) with the Makefile."""
-    times = {"wheelhouse": make("wheelhouse"), "deb": make("deb"), "rpm": make("rpm"),
-             "deb upgrade": make("deb", DEB_VERSION=UPGRADE)}
-    if not STANDIN.exists():
-        STANDIN.parent.mkdir(parents=True, exist_ok=True)
-        with progress.step(f"compiling the stand-in CPython for the EL7 RPM into {STANDIN} (once; about 25 MB "
-                           "of Debian source, 3-6 minutes on 2 cores)"):
-            subprocess.run([str(REPO / "rpm/standin-python.sh"), str(STANDIN)], check=True, capture_output=True,
-                           timeout=3600)
-    times["rpm-el7"] = make("rpm-el7", PYTHON_TARBALL=str(STANDIN), ALLOW_NEWER_GLIBC_PYTHON="1")
-    built = {"deb": DIST / f"docker-mirror_{VERSION}_amd64.deb",
-             "upgrade": DIST / f"docker-mirror_{UPGRADE}_amd64.deb",
-             "rpm": DIST / f"docker-mirror-{VERSION}-1.el9.x86_64.rpm",
-             "rpm-el7": DIST / f"docker-mirror-{VERSION}-1.el7.x86_64.rpm"}
-    print("\nbuild times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-    print("sizes: " + ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in built.values()))
-    return built
 
 
 def preseed(container: Container, upstream: Upstream) -> str:

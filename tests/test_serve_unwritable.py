@@ -48,7 +48,8 @@ def test_serve_as_a_user_who_cannot_write_the_cache_dir(root_owned: Path, where,
     assert len(lines) == 1 and "Traceback" not in result.stderr, lines
     named = "--cache-dir" if how == "flag" else f"{config}: cache.dir"
     assert lines[0].startswith(f"docker-mirror: {named}: "), lines[0]
-    assert "is not writable for this user (nobody)" in lines[0] and "chown nobody" in lines[0], lines[0]
+    assert "is not writable for this user (nobody)" in lines[0], lines[0]
+    assert ("chown -R nobody: " if where == "existing" else "chown nobody ") in lines[0], lines[0]
     assert sorted(root_owned.rglob("*")) == before
 
 
@@ -69,3 +70,34 @@ def test_serve_with_the_cache_dir_on_a_read_only_mount(root_owned: Path):
         f"docker-mirror: --cache-dir: cannot create {mount / 'cache'}: {mount} is on a read-only filesystem; "
         "choose a directory on a writable one"]
     assert list(mount.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["flag", "key"])
+def test_serve_as_a_user_who_cannot_write_an_existing_cache(root_owned: Path, how):
+    """A cache root made (and owns), the service user may enter but not write: one line naming
+    the flag or key, with the chown -R that fixes it; not 'cannot open the cache: Permission denied'."""
+    from dockermirror.cache import Cache
+
+    cache = root_owned / "cache"
+    made = Cache(cache)
+    made.open()
+    made.index.close()
+    made._release_lock()
+    for path in [cache, *cache.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    config = root_owned / "config.yml"
+    config.write_text(f"listen: {free_address()}\ncache:\n  dir: {cache}\n")
+    config.chmod(0o644)
+    args = ["--config", str(config)] + (["--cache-dir", str(cache)] if how == "flag" else [])
+    before = {p: p.stat().st_mtime_ns for p in root_owned.rglob("*")}
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
+    result = subprocess.run([*NOBODY, sys.executable, "-m", "dockermirror", "serve", *args], capture_output=True,
+                            text=True, cwd="/", env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+    named = "--cache-dir" if how == "flag" else f"{config}: cache.dir"
+    assert lines[0].startswith(f"docker-mirror: {named}: the cache in {cache} is not writable for this user "
+                               f"(nobody)"), lines[0]
+    assert f"chown -R nobody: {cache})" in lines[0], lines[0]
+    assert {p: p.stat().st_mtime_ns for p in root_owned.rglob("*")} == before

@@ -27,14 +27,22 @@ class CommandError(Exception):
     """A problem to report in one line, with exit status 1."""
 
 
+class BadName(CommandError):
+    """A user name the file cannot hold: the user's mistake (exit status 2)."""
+
+
+class BadPassword(CommandError):
+    """An empty, too long or unsendable password: the user's mistake (exit status 2)."""
+
+
 def check_password(password: str) -> None:
     secret = password.encode("utf-8", "surrogatepass")
     if not password:
-        raise CommandError("the password is empty")
+        raise BadPassword("the password is empty")
     if len(secret) > MAX_PASSWORD:
-        raise CommandError(f"the password is longer than {MAX_PASSWORD} bytes (bcrypt reads no more)")
+        raise BadPassword(f"the password is longer than {MAX_PASSWORD} bytes (bcrypt reads no more)")
     if any(ord(c) < 0x20 or ord(c) == 0x7f for c in password):
-        raise CommandError("the password holds a control character (clients cannot send it)")
+        raise BadPassword("the password holds a control character (clients cannot send it)")
 
 
 def _lines(path: Path) -> list[bytes]:
@@ -65,7 +73,7 @@ def add(path: Path, name: str, password: str, cost: int = COST) -> bool:
     """Give ``name`` this password (a new entry, or in place of the old one); True if new."""
     why = check_user(name)
     if why:
-        raise CommandError(f"{name!r}: {why}")
+        raise BadName(f"{name!r}: {why}")
     check_password(password)
     entry = name.encode() + b":" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost))
     with _locked(path):

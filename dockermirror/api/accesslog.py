@@ -1,5 +1,8 @@
 """One log line per request, and the registry API version header on every response.
 
+With a node name (``node:`` of the configuration, read per request: a reload changes it) each
+response also carries ``Docker-Mirror-Node: NAME`` (errors too) and the line ends with ``node=NAME``.
+
 Handlers leave notes for the line in ``scope["state"]``: ``cache`` (HIT, MISS, STALE,
 COALESCED, PASS), ``upstream`` (the upstream the request was routed to),
 ``upstream_status`` (the upstream's HTTP status), ``identity`` (who asked, once the access
@@ -38,6 +41,7 @@ from dockermirror.humanize import printable
 log = logging.getLogger("dockermirror.access")
 
 API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
+NODE_HEADER = b"docker-mirror-node"
 _PLAIN = re.compile(r"[A-Za-z0-9._:@*-]+")
 
 
@@ -54,7 +58,8 @@ KINDS = ("manifest", "blob", "tags", "referrers", "other")
 
 @dataclass(slots=True, frozen=True)
 class RequestDone:
-    """One finished request, as the log line says it (``client`` is the peer's address)."""
+    """One finished request, as the log line says it (``client``: the TCP peer's address, or the
+    client a trusted proxy named in X-Forwarded-For: api/forwarded.py)."""
     client: str
     method: str
     path: str                   # path and query as received (not escaped; the query's bytes as latin-1)
@@ -72,6 +77,7 @@ class RequestDone:
     certificate: str | None     # the client certificate's subject
     note: str | None
     digest: str | None = None   # the digest served (Docker-Content-Digest: what a tag resolved to)
+    node: str | None = None     # this node's name (``node:``), if it has one
 
     @property
     def pull(self) -> bool:
@@ -80,15 +86,20 @@ class RequestDone:
 
 
 class AccessLog:
-    def __init__(self, app: ASGIApp, on_done: Callable[[RequestDone], None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, on_done: Callable[[RequestDone], None] | None = None,
+                 node: Callable[[], str] = lambda: "") -> None:
+        """``node``: this node's name now ('' for none; config.py checked it is a short label)."""
         self.app = app
         self.on_done = on_done
+        self.node = node
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        node = self.node()
+        headers_added = [API_VERSION, (NODE_HEADER, node.encode("ascii"))] if node else [API_VERSION]
         status = 0
         sent = 0
         complete = False
@@ -98,7 +109,7 @@ class AccessLog:
             nonlocal status, sent, complete, short
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), API_VERSION]
+                message["headers"] = [*message.get("headers", ()), *headers_added]
             elif message["type"] == "http.response.body":
                 await send(message)     # counted once it went out: nothing if this raises
                 size = len(message.get("body", b""))
@@ -138,10 +149,10 @@ class AccessLog:
                 repository=state.get("repository"), reference=state.get("reference"),
                 identity=str(identity) if identity is not None else None,
                 certificate=certificate["subject"] if certificate else None, note=note or None,
-                digest=state.get("digest"))
+                digest=state.get("digest"), node=node or None)
             log.log(
                 logging.DEBUG if state.get("quiet") else logging.INFO,
-                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s%s',
+                '%s "%s %s" %d %d %.1fms cache=%s upstream=%s upstream_status=%s%s%s%s%s%s',
                 printable(done.client), printable(done.method),
                 printable(scope["path"]) + ("?" + printable(query) if query else ""), status, sent,
                 done.seconds * 1000, cache or "-", printable(str(upstream or "-")),
@@ -150,6 +161,7 @@ class AccessLog:
                 f" refused={printable(str(refused))}" if refused else "",
                 f' cert="{printable(done.certificate)}"' if certificate else "",
                 f' note="{printable(str(note))}"' if note else "",
+                f" node={node}" if node else "",
                 extra={"request": done},
             )
             if self.on_done is not None:

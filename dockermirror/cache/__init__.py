@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from dockermirror.cache import maintenance
+from dockermirror.lograte import RateLimited
 from dockermirror.cache.index import (
     IMMUTABLE,
     MEMORY,
@@ -60,6 +61,7 @@ __all__ = ["Cache", "CacheBusy", "CachedFile", "CorruptFile", "Entry", "FileRang
            "ReferrersEntry", "TagEntry", "Transfer"]
 
 log = logging.getLogger("dockermirror.cache")
+room_log = RateLimited(log)    # per request while the disk is full: one warning a period
 
 INDEX_NAME = "index.sqlite"
 LOCK_NAME = "lock"
@@ -557,8 +559,8 @@ class Cache:
                     await self._evict(need, f"to make room for {humanize.size(size)}")
                 except (sqlite3.Error, OSError) as exc:
                     # a full disk can fail the index's own writes: do not cache, keep serving
-                    log.warning("could not make room for %s in the cache (%s); not caching it",
-                                humanize.size(size), exc)
+                    room_log.log("no room", "could not make room for %s in the cache (%s); not caching it",
+                                 humanize.size(size), exc)
                     return False
                 if self._shortfall(size) != 0:
                     return False

@@ -41,10 +41,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from dockermirror.cache.store import BlobStore, FileRange, TempBlob
+from dockermirror.lograte import RateLimited
 from dockermirror.meter import NULL_METER, Meter
 from dockermirror.oci import Digest
 
 log = logging.getLogger("dockermirror.cache")
+not_caching_log = RateLimited(log)    # every client pulling a blob larger than the cache: one warning a period
 
 READ_CHUNK = 1024 * 1024        # most bytes of the in-memory tail handed out at once
 WRITE_BATCH = 1024 * 1024       # bytes gathered before they are hashed and written in worker threads
@@ -230,8 +232,8 @@ class Transfer:
     def _not_cached(self, why: str) -> None:
         """The content will not be cached: the file goes on outside the cache's accounting."""
         if self.caching:
-            log.warning("not caching %s (%s bytes): %s; passing it through", self.digest,
-                        self.size if self.size is not None else "unknown", why)
+            not_caching_log.log("not caching", "not caching %s (%s bytes): %s; passing it through", self.digest,
+                                self.size if self.size is not None else "unknown", why)
         self.caching = False
         self.spilling = True
         self.space.release(self._reserved)

@@ -84,7 +84,7 @@ def request_fields(done: RequestDone) -> list[tuple[str, str]]:
         ("UPSTREAM_STATUS", str(done.upstream_status) if done.upstream_status is not None else None),
         ("REPOSITORY", done.repository), ("REFERENCE", reference), ("DIGEST", digest),
         ("IDENTITY", done.identity), ("CERTIFICATE", done.certificate), ("NOTE", done.note),
-        ("COMPLETE", "1" if done.complete else "0"),
+        ("COMPLETE", "1" if done.complete else "0"), ("NODE", done.node),
     ]
     return [(f"DOCKER_MIRROR_{name}", value) for name, value in fields if value is not None]
 

@@ -71,11 +71,15 @@ _CLIENT_CAUSED = ("Invalid HTTP request received.", "Unsupported upgrade request
 _WHY = {"Exceeded concurrency limit.": "more connections than server.max_connections: answered 503; if this "
                                        "shows often, raise it"}
 CLIENT_CAUSED_INTERVAL = 60.0
+# ...but that one an admin must see (clients get 503s): a warning, once per ten minutes
+_ADMIN_SEES = {"Exceeded concurrency limit.": 600.0}
 
 
 class ClientCaused(logging.Filter):
     """Demotes a library's warning that a client can cause: the first of each kind an info line,
-    then one a minute (saying how many came since, at debug)."""
+    then one a minute (saying how many came since, at debug). The concurrency limit stays a
+    warning (clients got 503s: the admin should raise server.max_connections), once per ten
+    minutes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -90,16 +94,19 @@ class ClientCaused(logging.Filter):
             return True
         now = time.monotonic()
         last = self._last.get(kind)
-        if last is not None and now - last < CLIENT_CAUSED_INTERVAL:
+        warn = kind in _ADMIN_SEES
+        if last is not None and now - last < _ADMIN_SEES.get(kind, CLIENT_CAUSED_INTERVAL):
             self._quiet[kind] = self._quiet.get(kind, 0) + 1
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger().isEnabledFor(logging.DEBUG)
         self._last[kind] = now
         quiet = self._quiet.pop(kind, 0)
-        record.levelno, record.levelname = logging.INFO, "INFO"
         why = _WHY.get(kind, "caused by a client")
         record.msg = f"{record.getMessage()} ({why}" + (f"; {quiet} more since, at debug)" if quiet else ")")
         record.args = ()
+        if warn:
+            return True
+        record.levelno, record.levelname = logging.INFO, "INFO"
         return logging.getLogger().isEnabledFor(logging.INFO)
 
 

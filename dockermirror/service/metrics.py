@@ -129,6 +129,10 @@ class Metrics(Meter):
                                      "no room)", ["upstream"], registry=r)
         build = Gauge(PREFIX + "build_info", "The running version", ["version", "python"], registry=r)
         build.labels(__version__, platform.python_version()).set(1)
+        # node: this node's name; registered only while the node has one (no family at all without)
+        self.node_info = Gauge(PREFIX + "node_info", "This node's name (node: of the configuration)", ["node"],
+                               registry=None)
+        self._node = ""
         ProcessMetrics(registry=r)
         prometheus_client.PlatformCollector(registry=r)
         self._requests: dict[tuple[str, str, int, str | None], tuple] = {}
@@ -153,10 +157,26 @@ class Metrics(Meter):
     def attach(self, app: DockerMirror) -> None:
         """Hear of ``app``'s finished requests; report its readings at each scrape."""
         self._app = app
+        self.set_node(app.config.node)
         self.add_upstreams(u.key for u in app.mirror.upstreams)
         app.request_observers.append(self.observe)
         self.registry.register(ReadingsCollector(app))
         self._manual_seen = self._manual_counters()
+
+    def set_node(self, node: str) -> None:
+        """``docker_mirror_node_info{node="NAME"} 1`` for this node's name ('' : no series); a reload
+        that renames the node replaces the series."""
+        if node == self._node:
+            return
+        if self._node:
+            self.node_info.remove(self._node)
+        else:
+            self.registry.register(self.node_info)
+        if node:
+            self.node_info.labels(node).set(1)
+        else:
+            self.registry.unregister(self.node_info)
+        self._node = node
 
     def add_upstreams(self, keys: Iterable[str]) -> None:
         """Zero series for upstreams not seen yet (at start, and for those a reload adds)."""

@@ -2,8 +2,13 @@
 cache directory can be made. A user's mistake here is one line naming the key, and nothing is
 created on disk (the cache directory, its index and lock are made only after these checks).
 
-An existing cache (it has an index) is not checked: on a read-only filesystem it is served
-as it is, degraded (see :meth:`dockermirror.cache.Cache.open`).
+An existing cache (it has an index) on a read-only filesystem is served as it is, degraded
+(see :meth:`dockermirror.cache.Cache.open`); on a writable one, its directory, lock and index
+must be writable for this user (a cache made by root or another user is not).
+
+Under systemd (``INVOCATION_ID`` is set) a read-only path is most likely the unit's sandbox
+(``ProtectSystem=strict``: only the cache and state directories are writable), and the hint
+says how to allow another one (``ReadWritePaths=`` in a drop-in).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import socket
 from pathlib import Path
 
-from dockermirror.cache import INDEX_NAME
+from dockermirror.cache import INDEX_NAME, LOCK_NAME
 
 
 def listen_problem(host: str, port: int) -> str | None:
@@ -52,7 +57,7 @@ def _listen_hint(code: int | None, port: int) -> str:
 def cache_dir_problem(root: Path) -> str | None:
     """Why the cache cannot be made in ``root`` (and what to do), or None."""
     if os.path.exists(root / INDEX_NAME):
-        return None
+        return _existing_cache_problem(root)
     user = _user()
     path = root       # the nearest of root and its parents that this user can see
     while True:
@@ -69,19 +74,43 @@ def cache_dir_problem(root: Path) -> str | None:
         if not root.is_dir():
             return f"{root} is not a directory; choose a directory for the cache (or move the file away)"
         if _read_only(root):
-            return f"{root} is on a read-only filesystem; choose a directory on a writable one"
+            return f"{root} {_read_only_hint(root, root)}"
         if not os.access(root, os.W_OK | os.X_OK):
-            return (f"{root} is not writable for {user}; make it the service user's (chown {_who()} {root}) "
+            return (f"{root} is not writable for {user}; make it the service user's (chown -R {_who()}: {root}) "
                     "or choose another directory")
         return None
     if not path.is_dir():
         return f"cannot create {root}: {path} is a file, not a directory; choose another directory"
     if _read_only(path):
-        return f"cannot create {root}: {path} is on a read-only filesystem; choose a directory on a writable one"
+        return f"cannot create {root}: {path} {_read_only_hint(path, root)}"
     if not os.access(path, os.W_OK | os.X_OK):
         return (f"cannot create {root}: {path} is not writable for {user}; create it first "
                 f"(mkdir -p {root} && chown {_who()} {root}) or choose another directory")
     return None
+
+
+def _existing_cache_problem(root: Path) -> str | None:
+    """An existing cache on a writable filesystem that this user cannot write (made by root, or
+    copied from another host): without this, the lock fails with a bare 'Permission denied'."""
+    if _read_only(root):
+        return None     # served degraded, as it is
+    denied = [path for path, wanted in ((root, os.W_OK | os.X_OK), (root / LOCK_NAME, os.R_OK | os.W_OK),
+                                        (root / INDEX_NAME, os.R_OK | os.W_OK))
+              if os.path.exists(path) and not os.access(path, wanted)]
+    if not denied:
+        return None
+    return (f"the cache in {root} is not writable for {_user()} ({', '.join(str(p) for p in denied)}); give it to "
+            f"the service user (chown -R {_who()}: {root}) or choose another directory")
+
+
+def _read_only_hint(path: Path, root: Path) -> str:
+    """'is on a read-only filesystem; ...': under systemd, most likely the unit's sandbox."""
+    if not os.environ.get("INVOCATION_ID"):
+        return "is on a read-only filesystem; choose a directory on a writable one"
+    first = "" if path == root else f"create it first (mkdir -p {root} && chown {_who()}: {root}), then "
+    return (f"is read-only for the service (the unit's ProtectSystem=strict allows writing only in its cache and "
+            f"state directories); to use it, {first}run systemctl edit docker-mirror, add the lines [Service] "
+            f"and ReadWritePaths={root}, then systemctl restart docker-mirror")
 
 
 def _read_only(path: Path) -> bool:

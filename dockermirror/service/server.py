@@ -35,7 +35,7 @@ from dockermirror.app import DockerMirror
 from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
 from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
-from dockermirror.config import Config, ConfigError, ServerConfig
+from dockermirror.config import Config, ConfigError, ServerConfig, listen_overlap
 from dockermirror.humanize import printable, size
 from dockermirror.meter import NULL_METER
 from dockermirror.service import logs, preflight, restart
@@ -80,7 +80,7 @@ class Service:
         self._reload_pending = False
         # the HTTP protocol of this server; its limits change on reload (for new connections)
         self.protocol = type("MirrorHttpProtocol", (ZeroCopyHttpToolsProtocol,),
-                             {"limits": client_limits(config.server)})
+                             {"limits": client_limits(config.server, config.node)})
         self._uv_config: uvicorn.Config | None = None
         self.systemd = Systemd()
         try:
@@ -120,6 +120,11 @@ class Service:
         self.metrics_listener: MetricsListener | None = None
         if config.metrics.listen_address is not None:
             from dockermirror.service.metrics import Metrics, MetricsListener, bind
+
+            if not self.sockets and (problem := listen_overlap(config.listen, config.metrics.listen)):
+                raise StartupError(problem, key="metrics.listen")    # (--listen gave the same port)
+            if check_listen and (problem := preflight.listen_problem(*config.metrics.listen_address)):
+                raise StartupError(problem, key="metrics.listen")
 
             try:
                 sock = bind(config.metrics.listen_address)
@@ -163,7 +168,8 @@ class Service:
         uv_config = uvicorn.Config(
             self.app.asgi, host=host, port=port, lifespan="on", log_config=None, access_log=False,
             server_header=False, timeout_graceful_shutdown=GRACE, http=self.protocol, ws="none",
-            # the client address is the TCP peer's (access: from: rules): never X-Forwarded-For
+            # the client address is the TCP peer's; X-Forwarded-For only from server.trusted_proxies,
+            # in one place: dockermirror/api/forwarded.py (never uvicorn's proxy_headers)
             proxy_headers=False,
         )
         _apply_server(uv_config, self.config.server)
@@ -252,8 +258,9 @@ class Service:
             return
         if self.metrics is not None:
             self.metrics.add_upstreams(u.key for u in self.app.mirror.upstreams)
-        if new.server != self.config.server:
-            self.protocol.limits = client_limits(new.server)
+            self.metrics.set_node(new.node)
+        if new.server != self.config.server or new.node != self.config.node:
+            self.protocol.limits = client_limits(new.server, new.node)
             if self._uv_config is not None:
                 _apply_server(self._uv_config, new.server)
         logs.set_level(new.log.level)
@@ -319,9 +326,10 @@ def client_auth(config: Config) -> ClientAuth:
     return ClientAuth(tls.client_auth, tls.client_ca_path, tls.crl)
 
 
-def client_limits(server: ServerConfig) -> ClientLimits:
+def client_limits(server: ServerConfig, node: str = "") -> ClientLimits:
+    """The protocol's limits; ``node`` names this node on the refusals it answers itself."""
     return ClientLimits(max_header_size=server.max_header_size, header_timeout=server.header_timeout,
-                        send_timeout=server.send_timeout)
+                        send_timeout=server.send_timeout, node=node)
 
 
 def _apply_server(uv_config: uvicorn.Config, server: ServerConfig) -> None:
@@ -342,7 +350,16 @@ class MirrorServer(uvicorn.Server):
         self.service = service
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            # uvicorn exits 3 when it cannot bind (it logged why): someone took the port after
+            # the preflight check; said as that check says it (exit 2), not as an undocumented 3
+            if self.lifespan.should_exit or sockets:
+                raise
+            host, port = self.config.host, self.config.port
+            problem = preflight.listen_problem(host, port) or f"cannot listen on {host}:{port}; choose another port"
+            raise StartupError(problem, key="listen") from None
         if self.started and not self.should_exit:
             if self.service.metrics_listener is not None:
                 await self.service.metrics_listener.start()

@@ -78,6 +78,7 @@ class ClientLimits:
     max_body: int = 1024 * 1024         # a registry mirror takes no uploads
     header_timeout: float = 10.0        # to send the request line and headers
     send_timeout: float = 60.0          # a client that takes no byte of the response for this long is dropped
+    node: str = ""                      # this node's name (node:): a header and ``node=`` on refusals too
 
 
 # --- sendfile on a non-blocking socket, never waiting in the thread
@@ -497,10 +498,11 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         self._unset_keepalive_if_required()
         client = self._address()
+        node = f" node={self._limits.node}" if self._limits.node else ""
         if self._unidentified:
-            self._log_refusal(logging.INFO, '%s "-" %d 0 note="%s"', client, status, why)
+            self._log_refusal(logging.INFO, '%s "-" %d 0 note="%s"%s', client, status, why, node)
         else:
-            log.info('%s "-" %d 0 note="%s"', client, status, why)
+            log.info('%s "-" %d 0 note="%s"%s', client, status, why, node)
         if self._busy():
             # the requests before it (a response going out, pipelined ones) are answered first
             self._pending_refusal = (status, why)
@@ -533,9 +535,10 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     def _answer_refusal(self, status: int, why: str) -> None:
         phrase = http.HTTPStatus(status).phrase
         body = f"{status} {phrase}: {why}\n".encode()
+        node = b"docker-mirror-node: %s\r\n" % self._limits.node.encode("ascii") if self._limits.node else b""
         self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n%s"
+            b"connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), node, body))
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER, self.transport.close)

@@ -40,6 +40,7 @@ from dockermirror.errors import (
 from dockermirror.meter import NULL_METER, Meter, upstream_kind
 from dockermirror.oci import MAX_MANIFEST_SIZE, OCI_INDEX
 from dockermirror.upstream.auth import AuthError, Authenticator
+from dockermirror.upstream.outage import OutageLog
 from dockermirror.upstream.realms import RealmRefused, shown
 from dockermirror.upstream.bodies import (
     ERROR_BODY,
@@ -200,11 +201,15 @@ class UpstreamClient:
         transport: httpx.AsyncBaseTransport | None = None,
         meter: Meter = NULL_METER,
         key: str = "",
+        namespace: str | None = None,
     ) -> None:
         """``token_realms``: hosts besides the upstream's own site that may get the credentials
         (see :mod:`.realms`); ``transport`` replaces the network (tests pass an ``httpx.MockTransport``);
-        ``meter`` hears of each request sent and the bytes received, as this upstream's ``key``."""
+        ``meter`` hears of each request sent and the bytes received, as this upstream's ``key``;
+        ``namespace``: the upstream is another mirror (``send_ns``): every request under ``/v2/<name>/``
+        carries ``?ns=<namespace>``, as containerd names the registry to a mirror."""
         self.base = url.rstrip("/")
+        self._ns = f"ns={quote(namespace, safe='')}" if namespace else ""
         self.meter = meter
         self.key = key
         self.read_timeout = read_timeout
@@ -231,7 +236,7 @@ class UpstreamClient:
         self.reachable: bool | None = None
         self.last_failure: float | None = None
         self.last_error = ""
-        self._failing = ""      # "it answers HTTP 503" while the upstream answers 5xx or 429 (logged once)
+        self.outage = OutageLog()   # what of its trouble is a warning (once an outage), what a count
         # Docker Hub's pull allowance as last reported ("ratelimit-remaining": "97;w=21600",
         # "ratelimit-limit": "100;w=21600"), as the upstream sent it (untrusted text)
         self.ratelimit_remaining: str | None = None
@@ -356,6 +361,8 @@ class UpstreamClient:
     async def _send(self, method: str, repository: str, path: str, headers: Headers,
                     *, blob: bool = False) -> httpx.Response:
         url = f"{self.base}/v2/{repository}/{path}"
+        if self._ns:
+            url += ("&" if "?" in path else "?") + self._ns
         scope = f"repository:{repository}:pull"
         headers = list(headers)
         kind = upstream_kind(path)
@@ -421,24 +428,14 @@ class UpstreamClient:
         return self.key or httpx.URL(self.base).host
 
     def _answered(self, status: int) -> None:
-        """The upstream answered: once when an outage ends (or when it starts answering 5xx or 429,
-        which fails the requests that need it), a warning line; each request's own line is at info."""
-        failing = f"it answers HTTP {status}" if status >= 500 or status == 429 else ""
-        if failing and not self._failing:
-            log.warning("upstream %s fails: %s; requests that need it fail until it answers again", self._name, failing)
-        elif not failing and (self.reachable is False or self._failing):
-            was = self._failing or f"it was unreachable: {self.last_error}"
-            log.warning("upstream %s answers again (%s)", self._name, was.replace("it answers", "it answered"))
-        self._failing = failing
+        """The upstream answered (each request's own line is at info; outages: see outage.py)."""
+        self.outage.answered(self._name, status)
         self.reachable = True
 
     def _failed(self, exc: Exception) -> UpstreamUnreachable:
         """Record that the upstream could not be reached; the exception to raise."""
         error = UpstreamUnreachable(_describe(exc) if isinstance(exc, httpx.TransportError) else str(exc))
-        if self.reachable is not False:     # once an outage: each failed request's line is the access line
-            self._failing = ""
-            log.warning("upstream %s is unreachable (%s): requests that need it fail until it answers again",
-                        self._name, error)
+        self.outage.unreachable(self._name, error)   # each failed request's line is the access line
         self.reachable = False
         self.last_failure = time.monotonic()
         self.last_error = str(error)

@@ -29,6 +29,10 @@ WATCHED = (
     "/root/.docker", "/root/.config/containers", "/root/.local/share/containers",
     "/opt/docker-mirror", "/usr/bin/docker-mirror", "/usr/local/bin",
     "/lib/systemd/system/docker-mirror.service", "/usr/lib/systemd/system/docker-mirror.service",
+    # tests/test_repo.py: dnf and apt keys, caches and logs, and the GnuPG home
+    "/etc/dnf", "/etc/yum.repos.d", "/var/cache/dnf", "/var/lib/dnf", "/var/log/dnf.log", "/var/log/dnf.librepo.log",
+    "/var/log/dnf.rpm.log", "/var/log/hawkey.log", "/etc/apt/keyrings", "/usr/share/keyrings", "/etc/apt/trusted.gpg",
+    "/etc/apt/trusted.gpg.d", "/root/.gnupg",
 )
 MARK = "DM_TESTS_RUN"
 

@@ -54,6 +54,10 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "cache_pinned_bytes": ("gauge", ()),
     "build_info": ("gauge", ("version", "python")),
 }
+# exported only when the configuration asks for them (not in /metrics of the defaults)
+OPTIONAL: dict[str, tuple[str, tuple[str, ...]]] = {
+    "node_info": ("gauge", ("node",)),          # node: NAME (issue 14)
+}
 # prometheus_client's process and platform collectors, and Prometheus' own per-target series
 OTHERS = {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
           "process_start_time_seconds", "python_info", "up"}
@@ -62,7 +66,7 @@ OTHERS = {"process_cpu_seconds_total", "process_resident_memory_bytes", "process
 def series_names() -> dict[str, str]:
     """Every series name a query may use -> the contract metric it belongs to."""
     names = {name: name for name in OTHERS}
-    for short, (kind, _) in CONTRACT.items():
+    for short, (kind, _) in {**CONTRACT, **OPTIONAL}.items():
         metric = f"docker_mirror_{short}"
         suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
         names.update({metric + suffix: metric for suffix in suffixes})
@@ -72,7 +76,8 @@ def series_names() -> dict[str, str]:
 def upstream_metrics() -> set[str]:
     """The series that carry an `upstream` label."""
     return {name for name, metric in series_names().items()
-            if metric.startswith("docker_mirror_") and "upstream" in CONTRACT[metric.removeprefix("docker_mirror_")][1]}
+            if metric.startswith("docker_mirror_") and "upstream" in
+            {**CONTRACT, **OPTIONAL}[metric.removeprefix("docker_mirror_")][1]}
 
 
 _TOKENS = re.compile(r"""

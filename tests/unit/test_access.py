@@ -723,8 +723,7 @@ async def test_a_refusal_for_no_certificate_is_logged_once_a_minute_per_address(
     now = [1000.0]
     app = DockerMirror(required_config(tmp_path / "cache"), clock=FakeClock(),
                        upstream_transport=FakeRegistry().transport)
-    gate = app.asgi.app
-    monkeypatch.setattr(gate.refusals, "clock", lambda: now[0])
+    monkeypatch.setattr(app.refusals, "clock", lambda: now[0])
     async with app.running():
         mirror = Mirror(app, FakeRegistry())
         async with mirror.client("192.0.2.7") as client:
@@ -757,7 +756,7 @@ async def test_refusals_are_logged_once_a_minute_per_ipv6_64_and_at_most_a_budge
     now = [1000.0]
     app = DockerMirror(required_config(tmp_path / "cache"), clock=FakeClock(),
                        upstream_transport=FakeRegistry().transport)
-    monkeypatch.setattr(app.asgi.app.refusals, "clock", lambda: now[0])
+    monkeypatch.setattr(app.refusals, "clock", lambda: now[0])
 
     def info() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == "dockermirror.access" and r.levelno == logging.INFO]

@@ -224,10 +224,14 @@ def test_rm_with_a_registry_port(tmp_path, capsys):
     ("sha256:abc", "sha256:abc"),
 ])
 def test_rm_errors_are_one_line(filled, capsys, target, message):
+    """Not in the cache: could not (exit 1); no digest or reference at all: a mistake (exit 2, TARGET named)."""
     before = (filled.rows(), filled.tags())
     code, out, err = command(filled, capsys, "rm", target)
-    assert (code, out) == (1, "")
-    assert err.startswith("docker-mirror: ") and err.count("\n") == 1 and message in err
+    mistake = "is not in the cache" not in message
+    assert (code, out) == (2 if mistake else 1, "")
+    assert err.startswith("docker-mirror: TARGET: " if mistake else "docker-mirror: ") and err.count("\n") == 1
+    assert message in err
+    assert not mistake or "; give a digest (sha256:...) or [REGISTRY/]REPOSITORY[:TAG]" in err
     assert (filled.rows(), filled.tags()) == before
 
 

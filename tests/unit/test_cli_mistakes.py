@@ -67,6 +67,13 @@ CASES = {
     "access-identity": (["access", "check", "root", "busybox"], "IDENTITY", "user:NAME"),
     "access-from": (["access", "check", "anonymous", "busybox", "--from", "10.0.0.300"], "--from", "invalid address"),
     "access-registry": (["access", "check", "anonymous", "quay.io/x/y"], "REPOSITORY", "quay.io"),
+    "config-empty": (["check-config", "--config", ""], "--config", "expected a file name, got an empty one"),
+    "cache-stats-file": (["cache", "stats", "--cache-dir", "{d}/afile"], "--cache-dir",
+                         "no cache at {d}/afile: it is a file, not a directory"),
+    "user-add-empty-password": (["user", "add", "bob", "--file", "{d}/users"], "password", "the password is empty"),
+    "user-list-no-file": (["user", "list", "--config", "{d}/nocache.yml"], "{d}/nocache.yml: auth.htpasswd",
+                          "no htpasswd file is set"),
+    "user-add-bad-name": (["user", "add", "bo b", "--file", "{d}/users"], "NAME", "cannot hold ':', spaces"),
 }
 
 
@@ -95,6 +102,9 @@ def test_a_mistake_is_one_line_naming_the_flag_exit_2_and_creates_nothing(tmp_pa
     said = lines[0].partition(names.format(**values))[2]
     assert "; " in said or "(use " in said, f"says what is wrong but not what to do: {lines[0]}"
     assert sorted(tmp_path.rglob("*")) == before      # nothing made: no cache directory, lock or index
+    what, _, hint = said.partition("; ")
+    hint = hint.partition(" ")[2]       # "give X" after "expected X": said twice
+    assert not hint or hint not in what, f"says its hint twice: {lines[0]}"
 
 
 def test_a_bug_shows_its_traceback_and_says_it_is_one(tmp_path: Path):

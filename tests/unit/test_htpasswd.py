@@ -409,7 +409,8 @@ def test_user_add_asks_twice_on_a_terminal(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
     code, out, err = run_cli(monkeypatch, capsys, "user", "add", "alice", "--file", str(path), "--cost", "10",
                              tty=True)
-    assert (code, out, err) == (1, "", "docker-mirror: the two passwords differ\n")
+    assert (code, out, err) == (2, "", "docker-mirror: password: the two passwords differ; give it again "
+                                       "(user add alice)\n")
     assert not path.exists()
     answers = iter(["same", "same"])
     assert run_cli(monkeypatch, capsys, "user", "add", "alice", "--file", str(path), "--cost", "10", tty=True)[0] == 0
@@ -428,8 +429,9 @@ def test_user_add_refuses_what_could_never_log_in(tmp_path, monkeypatch, capsys,
     path = write(tmp_path / "htpasswd", KEPT)
     code, out, err = run_cli(monkeypatch, capsys, "user", "add", name, "--file", str(path), "--cost", "10",
                              stdin=password + "\n")
-    assert code == 1 and out == ""
-    assert err.startswith("docker-mirror: ") and words in err and err.count("\n") == 1
+    assert code == 2 and out == ""    # the user's mistake (README: exit status 2), the key named
+    assert err.startswith("docker-mirror: NAME: " if name != "bob" else "docker-mirror: password: ")
+    assert words in err and err.count("\n") == 1 and "; " in err
     assert path.read_bytes() == KEPT
 
 
@@ -443,6 +445,14 @@ def test_user_del_and_list(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "user", "del", "alice", "--file", str(path))
     assert (code, out, err) == (1, "", f"docker-mirror: no user 'alice' in {path}\n")
     assert run_cli(monkeypatch, capsys, "user", "list", "--file", str(path)) == (0, "carol\n", "")
+
+
+def test_user_list_escapes_control_characters(tmp_path, monkeypatch, capsys):
+    """A name written into the file by hand: its escape sequence is shown, not sent to the terminal."""
+    path = write(tmp_path / "htpasswd", f"alice:{ALICE}\nev\x1b[2Jil:{ALICE}\n")
+    code, out, _ = run_cli(monkeypatch, capsys, "user", "list", "--file", str(path))
+    assert out == "alice\nev\\x1b[2Jil\n"
+    assert "\x1b" not in out
 
 
 def test_user_commands_on_a_refused_file_say_so(tmp_path, monkeypatch, capsys):

@@ -217,3 +217,29 @@ async def test_a_reader_that_comes_after_a_pass_through_ended_shares_its_file(tm
         assert app.cache.transfer(digest) is None and app.cache.entry(str(digest)) is None
         assert list((tmp_path / "cache" / "tmp").iterdir()) == []
         assert app.cache.usage()[:2] == (0, 0)
+
+
+async def test_no_room_is_one_warning_per_period_then_info(full_cache, monkeypatch, caplog):
+    """A full disk fails the eviction for every request: one warning a period (with the count), not one each."""
+    import errno
+    import logging
+
+    import dockermirror.cache as cache_module
+    from dockermirror.lograte import RateLimited
+
+    harness, _ = full_cache
+    now = [0.0]
+    monkeypatch.setattr(cache_module, "room_log", RateLimited(cache_module.log, clock=lambda: now[0]))
+
+    async def failing(need, why):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(harness.app.cache, "_evict", failing)
+    caplog.set_level(logging.INFO, logger="dockermirror.cache")
+    for _ in range(3):
+        assert await harness.app.cache.reserve(64 * 1024 * 1024) is False
+    now[0] = 600.0
+    assert await harness.app.cache.reserve(64 * 1024 * 1024) is False
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "could not make room" in r.getMessage()]
+    assert [level for level, _ in said] == ["WARNING", "INFO", "INFO", "WARNING"]
+    assert said[-1][1].endswith("(2 more like it in the last 10 min, at info)")

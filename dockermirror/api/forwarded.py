@@ -1,0 +1,112 @@
+"""Who the client is: the one place that decides the address every later part sees as
+``scope["client"]`` (the request log, the access rules' ``from:`` networks, the status page,
+the limit on refusal log lines).
+
+Without ``server.trusted_proxies`` it is the TCP peer, and ``X-Forwarded-For`` means nothing.
+When the peer is in one of those networks (a load balancer), the header is believed: its
+addresses are walked from the right, skipping those of trusted proxies, and the first one that
+is not a trusted proxy is the client (what a proxy appends is to the right; whatever the
+client itself sent is to the left and is never reached past an untrusted address). If every
+address is a trusted proxy, the left-most is the client. A header from a trusted peer that is
+not a list of IP addresses leaves the peer as the client, and this is said once at info (and at
+debug after). From a peer that is not trusted the header is ignored entirely: a client cannot
+choose the address that access rules see.
+
+The TCP peer stays in ``scope["peer"]``. uvicorn's own proxy_headers is off (service/server.py):
+it would also take X-Forwarded-Proto and trusts by address only, without this walk.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Sequence
+from typing import Union
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger("dockermirror")
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+HEADER = b"x-forwarded-for"
+MAX_ADDRESSES = 64          # more in one header is not a chain of proxies: malformed
+
+
+class Malformed(ValueError):
+    pass
+
+
+def _address(text: str) -> Address:
+    """One entry of X-Forwarded-For: ``IP``, ``[IPv6]``, ``[IPv6]:port`` or ``IPv4:port``."""
+    text = text.strip()
+    if text.startswith("["):
+        inner, bracket, port = text[1:].partition("]")
+        if not bracket or (port and not (port[0] == ":" and port[1:].isdigit())):
+            raise Malformed(text)
+        text = inner
+    elif text.count(":") == 1:
+        text, _, port = text.partition(":")
+        if not port.isdigit():
+            raise Malformed(text)
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise Malformed(text) from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _trusted(address: Address, networks: Sequence[Network]) -> bool:
+    return any(address in network for network in networks if address.version == network.version)
+
+
+def client_of(peer: str, forwarded: list[str], networks: Sequence[Network]) -> str:
+    """The client's address for a request from ``peer`` carrying these X-Forwarded-For values
+    (each header's text, in order); Malformed if a trusted peer sent a header that is not a list
+    of addresses."""
+    if not networks or not forwarded:
+        return peer
+    try:
+        peer_address = _address(peer)
+    except Malformed:       # e.g. a Unix socket's peer: no address to trust
+        return peer
+    if not _trusted(peer_address, networks):
+        return peer
+    entries = [entry for value in forwarded for entry in value.split(",")]
+    if len(entries) > MAX_ADDRESSES:
+        raise Malformed(f"{len(entries)} addresses")
+    chain = [_address(entry) for entry in entries]
+    for address in reversed(chain):
+        if not _trusted(address, networks):
+            return str(address)
+    return str(chain[0])
+
+
+class ClientAddress:
+    """ASGI middleware: ``scope["client"]`` becomes the client's address as :func:`client_of`
+    says, with ``trusted()`` the networks of ``server.trusted_proxies`` in force (a reload changes them)."""
+
+    def __init__(self, app: ASGIApp, trusted: Callable[[], Sequence[Network]]) -> None:
+        self.app = app
+        self.trusted = trusted
+        self._said = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        networks = self.trusted()
+        if networks and scope["type"] in ("http", "websocket") and scope.get("client"):
+            peer = scope["client"]
+            forwarded = [value.decode("latin-1") for name, value in scope.get("headers", ()) if name == HEADER]
+            try:
+                client = client_of(str(peer[0]), forwarded, networks)
+            except Malformed:
+                client = str(peer[0])
+                level = logging.DEBUG if self._said else logging.INFO
+                self._said = True
+                log.log(level, "X-Forwarded-For from the trusted proxy %s is not a list of IP addresses; the "
+                        "proxy is taken as the client (said once at info, then at debug)", peer[0])
+            if client != peer[0]:
+                scope["peer"] = peer
+                scope["client"] = (client, 0)
+        await self.app(scope, receive, send)
