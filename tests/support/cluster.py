@@ -287,7 +287,8 @@ class Cluster:
         # tags are trusted for an hour: within a test, a tag is asked of the upstream only by a node
         # that has not seen it (however slow the machine)
         config = {"upstream": {"url": upstream.url, "registry": "docker.io"}, "cache": {"tag_ttl": "1h"}}
-        self.nodes = [Mirror(workdir, copy.deepcopy(config), name=f"node{i + 1}") for i in range(size)]
+        self.nodes = [Mirror(workdir, {**copy.deepcopy(config), "node": f"node{i + 1}"}, name=f"node{i + 1}")
+                      for i in range(size)]
         self.port = free_port()
         self.balancer: Balancer | None = None
         self.config_text = ""
@@ -342,13 +343,12 @@ class Cluster:
     def back_in_rotation(self, node: Mirror, pullable: Pullable, digest: str, timeout: float = 60) -> None:
         """Wait until the balancer sends ``node`` its keys again: HEAD ``digest`` (one of ``node``'s
         blobs, cached by whichever node answers: the upstream is not asked) through the balancer until
-        ``node`` is the one that answers (its health checks passed; nginx: its fail_timeout is over)."""
-        offset = len(node.log_text())
+        ``node`` is the one that answers (its health checks passed; nginx: its fail_timeout is over):
+        its ``Docker-Mirror-Node`` response header says so."""
         url = f"http://{self.address}/v2/{pullable.repo}/blobs/{digest}"
 
         def answered_by_node() -> bool:
-            httpx.head(url, timeout=30)
-            return f'"HEAD /v2/{pullable.repo}/blobs/{digest}"' in node.log_text()[offset:]
+            return httpx.head(url, timeout=30).headers.get("docker-mirror-node") == node.config["node"]
 
         wait_until(answered_by_node, timeout, interval=0.5, what=f"{node.config_path.stem} back behind the balancer")
 
