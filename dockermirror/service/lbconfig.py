@@ -197,7 +197,7 @@ def haproxy(options: Options) -> str:
             "    hash-type consistent",
             "    option httpchk GET /healthz    # answers without asking the upstream",
             "    http-check expect status 200",
-            "    default-server inter 2s fall 3 rise 2"]
+            "    default-server inter 2s fall 3 rise 2 observe layer4 error-limit 1 on-error mark-down"]
     if tls_node:
         if o.node_ca:
             verify = f"ssl verify required ca-file {o.node_ca}" + (f" verifyhost {o.node_tls_name}"
@@ -240,7 +240,7 @@ def _haproxy_passthrough(o: Options) -> str:
             "    hash-type consistent",
             "    option httpchk GET /healthz    # over TLS to each node (check-ssl)",
             "    http-check expect status 200",
-            "    default-server inter 2s fall 3 rise 2"]
+            "    default-server inter 2s fall 3 rise 2 observe layer4 error-limit 1 on-error mark-down"]
     out += [f"    server node{number} {node} check {check_opts}" for number, node in enumerate(o.nodes, 1)]
     return "\n".join(out) + "\n"
 
