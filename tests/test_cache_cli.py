@@ -122,7 +122,7 @@ def test_rm_digest_tag_and_repository(warm, upstream: Upstream):
     missing = cache_cli(warm, "rm", "acme/tool")
     assert missing.returncode == 1 and "acme/tool is not in the cache" in missing.stderr
     bad = cache_cli(warm, "rm", "Not A Name")
-    assert bad.returncode == 1 and "neither a digest nor [REGISTRY/]REPOSITORY[:TAG]" in bad.stderr
+    assert bad.returncode == 2 and "neither a digest nor [REGISTRY/]REPOSITORY[:TAG]" in bad.stderr
     with warm.client() as client:
         pull(client, "acme/tool", "1.0")
 
@@ -179,7 +179,7 @@ def test_stats_and_rm_per_upstream(two_upstreams, upstream: Upstream):
     assert tool_rm.returncode == 0, tool_rm.stderr
     assert not tool & set(rows(mirror))
     unknown = cache_cli(mirror, "rm", "quay.io/acme/tool")
-    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
     assert "quay.io is not a configured upstream" in unknown.stderr
     with mirror.client() as client:                            # and the server fetches again
         assert set(pull(client, "ghcr.io/acme/tool", "1.0")) == tool
