@@ -1,7 +1,8 @@
 """`journalctl -p warning` shows only what needs attention: nothing a client can cause is logged
 at warning or above. A real server on a plain-HTTP port gets TLS handshakes, malformed and
 oversized requests, upgrade requests, unknown paths and names, more connections than it takes,
-and a client that goes away in the middle of a blob; its log has no line at WARNING or above."""
+and a client that goes away in the middle of a blob; its log has no line at WARNING or above
+(but one, once: clients were refused past server.max_connections)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,11 @@ def test_nothing_a_client_does_is_logged_at_warning_or_above(make_mirror, upstre
     wait_until(lambda: "invalid http request" in mirror.log_text().lower(), 10, what="the malformed requests' line")
     found = levels(mirror.log_text())
     loud = [line for level in ("WARNING", "ERROR", "CRITICAL") for line in found.get(level, [])]
+    # but one: clients were answered 503 past server.max_connections, which the admin must see,
+    # once (at most once per 10 minutes), however many connections the crowd opened
+    crowded = [line for line in loud if "Exceeded concurrency limit." in line]
+    assert len(crowded) == 1 and "raise it" in crowded[0], loud
+    loud = [line for line in loud if line not in crowded]
     assert loud == [], "\n".join(loud)
     assert any('"-" 400 0 note="invalid HTTP request"' in line for line in found["INFO"])
     assert "Traceback" not in mirror.log_text()
