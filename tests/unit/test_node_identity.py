@@ -376,3 +376,22 @@ def test_the_unknown_client_matches_no_network_and_is_one_refusal_source() -> No
     assert source(UNKNOWN) == (UNKNOWN, "this address")
     refusals = RefusalLog(clock=lambda: 0.0)
     assert [refusals.loud(UNKNOWN).loud for _ in range(3)] == [True, False, False]
+
+
+def test_an_ipv4_mapped_trusted_proxy_is_its_ipv4_address(tmp_path) -> None:
+    """Peers are mapped to IPv4 before they are compared: a mapped entry must be too, or it never matches."""
+    config = configuration.loads("server:\n  trusted_proxies: ['::ffff:10.0.0.5', '::ffff:10.1.0.0/120', "
+                                 "'fd00::/64']\n")
+    assert [str(n) for n in config.server.trusted_proxies] == ["10.0.0.5/32", "10.1.0.0/24", "fd00::/64"]
+    assert client_of("10.0.0.5", ["198.51.100.4"], config.server.trusted_proxies) == "198.51.100.4"
+    assert client_of("::ffff:10.0.0.5", ["198.51.100.4"], config.server.trusted_proxies) == "198.51.100.4"
+
+
+@pytest.mark.parametrize("entry", ["0.0.0.0/0", "'::/0'", "'::ffff:0:0/96'", "1.2.3.4/0"])
+def test_trusting_every_address_is_refused_at_load(entry) -> None:
+    """Every client could then choose its address: one line naming the key and what to do."""
+    with pytest.raises(configuration.ConfigError) as raised:
+        configuration.loads(f"server:\n  trusted_proxies: [10.0.0.5, {entry}]\n", source="c.yml")
+    text = str(raised.value)
+    assert "c.yml:2" in text and "server.trusted_proxies" in text and "\n" not in text
+    assert "every client" in text and "balancer" in text
