@@ -12,7 +12,8 @@ client's) both pass the client's text on. If every address is a trusted proxy, t
 the client. An entry that is no address, reached before any untrusted one (a trusted proxy sent
 it), or more than MAX_ADDRESSES entries walked, make the client ``unknown``: no ``from:``
 network matches it, and it is never the proxy itself (which usually sits inside the networks
-the rules allow). From a peer that is not trusted the header is ignored entirely: a client
+the rules allow); that is a warning once per ten minutes (saying how many since, at debug).
+From a peer that is not trusted the header is ignored entirely: a client
 cannot choose the address that access rules see.
 
 The TCP peer stays in ``scope["peer"]``. uvicorn's own proxy_headers is off (service/server.py):
@@ -27,6 +28,8 @@ from collections.abc import Callable, Sequence
 from typing import Union
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from dockermirror.lograte import RateLimited
 
 log = logging.getLogger("dockermirror")
 
@@ -101,7 +104,8 @@ class ClientAddress:
     def __init__(self, app: ASGIApp, trusted: Callable[[], Sequence[Network]]) -> None:
         self.app = app
         self.trusted = trusted
-        self._said = False
+        # a proxy sending garbage: a warning a period (with how many since), the rest at debug
+        self.said = RateLimited(log, quiet=logging.DEBUG)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         networks = self.trusted()
@@ -112,11 +116,9 @@ class ClientAddress:
                 client = client_of(str(peer[0]), forwarded, networks)
             except Malformed as exc:
                 client = UNKNOWN
-                level = logging.DEBUG if self._said else logging.INFO
-                self._said = True
-                log.log(level, "X-Forwarded-For from the trusted proxy %s is not a list of IP addresses where it "
-                        "is believed (%.60r); the client is taken as %s, which no from: network matches (said once "
-                        "at info, then at debug)", peer[0], str(exc), UNKNOWN)
+                self.said.log("x-forwarded-for", "X-Forwarded-For from the trusted proxy %s is not a list of IP "
+                              "addresses where it is believed (%.60r); the client is taken as %s, which no from: "
+                              "network matches", peer[0], str(exc), UNKNOWN)
             if client != peer[0]:
                 scope["peer"] = peer
                 scope["client"] = (client, 0)

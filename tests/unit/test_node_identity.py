@@ -227,7 +227,7 @@ async def test_x_forwarded_for_from_a_trusted_proxy_is_the_client(tmp_path, capl
     assert lines[1].startswith('198.51.100.4 "GET ')
     assert lines[2].startswith('unknown "GET ') and lines[3].startswith('unknown "GET ')   # never the proxy
     said = [r for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
-    assert [r.levelno for r in said] == [logging.INFO, logging.DEBUG] or [r.levelno for r in said] == [logging.INFO]
+    assert [r.levelno for r in said] == [logging.WARNING]      # the second: at debug
     assert "192.0.2.7" in said[0].getMessage()
 
 
@@ -395,3 +395,22 @@ def test_trusting_every_address_is_refused_at_load(entry) -> None:
     text = str(raised.value)
     assert "c.yml:2" in text and "server.trusted_proxies" in text and "\n" not in text
     assert "every client" in text and "balancer" in text
+
+
+async def test_a_proxy_sending_garbage_is_said_once_per_ten_minutes_with_a_count(tmp_path, caplog) -> None:
+    """Not once per process: a proxy misconfigured a week after the start is noticed too."""
+    from dockermirror.lograte import RateLimited
+
+    caplog.set_level(logging.DEBUG, "dockermirror")
+    now = [0.0]
+    app = _app(tmp_path, BEHIND)
+    app.asgi.said = RateLimited(app.asgi.said.logger, clock=lambda: now[0], quiet=logging.DEBUG)
+    async with app.running(), _client(app, "10.0.0.5") as client:
+        for at in (0.0, 10.0, 20.0, 700.0, 710.0):
+            now[0] = at
+            await client.get("/v2/", headers={"X-Forwarded-For": "garbage"})
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "X-Forwarded-For from" in r.getMessage()]
+    assert [level for level, _ in said] == [logging.WARNING, logging.DEBUG, logging.DEBUG, logging.WARNING,
+                                            logging.DEBUG]
+    assert "10.0.0.5" in said[0][1] and "unknown" in said[0][1]
+    assert said[3][1].endswith("(2 more like it in the last 10 min, at debug)")
