@@ -161,8 +161,12 @@ def parse_node(value: Any) -> str:
     return str(value)
 
 
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def parse_networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """A list of IP networks or addresses (``10.0.0.0/8``, ``192.0.2.7``, ``fd00::/8``)."""
+    """A list of IP networks or addresses (``10.0.0.5``, ``10.0.0.0/8``, ``fd00::/8``); an
+    IPv4-mapped one (``::ffff:10.0.0.5``) as its IPv4 network, as peers are compared."""
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -170,11 +174,25 @@ def parse_networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Ne
     networks = []
     for item in value:
         try:
-            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+            network = ipaddress.ip_network(str(item).strip(), strict=False)
         except ValueError:
             raise ValueError(f"invalid IP network {item!r}: expected an address or a network, e.g. 10.0.0.5, "
                              "10.0.0.0/24 or fd00::/64") from None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_V4_MAPPED):
+            network = ipaddress.IPv4Network((int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
+        networks.append(network)
     return tuple(networks)
+
+
+def parse_proxies(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``server.trusted_proxies``: networks, none of them every address (every client could then
+    write the address the access rules see)."""
+    networks = parse_networks(value)
+    for network in networks:
+        if network.prefixlen == 0:
+            raise ValueError(f"{network} trusts every client to name its own address in X-Forwarded-For; "
+                             "list only your load balancers' addresses, e.g. [10.0.0.5, 10.0.0.6]")
+    return networks
 
 
 def _show_networks(value: tuple) -> list[str]:
@@ -489,7 +507,7 @@ class ServerConfig:
     send_timeout: float = _timeout(60.0)
     max_connections: int = _setting(10000, parse_count)
     # peers (a load balancer) whose X-Forwarded-For names the client (api/forwarded.py); none: no one's
-    trusted_proxies: tuple = _setting((), parse_networks, show=_show_networks, sequence=True)
+    trusted_proxies: tuple = _setting((), parse_proxies, show=_show_networks, sequence=True)
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,10 @@ NETS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "fd00::/64", "192.0.2.7/
     ("fd00::1", ["[2001:db8::5]:4711, fd00::2"], "2001:db8::5"),
     ("::ffff:10.0.0.1", ["203.0.113.9:5000"], "203.0.113.9"),
     ("fd00:0:0:1::1", ["2001:db8::5"], "fd00:0:0:1::1"),           # outside the trusted /64
+    # left of the first untrusted address nothing is parsed, however long
+    ("10.0.0.1", ["x, unknown,, 203.0.113.9"], "203.0.113.9"),
+    ("10.0.0.1", ["1.2.3.4,", "203.0.113.9, 10.0.0.2"], "203.0.113.9"),
+    ("10.0.0.1", [", ".join(["x"] * 1000) + ", 203.0.113.9, " + ", ".join(["10.0.0.2"] * 63)], "203.0.113.9"),
 ])
 def test_the_client_is_the_right_most_untrusted_address(peer, forwarded, client) -> None:
     assert client_of(peer, forwarded, NETS) == client
@@ -221,9 +225,9 @@ async def test_x_forwarded_for_from_a_trusted_proxy_is_the_client(tmp_path, capl
     lines = _access(caplog)
     assert lines[0].startswith('10.1.2.3 "GET ')
     assert lines[1].startswith('198.51.100.4 "GET ')
-    assert lines[2].startswith('192.0.2.7 "GET ') and lines[3].startswith('192.0.2.7 "GET ')
+    assert lines[2].startswith('unknown "GET ') and lines[3].startswith('unknown "GET ')   # never the proxy
     said = [r for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
-    assert [r.levelno for r in said] == [logging.INFO, logging.DEBUG] or [r.levelno for r in said] == [logging.INFO]
+    assert [r.levelno for r in said] == [logging.WARNING]      # the second: at debug
     assert "192.0.2.7" in said[0].getMessage()
 
 
@@ -310,3 +314,103 @@ async def test_the_live_server_names_the_node_on_its_own_refusals_and_believes_i
     assert lines[1].startswith("127.0.0.1 ") and lines[1].endswith(" node=web-2"), lines
     refusals = [r.getMessage() for r in caplog.records if '"-" 414' in r.getMessage()]
     assert refusals[0].endswith(" node=web-1") and refusals[1].endswith(" node=web-2"), refusals
+
+
+# --- the chain is walked from the right: what the client wrote on the left is never parsed
+
+
+BEHIND = "server:\n  trusted_proxies: [10.0.0.5]\n" + ONLY_TEN
+
+
+async def _pull_behind(tmp_path, caplog, *forwarded: str) -> tuple[int, str]:
+    """A manifest GET from the balancer 10.0.0.5 with these X-Forwarded-For header lines: the
+    status and the client the access line names."""
+    caplog.clear()
+    registry = FakeRegistry()
+    image = registry.push("library/hello", "latest")
+    app = _app(tmp_path, BEHIND, registry)
+    headers = [("Accept", image.media_type), *(("X-Forwarded-For", value) for value in forwarded)]
+    async with app.running(), _client(app, "10.0.0.5") as client:
+        response = await client.get("/v2/library/hello/manifests/latest", headers=headers)
+    line = _access(caplog)[-1]
+    return response.status_code, line.split(" ", 1)[0]
+
+
+@pytest.mark.parametrize("forwarded", [
+    ["198.51.100.4"],
+    ["x, 198.51.100.4"],                   # nginx: $proxy_add_x_forwarded_for after the client's "x"
+    ["x", "198.51.100.4"],                 # HAProxy option forwardfor: the client's line, then its own
+    ["unknown, 1.2.3.4,, 198.51.100.4"],
+    [", ".join(["10.1.1.1"] * 100) + ", 198.51.100.4"],     # longer than the limit: only one entry walked
+    ["10.1.1.1, " * 70 + "garbage", "198.51.100.4"],
+])
+async def test_what_a_client_wrote_left_of_its_balancer_entry_cannot_pass_from_rules(tmp_path, caplog,
+                                                                                        forwarded) -> None:
+    caplog.set_level(logging.INFO, "dockermirror")
+    assert await _pull_behind(tmp_path, caplog, *forwarded) == (403, "198.51.100.4")
+
+
+@pytest.mark.parametrize("forwarded", [["10.1.2.3"], ["x, 10.1.2.3"], [", ".join(["garbage"] * 100) + ", 10.1.2.3"]])
+async def test_a_client_inside_the_from_networks_is_let_in_whatever_it_wrote_on_the_left(tmp_path, caplog,
+                                                                                           forwarded) -> None:
+    caplog.set_level(logging.INFO, "dockermirror")
+    assert await _pull_behind(tmp_path, caplog, *forwarded) == (200, "10.1.2.3")
+
+
+@pytest.mark.parametrize("forwarded", [["garbage"], ["198.51.100.4, x"], ["198.51.100.4", "unknown"],
+                                       ["198.51.100.4, "], [", ".join(["10.0.0.5"] * 65)]])
+async def test_garbage_from_the_trusted_proxy_itself_is_an_unknown_client_no_network_matches(tmp_path, caplog,
+                                                                                               forwarded) -> None:
+    """Reached before any untrusted address: the proxy itself sent it. Never the proxy's own
+    address (inside the networks rules allow): a client no from: network matches, logged as unknown."""
+    caplog.set_level(logging.INFO, "dockermirror")
+    assert await _pull_behind(tmp_path, caplog, *forwarded) == (403, "unknown")
+
+
+def test_the_unknown_client_matches_no_network_and_is_one_refusal_source() -> None:
+    from dockermirror.access.rules import client_address
+    from dockermirror.api.forwarded import UNKNOWN
+    from dockermirror.api.refusals import RefusalLog, source
+
+    assert client_address(UNKNOWN) is None          # so no from: rule matches it (access/rules.py _from)
+    assert source(UNKNOWN) == (UNKNOWN, "this address")
+    refusals = RefusalLog(clock=lambda: 0.0)
+    assert [refusals.loud(UNKNOWN).loud for _ in range(3)] == [True, False, False]
+
+
+def test_an_ipv4_mapped_trusted_proxy_is_its_ipv4_address(tmp_path) -> None:
+    """Peers are mapped to IPv4 before they are compared: a mapped entry must be too, or it never matches."""
+    config = configuration.loads("server:\n  trusted_proxies: ['::ffff:10.0.0.5', '::ffff:10.1.0.0/120', "
+                                 "'fd00::/64']\n")
+    assert [str(n) for n in config.server.trusted_proxies] == ["10.0.0.5/32", "10.1.0.0/24", "fd00::/64"]
+    assert client_of("10.0.0.5", ["198.51.100.4"], config.server.trusted_proxies) == "198.51.100.4"
+    assert client_of("::ffff:10.0.0.5", ["198.51.100.4"], config.server.trusted_proxies) == "198.51.100.4"
+
+
+@pytest.mark.parametrize("entry", ["0.0.0.0/0", "'::/0'", "'::ffff:0:0/96'", "1.2.3.4/0"])
+def test_trusting_every_address_is_refused_at_load(entry) -> None:
+    """Every client could then choose its address: one line naming the key and what to do."""
+    with pytest.raises(configuration.ConfigError) as raised:
+        configuration.loads(f"server:\n  trusted_proxies: [10.0.0.5, {entry}]\n", source="c.yml")
+    text = str(raised.value)
+    assert "c.yml:2" in text and "server.trusted_proxies" in text and "\n" not in text
+    assert "every client" in text and "balancer" in text
+
+
+async def test_a_proxy_sending_garbage_is_said_once_per_ten_minutes_with_a_count(tmp_path, caplog) -> None:
+    """Not once per process: a proxy misconfigured a week after the start is noticed too."""
+    from dockermirror.lograte import RateLimited
+
+    caplog.set_level(logging.DEBUG, "dockermirror")
+    now = [0.0]
+    app = _app(tmp_path, BEHIND)
+    app.asgi.said = RateLimited(app.asgi.said.logger, clock=lambda: now[0], quiet=logging.DEBUG)
+    async with app.running(), _client(app, "10.0.0.5") as client:
+        for at in (0.0, 10.0, 20.0, 700.0, 710.0):
+            now[0] = at
+            await client.get("/v2/", headers={"X-Forwarded-For": "garbage"})
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "X-Forwarded-For from" in r.getMessage()]
+    assert [level for level, _ in said] == [logging.WARNING, logging.DEBUG, logging.DEBUG, logging.WARNING,
+                                            logging.DEBUG]
+    assert "10.0.0.5" in said[0][1] and "unknown" in said[0][1]
+    assert said[3][1].endswith("(2 more like it in the last 10 min, at debug)")
