@@ -38,6 +38,7 @@ EL7_SERVICE_KEYS = {
     "PrivateTmp", "PrivateDevices", "PrivateNetwork", "ProtectHome", "ProtectSystem", "RestrictAddressFamilies",
     "SystemCallArchitectures", "SystemCallFilter", "SystemCallErrorNumber", "Environment", "EnvironmentFile",
     "ReadWriteDirectories", "ReadOnlyDirectories", "InaccessibleDirectories", "DevicePolicy", "DeviceAllow",
+    "RestartPreventExitStatus",     # tests/data/systemd-219-rhel7.9-unit-keys.txt has it too
 }
 EL7_UNIT_KEYS = {"Description", "Documentation", "After", "Wants", "Requires", "Before"}
 EL7_SOCKET_KEYS = {"ListenStream", "BindIPv6Only", "Backlog", "NoDelay", "FreeBind", "Service"}
