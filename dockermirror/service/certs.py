@@ -538,14 +538,20 @@ def _init(paths: Paths, names: list[str], ips: list[str], days: int) -> list[str
     return done
 
 
-def names_of(path: Path) -> tuple[list[str], datetime.datetime]:
-    """The names a certificate file covers and when it expires."""
+def _first_certificate(path: Path) -> x509.Certificate:
+    """The first certificate of a PEM file; a CertError naming the file if there is none."""
     try:
         cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
     except OSError as exc:
         raise CertError(f"cannot read {path}: {exc.strerror}") from None
     except ValueError:
         raise CertError(f"{path} is not a PEM certificate") from None
+    return cert
+
+
+def names_of(path: Path) -> tuple[list[str], datetime.datetime]:
+    """The names a certificate file covers and when it expires."""
+    cert = _first_certificate(path)
     return sans(cert), cert.not_valid_after_utc
 
 
@@ -588,12 +594,7 @@ def legacy_key_note(paths: Paths) -> str:
 
 def describe(path: Path) -> list[str]:
     """Subject, SANs, issuer, serial and validity of the first certificate in a PEM file."""
-    try:
-        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
-    except OSError as exc:
-        raise CertError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError:
-        raise CertError(f"{path} is not a PEM certificate") from None
+    cert = _first_certificate(path)
     left = cert.not_valid_after_utc - _now()
     state = f"expires in {left.days} days" if left.total_seconds() > 0 else "EXPIRED"
     return [
