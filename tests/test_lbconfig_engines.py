@@ -112,6 +112,8 @@ def variants(pki, pem: str, port: int) -> dict[str, dict]:
         "tls-nodes-unchecked": dict(listen=listen, nodes=nodes, tls_cert=pem, node_tls=True),
         "tls-nodes-checked": dict(listen=listen, nodes=nodes, tls_cert=pem, node_tls=True, node_ca=str(pki.ca),
                                   node_tls_name="localhost"),
+        "nodes-with-client-cert": dict(listen=listen, nodes=nodes, tls_cert=pem, node_tls=True, node_ca=str(pki.ca),
+                                       node_tls_name="localhost", node_client_cert=pem),
         "nodes-checked-by-ca": dict(listen=listen, nodes=nodes, node_tls=True, node_ca=str(pki.ca),
                                     node_tls_name="localhost"),
         "passthrough": dict(listen=listen, nodes=nodes, passthrough=True),

@@ -44,7 +44,7 @@ NGINX_VERSIONS = ("Needs nginx >= 1.12 (a map value of text and variables, $requ
 NGINX_TLS_VERSIONS = ("Needs nginx >= 1.13 (ssl_protocols TLSv1.3; a map value of text and variables,",
                       "$request_id): 1.14 and 1.20 (EL8), 1.20 (EL7 EPEL, EL9), 1.22 (Debian 12: tested).")
 CLIENT_AUTH_NOTE = ("nodes with tls.client_auth: required pass /healthz but refuse (401) every request "
-                    "from the balancer: it sends no client certificate")
+                    "from the balancer unless it shows one: give --node-client-cert PEM")
 TIMEOUT = "10m"      # between two reads or writes of a big blob; not the whole transfer
 
 
@@ -68,6 +68,7 @@ class Options:
     node_tls: bool = False                    # nodes speak HTTPS
     node_ca: str | None = None                # verify nodes against this CA
     node_tls_name: str | None = None          # the name every node's certificate carries
+    node_client_cert: str | None = None       # PEM (certificate and key) shown to nodes that ask for one
     passthrough: bool = False                 # TLS passed through to the nodes: no content routing
 
 
@@ -110,6 +111,13 @@ def check(options: Options, engine: str) -> Options:
         raise OptionError("--node", f"{duplicates[0]} is given twice; give each node once")
     if options.tls_cert is not None:
         check_path("--tls-cert", options.tls_cert)
+    if options.node_client_cert is not None:
+        check_path("--node-client-cert", options.node_client_cert)
+        if options.passthrough:
+            raise OptionError("--node-client-cert", "with --passthrough the clients' own certificates reach the "
+                                                    "nodes; drop --node-client-cert")
+        if not options.node_tls:
+            raise OptionError("--node-client-cert", "the nodes speak plain HTTP; add --node-tls")
     if options.node_ca is not None:
         check_path("--node-ca", options.node_ca)
         if not (options.node_tls or options.passthrough):
@@ -142,6 +150,8 @@ def command(options: Options, engine: str) -> str:
         words += ["--node-ca", options.node_ca]
     if options.node_tls_name:
         words += ["--node-tls-name", options.node_tls_name]
+    if options.node_client_cert:
+        words += ["--node-client-cert", options.node_client_cert]
     if options.passthrough:
         words.append("--passthrough")
     return " ".join(words)
@@ -227,7 +237,10 @@ def haproxy(options: Options) -> str:
         else:
             verify = "ssl verify none"
             out.append("    # HTTPS to the nodes WITHOUT checking their certificates: give --node-ca CA to check them")
-        out.append(f"    # {CLIENT_AUTH_NOTE}")
+        if o.node_client_cert:
+            verify += f" crt {o.node_client_cert}"     # for nodes with tls.client_auth: required
+        else:
+            out.append(f"    # {CLIENT_AUTH_NOTE}")
     for number, node in enumerate(o.nodes, 1):
         out.append(f"    server node{number} {node} id {number} check" + (f" {verify}" if tls_node else ""))
     return "\n".join(out) + "\n"
@@ -342,7 +355,12 @@ def nginx(options: Options) -> str:
             out += ["        # HTTPS to the nodes WITHOUT checking their certificates: give --node-ca CA",
                     "        # and --node-tls-name NAME to check them",
                     "        proxy_ssl_verify off;"]
-        out += [f"        # {CLIENT_AUTH_NOTE}", "        proxy_ssl_session_reuse on;"]
+        if o.node_client_cert:
+            out += [f"        proxy_ssl_certificate {o.node_client_cert};    # for nodes with tls.client_auth: required",
+                    f"        proxy_ssl_certificate_key {o.node_client_cert};"]
+        else:
+            out.append(f"        # {CLIENT_AUTH_NOTE}")
+        out.append("        proxy_ssl_session_reuse on;")
     out += ["    }", "}"]
     return "\n".join(out) + "\n"
 

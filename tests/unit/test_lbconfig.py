@@ -153,6 +153,15 @@ def test_nodes_over_tls_say_client_certificates_are_not_sent_and_nginx_verifies_
     assert "client_auth" not in plain
 
 
+def test_a_client_certificate_for_the_nodes(capsys):
+    args = ["--listen", "0.0.0.0:443", "--node", "10.0.0.1:5000", "--node-tls", "--node-client-cert", "/lb-client.pem"]
+    text = lb_config(capsys, "haproxy", *args)
+    assert "server node1 10.0.0.1:5000 id 1 check ssl verify none crt /lb-client.pem\n" in text
+    assert "tls.client_auth: required pass /healthz" not in text
+    text = lb_config(capsys, "nginx", *args)
+    assert "proxy_ssl_certificate /lb-client.pem;" in text and "proxy_ssl_certificate_key /lb-client.pem;" in text
+
+
 def test_passthrough_says_content_routing_is_lost(capsys):
     for engine in ("haproxy", "nginx"):
         text = lb_config(capsys, engine, "--listen", "0.0.0.0:443", "--node", "10.0.0.1:443", "--passthrough")
@@ -186,6 +195,10 @@ MISTAKES = {
                        "--node-ca", "add --node-tls"),
     "nginx-ca-without-name": (["nginx", "--listen", "0.0.0.0:5000", "--node", "a:1", "--node-tls", "--node-ca",
                                "/ca.crt"], "--node-ca", "add --node-tls-name"),
+    "client-cert-without-tls": (["nginx", "--listen", "0.0.0.0:5000", "--node", "a:1", "--node-client-cert",
+                                 "/c.pem"], "--node-client-cert", "add --node-tls"),
+    "client-cert-passthrough": (["haproxy", "--listen", "0.0.0.0:443", "--node", "a:1", "--passthrough",
+                                 "--node-client-cert", "/c.pem"], "--node-client-cert", "drop --node-client-cert"),
     "name-without-ca": (["haproxy", "--listen", "0.0.0.0:5000", "--node", "a:1", "--node-tls", "--node-tls-name",
                          "x.example"], "--node-tls-name", "add --node-ca"),
 }
