@@ -378,7 +378,8 @@ def cmd_lb_config(args: argparse.Namespace) -> int:
 
     options = lbconfig.Options(listen=args.listen, nodes=tuple(args.node or ()), tls_cert=absolute(args.tls_cert),
                                node_tls=args.node_tls, node_ca=absolute(args.node_ca),
-                               node_tls_name=args.node_tls_name, passthrough=args.passthrough)
+                               node_tls_name=args.node_tls_name, passthrough=args.passthrough,
+                               node_client_cert=absolute(args.node_client_cert))
     try:
         text = lbconfig.ENGINES[args.engine](options)
     except lbconfig.OptionError as exc:
@@ -621,6 +622,8 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("--node-ca", metavar="CA", help="check the nodes' certificates against this CA")
     lb.add_argument("--node-tls-name", metavar="NAME", help="the DNS name every node's certificate carries "
                                                              "(checked with --node-ca; nginx needs it)")
+    lb.add_argument("--node-client-cert", metavar="PEM",
+                    help="certificate chain and key in one PEM shown to the nodes (tls.client_auth: required)")
     lb.add_argument("--passthrough", action="store_true",
                     help="pass TLS through to the nodes (by client address: no content routing)")
     lb.set_defaults(run=cmd_lb_config)

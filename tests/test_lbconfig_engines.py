@@ -112,6 +112,8 @@ def variants(pki, pem: str, port: int) -> dict[str, dict]:
         "tls-nodes-unchecked": dict(listen=listen, nodes=nodes, tls_cert=pem, node_tls=True),
         "tls-nodes-checked": dict(listen=listen, nodes=nodes, tls_cert=pem, node_tls=True, node_ca=str(pki.ca),
                                   node_tls_name="localhost"),
+        "nodes-with-client-cert": dict(listen=listen, nodes=nodes, tls_cert=pem, node_tls=True, node_ca=str(pki.ca),
+                                       node_tls_name="localhost", node_client_cert=pem),
         "nodes-checked-by-ca": dict(listen=listen, nodes=nodes, node_tls=True, node_ca=str(pki.ca),
                                     node_tls_name="localhost"),
         "passthrough": dict(listen=listen, nodes=nodes, passthrough=True),
@@ -252,6 +254,63 @@ def three_stubs():
         stub.stop()
 
 
+CLIENT_FORMS = ("/v2/library/{name}/manifests/latest",                   # dockerd registry-mirrors, podman
+                "/v2/library/{name}/manifests/latest?ns=docker.io",      # containerd
+                "/v2/docker.io/library/{name}/manifests/latest?ns=docker.io",   # containerd override_path
+                "/v2/docker.io/library/{name}/manifests/latest",         # podman prefixed location
+                "/v2/{name}/manifests/latest",                           # docker pull mirror/NAME
+                "/v2/library/{name}/tags/list?ns=DOCKER.IO&ns=quay.io",
+                "/v2/library/{name}/manifests/latest?ns=docker%2Eio")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_clients_form_of_a_repository_reaches_one_node(engine: str, tmp_path: Path, three_stubs):
+    """The node serves all these forms as one repository (dockermirror/routing.py): a mixed fleet
+    must revalidate each tag on one node, not on three."""
+    balancer = start_balancer(engine, three_stubs, tmp_path)
+    try:
+        with httpx.Client(base_url=balancer.url, timeout=30) as client:
+            wait_until(lambda: len({fetch(client, f"/v2/{i}/x")["server"] for i in range(24)}) == 3, 30,
+                       what="the balancer sending to all three stubs")
+            where = {}
+            for index in range(12):
+                name = f"app{index}"
+                seen = {form: fetch(client, form.format(name=name))["server"] for form in CLIENT_FORMS}
+                assert len(set(seen.values())) == 1, f"{name} went to several servers: {seen}"
+                where[name] = seen[CLIENT_FORMS[0]]
+            assert len(set(where.values())) > 1       # repositories are still spread
+            # a client's own routing header reaches no node
+            answer = fetch(client, "/v2/library/app0/manifests/latest", **{lbconfig.KEY_HEADER: "library/app1"})
+            assert answer["server"] == where["app0"]
+            assert all(name.lower() != lbconfig.KEY_HEADER.lower() or value.startswith("node")
+                       for name, value in answer["headers"]), answer["headers"]
+    finally:
+        balancer.stop()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_percent_encoded_digest_reaches_the_node_that_has_the_digest_or_none(engine: str, tmp_path: Path,
+                                                                               three_stubs):
+    """HAProxy keys the raw path: an encoded digest would go round-robin and every node would fetch
+    and store the blob, so it is refused. nginx keys the decoded $uri, as the node decodes it."""
+    balancer = start_balancer(engine, three_stubs, tmp_path)
+    try:
+        with httpx.Client(base_url=balancer.url, timeout=30) as client:
+            wait_until(lambda: len({fetch(client, f"/v2/{i}/x")["server"] for i in range(24)}) == 3, 30,
+                       what="the balancer sending to all three stubs")
+            for digest in DIGESTS[:6]:
+                home = fetch(client, f"/v2/library/alpine/blobs/{digest}")["server"]
+                encoded = f"/v2/library/alpine/blobs/{digest.replace(':', '%3A')}"
+                if engine == "haproxy":
+                    answers = [client.get(encoded) for _ in range(6)]
+                    assert {a.status_code for a in answers} == {403}
+                    assert not any("X-Stub-Server" in a.headers for a in answers)
+                else:
+                    assert {fetch(client, encoded)["server"] for _ in range(6)} == {home}
+    finally:
+        balancer.stop()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_stopped_node_gives_away_only_its_keys_and_gets_them_back(engine: str, tmp_path: Path, three_stubs):
     """Three nodes, so that a hash that is not consistent (HAProxy's map-based default) would
@@ -274,6 +333,34 @@ def test_a_stopped_node_gives_away_only_its_keys_and_gets_them_back(engine: str,
             wait_until(lambda: settled(client) == before, 60, interval=0.5, what="A's keys back on A")
     finally:
         balancer.stop()
+
+
+def test_a_node_removed_from_the_haproxy_file_moves_only_its_own_keys(tmp_path: Path, three_stubs):
+    """The ring follows server ids: with fixed ids, deleting node2's line leaves node3's keys on node3
+    (auto-numbered, node3 would take node2's id and its keys, and give its own away)."""
+    stubs = three_stubs
+    text = generate("haproxy", listen=f"127.0.0.1:{free_port()}", nodes=tuple(s.address for s in stubs))
+    before_balancer = start_balancer("haproxy", stubs, tmp_path / "three", text)
+    try:
+        with httpx.Client(base_url=before_balancer.url, timeout=30) as client:
+            wait_until(lambda: len({fetch(client, f"/v2/{i}/x")["server"] for i in range(24)}) == 3, 30,
+                       what="haproxy sending to all three stubs")
+            before = routing(client)
+    finally:
+        before_balancer.stop()
+    assert set(before.values()) == {"A", "B", "C"}
+    lines = [line for line in text.splitlines(keepends=True) if not line.lstrip().startswith("server node2 ")]
+    assert len(lines) == len(text.splitlines()) - 1
+    after_balancer = start_balancer("haproxy", stubs, tmp_path / "two", "".join(lines))
+    try:
+        with httpx.Client(base_url=after_balancer.url, timeout=30) as client:
+            wait_until(lambda: len({fetch(client, f"/v2/{i}/x")["server"] for i in range(24)}) == 2, 30,
+                       what="haproxy sending to both remaining stubs")
+            after = routing(client)
+    finally:
+        after_balancer.stop()
+    moved = {key for key in before if before[key] != after[key]}
+    assert moved == {key for key in before if before[key] == "B"}, "keys of nodes that stayed moved"
 
 
 @pytest.mark.parametrize("engine", ENGINES)

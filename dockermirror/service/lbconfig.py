@@ -4,7 +4,12 @@ Pure text generation. The balancer routes by content so that each blob is fetche
 upstream once per cluster:
 
 - ``/v2/<name>/blobs/<algorithm>:<hex>``                 key = the digest (whatever repository names it)
-- ``/v2/<name>/(manifests|tags|referrers)/<one segment>`` key = ``<?ns= value>/<name>``
+- ``/v2/<name>/(manifests|tags|referrers)/<one segment>`` key = the repository: ``<name>`` without a
+  leading registry host (a first component with ``.`` or ``:``, or ``localhost``: the node's rule,
+  dockermirror/routing.py ``looks_like_host``), ``library/`` added to a one-component name, ``?ns=``
+  ignored; so dockerd (``/v2/library/alpine``), containerd (``?ns=docker.io``, override_path) and
+  podman (a prefixed location: ``/v2/docker.io/library/alpine``) meet on one node. Same-named
+  repositories of two registries share a node, which is harmless.
 - anything else (``/v2/``, ``/healthz``, malformed digests) no key: any node (a node answers a
   malformed digest with an error itself)
 
@@ -24,14 +29,22 @@ _ENCODED = r"[a-zA-Z0-9=_-]+"
 BLOB_PATH = rf"^/v2/.+/blobs/{_ALGORITHM}:{_ENCODED}$"
 REPO_PATH = r"^/v2/.+/(manifests|tags|referrers)/[^/]+$"
 _BLOB = re.compile(rf"^/v2/.+/blobs/(?P<digest>{_ALGORITHM}:{_ENCODED})$")
-_REPO = re.compile(r"^/v2/(?P<name>.+)/(?:manifests|tags|referrers)/[^/]+$")
+# the node's registry prefix (routing.looks_like_host) is stripped; HAProxy uses this regex as is
+_HOST = r"[^/]*[.:][^/]*|localhost"
+REPO_KEY = rf"^/v2/(({_HOST})/)?(.+)/(manifests|tags|referrers)/[^/]+$"      # group 3: the repository
+_REPO = re.compile(REPO_KEY)
 
 KEY_HEADER = "X-Docker-Mirror-Route"     # HAProxy only: carries the key to `balance hdr()`
 UPSTREAM = "docker_mirror_nodes"
 HAPROXY_VERSIONS = ("Needs HAProxy >= 1.5: 1.5 (EL7), 1.8 (EL8, EL7's rh-haproxy18), 2.4 (EL9),",
-                    "2.6 (Debian 12: tested). The key is made with replace-header, not regsub (1.6+).")
+                    "2.6 (Debian 12: tested). The key is made with replace-header, not regsub (1.6+); a",
+                    "percent-encoded /v2/ path is refused with a plain 'http-request deny' (403: deny_status is 1.6+).")
 NGINX_VERSIONS = ("Needs nginx >= 1.12 (a map value of text and variables, $request_id): 1.14 and 1.20",
                   "(EL8), 1.20 (EL7 EPEL, EL9), 1.22 (Debian 12: tested).")
+NGINX_TLS_VERSIONS = ("Needs nginx >= 1.13 (ssl_protocols TLSv1.3; a map value of text and variables,",
+                      "$request_id): 1.14 and 1.20 (EL8), 1.20 (EL7 EPEL, EL9), 1.22 (Debian 12: tested).")
+CLIENT_AUTH_NOTE = ("nodes with tls.client_auth: required pass /healthz but refuse (401) every request "
+                    "from the balancer unless it shows one: give --node-client-cert PEM")
 TIMEOUT = "10m"      # between two reads or writes of a big blob; not the whole transfer
 
 
@@ -42,9 +55,8 @@ def route_key(path: str, query: str = "") -> str | None:
         return blob.group("digest")
     repo = _REPO.match(path)
     if repo:
-        # the first ns=, as sent (HAProxy's urlp() and nginx's $arg_ns do not decode it either)
-        ns = next((part[3:] for part in query.split("&") if part.startswith("ns=")), "")
-        return f"{ns}/{repo.group('name')}"
+        name = repo.group(3)      # ?ns= plays no part: the node serves the same repository with or without it
+        return name if "/" in name else f"library/{name}"
     return None
 
 
@@ -56,6 +68,7 @@ class Options:
     node_tls: bool = False                    # nodes speak HTTPS
     node_ca: str | None = None                # verify nodes against this CA
     node_tls_name: str | None = None          # the name every node's certificate carries
+    node_client_cert: str | None = None       # PEM (certificate and key) shown to nodes that ask for one
     passthrough: bool = False                 # TLS passed through to the nodes: no content routing
 
 
@@ -98,6 +111,13 @@ def check(options: Options, engine: str) -> Options:
         raise OptionError("--node", f"{duplicates[0]} is given twice; give each node once")
     if options.tls_cert is not None:
         check_path("--tls-cert", options.tls_cert)
+    if options.node_client_cert is not None:
+        check_path("--node-client-cert", options.node_client_cert)
+        if options.passthrough:
+            raise OptionError("--node-client-cert", "with --passthrough the clients' own certificates reach the "
+                                                    "nodes; drop --node-client-cert")
+        if not options.node_tls:
+            raise OptionError("--node-client-cert", "the nodes speak plain HTTP; add --node-tls")
     if options.node_ca is not None:
         check_path("--node-ca", options.node_ca)
         if not (options.node_tls or options.passthrough):
@@ -130,13 +150,16 @@ def command(options: Options, engine: str) -> str:
         words += ["--node-ca", options.node_ca]
     if options.node_tls_name:
         words += ["--node-tls-name", options.node_tls_name]
+    if options.node_client_cert:
+        words += ["--node-client-cert", options.node_client_cert]
     if options.passthrough:
         words.append("--passthrough")
     return " ".join(words)
 
 
 def _header(options: Options, engine: str, lines: list[str]) -> list[str]:
-    versions = NGINX_VERSIONS if engine == "nginx" else HAPROXY_VERSIONS
+    versions = HAPROXY_VERSIONS if engine == "haproxy" else (NGINX_TLS_VERSIONS if options.tls_cert
+                                                             else NGINX_VERSIONS)
     head = [f"# {command(options, engine)}",
             f"# {engine} configuration for {len(options.nodes)} docker-mirror node(s), printed by the command above.",
             *(f"# {line}" for line in versions)]
@@ -149,12 +172,14 @@ def haproxy(options: Options) -> str:
         return _haproxy_passthrough(o)
     tls_node = o.node_tls
     out = _header(o, "haproxy", [
-        "Routing: blobs by digest, manifests, tags and referrers by ?ns= and repository, with",
+        "Routing: blobs by digest, manifests, tags and referrers by repository (without a registry",
+        "prefix, ?ns= ignored: every client's form of one repository meets on one node), with",
         "consistent hashing: each blob is fetched from the upstream by one node, whatever repository",
         "names it; a node that fails its /healthz check gives only its own keys to the others, and",
         "gets them back when it passes again. Requests without a key (/v2/, tokens) go round-robin.",
         "Bodies stream (HAProxy buffers no body to disk); Range and HEAD pass unchanged.",
-        "Keep the order of the server lines when adding nodes (append them): the ring follows the ids.",
+        "The ring follows the server ids: keep each node's 'id N' when adding or removing nodes",
+        "(a new node gets a new id; never renumber), or keys of surviving nodes move.",
         "",
         "A file of its own (haproxy -f DIR, or append it to haproxy.cfg); its defaults section",
         "applies to the sections below it only. Add 'log' lines to suit your logging.",
@@ -174,11 +199,15 @@ def haproxy(options: Options) -> str:
             "",
             "frontend docker_mirror"]
     if o.tls_cert:
-        out += [f"    bind {o.listen} ssl crt {o.tls_cert}    # TLS ends here: certificate chain and key in one PEM",
+        out += [f"    bind {o.listen} ssl crt {o.tls_cert} no-sslv3 no-tlsv10 no-tlsv11    # TLS ends here: "
+                "certificate chain and key in one PEM; TLS 1.2 or later",
                 "    http-request set-header X-Forwarded-Proto https"]
     else:
         out += [f"    bind {o.listen}"]
-    out += [f"    default_backend {UPSTREAM}",
+    out += ["    # no repository name or digest needs percent-encoding; the node would decode what the key",
+            "    # was made from undecoded, so such a path is refused (403) instead of going round-robin",
+            "    http-request deny if { path_beg /v2/ } { path_sub % }",
+            f"    default_backend {UPSTREAM}",
             "",
             f"backend {UPSTREAM}",
             f"    # the key travels in {KEY_HEADER} to 'balance hdr'; a client's own value is dropped,",
@@ -189,9 +218,10 @@ def haproxy(options: Options) -> str:
             f"    http-request del-header {KEY_HEADER}",
             f"    http-request set-header {KEY_HEADER} %[path] if dm_blob",
             f"    http-request replace-header {KEY_HEADER} ^/v2/.+/blobs/([^/]+)$ \\1 if dm_blob",
-            f"    http-request set-header {KEY_HEADER} %[path]?%[urlp(ns)] if dm_repo !dm_blob",
-            f"    http-request replace-header {KEY_HEADER} ^/v2/(.+)/(manifests|tags|referrers)/[^/?]+[?](.*)$ "
-            "\\3/\\1 if dm_repo !dm_blob",
+            "    # a repository's key: its name without a registry host prefix, library/ added to one component",
+            f"    http-request set-header {KEY_HEADER} %[path] if dm_repo !dm_blob",
+            f"    http-request replace-header {KEY_HEADER} {REPO_KEY} \\3 if dm_repo !dm_blob",
+            f"    http-request replace-header {KEY_HEADER} ^([^/]+)$ library/\\1 if dm_repo !dm_blob",
             f"    http-send-name-header {KEY_HEADER}",
             f"    balance hdr({KEY_HEADER})",
             "    hash-type consistent",
@@ -207,8 +237,12 @@ def haproxy(options: Options) -> str:
         else:
             verify = "ssl verify none"
             out.append("    # HTTPS to the nodes WITHOUT checking their certificates: give --node-ca CA to check them")
+        if o.node_client_cert:
+            verify += f" crt {o.node_client_cert}"     # for nodes with tls.client_auth: required
+        else:
+            out.append(f"    # {CLIENT_AUTH_NOTE}")
     for number, node in enumerate(o.nodes, 1):
-        out.append(f"    server node{number} {node} check" + (f" {verify}" if tls_node else ""))
+        out.append(f"    server node{number} {node} id {number} check" + (f" {verify}" if tls_node else ""))
     return "\n".join(out) + "\n"
 
 
@@ -241,7 +275,8 @@ def _haproxy_passthrough(o: Options) -> str:
             "    option httpchk GET /healthz    # over TLS to each node (check-ssl)",
             "    http-check expect status 200",
             "    default-server inter 2s fall 3 rise 2 observe layer4 error-limit 1 on-error mark-down"]
-    out += [f"    server node{number} {node} check {check_opts}" for number, node in enumerate(o.nodes, 1)]
+    out += [f"    server node{number} {node} id {number} check {check_opts}"
+            for number, node in enumerate(o.nodes, 1)]
     return "\n".join(out) + "\n"
 
 
@@ -253,7 +288,8 @@ def nginx(options: Options) -> str:
     out = _header(o, "nginx", [
         "For the http {} context: e.g. /etc/nginx/conf.d/docker-mirror.conf (Debian's and EL's",
         "nginx.conf include conf.d/*.conf inside http {}).",
-        "Routing: blobs by digest, manifests, tags and referrers by ?ns= and repository, with",
+        "Routing: blobs by digest, manifests, tags and referrers by repository (without a registry",
+        "prefix, ?ns= ignored: every client's form of one repository meets on one node), with",
         "consistent hashing (on the node addresses: their order does not matter): each blob is",
         "fetched from the upstream by one node, whatever repository names it. Requests without a",
         "key (/v2/, tokens) are spread by $request_id.",
@@ -263,10 +299,15 @@ def nginx(options: Options) -> str:
         "monitoring. Bodies stream (no buffering, no temporary files); Range and HEAD pass unchanged.",
     ])
     out += ["",
+            "# $uri is decoded (%xx) and normalised, as the node decodes the path it serves: the key is",
+            "# made from what the node sees. A repository: its name without a registry host prefix,",
+            "# library/ added to a one-component name (the first matching regex wins).",
             "map $uri $docker_mirror_key {",
             f'    "~^/v2/.+/blobs/(?<docker_mirror_digest>{_ALGORITHM}:{_ENCODED})$"  $docker_mirror_digest;',
-            '    "~^/v2/(?<docker_mirror_repo>.+)/(?:manifests|tags|referrers)/[^/]+$"  '
-            '"$arg_ns/$docker_mirror_repo";',
+            f'    "~^/v2/(?:(?:{_HOST})/)?(?<docker_mirror_one>[^/]+)/(?:manifests|tags|referrers)/[^/]+$"  '
+            '"library/$docker_mirror_one";',
+            f'    "~^/v2/(?:(?:{_HOST})/)?(?<docker_mirror_repo>.+)/(?:manifests|tags|referrers)/[^/]+$"  '
+            '$docker_mirror_repo;',
             "    default  $request_id;",
             "}",
             "",
@@ -281,7 +322,7 @@ def nginx(options: Options) -> str:
         out += [f"    listen {o.listen} ssl;    # TLS ends here",
                 f"    ssl_certificate {o.tls_cert};    # certificate chain and key in one PEM",
                 f"    ssl_certificate_key {o.tls_cert};",
-                "    ssl_protocols TLSv1.2 TLSv1.3;"]
+                "    ssl_protocols TLSv1.2 TLSv1.3;    # TLSv1.3: nginx >= 1.13"]
     else:
         out += [f"    listen {o.listen};"]
     out += ["    client_max_body_size 1m;    # a mirror takes no uploads",
@@ -293,6 +334,7 @@ def nginx(options: Options) -> str:
             "        proxy_set_header Host $http_host;",
             "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
             "        proxy_set_header X-Forwarded-Proto $scheme;",
+            f'        proxy_set_header {KEY_HEADER} "";    # a value sent by a client never reaches a node',
             "        proxy_buffering off;    # stream blobs as they come: no memory buffers, no temporary files",
             "        proxy_request_buffering off;",
             "        proxy_max_temp_file_size 0;",
@@ -306,12 +348,18 @@ def nginx(options: Options) -> str:
         if o.node_ca:
             out += ["        proxy_ssl_verify on;",
                     f"        proxy_ssl_trusted_certificate {o.node_ca};",
+                    "        proxy_ssl_verify_depth 2;    # a node certificate signed by an intermediate of the CA",
                     f"        proxy_ssl_name {o.node_tls_name};",
                     "        proxy_ssl_server_name on;"]
         else:
             out += ["        # HTTPS to the nodes WITHOUT checking their certificates: give --node-ca CA",
                     "        # and --node-tls-name NAME to check them",
                     "        proxy_ssl_verify off;"]
+        if o.node_client_cert:
+            out += [f"        proxy_ssl_certificate {o.node_client_cert};    # for nodes with tls.client_auth: required",
+                    f"        proxy_ssl_certificate_key {o.node_client_cert};"]
+        else:
+            out.append(f"        # {CLIENT_AUTH_NOTE}")
         out.append("        proxy_ssl_session_reuse on;")
     out += ["    }", "}"]
     return "\n".join(out) + "\n"

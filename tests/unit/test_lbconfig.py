@@ -55,22 +55,51 @@ def test_a_malformed_digest_has_no_key_and_goes_to_any_node_which_refuses_it(pat
     ("/v2/org/blobs/x/manifests/latest", "org/blobs/x"),
     ("/v2/org/manifests/x/tags/list", "org/manifests/x"),
     ("/v2/x/manifests/manifests/latest", "x/manifests"),
-    ("/v2/tags/tags/list", "tags"),
+    ("/v2/tags/tags/list", "library/tags"),
 ])
-def test_manifests_tags_and_referrers_are_keyed_by_ns_and_repository(path: str, name: str):
-    assert route_key(path) == f"/{name}"
-    assert route_key(path, "ns=docker.io") == f"docker.io/{name}"
-    assert route_key(path, "n=1&ns=ghcr.io&ns=other") == f"ghcr.io/{name}"
-    assert route_key(path, "ns=my%2Eregistry") == f"my%2Eregistry/{name}"     # as sent, like urlp() and $arg_ns
-    assert route_key(path, "xns=a") == f"/{name}"
+def test_manifests_tags_and_referrers_are_keyed_by_repository_whatever_ns_says(path: str, name: str):
+    assert route_key(path) == name
+    for query in ("ns=docker.io", "n=1&ns=ghcr.io&ns=other", "ns=docker%2Eio", "ns=DOCKER.IO", "xns=a"):
+        assert route_key(path, query) == name, query
+
+
+CLIENT_FORMS = {
+    "dockerd registry-mirrors, podman": ("/v2/library/alpine/manifests/latest", ""),
+    "containerd": ("/v2/library/alpine/manifests/latest", "ns=docker.io"),
+    "containerd override_path": ("/v2/docker.io/library/alpine/manifests/latest", "ns=docker.io"),
+    "podman prefixed location": ("/v2/docker.io/library/alpine/manifests/latest", ""),
+    "docker pull mirror/alpine": ("/v2/alpine/manifests/latest", ""),
+    "docker pull mirror/docker.io/alpine": ("/v2/docker.io/alpine/manifests/latest", ""),
+    "an alias of Docker Hub": ("/v2/index.docker.io/library/alpine/manifests/latest", ""),
+}
+
+
+def test_every_clients_form_of_one_repository_is_one_key():
+    """dockermirror/routing.py serves all of these as docker.io's library/alpine: one node must."""
+    keys = {form: route_key(path, query) for form, (path, query) in CLIENT_FORMS.items()}
+    assert set(keys.values()) == {"library/alpine"}, keys
+
+
+@pytest.mark.parametrize("path, name", [
+    ("/v2/ghcr.io/org/app/manifests/1", "org/app"),
+    ("/v2/registry.example.org:5000/team/app/tags/list", "team/app"),
+    ("/v2/localhost/team/app/manifests/1", "team/app"),
+    ("/v2/host:5000/app/manifests/1", "library/app"),
+    ("/v2/ghcr.io/manifests/1", "library/ghcr.io"),          # no repository after it: not a prefix
+    ("/v2/localhost/manifests/1", "library/localhost"),
+    ("/v2/team/local.host/manifests/1", "team/local.host"),   # only a FIRST component is a registry
+])
+def test_a_registry_prefix_is_the_nodes_rule(path: str, name: str):
+    """A first component is stripped exactly when routing.looks_like_host says it is a registry."""
+    assert route_key(path) == name
 
 
 def test_one_repository_is_one_key_and_a_tag_and_its_digest_meet():
     keys = {route_key(p, "ns=docker.io") for p in ("/v2/library/alpine/manifests/3.20",
                                                     f"/v2/library/alpine/manifests/{SHA256}",
                                                     "/v2/library/alpine/tags/list")}
-    assert keys == {"docker.io/library/alpine"}
-    assert route_key("/v2/library/alpine/manifests/3.20", "ns=quay.io") != "docker.io/library/alpine"
+    assert keys == {"library/alpine"}
+    assert route_key("/v2/library/debian/manifests/3.20") != "library/alpine"
 
 
 @pytest.mark.parametrize("path", ["/v2/", "/v2", "/healthz", "/", "/v2/_catalog", "/token",
@@ -85,6 +114,8 @@ def test_the_engines_use_the_same_patterns_as_route_key():
     assert f"acl dm_repo path_reg {lbconfig.REPO_PATH}\n" in haproxy
     nginx = lbconfig.nginx(lbconfig.Options("0.0.0.0:5000", ("10.0.0.1:5000",)))
     assert lbconfig.BLOB_PATH.replace("blobs/", "blobs/(?<docker_mirror_digest>").replace("$", ")$") in nginx
+    assert f"replace-header {lbconfig.KEY_HEADER} {lbconfig.REPO_KEY} \\3 if" in haproxy
+    assert "urlp(ns)" not in haproxy and "$arg_ns" not in nginx
 
 
 # --- the command line --------------------------------------------------------------------------------------
@@ -97,11 +128,38 @@ def lb_config(capsys, *args: str) -> str:
 def test_the_configuration_names_its_nodes_and_the_versions_it_needs(capsys):
     text = lb_config(capsys, "haproxy", "--listen", "0.0.0.0:5000", "--node", "10.0.0.1:5000",
                      "--node", "[2001:db8::2]:5000")
-    assert "server node1 10.0.0.1:5000 check\n" in text and "server node2 [2001:db8::2]:5000 check\n" in text
+    # fixed ids: the ring follows them, so removing node1 later does not renumber node2
+    assert "server node1 10.0.0.1:5000 id 1 check\n" in text and "server node2 [2001:db8::2]:5000 id 2 check\n" in text
     assert "Needs HAProxy >= 1.5" in text and "hash-type consistent" in text
     text = lb_config(capsys, "nginx", "--listen", "0.0.0.0:5000", "--node", "10.0.0.1:5000")
     assert "Needs nginx >= 1.12" in text and "hash $docker_mirror_key consistent;" in text
     assert "no active health checks" in text
+
+
+def test_tls_at_the_balancer_has_a_protocol_floor_and_names_the_nginx_it_needs(capsys):
+    text = lb_config(capsys, "haproxy", "--listen", "0.0.0.0:443", "--node", "10.0.0.1:5000", "--tls-cert", "/lb.pem")
+    assert "bind 0.0.0.0:443 ssl crt /lb.pem no-sslv3 no-tlsv10 no-tlsv11 " in text
+    text = lb_config(capsys, "nginx", "--listen", "0.0.0.0:443", "--node", "10.0.0.1:5000", "--tls-cert", "/lb.pem")
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in text and "Needs nginx >= 1.13" in text and ">= 1.12" not in text
+
+
+def test_nodes_over_tls_say_client_certificates_are_not_sent_and_nginx_verifies_one_intermediate(capsys):
+    for engine in ("haproxy", "nginx"):
+        text = lb_config(capsys, engine, "--listen", "0.0.0.0:443", "--node", "10.0.0.1:5000", "--node-tls",
+                         "--node-ca", "/ca.crt", "--node-tls-name", "node.example")
+        assert "tls.client_auth: required" in text
+    assert "proxy_ssl_verify_depth 2;" in text
+    plain = lb_config(capsys, "nginx", "--listen", "0.0.0.0:443", "--node", "10.0.0.1:5000")
+    assert "client_auth" not in plain
+
+
+def test_a_client_certificate_for_the_nodes(capsys):
+    args = ["--listen", "0.0.0.0:443", "--node", "10.0.0.1:5000", "--node-tls", "--node-client-cert", "/lb-client.pem"]
+    text = lb_config(capsys, "haproxy", *args)
+    assert "server node1 10.0.0.1:5000 id 1 check ssl verify none crt /lb-client.pem\n" in text
+    assert "tls.client_auth: required pass /healthz" not in text
+    text = lb_config(capsys, "nginx", *args)
+    assert "proxy_ssl_certificate /lb-client.pem;" in text and "proxy_ssl_certificate_key /lb-client.pem;" in text
 
 
 def test_passthrough_says_content_routing_is_lost(capsys):
@@ -137,6 +195,10 @@ MISTAKES = {
                        "--node-ca", "add --node-tls"),
     "nginx-ca-without-name": (["nginx", "--listen", "0.0.0.0:5000", "--node", "a:1", "--node-tls", "--node-ca",
                                "/ca.crt"], "--node-ca", "add --node-tls-name"),
+    "client-cert-without-tls": (["nginx", "--listen", "0.0.0.0:5000", "--node", "a:1", "--node-client-cert",
+                                 "/c.pem"], "--node-client-cert", "add --node-tls"),
+    "client-cert-passthrough": (["haproxy", "--listen", "0.0.0.0:443", "--node", "a:1", "--passthrough",
+                                 "--node-client-cert", "/c.pem"], "--node-client-cert", "drop --node-client-cert"),
     "name-without-ca": (["haproxy", "--listen", "0.0.0.0:5000", "--node", "a:1", "--node-tls", "--node-tls-name",
                          "x.example"], "--node-tls-name", "add --node-ca"),
 }
