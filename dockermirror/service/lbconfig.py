@@ -246,14 +246,19 @@ def haproxy(options: Options) -> str:
     return "\n".join(out) + "\n"
 
 
+PASSTHROUGH_TAIL = [
+    "cluster. The nodes terminate TLS with their own certificates, and see the balancer's",
+    "address, not the client's. Prefer TLS terminated at the balancer (--tls-cert) unless TLS",
+    "must reach the nodes (client certificates checked by docker-mirror itself).",
+]
+
+
 def _haproxy_passthrough(o: Options) -> str:
     out = _header(o, "haproxy", [
         "TLS PASSTHROUGH (mode tcp): the balancer sees no URL, so there is NO content routing:",
         "clients are spread by their source address (consistent hashing), and the same blob pulled",
         "by clients on different nodes is fetched from the upstream once per NODE, not once per",
-        "cluster. The nodes terminate TLS with their own certificates, and see the balancer's",
-        "address, not the client's. Prefer TLS terminated at the balancer (--tls-cert) unless TLS",
-        "must reach the nodes (client certificates checked by docker-mirror itself).",
+        *PASSTHROUGH_TAIL,
     ])
     check_opts = (f"check-ssl verify required ca-file {o.node_ca}" + (f" verifyhost {o.node_tls_name}"
                                                                        if o.node_tls_name else "")
@@ -370,9 +375,7 @@ def _nginx_passthrough(o: Options) -> str:
         "TLS PASSTHROUGH (stream): the balancer sees no URL, so there is NO content routing:",
         "clients are spread by their address (consistent hashing), and the same blob pulled by",
         "clients on different nodes is fetched from the upstream once per NODE, not once per",
-        "cluster. The nodes terminate TLS with their own certificates, and see the balancer's",
-        "address, not the client's. Prefer TLS terminated at the balancer (--tls-cert) unless TLS",
-        "must reach the nodes (client certificates checked by docker-mirror itself).",
+        *PASSTHROUGH_TAIL,
         "For the main context (outside http {}): include it from nginx.conf's top level. Debian",
         "builds the stream module as a module (libnginx-mod-stream, loaded from modules-enabled);",
         "EL's nginx-mod-stream likewise. Passive health checks only (max_fails, fail_timeout).",
