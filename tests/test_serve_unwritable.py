@@ -18,6 +18,18 @@ from tests.unit.test_cli_mistakes import free_address
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
+def serve_as_nobody(args: list[str]) -> list[str]:
+    """``docker-mirror serve ARGS`` as nobody, outside systemd: it must refuse (exit 2) in one line
+    and no traceback; that line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
+    result = subprocess.run([*NOBODY, sys.executable, "-m", "dockermirror", "serve", *args], capture_output=True,
+                            text=True, cwd="/", env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+    return lines
+
+
 @pytest.fixture
 def root_owned():
     """A directory owned by root, mode 0755: nobody can enter it, not write in it."""
@@ -40,12 +52,7 @@ def test_serve_as_a_user_who_cannot_write_the_cache_dir(root_owned: Path, where,
     config.chmod(0o644)
     args = ["--config", str(config)] + (["--cache-dir", str(cache)] if how == "flag" else [])
     before = sorted(root_owned.rglob("*"))
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
-    result = subprocess.run([*NOBODY, sys.executable, "-m", "dockermirror", "serve", *args], capture_output=True,
-                            text=True, cwd="/", env=env, timeout=60, stdin=subprocess.DEVNULL)
-    assert result.returncode == 2, result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+    lines = serve_as_nobody(args)
     named = "--cache-dir" if how == "flag" else f"{config}: cache.dir"
     assert lines[0].startswith(f"docker-mirror: {named}: "), lines[0]
     assert "is not writable for this user (nobody)" in lines[0], lines[0]
@@ -90,12 +97,7 @@ def test_serve_as_a_user_who_cannot_write_an_existing_cache(root_owned: Path, ho
     config.chmod(0o644)
     args = ["--config", str(config)] + (["--cache-dir", str(cache)] if how == "flag" else [])
     before = {p: p.stat().st_mtime_ns for p in root_owned.rglob("*")}
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
-    result = subprocess.run([*NOBODY, sys.executable, "-m", "dockermirror", "serve", *args], capture_output=True,
-                            text=True, cwd="/", env=env, timeout=60, stdin=subprocess.DEVNULL)
-    assert result.returncode == 2, result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, lines
+    lines = serve_as_nobody(args)
     named = "--cache-dir" if how == "flag" else f"{config}: cache.dir"
     assert lines[0].startswith(f"docker-mirror: {named}: the cache in {cache} is not writable for this user "
                                f"(nobody)"), lines[0]
