@@ -35,12 +35,12 @@ NGINX_PACKAGES = ("nginx", "libnginx-mod-stream")
 def _missing(directory: Path, packages: tuple[str, ...], binary: str) -> None:
     missing = [p for p in packages if not (directory / p / ".version").is_file()]
     if missing or not (directory / packages[0] / binary).is_file():
-        pytest.skip(f"{packages[0]} is not unpacked: tests/run.sh unpacks {', '.join(missing or packages)} into "
+        pytest.fail(f"{packages[0]} is not unpacked: tests/run.sh unpacks {', '.join(missing or packages)} into "
                     f"{directory} (tests/apt-ensure.sh --unpack {directory}/PACKAGE PACKAGE)")
 
 
 def haproxy_binary() -> str:
-    """The unpacked /usr/sbin/haproxy (run it with ``haproxy_env()``); the test is skipped if it is missing."""
+    """The unpacked /usr/sbin/haproxy (run it with ``haproxy_env()``); the test fails, saying how to unpack it, if it is missing."""
     _missing(HAPROXY_DIR, HAPROXY_PACKAGES, "usr/sbin/haproxy")
     return str(HAPROXY_DIR / "haproxy/usr/sbin/haproxy")
 
@@ -53,7 +53,7 @@ def haproxy_env() -> dict[str, str]:
 
 
 def nginx_binary() -> str:
-    """The unpacked /usr/sbin/nginx; the test is skipped if it is missing."""
+    """The unpacked /usr/sbin/nginx; the test fails, saying how to unpack it, if it is missing."""
     _missing(NGINX_DIR, NGINX_PACKAGES, "usr/sbin/nginx")
     return str(NGINX_DIR / "nginx/usr/sbin/nginx")
 
@@ -160,15 +160,5 @@ class Balancer(Daemon):
         self.stop()
 
 
-def which_engines() -> list[str]:
-    """The engines that are unpacked here (for parametrising without skipping noisily)."""
-    found = []
-    if (HAPROXY_DIR / "haproxy/usr/sbin/haproxy").is_file():
-        found.append("haproxy")
-    if (NGINX_DIR / "nginx/usr/sbin/nginx").is_file():
-        found.append("nginx")
-    return found
-
-
 __all__ = ["Balancer", "haproxy_binary", "haproxy_env", "nginx_binary", "nginx_stream_module",
-           "is_stream_config", "listen_port", "which_engines"]
+           "is_stream_config", "listen_port"]

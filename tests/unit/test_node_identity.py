@@ -105,7 +105,6 @@ async def test_a_reload_applies_a_new_node_name(tmp_path) -> None:
 
 
 def test_metrics_have_the_node_name_as_node_info() -> None:
-    pytest.importorskip("prometheus_client")
     from dockermirror.service.metrics import Metrics
 
     metrics = Metrics()
@@ -122,7 +121,6 @@ def test_metrics_have_the_node_name_as_node_info() -> None:
 def test_node_info_is_the_optional_series_the_monitoring_contract_names() -> None:
     """What /metrics adds with node: is what tests/support/monitoring.py lists as OPTIONAL (the
     shipped dashboard and alerts may use it; the defaults' /metrics, checked in test_metrics, lack it)."""
-    pytest.importorskip("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
 
     from dockermirror.service.metrics import Metrics
