@@ -369,6 +369,9 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     """
 
     limits = ClientLimits()          # the Service replaces it on start and reload (new connections)
+    # False when the start-up self-check (service/internals.py) found uvicorn's response internals
+    # changed: no zero-copy extension in the scope, uvicorn's own send (plain bytes, still correct)
+    zero_copy = True
     refusals = RefusalLog()          # the Service shares the gate's (one limit on refusal lines)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -458,7 +461,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         self._budget = self._limits.max_body
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is None or cycle.scope is not self.scope:
+        if cycle is None or cycle.scope is not self.scope or not self.zero_copy:
             return
         plain = self.transport.get_extra_info("sslcontext") is None
         if plain:
