@@ -39,7 +39,7 @@ from dockermirror.config import Config, ConfigError, ServerConfig, listen_overla
 from dockermirror.humanize import printable, size
 from dockermirror.meter import NULL_METER
 from dockermirror.upstream import readsize
-from dockermirror.service import internals, logs, preflight, restart
+from dockermirror.service import fdlimit, internals, logs, preflight, restart
 from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
 from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
 
@@ -399,6 +399,9 @@ class MirrorServer(uvicorn.Server):
 
 def serve(config: Config, reload_config: Callable[[], Config],
           reload_requested: Callable[[], bool] = lambda: False) -> int:
+    # many connections: the soft open-file limit raised to the hard one (:mod:`.fdlimit`)
+    if problem := fdlimit.raise_soft_limit(config.server.max_connections):
+        log.warning("%s", problem)
     service = Service(config, reload_config, reload_requested, check_listen=True)
     server = service.server()
     try:
