@@ -30,6 +30,12 @@ an info line through the same limiter as the gate's refusals (api/refusals.py): 
 cannot flood the log with them, nor put anything at warning. On a connection without a
 certificate where one is required, our 400/408/413/414/431 lines go through it too.
 
+This reaches into uvicorn's internals (the protocol's attributes, its RequestResponseCycle and
+flow control, STATUS_LINE: listed in service/internals.py), measured on uvicorn 0.54 and httptools
+0.9. The service probes them at start-up (service/internals.py): if they changed, zero-copy is
+turned off (``zero_copy = False``: no extension in the scope, uvicorn's own send) or the protocol is
+not used at all, with one warning.
+
 A response may carry its own reason phrase: ``"reason"`` in its ``http.response.start``
 message (an extension of ours; printable ASCII, else the standard phrase is sent). Some
 clients show nothing else of an error: containerd answers a failed HEAD with its status line.
