@@ -4,21 +4,23 @@ Every client connection is a file descriptor (up to three while a cached blob is
 the duplicate sendfile waits on, the blob file). The soft limit a process inherits is often 1024
 (a shell, a container runtime) while the hard one is far higher: the soft limit is raised to the
 hard one at start, as Go's runtime does for every program and nginx's ``worker_rlimit_nofile``
-does. Under the systemd unit both are LimitNOFILE=65536 already. If the result is still below what
-``server.max_connections`` may need, one warning says so (new connections then fail with "Too many
-open files" before the 503 limit is reached).
+does. Under the systemd unit both are LimitNOFILE=65536 already. If the result is below
+``server.max_connections`` plus RESERVE (one descriptor per connection, the least any connection
+takes), one warning says so: new connections would fail with "Too many open files" before the 503
+limit is reached. (While sending cached blobs a connection takes up to three: config.yml advises a
+third of the limit; that is advice, not a start-up warning.)
 """
 
 from __future__ import annotations
 
 import resource
 
-PER_CONNECTION = 3      # descriptors one client connection may hold
-RESERVE = 256           # the rest: upstream connections (two pools, 96), the index, logs, listeners
+RESERVE = 256       # besides one per client connection: upstream connections (two pools, 96), the
+                    # index, cache files being written, logs, listeners
 
 
 def needed(max_connections: int) -> int:
-    return PER_CONNECTION * max_connections + RESERVE
+    return max_connections + RESERVE
 
 
 def raise_soft_limit(max_connections: int) -> str:
@@ -38,10 +40,10 @@ def raise_soft_limit(max_connections: int) -> str:
             pass
     if not max_connections or soft == resource.RLIM_INFINITY or soft >= needed(max_connections):
         return ""
-    return (f"open-file limit {soft} is below what server.max_connections: {max_connections} may need "
-            f"({needed(max_connections)}: {PER_CONNECTION} per connection + {RESERVE}); connections beyond "
-            f"about {max(0, (soft - RESERVE) // PER_CONNECTION)} will fail with \"Too many open files\": raise "
-            f"LimitNOFILE (systemd) or the hard limit (ulimit -Hn), or lower server.max_connections")
+    return (f"open-file limit {soft} is below server.max_connections: {max_connections} + {RESERVE}; "
+            f"connections beyond about {max(0, soft - RESERVE)} will fail with \"Too many open files\" "
+            f"(before the 503 of max_connections): raise LimitNOFILE (systemd) or the hard limit (ulimit -Hn), "
+            f"or lower server.max_connections")
 
 
 def _nr_open() -> int:

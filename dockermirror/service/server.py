@@ -399,10 +399,11 @@ class MirrorServer(uvicorn.Server):
 
 def serve(config: Config, reload_config: Callable[[], Config],
           reload_requested: Callable[[], bool] = lambda: False) -> int:
-    # many connections: the soft open-file limit raised to the hard one (:mod:`.fdlimit`)
+    service = Service(config, reload_config, reload_requested, check_listen=True)
+    # many connections: the soft open-file limit raised to the hard one (:mod:`.fdlimit`); once the
+    # configuration passed the checks (a mistake is one line, nothing else)
     if problem := fdlimit.raise_soft_limit(config.server.max_connections):
         log.warning("%s", problem)
-    service = Service(config, reload_config, reload_requested, check_listen=True)
     server = service.server()
     try:
         server.run(sockets=service.sockets or None)
