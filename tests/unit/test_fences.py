@@ -196,3 +196,14 @@ def test_httpcore_without_the_attribute_is_said_in_one_line(monkeypatch: pytest.
     monkeypatch.delattr(http11.AsyncHTTP11Connection, "READ_NUM_BYTES")
     line = readsize.check()
     assert line.startswith("self-check: httpcore ") and "has no READ_NUM_BYTES" in line
+
+
+def test_the_keepalive_default_of_75_s_reaches_uvicorn(tmp_path: Path) -> None:
+    """server.keepalive_timeout (75 s: longer than load balancers' 60 s idle pools) is what uvicorn
+    closes idle connections after."""
+    service = _service(tmp_path)
+    try:
+        server = service.server()
+        assert server.config.timeout_keep_alive == 75
+    finally:
+        asyncio.run(service.app.cache.close())
