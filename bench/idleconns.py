@@ -1,22 +1,26 @@
 """What idle keep-alive connections cost a running mirror: RSS before and after N connections that
 each made one request (GET /v2/) and are held open.
 
-    flock /tmp/dm-bench.lock .venv/bin/python -m bench.idleconns [--connections 1000] [--keepalive 600]
+    flock /tmp/dm-bench.lock .venv/bin/python -m bench.idleconns [--connections 1000] [--keepalive 600s] [--tls]
 
 Starts ``docker-mirror serve`` on 127.0.0.1 (tests/support/procs.py Mirror, upstream unreachable:
 /v2/ is answered locally) with ``server.keepalive_timeout`` long enough to hold them, raises this
-process's own open-file soft limit to the hard one, and reads /proc/PID/status VmRSS.
+process's own open-file soft limit to the hard one, and reads /proc/PID/status VmRSS. With ``--tls``
+the mirror serves TLS (a test PKI's certificate) and every connection makes its handshake first.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import socket
+import ssl
 import tempfile
 import time
 from pathlib import Path
 
+from tests.support.certs import make_pki
 from tests.support.procs import Mirror
 
 
@@ -55,23 +59,34 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--keepalive", default="600s")
+    parser.add_argument("--tls", action="store_true", help="serve TLS; each connection makes a handshake")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with tempfile.TemporaryDirectory(prefix="idleconns-") as work:
-        mirror = Mirror(Path(work), {"upstream": {"url": "http://127.0.0.1:9"},
-                                     "server": {"keepalive_timeout": args.keepalive}})
+        config: dict = {"upstream": {"url": "http://127.0.0.1:9"}, "server": {"keepalive_timeout": args.keepalive}}
+        context = None
+        if args.tls:
+            pki = make_pki(Path(work) / "pki")
+            config["tls"] = {"enabled": True, "certificate": str(pki.certificate), "key": str(pki.key)}
+            context = ssl.create_default_context(cafile=str(pki.ca))
+        mirror = Mirror(Path(work), config)
         mirror.start()
+
+        def connect() -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", mirror.port))
+            return context.wrap_socket(sock, server_hostname="localhost") if context else sock
+
         held: list[socket.socket] = []
         try:
             # warm: the request path once (imports, caches), on a connection that then closes
-            with socket.create_connection(("127.0.0.1", mirror.port)) as warm:
+            with connect() as warm:
                 for _ in range(20):
                     request(warm)
             before, fds_before = settle(mirror.pid), fds(mirror.pid)
             start = time.monotonic()
             for _ in range(args.connections):
-                sock = socket.create_connection(("127.0.0.1", mirror.port))
+                sock = connect()
                 status = request(sock)
                 assert status.startswith(b"HTTP/1.1 200") or status.startswith(b"HTTP/1.1 401"), status
                 held.append(sock)
@@ -79,7 +94,7 @@ def main() -> None:
             after, fds_after = settle(mirror.pid), fds(mirror.pid)
             alive = sum(1 for s in held if _alive(s))
             growth = after - before
-            print(f"connections {args.connections} (alive {alive}) opened in {took:.1f} s; "
+            print(f"{'TLS' if args.tls else 'plain'} connections {args.connections} (alive {alive}) opened in {took:.1f} s; "
                   f"RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB: +{growth / 1024:.1f} MiB, "
                   f"{growth * 1024 / max(1, args.connections):.0f} bytes per connection; "
                   f"fds {fds_before} -> {fds_after}")
@@ -95,15 +110,15 @@ def main() -> None:
 
 
 def _alive(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        return sock.recv(1, socket.MSG_PEEK) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.setblocking(True)
+    """Not closed by the server (peeked on a duplicate descriptor: works under TLS too)."""
+    with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+        raw.setblocking(False)
+        try:
+            return raw.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from typing import Any
 log = logging.getLogger("dockermirror")
 
 PROBE_TIMEOUT = 5.0
-PROBE_BODY = 200 * 1024      # more than one sendfile call's worth on a small socket buffer is not needed
+PROBE_BODY = 200 * 1024      # bytes of the probe's response: more than uvicorn's 64 KiB pieces
 REASON = "OK self-check"
 
 
@@ -178,11 +178,15 @@ async def _probe(protocol: type, file: Any, body: bytes) -> tuple[str, str] | No
             failure = asyncio.ensure_future(failed.wait())
             await asyncio.wait({answer, failure}, return_when=asyncio.FIRST_COMPLETED)
             failure.cancel()
-            problem = answer.result() if answer.done() else answer.cancel() and None
+            problem = None
+            if answer.done():
+                problem = answer.result()
+            else:                       # something raised (in ``failures``): no answer is coming
+                answer.cancel()
             if problem is None and not failures and offered[-1:] != [zero_copy]:
                 problem = "the zero-copy extension was not offered" if zero_copy else "unexpected extension"
             if problem is not None or failures:
-                return side, "; ".join(failures or [problem or "?"])
+                return side, "; ".join(dict.fromkeys(failures or [problem or "?"]))
     finally:
         writer.close()
         server.close()
@@ -198,8 +202,10 @@ async def _answer(reader: asyncio.StreamReader, body: bytes, reason: str | None)
     """None if the response is 200 (with ``reason``, if given) and exactly ``body``."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        return "no response head"
+    except asyncio.IncompleteReadError:
+        return "the connection closed before a response head"
+    except asyncio.LimitOverrunError:
+        return "the response did not begin with its head"
     lines = head.decode("latin-1").split("\r\n")
     expected = f"HTTP/1.1 200 {reason or 'OK'}"
     if lines[0] != expected:
