@@ -28,7 +28,9 @@ exactly what was offered. What fails turns off only what depends on it, with ONE
   offers no ``http.response.zerocopysend`` extension, so responses stream through uvicorn as plain
   bytes (correct, more CPU), and uvicorn's own ``send`` is used as it is;
 * the request side: the protocol is not used at all: uvicorn's h11 protocol serves instead (its own
-  header size limit is set to ``server.max_header_size``; no header deadline, no zero-copy).
+  header size limit is set to ``server.max_header_size``; no header deadline, no zero-copy, and no
+  ``scope["client_certificate"]``: the access guard then treats every client as anonymous, and
+  with ``tls.client_auth: required`` refuses every request: it fails closed).
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class Verdict:
         versions = ", ".join(f"{name} {_version(name)}" for name in ("uvicorn", "httptools"))
         if not self.limits:
             effect = ("serving with uvicorn's h11 protocol instead: no zero-copy send, no request header "
-                      "deadline (header size still limited)")
+                      "deadline (header size still limited), no client-certificate identities (with "
+                      "tls.client_auth: required every request is refused)")
         else:
             effect = "zero-copy send off: responses stream through uvicorn as plain bytes (correct, more CPU)"
         return (f"self-check: {versions} internals are not what docker-mirror was built against ({self.problem}); "
