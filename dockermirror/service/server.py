@@ -38,10 +38,10 @@ from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
 from dockermirror.config import Config, ConfigError, ServerConfig, listen_overlap
 from dockermirror.humanize import printable, size
 from dockermirror.meter import NULL_METER
-from dockermirror.upstream import readsize
 from dockermirror.service import fdlimit, internals, logs, preflight, restart
 from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
 from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
+from dockermirror.upstream import readsize
 
 if TYPE_CHECKING:
     from dockermirror.service.metrics import Metrics, MetricsListener
