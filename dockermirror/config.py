@@ -503,7 +503,7 @@ class ServerConfig:
     # what one client connection may send, and how slowly (see etc/docker-mirror/config.yml)
     max_header_size: int = _setting(64 * 1024, _at_least(1024, parse_size, "1KiB"), show=format_size)
     header_timeout: float = _timeout(10.0)
-    keepalive_timeout: float = _timeout(5.0)
+    keepalive_timeout: float = _timeout(75.0)
     send_timeout: float = _timeout(60.0)
     max_connections: int = _setting(10000, parse_count)
     # peers (a load balancer) whose X-Forwarded-For names the client (api/forwarded.py); none: no one's

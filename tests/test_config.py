@@ -33,6 +33,8 @@ def test_defaults():
     assert config.tls.certificate == Path("/etc/pki/tls/certs/docker-mirror.crt")
     assert config.tls.key == Path("/etc/pki/tls/private/docker-mirror.key")
     assert config.tls.ca == Path("/etc/pki/docker-mirror/ca.crt")
+    # longer than load balancers' 60 s idle pools (nginx upstream keepalive): they never reuse a closing one
+    assert config.server.keepalive_timeout == 75
 
 
 @pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", "on"), ("false", "off"), ("yes", "on")])

@@ -38,9 +38,10 @@ from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
 from dockermirror.config import Config, ConfigError, ServerConfig, listen_overlap
 from dockermirror.humanize import printable, size
 from dockermirror.meter import NULL_METER
-from dockermirror.service import logs, preflight, restart
+from dockermirror.service import fdlimit, internals, logs, preflight, restart
 from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
 from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
+from dockermirror.upstream import readsize
 
 if TYPE_CHECKING:
     from dockermirror.service.metrics import Metrics, MetricsListener
@@ -84,6 +85,7 @@ class Service:
         # the HTTP protocol of this server; its limits change on reload (for new connections)
         self.protocol = type("MirrorHttpProtocol", (ZeroCopyHttpToolsProtocol,),
                              {"limits": client_limits(config.server, config.node)})
+        self._self_check()
         self._uv_config: uvicorn.Config | None = None
         self.systemd = Systemd()
         try:
@@ -156,6 +158,21 @@ class Service:
         # what this process runs with of the settings only a restart changes (:mod:`.restart`)
         self.running = restart.settings(config, tls=self.tls is not None, socket_activated=bool(self.sockets))
         self.restart_pending: list[str] = []
+
+    def _self_check(self) -> None:
+        """The library internals the protocol and the upstream client reach into: what is not what
+        they were built against is turned off, with one warning each (:mod:`.internals`)."""
+        verdict = internals.check(self.protocol)
+        if verdict.problem:
+            log.warning("%s", verdict.line())
+        if not verdict.limits:
+            from uvicorn.protocols.http.h11_impl import H11Protocol
+
+            self.protocol = type("MirrorHttpProtocol", (H11Protocol,), {"limits": self.protocol.limits})
+        elif not verdict.zero_copy:
+            self.protocol.zero_copy = False
+        if problem := readsize.check():
+            log.warning("%s", problem)
 
     @property
     def scheme(self) -> str:
@@ -339,6 +356,7 @@ def _apply_server(uv_config: uvicorn.Config, server: ServerConfig) -> None:
     """uvicorn's own settings; each connection reads them when it is made."""
     uv_config.timeout_keep_alive = server.keepalive_timeout  # type: ignore[assignment]
     uv_config.limit_concurrency = server.max_connections or None
+    uv_config.h11_max_incomplete_event_size = server.max_header_size   # (the self-check's fallback protocol)
 
 
 def _keep_tls(new: Config, old: Config) -> Config:
@@ -382,6 +400,10 @@ class MirrorServer(uvicorn.Server):
 def serve(config: Config, reload_config: Callable[[], Config],
           reload_requested: Callable[[], bool] = lambda: False) -> int:
     service = Service(config, reload_config, reload_requested, check_listen=True)
+    # many connections: the soft open-file limit raised to the hard one (:mod:`.fdlimit`); once the
+    # configuration passed the checks (a mistake is one line, nothing else)
+    if problem := fdlimit.raise_soft_limit(config.server.max_connections):
+        log.warning("%s", problem)
     server = service.server()
     try:
         server.run(sockets=service.sockets or None)

@@ -30,6 +30,12 @@ an info line through the same limiter as the gate's refusals (api/refusals.py): 
 cannot flood the log with them, nor put anything at warning. On a connection without a
 certificate where one is required, our 400/408/413/414/431 lines go through it too.
 
+This reaches into uvicorn's internals (the protocol's attributes, its RequestResponseCycle and
+flow control, STATUS_LINE: listed in service/internals.py), measured on uvicorn 0.54 and httptools
+0.9. The service probes them at start-up (service/internals.py): if they changed, zero-copy is
+turned off (``zero_copy = False``: no extension in the scope, uvicorn's own send) or the protocol is
+not used at all, with one warning.
+
 A response may carry its own reason phrase: ``"reason"`` in its ``http.response.start``
 message (an extension of ours; printable ASCII, else the standard phrase is sent). Some
 clients show nothing else of an error: containerd answers a failed HEAD with its status line.
@@ -369,6 +375,9 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     """
 
     limits = ClientLimits()          # the Service replaces it on start and reload (new connections)
+    # False when the start-up self-check (service/internals.py) found uvicorn's response internals
+    # changed: no zero-copy extension in the scope, uvicorn's own send (plain bytes, still correct)
+    zero_copy = True
     refusals = RefusalLog()          # the Service shares the gate's (one limit on refusal lines)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -458,7 +467,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         self._budget = self._limits.max_body
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is None or cycle.scope is not self.scope:
+        if cycle is None or cycle.scope is not self.scope or not self.zero_copy:
             return
         plain = self.transport.get_extra_info("sslcontext") is None
         if plain:
