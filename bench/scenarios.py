@@ -110,6 +110,11 @@ def pull(setup: Setup, server: Server) -> Sample:
     return Sample({"cold s": first.seconds, "warm s": second.seconds}, first.size + second.size)
 
 
+def docker_pull(setup: Setup, server: Server) -> Sample:
+    from bench import dockerpull   # here: it imports this module
+    return dockerpull.docker_pull(setup, server)
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -127,4 +132,6 @@ SCENARIOS = {s.name: s for s in (
     Scenario("cold", "one client GETs the big blob, empty cache", cold, cold=True),
     Scenario("herd", f"{HERD} clients GET the big blob at once, empty cache", herd, cold=True),
     Scenario("pull", f"skopeo copy of a {len(LAYERS_MIB)}-layer image, empty cache then cached", pull, cold=True),
+    Scenario("docker-pull", f"docker pull (dockerd) of the {len(LAYERS_MIB)}-layer image, empty cache, then cached "
+             "(image removed from dockerd before each)", docker_pull, cold=True),
 )}

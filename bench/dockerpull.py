@@ -1,0 +1,112 @@
+"""The ``docker pull`` row: a real dockerd pulls the multi-layer image through the mirror.
+
+Each round starts a dockerd of its own (tests/support/clients.py :class:`Dockerd`: sandboxed,
+its own data root and socket, Docker Hub's names pinned to 127.0.0.1) with the server under
+test as its only registry mirror, so the image is absent from dockerd and (the scenario being
+``cold``) the mirror's cache is empty. Its start is not timed. Then:
+
+* cold: ``docker pull layered`` (docker.io/library/layered, which both mirrors fetch from the
+  seeded upstream), timed from the command's start to its exit;
+* ``docker rmi``, and a check that dockerd has no image left;
+* warm: the same pull again, now from the mirror's cache.
+
+Every pull must have gone through the mirror: dockerd must report each layer pulled, the
+image's digest must be the upstream's, and the server's own log must show a GET of every
+layer after the pull began (so a fallback to anything else cannot pass silently; the
+sandbox makes Docker Hub's names loopback anyway). dockerd is stopped by PID, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+import httpx
+
+from bench.clients import BenchError
+from bench.scenarios import Sample, Setup, settle
+from bench.servers import Server
+from tests.support.clients import DOCKER_CLI, Dockerd
+from tests.support.images import ALL_MANIFESTS
+
+PULL_TIMEOUT = 600
+
+
+def _mark(server: Server) -> int:
+    """A position in the server's log (lines so far)."""
+    return len(server.log_text().splitlines())
+
+
+def _served_gets(server: Server, since: int, digests: list[str]) -> list[str]:
+    """The digests of ``digests`` without a GET in the server's log after ``since`` (waits a moment:
+    a request's log line is written just after its response)."""
+    missing: list[str] = digests
+    deadline = time.monotonic() + 5
+    while missing and time.monotonic() < deadline:
+        lines = [line for line in server.log_text().splitlines()[since:] if "GET /v2/" in line]
+        missing = [d for d in digests if not any(d in line for line in lines)]
+        if missing:
+            time.sleep(0.1)
+    return missing
+
+
+def _upstream_manifest(setup: Setup) -> tuple[str, list[str]]:
+    """The image's manifest digest at the upstream, and its layers' digests."""
+    repo, tag = setup.content.layered.split(":")
+    response = httpx.get(f"{setup.upstream.url}/v2/{repo}/manifests/{tag}",
+                         headers={"Accept": ", ".join(ALL_MANIFESTS)}, timeout=30)
+    response.raise_for_status()
+    return response.headers["docker-content-digest"], [layer["digest"] for layer in response.json()["layers"]]
+
+
+def _pull(daemon: Dockerd, server: Server, image: str, blobs: list[str], layers: int) -> float:
+    """One timed ``docker pull`` of ``image`` (``blobs``: its config and ``layers`` layers), checked: seconds."""
+    mark = _mark(server)
+    argv = [DOCKER_CLI, "-H", f"unix://{daemon.socket}", "pull", image]
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=PULL_TIMEOUT)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise BenchError(f"docker pull {image} via {server.label} exited {done.returncode}: "
+                         f"{done.stderr.strip()}\ndockerd's log:\n{daemon.log_text()[-2000:]}")
+    complete = len(re.findall(r"^\w+: Pull complete$", done.stdout, re.M))
+    if complete != layers:
+        raise BenchError(f"docker pull {image} via {server.label}: {complete} layers pulled, "
+                         f"expected {layers}:\n{done.stdout}")
+    if missing := _served_gets(server, mark, blobs):
+        raise BenchError(f"docker pull {image}: {server.label}'s log shows no GET of {', '.join(missing)}: "
+                         "dockerd did not pull through it")
+    return seconds
+
+
+def docker_pull(setup: Setup, server: Server) -> Sample:
+    """dockerd pulls the multi-layer image through ``server``, cold then warm (image removed in between)."""
+    if server.url.startswith("https:"):
+        raise BenchError("the docker pull scenario runs on the plain-HTTP instances only")
+    repo, tag = setup.content.layered.split(":")
+    image = f"{repo.removeprefix('library/')}:{tag}"
+    blobs = setup.content.layered_blobs
+    expected, layers = _upstream_manifest(setup)
+    if not set(layers) < set(blobs):
+        raise BenchError(f"the upstream's {setup.content.layered} is not the seeded image")
+    daemon = Dockerd(server.url, insecure=server.address)
+    daemon.start()       # seconds, longer than a warm pull: not timed
+    try:
+        mirrors = daemon.docker("info", "--format", "{{json .RegistryConfig.Mirrors}}").stdout
+        if json.loads(mirrors) != [server.url + "/"]:
+            raise BenchError(f"dockerd's registry mirrors are {mirrors.strip()}, expected only {server.url}/")
+        cold = _pull(daemon, server, image, list(blobs), len(layers))
+        digests = json.loads(daemon.docker("image", "inspect", "--format", "{{json .RepoDigests}}", image).stdout)
+        if f"{repo.removeprefix('library/')}@{expected}" not in digests:
+            raise BenchError(f"dockerd's {image} has digests {digests}, the upstream's is {expected}")
+        for digest in blobs:
+            settle(server, digest)
+        daemon.docker("rmi", image)
+        if left := daemon.docker("image", "ls", "--all", "--quiet").stdout.split():
+            raise BenchError(f"dockerd still has images after docker rmi {image}: {left}")
+        warm = _pull(daemon, server, image, list(blobs), len(layers))
+    finally:
+        daemon.stop()
+    return Sample({"cold s": cold, "warm s": warm}, 2 * sum(blobs.values()))
