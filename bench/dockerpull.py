@@ -1,9 +1,10 @@
 """The ``docker pull`` row: a real dockerd pulls the multi-layer image through the mirror.
 
 Each round starts a dockerd of its own (tests/support/clients.py :class:`Dockerd`: sandboxed,
-its own data root and socket, Docker Hub's names pinned to 127.0.0.1) with the server under
-test as its only registry mirror, so the image is absent from dockerd and (the scenario being
-``cold``) the mirror's cache is empty. Its start is not timed. Then:
+its own data root and socket, Docker Hub's names pinned to 127.0.0.1, the overlay2 storage
+driver as Docker's default, vfs only where overlay2 cannot run) with the server under test as
+its only registry mirror, so the image is absent from dockerd and (the scenario being ``cold``)
+the mirror's cache is empty. dockerd's start is not timed. Then:
 
 * cold: ``docker pull layered`` (docker.io/library/layered, which both mirrors fetch from the
   seeded upstream), timed from the command's start to its exit;
@@ -12,8 +13,12 @@ test as its only registry mirror, so the image is absent from dockerd and (the s
 
 Every pull must have gone through the mirror: dockerd must report each layer pulled, the
 image's digest must be the upstream's, and the server's own log must show a GET of every
-layer after the pull began (so a fallback to anything else cannot pass silently; the
-sandbox makes Docker Hub's names loopback anyway). dockerd is stopped by PID, also on failure.
+blob (config and layers) after the pull began, so a fallback to anything else cannot pass
+silently (the sandbox makes Docker Hub's names loopback anyway). The cold pull must have made
+the mirror GET every blob from the upstream (its cache was empty); the warm pull's upstream
+blob GETs are reported (0 when the mirror served them all from its cache). Before the rounds,
+one discarded pull through each server (:func:`warm_up`). dockerd is stopped by PID, also on
+failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from bench.scenarios import Sample, Setup, settle
 from bench.servers import Server
 from tests.support.clients import DOCKER_CLI, Dockerd
 from tests.support.images import ALL_MANIFESTS
+from tests.support.procs import Registry
 
 PULL_TIMEOUT = 600
 
@@ -39,9 +45,9 @@ def _mark(server: Server) -> int:
     return len(server.log_text().splitlines())
 
 
-def _served_gets(server: Server, since: int, digests: list[str]) -> list[str]:
-    """The digests of ``digests`` without a GET in the server's log after ``since`` (waits a moment:
-    a request's log line is written just after its response)."""
+def _served_gets(server: Server | Registry, since: int, digests: list[str]) -> list[str]:
+    """The digests of ``digests`` without a GET in the server's log after line ``since`` (waits a
+    moment: a request's log line is written just after its response)."""
     missing: list[str] = digests
     deadline = time.monotonic() + 5
     while missing and time.monotonic() < deadline:
@@ -120,9 +126,13 @@ def _rounds(setup: Setup, server: Server) -> tuple[Sample, float]:
     expected, layers = _upstream_manifest(setup)
     if not set(layers) < set(blobs):
         raise BenchError(f"the upstream's {setup.content.layered} is not the seeded image")
-    daemon, start = _start(server)      # a second or more, longer than a warm pull: not timed
+    daemon, start = _start(server)      # not timed
     try:
+        mark = setup.upstream.mark()
         cold = _pull(daemon, server, image, list(blobs), len(layers))
+        if missing := _served_gets(setup.upstream, mark, list(blobs)):
+            raise BenchError(f"cold docker pull via {server.label}: the upstream saw no GET of "
+                             f"{', '.join(missing)}: the mirror's cache was not empty")
         digests = json.loads(daemon.docker("image", "inspect", "--format", "{{json .RepoDigests}}", image).stdout)
         if f"{repo.removeprefix('library/')}@{expected}" not in digests:
             raise BenchError(f"dockerd's {image} has digests {digests}, the upstream's is {expected}")
@@ -131,10 +141,15 @@ def _rounds(setup: Setup, server: Server) -> tuple[Sample, float]:
         daemon.docker("rmi", image)
         if left := daemon.docker("image", "ls", "--all", "--quiet").stdout.split():
             raise BenchError(f"dockerd still has images after docker rmi {image}: {left}")
+        mark = setup.upstream.mark()
         warm = _pull(daemon, server, image, list(blobs), len(layers))
+        time.sleep(0.5)     # for the upstream's log
+        refetched = [line for line in setup.upstream.requests(mark, method="GET", path="/blobs/")
+                     if any(digest in line for digest in blobs)]
     finally:
         daemon.stop()
-    return Sample({"cold s": cold, "warm s": warm}, 2 * sum(blobs.values())), start
+    return Sample({"cold s": cold, "warm s": warm, "warm upstream GETs": len(refetched)},
+                  2 * sum(blobs.values())), start
 
 
 def docker_pull(setup: Setup, server: Server) -> Sample:
