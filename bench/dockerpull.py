@@ -17,8 +17,9 @@ blob (config and layers) after the pull began, so a fallback to anything else ca
 silently (the sandbox makes Docker Hub's names loopback anyway). The cold pull must have made
 the mirror GET every blob from the upstream (its cache was empty); the warm pull's upstream
 blob GETs are reported (0 when the mirror served them all from its cache). Before the rounds,
-one discarded pull through each server (:func:`warm_up`). dockerd is stopped by PID, also on
-failure or Ctrl-C.
+one discarded pull through each server (:func:`warm_up`), and the floor: the same pulls
+with the upstream registry itself as dockerd's mirror (printed, not a metric). dockerd is
+stopped by PID, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import re
 import subprocess
 import time
+from types import SimpleNamespace
 
 import httpx
 
@@ -157,10 +159,39 @@ def docker_pull(setup: Setup, server: Server) -> Sample:
     return _rounds(setup, server)[0]
 
 
+def floor(setup: Setup) -> list[float]:
+    """Seconds of two pulls (image removed in between) by a new dockerd straight from the upstream
+    registry, no mirror: dockerd's own share of a pull (what no mirror can make faster)."""
+    upstream = SimpleNamespace(label="the upstream", url=setup.upstream.url, address=setup.upstream.address,
+                               log_text=setup.upstream.log_text)
+    repo, tag = setup.content.layered.split(":")
+    image = f"{repo.removeprefix('library/')}:{tag}"
+    _, layers = _upstream_manifest(setup)
+    daemon, _ = _start(upstream)
+    try:
+        seconds = []
+        for _ in range(2):
+            seconds.append(_pull(daemon, upstream, image, list(setup.content.layered_blobs), len(layers)))
+            daemon.docker("rmi", image)
+        return seconds
+    finally:
+        daemon.stop()
+
+
+_floor_shown = False
+
+
 def warm_up(setup: Setup, server: Server) -> None:
     """One untimed pull through ``server`` before the rounds, so that the first round does not pay
     for first-time work outside the mirrors (reading dockerd's binaries and the upstream's files
-    into the page cache) and the server measured first in each round is not at a disadvantage."""
+    into the page cache) and the server measured first in each round is not at a disadvantage;
+    before the first, the :func:`floor` (printed)."""
+    global _floor_shown
+    if not _floor_shown:
+        seconds = floor(setup)
+        print(f"  docker-pull floor: dockerd pulling straight from the upstream registry (no mirror): "
+              f"{', '.join(f'{s:.3g}' for s in seconds)} s", flush=True)
+        _floor_shown = True
     sample, start = _rounds(setup, server)
     shown = ", ".join(f"{k} {v:.3g}" for k, v in sample.metrics.items())
     print(f"  docker-pull warm-up {server.label}: dockerd ({_driver}) started in {start:.2f} s (never timed); "
