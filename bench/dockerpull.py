@@ -40,6 +40,7 @@ from tests.support.images import ALL_MANIFESTS
 from tests.support.procs import Registry
 
 PULL_TIMEOUT = 600
+LOG_WAIT = 5.0          # seconds for a request's log line to appear
 
 
 def _mark(server: Server) -> int:
@@ -51,7 +52,7 @@ def _served_gets(server: Server | Registry, since: int, digests: list[str]) -> l
     """The digests of ``digests`` without a GET in the server's log after line ``since`` (waits a
     moment: a request's log line is written just after its response)."""
     missing: list[str] = digests
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + LOG_WAIT
     while missing and time.monotonic() < deadline:
         lines = [line for line in server.log_text().splitlines()[since:] if "GET /v2/" in line]
         missing = [d for d in digests if not any(d in line for line in lines)]
