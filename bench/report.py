@@ -48,6 +48,8 @@ def targets(big_mib: int) -> list[Target]:
         Target("8 cold clients at once, wall s", "herd", "wall s", "<=", 1.0),
         Target("8 cold clients at once, upstream GETs", "herd", "upstream GETs", exact=1),
         Target("peak RSS under 32 clients, MiB", "clients", "peak RSS MiB", "<=", 0.5),
+        Target("docker pull, multi-layer image, empty cache, s", "docker-pull", "cold s", "<=", 1.0),
+        Target("docker pull, multi-layer image, cached, s", "docker-pull", "warm s", "<=", 1.0),
     ]
 
 

@@ -110,6 +110,14 @@ def pull(setup: Setup, server: Server) -> Sample:
     return Sample({"cold s": first.seconds, "warm s": second.seconds}, first.size + second.size)
 
 
+def from_dockerpull(name: str) -> Callable:
+    """bench/dockerpull.py's function ``name``, imported when called (that module imports this one)."""
+    def call(setup: Setup, server: Server):
+        from bench import dockerpull
+        return getattr(dockerpull, name)(setup, server)
+    return call
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -127,4 +135,7 @@ SCENARIOS = {s.name: s for s in (
     Scenario("cold", "one client GETs the big blob, empty cache", cold, cold=True),
     Scenario("herd", f"{HERD} clients GET the big blob at once, empty cache", herd, cold=True),
     Scenario("pull", f"skopeo copy of a {len(LAYERS_MIB)}-layer image, empty cache then cached", pull, cold=True),
+    Scenario("docker-pull", f"docker pull (dockerd) of the {len(LAYERS_MIB)}-layer image, empty cache, then cached "
+             "(image removed from dockerd before each)", from_dockerpull("docker_pull"), cold=True,
+             prime=from_dockerpull("warm_up")),
 )}

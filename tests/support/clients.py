@@ -137,11 +137,12 @@ class Dockerd(Daemon):
     put where dockerd looks for a mirror's CA: /etc/docker/certs.d/HOST:PORT/ca.crt (in its
     sandbox, not on the host). Without ``mirror_url``, dockerd reads its sandbox's
     /etc/docker/daemon.json, which ``etc`` (files for its /etc) must bring. ``netns``: a
-    :class:`~tests.support.netns.NetNamespace` (started) to run it in."""
+    :class:`~tests.support.netns.NetNamespace` (started) to run it in. ``storage_driver``: vfs
+    (no mounts at all) or overlay2 (Docker's default; its mounts stay in the sandbox's namespace)."""
 
     def __init__(self, mirror_url: str | None, insecure: str | None = None, *, ca: Path | None = None,
                  mirror_address: str | None = None, etc: dict[str, str | bytes] | None = None,
-                 netns: NetNamespace | None = None) -> None:
+                 netns: NetNamespace | None = None, storage_driver: str = "vfs") -> None:
         self.dir = short_tmpdir("dm-dockerd-")
         certs = {f"docker/certs.d/{mirror_address}/ca.crt": ca.read_bytes()} if ca and mirror_address else {}
         self.sandbox = client_sandbox(self.dir, {**certs, **(etc or {})})
@@ -149,7 +150,7 @@ class Dockerd(Daemon):
         config = self.dir / "daemon.json"
         config.write_text("{}")
         argv = ["dockerd", "--config-file", "/etc/docker/daemon.json" if mirror_url is None else str(config),
-                "--iptables=false", "--ip6tables=false", "--bridge=none", "--storage-driver=vfs",
+                "--iptables=false", "--ip6tables=false", "--bridge=none", f"--storage-driver={storage_driver}",
                 *(["--registry-mirror", mirror_url] if mirror_url else []),
                 "--data-root", str(self.dir / "data"), "--exec-root", str(self.dir / "exec"),
                 "--pidfile", str(self.dir / "dockerd.pid"), "-H", f"unix://{self.socket}"]
