@@ -138,12 +138,13 @@ def steady_rss(pid: int, timeout: float = 15) -> int:
 
 
 def idle(setup: Setup, server: Server) -> Sample:
-    """IDLE keep-alive connections, each after one GET /v2/, held open: the server's steady RSS
-    before and while they are held; the 32-client wrk row while they are held; a check that each
+    """IDLE keep-alive connections, each after one GET /v2/, held open: the steady RSS of a fresh
+    server process (after one GET /v2/) before and while they are held; the 32-client wrk row while they are held; a check that each
     is still open and answers at the end; then, closed, the same wrk row without them."""
     mid = setup.content.mid
-    before = steady_rss(server.pid)
     host, port = server.address.rsplit(":", 1)
+    Held(host, int(port), "/v2/", 1).close()     # the first request's one-off costs are not the connections'
+    before = steady_rss(server.pid)
     with Held(host, int(port), "/v2/", IDLE) as held:
         holding = steady_rss(server.pid)
         during = wrk(_url(server, mid), CLIENTS, setup.duration)
@@ -184,6 +185,7 @@ class Scenario:
     measure: Callable[[Setup, Server], Sample]
     tls: bool = False
     cold: bool = False                                       # empty cache before every round
+    fresh: bool = False                                      # a new process (cache kept) before every round
     prime: Callable[[Setup, Server], None] | None = None     # once, before the rounds
     variant: str = ""   # a pair of servers set up for it: "tls-upstream", "long-keepalive" (bench/__main__.py)
 
@@ -204,5 +206,5 @@ SCENARIOS = {s.name: s for s in (
     Scenario("cold-tls", "cold, the upstream over TLS (test CA)", cold_tls_upstream, cold=True, variant="tls-upstream"),
     Scenario("many", f"{MANY} clients at once, each a different cold {MANY_MIB} MiB blob", many, cold=True),
     Scenario("idle", f"{IDLE:,} idle keep-alive connections held; {CLIENTS} clients (wrk) with them held, then without",
-             idle, prime=prime(lambda c: c.mid), variant="long-keepalive"),
+             idle, prime=prime(lambda c: c.mid), variant="long-keepalive", fresh=True),
 )}

@@ -72,7 +72,7 @@ def test_idle_rows_bound_rss_growth_keep_the_wrk_row_and_check_every_connection_
 
 def test_new_scenarios_run_on_their_own_pairs_of_servers():
     assert SCENARIOS["cold-tls"].pair == "http-tls-upstream" and SCENARIOS["cold-tls"].cold
-    assert SCENARIOS["idle"].pair == "http-long-keepalive" and not SCENARIOS["idle"].cold
+    assert SCENARIOS["idle"].pair == "http-long-keepalive" and SCENARIOS["idle"].fresh and not SCENARIOS["idle"].cold
     assert SCENARIOS["many"].pair == "http" and SCENARIOS["many"].cold
     assert SCENARIOS["warm"].pair == "http" and SCENARIOS["warm-tls"].pair == "tls"
 
