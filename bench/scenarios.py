@@ -202,9 +202,9 @@ SCENARIOS = {s.name: s for s in (
     Scenario("clients", f"{CLIENTS} clients GET a cached 1 MiB blob (wrk)", clients, prime=prime(lambda c: c.mid)),
     Scenario("cold", "one client GETs the big blob, empty cache", cold, cold=True),
     Scenario("herd", f"{HERD} clients GET the big blob at once, empty cache", herd, cold=True),
-    Scenario("pull", f"skopeo copy of a {len(LAYERS_MIB)}-layer image, empty cache then cached", pull, cold=True),
     Scenario("cold-tls", "cold, the upstream over TLS (test CA)", cold_tls_upstream, cold=True, variant="tls-upstream"),
     Scenario("many", f"{MANY} clients at once, each a different cold {MANY_MIB} MiB blob", many, cold=True),
     Scenario("idle", f"{IDLE:,} idle keep-alive connections held; {CLIENTS} clients (wrk) with them held, then without",
              idle, prime=prime(lambda c: c.mid), variant="long-keepalive", fresh=True),
+    Scenario("pull", f"skopeo copy of a {len(LAYERS_MIB)}-layer image, empty cache then cached", pull, cold=True),
 )}
