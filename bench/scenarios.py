@@ -25,7 +25,7 @@ HERD = 8
 CLIENTS = 32
 IDLE = 1000                    # idle keep-alive connections held in the idle scenario
 MiB = 1024 * 1024
-TRIES = 5                      # warm: curls of the server and of the sendfile server per round
+TRIES = 7                      # warm: curls of the server and of the sendfile server per round
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,13 @@ def warm(setup: Setup, server: Server) -> Sample:
 
 def warm_ceiling(setup: Setup, server: Server) -> Sample:
     """TRIES pairs of the same curl of the big blob: from the server, then from the trivial sendfile
-    server of the same file (the machine's ceiling); the medians of each, and their ratio."""
+    server of the same file (the machine's ceiling). The medians of each, and the median of the
+    pairs' ratios (the two of a pair run back to back, so a busy moment of the machine hits both)."""
     big = setup.content.big
-    mine, top = [], []
-    for _ in range(TRIES):
-        mine.append(curl(_url(server, big), big.size))
-        top.append(curl(setup.ceiling, big.size))
-    mbps, ceiling = (statistics.median(d.size / d.seconds / 1e6 for d in got) for got in (mine, top))
-    return Sample({"MB/s": mbps, "ceiling MB/s": ceiling, "of ceiling": mbps / ceiling}, big.size * TRIES)
+    pairs = [(curl(_url(server, big), big.size), curl(setup.ceiling, big.size)) for _ in range(TRIES)]
+    mine, top = ([d.size / d.seconds / 1e6 for d in side] for side in zip(*pairs, strict=True))
+    return Sample({"MB/s": statistics.median(mine), "ceiling MB/s": statistics.median(top),
+                   "of ceiling": statistics.median(m / t for m, t in zip(mine, top, strict=True))}, big.size * TRIES)
 
 
 def clients(setup: Setup, server: Server) -> Sample:

@@ -170,3 +170,32 @@ def test_the_bench_raises_its_open_files_limit_to_the_hard_limit():
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_warm_compares_each_download_with_the_ceiling_download_right_after_it(monkeypatch, tmp_path: Path):
+    from bench import scenarios
+    from bench.clients import Download
+    from bench.seed import Blob, Content
+
+    big = Blob("library/big", "sha256:" + "a" * 64, 3000, tmp_path / "big")
+    # (server MB/s, ceiling MB/s) per pair: ratios 0.5, 1, 0.9, 2, 0.8, 1.2, 1.14 -> median 1.0
+    # (the ratio of the medians, 2850 / 2500, would be 1.14)
+    speeds = iter([1000, 2000, 3000, 3000, 2700, 3000, 4000, 2000, 2400, 3000, 3000, 2500, 2850, 2500])
+    urls = []
+
+    def fake_curl(url: str, size: int, cacert: Path | None = None) -> Download:
+        urls.append(url)
+        return Download(size / (next(speeds) * 1e6), size)
+
+    monkeypatch.setattr(scenarios, "curl", fake_curl)
+    setup = scenarios.Setup(None, Content(big, big, "library/layered:latest", {}), None, tmp_path, 1,
+                            ceiling="http://127.0.0.1:9/blob")
+
+    class Plain:
+        url = "http://127.0.0.1:8"
+
+    sample = scenarios.warm_ceiling(setup, Plain())
+    assert urls == [Plain.url + big.path(), setup.ceiling] * scenarios.TRIES
+    assert sample.metrics == {"MB/s": pytest.approx(2850), "ceiling MB/s": pytest.approx(2500),
+                              "of ceiling": pytest.approx(1.0)}
+    assert sample.served == 3000 * scenarios.TRIES
