@@ -199,3 +199,37 @@ def test_warm_compares_each_download_with_the_ceiling_download_right_after_it(mo
     assert sample.metrics == {"MB/s": pytest.approx(2850), "ceiling MB/s": pytest.approx(2500),
                               "of ceiling": pytest.approx(1.0)}
     assert sample.served == 3000 * scenarios.TRIES
+
+
+def test_a_fresh_scenario_gets_a_new_process_each_round_with_its_cache_kept(tmp_path: Path):
+    import os
+
+    from bench import harness
+    from bench.monitor import Monitor
+    from bench.scenarios import Scenario
+
+    class FakeServer:
+        def __init__(self, label: str) -> None:
+            self.label, self.pid, self.calls = label, os.getpid(), []
+
+        def stop(self) -> None:
+            self.calls.append("stop")
+
+        def wipe(self) -> None:
+            self.calls.append("wipe")
+
+        def start(self) -> None:
+            self.calls.append("start")
+
+    def measure(setup, server) -> Sample:
+        server.calls.append("measure")
+        return Sample({"x": 1.0}, 1)
+
+    for flags, expected in (({"fresh": True}, ["stop", "start", "measure"] * 2),
+                            ({"cold": True}, ["stop", "wipe", "start", "measure"] * 2),
+                            ({}, ["measure"] * 2)):
+        servers = [FakeServer(report.MIRROR), FakeServer(report.REFERENCE)]
+        with Monitor() as monitor:
+            results = harness.run(Scenario("s", "t", measure, **flags), servers, None, 2, monitor)
+        assert [s.calls for s in servers] == [expected, expected]
+        assert len(results[report.MIRROR].samples) == 2
