@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.clients import BenchError, curl, curl_all, curl_herd, skopeo_pull, wrk
+from bench.clients import BenchError, Download, curl, curl_all, curl_herd, skopeo_pull, wrk
 from bench.idle import Held
 from bench.monitor import process_tree, rss_bytes
 from bench.seed import LAYERS_MIB, MANY, MANY_MIB, Blob, Content
@@ -81,11 +81,19 @@ def warm(setup: Setup, server: Server) -> Sample:
 
 
 def warm_ceiling(setup: Setup, server: Server) -> Sample:
-    """TRIES pairs of the same curl of the big blob: from the server, then from the trivial sendfile
-    server of the same file (the machine's ceiling). The medians of each, and the median of the
-    pairs' ratios (the two of a pair run back to back, so a busy moment of the machine hits both)."""
+    """TRIES pairs of the same curl of the big blob: from the server and from the trivial sendfile
+    server of the same file (the machine's ceiling), in turn which goes first. The medians of each,
+    and the median of the pairs' ratios (the two of a pair run back to back, so a busy moment of
+    the machine hits both)."""
     big = setup.content.big
-    pairs = [(curl(_url(server, big), big.size), curl(setup.ceiling, big.size)) for _ in range(TRIES)]
+
+    def pair(ceiling_first: bool) -> tuple[Download, Download]:
+        if ceiling_first:
+            top = curl(setup.ceiling, big.size)
+            return curl(_url(server, big), big.size), top
+        return curl(_url(server, big), big.size), curl(setup.ceiling, big.size)
+
+    pairs = [pair(i % 2 == 1) for i in range(TRIES)]
     mine, top = ([d.size / d.seconds / 1e6 for d in side] for side in zip(*pairs, strict=True))
     return Sample({"MB/s": statistics.median(mine), "ceiling MB/s": statistics.median(top),
                    "of ceiling": statistics.median(m / t for m, t in zip(mine, top, strict=True))}, big.size * TRIES)
