@@ -4,8 +4,11 @@
     (= .venv/bin/python -m bench ..., after installing what it needs)
 
 Starts an upstream registry seeded with a big blob, a 1 MiB blob and a multi-layer
-image, then an HTTP and a TLS instance of each mirror with its own empty cache, all on
-127.0.0.1; runs every scenario on both mirrors in turn; prints medians, ratios and
+image (and 16 blobs of 32 MiB for the many scenario), then an HTTP and a TLS instance of each
+mirror with its own empty cache, all on 127.0.0.1 (plus, when their scenarios run, the same
+storage served over TLS with a pair of mirrors fetching from it, a pair that keeps idle
+connections long, and a trivial sendfile server of the big blob's file); runs every scenario
+on both mirrors in turn; prints medians, ratios and
 PASS/MISS against the targets; writes bench/results/latest.json and, after a run of
 every scenario, the table in docs/performance.md. A missed target is not a failure: the exit
 status is non-zero only when the benchmark itself broke (a failed request, a dead server).
@@ -32,17 +35,25 @@ from pathlib import Path
 
 from bench import harness, report, static
 from bench.clients import WrkResult
+from bench.idle import raise_nofile
 from bench.monitor import Monitor
-from bench.scenarios import CLIENTS, SCENARIOS, Setup
-from bench.seed import seed
+from bench.scenarios import CLIENTS, IDLE, SCENARIOS, Setup
+from bench.seed import MANY, MANY_MIB, seed
 from bench.servers import DockerMirror, Reference, Server, snapshot
-from tests.support.certs import make_pki
+from tests.support.certs import TestPKI, make_pki
 from tests.support.procs import Daemon, Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) | level=(error|fatal|panic) ")   # docker-mirror's, Distribution's
 STAMP = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d |time="[^"]*" )')
+# The long-keepalive pair keeps idle connections for the idle scenario: docker-mirror's
+# server.keepalive_timeout, and Distribution 2.8, which sets no idle timeout on its http.Server.
+LONG_KEEPALIVE = "1h"
+KEEPALIVE_NOTE = (f"The idle row runs on its own pair of servers: docker-mirror with server.keepalive_timeout "
+                  f"{LONG_KEEPALIVE} (so the {IDLE:,} connections stay open for the row), the reference as always "
+                  "(Distribution 2.8 closes no idle connection); the benchmark's open-files limit is raised to "
+                  "its hard limit, which the servers inherit.")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -90,18 +101,26 @@ def measure(args: argparse.Namespace, scratch: Path, code: Path,
             return server
 
         upstream = start("upstream", Registry(scratch / "upstream"))
-        print(f"upstream {upstream.url}: seeding a {args.big_mib} MiB blob, a 1 MiB blob, a multi-layer image",
-              flush=True)
-        content = seed(upstream.address, scratch / "images", args.big_mib)
+        many = "many" in args.only
+        print(f"upstream {upstream.url}: seeding a {args.big_mib} MiB blob, a 1 MiB blob, a multi-layer image"
+              f"{f', {MANY} blobs of {MANY_MIB} MiB' if many else ''}", flush=True)
+        content = seed(upstream.address, scratch / "images", args.big_mib, many=many)
         pki = make_pki(scratch / "pki", days=365, names=("localhost", socket.gethostname()))
-        servers: dict[bool, list[Server]] = {}
-        for tls in sorted({SCENARIOS[name].tls for name in args.only}):
-            kind, cert = ("tls", pki) if tls else ("http", None)
-            mirror = DockerMirror(scratch / f"dm-{kind}", upstream.url, code, cert)
-            reference = Reference(scratch / f"ref-{kind}", upstream.url, cert)
-            servers[tls] = [start(f"docker-mirror-{kind}", mirror), start(f"reference-{kind}", reference)]
-            print(f"{kind}: docker-mirror {servers[tls][0].url}, reference {servers[tls][1].url}", flush=True)
-        setup = Setup(upstream, content, pki, scratch, args.duration)
+        pairs = {SCENARIOS[name].pair for name in args.only}
+        upstream_tls = None
+        if any(pair.endswith("-tls-upstream") for pair in pairs):
+            upstream_tls = start("upstream-tls", Registry(scratch / "upstream-tls", storage=upstream.storage,
+                                                          tls=(pki.certificate, pki.key)))
+            print(f"upstream over TLS {upstream_tls.url}: the same storage", flush=True)
+        servers: dict[str, list[Server]] = {}
+        for pair in sorted(pairs):
+            servers[pair] = [start(f"{server.label}-{pair}", server)
+                             for server in make_pair(pair, scratch, code, upstream, upstream_tls, pki)]
+            print(f"{pair}: docker-mirror {servers[pair][0].url}, reference {servers[pair][1].url}", flush=True)
+        if "idle" in args.only:
+            print(KEEPALIVE_NOTE, flush=True)
+        ceiling_url = stack.enter_context(static.running(content.big.file, scratch)) if "warm" in args.only else None
+        setup = Setup(upstream, content, pki, scratch, args.duration, upstream_tls, ceiling_url)
         if "clients" in args.only:
             ceiling = static.ceiling(content.mid.file, scratch, CLIENTS, args.duration)
             print(f"load tool ceiling: wrk against a trivial sendfile server, same 1 MiB file: "
@@ -111,8 +130,21 @@ def measure(args: argparse.Namespace, scratch: Path, code: Path,
             for name in args.only:
                 scenario = SCENARIOS[name]
                 print(f"{name}: {scenario.title}", flush=True)
-                results[name] = harness.run(scenario, servers[scenario.tls], setup, args.rounds, monitor)
+                results[name] = harness.run(scenario, servers[scenario.pair], setup, args.rounds, monitor)
     return results, ceiling
+
+
+def make_pair(pair: str, scratch: Path, code: Path, upstream: Registry, upstream_tls: Registry | None,
+              pki: TestPKI) -> list[Server]:
+    """docker-mirror and the reference for a :attr:`Scenario.pair`: http or tls to the clients, then
+    the variant: -tls-upstream (both fetch from the TLS upstream, trusting the test CA), -long-keepalive
+    (docker-mirror keeps idle client connections for LONG_KEEPALIVE)."""
+    kind, _, variant = pair.partition("-")
+    cert = pki if kind == "tls" else None
+    url, ca = (upstream_tls.url, pki.ca) if variant == "tls-upstream" and upstream_tls else (upstream.url, None)
+    server = {"keepalive_timeout": LONG_KEEPALIVE} if variant == "long-keepalive" else None
+    return [DockerMirror(scratch / f"dm-{pair}", url, code, cert, upstream_ca=ca, server=server),
+            Reference(scratch / f"ref-{pair}", url, cert, upstream_ca=ca)]
 
 
 def keep_logs(logs: dict[str, Path]) -> dict[str, list[str]]:
@@ -122,7 +154,7 @@ def keep_logs(logs: dict[str, Path]) -> dict[str, list[str]]:
     for name, path in logs.items():
         text = path.read_text(errors="replace") if path.exists() else ""
         RESULTS.joinpath("logs", f"{name}.log").write_text(text)
-        if name != "upstream":   # its errors are the 404s of skopeo's checks while seeding
+        if not name.startswith("upstream"):   # their errors are the 404s of skopeo's checks while seeding
             problems[name] = [STAMP.sub("", line) for line in text.splitlines() if PROBLEM.search(line)]
     return problems
 
@@ -148,11 +180,14 @@ def summary(args: argparse.Namespace, results: report.Results, ceiling: WrkResul
                   "against a trivial server (`python -m bench.static`: http.server + sendfile) of the same 1 MiB "
                   f"file gets {ceiling.rps:,.0f} req/s (p99 {ceiling.p99 * 1000:.0f} ms, wrk's own CPU "
                   f"{100 * ceiling.cpu / args.duration:.0f}% of the 200% its two threads can use): {verdict}."]
+    if "idle" in results:
+        parts += ["", KEEPALIVE_NOTE]
     return "\n".join(parts)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    raise_nofile()   # the idle scenario's connections; the servers started from here inherit it
     command = shlex.join(["bench/run.sh", *argv])
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # stop what we started, as on Ctrl-C
     date, started = datetime.datetime.now(datetime.UTC), time.monotonic()

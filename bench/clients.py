@@ -49,12 +49,17 @@ def curl(url: str, size: int, cacert: Path | None = None) -> Download:
 
 
 def curl_herd(url: str, size: int, clients: int) -> tuple[float, list[Download]]:
-    """``clients`` curls started at once; wall seconds until the last one is done."""
+    """``clients`` curls of one URL started at once; wall seconds until the last one is done."""
+    return curl_all([(url, size)] * clients)
+
+
+def curl_all(downloads: list[tuple[str, int]]) -> tuple[float, list[Download]]:
+    """One curl per (URL, expected size), all started at once; wall seconds until the last one is done."""
     started = time.perf_counter()
-    procs = [subprocess.Popen(_curl_argv(url, None), stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    procs = [subprocess.Popen(_curl_argv(url, None), stdout=subprocess.PIPE, text=True) for url, _ in downloads]
     outputs = [proc.communicate()[0] for proc in procs]
     wall = time.perf_counter() - started
-    return wall, [_check(url, output, size) for output in outputs]
+    return wall, [_check(url, output, size) for (url, size), output in zip(downloads, outputs, strict=True)]
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ def run(scenario: Scenario, servers: list[Server], setup: Setup, rounds: int,
         for server in servers:
             if scenario.cold:
                 restart_empty(server)
+            elif scenario.fresh:
+                server.stop()
+                server.start()
             with monitor.watch(server.pid) as usage:
                 sample = scenario.measure(setup, server)
             results[server.label].samples.append(sample)

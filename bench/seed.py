@@ -1,4 +1,5 @@
-"""The upstream's content: a big single-layer image, a 1 MiB one, and a multi-layer one.
+"""The upstream's content: a big single-layer image, a 1 MiB one, a multi-layer one, and
+(when asked) an image of ``MANY`` layers of 32 MiB for the many-cold-blobs scenario.
 
 Images are built as OCI layouts (with the test suite's layout writer) and pushed with skopeo.
 """
@@ -16,6 +17,7 @@ from tests.support.images import LAYER_GZIP, OCI_CONFIG, OCI_MANIFEST, Layout, s
 
 MiB = 1024 * 1024
 LAYERS_MIB = (40, 24, 16, 10, 6, 3, 1)  # the image the skopeo scenario pulls
+MANY, MANY_MIB = 16, 32                 # the many-cold-blobs scenario: that many different blobs of that size
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Content:
     mid: Blob
     layered: str                   # repo:tag of the multi-layer image
     layered_blobs: dict[str, int]  # its config and layers: digest -> size
+    many: tuple[Blob, ...] = ()    # MANY different blobs of MANY_MIB (seeded only when asked)
 
 
 def random_data(seed: str, size: int) -> bytes:
@@ -66,8 +69,9 @@ def push(layout: Path, dest: str) -> None:
                     f"oci:{layout}:latest", f"docker://{dest}"], check=True, capture_output=True, timeout=600)
 
 
-def seed(registry: str, workdir: Path, big_mib: int) -> Content:
-    """Build the images under ``workdir`` and push them to ``registry`` (HOST:PORT) as library/NAME:latest."""
+def seed(registry: str, workdir: Path, big_mib: int, many: bool = False) -> Content:
+    """Build the images under ``workdir`` and push them to ``registry`` (HOST:PORT) as library/NAME:latest;
+    with ``many``, also library/many (MANY layers of MANY_MIB)."""
     def build_and_push(name: str, sizes_mib: tuple[int, ...]) -> tuple[list[Blob], dict[str, int]]:
         built = image(workdir / name, name, tuple(size * MiB for size in sizes_mib))
         push(workdir / name, f"{registry}/library/{name}:latest")
@@ -76,4 +80,5 @@ def seed(registry: str, workdir: Path, big_mib: int) -> Content:
     (big,), _ = build_and_push("big", (big_mib,))
     (mid,), _ = build_and_push("mid", (1,))
     _, layered = build_and_push("layered", LAYERS_MIB)
-    return Content(big, mid, "library/layered:latest", layered)
+    blobs = build_and_push("many", (MANY_MIB,) * MANY)[0] if many else []
+    return Content(big, mid, "library/layered:latest", layered, tuple(blobs))

@@ -9,6 +9,7 @@ restart runs the same code even if the working tree changes during the run.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,12 +25,17 @@ class Reference(Registry):
 
     label = "reference"
 
-    def __init__(self, workdir: Path, upstream: str, pki: TestPKI | None = None) -> None:
+    def __init__(self, workdir: Path, upstream: str, pki: TestPKI | None = None,
+                 upstream_ca: Path | None = None) -> None:
+        """``upstream_ca``: a CA file the upstream's certificate is checked against (Go reads
+        SSL_CERT_FILE instead of the system's CAs)."""
         super().__init__(workdir, tls=(pki.certificate, pki.key) if pki else None)
         config_path = Path(self.argv[-1])
         config = yaml.safe_load(config_path.read_text())
         config["proxy"] = {"remoteurl": upstream}
         config_path.write_text(yaml.safe_dump(config))
+        if upstream_ca:
+            self.env = {**os.environ, "SSL_CERT_FILE": str(upstream_ca)}
 
     def blob_file(self, digest: str) -> Path:
         algorithm, hexdigest = digest.split(":")
@@ -49,17 +55,22 @@ def snapshot(package: Path, dest: Path) -> Path:
 class DockerMirror(Mirror):
     """docker-mirror, ``python -m dockermirror serve --config FILE``, caching without limits,
     its code imported from ``source`` (a :func:`snapshot`). ``upstreams`` (sections of the
-    ``upstreams:`` list, the default first) replaces the one ``upstream`` URL."""
+    ``upstreams:`` list, the default first) replaces the one ``upstream`` URL; ``upstream_ca``
+    is that upstream's ``ca_bundle``; ``server`` is the ``server:`` section."""
 
     label = "docker-mirror"
 
     def __init__(self, workdir: Path, upstream: str, source: Path, pki: TestPKI | None = None,
-                 upstreams: list[dict] | None = None) -> None:
+                 upstreams: list[dict] | None = None, upstream_ca: Path | None = None,
+                 server: dict | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        config: dict = {**({"upstreams": upstreams} if upstreams else {"upstream": {"url": upstream}}),
+        section = {"url": upstream, **({"ca_bundle": str(upstream_ca)} if upstream_ca else {})}
+        config: dict = {**({"upstreams": upstreams} if upstreams else {"upstream": section}),
                         "cache": {"dir": str(workdir / "cache"), "max_size": "100%", "min_free": 0}}
         if pki:
             config["tls"] = {"certificate": str(pki.certificate), "key": str(pki.key)}
+        if server:
+            config["server"] = server
         super().__init__(workdir, config, name="docker-mirror")
         # -P: no working directory on sys.path, so PYTHONPATH's copy wins over the clone's
         self.argv = [sys.executable, "-P", *self.argv[1:]]

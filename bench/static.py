@@ -4,14 +4,17 @@
 
 Python's own http.server (HTTP/1.1 keep-alive, a thread per connection) answering
 every GET with FILE, the body sent by the kernel (sendfile). Listens on 127.0.0.1.
-:func:`ceiling` runs it and puts the 32-client wrk load on it.
+:func:`ceiling` runs it and puts the 32-client wrk load on it; the warm scenario downloads the
+big blob from it with the same curl, each round, as the machine's ceiling for one stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,12 +24,21 @@ from tests.support.procs import Daemon, free_port, wait_until
 
 def ceiling(path: Path, workdir: Path, connections: int, duration: int) -> WrkResult:
     """wrk against this server serving ``path``: what the load tool reaches on this machine."""
+    with running(path, workdir) as url:
+        return wrk(url, connections, duration)
+
+
+@contextlib.contextmanager
+def running(path: Path, workdir: Path) -> Iterator[str]:
+    """This server serving ``path`` while the block runs: its URL (any path answers with the file)."""
     port = free_port()
-    server = Daemon([sys.executable, "-m", "bench.static", str(path), str(port)], workdir / "static.log")
+    server = Daemon([sys.executable, "-m", "bench.static", str(path), str(port)], workdir / f"static-{port}.log")
     server.start()
     try:
         wait_until(lambda: not server.running() or _listening(port), 10, what="static server")
-        return wrk(f"http://127.0.0.1:{port}/blob", connections, duration)
+        if not server.running():
+            raise RuntimeError(f"the static server did not start:\n{server.log_text()[-2000:]}")
+        yield f"http://127.0.0.1:{port}/blob"
     finally:
         server.stop()
 
