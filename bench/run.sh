@@ -1,6 +1,6 @@
 #!/bin/sh
 # Benchmark docker-mirror against the reference mirror on Debian 12 (run as root).
-#   bench/run.sh [--rounds 5] [--only warm,warm-tls,clients,cold,herd,pull,docker-pull] [--duration 20] [--big-mib 300]
+#   bench/run.sh [--rounds 5] [--only warm,warm-tls,clients,cold,cold-tls,herd,many,idle,pull,docker-pull] [--duration 20] [--big-mib 300]
 # Installs what it needs (only missing packages), then runs python -m bench from the
 # clone's .venv. Everything it starts listens on 127.0.0.1 and is stopped at the end.
 set -eu
