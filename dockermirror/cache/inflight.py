@@ -298,16 +298,19 @@ class Transfer:
             batch: list[bytes] = []
             batched = 0
             pumped = 0
+            flush_at = 0
             async for chunk in source.chunks():
                 pumped += len(chunk)
                 if self.size is not None and pumped > self.size:
                     raise DigestMismatch(f"the upstream sent more than the {self.size} bytes it announced")
                 batch.append(chunk)
                 batched += len(chunk)
-                # the first bytes go on at once (readers wait for them); then whole batches
-                if batched >= WRITE_BATCH or pumped == batched:
+                # the first bytes go on at once (readers wait for them); then a batch at each
+                # WRITE_BATCH boundary of the content
+                if pumped >= flush_at:
                     await self._feed(lanes, tasks, (batch, batched))
                     batch, batched = [], 0
+                    flush_at = (pumped // WRITE_BATCH + 1) * WRITE_BATCH
             if batch:
                 await self._feed(lanes, tasks, (batch, batched))
             await self._feed(lanes, tasks, None)
