@@ -281,7 +281,8 @@ class Transfer:
             return False
         try:
             if self.size is not None:  # a body of unknown length is not preallocated: it may be short
-                await asyncio.to_thread(self._temp.preallocate, self._claimed + step)
+                await asyncio.get_running_loop().run_in_executor(lane_executor(), self._temp.preallocate,
+                                                                 self._claimed + step)
         except OSError as exc:
             self.space.disk_full()
             self._to_memory(f"no room on disk ({exc.strerror})")

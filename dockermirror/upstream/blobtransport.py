@@ -374,26 +374,43 @@ class _Body(httpx.AsyncByteStream):
         self._done = False          # the body was read to its end
         self._closed = False
         self._next: Future[bytearray] | None = None
+        self._error: httpx.TransportError | None = None    # to raise at the next read
 
     def _read(self, want: int) -> bytearray:
-        """Up to ``want`` bytes (fewer once FLUSH_AFTER has passed, or at the end); empty at the end."""
-        response = self._response
+        """Up to ``want`` bytes (fewer once FLUSH_AFTER has passed, or at the end); empty at the end.
+        The bytes that came before an error are handed on first; the error with the next read."""
+        if self._error is not None:
+            raise self._error
         buf = bytearray(want)
         view = memoryview(buf)
         filled = 0
         began = time.monotonic()
         try:
             while filled < want:
-                n = response.readinto(view[filled: filled + min(STEP, want - filled)])
+                n = self._readinto(view[filled: filled + min(STEP, want - filled)])
                 if not n:
                     break
                 filled += n
                 if time.monotonic() - began > FLUSH_AFTER:
                     break
+        except httpx.TransportError as exc:
+            if not filled:
+                raise
+            self._error = exc
+            return buf[:filled]     # a copy: the error's traceback may still hold a view of buf
+        finally:
+            view.release()
+        del buf[filled:]
+        return buf
+
+    def _readinto(self, view: memoryview) -> int:
+        """http.client's readinto, its failures as httpx's exceptions."""
+        response = self._response
+        try:
+            n = response.readinto(view)
         except http.client.IncompleteRead as exc:
-            raise httpx.RemoteProtocolError(f"the peer closed the connection without sending the complete "
-                                            f"body ({exc.partial if isinstance(exc.partial, int) else len(exc.partial)} "
-                                            f"bytes of the last read)", request=self._request) from None
+            raise httpx.RemoteProtocolError(f"the peer closed the connection before the end of the body "
+                                            f"({exc})", request=self._request) from None
         except (TimeoutError, socket.timeout) as exc:
             raise httpx.ReadTimeout(str(exc) or "timed out reading the body", request=self._request) from None
         except (http.client.HTTPException, ValueError) as exc:
@@ -402,10 +419,11 @@ class _Body(httpx.AsyncByteStream):
             raise httpx.RemoteProtocolError(_protocol(exc), request=self._request) from None
         except OSError as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__, request=self._request) from None
-        finally:
-            view.release()
-        del buf[filled:]
-        return buf
+        # http.client ends a body cut short quietly: less than its Content-Length is an error
+        if not n and getattr(response, "length", None) and not self._conn.aborted:
+            raise httpx.RemoteProtocolError(f"the peer closed the connection {response.length} bytes before "
+                                            f"the end of the body", request=self._request)
+        return n
 
     def _submit(self, want: int) -> Future[bytearray]:
         return self._transport._executor.submit(self._read, want)
