@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import io
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -40,6 +42,9 @@ CHUNK = 1024 * 1024        # most bytes handed to the loop at once
 FIRST_CHUNK = 16 * 1024    # the first read of a body: small, so its first byte is not held back
 STEP = 64 * 1024           # a chunk is filled this much at a time ...
 FLUSH_AFTER = 0.05         # ... and handed on once it has taken this long (a slow upstream's bytes are not held)
+DIRECT = True              # plain-HTTP bodies of known length read with recv(MSG_WAITALL)
+_TIMEVAL = struct.pack("ll", 0, int(FLUSH_AFTER * 1_000_000))
+_NO_TIMEVAL = struct.pack("ll", 0, 0)
 KEEPALIVE_EXPIRY = 5.0     # seconds an idle connection is kept for reuse (httpcore's default)
 
 T = TypeVar("T")
@@ -253,7 +258,7 @@ class ThreadTransport(httpx.AsyncBaseTransport):
         except BaseException:
             self._release(loop)
             raise
-        stream = _Body(self, loop, conn, response, request)
+        stream = _Body(self, loop, conn, response, request, timeouts.get("read"))
         headers = [(k.encode("latin-1"), " ".join(v.split("\r\n")).encode("latin-1"))
                    for k, v in response.getheaders()]
         return httpx.Response(response.status, headers=headers, stream=stream, request=request,
@@ -365,7 +370,7 @@ class _Body(httpx.AsyncByteStream):
     """A response body read in the transport's threads, one chunk ahead of the consumer."""
 
     def __init__(self, transport: ThreadTransport, loop: asyncio.AbstractEventLoop, conn: _Connection,
-                 response: http.client.HTTPResponse, request: httpx.Request) -> None:
+                 response: http.client.HTTPResponse, request: httpx.Request, read_timeout: float | None) -> None:
         self._transport = transport
         self._loop = loop
         self._conn = conn
@@ -375,12 +380,27 @@ class _Body(httpx.AsyncByteStream):
         self._closed = False
         self._next: Future[bytearray] | None = None
         self._error: httpx.TransportError | None = None    # to raise at the next read
+        self._read_timeout = read_timeout
+        # A plain-HTTP body of known length is read straight from the socket once http.client's
+        # buffer is empty (after the first read): recv(MSG_WAITALL) fills a whole chunk in one call
+        # (one system call and one GIL hand-off per CHUNK, not one per few KiB).
+        self._left: int | None = None       # bytes of the body still to come, in that mode
+        self._direct = (DIRECT and not response.chunked and response.length is not None
+                        and not isinstance(conn.sock, ssl.SSLSocket) and conn.sock is not None)
 
     def _read(self, want: int) -> bytearray:
         """Up to ``want`` bytes (fewer once FLUSH_AFTER has passed, or at the end); empty at the end.
         The bytes that came before an error are handed on first; the error with the next read."""
         if self._error is not None:
             raise self._error
+        if self._left is not None:
+            return self._read_direct(want)
+        if self._direct:        # empties http.client's buffer: from here on the socket is read directly
+            first = self._readinto_first(want)
+            self._left = self._response.length or 0
+            if not self._left:
+                self._response.close()  # at its end: the connection may take the next request
+            return first
         buf = bytearray(want)
         view = memoryview(buf)
         filled = 0
@@ -401,6 +421,72 @@ class _Body(httpx.AsyncByteStream):
         finally:
             view.release()
         del buf[filled:]
+        return buf
+
+    def _readinto_first(self, want: int) -> bytearray:
+        """What http.client has buffered after the headers (or one read): read1 takes it all."""
+        try:
+            data = self._response.read1(max(want, io.DEFAULT_BUFFER_SIZE))   # all http.client buffered
+        except (TimeoutError, socket.timeout) as exc:
+            raise httpx.ReadTimeout(str(exc) or "timed out reading the body", request=self._request) from None
+        except (http.client.HTTPException, ValueError) as exc:
+            raise httpx.RemoteProtocolError(_protocol(exc), request=self._request) from None
+        except OSError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=self._request) from None
+        if not data and self._response.length:
+            raise httpx.RemoteProtocolError(f"the peer closed the connection {self._response.length} bytes "
+                                            f"before the end of the body", request=self._request)
+        return bytearray(data)
+
+    def _read_direct(self, want: int) -> bytearray:
+        """Up to ``want`` bytes of the rest of the body from the socket: a whole chunk, or what came
+        within FLUSH_AFTER (a slow upstream's bytes are not held); empty at the end."""
+        left = self._left or 0
+        if not left:
+            return bytearray()
+        sock = self._conn.sock
+        assert sock is not None
+        want = min(want, left)
+        buf = bytearray(want)
+        view = memoryview(buf)
+        filled = 0
+        waited = 0.0
+        sock.settimeout(None)       # blocking, the wait bounded by SO_RCVTIMEO (no poll per read)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL)
+        try:
+            while filled < want:
+                try:
+                    n = sock.recv_into(view[filled:], want - filled, socket.MSG_WAITALL)
+                except BlockingIOError:         # SO_RCVTIMEO passed without a byte
+                    if filled:
+                        break
+                    waited += FLUSH_AFTER
+                    if self._read_timeout is not None and waited >= self._read_timeout:
+                        raise httpx.ReadTimeout("timed out reading the body", request=self._request) from None
+                    continue
+                except OSError as exc:
+                    raise httpx.ReadError(str(exc) or type(exc).__name__, request=self._request) from None
+                if not n:
+                    if self._conn.aborted:
+                        raise httpx.ReadError("the read was cancelled", request=self._request)
+                    raise httpx.RemoteProtocolError(f"the peer closed the connection {left - filled} bytes "
+                                                    f"before the end of the body", request=self._request)
+                filled += n
+                if filled < want:   # MSG_WAITALL came back early: SO_RCVTIMEO passed with bytes in hand
+                    break
+        except httpx.TransportError as exc:
+            if not filled:
+                raise
+            self._error = exc
+            self._left = left - filled
+            return buf[:filled]     # a copy: the error's traceback may still hold a view of buf
+        finally:
+            view.release()
+        del buf[filled:]
+        self._left = left - filled
+        if not self._left:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEVAL)
+            self._response.close()  # read to its end: http.client lets the connection send again
         return buf
 
     def _readinto(self, view: memoryview) -> int:
