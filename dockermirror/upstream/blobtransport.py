@@ -5,7 +5,10 @@ or three times while holding the loop; for a multi-hundred-MiB layer that, not t
 limited a cold download (see the README's performance notes). This transport does the
 request, and reads the body, in threads of its own pool: the thread does the blocking socket
 work (and the TLS decryption) without the GIL and hands the loop one large chunk at a time
-(up to CHUNK bytes, the first one small so that the first byte is not held back).
+(up to CHUNK bytes, the first one small so that the first byte is not held back, and whatever
+has come once FLUSH_AFTER has passed, so that a slow upstream's bytes are not held). A
+plain-HTTP body of known length is read, once ``http.client``'s buffer is empty, straight from
+the socket with ``recv(MSG_WAITALL)``: one system call per chunk.
 
 It keeps httpx's API for :mod:`.client`: the same exception classes (so its one error edge is
 unchanged), the request's ``timeout`` extension, the ``trace`` event that arms the header
@@ -32,22 +35,21 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
 CHUNK = 1024 * 1024        # most bytes handed to the loop at once
 FIRST_CHUNK = 16 * 1024    # the first read of a body: small, so its first byte is not held back
-STEP = 64 * 1024           # a chunk is filled this much at a time ...
+STEP = 16 * 1024           # a chunk is filled this much at a time (a blocking read: a quarter of MIN_PROGRESS) ...
 FLUSH_AFTER = 0.05         # ... and handed on once it has taken this long (a slow upstream's bytes are not held)
 DIRECT = True              # plain-HTTP bodies of known length read with recv(MSG_WAITALL)
 _TIMEVAL = struct.pack("ll", 0, int(FLUSH_AFTER * 1_000_000))
 _NO_TIMEVAL = struct.pack("ll", 0, 0)
 KEEPALIVE_EXPIRY = 5.0     # seconds an idle connection is kept for reuse (httpcore's default)
 
-T = TypeVar("T")
 Origin = tuple[str, str, int]
 
 
