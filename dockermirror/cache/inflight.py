@@ -37,6 +37,7 @@ import itertools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
@@ -55,6 +56,17 @@ RESERVE_STEP = 64 * 1024 * 1024  # most room reserved ahead of the bytes receive
 MEMORY_TAIL = 64 * 1024 * 1024   # bytes an uncached transfer keeps for slower readers
 SLOW_READER = 60.0               # seconds an uncached transfer waits for a reader that is behind
 LATE_FETCHES = 4                 # most extra fetches in flight at once, for readers an in-memory tail left behind
+# The hash and store lanes' threads: a pool of their own, not the loop's default executor that
+# every to_thread shares (many cold blobs at once must not starve it, nor be starved by it).
+LANE_THREADS = 16
+_lanes: ThreadPoolExecutor | None = None
+
+
+def lane_executor() -> ThreadPoolExecutor:
+    global _lanes
+    if _lanes is None:
+        _lanes = ThreadPoolExecutor(max_workers=LANE_THREADS, thread_name_prefix="blob-lane")
+    return _lanes
 
 
 class Source(Protocol):
@@ -269,7 +281,8 @@ class Transfer:
             return False
         try:
             if self.size is not None:  # a body of unknown length is not preallocated: it may be short
-                await asyncio.to_thread(self._temp.preallocate, self._claimed + step)
+                await asyncio.get_running_loop().run_in_executor(lane_executor(), self._temp.preallocate,
+                                                                 self._claimed + step)
         except OSError as exc:
             self.space.disk_full()
             self._to_memory(f"no room on disk ({exc.strerror})")
@@ -286,15 +299,19 @@ class Transfer:
             batch: list[bytes] = []
             batched = 0
             pumped = 0
+            flush_at = 0
             async for chunk in source.chunks():
                 pumped += len(chunk)
                 if self.size is not None and pumped > self.size:
                     raise DigestMismatch(f"the upstream sent more than the {self.size} bytes it announced")
                 batch.append(chunk)
                 batched += len(chunk)
-                if batched >= WRITE_BATCH:
+                # the first bytes go on at once (readers wait for them); then a batch at each
+                # WRITE_BATCH boundary of the content
+                if pumped >= flush_at:
                     await self._feed(lanes, tasks, (batch, batched))
                     batch, batched = [], 0
+                    flush_at = (pumped // WRITE_BATCH + 1) * WRITE_BATCH
             if batch:
                 await self._feed(lanes, tasks, (batch, batched))
             await self._feed(lanes, tasks, None)
@@ -321,7 +338,7 @@ class Transfer:
     async def _hash_lane(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         while (item := await queue.get()) is not None:
-            await loop.run_in_executor(None, self._hash, item[0])
+            await loop.run_in_executor(lane_executor(), self._hash, item[0])
 
     async def _store_lane(self, queue: asyncio.Queue) -> None:
         """Put each batch where readers find it: the file, or the tail; tell them."""
@@ -336,7 +353,7 @@ class Transfer:
                 to_file = await self._claim(self.file_end + size)
             if to_file:
                 temp = self._temp
-                error = await loop.run_in_executor(None, self._write, temp, batch)
+                error = await loop.run_in_executor(lane_executor(), self._write, temp, batch)
                 self.received += size
                 self.file_end = temp.written
                 if error is None:

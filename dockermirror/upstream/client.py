@@ -40,6 +40,7 @@ from dockermirror.meter import NULL_METER, Meter, upstream_kind
 from dockermirror.oci import MAX_MANIFEST_SIZE, OCI_INDEX
 from dockermirror.upstream.auth import AuthError, Authenticator
 from dockermirror.upstream import readsize
+from dockermirror.upstream.blobtransport import ThreadTransport, proxy_mounts
 from dockermirror.upstream.outage import OutageLog
 from dockermirror.upstream.realms import RealmRefused, shown
 from dockermirror.upstream.bodies import (
@@ -215,19 +216,29 @@ class UpstreamClient:
         verify: ssl.SSLContext | bool = True
         if ca_bundle is not None:
             verify = ssl.create_default_context(cafile=str(ca_bundle))
-        def pool(limits: httpx.Limits) -> httpx.AsyncClient:
+        def pool(limits: httpx.Limits, own: httpx.AsyncBaseTransport | None = None,
+                 mounts: dict | None = None) -> httpx.AsyncClient:
             return httpx.AsyncClient(
                 # waiting for a free connection (POOL_TIMEOUT) is load, not an upstream failure
                 timeout=_timeouts(connect_timeout, read_timeout),
                 limits=limits,
                 verify=verify,
-                transport=transport,
+                transport=own or transport,
+                mounts=mounts,
                 follow_redirects=False,
                 headers={"User-Agent": f"docker-mirror/{__version__}", "Accept-Encoding": "identity"},
             )
 
         self._client = pool(API_POOL)       # manifests, HEADs, tag lists, tokens
-        self._blobs = pool(BLOB_POOL)       # blob bodies (and the redirects they follow)
+        # blob bodies (and the redirects they follow), read in threads (see .blobtransport) unless
+        # a test replaces the network; URLs httpx would send through a proxy stay on httpx's proxy transport
+        mounts = proxy_mounts(verify, BLOB_POOL) if transport is None else None
+        if transport is None and mounts is not None:
+            self._blobs = pool(BLOB_POOL, ThreadTransport(verify=verify, max_connections=BLOB_POOL.max_connections or 64,
+                                                          max_keepalive=BLOB_POOL.max_keepalive_connections or 32),
+                               mounts)
+        else:
+            self._blobs = pool(BLOB_POOL)
         self.auth = Authenticator(self._client, username, password, upstream=self.base,
                                   token_realms=token_realms, meter=meter, key=key)
         # None until the first request; then whether the last one got an HTTP answer.

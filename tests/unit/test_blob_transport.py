@@ -1,0 +1,464 @@
+"""The blob pool's thread-side reader (dockermirror.upstream.blobtransport) against real HTTP and
+HTTPS servers on 127.0.0.1, run in threads of this process: bytes and digests, connection reuse,
+chunked bodies, resumes, trickles, deadlines, bad headers, cancellation, a full pool, TLS trust
+and proxies. The servers count connections and record requests; nothing of ours is mocked."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dockermirror.errors import Unavailable
+from dockermirror.upstream import client as upstream_client
+from dockermirror.upstream.blobtransport import ThreadTransport
+from dockermirror.upstream.client import UpstreamClient, UpstreamUnreachable
+from tests.support.certs import make_pki
+
+pytestmark = pytest.mark.anyio
+KiB, MiB = 1024, 1024 * 1024
+
+
+class Request:
+    def __init__(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        self.method, self.target, _ = lines[0].split(" ", 2)
+        self.headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+
+
+# handle(conn, request) writes an answer; returns True to keep the connection for another request
+Handler = Callable[[socket.socket, Request], bool]
+
+
+class Server:
+    """A tiny HTTP/1.1 server in threads: one thread per connection, ``handle`` answers."""
+
+    def __init__(self, handle: Handler, tls: ssl.SSLContext | None = None) -> None:
+        self.handle = handle
+        self.tls = tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.requests: list[Request] = []
+        self.closed_by_peer = threading.Event()    # a connection saw EOF or a reset from the client
+        self._open: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+        self._threads.append(accept)
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                conn.settimeout(5)
+                try:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except (ssl.SSLError, OSError):
+                    conn.close()
+                    return
+                conn.settimeout(None)
+            self._open.append(conn)
+            buffered = b""
+            while not self._stop.is_set():
+                while b"\r\n\r\n" not in buffered:
+                    data = conn.recv(65536)
+                    if not data:
+                        self.closed_by_peer.set()
+                        return
+                    buffered += data
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                request = Request(head)
+                self.requests.append(request)
+                if not self.handle(conn, request):
+                    return
+        except OSError:
+            self.closed_by_peer.set()
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)    # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        self.listener.close()
+        for conn in self._open:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def serve():
+    servers: list[Server] = []
+
+    def start(handle: Handler, tls: ssl.SSLContext | None = None) -> Server:
+        servers.append(Server(handle, tls))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+DATA = os.urandom(5 * MiB + 123)
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+PATH = f"/v2/acme/tool/blobs/{DIGEST}"
+
+
+def blob(conn: socket.socket, request: Request) -> bool:
+    """The blob with a Content-Length (or its rest for a Range request), kept alive."""
+    start = 0
+    if "range" in request.headers:
+        start = int(request.headers["range"].removeprefix("bytes=").rstrip("-"))
+        conn.sendall(f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(DATA) - start}\r\n"
+                     f"Content-Range: bytes {start}-{len(DATA) - 1}/{len(DATA)}\r\n\r\n".encode())
+    else:
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\n\r\n".encode())
+    conn.sendall(DATA[start:])
+    return True
+
+
+async def fetch(client: UpstreamClient, sizes: list[int] | None = None) -> bytes:
+    stream = await client.open_blob("acme/tool", DIGEST)
+    out = bytearray()
+    try:
+        async for chunk in stream.chunks():
+            out += chunk
+            if sizes is not None:
+                sizes.append(len(chunk))
+    finally:
+        await stream.aclose()
+    return bytes(out)
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_blobs_are_read_whole_in_big_chunks_over_one_kept_alive_connection(serve):
+    server = serve(blob)
+    client = UpstreamClient(server.url)
+    try:
+        sizes: list[int] = []
+        for _ in range(3):
+            assert digest(await fetch(client, sizes)) == DIGEST
+    finally:
+        await client.aclose()
+    assert server.connections == 1 and len(server.requests) == 3
+    assert sizes[0] <= 16 * KiB          # the first bytes are not held back for a big read
+    assert max(sizes) > 256 * KiB        # then chunks bigger than httpcore's reads
+    # what the upstream was asked: our headers, the URL as it is
+    assert server.requests[0].target == PATH
+    assert server.requests[0].headers["accept-encoding"] == "identity"
+    assert server.requests[0].headers["host"] == f"127.0.0.1:{server.port}"
+
+
+async def test_a_chunked_body_is_read_whole(serve):
+    def chunked(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for offset in range(0, len(DATA), 300 * KiB):
+            piece = DATA[offset: offset + 300 * KiB]
+            conn.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        conn.sendall(b"0\r\n\r\n")
+        return True
+
+    server = serve(chunked)
+    client = UpstreamClient(server.url)
+    try:
+        assert digest(await fetch(client)) == DIGEST
+        assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    assert server.connections == 1
+
+
+async def test_a_body_cut_short_is_resumed_with_range(serve, caplog):
+    def cut(conn: socket.socket, request: Request) -> bool:
+        if "range" in request.headers:
+            return blob(conn, request)
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\n\r\n".encode())
+        conn.sendall(DATA[: 2 * MiB])
+        return False        # closed: the body is short
+
+    server = serve(cut)
+    client = UpstreamClient(server.url)
+    caplog.set_level(logging.INFO, "dockermirror.upstream")
+    try:
+        assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    assert [r.headers.get("range") for r in server.requests] == [None, f"bytes={2 * MiB}-"]
+    assert "RemoteProtocolError" in caplog.text and "resuming there" in caplog.text
+
+
+def trickle_after(first: int, every: float) -> Handler:
+    def trickling(conn: socket.socket, request: Request) -> bool:
+        if "range" in request.headers:
+            return blob(conn, request)
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\n\r\n".encode())
+        conn.sendall(DATA[:first])
+        for byte in range(first, len(DATA)):
+            time.sleep(every)
+            conn.sendall(DATA[byte: byte + 1])
+        return True
+    return trickling
+
+
+async def test_a_trickling_body_is_stalled_and_resumed(serve, caplog):
+    server = serve(trickle_after(100 * KiB, 0.02))
+    client = UpstreamClient(server.url, read_timeout=0.5)
+    caplog.set_level(logging.INFO, "dockermirror.upstream")
+    try:
+        assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    # a trickle (or, on a loaded machine, no byte at all for read_timeout): resumed either way
+    assert ("UpstreamStalled" in caplog.text or "ReadTimeout" in caplog.text) and "resuming there" in caplog.text
+    assert server.requests[1].headers["range"].startswith("bytes=")
+    assert server.closed_by_peer.wait(5)    # the stalled connection was closed, not left to trickle
+
+
+async def test_headers_that_trickle_hit_the_header_deadline(serve):
+    def slow_headers(conn: socket.socket, request: Request) -> bool:
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10000:
+            time.sleep(0.05)
+            conn.sendall(bytes([byte]))
+        return False
+
+    server = serve(slow_headers)
+    client = UpstreamClient(server.url, read_timeout=0.3)
+    try:
+        with pytest.raises(UpstreamUnreachable, match="headers were not complete"):
+            await client.open_blob("acme/tool", DIGEST)
+    finally:
+        await client.aclose()
+    assert server.closed_by_peer.wait(5)
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n",    # too many
+    b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (70 * KiB) + b"\r\n\r\n",                       # too long
+    b"HTTP/9 banana\r\n\r\n",                                                                 # no status line
+])
+async def test_bad_headers_are_a_clean_error(serve, head):
+    def bad(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(head)
+        return False
+
+    server = serve(bad)
+    client = UpstreamClient(server.url)
+    try:
+        with pytest.raises(UpstreamUnreachable, match="RemoteProtocolError"):
+            await client.open_blob("acme/tool", DIGEST)
+    finally:
+        await client.aclose()
+
+
+def held(release: threading.Event, closed: threading.Event | None = None) -> Handler:
+    """Headers and 64 KiB, then nothing until ``release`` or the client closes (then ``closed`` is set)."""
+    def holding(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\n\r\n".encode() + DATA[:64 * KiB])
+        if not watch(conn, release) and closed is not None:
+            closed.set()
+        return False
+    return holding
+
+
+def watch(conn: socket.socket, release: threading.Event) -> bool:
+    """Send nothing more until ``release``; False as soon as the client closes its end."""
+    conn.settimeout(0.1)
+    while not release.is_set():
+        try:
+            if not conn.recv(1):
+                return False
+        except TimeoutError:
+            continue
+        except OSError:
+            return False
+    return True
+
+
+def one_connection(monkeypatch) -> None:
+    monkeypatch.setattr(upstream_client, "BLOB_POOL", httpx.Limits(max_connections=1, max_keepalive_connections=1))
+    monkeypatch.setattr(upstream_client, "POOL_TIMEOUT", 1.0)
+
+
+async def test_cancelling_a_read_blocked_in_its_thread_frees_the_thread_and_the_slot(serve, monkeypatch):
+    one_connection(monkeypatch)
+    release, closed = threading.Event(), threading.Event()
+    stuck = serve(held(release, closed))
+    good = serve(blob)
+    client = UpstreamClient(stuck.url)
+    try:
+        got = asyncio.Event()
+
+        async def read() -> None:
+            stream = await client.open_blob("acme/tool", DIGEST)
+            try:
+                async for _ in stream.chunks():
+                    got.set()
+            finally:
+                await stream.aclose()
+
+        task = asyncio.ensure_future(read())
+        await asyncio.wait_for(got.wait(), 10)
+        await asyncio.sleep(0.2)            # the reader thread is now blocked in recv
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert closed.wait(5)     # its socket was shut down while the thread waited
+        # the one slot and the one thread are free again: another blob comes through at once
+        client.base = good.url
+        assert digest(await fetch(client)) == DIGEST
+    finally:
+        release.set()
+        await client.aclose()
+
+
+async def test_a_full_pool_is_unavailable_with_retry_after(serve, monkeypatch):
+    one_connection(monkeypatch)
+    release = threading.Event()
+    server = serve(held(release))
+    client = UpstreamClient(server.url)
+    try:
+        first = await client.open_blob("acme/tool", DIGEST)
+        with pytest.raises(Unavailable) as refused:
+            await client.open_blob("acme/tool", DIGEST)
+        assert refused.value.headers["Retry-After"] == upstream_client.RETRY_AFTER
+        await first.aclose()
+    finally:
+        release.set()
+        await client.aclose()
+    assert server.connections == 1
+
+
+async def test_a_response_not_read_to_its_end_closes_its_connection(serve):
+    server = serve(blob)
+    client = UpstreamClient(server.url)
+    try:
+        stream = await client.open_blob("acme/tool", DIGEST)
+        async for _ in stream.chunks():
+            break
+        await stream.aclose()
+        assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    assert server.connections == 2
+    assert server.closed_by_peer.wait(5)
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused(serve):
+    def closing(conn: socket.socket, request: Request) -> bool:
+        blob(conn, request)
+        return False        # closes after the answer although it did not say so
+
+    server = serve(closing)
+    client = UpstreamClient(server.url)
+    try:
+        assert digest(await fetch(client)) == DIGEST
+        await asyncio.sleep(0.2)
+        assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    assert server.connections == 2 and len(server.requests) == 2
+
+
+def tls_server_context(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    pki = make_pki(tmp_path / "pki")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.certificate, pki.key)
+    return context, pki.ca
+
+
+async def test_tls_with_the_configured_ca(serve, tmp_path):
+    context, ca = tls_server_context(tmp_path)
+    server = serve(blob, tls=context)
+    client = UpstreamClient(server.url, ca_bundle=ca)
+    try:
+        assert digest(await fetch(client)) == DIGEST
+        assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    assert server.connections == 1
+
+
+async def test_tls_with_another_ca_is_refused(serve, tmp_path):
+    context, _ = tls_server_context(tmp_path)
+    other = make_pki(tmp_path / "other")
+    server = serve(blob, tls=context)
+    for ca in (other.ca, None):     # a CA of its own; the default trust
+        client = UpstreamClient(server.url, ca_bundle=ca)
+        try:
+            with pytest.raises(UpstreamUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.open_blob("acme/tool", DIGEST)
+        finally:
+            await client.aclose()
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("no_proxy, proxied", [("", True), ("127.0.0.1", False)])
+async def test_a_proxy_from_the_environment_is_used_as_httpx_would(serve, monkeypatch, no_proxy, proxied):
+    origin = serve(blob)
+
+    def proxy(conn: socket.socket, request: Request) -> bool:
+        return blob(conn, request)      # a forward proxy for plain HTTP answers absolute-form requests
+
+    forward = serve(proxy)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", forward.url)
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    client = UpstreamClient(origin.url)
+    try:
+        assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    if proxied:
+        assert [r.target for r in forward.requests] == [origin.url + PATH] and origin.requests == []
+    else:
+        assert [r.target for r in origin.requests] == [PATH] and forward.requests == []
+
+
+async def test_a_request_the_pool_cannot_write_is_refused_before_sending(serve):
+    server = serve(blob)
+    transport = ThreadTransport()
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx.LocalProtocolError):
+                await client.get(server.url + "/x", headers={"X-Bad": "a\rb"})
+            assert (await client.get(server.url + PATH)).content == DATA
+    finally:
+        await transport.aclose()
+    assert [r.target for r in server.requests] == [PATH]

@@ -1,0 +1,92 @@
+"""A cold transfer's first bytes reach its readers at once (not after a whole write batch), and
+its hash and store lanes run in threads of their own: a loop whose default executor is busy
+(every ``asyncio.to_thread`` shares it) does not hold a download up."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dockermirror import config as configuration
+from dockermirror.app import DockerMirror
+from dockermirror.cache.inflight import WRITE_BATCH
+from dockermirror.oci import Digest
+from tests.unit.conftest import config_text
+from tests.unit.fakes import digest_of
+
+pytestmark = pytest.mark.anyio
+KiB, MiB = 1024, 1024 * 1024
+PATIENCE = 10.0     # seconds before a test gives up waiting (a failure, not a timing measurement)
+
+
+class Gated(httpx.AsyncByteStream):
+    """64 KiB at once, then the rest when ``go`` is set."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.go = asyncio.Event()
+
+    async def __aiter__(self):
+        yield self.data[:64 * KiB]
+        await self.go.wait()
+        for offset in range(64 * KiB, len(self.data), 64 * KiB):
+            yield self.data[offset: offset + 64 * KiB]
+
+
+async def read_all(reader) -> bytes:
+    out = bytearray()
+    async for piece in reader:
+        out += piece if isinstance(piece, bytes) else os.pread(piece.fileno(), piece.count, piece.offset)
+    return bytes(out)
+
+
+async def test_the_first_bytes_reach_a_reader_before_a_whole_batch_has_come(tmp_path: Path, clock):
+    data = os.urandom(4 * MiB)
+    body = Gated(data)
+    assert 64 * KiB < WRITE_BATCH
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Length": str(len(data))}, stream=body)
+
+    app = DockerMirror(configuration.loads(config_text(tmp_path / "cache")), clock=clock,
+                       upstream_transport=httpx.MockTransport(handle))
+    async with app.running():
+        blob = await app.mirror.blob(app.mirror.resolve("acme/big"), Digest.parse(digest_of(data)), head=False)
+        reader = blob.body.read()
+        first = await asyncio.wait_for(anext(reader), PATIENCE)     # while the upstream holds the rest
+        got = first if isinstance(first, bytes) else os.pread(first.fileno(), first.count, first.offset)
+        assert 0 < len(got) < 64 * KiB and data.startswith(got)
+        body.go.set()
+        assert got + await asyncio.wait_for(read_all(reader), PATIENCE) == data
+        await app.cache.transfers.wait_all(5)
+        assert app.cache.entry(digest_of(data)) is not None
+
+
+async def test_a_busy_default_executor_does_not_hold_a_transfer_up(tmp_path: Path, registry, clock):
+    data = os.urandom(3 * MiB + 5)
+    registry.blobs[digest_of(data)] = data
+    app = DockerMirror(configuration.loads(config_text(tmp_path / "cache")), clock=clock,
+                       upstream_transport=registry.transport)
+    loop = asyncio.get_running_loop()
+    busy = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    free = threading.Event()
+    async with app.running():
+        loop.set_default_executor(busy)
+        blocked = loop.run_in_executor(None, free.wait)     # every to_thread now waits behind this
+        async def pull() -> bytes:
+            blob = await app.mirror.blob(app.mirror.resolve("acme/tool"), Digest.parse(digest_of(data)), head=False)
+            return await read_all(blob.body.read())
+
+        try:
+            assert await asyncio.wait_for(pull(), PATIENCE) == data
+        finally:
+            free.set()
+            await blocked
+        await app.cache.transfers.wait_all(5)
+        assert app.cache.entry(digest_of(data)) is not None
