@@ -62,6 +62,41 @@ LANE_THREADS = 16
 _lanes: ThreadPoolExecutor | None = None
 
 
+# Bytes of downloaded batches held in memory (waiting for, or in, the hash and store lanes) across
+# all transfers of the process. One transfer alone never reaches it (PIPELINE batches); many cold
+# blobs at once share it instead of each holding PIPELINE batches: 16 at once held ~160 MiB before.
+DOWNLOAD_MEMORY = 32 * 1024 * 1024
+
+
+class Buffers:
+    """The memory every transfer's batches share: at most ``limit`` bytes in all, except that a
+    transfer holding none may always take one batch (so each keeps moving, however many share it).
+    A transfer that may not take more waits, and reads nothing more from its upstream meanwhile."""
+
+    def __init__(self, limit: int = DOWNLOAD_MEMORY) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def take(self, size: int, held: int) -> None:
+        while held and self.used + size > self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 def lane_executor() -> ThreadPoolExecutor:
     global _lanes
     if _lanes is None:
@@ -115,8 +150,11 @@ class Transfer:
     """A download of one digest, and the readers following it."""
 
     def __init__(self, digest: Digest, store: BlobStore, space: Space, *, cache: bool = True,
-                 meter: Meter = NULL_METER) -> None:
+                 meter: Meter = NULL_METER, buffers: Buffers | None = None) -> None:
         self.digest = digest
+        self._buffers = buffers or Buffers()
+        self._held = 0                  # bytes of this transfer's batches taken from the buffers
+        self._lanes_done = [0, 0]       # bytes each lane (hash, store) has finished with
         self.meter = meter
         self.origin: tuple[str, str] | None = None     # (upstream, repository) it is fetched for
         self.store = store
@@ -309,16 +347,35 @@ class Transfer:
                 # the first bytes go on at once (readers wait for them); then a batch at each
                 # WRITE_BATCH boundary of the content
                 if pumped >= flush_at:
+                    await self._take(batched)
                     await self._feed(lanes, tasks, (batch, batched))
                     batch, batched = [], 0
                     flush_at = (pumped // WRITE_BATCH + 1) * WRITE_BATCH
             if batch:
+                await self._take(batched)
                 await self._feed(lanes, tasks, (batch, batched))
             await self._feed(lanes, tasks, None)
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()
+            held, self._held = self._held, -1      # -1: the lanes give nothing back any more
+            if held > 0:
+                self._buffers.give(held)
+
+    async def _take(self, size: int) -> None:
+        """Memory for a batch of ``size`` bytes, from the buffers every transfer shares."""
+        await self._buffers.take(size, self._held)
+        self._held += size
+
+    def _lane_done(self, lane: int, size: int) -> None:
+        """A lane finished with a batch; once both have, its memory goes back to the buffers."""
+        before = min(self._lanes_done)
+        self._lanes_done[lane] += size
+        freed = min(self._lanes_done) - before
+        if freed and self._held > 0:
+            self._held -= freed
+            self._buffers.give(freed)
 
     @staticmethod
     async def _feed(lanes: list, tasks: list[asyncio.Future[None]], item: tuple[list[bytes], int] | None) -> None:
@@ -339,6 +396,7 @@ class Transfer:
         loop = asyncio.get_running_loop()
         while (item := await queue.get()) is not None:
             await loop.run_in_executor(lane_executor(), self._hash, item[0])
+            self._lane_done(0, item[1])
 
     async def _store_lane(self, queue: asyncio.Queue) -> None:
         """Put each batch where readers find it: the file, or the tail; tell them."""
@@ -357,6 +415,7 @@ class Transfer:
                 self.received += size
                 self.file_end = temp.written
                 if error is None:
+                    self._lane_done(1, size)
                     self._notify()
                     continue
                 self.space.disk_full()
@@ -365,6 +424,7 @@ class Transfer:
             else:
                 self.received += size
                 self._keep(b"".join(batch), start)
+            self._lane_done(1, size)    # its bytes are in the tail now (MEMORY_TAIL bounds that)
             self._notify()
             await self._trim()
 
@@ -520,6 +580,7 @@ class Transfers:
         self.meter = meter
         self._active: dict[Digest, Transfer] = {}
         self._late = 0                  # unshared transfers running (each may hold a MEMORY_TAIL)
+        self.buffers = Buffers()        # the memory all their batches share
         self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, digest: Digest) -> Transfer | None:
@@ -535,7 +596,7 @@ class Transfers:
     ) -> Transfer:
         """Start a transfer. A shared one is the digest's single transfer (the caller checked
         there is none); an unshared one serves one late reader of an uncached transfer."""
-        transfer = Transfer(digest, self.store, self.space, cache=shared, meter=self.meter)
+        transfer = Transfer(digest, self.store, self.space, cache=shared, meter=self.meter, buffers=self.buffers)
         if shared:
             assert digest not in self._active
             self._active[digest] = transfer

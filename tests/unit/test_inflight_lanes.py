@@ -90,3 +90,56 @@ async def test_a_busy_default_executor_does_not_hold_a_transfer_up(tmp_path: Pat
             await blocked
         await app.cache.transfers.wait_all(5)
         assert app.cache.entry(digest_of(data)) is not None
+
+
+class Counted(httpx.AsyncByteStream):
+    """``data`` in 256 KiB pieces, counting what the mirror has taken."""
+
+    taken = 0
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self):
+        for offset in range(0, len(self.data), 256 * KiB):
+            piece = self.data[offset: offset + 256 * KiB]
+            Counted.taken += len(piece)
+            yield piece
+
+
+async def test_many_cold_blobs_share_one_memory_budget(tmp_path: Path, clock):
+    """While the lanes cannot keep up (here: all their threads busy), the transfers together read
+    no more from their upstreams than the shared buffers allow (plus a batch each), instead of
+    PIPELINE batches each."""
+    from dockermirror.cache.inflight import LANE_THREADS, PIPELINE, lane_executor
+    base = os.urandom(12 * MiB)
+    blobs = {digest_of(bytes([i]) + base): bytes([i]) + base for i in range(4)}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        # no length: nothing is preallocated, so the start of a transfer needs no lane thread
+        return httpx.Response(200, stream=Counted(blobs[request.url.path.rsplit("/", 1)[-1]]))
+
+    app = DockerMirror(configuration.loads(config_text(tmp_path / "cache")), clock=clock,
+                       upstream_transport=httpx.MockTransport(handle))
+    free = threading.Event()
+    async with app.running():
+        limit = app.cache.transfers.buffers.limit = 2 * MiB
+        stuck = [lane_executor().submit(free.wait) for _ in range(LANE_THREADS)]
+        Counted.taken = 0
+        try:
+            bodies = []
+            for digest in blobs:
+                blob = await app.mirror.blob(app.mirror.resolve("acme/many"), Digest.parse(digest), head=False)
+                bodies.append(blob.body.read())
+            await asyncio.sleep(1.0)    # room for the transfers to read as far as they may
+            bound = limit + len(blobs) * (WRITE_BATCH + 256 * KiB)
+            assert Counted.taken <= bound < len(blobs) * PIPELINE * WRITE_BATCH
+        finally:
+            free.set()
+            for f in stuck:
+                f.result()
+        got = await asyncio.wait_for(asyncio.gather(*(read_all(b) for b in bodies)), PATIENCE * 3)
+        assert got == list(blobs.values())
+        await app.cache.transfers.wait_all(5)
+        assert app.cache.transfers.buffers.used == 0
+        assert all(app.cache.entry(d) is not None for d in blobs)
