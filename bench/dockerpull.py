@@ -98,8 +98,10 @@ def _start(server: Server) -> tuple[Dockerd, float]:
     daemon = Dockerd(server.url, insecure=server.address, storage_driver=_driver)
     try:
         daemon.start()
-    except RuntimeError as error:
-        daemon.stop()
+    except BaseException as error:
+        daemon.stop()       # also on Ctrl-C while it starts: its data root goes too
+        if not isinstance(error, RuntimeError):
+            raise
         if _driver == "vfs":
             raise BenchError(str(error)) from None
         print(f"  dockerd does not start with the overlay2 storage driver here: using vfs "

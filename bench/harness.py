@@ -53,7 +53,8 @@ def run(scenario: Scenario, servers: list[Server], setup: Setup, rounds: int,
         for server in servers:
             scenario.prime(setup, server)
     for number in range(1, rounds + 1):
-        for server in servers:
+        # which server goes first alternates: neither always meets the other's dirty page cache
+        for server in (servers if number % 2 else servers[::-1]):
             if scenario.cold:
                 restart_empty(server)
             elif scenario.fresh:

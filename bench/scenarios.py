@@ -159,6 +159,8 @@ def idle(setup: Setup, server: Server) -> Sample:
         holding = steady_rss(server.pid)
         during = wrk(_url(server, mid), CLIENTS, setup.duration)
         answering = held.answering()
+    if answering < IDLE:    # either server: a dropped connection would make its RSS growth look smaller
+        raise BenchError(f"{server.label}: only {answering} of {IDLE} idle connections were still open and answering")
     without = wrk(_url(server, mid), CLIENTS, setup.duration)
     return Sample({"RSS growth MiB": (holding - before) / MiB, "req/s without": without.rps,
                    "req/s held": during.rps, "held / without": during.rps / without.rps,

@@ -157,7 +157,8 @@ class Dockerd(Daemon):
         if insecure:
             argv += ["--insecure-registry", insecure]
         argv = self.sandbox.argv(argv)
-        super().__init__(netns.argv(argv) if netns else argv, self.dir / "dockerd.log")
+        # nothing of the host's environment: a proxy there would reach past the sandbox's pinned names
+        super().__init__(netns.argv(argv) if netns else argv, self.dir / "dockerd.log", env=client_env(self.dir))
 
     def start(self) -> None:
         super().start()
