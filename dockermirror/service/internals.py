@@ -98,7 +98,7 @@ def check(protocol: type) -> Verdict:
 
 def _check(protocol: type) -> Verdict:
     try:
-        file = tempfile.TemporaryFile()
+        file = tempfile.TemporaryFile()    # noqa: SIM115  (closed by the with below)
     except Exception as exc:        # ENOSPC, an unusable TMPDIR: the probe must never stop the start
         log.info("self-check of the HTTP protocol not run: no temporary file (%s)", _reason(exc))
         return Verdict()

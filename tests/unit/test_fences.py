@@ -236,7 +236,8 @@ def test_a_self_check_that_cannot_finish_in_time_keeps_the_mirrors_protocol_in_o
     if loop == "asyncio":       # the loop used where uvloop is not installed
         monkeypatch.setattr(internals, "_new_loop", asyncio.new_event_loop)
     unraisable: list[str] = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda what: unraisable.append(f"{what.exc_type.__name__}: {what.object!r}"))
+    monkeypatch.setattr(sys, "unraisablehook",
+                        lambda what: unraisable.append(f"{what.exc_type.__name__}: {what.object!r}"))
     _stall(monkeypatch)
     monkeypatch.setattr(internals, "PROBE_TIMEOUT", 0.2)
     monkeypatch.setattr(internals, "DRAIN_TIMEOUT", 0.1)
