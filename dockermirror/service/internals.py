@@ -31,6 +31,12 @@ exactly what was offered. What fails turns off only what depends on it, with ONE
   header size limit is set to ``server.max_header_size``; no header deadline, no zero-copy, and no
   ``scope["client_certificate"]``: the access guard then treats every client as anonymous, and
   with ``tls.client_auth: required`` refuses every request: it fails closed).
+
+Only a proven failure turns anything off: an exception or wrong bytes. A probe that does not finish
+in time (a busy machine) is tried once more; if that one does not finish either, the check is
+inconclusive: one info line, and the mirror's protocol and zero copy stay on. Nothing the probe
+started outlives its loop (what is left is cancelled and drained before the loop closes). A probe
+that cannot even start (no temporary file, no socket on 127.0.0.1) is not run: one info line.
 """
 
 from __future__ import annotations
@@ -40,13 +46,14 @@ import logging
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 log = logging.getLogger("dockermirror")
 
-PROBE_TIMEOUT = 5.0
+PROBE_TIMEOUT = 5.0          # seconds for one attempt of the probe (it is tried twice at most)
+DRAIN_TIMEOUT = 0.5          # seconds for what a probe left running to end after a cancel, per round
 PROBE_BODY = 200 * 1024      # bytes of the probe's response: more than uvicorn's 64 KiB pieces
 REASON = "OK self-check"
 
@@ -66,10 +73,11 @@ class Verdict:
         versions = ", ".join(f"{name} {_version(name)}" for name in ("uvicorn", "httptools"))
         if not self.limits:
             effect = ("serving with uvicorn's h11 protocol instead: no zero-copy send, no request header "
-                      "deadline (header size still limited), no client-certificate identities (with "
+                      "or send deadline (header size still limited), no client-certificate identities (with "
                       "tls.client_auth: required every request is refused)")
         else:
-            effect = "zero-copy send off: responses stream through uvicorn as plain bytes (correct, more CPU)"
+            effect = ("zero-copy send off: responses stream through uvicorn as plain bytes (correct, more CPU), "
+                      "and the send deadline (server.send_timeout) is off with it")
         return (f"self-check: {versions} internals are not what docker-mirror was built against ({self.problem}); "
                 f"{effect}. Install the versions in requirements.lock (uvicorn 0.54.x, httptools 0.9.x)")
 
@@ -89,25 +97,83 @@ def check(protocol: type) -> Verdict:
 
 
 def _check(protocol: type) -> Verdict:
-    loop = _new_loop()
     try:
-        with tempfile.TemporaryFile() as file:
-            body = os.urandom(PROBE_BODY)
+        file = tempfile.TemporaryFile()    # noqa: SIM115  (closed by the with below)
+    except Exception as exc:        # ENOSPC, an unusable TMPDIR: the probe must never stop the start
+        log.info("self-check of the HTTP protocol not run: no temporary file (%s)", _reason(exc))
+        return Verdict()
+    with file:
+        body = os.urandom(PROBE_BODY)
+        try:
             file.write(body)
             file.flush()
-            try:
-                problem = loop.run_until_complete(asyncio.wait_for(_probe(protocol, file, body),
-                                                                   PROBE_TIMEOUT))
-            except TimeoutError:
-                problem = ("request", f"no answer within {PROBE_TIMEOUT:g} s")
-            except Exception as exc:    # anything at all: the probe must never stop the start
-                problem = ("request", _describe(exc))
-    finally:
-        loop.close()
+        except Exception as exc:
+            log.info("self-check of the HTTP protocol not run: cannot write a temporary file (%s)", _reason(exc))
+            return Verdict()
+        for _attempt in range(2):   # a timeout is tried once more: a busy machine is no drift
+            problem = _attempt_probe(protocol, file, body)
+            if problem != "timeout":
+                break
+    if problem == "timeout":
+        log.info("self-check of the HTTP protocol could not finish in time (twice %g s: a busy machine?); "
+                 "serving with the mirror's protocol and zero-copy send unchecked", PROBE_TIMEOUT)
+        return Verdict()
     if problem is None:
         return Verdict()
     side, what = problem
     return Verdict(limits=side != "request", zero_copy=False, problem=what)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+@dataclass
+class _Seen:
+    """What a probe saw so far: still readable after it timed out."""
+
+    side: str = "request"
+    failures: list[str] = field(default_factory=list)
+
+
+def _attempt_probe(protocol: type, file: Any, body: bytes) -> tuple[str, str] | str | None:
+    """One probe in a throw-away loop: None (all well), (side, what went wrong), or "timeout"
+    (no wrong bytes, nothing raised, but no end either)."""
+    loop = _new_loop()
+    seen = _Seen()
+    try:
+        try:
+            return loop.run_until_complete(asyncio.wait_for(_probe(protocol, file, body, seen), PROBE_TIMEOUT))
+        except TimeoutError:
+            if seen.failures:       # something raised just as the time ran out: proven
+                return seen.side, "; ".join(dict.fromkeys(seen.failures))
+            return "timeout"
+        except Exception as exc:    # anything at all: the probe must never stop the start
+            return seen.side, _describe(exc)
+    finally:
+        _drain(loop)
+        loop.close()
+
+
+def _drain(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what the probe left running (a stalled response) and let it end, so that no task is
+    destroyed pending once the loop is closed. uvicorn answers a cancelled app with a 500 it awaits
+    (which a stall holds up again): so a few rounds, each bounded; what still runs then is let go
+    without the "destroyed but pending" report."""
+    loop.set_exception_handler(_ignore)   # the probe's handler wakes futures of this loop
+    for _round in range(3):
+        tasks = asyncio.all_tasks(loop)
+        if not tasks:
+            break
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.wait(tasks, timeout=DRAIN_TIMEOUT))
+    for task in asyncio.all_tasks(loop):
+        task._log_destroy_pending = False   # type: ignore[attr-defined]
+
+
+def _ignore(_loop: Any, context: dict[str, Any]) -> None:
+    log.debug("self-check: after the probe: %s", _describe(context.get("exception")) or context.get("message", "?"))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -122,15 +188,16 @@ def _describe(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}" if exc is not None else ""
 
 
-async def _probe(protocol: type, file: Any, body: bytes) -> tuple[str, str] | None:
-    """None if both requests got exactly ``body``; else (side, what went wrong)."""
+async def _probe(protocol: type, file: Any, body: bytes, seen: _Seen) -> tuple[str, str] | None:
+    """None if both requests got exactly ``body``; else (side, what went wrong). ``seen``: the side
+    being probed and what raised so far."""
     import uvicorn
     from uvicorn.server import ServerState
 
     from dockermirror.service.zerocopy import EXTENSION
 
     offered: list[bool] = []
-    failures: list[str] = []        # what the app's sends raised, what the loop caught (protocol callbacks)
+    failures = seen.failures        # what the app's sends raised, what the loop caught (protocol callbacks)
     failed = asyncio.Event()
 
     def caught(_loop: Any, context: dict[str, Any]) -> None:
@@ -171,10 +238,13 @@ async def _probe(protocol: type, file: Any, body: bytes) -> tuple[str, str] | No
     except OSError as exc:
         log.info("self-check of the HTTP protocol not run: cannot listen on 127.0.0.1 (%s)", exc.strerror or exc)
         return None
+    answer: asyncio.Future[str | None] | None = None
+    failure: asyncio.Future[Any] | None = None
     try:
         # one keep-alive connection: first the request side alone, then zero-copy (the protocol
         # reads ``zero_copy`` at each request)
         for side, zero_copy in (("request", False), ("response", True)):
+            seen.side = side
             probe.zero_copy = zero_copy
             writer.write(b"GET /v2/ HTTP/1.1\r\nHost: self-check\r\n\r\n")
             answer = asyncio.ensure_future(_answer(reader, body, REASON if zero_copy else None))
@@ -191,6 +261,10 @@ async def _probe(protocol: type, file: Any, body: bytes) -> tuple[str, str] | No
             if problem is not None or failures:
                 return side, "; ".join(dict.fromkeys(failures or [problem or "?"]))
     finally:
+        waiting = [task for task in (answer, failure) if task is not None]
+        for task in waiting:        # on a timeout, neither is done
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
         writer.close()
         server.close()
         for connection in list(state.connections):

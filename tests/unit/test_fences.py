@@ -6,10 +6,13 @@ server still serves the right bytes."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
 import socket
+import sys
+import tempfile
 from pathlib import Path
 
 import httpcore
@@ -130,6 +133,7 @@ async def test_uvicorn_response_drift_turns_zero_copy_off_in_one_line_and_the_by
         lines = _warnings(caplog)
         assert len(lines) == 1 and lines[0].startswith("self-check: uvicorn ")
         assert "zero-copy send off: responses stream through uvicorn as plain bytes" in lines[0]
+        assert "the send deadline (server.send_timeout) is off" in lines[0]
         calls = _count_sendfile(monkeypatch)
         body = await _get_blob(mirror, service.protocol, path)
     finally:
@@ -207,3 +211,63 @@ def test_the_keepalive_default_of_75_s_reaches_uvicorn(tmp_path: Path) -> None:
         assert server.config.timeout_keep_alive == 75
     finally:
         asyncio.run(service.app.cache.close())
+
+
+def _stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uvicorn whose send never ends: what the probe sees of a machine too busy to answer in time
+    (no wrong bytes, nothing raised). Cancelled, uvicorn's 500 stalls again."""
+    async def stalling(self, message):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(httptools_impl.RequestResponseCycle, "send", stalling)
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_self_check_that_cannot_finish_in_time_keeps_the_mirrors_protocol_in_one_info_line(
+        loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Inconclusive is not a drift: no fallback to h11 (which would cost client-certificate
+    identities), and nothing the probe left behind reaches the log (asyncio: "Task was destroyed
+    but it is pending" into a closed loop) or stderr (uvloop: "Exception ignored in" a coroutine)
+    when it is destroyed."""
+    if loop == "asyncio":       # the loop used where uvloop is not installed
+        monkeypatch.setattr(internals, "_new_loop", asyncio.new_event_loop)
+    unraisable: list[str] = []
+    monkeypatch.setattr(sys, "unraisablehook",
+                        lambda what: unraisable.append(f"{what.exc_type.__name__}: {what.object!r}"))
+    _stall(monkeypatch)
+    monkeypatch.setattr(internals, "PROBE_TIMEOUT", 0.2)
+    monkeypatch.setattr(internals, "DRAIN_TIMEOUT", 0.1)
+    caplog.set_level(logging.INFO)
+    service = _service(tmp_path)
+    try:
+        assert issubclass(service.protocol, zerocopy.ZeroCopyHttpToolsProtocol)
+        assert service.protocol.zero_copy is True
+    finally:
+        asyncio.run(service.app.cache.close())
+    gc.collect()
+    monkeypatch.undo()
+    lines = [r.getMessage() for r in caplog.records if "self-check of the HTTP protocol" in r.getMessage()]
+    assert len(lines) == 1 and "could not finish in time" in lines[0], lines
+    assert [r.levelno for r in caplog.records if "self-check" in r.getMessage()] == [logging.INFO]
+    assert _warnings(caplog) == [] and _errors(caplog) == []
+    assert "Task was destroyed" not in caplog.text
+    assert unraisable == []
+
+
+def test_no_temporary_file_for_the_self_check_does_not_stop_the_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    caplog.set_level(logging.INFO)
+    assert internals.check(zerocopy.ZeroCopyHttpToolsProtocol) == internals.Verdict()
+    service = _service(tmp_path)
+    try:
+        assert issubclass(service.protocol, zerocopy.ZeroCopyHttpToolsProtocol)
+    finally:
+        asyncio.run(service.app.cache.close())
+    lines = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+    assert lines and all("not run: no temporary file" in line for line in lines), lines
+    assert _warnings(caplog) == []
