@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import socket
 import ssl
 import threading
@@ -53,11 +54,16 @@ class SlowReader:
         return bytes(self.data.partition(b"\r\n\r\n")[2])
 
     def finish(self, timeout: float = 120) -> bytes:
-        """Read the rest at full speed; the whole body."""
+        """Read the rest at full speed, up to the end of the body (its Content-Length, or the
+        connection's end: a kept-alive connection stays open after the body); the whole body."""
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.setblocking(True)
         self.sock.settimeout(timeout)
-        while chunk := self.sock.recv(1 << 20):
+        head = bytes(self.data.partition(b"\r\n\r\n")[0]).lower()
+        length = re.search(rb"\r\ncontent-length: *(\d+)", head)
+        while length is None or len(self.body()) < int(length[1]):
+            if not (chunk := self.sock.recv(1 << 20)):
+                break
             self.data += chunk
         return self.body()
 
