@@ -522,9 +522,11 @@ class _Body(httpx.AsyncByteStream):
         pending = self._next or self._submit(FIRST_CHUNK)
         self._next = pending
         while True:
+            waiter = asyncio.wrap_future(pending, loop=self._loop)
             try:
-                chunk = await asyncio.shield(asyncio.wrap_future(pending, loop=self._loop))
+                chunk = await asyncio.shield(waiter)
             except asyncio.CancelledError:
+                waiter.add_done_callback(_retrieve)     # the read ends in an error nobody awaits
                 self._conn.abort()      # the thread returns; aclose() waits for it
                 raise
             if not chunk:
@@ -541,22 +543,39 @@ class _Body(httpx.AsyncByteStream):
         self._closed = True
         conn, pending = self._conn, self._next
         reusable = self._done and self._response.isclosed() and not self._response.will_close
+        if pending is not None and not pending.done():
+            conn.abort()
+            waiter = asyncio.wrap_future(pending, loop=self._loop)
+            try:
+                await asyncio.shield(waiter)
+            except asyncio.CancelledError:
+                # cancelled while the thread returns: it cleans up when it has, and the task stays cancelled
+                waiter.add_done_callback(_retrieve)
+                pending.add_done_callback(lambda _: self._finish(False))
+                raise
+            except Exception:   # the read's own error: the response is being closed anyway
+                pass
+        elif pending is not None and not pending.cancelled():
+            pending.exception()     # mark retrieved
+        self._finish(reusable)
+
+    def _finish(self, reusable: bool) -> None:
+        """The connection back to the pool (or closed) and the slot freed: from the loop or a worker."""
+        conn = self._conn
         try:
-            if pending is not None and not pending.done():
-                conn.abort()
-                try:
-                    await asyncio.shield(asyncio.wrap_future(pending, loop=self._loop))
-                except BaseException:
-                    pass
-            elif pending is not None and not pending.cancelled():
-                pending.exception()     # mark retrieved
-        finally:
             if reusable and not conn.aborted:
                 self._transport._put_back(conn)
             else:
                 self._response.close()
                 conn.close()
+        finally:
             self._transport._release(self._loop)
+
+
+def _retrieve(future: asyncio.Future | Future) -> None:
+    """Mark a future's outcome as seen (no "exception was never retrieved" for a read we gave up on)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _read_error(exc: BaseException, request: httpx.Request) -> httpx.TransportError:

@@ -6,6 +6,7 @@ and proxies. The servers count connections and record requests; nothing of ours 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -462,3 +464,77 @@ async def test_a_request_the_pool_cannot_write_is_refused_before_sending(serve):
     finally:
         await transport.aclose()
     assert [r.target for r in server.requests] == [PATH]
+
+
+def little(release: threading.Event, closed: threading.Event | None = None) -> Handler:
+    """Headers and 100 bytes, then nothing until ``release`` or the client closes (then ``closed`` is set)."""
+    def holding(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\n\r\n".encode() + DATA[:100])
+        if not watch(conn, release) and closed is not None:
+            closed.set()
+        return False
+    return holding
+
+
+async def read_one_then_block(client: httpx.AsyncClient, url: str) -> tuple[httpx.Response, Any]:
+    """A streamed response whose first bytes were read: its read-ahead is now blocked in its thread."""
+    response = await client.send(client.build_request("GET", url + PATH), stream=True)
+    chunks = response.aiter_raw()
+    assert bytes(await anext(chunks)) == DATA[:100]
+    await asyncio.sleep(0.2)
+    return response, chunks
+
+
+async def test_a_cancelled_read_leaves_no_unretrieved_exception(serve, caplog):
+    release = threading.Event()
+    server = serve(little(release))
+    transport = ThreadTransport()
+    caplog.set_level(logging.ERROR, "asyncio")
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            response, chunks = await read_one_then_block(client, server.url)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):    # what the stall watch does to a trickle
+                    await anext(chunks)
+            await response.aclose()
+            await asyncio.sleep(0.2)                # the thread's ReadError reaches the loop
+            del response, chunks                    # what held the read's future
+            gc.collect()
+            await asyncio.sleep(0.1)
+    finally:
+        release.set()
+        await transport.aclose()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    assert transport._slots is not None and transport._slots._value == transport._max
+
+
+async def test_a_task_cancelled_while_closing_a_response_ends_cancelled(serve):
+    release, closed = threading.Event(), threading.Event()
+    server = serve(little(release, closed))
+    transport = ThreadTransport()
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            response, _ = await read_one_then_block(client, server.url)
+            entered = asyncio.Event()
+            after: list[str] = []
+
+            async def close() -> None:
+                entered.set()
+                await response.aclose()     # waits for the blocked read-ahead's thread
+                after.append("went on")
+
+            task = asyncio.ensure_future(close())
+            await entered.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert task.cancelled() and after == []
+            assert closed.wait(5)           # the connection was closed all the same
+            for _ in range(50):             # and the slot comes back once the thread has returned
+                if transport._slots is not None and transport._slots._value == transport._max:
+                    break
+                await asyncio.sleep(0.05)
+            assert transport._slots is not None and transport._slots._value == transport._max
+    finally:
+        release.set()
+        await transport.aclose()
