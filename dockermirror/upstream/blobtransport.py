@@ -282,7 +282,11 @@ class ThreadTransport(httpx.AsyncBaseTransport):
     def _exchange(self, request: httpx.Request, body: bytes, timeouts: dict,
                   call: _Call) -> tuple[_Connection, http.client.HTTPResponse]:
         url = request.url
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        try:    # the name as httpx writes it in Host (IDNA-encoded): connected to, and sent as SNI
+            host = url.raw_host.decode("ascii")
+        except UnicodeError:
+            raise httpx.ConnectError(f"bad host name {url.raw_host!r}", request=request) from None
+        origin = (url.scheme, host, url.port or (443 if url.scheme == "https" else 80))
         # a reused connection the server closed meanwhile: once more on a new one (GET and HEAD only)
         for attempt in (0, 1):
             conn = self._idle_for(origin) if attempt == 0 else None
@@ -329,6 +333,9 @@ class ThreadTransport(httpx.AsyncBaseTransport):
         except OSError as exc:
             conn.close()
             raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from None
+        except ValueError as exc:   # a name getaddrinfo or SNI cannot encode (an empty label, one over 63)
+            conn.close()
+            raise httpx.ConnectError(f"bad host name {host!r}: {exc}", request=request) from None
         return conn
 
     def _send(self, conn: _Connection, request: httpx.Request, body: bytes,

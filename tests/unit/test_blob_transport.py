@@ -538,3 +538,66 @@ async def test_a_task_cancelled_while_closing_a_response_ends_cancelled(serve):
     finally:
         release.set()
         await transport.aclose()
+
+
+BAD_NAMES = ["a" * 64 + ".example", "a..b"]     # a label over 63 characters; an empty label
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+async def test_a_host_name_that_cannot_be_encoded_is_a_connect_error(serve, name):
+    transport = ThreadTransport()
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx.ConnectError, match="bad host name"):
+                await client.get(f"http://{name}/x")
+    finally:
+        await transport.aclose()
+    assert transport._slots is not None and transport._slots._value == transport._max
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+async def test_a_redirect_to_a_host_name_that_cannot_be_encoded_is_unreachable(serve, name):
+    def redirect(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{name}/blob\r\n"
+                     f"Content-Length: 0\r\n\r\n".encode())
+        return True
+
+    server = serve(redirect)
+    client = UpstreamClient(server.url)
+    try:
+        with pytest.raises(UpstreamUnreachable, match="ConnectError"):
+            await client.open_blob("acme/tool", DIGEST)
+    finally:
+        await client.aclose()
+    assert [r.target for r in server.requests] == [PATH]
+
+
+async def test_an_international_host_name_is_looked_up_and_sent_as_sni_in_its_idna_form(serve, tmp_path, monkeypatch):
+    """httpx writes straße.de in Host as xn--strae-oqa.de (IDNA 2008); the name looked up and sent
+    as SNI is that one, not Python's IDNA 2003 form (strasse.de). The lookup is answered with
+    127.0.0.1 for it (the resolver, not our code, is stood in for: no name service is asked)."""
+    looked_up: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        looked_up.append(host)
+        if host != "xn--strae-oqa.de":
+            raise socket.gaierror(socket.EAI_NONAME, "not this one")
+        return real("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    server_names: list[str | None] = []
+    context, _ = tls_server_context(tmp_path)
+    context.sni_callback = lambda sock, name, ctx: server_names.append(name)
+    plain, tls = serve(blob), serve(blob, tls=context)
+    transport = ThreadTransport()
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get(f"http://straße.de:{plain.port}{PATH}")).content == DATA
+            with pytest.raises(httpx.ConnectError):     # its certificate is for 127.0.0.1
+                await client.get(f"https://straße.de:{tls.port}{PATH}")
+    finally:
+        await transport.aclose()
+    assert looked_up == ["xn--strae-oqa.de", "xn--strae-oqa.de"]
+    assert plain.requests[0].headers["host"] == f"xn--strae-oqa.de:{plain.port}"
+    assert server_names == ["xn--strae-oqa.de"]
