@@ -318,6 +318,7 @@ class ThreadTransport(httpx.AsyncBaseTransport):
                                                                           context=self._ssl)
         else:
             raw = http.client.HTTPConnection(host, port, timeout=connect_timeout)
+        raw.response_class = _Response
         conn = _Connection(origin, raw)
         call.attach(conn)
         try:
@@ -373,6 +374,35 @@ class ThreadTransport(httpx.AsyncBaseTransport):
             raise httpx.RemoteProtocolError(_protocol(exc)) from None
         except OSError as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from None
+
+
+MAX_INTERIM = 10           # interim (1xx) answers skipped before the final one, at most
+_MAX_LINE, _MAX_HEADERS = 65536, 100    # http.client's own limits
+
+
+class _Response(http.client.HTTPResponse):
+    """``http.client``'s response, which skips only ``100 Continue``: here every interim answer
+    (``103 Early Hints``, ``102 Processing``, ...) is skipped with its headers, as httpx does, and
+    ``101 Switching Protocols`` (never asked for) is a protocol error, its connection not reused."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        for _ in range(MAX_INTERIM + 1):
+            version, status, reason = super()._read_status()    # type: ignore[misc]
+            if status == 101:
+                raise http.client.HTTPException("101 Switching Protocols, which was not asked for")
+            if not 100 < status < 200:      # 100: http.client skips it (and its headers) itself
+                return version, status, reason
+            self._skip_headers()
+        raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) answers")
+
+    def _skip_headers(self) -> None:
+        for _ in range(_MAX_HEADERS + 1):
+            line = self.fp.readline(_MAX_LINE + 1)
+            if len(line) > _MAX_LINE:
+                raise http.client.LineTooLong("header line")
+            if line in (b"\r\n", b"\n", b""):
+                return
+        raise http.client.HTTPException(f"more than {_MAX_HEADERS} headers in an interim answer")
 
 
 class _Body(httpx.AsyncByteStream):

@@ -601,3 +601,39 @@ async def test_an_international_host_name_is_looked_up_and_sent_as_sni_in_its_id
     assert looked_up == ["xn--strae-oqa.de", "xn--strae-oqa.de"]
     assert plain.requests[0].headers["host"] == f"xn--strae-oqa.de:{plain.port}"
     assert server_names == ["xn--strae-oqa.de"]
+
+
+def interim(*heads: bytes) -> Handler:
+    """These interim answers (with their headers), then the blob."""
+    def answering(conn: socket.socket, request: Request) -> bool:
+        for head in heads:
+            conn.sendall(head)
+            time.sleep(0.05)        # apart from the final answer, as a real upstream sends them
+        return blob(conn, request)
+    return answering
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+
+
+async def test_interim_answers_are_skipped_and_the_blob_read(serve):
+    server = serve(interim(EARLY_HINTS, b"HTTP/1.1 102 Processing\r\n\r\n", EARLY_HINTS))
+    client = UpstreamClient(server.url)
+    try:
+        assert digest(await fetch(client)) == DIGEST
+        assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    assert server.connections == 1 and len(server.requests) == 2
+
+
+async def test_endless_interim_answers_or_a_101_are_a_protocol_error(serve):
+    for heads in ([EARLY_HINTS] * 20, [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"]):
+        server = serve(interim(*heads))
+        client = UpstreamClient(server.url)
+        try:
+            with pytest.raises(UpstreamUnreachable, match="RemoteProtocolError"):
+                await client.open_blob("acme/tool", DIGEST)
+        finally:
+            await client.aclose()
+        assert server.closed_by_peer.wait(5)    # that connection was closed, not pooled
