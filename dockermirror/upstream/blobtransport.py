@@ -118,11 +118,15 @@ class _Connection:
         sock = self.sock
         if sock is None or self.aborted:
             return False
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():    # bytes already decrypted: junk
+            return False
+        try:    # poll, not select: a busy mirror's sockets have numbers over FD_SETSIZE (1024)
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            events = poller.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
+        return not events   # readable (EOF or bytes), hung up or in error: not to be reused
 
 
 class _Call:

@@ -637,3 +637,35 @@ async def test_endless_interim_answers_or_a_101_are_a_protocol_error(serve):
         finally:
             await client.aclose()
         assert server.closed_by_peer.wait(5)    # that connection was closed, not pooled
+
+
+@pytest.fixture
+def many_files():
+    """Over 1024 descriptors open in this process (the soft limit raised for it, and put back)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1200 + 64
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else hard, hard))
+    fds: list[int] = []
+    try:
+        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(1200)]
+        assert max(fds) >= 1024
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_connections_are_reused_when_descriptors_are_numbered_over_1024(serve, many_files):
+    server = serve(blob)
+    client = UpstreamClient(server.url)
+    try:
+        for _ in range(3):
+            assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    assert server.connections == 1 and len(server.requests) == 3
