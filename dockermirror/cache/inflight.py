@@ -78,8 +78,16 @@ class Buffers:
         self.used = 0
         self._waiters: list[asyncio.Future[None]] = []
 
-    async def take(self, size: int, held: int) -> None:
-        while held and self.used + size > self.limit:
+    def try_take(self, size: int, held: int) -> bool:
+        """Take ``size`` bytes if that needs no wait (``held``: what the taker holds now)."""
+        if held and self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    async def take(self, size: int, held: Callable[[], int]) -> None:
+        """Take ``size`` bytes, waiting for room; ``held`` tells what the taker holds at each look."""
+        while held() and self.used + size > self.limit:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -347,12 +355,12 @@ class Transfer:
                 # the first bytes go on at once (readers wait for them); then a batch at each
                 # WRITE_BATCH boundary of the content
                 if pumped >= flush_at:
-                    await self._take(batched)
+                    await self._take(batched, tasks)
                     await self._feed(lanes, tasks, (batch, batched))
                     batch, batched = [], 0
                     flush_at = (pumped // WRITE_BATCH + 1) * WRITE_BATCH
             if batch:
-                await self._take(batched)
+                await self._take(batched, tasks)
                 await self._feed(lanes, tasks, (batch, batched))
             await self._feed(lanes, tasks, None)
             await asyncio.gather(*tasks)
@@ -363,9 +371,23 @@ class Transfer:
             if held > 0:
                 self._buffers.give(held)
 
-    async def _take(self, size: int) -> None:
-        """Memory for a batch of ``size`` bytes, from the buffers every transfer shares."""
-        await self._buffers.take(size, self._held)
+    async def _take(self, size: int, tasks: list[asyncio.Future[None]]) -> None:
+        """Memory for a batch of ``size`` bytes, from the buffers every transfer shares; while it
+        waits, a lane that ended (failed: its batches will never be given back) ends the wait."""
+        if not self._buffers.try_take(size, self._held):
+            take = asyncio.ensure_future(self._buffers.take(size, lambda: self._held))
+            try:
+                await asyncio.wait({take, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                take.cancel()       # cancelled before it took anything: it takes only when it completes
+                raise
+            if not take.done():
+                take.cancel()
+                for task in tasks:
+                    if task.done():
+                        task.result()       # raises what stopped the lane
+                raise TransferFailed("a transfer lane ended early")
+            take.result()
         self._held += size
 
     def _lane_done(self, lane: int, size: int) -> None:

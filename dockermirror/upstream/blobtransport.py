@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import io
+import logging
 import select
 import socket
 import ssl
@@ -637,8 +638,28 @@ def proxy_mounts(verify: ssl.SSLContext | bool, limits: httpx.Limits) -> dict[st
     import urllib.request
     try:
         from httpx._utils import get_environment_proxies     # the rule httpx itself applies
-    except ImportError:
-        return None if urllib.request.getproxies() else {}
+        rule = get_environment_proxies()
+        if not all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in rule.items()):
+            raise TypeError(f"unexpected mounts {rule!r}")
+    except Exception as exc:       # httpx's internals moved (its version is bounded in pyproject.toml)
+        if not urllib.request.getproxies():
+            return {}
+        _log_drift_once(exc)
+        return None
     return {pattern: None if url is None else httpx.AsyncHTTPTransport(verify=verify, limits=limits,
                                                                         proxy=httpx.Proxy(url=url))
-            for pattern, url in get_environment_proxies().items()}
+            for pattern, url in rule.items()}
+
+
+_drift_logged = False
+
+
+def _log_drift_once(exc: Exception) -> None:
+    """One warning per process: proxies are set and httpx's rule for them cannot be read here."""
+    global _drift_logged
+    if not _drift_logged:
+        _drift_logged = True
+        logging.getLogger("dockermirror.upstream").warning(
+            "self-check: httpx %s internals are not what docker-mirror was built against (its proxy rule: "
+            "%s: %s); with proxies set, blob bodies are read by httpx itself (correct, slower cold downloads)",
+            httpx.__version__, type(exc).__name__, exc)

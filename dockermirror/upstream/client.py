@@ -379,7 +379,11 @@ class UpstreamClient:
             authorization = await self.auth.header_for(scope)
             response = await self._request(method, url, headers, authorization, blob, kind)
             if response.status_code == 401 and "www-authenticate" in response.headers:
-                answer = await self.auth.answer(response.headers["www-authenticate"], scope)
+                try:
+                    answer = await self.auth.answer(response.headers["www-authenticate"], scope)
+                except BaseException:
+                    await response.aclose()     # its connection goes back (or is closed), also on a failed token
+                    raise
                 if answer is not None:
                     await response.aclose()
                     authorization = answer

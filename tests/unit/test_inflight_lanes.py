@@ -143,3 +143,65 @@ async def test_many_cold_blobs_share_one_memory_budget(tmp_path: Path, clock):
         await app.cache.transfers.wait_all(5)
         assert app.cache.transfers.buffers.used == 0
         assert all(app.cache.entry(d) is not None for d in blobs)
+
+
+async def test_a_lane_that_fails_ends_a_wait_for_memory(tmp_path: Path):
+    """A transfer waiting for room in the shared buffers while its store lane has failed (its
+    batches will never be given back) fails too, and gives back what it held, instead of waiting
+    for ever (and every transfer behind it with it)."""
+    from dockermirror.cache.inflight import Buffers, Transfer, TransferFailed
+    from dockermirror.cache.store import BlobStore
+
+    data = os.urandom(12 * MiB)
+
+    class Room:
+        async def reserve(self, size: int) -> bool:
+            return True
+
+        def release(self, size: int) -> None:
+            pass
+
+        def disk_full(self) -> None:
+            pass
+
+        def capacity(self) -> int:
+            return 1 << 40
+
+        def spill_room(self, size: int) -> bool:
+            return True
+
+        def lease(self, digest: str):
+            return lambda: None
+
+    class Source:
+        size = len(data)
+
+        async def chunks(self):
+            for offset in range(0, len(data), 256 * KiB):
+                yield data[offset: offset + 256 * KiB]
+
+        async def aclose(self) -> None:
+            pass
+
+    class LaneFails(Transfer):
+        """The store lane stores one batch, then fails (as when every reader of an uncached
+        transfer has gone)."""
+
+        async def _store_lane(self, queue: asyncio.Queue) -> None:
+            item = await queue.get()
+            self._lane_done(1, item[1])
+            raise TransferFailed("the store lane gave up")
+
+    async def source() -> Source:
+        return Source()
+
+    async def commit(temp, transfer) -> None:
+        pass
+
+    store = BlobStore(tmp_path / "cache")
+    store.create_dirs()
+    buffers = Buffers(limit=WRITE_BATCH)
+    transfer = LaneFails(Digest.parse(digest_of(data)), store, Room(), buffers=buffers)
+    await asyncio.wait_for(transfer.run(source, commit), PATIENCE)
+    assert isinstance(transfer.error, TransferFailed) and not transfer.verified
+    assert buffers.used == 0
