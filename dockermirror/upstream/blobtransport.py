@@ -119,11 +119,15 @@ class _Connection:
         sock = self.sock
         if sock is None or self.aborted:
             return False
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():    # bytes already decrypted: junk
+            return False
+        try:    # poll, not select: a busy mirror's sockets have numbers over FD_SETSIZE (1024)
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            events = poller.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
+        return not events   # readable (EOF or bytes), hung up or in error: not to be reused
 
 
 class _Call:
@@ -283,7 +287,11 @@ class ThreadTransport(httpx.AsyncBaseTransport):
     def _exchange(self, request: httpx.Request, body: bytes, timeouts: dict,
                   call: _Call) -> tuple[_Connection, http.client.HTTPResponse]:
         url = request.url
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        try:    # the name as httpx writes it in Host (IDNA-encoded): connected to, and sent as SNI
+            host = url.raw_host.decode("ascii")
+        except UnicodeError:
+            raise httpx.ConnectError(f"bad host name {url.raw_host!r}", request=request) from None
+        origin = (url.scheme, host, url.port or (443 if url.scheme == "https" else 80))
         # a reused connection the server closed meanwhile: once more on a new one (GET and HEAD only)
         for attempt in (0, 1):
             conn = self._idle_for(origin) if attempt == 0 else None
@@ -315,6 +323,7 @@ class ThreadTransport(httpx.AsyncBaseTransport):
                                                                           context=self._ssl)
         else:
             raw = http.client.HTTPConnection(host, port, timeout=connect_timeout)
+        raw.response_class = _Response
         conn = _Connection(origin, raw)
         call.attach(conn)
         try:
@@ -330,6 +339,9 @@ class ThreadTransport(httpx.AsyncBaseTransport):
         except OSError as exc:
             conn.close()
             raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from None
+        except ValueError as exc:   # a name getaddrinfo or SNI cannot encode (an empty label, one over 63)
+            conn.close()
+            raise httpx.ConnectError(f"bad host name {host!r}: {exc}", request=request) from None
         return conn
 
     def _send(self, conn: _Connection, request: httpx.Request, body: bytes,
@@ -367,6 +379,35 @@ class ThreadTransport(httpx.AsyncBaseTransport):
             raise httpx.RemoteProtocolError(_protocol(exc)) from None
         except OSError as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from None
+
+
+MAX_INTERIM = 10           # interim (1xx) answers skipped before the final one, at most
+_MAX_LINE, _MAX_HEADERS = 65536, 100    # http.client's own limits
+
+
+class _Response(http.client.HTTPResponse):
+    """``http.client``'s response, which skips only ``100 Continue``: here every interim answer
+    (``103 Early Hints``, ``102 Processing``, ...) is skipped with its headers, as httpx does, and
+    ``101 Switching Protocols`` (never asked for) is a protocol error, its connection not reused."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        for _ in range(MAX_INTERIM + 1):
+            version, status, reason = super()._read_status()    # type: ignore[misc]
+            if status == 101:
+                raise http.client.HTTPException("101 Switching Protocols, which was not asked for")
+            if not 100 < status < 200:      # 100: http.client skips it (and its headers) itself
+                return version, status, reason
+            self._skip_headers()
+        raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) answers")
+
+    def _skip_headers(self) -> None:
+        for _ in range(_MAX_HEADERS + 1):
+            line = self.fp.readline(_MAX_LINE + 1)
+            if len(line) > _MAX_LINE:
+                raise http.client.LineTooLong("header line")
+            if line in (b"\r\n", b"\n", b""):
+                return
+        raise http.client.HTTPException(f"more than {_MAX_HEADERS} headers in an interim answer")
 
 
 class _Body(httpx.AsyncByteStream):
@@ -523,9 +564,11 @@ class _Body(httpx.AsyncByteStream):
         pending = self._next or self._submit(FIRST_CHUNK)
         self._next = pending
         while True:
+            waiter = asyncio.wrap_future(pending, loop=self._loop)
             try:
-                chunk = await asyncio.shield(asyncio.wrap_future(pending, loop=self._loop))
+                chunk = await asyncio.shield(waiter)
             except asyncio.CancelledError:
+                waiter.add_done_callback(_retrieve)     # the read ends in an error nobody awaits
                 self._conn.abort()      # the thread returns; aclose() waits for it
                 raise
             if not chunk:
@@ -542,22 +585,39 @@ class _Body(httpx.AsyncByteStream):
         self._closed = True
         conn, pending = self._conn, self._next
         reusable = self._done and self._response.isclosed() and not self._response.will_close
+        if pending is not None and not pending.done():
+            conn.abort()
+            waiter = asyncio.wrap_future(pending, loop=self._loop)
+            try:
+                await asyncio.shield(waiter)
+            except asyncio.CancelledError:
+                # cancelled while the thread returns: it cleans up when it has, and the task stays cancelled
+                waiter.add_done_callback(_retrieve)
+                pending.add_done_callback(lambda _: self._finish(False))
+                raise
+            except Exception:   # the read's own error: the response is being closed anyway
+                pass
+        elif pending is not None and not pending.cancelled():
+            pending.exception()     # mark retrieved
+        self._finish(reusable)
+
+    def _finish(self, reusable: bool) -> None:
+        """The connection back to the pool (or closed) and the slot freed: from the loop or a worker."""
+        conn = self._conn
         try:
-            if pending is not None and not pending.done():
-                conn.abort()
-                try:
-                    await asyncio.shield(asyncio.wrap_future(pending, loop=self._loop))
-                except BaseException:
-                    pass
-            elif pending is not None and not pending.cancelled():
-                pending.exception()     # mark retrieved
-        finally:
             if reusable and not conn.aborted:
                 self._transport._put_back(conn)
             else:
                 self._response.close()
                 conn.close()
+        finally:
             self._transport._release(self._loop)
+
+
+def _retrieve(future: asyncio.Future | Future) -> None:
+    """Mark a future's outcome as seen (no "exception was never retrieved" for a read we gave up on)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _read_error(exc: BaseException, request: httpx.Request) -> httpx.TransportError:

@@ -6,6 +6,7 @@ and proxies. The servers count connections and record requests; nothing of ours 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -462,3 +464,208 @@ async def test_a_request_the_pool_cannot_write_is_refused_before_sending(serve):
     finally:
         await transport.aclose()
     assert [r.target for r in server.requests] == [PATH]
+
+
+def little(release: threading.Event, closed: threading.Event | None = None) -> Handler:
+    """Headers and 100 bytes, then nothing until ``release`` or the client closes (then ``closed`` is set)."""
+    def holding(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\n\r\n".encode() + DATA[:100])
+        if not watch(conn, release) and closed is not None:
+            closed.set()
+        return False
+    return holding
+
+
+async def read_one_then_block(client: httpx.AsyncClient, url: str) -> tuple[httpx.Response, Any]:
+    """A streamed response whose first bytes were read: its read-ahead is now blocked in its thread."""
+    response = await client.send(client.build_request("GET", url + PATH), stream=True)
+    chunks = response.aiter_raw()
+    assert bytes(await anext(chunks)) == DATA[:100]
+    await asyncio.sleep(0.2)
+    return response, chunks
+
+
+async def test_a_cancelled_read_leaves_no_unretrieved_exception(serve, caplog):
+    release = threading.Event()
+    server = serve(little(release))
+    transport = ThreadTransport()
+    caplog.set_level(logging.ERROR, "asyncio")
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            response, chunks = await read_one_then_block(client, server.url)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):    # what the stall watch does to a trickle
+                    await anext(chunks)
+            await response.aclose()
+            await asyncio.sleep(0.2)                # the thread's ReadError reaches the loop
+            del response, chunks                    # what held the read's future
+            gc.collect()
+            await asyncio.sleep(0.1)
+    finally:
+        release.set()
+        await transport.aclose()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    assert transport._slots is not None and transport._slots._value == transport._max
+
+
+async def test_a_task_cancelled_while_closing_a_response_ends_cancelled(serve):
+    release, closed = threading.Event(), threading.Event()
+    server = serve(little(release, closed))
+    transport = ThreadTransport()
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            response, _ = await read_one_then_block(client, server.url)
+            entered = asyncio.Event()
+            after: list[str] = []
+
+            async def close() -> None:
+                entered.set()
+                await response.aclose()     # waits for the blocked read-ahead's thread
+                after.append("went on")
+
+            task = asyncio.ensure_future(close())
+            await entered.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert task.cancelled() and after == []
+            assert closed.wait(5)           # the connection was closed all the same
+            for _ in range(50):             # and the slot comes back once the thread has returned
+                if transport._slots is not None and transport._slots._value == transport._max:
+                    break
+                await asyncio.sleep(0.05)
+            assert transport._slots is not None and transport._slots._value == transport._max
+    finally:
+        release.set()
+        await transport.aclose()
+
+
+BAD_NAMES = ["a" * 64 + ".example", "a..b"]     # a label over 63 characters; an empty label
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+async def test_a_host_name_that_cannot_be_encoded_is_a_connect_error(serve, name):
+    transport = ThreadTransport()
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx.ConnectError, match="bad host name"):
+                await client.get(f"http://{name}/x")
+    finally:
+        await transport.aclose()
+    assert transport._slots is not None and transport._slots._value == transport._max
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+async def test_a_redirect_to_a_host_name_that_cannot_be_encoded_is_unreachable(serve, name):
+    def redirect(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{name}/blob\r\n"
+                     f"Content-Length: 0\r\n\r\n".encode())
+        return True
+
+    server = serve(redirect)
+    client = UpstreamClient(server.url)
+    try:
+        with pytest.raises(UpstreamUnreachable, match="ConnectError"):
+            await client.open_blob("acme/tool", DIGEST)
+    finally:
+        await client.aclose()
+    assert [r.target for r in server.requests] == [PATH]
+
+
+async def test_an_international_host_name_is_looked_up_and_sent_as_sni_in_its_idna_form(serve, tmp_path, monkeypatch):
+    """httpx writes straße.de in Host as xn--strae-oqa.de (IDNA 2008); the name looked up and sent
+    as SNI is that one, not Python's IDNA 2003 form (strasse.de). The lookup is answered with
+    127.0.0.1 for it (the resolver, not our code, is stood in for: no name service is asked)."""
+    looked_up: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        looked_up.append(host)
+        if host != "xn--strae-oqa.de":
+            raise socket.gaierror(socket.EAI_NONAME, "not this one")
+        return real("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    server_names: list[str | None] = []
+    context, _ = tls_server_context(tmp_path)
+    context.sni_callback = lambda sock, name, ctx: server_names.append(name)
+    plain, tls = serve(blob), serve(blob, tls=context)
+    transport = ThreadTransport()
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get(f"http://straße.de:{plain.port}{PATH}")).content == DATA
+            with pytest.raises(httpx.ConnectError):     # its certificate is for 127.0.0.1
+                await client.get(f"https://straße.de:{tls.port}{PATH}")
+    finally:
+        await transport.aclose()
+    assert looked_up == ["xn--strae-oqa.de", "xn--strae-oqa.de"]
+    assert plain.requests[0].headers["host"] == f"xn--strae-oqa.de:{plain.port}"
+    assert server_names == ["xn--strae-oqa.de"]
+
+
+def interim(*heads: bytes) -> Handler:
+    """These interim answers (with their headers), then the blob."""
+    def answering(conn: socket.socket, request: Request) -> bool:
+        for head in heads:
+            conn.sendall(head)
+            time.sleep(0.05)        # apart from the final answer, as a real upstream sends them
+        return blob(conn, request)
+    return answering
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+
+
+async def test_interim_answers_are_skipped_and_the_blob_read(serve):
+    server = serve(interim(EARLY_HINTS, b"HTTP/1.1 102 Processing\r\n\r\n", EARLY_HINTS))
+    client = UpstreamClient(server.url)
+    try:
+        assert digest(await fetch(client)) == DIGEST
+        assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    assert server.connections == 1 and len(server.requests) == 2
+
+
+async def test_endless_interim_answers_or_a_101_are_a_protocol_error(serve):
+    for heads in ([EARLY_HINTS] * 20, [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"]):
+        server = serve(interim(*heads))
+        client = UpstreamClient(server.url)
+        try:
+            with pytest.raises(UpstreamUnreachable, match="RemoteProtocolError"):
+                await client.open_blob("acme/tool", DIGEST)
+        finally:
+            await client.aclose()
+        assert server.closed_by_peer.wait(5)    # that connection was closed, not pooled
+
+
+@pytest.fixture
+def many_files():
+    """Over 1024 descriptors open in this process (the soft limit raised for it, and put back)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1200 + 64
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else hard, hard))
+    fds: list[int] = []
+    try:
+        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(1200)]
+        assert max(fds) >= 1024
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_connections_are_reused_when_descriptors_are_numbered_over_1024(serve, many_files):
+    server = serve(blob)
+    client = UpstreamClient(server.url)
+    try:
+        for _ in range(3):
+            assert digest(await fetch(client)) == DIGEST
+    finally:
+        await client.aclose()
+    assert server.connections == 1 and len(server.requests) == 3
