@@ -34,7 +34,7 @@ import httpx
 
 from bench.clients import BenchError
 from bench.scenarios import Sample, Setup, settle
-from bench.servers import Server
+from bench.servers import Server, restart_empty
 from tests.support.clients import DOCKER_CLI, Dockerd
 from tests.support.images import ALL_MANIFESTS
 from tests.support.procs import Registry
@@ -195,6 +195,7 @@ def warm_up(setup: Setup, server: Server) -> None:
         print(f"  docker-pull floor: dockerd pulling straight from the upstream registry (no mirror): "
               f"{', '.join(f'{s:.3g}' for s in seconds)} s", flush=True)
         _floor_shown = True
+    restart_empty(server)   # an earlier scenario (skopeo's pull) may have cached the same image
     sample, start = _rounds(setup, server)
     shown = ", ".join(f"{k} {v:.3g}" for k, v in sample.metrics.items())
     print(f"  docker-pull warm-up {server.label}: dockerd ({_driver}) started in {start:.2f} s (never timed); "
