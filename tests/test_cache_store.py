@@ -17,6 +17,7 @@ from dockermirror.cache import Cache, Limits
 from dockermirror.cache.inflight import Transfer
 from dockermirror.cache.store import BlobStore
 from dockermirror.oci import Digest
+from tests.unit.fakes import RoomForAll
 
 HOUR = 3600.0
 
@@ -107,29 +108,10 @@ def test_write_failure_mid_download_serves_the_rest_from_memory(tmp_path: Path, 
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
     data = os.urandom(10 * 1024 * 1024)
 
-    class Yes:
-        async def reserve(self, size: int) -> bool:
-            return True
-
-        def release(self, size: int) -> None:
-            pass
-
-        def disk_full(self) -> None:
-            self.full = getattr(self, "full", 0) + 1
-
-        def capacity(self) -> int:
-            return 1 << 40
-
-        def spill_room(self, size: int) -> bool:
-            return True
-
-        def lease(self, digest: str):
-            return lambda: None
-
     async def scenario() -> tuple[bytes, bytes, Transfer]:
         store = BlobStore(mount)
         store.create_dirs()
-        space = Yes()
+        space = RoomForAll()
         transfer = Transfer(digest_of(data), store, space)
         committed = []
 

@@ -335,30 +335,28 @@ def test_a_stopped_node_gives_away_only_its_keys_and_gets_them_back(engine: str,
         balancer.stop()
 
 
+def haproxy_routing(stubs, workdir: Path, text: str, servers: int) -> dict:
+    """Where HAProxy running ``text`` routes each key, once it sends to ``servers`` stubs."""
+    balancer = start_balancer("haproxy", stubs, workdir, text)
+    try:
+        with httpx.Client(base_url=balancer.url, timeout=30) as client:
+            wait_until(lambda: len({fetch(client, f"/v2/{i}/x")["server"] for i in range(24)}) == servers, 30,
+                       what=f"haproxy sending to {servers} stubs")
+            return routing(client)
+    finally:
+        balancer.stop()
+
+
 def test_a_node_removed_from_the_haproxy_file_moves_only_its_own_keys(tmp_path: Path, three_stubs):
     """The ring follows server ids: with fixed ids, deleting node2's line leaves node3's keys on node3
     (auto-numbered, node3 would take node2's id and its keys, and give its own away)."""
     stubs = three_stubs
     text = generate("haproxy", listen=f"127.0.0.1:{free_port()}", nodes=tuple(s.address for s in stubs))
-    before_balancer = start_balancer("haproxy", stubs, tmp_path / "three", text)
-    try:
-        with httpx.Client(base_url=before_balancer.url, timeout=30) as client:
-            wait_until(lambda: len({fetch(client, f"/v2/{i}/x")["server"] for i in range(24)}) == 3, 30,
-                       what="haproxy sending to all three stubs")
-            before = routing(client)
-    finally:
-        before_balancer.stop()
+    before = haproxy_routing(stubs, tmp_path / "three", text, servers=3)
     assert set(before.values()) == {"A", "B", "C"}
     lines = [line for line in text.splitlines(keepends=True) if not line.lstrip().startswith("server node2 ")]
     assert len(lines) == len(text.splitlines()) - 1
-    after_balancer = start_balancer("haproxy", stubs, tmp_path / "two", "".join(lines))
-    try:
-        with httpx.Client(base_url=after_balancer.url, timeout=30) as client:
-            wait_until(lambda: len({fetch(client, f"/v2/{i}/x")["server"] for i in range(24)}) == 2, 30,
-                       what="haproxy sending to both remaining stubs")
-            after = routing(client)
-    finally:
-        after_balancer.stop()
+    after = haproxy_routing(stubs, tmp_path / "two", "".join(lines), servers=2)
     moved = {key for key in before if before[key] != after[key]}
     assert moved == {key for key in before if before[key] == "B"}, "keys of nodes that stayed moved"
 

@@ -384,3 +384,27 @@ class Holding(httpx.AsyncBaseTransport):
         """Let every request held so far go on."""
         for _, event in self.held:
             event.set()
+
+
+class RoomForAll:
+    """A cache accountant (inflight.Space) that says yes to everything; counts disk_full()."""
+
+    full = 0
+
+    async def reserve(self, size: int) -> bool:
+        return True
+
+    def release(self, size: int) -> None:
+        pass
+
+    def disk_full(self) -> None:
+        self.full += 1
+
+    def capacity(self) -> int:
+        return 1 << 40
+
+    def spill_room(self, size: int) -> bool:
+        return True
+
+    def lease(self, digest: str):
+        return lambda: None

@@ -164,19 +164,24 @@ async def fetch(client: UpstreamClient, sizes: list[int] | None = None) -> bytes
     return bytes(out)
 
 
+async def fetch_each(server: Server, times: int, sizes: list[int] | None = None, **options) -> None:
+    """``times`` fetches of the blob by one client of ``server``; each must hash to DIGEST."""
+    client = UpstreamClient(server.url, **options)
+    try:
+        for _ in range(times):
+            assert digest(await fetch(client, sizes)) == DIGEST
+    finally:
+        await client.aclose()
+
+
 def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 async def test_blobs_are_read_whole_in_big_chunks_over_one_kept_alive_connection(serve):
     server = serve(blob)
-    client = UpstreamClient(server.url)
-    try:
-        sizes: list[int] = []
-        for _ in range(3):
-            assert digest(await fetch(client, sizes)) == DIGEST
-    finally:
-        await client.aclose()
+    sizes: list[int] = []
+    await fetch_each(server, 3, sizes)
     assert server.connections == 1 and len(server.requests) == 3
     assert sizes[0] <= 16 * KiB          # the first bytes are not held back for a big read
     assert max(sizes) > 256 * KiB        # then chunks bigger than httpcore's reads
@@ -196,12 +201,7 @@ async def test_a_chunked_body_is_read_whole(serve):
         return True
 
     server = serve(chunked)
-    client = UpstreamClient(server.url)
-    try:
-        assert digest(await fetch(client)) == DIGEST
-        assert digest(await fetch(client)) == DIGEST
-    finally:
-        await client.aclose()
+    await fetch_each(server, 2)
     assert server.connections == 1
 
 
@@ -406,12 +406,7 @@ def tls_server_context(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
 async def test_tls_with_the_configured_ca(serve, tmp_path):
     context, ca = tls_server_context(tmp_path)
     server = serve(blob, tls=context)
-    client = UpstreamClient(server.url, ca_bundle=ca)
-    try:
-        assert digest(await fetch(client)) == DIGEST
-        assert digest(await fetch(client)) == DIGEST
-    finally:
-        await client.aclose()
+    await fetch_each(server, 2, ca_bundle=ca)
     assert server.connections == 1
 
 
@@ -618,12 +613,7 @@ EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\
 
 async def test_interim_answers_are_skipped_and_the_blob_read(serve):
     server = serve(interim(EARLY_HINTS, b"HTTP/1.1 102 Processing\r\n\r\n", EARLY_HINTS))
-    client = UpstreamClient(server.url)
-    try:
-        assert digest(await fetch(client)) == DIGEST
-        assert digest(await fetch(client)) == DIGEST
-    finally:
-        await client.aclose()
+    await fetch_each(server, 2)
     assert server.connections == 1 and len(server.requests) == 2
 
 
@@ -662,10 +652,5 @@ def many_files():
 
 async def test_connections_are_reused_when_descriptors_are_numbered_over_1024(serve, many_files):
     server = serve(blob)
-    client = UpstreamClient(server.url)
-    try:
-        for _ in range(3):
-            assert digest(await fetch(client)) == DIGEST
-    finally:
-        await client.aclose()
+    await fetch_each(server, 3)
     assert server.connections == 1 and len(server.requests) == 3

@@ -18,7 +18,7 @@ from dockermirror.app import DockerMirror
 from dockermirror.cache.inflight import WRITE_BATCH
 from dockermirror.oci import Digest
 from tests.unit.conftest import config_text
-from tests.unit.fakes import digest_of
+from tests.unit.fakes import RoomForAll, digest_of
 
 pytestmark = pytest.mark.anyio
 KiB, MiB = 1024, 1024 * 1024
@@ -154,25 +154,6 @@ async def test_a_lane_that_fails_ends_a_wait_for_memory(tmp_path: Path):
 
     data = os.urandom(12 * MiB)
 
-    class Room:
-        async def reserve(self, size: int) -> bool:
-            return True
-
-        def release(self, size: int) -> None:
-            pass
-
-        def disk_full(self) -> None:
-            pass
-
-        def capacity(self) -> int:
-            return 1 << 40
-
-        def spill_room(self, size: int) -> bool:
-            return True
-
-        def lease(self, digest: str):
-            return lambda: None
-
     class Source:
         size = len(data)
 
@@ -201,7 +182,7 @@ async def test_a_lane_that_fails_ends_a_wait_for_memory(tmp_path: Path):
     store = BlobStore(tmp_path / "cache")
     store.create_dirs()
     buffers = Buffers(limit=WRITE_BATCH)
-    transfer = LaneFails(Digest.parse(digest_of(data)), store, Room(), buffers=buffers)
+    transfer = LaneFails(Digest.parse(digest_of(data)), store, RoomForAll(), buffers=buffers)
     await asyncio.wait_for(transfer.run(source, commit), PATIENCE)
     assert isinstance(transfer.error, TransferFailed) and not transfer.verified
     assert buffers.used == 0
