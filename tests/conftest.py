@@ -75,6 +75,15 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
         return (yield)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Each phase's report on the test item (``item.report_call``...), for fixtures that add
+    what explains a failure (the mirrors' logs) when they tear down."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture(scope="session", autouse=True)
 def machine_left_as_found(request: pytest.FixtureRequest):
     """With any system test in the run: fail it if system files changed or processes remain."""
@@ -97,6 +106,7 @@ def machine_left_as_found(request: pytest.FixtureRequest):
 
 
 ALL_MANIFESTS = images.ALL_MANIFESTS
+LOG_TAIL = 6000         # characters of a mirror's log shown when its test failed
 BIG_BYTES = 100 * 1024 * 1024 + 12345
 
 
@@ -175,8 +185,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 
 
 @pytest.fixture
-def make_mirror(tmp_path: Path, upstream: Upstream):
-    """Start docker-mirror processes; every one is stopped after the test."""
+def make_mirror(tmp_path: Path, upstream: Upstream, request: pytest.FixtureRequest):
+    """Start docker-mirror processes; every one is stopped after the test. When the test failed,
+    the end of each one's log is printed (pytest shows it under "Captured stdout teardown")."""
     started: list[Mirror] = []
     count = 0
 
@@ -201,6 +212,10 @@ def make_mirror(tmp_path: Path, upstream: Upstream):
     yield start
     for mirror in started:
         mirror.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for mirror in started:
+            print(f"--- the end of {mirror.log_path.name} ---\n{mirror.log_text()[-LOG_TAIL:]}")
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ from dockermirror.cache.index import (
 )
 from dockermirror.cache.inflight import Follower, Source, Transfer, Transfers
 from dockermirror.cache.space import Limits, filesystem, resolve, shortfall
-from dockermirror.cache.store import BlobStore, FileRange, TempBlob, stamp
+from dockermirror.cache.store import BlobStore, FileRange, TempBlob, stamp, unchanged_since
 from dockermirror import humanize
 from dockermirror.meter import NULL_METER, Meter
 from dockermirror.oci import Digest
@@ -91,8 +91,9 @@ class CachedFile:
     """
 
     def __init__(self, fd: int, size: int, on_close: Callable[[], None] = lambda: None,
-                 stamp: str | None = None) -> None:
+                 stamp: str | None = None, path: Path | None = None) -> None:
         self.fd = fd
+        self.path = path            # its place in the cache (where an eviction removes it from)
         self.size = size
         self.stamp = stamp
         self.bad: str | None = None
@@ -114,14 +115,9 @@ class CachedFile:
     def check(self) -> None:
         if self.bad is None and self.stamp is not None and self.fd >= 0:
             st = os.fstat(self.fd)
-            now = stamp(st)
-            if st.st_nlink == 0:
-                # removed while it was sent (an eviction that chose it just before this response
-                # leased it, or `cache prune`): unlinking changes the ctime, not the bytes
-                now, then = now.rsplit(":", 1)[0], self.stamp.rsplit(":", 1)[0]
-            else:
-                then = self.stamp
-            if st.st_size != self.size or now != then:
+            # removed while it was sent (an eviction that chose it just before this response
+            # leased it, or `cache prune`): that moves the ctime, not the bytes
+            if st.st_size != self.size or not unchanged_since(self.stamp, st, self.path):
                 self.bad = "the file changed on disk while it was sent"
         if self.bad is not None:
             raise CorruptFile(self.bad)
@@ -329,7 +325,8 @@ class Cache:
             problem = self._bad.get(entry.digest)
             if problem is None and st.st_size != entry.size:
                 problem = f"the file has {st.st_size} bytes, the index says {entry.size}"
-            if problem is None and stamp(st) != entry.stamp and self._verified.get(entry.digest) != stamp(st):
+            if (problem is None and stamp(st) != entry.stamp and self._verified.get(entry.digest) != stamp(st)
+                    and not (entry.stamp is not None and unchanged_since(entry.stamp, st, path))):
                 problem = await self._check(entry, fd, st)
         except BaseException:
             os.close(fd)
@@ -340,7 +337,7 @@ class Cache:
             self._unlease(entry.digest)
             await self._discard(entry.digest, st, problem)
             return None
-        file = CachedFile(fd, entry.size, lambda: self._unlease(entry.digest, file), stamp=stamp(st))
+        file = CachedFile(fd, entry.size, lambda: self._unlease(entry.digest, file), stamp=stamp(st), path=path)
         self._readers.setdefault(entry.digest, set()).add(file)
         return file
 

@@ -193,6 +193,27 @@ def stamp(st: os.stat_result) -> str:
     return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
+def unchanged_since(then: str, st: os.stat_result, path: os.PathLike | None) -> bool:
+    """Whether an open file whose stamp was ``then`` still has the same bytes, as far as the
+    filesystem records (``st``: its fstat now; the size is checked apart). Removing a file moves
+    its ctime but not its bytes, and :meth:`BlobStore.remove` does it in two steps (a rename
+    out of ``blobs/``, then the unlink): once the file is no longer at ``path`` (its place in
+    the cache; None: unknown), its ctime is not compared, only its inode and mtime."""
+    now = stamp(st)
+    if now == then:
+        return True
+    if st.st_nlink > 0:
+        if path is None:
+            return False        # no place to look in: only an unlinked file may have a new ctime
+        try:
+            at_path = os.stat(path)
+        except OSError:
+            at_path = None
+        if at_path is not None and (at_path.st_dev, at_path.st_ino) == (st.st_dev, st.st_ino):
+            return False        # still in its place: a ctime that moved is a change
+    return now.rsplit(":", 1)[0] == then.rsplit(":", 1)[0]
+
+
 def _subdirs(path: Path) -> list[os.DirEntry]:
     try:
         with os.scandir(path) as entries:

@@ -18,7 +18,7 @@ from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
 from dockermirror.cache import Cache, CorruptFile, maintenance
 from dockermirror.cache.index import Index
-from dockermirror.cache.store import stamp
+from dockermirror.cache.store import stamp, unchanged_since
 from dockermirror.oci import Digest
 from tests.unit.conftest import config_text
 from tests.unit.fakes import ALL_MANIFESTS
@@ -165,6 +165,43 @@ async def test_a_file_removed_while_it_is_sent_is_sent_whole(mirror):
     last = await anext(pieces)
     assert os.pread(last.fd, last.count, last.offset) == LAYER[-1:] and first.count + last.count == len(LAYER)
     await pieces.aclose()
+
+
+async def test_a_file_evicted_while_it_is_sent_is_sent_whole(mirror):
+    """An eviction removes a file in two steps, a rename out of blobs/ and then the unlink; a
+    response that reads the file between the two (the rename moved its ctime, it still has a
+    link) completes: it was cut off one byte short before."""
+    image = await pulled(mirror)
+    cache = mirror.app.cache
+    path = mirror.blob_file(image.layer)
+    file = await cache.open_file(row(mirror, image.layer))
+    pieces = file.read()
+    first = await anext(pieces)
+    os.rename(path, cache.store.tmp / "evicting")        # what BlobStore.remove does first
+    last = await anext(pieces)
+    assert os.pread(last.fd, last.count, last.offset) == LAYER[-1:] and first.count + last.count == len(LAYER)
+    await pieces.aclose()
+    assert image.layer not in cache._leases
+
+
+def test_a_file_counts_as_changed_unless_only_its_removal_moved_its_ctime(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"content")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        then = stamp(os.fstat(fd))
+        assert unchanged_since(then, os.fstat(fd), path)
+        os.chmod(path, 0o600)                               # in its place, ctime moved: changed
+        assert not unchanged_since(then, os.fstat(fd), path)
+        assert not unchanged_since(then, os.fstat(fd), None)
+        os.rename(path, tmp_path / "away")                  # removed from its place: the bytes count
+        assert unchanged_since(then, os.fstat(fd), path)
+        path.write_bytes(b"another file in its place")
+        assert unchanged_since(then, os.fstat(fd), path)
+        os.utime(tmp_path / "away", ns=(1, 1))              # and its mtime moved: changed
+        assert not unchanged_since(then, os.fstat(fd), path)
+    finally:
+        os.close(fd)
 
 
 async def test_a_file_being_opened_is_leased_before_it_is_checked(mirror, monkeypatch):
