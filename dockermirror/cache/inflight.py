@@ -37,15 +37,16 @@ import itertools
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from dockermirror.cache.store import BlobStore, FileRange, TempBlob
 from dockermirror.lograte import RateLimited
 from dockermirror.meter import NULL_METER, Meter
 from dockermirror.oci import Digest
 
+T = TypeVar("T")
 log = logging.getLogger("dockermirror.cache")
 not_caching_log = RateLimited(log)    # every client pulling a blob larger than the cache: one warning a period
 
@@ -110,6 +111,22 @@ def lane_executor() -> ThreadPoolExecutor:
     if _lanes is None:
         _lanes = ThreadPoolExecutor(max_workers=LANE_THREADS, thread_name_prefix="blob-lane")
     return _lanes
+
+
+async def _finished(*futures: Future | asyncio.Future) -> None:
+    """Wait until every one of ``futures`` is done, however often this is cancelled meanwhile
+    (then re-raises the cancellation once they are). For work that holds a resource (a file
+    descriptor) the caller is about to release."""
+    pending = [asyncio.wrap_future(f) if isinstance(f, Future) else f for f in futures if not f.done()]
+    cancelled = False
+    while pending:
+        try:
+            await asyncio.shield(asyncio.wait(pending))
+        except asyncio.CancelledError:
+            cancelled = True
+        pending = [f for f in pending if not f.done()]
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 class Source(Protocol):
@@ -191,6 +208,7 @@ class Transfer:
         self._reader_ids = itertools.count()
         self._reader_moved = asyncio.Event()
         self._had_readers = False
+        self._jobs: list[Future] = []   # this transfer's work submitted to the lane threads
 
     # --- the writing side
 
@@ -221,7 +239,11 @@ class Transfer:
             if self.caching and self._temp is not None and self.file_end == self.received:
                 # from the commit on, readers that join read the indexed file: keep it from eviction
                 unlease = self.space.lease(str(self.digest))
-                await commit(self._temp, self)
+                # in a thread that uses the temp file: it ends before the file is closed, even
+                # if this is cancelled meanwhile
+                committing = asyncio.ensure_future(commit(self._temp, self))
+                await _finished(committing)
+                committing.result()
         except BaseException as exc:
             if isinstance(exc, DigestMismatch):
                 self.meter.verification_failed("download")
@@ -327,8 +349,7 @@ class Transfer:
             return False
         try:
             if self.size is not None:  # a body of unknown length is not preallocated: it may be short
-                await asyncio.get_running_loop().run_in_executor(lane_executor(), self._temp.preallocate,
-                                                                 self._claimed + step)
+                await self._in_lane(self._temp.preallocate, self._claimed + step)
         except OSError as exc:
             self.space.disk_full()
             self._to_memory(f"no room on disk ({exc.strerror})")
@@ -370,6 +391,7 @@ class Transfer:
             held, self._held = self._held, -1      # -1: the lanes give nothing back any more
             if held > 0:
                 self._buffers.give(held)
+            await self._lanes_idle()
 
     async def _take(self, size: int, tasks: list[asyncio.Future[None]]) -> None:
         """Memory for a batch of ``size`` bytes, from the buffers every transfer shares; while it
@@ -389,6 +411,21 @@ class Transfer:
                 raise TransferFailed("a transfer lane ended early")
             take.result()
         self._held += size
+
+    async def _in_lane(self, call: Callable[..., T], *args: object) -> T:
+        """``call(*args)`` in a lane thread. Cancelling the caller does not stop the thread:
+        :meth:`_lanes_idle` waits for it before the temp file is closed."""
+        self._jobs = [job for job in self._jobs if not job.done()]
+        job = lane_executor().submit(call, *args)
+        self._jobs.append(job)
+        return await asyncio.wrap_future(job)
+
+    async def _lanes_idle(self) -> None:
+        """Wait until no lane thread is using the temp file (a cancelled lane's write or
+        preallocation may still be running: closing the descriptor under it would let the
+        thread write into whatever file or socket gets that number next)."""
+        await _finished(*self._jobs)
+        self._jobs = []
 
     def _lane_done(self, lane: int, size: int) -> None:
         """A lane finished with a batch; once both have, its memory goes back to the buffers."""
@@ -415,14 +452,12 @@ class Transfer:
                 raise TransferFailed("a transfer lane ended early")
 
     async def _hash_lane(self, queue: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
         while (item := await queue.get()) is not None:
-            await loop.run_in_executor(lane_executor(), self._hash, item[0])
+            await self._in_lane(self._hash, item[0])
             self._lane_done(0, item[1])
 
     async def _store_lane(self, queue: asyncio.Queue) -> None:
         """Put each batch where readers find it: the file, or the tail; tell them."""
-        loop = asyncio.get_running_loop()
         while (item := await queue.get()) is not None:
             batch, size = item
             start = self.received
@@ -433,7 +468,7 @@ class Transfer:
                 to_file = await self._claim(self.file_end + size)
             if to_file:
                 temp = self._temp
-                error = await loop.run_in_executor(lane_executor(), self._write, temp, batch)
+                error = await self._in_lane(self._write, temp, batch)
                 self.received += size
                 self.file_end = temp.written
                 if error is None:

@@ -1,0 +1,140 @@
+"""A transfer's temp file stays open while a thread still uses it. Cancelling the task that waits
+for a thread does not stop the thread: a write (or the commit's truncate and fsync) that outlives
+its transfer's failure or cancellation would otherwise go to whatever file or socket is given
+that descriptor number next. In-process, on real files; the store's file is made slow to write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dockermirror.cache.inflight import Transfer
+from dockermirror.cache.store import BlobStore, TempBlob
+from dockermirror.oci import Digest
+from tests.unit.fakes import RoomForAll, digest_of
+
+pytestmark = pytest.mark.anyio
+MiB = 1024 * 1024
+PATIENCE = 10.0     # seconds before a test gives up waiting (a failure, not a timing measurement)
+GRACE = 0.5         # what a transfer that does not wait for its threads needs to close its file
+
+
+class HeldTemp(TempBlob):
+    """A temp file whose writes wait for ``release`` once they have started (a slow disk);
+    records whether its descriptor was still open when each write went on."""
+
+    entered = threading.Event()
+    release = threading.Event()
+    open_when_written: list[bool] = []
+
+    def write(self, chunks: list[bytes]) -> int:
+        type(self).entered.set()
+        assert type(self).release.wait(PATIENCE)
+        type(self).open_when_written.append(self.fd >= 0)
+        return super().write(chunks)
+
+
+class HeldStore(BlobStore):
+    def new_temp(self, digest: Digest) -> TempBlob:
+        return HeldTemp(self.tmp / f"{digest.hex}.part", digest)
+
+
+class Broken:
+    """An upstream body: one chunk, then (once ``fail`` is set) a broken connection."""
+
+    size = None
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.fail = asyncio.Event()
+
+    async def chunks(self):
+        yield self.data
+        await self.fail.wait()
+        raise httpx.ReadError("connection reset by the upstream")
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> BlobStore:
+    HeldTemp.entered, HeldTemp.release, HeldTemp.open_when_written = threading.Event(), threading.Event(), []
+    store = HeldStore(tmp_path / "cache")
+    store.create_dirs()
+    return store
+
+
+async def until(condition, what: str) -> None:
+    try:
+        async with asyncio.timeout(PATIENCE):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"waited {PATIENCE:g} s for {what}")
+
+
+async def test_a_failed_transfer_closes_its_file_only_after_the_write_under_way(store: BlobStore):
+    data = os.urandom(MiB)
+    source = Broken(data)
+    transfer = Transfer(Digest.parse(digest_of(data + b"more")), store, RoomForAll())
+
+    async def commit(temp, transfer) -> None:
+        raise AssertionError("a failed transfer is not committed")
+
+    run = asyncio.ensure_future(transfer.run(lambda: _ready(source), commit))
+    await until(HeldTemp.entered.is_set, "the write to start")
+    source.fail.set()                   # the download fails while its first batch is being written
+    await asyncio.sleep(GRACE)
+    HeldTemp.release.set()
+    await asyncio.wait_for(run, PATIENCE)
+    await until(lambda: HeldTemp.open_when_written, "the write to go on")
+    assert isinstance(transfer.error, httpx.ReadError)
+    assert HeldTemp.open_when_written == [True]
+    assert transfer.closed.is_set() and list(store.tmp.iterdir()) == []
+
+
+async def test_a_transfer_cancelled_while_it_commits_closes_its_file_after_the_commit(store: BlobStore):
+    HeldTemp.release.set()
+    data = os.urandom(MiB)
+    in_commit, go_on = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    class Whole:
+        size = len(data)
+
+        async def chunks(self):
+            yield data
+
+        async def aclose(self) -> None:
+            pass
+
+    def fsync_slowly(temp: TempBlob) -> None:        # the commit's work on the file, in a thread
+        in_commit.set()
+        assert go_on.wait(PATIENCE)
+        seen.append(temp.fd)
+        os.fsync(temp.fd)
+
+    async def commit(temp, transfer) -> None:
+        await asyncio.to_thread(fsync_slowly, temp)
+
+    transfer = Transfer(Digest.parse(digest_of(data)), store, RoomForAll())
+    run = asyncio.ensure_future(transfer.run(lambda: _ready(Whole()), commit))
+    await until(in_commit.is_set, "the commit to start")
+    run.cancel()                        # a shutdown, while the commit's thread works on the file
+    await asyncio.sleep(GRACE)
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, PATIENCE)
+    await until(lambda: seen, "the commit to go on")
+    assert seen[0] >= 0                 # the thread found the file still open
+    assert transfer.closed.is_set()
+
+
+async def _ready(source):
+    return source
