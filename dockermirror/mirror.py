@@ -426,7 +426,10 @@ class Mirror:
 
     # --- blobs
 
-    async def blob(self, repo: Repo, digest: Digest, *, head: bool, retry: bool = True) -> Blob:
+    async def blob(self, repo: Repo, digest: Digest, *, head: bool, retry: bool = True,
+                   again: bool = True) -> Blob:
+        """``retry``: another upstream's failed download may be asked of this one; ``again``: a
+        transfer that ended while this request waited for it may be looked up afresh."""
         checked: int | None = None      # the upstream's answer when it was asked whether repo has it
         entry = self.cache.entry(digest)
         if entry is not None:
@@ -447,7 +450,11 @@ class Mirror:
                 # Another upstream could not start this digest's download (it is down, or does
                 # not have it): that is no answer from this request's upstream. Ask it.
                 await asyncio.wait_for(transfer.closed.wait(), OTHERS_FAILED_WAIT)
-                return await self.blob(repo, digest, head=head, retry=False)
+                return await self.blob(repo, digest, head=head, retry=False, again=again)
+            if transfer.closed.is_set() and again:
+                # it ended while this request waited (for the upstream's answer above): its file
+                # is cached now, or gone (evicted meanwhile): look again rather than follow it
+                return await self.blob(repo, digest, head=head, retry=retry, again=False)
             self.cache.touch(str(digest), repo.upstream.key, repo.name)
             follower = None if head else transfer.follow()
             if head or follower is not None:

@@ -15,6 +15,8 @@ import pytest
 
 from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
+from dockermirror.cache import maintenance
+from dockermirror.oci import Digest
 from tests.unit.fakes import FakeClock, FakeRegistry, Image, response
 from tests.unit.test_upstreams_app import ACCEPT, GHCR, HOSTS, HUB, PRIVATE, Answered, Fleet, Harness, upstreams_text
 
@@ -285,3 +287,59 @@ async def test_public_content_is_served_to_a_private_upstreams_repository_withou
 def _digest(text: str):
     from dockermirror.oci import Digest
     return Digest.parse(text)
+
+
+class GatedBody(httpx.AsyncByteStream):
+    """A blob's first KiB, then the rest once ``go`` is set."""
+
+    def __init__(self, data: bytes, go: asyncio.Event) -> None:
+        self.data, self.go = data, go
+
+    async def __aiter__(self):
+        yield self.data[:1024]
+        await self.go.wait()
+        yield self.data[1024:]
+
+
+async def test_a_reader_that_joins_a_transfer_which_ends_and_is_evicted_meanwhile_gets_the_whole_blob(
+        tmp_path: Path):
+    """B finds A's download of a private blob under way and asks the upstream (HEAD) whether its own
+    repository has it; meanwhile A's download completes and is stored, and its file is evicted.
+    B then reads the blob as it is now (fetched again), not the ended transfer's removed file."""
+    from tests.unit.test_upstreams_app import Fleet
+    fleet = Fleet()
+    for registry in fleet.registries.values():
+        registry.scoped_blobs = True
+    image = fleet[GHCR].push("org/secret", "1", layer=SECRET_LAYER)
+    fleet[GHCR].push("org/other", "1", layer=SECRET_LAYER)
+    body_go, head_go, head_asked = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "HEAD" and path.startswith("/v2/org/other/blobs/"):
+            head_asked.set()
+            await head_go.wait()
+        answer = fleet.handle(request)
+        if request.method == "GET" and path == f"/v2/org/secret/blobs/{image.layer}" and answer.status_code == 200:
+            return httpx.Response(200, headers=answer.headers, stream=GatedBody(await answer.aread(), body_go))
+        return answer
+
+    per_key = {GHCR.replace(".", "_").replace(":", "_"): CREDENTIALS}
+    app = DockerMirror(configuration.loads(upstreams_text(tmp_path / "cache", **per_key)), clock=FakeClock(),
+                       upstream_transport=httpx.MockTransport(handle))
+    async with app.running():
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app.asgi), base_url="http://mirror.test")
+        async with client:
+            a = asyncio.ensure_future(client.get(f"/v2/ghcr.io/org/secret/blobs/{image.layer}"))
+            async with asyncio.timeout(10):
+                while app.cache.transfer(Digest.parse(image.layer)) is None:
+                    await asyncio.sleep(0.01)
+            b = asyncio.ensure_future(client.get(f"/v2/ghcr.io/org/other/blobs/{image.layer}"))
+            await asyncio.wait_for(head_asked.wait(), 10)
+            body_go.set()
+            assert (await asyncio.wait_for(a, 10)).content == SECRET_LAYER
+            await app.cache.transfers.wait_all(5)
+            assert maintenance.remove(app.cache.store, app.cache.index, [image.layer]) == len(SECRET_LAYER)
+            head_go.set()
+            got = await asyncio.wait_for(b, 10)
+            assert got.status_code == 200 and got.content == SECRET_LAYER
