@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.clients import client_env, client_sandbox
+
 CURL_FORMAT = "%{time_total} %{time_starttransfer} %{size_download} %{http_code}"
 
 
@@ -101,9 +103,14 @@ def skopeo_pull(reference: str, dest: Path) -> Download:
     """``skopeo copy docker://REFERENCE dir:DEST`` (plain HTTP): seconds, and bytes of the blobs
     written (skopeo checks every digest). DEST is removed after."""
     argv = ["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{reference}", f"dir:{dest}"]
+    # the test suite's sandbox (a private /etc and /var/lib/containers, none of the host's
+    # environment): skopeo as root writes /var/lib/containers/cache otherwise
+    sandbox = client_sandbox(dest.parent)
     started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(sandbox.argv(argv), capture_output=True, text=True, timeout=600,
+                          env=client_env(sandbox.dir))
     seconds = time.perf_counter() - started
+    sandbox.cleanup()
     try:
         if done.returncode != 0:
             raise BenchError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")

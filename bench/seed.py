@@ -9,10 +9,10 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.clients import skopeo_push
 from tests.support.images import LAYER_GZIP, OCI_CONFIG, OCI_MANIFEST, Layout, sha256, tar_bytes
 
 MiB = 1024 * 1024
@@ -65,8 +65,8 @@ def image(root: Path, name: str, sizes: tuple[int, ...]) -> tuple[list[Blob], di
 
 
 def push(layout: Path, dest: str) -> None:
-    subprocess.run(["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false",
-                    f"oci:{layout}:latest", f"docker://{dest}"], check=True, capture_output=True, timeout=600)
+    # in the test suite's sandbox: skopeo as root writes /var/lib/containers/cache otherwise
+    skopeo_push(layout, "latest", dest, all_images=True)
 
 
 def seed(registry: str, workdir: Path, big_mib: int, many: bool = False) -> Content:
