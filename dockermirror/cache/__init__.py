@@ -269,7 +269,7 @@ class Cache:
 
     async def close(self, drain: float = 5.0) -> None:
         await self.transfers.wait_all(drain)
-        self.transfers.cancel_all()
+        await self.transfers.cancel_all()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

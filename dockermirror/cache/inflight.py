@@ -693,6 +693,11 @@ class Transfers:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
-    def cancel_all(self) -> None:
-        for task in self._tasks:
+    async def cancel_all(self, timeout: float = 5.0) -> None:
+        """Cancel the transfers still running (shutdown) and give them ``timeout`` seconds to
+        end: a commit under way in its thread finishes first (it writes the index)."""
+        tasks = set(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)

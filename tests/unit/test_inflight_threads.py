@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
+from dockermirror import config as configuration
+from dockermirror.app import DockerMirror
 from dockermirror.cache.inflight import Transfer
 from dockermirror.cache.store import BlobStore, TempBlob
 from dockermirror.oci import Digest
+from tests.unit.conftest import config_text
 from tests.unit.fakes import RoomForAll, digest_of
 
 pytestmark = pytest.mark.anyio
@@ -138,3 +142,46 @@ async def test_a_transfer_cancelled_while_it_commits_closes_its_file_after_the_c
 
 async def _ready(source):
     return source
+
+
+async def test_a_shutdown_waits_for_a_commit_under_way_before_it_closes_the_index(tmp_path: Path, registry, clock,
+                                                                                  monkeypatch, caplog):
+    """The server stops while a download is being stored (its fsync is slow): the stop lets that
+    commit finish, so the blob is indexed, before it closes the index under it."""
+    data = os.urandom(MiB)
+    digest = digest_of(data)
+    registry.blobs[digest] = data
+    in_fsync, go_on = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread() and not in_fsync.is_set():
+            in_fsync.set()                  # the commit's fsync of the blob, in its thread
+            assert go_on.wait(PATIENCE)
+        real_fsync(fd)
+
+    app = DockerMirror(configuration.loads(config_text(tmp_path / "cache")), clock=clock,
+                       upstream_transport=registry.transport)
+    async with app.running():
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        blob = await app.mirror.blob(app.mirror.resolve("acme/tool"), Digest.parse(digest), head=False)
+        reader = blob.body.read()
+        reading = asyncio.ensure_future(_drain(reader))
+        await until(in_fsync.is_set, "the commit's fsync")
+        closing = asyncio.ensure_future(app.cache.close(drain=0.05))    # the stop, with a short drain
+        await asyncio.sleep(GRACE)
+        go_on.set()
+        await asyncio.wait_for(closing, PATIENCE)
+        await asyncio.wait_for(reading, PATIENCE)
+    monkeypatch.undo()
+    assert "cannot be written" not in caplog.text and "cache is not open" not in caplog.text
+    index = sqlite3.connect(tmp_path / "cache" / "index.sqlite")
+    try:
+        assert index.execute("SELECT size FROM content WHERE digest = ?", (digest,)).fetchall() == [(len(data),)]
+    finally:
+        index.close()
+
+
+async def _drain(reader) -> None:
+    async for _ in reader:
+        pass
