@@ -106,11 +106,13 @@ def skopeo_pull(reference: str, dest: Path) -> Download:
     # the test suite's sandbox (a private /etc and /var/lib/containers, none of the host's
     # environment): skopeo as root writes /var/lib/containers/cache otherwise
     sandbox = client_sandbox(dest.parent)
-    started = time.perf_counter()
-    done = subprocess.run(sandbox.argv(argv), capture_output=True, text=True, timeout=600,
-                          env=client_env(sandbox.dir))
-    seconds = time.perf_counter() - started
-    sandbox.cleanup()
+    try:
+        started = time.perf_counter()
+        done = subprocess.run(sandbox.argv(argv), capture_output=True, text=True, timeout=600,
+                              env=client_env(sandbox.dir))
+        seconds = time.perf_counter() - started
+    finally:
+        sandbox.cleanup()
     try:
         if done.returncode != 0:
             raise BenchError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")

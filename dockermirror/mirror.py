@@ -454,7 +454,10 @@ class Mirror:
             if transfer.closed.is_set() and again:
                 # it ended while this request waited (for the upstream's answer above): its file
                 # is cached now, or gone (evicted meanwhile): look again rather than follow it
-                return await self.blob(repo, digest, head=head, retry=retry, again=False)
+                blob = await self.blob(repo, digest, head=head, retry=retry, again=False)
+                if blob.upstream_status is None:
+                    blob.upstream_status = checked      # what the upstream answered above
+                return blob
             self.cache.touch(str(digest), repo.upstream.key, repo.name)
             follower = None if head else transfer.follow()
             if head or follower is not None:

@@ -37,7 +37,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from dockermirror.cache import maintenance
+from dockermirror.cache import maintenance, threads
 from dockermirror.lograte import RateLimited
 from dockermirror.cache.index import (
     IMMUTABLE,
@@ -235,9 +235,10 @@ class Cache:
             log.debug("cache write failed while %s: %s", doing, reason)
 
     async def _write(self, doing: str, call: Callable[..., object], *args: object) -> bool:
-        """An index (or file) write from the request path: False, never an error, if it fails."""
+        """An index (or file) write from the request path: False, never an error, if it fails.
+        A cancellation waits for the write's thread to return (the caller may close what it uses)."""
         try:
-            await asyncio.to_thread(call, *args)
+            await threads.to_end(call, *args)
         except (sqlite3.Error, OSError) as exc:
             self._degrade(exc, doing)
             return False

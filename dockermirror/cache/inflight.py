@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from dockermirror.cache.store import BlobStore, FileRange, TempBlob
+from dockermirror.cache.threads import finished, retrieved
 from dockermirror.lograte import RateLimited
 from dockermirror.meter import NULL_METER, Meter
 from dockermirror.oci import Digest
@@ -111,22 +112,6 @@ def lane_executor() -> ThreadPoolExecutor:
     if _lanes is None:
         _lanes = ThreadPoolExecutor(max_workers=LANE_THREADS, thread_name_prefix="blob-lane")
     return _lanes
-
-
-async def _finished(*futures: Future | asyncio.Future) -> None:
-    """Wait until every one of ``futures`` is done, however often this is cancelled meanwhile
-    (then re-raises the cancellation once they are). For work that holds a resource (a file
-    descriptor) the caller is about to release."""
-    pending = [asyncio.wrap_future(f) if isinstance(f, Future) else f for f in futures if not f.done()]
-    cancelled = False
-    while pending:
-        try:
-            await asyncio.shield(asyncio.wait(pending))
-        except asyncio.CancelledError:
-            cancelled = True
-        pending = [f for f in pending if not f.done()]
-    if cancelled:
-        raise asyncio.CancelledError
 
 
 class Source(Protocol):
@@ -242,7 +227,8 @@ class Transfer:
                 # in a thread that uses the temp file: it ends before the file is closed, even
                 # if this is cancelled meanwhile
                 committing = asyncio.ensure_future(commit(self._temp, self))
-                await _finished(committing)
+                committing.add_done_callback(retrieved)     # raised below, unless cancelled first
+                await finished(committing)
                 committing.result()
         except BaseException as exc:
             if isinstance(exc, DigestMismatch):
@@ -251,18 +237,27 @@ class Transfer:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            if source is not None:
-                await source.aclose()
-                upstream = self.origin[0] if self.origin else None
-                self.meter.transfer_done(upstream, time.monotonic() - began, self.verified)
-                if streamed and not self.caching:
-                    self.meter.pass_through(upstream)
-            self.space.release(self._reserved)
-            self._reserved = 0
-            self.finished.set()
-            self._close_if_unread()
-            if unlease is not None:
-                unlease()
+            cancelled = False
+            try:
+                await self._lanes_idle()    # a preallocation of _open_file's, if that was cancelled
+            except asyncio.CancelledError:
+                cancelled = True
+            try:
+                if source is not None:
+                    await source.aclose()
+                    upstream = self.origin[0] if self.origin else None
+                    self.meter.transfer_done(upstream, time.monotonic() - began, self.verified)
+                    if streamed and not self.caching:
+                        self.meter.pass_through(upstream)
+            finally:
+                self.space.release(self._reserved)
+                self._reserved = 0
+                self.finished.set()
+                self._close_if_unread()
+                if unlease is not None:
+                    unlease()
+            if cancelled:
+                raise asyncio.CancelledError
 
     @property
     def followers(self) -> int:
@@ -391,7 +386,8 @@ class Transfer:
             held, self._held = self._held, -1      # -1: the lanes give nothing back any more
             if held > 0:
                 self._buffers.give(held)
-            await self._lanes_idle()
+            await finished(*tasks)      # the lanes' tasks end (and submit nothing more) ...
+            await self._lanes_idle()    # ... and their threads return
 
     async def _take(self, size: int, tasks: list[asyncio.Future[None]]) -> None:
         """Memory for a batch of ``size`` bytes, from the buffers every transfer shares; while it
@@ -424,7 +420,7 @@ class Transfer:
         """Wait until no lane thread is using the temp file (a cancelled lane's write or
         preallocation may still be running: closing the descriptor under it would let the
         thread write into whatever file or socket gets that number next)."""
-        await _finished(*self._jobs)
+        await finished(*self._jobs)
         self._jobs = []
 
     def _lane_done(self, lane: int, size: int) -> None:

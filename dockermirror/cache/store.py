@@ -189,7 +189,9 @@ class BlobStore:
 
 def stamp(st: os.stat_result) -> str:
     """What changes when a file is written, truncated, touched or replaced: its inode, mtime and
-    ctime (ctime cannot be set back by anyone but the kernel). The size is checked apart."""
+    ctime (ctime cannot be set back by anyone but the kernel). The size is checked apart. A file
+    removed from its place (renamed away, unlinked) is compared without its ctime: see
+    :func:`unchanged_since`."""
     return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
@@ -207,8 +209,10 @@ def unchanged_since(then: str, st: os.stat_result, path: os.PathLike | None) -> 
             return False        # no place to look in: only an unlinked file may have a new ctime
         try:
             at_path = os.stat(path)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             at_path = None
+        except OSError:
+            return False        # cannot tell where it is: as strict as for a file in its place
         if at_path is not None and (at_path.st_dev, at_path.st_ino) == (st.st_dev, st.st_ino):
             return False        # still in its place: a ctime that moved is a change
     return now.rsplit(":", 1)[0] == then.rsplit(":", 1)[0]

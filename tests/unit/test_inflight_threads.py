@@ -185,3 +185,90 @@ async def test_a_shutdown_waits_for_a_commit_under_way_before_it_closes_the_inde
 async def _drain(reader) -> None:
     async for _ in reader:
         pass
+
+
+async def test_a_transfer_cancelled_while_it_preallocates_closes_its_file_after_the_preallocation(
+        store: BlobStore, monkeypatch):
+    """The first room is claimed (and preallocated, in a lane thread) before the download
+    starts; a shutdown in that moment waits for the preallocation before closing the file."""
+    data = os.urandom(MiB)
+    in_prealloc, go_on = threading.Event(), threading.Event()
+    seen: list[int] = []
+    preallocate = TempBlob.preallocate
+
+    def slow_preallocate(temp: TempBlob, size: int) -> None:
+        in_prealloc.set()
+        assert go_on.wait(PATIENCE)
+        seen.append(temp.fd)
+        preallocate(temp, size)
+
+    monkeypatch.setattr(HeldTemp, "preallocate", slow_preallocate)
+
+    class Whole:
+        size = len(data)
+
+        async def chunks(self):
+            yield data
+
+        async def aclose(self) -> None:
+            pass
+
+    async def commit(temp, transfer) -> None:
+        raise AssertionError("a cancelled transfer is not committed")
+
+    transfer = Transfer(Digest.parse(digest_of(data)), store, RoomForAll())
+    run = asyncio.ensure_future(transfer.run(lambda: _ready(Whole()), commit))
+    await until(in_prealloc.is_set, "the preallocation to start")
+    run.cancel()
+    await asyncio.sleep(GRACE)
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, PATIENCE)
+    await until(lambda: seen, "the preallocation to go on")
+    assert seen[0] >= 0                 # the thread found the file still open
+    assert transfer.finished.is_set() and transfer.closed.is_set() and list(store.tmp.iterdir()) == []
+
+
+async def test_a_commit_whose_own_task_is_cancelled_still_ends_before_its_file_is_closed(
+        tmp_path: Path, registry, clock, monkeypatch):
+    """At the end of a shutdown, asyncio cancels every task left, the commit's own included:
+    the file is still closed only after the commit's thread (fsync, rename) has returned."""
+    data = os.urandom(MiB)
+    digest = digest_of(data)
+    registry.blobs[digest] = data
+    in_fsync, go_on = threading.Event(), threading.Event()
+    outcome: list[str] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread() and not in_fsync.is_set():
+            in_fsync.set()
+            assert go_on.wait(PATIENCE)
+            try:
+                real_fsync(fd)
+            except OSError as exc:
+                outcome.append(exc.strerror)
+                raise
+            outcome.append("ok")
+            return
+        real_fsync(fd)
+
+    app = DockerMirror(configuration.loads(config_text(tmp_path / "cache")), clock=clock,
+                       upstream_transport=registry.transport)
+    async with app.running():
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        before = asyncio.all_tasks()
+        blob = await app.mirror.blob(app.mirror.resolve("acme/tool"), Digest.parse(digest), head=False)
+        reading = asyncio.ensure_future(_drain(blob.body.read()))
+        await until(in_fsync.is_set, "the commit's fsync")
+        # what asyncio.run does to the tasks left at its end: here, those of this download
+        for task in asyncio.all_tasks() - before - {asyncio.current_task()}:
+            task.cancel()
+        await asyncio.sleep(GRACE)
+        go_on.set()
+        await until(lambda: outcome, "the commit's fsync to return")
+        await asyncio.gather(reading, return_exceptions=True)
+        await app.cache.transfers.wait_all(PATIENCE)
+        monkeypatch.undo()
+    assert outcome == ["ok"]
+    assert (tmp_path / "cache" / "blobs" / "sha256" / digest[7:9] / digest[7:]).read_bytes() == data

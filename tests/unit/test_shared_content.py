@@ -306,7 +306,6 @@ async def test_a_reader_that_joins_a_transfer_which_ends_and_is_evicted_meanwhil
     """B finds A's download of a private blob under way and asks the upstream (HEAD) whether its own
     repository has it; meanwhile A's download completes and is stored, and its file is evicted.
     B then reads the blob as it is now (fetched again), not the ended transfer's removed file."""
-    from tests.unit.test_upstreams_app import Fleet
     fleet = Fleet()
     for registry in fleet.registries.values():
         registry.scoped_blobs = True
@@ -343,3 +342,6 @@ async def test_a_reader_that_joins_a_transfer_which_ends_and_is_evicted_meanwhil
             head_go.set()
             got = await asyncio.wait_for(b, 10)
             assert got.status_code == 200 and got.content == SECRET_LAYER
+            assert [(s.method, s.path) for s in fleet[GHCR].seen if s.path.endswith(f"/blobs/{image.layer}")] == [
+                ("GET", f"/v2/org/secret/blobs/{image.layer}"), ("HEAD", f"/v2/org/other/blobs/{image.layer}"),
+                ("GET", f"/v2/org/other/blobs/{image.layer}")]      # fetched again, for B's repository
