@@ -10,6 +10,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -34,7 +35,7 @@ class HeldTemp(TempBlob):
 
     entered = threading.Event()
     release = threading.Event()
-    open_when_written: list[bool] = []
+    open_when_written: ClassVar[list[bool]] = []
 
     def write(self, chunks: list[bytes]) -> int:
         type(self).entered.set()
@@ -61,6 +62,19 @@ class Broken:
         yield self.data
         await self.fail.wait()
         raise httpx.ReadError("connection reset by the upstream")
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Whole:
+    """An upstream body that arrives in one chunk, its length announced."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.size = data, len(data)
+
+    async def chunks(self):
+        yield self.data
 
     async def aclose(self) -> None:
         pass
@@ -109,15 +123,6 @@ async def test_a_transfer_cancelled_while_it_commits_closes_its_file_after_the_c
     in_commit, go_on = threading.Event(), threading.Event()
     seen: list[int] = []
 
-    class Whole:
-        size = len(data)
-
-        async def chunks(self):
-            yield data
-
-        async def aclose(self) -> None:
-            pass
-
     def fsync_slowly(temp: TempBlob) -> None:        # the commit's work on the file, in a thread
         in_commit.set()
         assert go_on.wait(PATIENCE)
@@ -127,17 +132,25 @@ async def test_a_transfer_cancelled_while_it_commits_closes_its_file_after_the_c
     async def commit(temp, transfer) -> None:
         await asyncio.to_thread(fsync_slowly, temp)
 
+    transfer = await cancelled_while_held(store, data, commit, in_commit, go_on, seen, "commit")
+    assert seen[0] >= 0                 # the thread found the file still open
+    assert transfer.closed.is_set()
+
+
+async def cancelled_while_held(store: BlobStore, data: bytes, commit, entered: threading.Event,
+                               go_on: threading.Event, seen: list, what: str) -> Transfer:
+    """Run a transfer of ``data``; once a thread of it has ``entered`` its held work, cancel the
+    transfer (a shutdown), then let the thread go on (it appends to ``seen``); the transfer as it ended."""
     transfer = Transfer(Digest.parse(digest_of(data)), store, RoomForAll())
-    run = asyncio.ensure_future(transfer.run(lambda: _ready(Whole()), commit))
-    await until(in_commit.is_set, "the commit to start")
-    run.cancel()                        # a shutdown, while the commit's thread works on the file
+    run = asyncio.ensure_future(transfer.run(lambda: _ready(Whole(data)), commit))
+    await until(entered.is_set, f"the {what} to start")
+    run.cancel()
     await asyncio.sleep(GRACE)
     go_on.set()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(run, PATIENCE)
-    await until(lambda: seen, "the commit to go on")
-    assert seen[0] >= 0                 # the thread found the file still open
-    assert transfer.closed.is_set()
+    await until(lambda: seen, f"the {what} to go on")
+    return transfer
 
 
 async def _ready(source):
@@ -204,27 +217,10 @@ async def test_a_transfer_cancelled_while_it_preallocates_closes_its_file_after_
 
     monkeypatch.setattr(HeldTemp, "preallocate", slow_preallocate)
 
-    class Whole:
-        size = len(data)
-
-        async def chunks(self):
-            yield data
-
-        async def aclose(self) -> None:
-            pass
-
     async def commit(temp, transfer) -> None:
         raise AssertionError("a cancelled transfer is not committed")
 
-    transfer = Transfer(Digest.parse(digest_of(data)), store, RoomForAll())
-    run = asyncio.ensure_future(transfer.run(lambda: _ready(Whole()), commit))
-    await until(in_prealloc.is_set, "the preallocation to start")
-    run.cancel()
-    await asyncio.sleep(GRACE)
-    go_on.set()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(run, PATIENCE)
-    await until(lambda: seen, "the preallocation to go on")
+    transfer = await cancelled_while_held(store, data, commit, in_prealloc, go_on, seen, "preallocation")
     assert seen[0] >= 0                 # the thread found the file still open
     assert transfer.finished.is_set() and transfer.closed.is_set() and list(store.tmp.iterdir()) == []
 
