@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dockermirror.api.responses import BUFFERS, ZERO_COPY
 from dockermirror.cacheresults import is_pull
 from dockermirror.humanize import printable
 
@@ -118,7 +119,7 @@ class AccessLog:
                 short = short or went < size     # a dropped piece: never complete, whatever follows
                 complete = not short and not message.get("more_body", False)
                 return
-            elif message["type"] == "http.response.zerocopysend":
+            elif message["type"] in (ZERO_COPY, BUFFERS):
                 try:
                     await send(message)
                 except BaseException:

@@ -38,6 +38,9 @@ def error_response(error: RegistryError, *, head: bool = False) -> Response:
     return Response(body, status_code=error.status, headers=headers, media_type="application/json")
 
 
+Buffer = bytes | bytearray | memoryview
+
+
 class Piece(Protocol):
     """A range of an open file (see dockermirror.cache.store.FileRange)."""
 
@@ -48,12 +51,15 @@ class Piece(Protocol):
 
 
 class Body(Protocol):
-    def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | Piece]: ...
+    """Bytes as they come: bytes, a list of buffers (consecutive, kept in memory), or a file range."""
+
+    def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[Buffer | list[Buffer] | Piece]: ...
 
     def close(self) -> None: ...
 
 
 ZERO_COPY = "http.response.zerocopysend"
+BUFFERS = "dockermirror.response.buffers"    # ours (service/zerocopy.py): buffers written with writev
 READ_CHUNK = 256 * 1024
 
 
@@ -61,7 +67,9 @@ class StreamResponse:
     """Streams ``body.read(start, end)`` and stops as soon as the client goes away.
 
     File ranges go out with the ASGI zero-copy extension when the server offers it
-    (``sendfile``: no byte passes through Python), else in reads of READ_CHUNK bytes.
+    (``sendfile``: no byte passes through Python), else in reads of READ_CHUNK bytes; a list
+    of buffers goes out with our own extension of the same kind (service/zerocopy.BUFFERS:
+    written to the socket as they are, several at once), else one body message each.
     If the body fails part-way (a transfer whose bytes did not verify, a read error),
     the response is cut off rather than completed, so the client sees an error.
 
@@ -89,21 +97,30 @@ class StreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected: asyncio.Task[Message] | None = None
-        pieces: AsyncGenerator[bytes | Piece, None] | None = None
+        pieces: AsyncGenerator[Buffer | list[Buffer] | Piece, None] | None = None
         note = None
         try:
             await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
             # sendfile cannot frame chunked encoding: only a response of known length goes zero-copy
-            zero_copy = ZERO_COPY in scope.get("extensions", {}) and any(
-                name == b"content-length" for name, _ in self.headers)
+            extensions = scope.get("extensions", {})
+            known_length = any(name == b"content-length" for name, _ in self.headers)
+            zero_copy = ZERO_COPY in extensions and known_length
+            writev = BUFFERS in extensions and known_length
             disconnected = asyncio.get_running_loop().create_task(_wait_disconnect(receive))
             pieces = self.body.read(self.start, self.end)
             async for piece in pieces:
                 if disconnected.done():
                     note = "client went away"
                     return
-                if isinstance(piece, bytes):
+                if isinstance(piece, (bytes, bytearray, memoryview)):   # kept in memory
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
+                elif isinstance(piece, list):   # kept in memory, several buffers
+                    if writev:
+                        await send({"type": BUFFERS, "buffers": piece, "count": sum(len(b) for b in piece),
+                                    "more_body": True})
+                    else:
+                        for buffer in piece:
+                            await send({"type": "http.response.body", "body": buffer, "more_body": True})
                 elif zero_copy:
                     await send({"type": ZERO_COPY, "file": piece, "offset": piece.offset, "count": piece.count,
                                 "more_body": True})

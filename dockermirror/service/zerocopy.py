@@ -65,12 +65,16 @@ from dockermirror.service import clientcert
 log = logging.getLogger("dockermirror.access")
 
 EXTENSION = "http.response.zerocopysend"
+# ours, offered with it: {"type": BUFFERS, "buffers": [bytes-like, ...], "count": N} is written
+# to the socket with writev, on the same terms (a download's bytes kept in memory)
+BUFFERS = "dockermirror.response.buffers"
 CORK_FROM = 256 * 1024      # ranges at least this large are sent corked
 BURST = 4 * 1024 * 1024     # most bytes one sendfile call sends before its thread is handed back
 SENDFILE_THREADS = 8        # threads only ever copy (never wait for a client): a few are plenty
 LINGER = 5.0                # seconds a refused request's remaining input is read and dropped
 PROGRESS_CHECK = 1.0        # seconds between looks at a waiting client's progress
 WRITE_PIECE = 64 * 1024     # larger bodies are handed to uvicorn in pieces of this size
+IOV_MAX = 1024              # most buffers one writev takes (Linux's UIO_MAXIOV)
 _threads = ThreadPoolExecutor(max_workers=SENDFILE_THREADS, thread_name_prefix="sendfile")
 
 
@@ -171,6 +175,45 @@ async def sendfile(out: int, fd: int, offset: int, count: int, stall: float,
     return sent
 
 
+async def send_buffers(out: int, buffers: list[bytes | bytearray | memoryview], stall: float,
+                       progress: dict[str, Any] | None = None) -> int:
+    """Send ``buffers`` on the non-blocking socket ``out`` with ``writev``, from the event loop
+    (a copy into the socket buffer never waits: it takes what fits); returns the bytes sent,
+    fewer if the peer went away or took nothing for ``stall`` seconds. Like :func:`sendfile`:
+    corked when large, ``progress["sent"]`` kept current, the waits on the event loop."""
+    loop = asyncio.get_running_loop()
+    views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
+    count = sum(len(view) for view in views)
+    cork = count >= CORK_FROM
+    if cork:
+        _set_cork(out, 1)
+    sent = 0
+    try:
+        while views:
+            try:
+                n = os.writev(out, views[:IOV_MAX])
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                break
+            sent += n
+            if progress is not None:
+                progress["sent"] = sent
+            while n:                # drop what went out
+                if n >= len(views[0]):
+                    n -= len(views.pop(0))
+                else:
+                    views[0], n = views[0][n:], 0
+            if views and not await _wait_progress(loop, out, stall):
+                break
+    finally:
+        if cork:
+            _set_cork(out, 0)
+        for view in views:
+            view.release()
+    return sent
+
+
 async def _in_thread(out: int, fd: int, offset: int, count: int) -> tuple[int, str]:
     """``sendfile_some`` in a sendfile thread. If the caller is cancelled meanwhile, the call
     is let finish first (it is short: it never waits for the client): its descriptors must
@@ -218,7 +261,7 @@ class _Send:
             # answers 400 at once; it marks only the newest request disconnected): what is left
             # of the response goes nowhere, as for any client that went away
             self.cycle.disconnected = True
-        if message["type"] == EXTENSION and self.zero_copy:
+        if message["type"] in (EXTENSION, BUFFERS) and self.zero_copy:
             await self._send_file(message)
             return
         body = message.get("body", b"")
@@ -302,6 +345,7 @@ class _Send:
             raise ConnectionError("the client went away")
         if not cycle.response_started or cycle.chunked_encoding or cycle.scope["method"] == "HEAD":
             raise RuntimeError("zero-copy send needs a started response with a Content-Length")
+        buffers = message["buffers"] if message["type"] == BUFFERS else None
         count = message["count"]
         if count > cycle.expected_content_length:
             raise RuntimeError("Response content longer than Content-Length")
@@ -316,8 +360,11 @@ class _Send:
         out = os.dup(fileno)
         try:
             # message["sent"]: what went out, for the access log, however this ends
-            sent = await sendfile(out, message["file"].fileno(), message.get("offset", 0), count,
-                                  self.limits.send_timeout, progress=message)
+            if buffers is not None:
+                sent = await send_buffers(out, buffers, self.limits.send_timeout, progress=message)
+            else:
+                sent = await sendfile(out, message["file"].fileno(), message.get("offset", 0), count,
+                                      self.limits.send_timeout, progress=message)
         finally:
             os.close(out)
         cycle.expected_content_length -= sent
@@ -471,7 +518,8 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
             return
         plain = self.transport.get_extra_info("sslcontext") is None
         if plain:
-            cycle.scope.setdefault("extensions", {})[EXTENSION] = {}
+            extensions = cycle.scope.setdefault("extensions", {})
+            extensions[EXTENSION] = extensions[BUFFERS] = {}
         cycle.send = _Send(cycle, self._limits, zero_copy=plain)  # type: ignore[method-assign]
 
     def on_message_complete(self) -> None:

@@ -5,6 +5,7 @@ zero-copy path and on the copying one, also when the client goes away part-way."
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import pytest
@@ -47,6 +48,24 @@ async def test_a_zero_copy_range_cut_off_part_way_counts_what_went_out():
     with pytest.raises(ConnectionError):
         await AccessLog(app, on_done=seen.append)(scope(), None, server_send)
     assert seen[0].sent == 900_000 and not seen[0].complete
+
+
+async def test_buffers_cut_off_part_way_count_what_went_out():
+    seen: list[RequestDone] = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"3000000")]})
+        await send({"type": zerocopy.BUFFERS, "buffers": [b"a" * 1_000_000] * 3, "count": 3_000_000,
+                    "more_body": True})
+
+    async def server_send(message):
+        if message["type"] == zerocopy.BUFFERS:
+            message["sent"] = 1_500_000     # as zerocopy._Send does when writev got that far
+            raise ConnectionError("the client went away or stopped reading after 1500000 of 3000000 bytes")
+
+    with pytest.raises(ConnectionError):
+        await AccessLog(app, on_done=seen.append)(scope(), None, server_send)
+    assert seen[0].sent == 1_500_000 and not seen[0].complete
 
 
 async def test_a_body_whose_send_raises_or_is_dropped_is_not_counted():
@@ -189,3 +208,45 @@ async def test_a_body_dropped_after_the_client_went_away_is_not_counted():
         writer.close()
         done = await server.finished()
     assert done.sent == 1000 and not done.complete
+
+
+class _Mixed:
+    """A body of every kind of piece a transfer's reader yields: bytes and a bytearray (the
+    in-memory tail), a list of buffers (the download's window), a file range (the temp file)."""
+
+    def __init__(self, pieces: list) -> None:
+        self.pieces = pieces
+
+    async def read(self, start=0, end=None):
+        for piece in self.pieces:
+            yield piece
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["plain", "copying"])
+async def test_every_kind_of_piece_reaches_the_client_whole_and_is_counted(tmp_path, zero_copy):
+    window = [os.urandom(300_000), bytearray(os.urandom(1_000_000)), memoryview(b"--" + os.urandom(70_000))[2:]]
+    on_file = os.urandom(200_000)
+    (tmp_path / "part").write_bytes(b"x" * 5 + on_file)
+    head, tail = os.urandom(10), bytearray(os.urandom(100_001))
+    expected = head + bytes(tail) + b"".join(bytes(b) for b in window) + on_file
+    with open(tmp_path / "part", "rb") as f:
+        async def app(scope, receive, send):
+            assert zerocopy.BUFFERS in scope["extensions"]
+            if not zero_copy:
+                scope["extensions"].pop(zerocopy.EXTENSION)
+                scope["extensions"].pop(zerocopy.BUFFERS)
+            await StreamResponse(_Mixed([head, tail, window, FileRange(f.fileno(), 5, len(on_file))]), status=200,
+                                 headers=[(b"content-length", str(len(expected)).encode())])(scope, receive, send)
+
+        async with _Server(app) as server:
+            reader, writer = await asyncio.open_connection(*server.sock.getsockname())
+            writer.write(b"GET /v2/x/blobs/sha256:00 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            got = await asyncio.wait_for(reader.readexactly(len(expected)), 30)
+            writer.close()
+            done = await server.finished()
+    assert got == expected
+    assert done.sent == len(expected) and done.complete and not done.note

@@ -65,6 +65,44 @@ async def test_a_reader_that_takes_nothing_is_given_up_on_after_the_stall_deadli
     client.close()
 
 
+async def test_buffers_reach_a_slow_reader_whole_and_in_order():
+    """Bytes kept in memory (a download's window: several buffers, views among them) go out with
+    writev: every byte, in order, across partial writes into a small socket buffer."""
+    chunks = [os.urandom(n) for n in (1, 70_000, 300_000, 4096, 123_457)]
+    buffers = [chunks[0], bytearray(chunks[1]), memoryview(b"xx" + chunks[2])[2:], chunks[3], chunks[4]]
+    data = b"".join(chunks)
+    peer, client = connected_pair()
+    client.setblocking(False)
+    received = bytearray()
+    progress: dict = {}
+
+    async def read_slowly() -> None:
+        while len(received) < len(data):
+            try:
+                received.extend(client.recv(4096))
+            except BlockingIOError:
+                pass
+            await asyncio.sleep(0.002)
+
+    reader = asyncio.create_task(read_slowly())
+    sent = await zerocopy.send_buffers(peer.fileno(), buffers, stall=5, progress=progress)
+    await asyncio.wait_for(reader, 30)
+    assert sent == len(data) == progress["sent"] and bytes(received) == data
+    peer.close()
+    client.close()
+
+
+async def test_buffers_to_a_reader_that_takes_nothing_are_given_up_on_after_the_stall_deadline():
+    peer, client = connected_pair()
+    progress: dict = {}
+    buffers = [b"z" * (1024 * 1024)] * 8
+    sent = await asyncio.wait_for(zerocopy.send_buffers(peer.fileno(), buffers, stall=0.3, progress=progress), 30)
+    assert 0 < sent < 8 * 1024 * 1024 and progress["sent"] == sent
+    client.close()      # a peer that went away: what is left is not sent, nothing raises
+    assert await asyncio.wait_for(zerocopy.send_buffers(peer.fileno(), buffers, stall=5), 30) < 8 * 1024 * 1024
+    peer.close()
+
+
 async def test_many_stalled_readers_hold_no_thread(tmp_path):
     """More stalled transfers than there are sendfile threads: another one still goes through."""
     (tmp_path / "blob").write_bytes(b"y" * (4 * 1024 * 1024))
