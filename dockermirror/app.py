@@ -73,7 +73,8 @@ def _limits(config: Config) -> Limits:
     c = config.cache
     table = config.registry_table()
     return Limits(max_size=c.max_size, min_free=c.min_free, blob_ttl=c.blob_ttl, manifest_ttl=c.manifest_ttl,
-                  pins=tuple(table.pattern(pattern) for pattern in c.pin), verify_rate=c.verify_rate)
+                  pins=tuple(table.pattern(pattern) for pattern in c.pin), verify_rate=c.verify_rate,
+                  direct_writes=c.direct_writes)
 
 
 class DockerMirror:

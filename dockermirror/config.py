@@ -475,6 +475,8 @@ class CacheConfig:
     pin: tuple[str, ...] = _setting((), parse_patterns, sequence=True)
     # bytes per second the background re-verification of cached files may read (0: off)
     verify_rate: int = _setting(8 * 1024 * 1024, parse_size, show=format_size)
+    # downloads are written past the page cache (O_DIRECT) where the filesystem allows it
+    direct_writes: bool = _setting(True, _boolean)
 
 
 def parse_count(value: Any) -> int:

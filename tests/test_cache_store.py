@@ -17,7 +17,7 @@ from dockermirror.cache import Cache, Limits
 from dockermirror.cache.inflight import Transfer
 from dockermirror.cache.store import BlobStore
 from dockermirror.oci import Digest
-from tests.unit.fakes import RoomForAll
+from tests.unit.fakes import RoomForAll, piece_bytes
 
 HOUR = 3600.0
 
@@ -149,7 +149,7 @@ async def _collect(pieces: AsyncIterator) -> bytes:
     """What a response would send: bytes as they are, file ranges read from the file."""
     out = bytearray()
     async for piece in pieces:
-        out += piece if isinstance(piece, bytes) else os.pread(piece.fileno(), piece.count, piece.offset)
+        out += piece_bytes(piece)
     return bytes(out)
 
 

@@ -69,6 +69,9 @@ RECHECK_NAME = "index.recheck"   # present: check every file against the index a
 MAINTENANCE_INTERVAL = 60.0      # check limits this often
 EXPIRY_INTERVAL = 600.0          # expire by TTL this often
 PROBE_INTERVAL = 10.0            # degraded: try an index write this often
+# a stop: transfers get `drain` s (close()) to end, then this long once cancelled (a commit under
+# way); with uvicorn's 20 s for connections it stays within systemd's TimeoutStopSec=30
+CANCEL_WAIT = 2.0
 VERIFY_START = 300.0             # the background re-verification starts this long after start-up
 VERIFY_ROUND = 86400.0           # and begins a new round of every file at most this often
 VERIFY_CHUNK = 1024 * 1024
@@ -139,7 +142,7 @@ class Cache:
         self.clock = clock
         self.meter = meter
         self.store = BlobStore(self.root)
-        self.transfers = Transfers(self.store, self, meter)
+        self.transfers = Transfers(self.store, self, meter, direct_writes=lambda: self.limits.direct_writes)
         self.index: Index | None = None
         self.reserved = 0
         self._leases: collections.Counter[str] = collections.Counter()
@@ -237,8 +240,12 @@ class Cache:
     async def _write(self, doing: str, call: Callable[..., object], *args: object) -> bool:
         """An index (or file) write from the request path: False, never an error, if it fails.
         A cancellation waits for the write's thread to return (the caller may close what it uses)."""
+        def failed(exc: BaseException) -> None:    # while this was being cancelled
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                self._degrade(exc, doing)
+
         try:
-            await threads.to_end(call, *args)
+            await threads.to_end(call, *args, on_error=failed)
         except (sqlite3.Error, OSError) as exc:
             self._degrade(exc, doing)
             return False
@@ -270,7 +277,7 @@ class Cache:
 
     async def close(self, drain: float = 5.0) -> None:
         await self.transfers.wait_all(drain)
-        await self.transfers.cancel_all()
+        await self.transfers.cancel_all(CANCEL_WAIT)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

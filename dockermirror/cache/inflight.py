@@ -7,8 +7,13 @@ nothing: the transfer finishes for the others and for the cache.
 
 Where the bytes live while readers follow:
 
+* first in memory: each batch received is handed to readers at once, while the hash and
+  store lanes work on it (it is counted in the shared :class:`Buffers` until both are done;
+  a chunk readers are still sending after that stays counted, once, until the last of them
+  is done). A reader that falls behind what memory holds reads the file instead;
 * normally in the temp file, reserved in the cache's accounting (and preallocated) a
-  step ahead of the bytes received: readers ``pread`` it as it grows. An unverified
+  step ahead of the bytes received, written past the page cache where the filesystem
+  allows it (direct.py): readers ``pread`` it as it grows. An unverified
   body can make the cache evict at most what it really sent plus one step
   (:func:`ahead`), whatever length it announced;
 * when the content may not be cached (larger than the cache, no room left after
@@ -25,7 +30,10 @@ digest (like a reader of a cached file), so the file it reads is never evicted u
 
 Readers are never given the last byte before the digest has been verified, so a
 client can never receive a complete response with wrong content: a bad transfer
-always ends in a cut-off response.
+always ends in a cut-off response. Verified means hashed: a response may end while the
+store lane still writes the batches waiting in its queue (at most PIPELINE of them); the
+content is committed once they are written. The queues are bounded, so with a disk slower
+than the network the download, and its readers, go at the disk's pace.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
+from dockermirror.cache.direct import DirectWriter
 from dockermirror.cache.store import BlobStore, FileRange, TempBlob
 from dockermirror.cache.threads import finished, retrieved
 from dockermirror.lograte import RateLimited
@@ -52,11 +61,15 @@ log = logging.getLogger("dockermirror.cache")
 not_caching_log = RateLimited(log)    # every client pulling a blob larger than the cache: one warning a period
 
 READ_CHUNK = 1024 * 1024        # most bytes of the in-memory tail handed out at once
+MEMORY_PIECE = 4 * 1024 * 1024  # most bytes of the window handed out at once (a list of its chunks: no copy)
 WRITE_BATCH = 1024 * 1024       # bytes gathered before they are hashed and written in worker threads
+COALESCE = 4 * 1024 * 1024      # most bytes a lane that fell behind takes in one thread call
 PIPELINE = 6                    # batches that may wait to be hashed, or written, while more download
 RESERVE_STEP = 64 * 1024 * 1024  # most room reserved ahead of the bytes received (see ahead())
 MEMORY_TAIL = 64 * 1024 * 1024   # bytes an uncached transfer keeps for slower readers
 SLOW_READER = 60.0               # seconds an uncached transfer waits for a reader that is behind
+DIRECT_WRITES = True             # the default: temp files written with O_DIRECT where the filesystem can (direct.py)
+DIRECT_FROM = 1024 * 1024        # ... if the content is announced to be at least this large (a small one costs nothing)
 LATE_FETCHES = 4                 # most extra fetches in flight at once, for readers an in-memory tail left behind
 # The hash and store lanes' threads: a pool of their own, not the loop's default executor that
 # every to_thread shares (many cold blobs at once must not starve it, nor be starved by it).
@@ -97,6 +110,11 @@ class Buffers:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+        self.used += size
+
+    def pin(self, size: int) -> None:
+        """Count ``size`` bytes readers still hold after the transfer let go of them (no wait: the
+        memory is in use already; it moved from the transfer's count to this one)."""
         self.used += size
 
     def give(self, size: int) -> None:
@@ -160,8 +178,9 @@ class Transfer:
     """A download of one digest, and the readers following it."""
 
     def __init__(self, digest: Digest, store: BlobStore, space: Space, *, cache: bool = True,
-                 meter: Meter = NULL_METER, buffers: Buffers | None = None) -> None:
+                 meter: Meter = NULL_METER, buffers: Buffers | None = None, direct: bool | None = None) -> None:
         self.digest = digest
+        self._direct_writes = DIRECT_WRITES if direct is None else direct
         self._buffers = buffers or Buffers()
         self._held = 0                  # bytes of this transfer's batches taken from the buffers
         self._lanes_done = [0, 0]       # bytes each lane (hash, store) has finished with
@@ -172,7 +191,8 @@ class Transfer:
         self.caching = cache            # the file is reserved in the cache and committed if verified
         self.spilling = False           # the file is outside the cache, deleted after its last reader
         self.size: int | None = None
-        self.received = 0               # bytes hashed so far
+        self.arrived = 0                # bytes received from the upstream (held in memory until stored)
+        self.received = 0               # bytes stored so far (in the file or the tail)
         self.file_end = 0               # bytes [0, file_end) are in the temp file
         self.verified = False
         self.error: BaseException | None = None
@@ -182,12 +202,19 @@ class Transfer:
         self.closed = asyncio.Event()    # ... and the temp file is closed: no new reader may join
         self._hasher = hashlib.new(digest.algorithm)
         self._temp: TempBlob | None = None
+        self._direct: DirectWriter | None = None     # writes the temp file past the page cache
         self._reserved = 0              # bytes reserved in the cache's accounting
         self._claimed = 0               # bytes of the file reserved or checked for room (and preallocated)
         self._ahead = RESERVE_STEP
         self._tail: collections.deque[tuple[int, bytes]] = collections.deque()
         self._tail_start = 0            # offset of the first byte still in the tail
         self._tail_bytes = 0
+        # batches received but not stored yet, by offset: readers take them from memory meanwhile
+        # (they are in the shared buffers already, until the store lane is done with them)
+        self._window: collections.deque[tuple[int, bytes]] = collections.deque()
+        # window chunks readers are sending, by id: [readers holding it, the chunk, counted in the
+        # buffers by pin() since the window let go of it]
+        self._holds: dict[int, list] = {}
         self._progress = asyncio.Event()
         self._readers: dict[int, int] = {}   # reader id -> position
         self._reader_ids = itertools.count()
@@ -214,13 +241,6 @@ class Transfer:
             self.started.set_result(None)
             streamed = True
             await self._pump(source)
-            if self.size is not None and self.received != self.size:
-                raise DigestMismatch(f"expected {self.size} bytes, got {self.received}")
-            actual = self._hasher.hexdigest()
-            if actual != self.digest.hex:
-                raise DigestMismatch(f"content hashes to {self.digest.algorithm}:{actual}")
-            self.verified = True
-            self._notify()
             if self.caching and self._temp is not None and self.file_end == self.received:
                 # from the commit on, readers that join read the indexed file: keep it from eviction
                 unlease = self.space.lease(str(self.digest))
@@ -242,6 +262,7 @@ class Transfer:
                 await self._lanes_idle()    # a preallocation of _open_file's, if that was cancelled
             except asyncio.CancelledError:
                 cancelled = True
+            self._close_direct()    # (if the store lane did not; no lane thread uses it now)
             try:
                 if source is not None:
                     await source.aclose()
@@ -300,6 +321,11 @@ class Transfer:
             return
         if self.spilling:
             self._temp.passing_through()
+        if self._direct_writes and (self.size is None or self.size >= DIRECT_FROM):
+            try:
+                self._direct = DirectWriter(self._temp.path)
+            except OSError:
+                pass    # the filesystem has no O_DIRECT (tmpfs): written through the page cache
         if self.size:
             # only a step ahead: a length is a claim, not bytes (it may be a lie)
             await self._claim(min(self.size, self._ahead))
@@ -325,6 +351,7 @@ class Transfer:
         self.caching = self.spilling = False
         self.space.release(self._reserved)
         self._reserved = 0
+        self._keep_window(self.file_end, self.received)     # stored bytes the file did not take
 
     async def _claim(self, needed: int) -> bool:
         """Room for the file to reach ``needed`` bytes, claimed (and preallocated) up to one step
@@ -372,22 +399,85 @@ class Transfer:
                 # WRITE_BATCH boundary of the content
                 if pumped >= flush_at:
                     await self._take(batched, tasks)
+                    self._arrive(batch)
                     await self._feed(lanes, tasks, (batch, batched))
                     batch, batched = [], 0
                     flush_at = (pumped // WRITE_BATCH + 1) * WRITE_BATCH
             if batch:
                 await self._take(batched, tasks)
+                self._arrive(batch)
                 await self._feed(lanes, tasks, (batch, batched))
             await self._feed(lanes, tasks, None)
-            await asyncio.gather(*tasks)
+            await tasks[0]
+            # every byte hashed: readers may have the last one while the store lane finishes
+            mismatch = self._verify()
+            await tasks[1]
+            if mismatch is not None:
+                raise mismatch
         finally:
             for task in tasks:
                 task.cancel()
             held, self._held = self._held, -1      # -1: the lanes give nothing back any more
             if held > 0:
                 self._buffers.give(held)
+            while self._window:      # (empty unless it failed) its memory went back to the buffers
+                self._drop(self._window.popleft()[1])
             await finished(*tasks)      # the lanes' tasks end (and submit nothing more) ...
             await self._lanes_idle()    # ... and their threads return
+            self._close_direct()
+
+    def _verify(self) -> DigestMismatch | None:
+        """Check what the hash lane saw; if it is the content, let readers have all of it."""
+        if self.size is not None and self.arrived != self.size:
+            return DigestMismatch(f"expected {self.size} bytes, got {self.arrived}")
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hex:
+            return DigestMismatch(f"content hashes to {self.digest.algorithm}:{actual}")
+        self.verified = True
+        self._notify()
+        return None
+
+    def _arrive(self, batch: list[bytes]) -> None:
+        """A batch taken from the upstream (and counted in the buffers): readers may have it now."""
+        for chunk in batch:
+            if chunk:
+                self._window.append((self.arrived, chunk))
+                self.arrived += len(chunk)
+        self._notify()
+
+    def _stored(self, end: int) -> None:
+        """Bytes before ``end`` are in the file or the tail: forget them in the window."""
+        while self._window and self._window[0][0] + len(self._window[0][1]) <= end:
+            self._drop(self._window.popleft()[1])
+        if self._window:
+            offset, data = self._window[0]
+            if offset < end and offset + len(data) <= self.received:
+                # stored, but its end not in the file yet (the direct writer's partial block): its
+                # memory went back to the buffers with its batch, so keep only a copy of that end
+                self._window[0] = (end, bytes(memoryview(data)[end - offset:]))
+                self._drop(data)
+
+    def _drop(self, chunk: bytes) -> None:
+        """The window lets go of ``chunk`` (its memory goes back to the buffers with the batch):
+        if readers still send it, it stays counted, once, until the last of them is done."""
+        hold = self._holds.get(id(chunk))
+        if hold is not None and not hold[2]:
+            hold[2] = True
+            self._buffers.pin(len(chunk))
+
+    def _hold(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            hold = self._holds.setdefault(id(chunk), [0, chunk, False])
+            hold[0] += 1
+
+    def _release(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            hold = self._holds[id(chunk)]
+            hold[0] -= 1
+            if not hold[0]:
+                del self._holds[id(chunk)]
+                if hold[2]:
+                    self._buffers.give(len(chunk))
 
     async def _take(self, size: int, tasks: list[asyncio.Future[None]]) -> None:
         """Memory for a batch of ``size`` bytes, from the buffers every transfer shares; while it
@@ -397,6 +487,8 @@ class Transfer:
             try:
                 await asyncio.wait({take, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             except BaseException:
+                if take.done() and not take.cancelled() and take.exception() is None:
+                    self._held += size      # it took the memory as this was cancelled: given back with the rest
                 take.cancel()       # cancelled before it took anything: it takes only when it completes
                 raise
             if not take.done():
@@ -447,51 +539,111 @@ class Transfer:
                 task.result()  # raises what stopped the lane
                 raise TransferFailed("a transfer lane ended early")
 
-    async def _hash_lane(self, queue: asyncio.Queue) -> None:
+    @staticmethod
+    async def _batches(queue: asyncio.Queue) -> AsyncIterator[tuple[list[bytes], int]]:
+        """The lane's batches in order, each merged with those already waiting behind it (up to
+        COALESCE bytes): a lane that fell behind catches up with one thread call for several."""
         while (item := await queue.get()) is not None:
-            await self._in_lane(self._hash, item[0])
-            self._lane_done(0, item[1])
+            batch, size = list(item[0]), item[1]
+            ended = False
+            while size < COALESCE and not queue.empty():
+                more = queue.get_nowait()
+                if more is None:
+                    ended = True
+                    break
+                batch += more[0]
+                size += more[1]
+            yield batch, size
+            if ended:
+                return
+
+    async def _hash_lane(self, queue: asyncio.Queue) -> None:
+        async for batch, size in self._batches(queue):
+            await self._in_lane(self._hash, batch)
+            self._lane_done(0, size)
 
     async def _store_lane(self, queue: asyncio.Queue) -> None:
         """Put each batch where readers find it: the file, or the tail; tell them."""
-        while (item := await queue.get()) is not None:
-            batch, size = item
+        async for batch, size in self._batches(queue):
             start = self.received
-            if self.spilling and self._had_readers and not self._readers:
+            if self.spilling and self._had_readers and not self._readers and not self.verified:
                 raise TransferFailed("every reader of an uncached transfer has gone")
             to_file = (self.caching or self.spilling) and self._temp is not None
-            if to_file and self.file_end + size > self._claimed:
-                to_file = await self._claim(self.file_end + size)
+            # (the file may lag what was stored by the direct writer's partial block)
+            if to_file and self.received + size > self._claimed:
+                to_file = await self._claim(self.received + size)
             if to_file:
                 temp = self._temp
-                error = await self._in_lane(self._write, temp, batch)
+                error = await self._in_lane(self._write, temp, self._direct, batch)
                 self.received += size
                 self.file_end = temp.written
                 if error is None:
+                    self._stored(self.file_end)
                     self._lane_done(1, size)
                     self._notify()
                     continue
-                self.space.disk_full()
-                self._to_memory(f"writing failed at byte {self.file_end} ({error.strerror})")
-                self._keep(b"".join(batch)[self.file_end - start:], self.file_end)
+                self._write_failed(error)   # the window's bytes from file_end on go to the tail
             else:
                 self.received += size
                 self._keep(b"".join(batch), start)
+            self._stored(self.received)
             self._lane_done(1, size)    # its bytes are in the tail now (MEMORY_TAIL bounds that)
             self._notify()
             await self._trim()
+        if self._direct is not None and (self.caching or self.spilling) and self._temp is not None:
+            temp = self._temp
+            error = await self._in_lane(self._finish, temp, self._direct)
+            if error is None:
+                self.file_end = temp.written
+                self._stored(self.file_end)
+            else:
+                self._write_failed(error)
+                self._stored(self.received)
+            self._notify()
+
+    def _write_failed(self, error: OSError) -> None:
+        """The disk took no more: the content goes on from memory (the tail), uncached."""
+        self.space.disk_full()
+        self._to_memory(f"writing failed at byte {self.file_end} ({error.strerror})")
+
+    def _close_direct(self) -> None:
+        """Close the direct writer; only when no lane thread can be using it."""
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
 
     def _hash(self, batch: list[bytes]) -> None:
         for chunk in batch:
             self._hasher.update(chunk)
 
     @staticmethod
-    def _write(temp: TempBlob, batch: list[bytes]) -> OSError | None:
+    def _write(temp: TempBlob, direct: DirectWriter | None, batch: list[bytes]) -> OSError | None:
         try:
-            temp.write(batch)
+            if direct is not None and direct.works():
+                temp.written = direct.write(batch)
+            else:
+                temp.write(batch)
         except OSError as exc:
             return exc
         return None
+
+    @staticmethod
+    def _finish(temp: TempBlob, direct: DirectWriter) -> OSError | None:
+        """The direct writer's last partial block (through the file's ordinary descriptor)."""
+        try:
+            if direct.works():
+                temp.written = direct.finish(temp.fd)
+        except OSError as exc:
+            return exc
+        return None
+
+    def _keep_window(self, start: int, end: int) -> None:
+        """Bytes [start, end) of the window go to the tail (the file could not take them)."""
+        for offset, data in self._window:
+            if offset >= end:
+                break
+            if offset + len(data) > start:
+                self._keep(data[max(0, start - offset): end - offset], max(start, offset))
 
     def _keep(self, data: bytes, offset: int) -> None:
         if data:
@@ -508,7 +660,7 @@ class Transfer:
                 _, data = self._tail.popleft()
                 self._tail_bytes -= len(data)
             self._tail_start = self._tail[0][0] if self._tail else self.received
-            if not self._readers and self._had_readers:
+            if not self._readers and self._had_readers and not self.verified:
                 raise TransferFailed("every reader of an uncached transfer has gone")
             if self._tail_bytes <= MEMORY_TAIL or not self._readers:
                 return
@@ -537,14 +689,17 @@ class Transfer:
 
     @property
     def available(self) -> int:
-        """Bytes readers may have: all once verified, else all but the last."""
-        return self.received if self.verified else max(0, self.received - 1)
+        """Bytes readers may have: all once verified, else all but the last (all that arrived
+        while fewer than the announced length have: none of them can be the last)."""
+        if self.verified or (self.size is not None and self.arrived < self.size):
+            return self.arrived
+        return max(0, self.arrived - 1)
 
     def follow(self, start: int = 0) -> Follower | None:
         """A reader from ``start``; None if an uncached transfer already dropped those bytes,
         or its file is gone."""
-        if start >= self.file_end and start < self._tail_start:
-            return None
+        if start < self._tail_start and self.file_end < self._tail_start:
+            return None     # bytes [file_end, _tail_start) it would need next are gone from memory
         if self.closed.is_set() and not (self._temp is not None and self._temp.committed):
             return None
         return Follower(self, start)
@@ -557,10 +712,38 @@ class Transfer:
             return os.open(self._temp.path, os.O_RDONLY | os.O_CLOEXEC)
         return -1
 
+    def _from_window(self, pos: int, limit: int) -> tuple[list[bytes | memoryview], list[bytes]] | None:
+        """The window's bytes from ``pos`` (before ``limit``, at most MEMORY_PIECE), as its own
+        chunks (views of them where a chunk is cut): nothing is copied; and the chunks they are
+        of. None if the window has not those bytes."""
+        window = self._window
+        i = len(window) - 1
+        while i >= 0 and window[i][0] > pos:     # a reader keeping up reads the newest
+            i -= 1
+        if i < 0 or pos >= window[i][0] + len(window[i][1]):
+            return None
+        pieces: list[bytes | memoryview] = []
+        chunks: list[bytes] = []
+        at = pos
+        # up to MEMORY_PIECE, less when the shared memory is short (a client that stops reading
+        # keeps what it was handed counted until its send gives up): at least one chunk
+        most = min(MEMORY_PIECE, max(0, self._buffers.limit - self._buffers.used) // 2)
+        while i < len(window) and at < limit and (at == pos or at - pos < most):
+            offset, data = window[i]
+            start, end = at - offset, min(len(data), limit - offset)
+            pieces.append(data if start == 0 and end == len(data) else memoryview(data)[start:end])
+            chunks.append(data)
+            at = offset + end
+            i += 1
+        return pieces, chunks
+
     def _from_tail(self, pos: int, limit: int) -> bytes:
+        """Bytes from ``pos`` (before ``limit``) kept in the in-memory tail."""
         for offset, data in self._tail:
             if offset <= pos < offset + len(data):
                 return data[pos - offset: pos - offset + min(limit - pos, READ_CHUNK)]
+        if self.error is not None:
+            raise TransferFailed(str(self.error) or type(self.error).__name__)
         raise TransferFailed(f"bytes at {pos} of an uncached transfer are gone (the reader fell behind)")
 
 
@@ -586,22 +769,34 @@ class Follower:
             unlease, self._unlease = self._unlease, None
             unlease()
 
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | FileRange]:
-        """Bytes ``[start, end)`` as they arrive, as ranges of the file being written (or bytes
-        kept in memory); ``end=None`` reads to the end of the content."""
+    async def read(self, start: int = 0, end: int | None = None
+                   ) -> AsyncIterator[FileRange | list[bytes | memoryview] | bytes]:
+        """Bytes ``[start, end)`` as they arrive: from memory (a list of consecutive buffers) while
+        they are there, else as ranges of the file being written (or bytes of the in-memory tail);
+        ``end=None`` reads to the end of the content."""
         t = self.transfer
         fd = -1
+        held: list[bytes] = []      # the window's chunks this reader was handed last (see _drop)
         try:
             await t.started
             fd = t._open_fd()
             pos = start
             while end is None or pos < end:
+                if held:
+                    t._release(held)
+                    held = []
                 t._readers[self._id] = pos
                 progress = t._progress
                 limit = t.available if end is None else min(t.available, end)
                 if pos < limit:
-                    if pos < t.file_end:
-                        piece: bytes | FileRange = FileRange(fd, pos, min(limit, t.file_end) - pos)
+                    piece: FileRange | list[bytes | memoryview] | bytes
+                    in_window = t._from_window(pos, limit)
+                    if in_window is not None:
+                        piece, held = in_window
+                        t._hold(held)       # still counted while it is sent, if the window lets go of it
+                        size = sum(len(buffer) for buffer in piece)
+                    elif pos < t.file_end:
+                        piece = FileRange(fd, pos, min(limit, t.file_end) - pos)
                         size = piece.count
                     else:
                         piece = t._from_tail(pos, limit)
@@ -612,13 +807,15 @@ class Follower:
                     t._readers[self._id] = pos
                     t._reader_moved.set()
                     t._reader_moved = asyncio.Event()
-                elif t.verified and pos >= t.received:
+                elif t.verified and pos >= t.arrived:
                     return  # complete, verified content (even if caching it failed)
                 elif t.error is not None:
                     raise TransferFailed(str(t.error) or type(t.error).__name__)
                 else:
                     await progress.wait()
         finally:
+            if held:
+                t._release(held)
             if fd >= 0:
                 os.close(fd)
             self.close()
@@ -627,10 +824,12 @@ class Follower:
 class Transfers:
     """The transfers in flight in this process, one per digest."""
 
-    def __init__(self, store: BlobStore, space: Space, meter: Meter = NULL_METER) -> None:
+    def __init__(self, store: BlobStore, space: Space, meter: Meter = NULL_METER,
+                 direct_writes: Callable[[], bool] = lambda: DIRECT_WRITES) -> None:
         self.store = store
         self.space = space
         self.meter = meter
+        self._direct_writes = direct_writes     # asked at each start (a reload may change it)
         self._active: dict[Digest, Transfer] = {}
         self._late = 0                  # unshared transfers running (each may hold a MEMORY_TAIL)
         self.buffers = Buffers()        # the memory all their batches share
@@ -649,7 +848,8 @@ class Transfers:
     ) -> Transfer:
         """Start a transfer. A shared one is the digest's single transfer (the caller checked
         there is none); an unshared one serves one late reader of an uncached transfer."""
-        transfer = Transfer(digest, self.store, self.space, cache=shared, meter=self.meter, buffers=self.buffers)
+        transfer = Transfer(digest, self.store, self.space, cache=shared, meter=self.meter, buffers=self.buffers,
+                            direct=self._direct_writes())
         if shared:
             assert digest not in self._active
             self._active[digest] = transfer
@@ -689,9 +889,11 @@ class Transfers:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
-    async def cancel_all(self, timeout: float = 5.0) -> None:
+    async def cancel_all(self, timeout: float) -> None:
         """Cancel the transfers still running (shutdown) and give them ``timeout`` seconds to
-        end: a commit under way in its thread finishes first (it writes the index)."""
+        end: a commit under way in its thread finishes first if it can in that time (it writes
+        the index; past it, the index closes under it: the blob is left unindexed, and the next
+        start adopts or removes it)."""
         tasks = set(self._tasks)
         for task in tasks:
             task.cancel()

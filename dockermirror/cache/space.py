@@ -20,6 +20,7 @@ class Limits:
     manifest_ttl: float = 7 * DAY
     pins: tuple[str, ...] = ()      # registry/repository patterns (RegistryTable.pattern) never evicted or expired
     verify_rate: int = 0            # bytes/s the background re-verification of stored files reads (0: off)
+    direct_writes: bool = True      # downloads are written with O_DIRECT where the filesystem can (see direct.py)
 
 
 @dataclass(frozen=True)

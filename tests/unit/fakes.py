@@ -16,6 +16,7 @@ test asserts what the upstream saw.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import hashlib
 import json
@@ -408,3 +409,13 @@ class RoomForAll:
 
     def lease(self, digest: str):
         return lambda: None
+
+
+def piece_bytes(piece) -> bytes:
+    """The bytes of one piece a blob body yields: bytes, a list of buffers (from memory), or a
+    file range."""
+    if isinstance(piece, (bytes, bytearray)):
+        return bytes(piece)
+    if isinstance(piece, list):
+        return b"".join(bytes(buffer) for buffer in piece)
+    return os.pread(piece.fileno(), piece.count, piece.offset)

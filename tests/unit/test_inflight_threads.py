@@ -6,6 +6,7 @@ that descriptor number next. In-process, on real files; the store's file is made
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sqlite3
 import threading
@@ -17,6 +18,8 @@ import pytest
 
 from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
+from dockermirror.cache import inflight, threads
+from dockermirror.cache.direct import DirectWriter
 from dockermirror.cache.inflight import Transfer
 from dockermirror.cache.store import BlobStore, TempBlob
 from dockermirror.oci import Digest
@@ -41,6 +44,16 @@ class HeldTemp(TempBlob):
         type(self).entered.set()
         assert type(self).release.wait(PATIENCE)
         type(self).open_when_written.append(self.fd >= 0)
+        return super().write(chunks)
+
+
+class HeldDirect(DirectWriter):
+    """The same for the writes that bypass the page cache (what a disk that has O_DIRECT gets)."""
+
+    def write(self, chunks: list[bytes]) -> int:
+        HeldTemp.entered.set()
+        assert HeldTemp.release.wait(PATIENCE)
+        HeldTemp.open_when_written.append(self.fd >= 0)
         return super().write(chunks)
 
 
@@ -80,8 +93,12 @@ class Whole:
         pass
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> BlobStore:
+@pytest.fixture(params=["page cache", "direct"])
+def store(tmp_path: Path, request, monkeypatch) -> BlobStore:
+    if request.param == "direct":
+        monkeypatch.setattr(inflight, "DirectWriter", HeldDirect)
+    else:
+        monkeypatch.setattr(inflight, "DIRECT_WRITES", False)
     HeldTemp.entered, HeldTemp.release, HeldTemp.open_when_written = threading.Event(), threading.Event(), []
     store = HeldStore(tmp_path / "cache")
     store.create_dirs()
@@ -268,3 +285,30 @@ async def test_a_commit_whose_own_task_is_cancelled_still_ends_before_its_file_i
         monkeypatch.undo()
     assert outcome == ["ok"]
     assert (tmp_path / "cache" / "blobs" / "sha256" / digest[7:9] / digest[7:]).read_bytes() == data
+
+
+async def test_a_thread_that_fails_while_its_caller_is_cancelled_reports_its_error(caplog):
+    """The write's error cannot be raised to a cancelled caller: it goes to on_error (the cache
+    records it as a failed write), and nothing logs it as "never retrieved"."""
+    started, go_on = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def failing_write() -> None:
+        started.set()
+        assert go_on.wait(PATIENCE)
+        raise OSError(28, "No space left on device")
+
+    call = asyncio.ensure_future(threads.to_end(failing_write, on_error=errors.append))
+    await until(started.is_set, "the write to start")
+    for _ in range(50):                     # cancelled, and cancelled again, while it runs
+        call.cancel()
+        await asyncio.sleep(0)
+    tasks = len(asyncio.all_tasks())
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, PATIENCE)
+    assert tasks <= 3                       # this test's, the call's: no task per cancellation
+    assert [type(e) for e in errors] == [OSError] and errors[0].strerror == "No space left on device"
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text

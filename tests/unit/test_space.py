@@ -22,7 +22,7 @@ from dockermirror.cache.inflight import LATE_FETCHES
 from dockermirror.errors import Unavailable
 from dockermirror.oci import Digest
 from tests.unit.conftest import Harness, config_text
-from tests.unit.fakes import Body, FakeRegistry, Seen, digest_of
+from tests.unit.fakes import Body, FakeRegistry, Seen, digest_of, piece_bytes
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
@@ -167,7 +167,7 @@ async def test_late_readers_of_a_pass_through_in_memory_get_a_bounded_number_of_
         for mib in range(1, 4):   # the first reader moves on, and the start of the content is dropped
             bodies[0].permits.put_nowait(None)
             while read < mib * MiB - 1:
-                read += len(await anext(reader))
+                read += len(piece_bytes(await asyncio.wait_for(anext(reader), 10)))
         transfer = app.cache.transfer(Digest.parse(digest))
         assert transfer is not None and transfer.follow() is None      # byte 0 is gone
         late = [await app.mirror.blob(repo, Digest.parse(digest), head=False) for _ in range(LATE_FETCHES)]
@@ -189,7 +189,7 @@ async def test_late_readers_of_a_pass_through_in_memory_get_a_bounded_number_of_
 async def _read_all(blob) -> bytes:
     out = bytearray()
     async for piece in blob.body.read():
-        out += piece if isinstance(piece, bytes) else os.pread(piece.fileno(), piece.count, piece.offset)
+        out += piece_bytes(piece)
     return bytes(out)
 
 
