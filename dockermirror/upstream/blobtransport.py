@@ -6,7 +6,9 @@ limited a cold download (see the README's performance notes). This transport doe
 request, and reads the body, in threads of its own pool: the thread does the blocking socket
 work (and the TLS decryption) without the GIL and hands the loop one large chunk at a time
 (up to CHUNK bytes, the first one small so that the first byte is not held back, and whatever
-has come once FLUSH_AFTER has passed, so that a slow upstream's bytes are not held). A
+has come once FLUSH_AFTER has passed, so that a slow upstream's bytes are not held). The thread
+reads on without being asked, up to AHEAD chunks ahead of the consumer: waiting to be asked for
+each chunk (a hand-off through a busy event loop) left it idle for as long as it read. A
 plain-HTTP body of known length is read, once ``http.client``'s buffer is empty, straight from
 the socket with ``recv(MSG_WAITALL)``: one system call per chunk.
 
@@ -27,6 +29,7 @@ httpx's own proxy transport (see :func:`proxy_mounts`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import http.client
 import io
 import logging
@@ -44,6 +47,7 @@ import httpx
 
 CHUNK = 1024 * 1024        # most bytes handed to the loop at once
 FIRST_CHUNK = 16 * 1024    # the first read of a body: small, so its first byte is not held back
+AHEAD = 2                  # chunks a body's thread reads before its consumer takes them
 STEP = 16 * 1024           # a chunk is filled this much at a time (a blocking read: a quarter of MIN_PROGRESS) ...
 FLUSH_AFTER = 0.05         # ... and handed on once it has taken this long (a slow upstream's bytes are not held)
 DIRECT = True              # plain-HTTP bodies of known length read with recv(MSG_WAITALL)
@@ -411,7 +415,7 @@ class _Response(http.client.HTTPResponse):
 
 
 class _Body(httpx.AsyncByteStream):
-    """A response body read in the transport's threads, one chunk ahead of the consumer."""
+    """A response body read in the transport's threads, up to AHEAD chunks ahead of the consumer."""
 
     def __init__(self, transport: ThreadTransport, loop: asyncio.AbstractEventLoop, conn: _Connection,
                  response: http.client.HTTPResponse, request: httpx.Request, read_timeout: float | None) -> None:
@@ -422,7 +426,15 @@ class _Body(httpx.AsyncByteStream):
         self._request = request
         self._done = False          # the body was read to its end
         self._closed = False
-        self._next: Future[bytearray] | None = None
+        self._next: Future[None] | None = None      # the thread reading ahead (the last one started)
+        # what the thread read that the consumer has not taken yet: chunks, then b"" at the end or
+        # the error that ended the reads; guarded by _lock, like _reading, _ended and _waiter
+        self._lock = threading.Lock()
+        self._ahead: collections.deque[bytearray | BaseException] = collections.deque()
+        self._reading = False       # a thread is reading ahead (or about to)
+        self._ended = False         # the thread read the end, or an error: it reads no more
+        self._waiter: asyncio.Future[None] | None = None    # the consumer, waiting for a chunk
+        self._want = FIRST_CHUNK
         self._error: httpx.TransportError | None = None    # to raise at the next read
         self._read_timeout = read_timeout
         # A plain-HTTP body of known length is read straight from the socket once http.client's
@@ -555,38 +567,73 @@ class _Body(httpx.AsyncByteStream):
                                             f"the end of the body", request=self._request)
         return n
 
-    def _submit(self, want: int) -> Future[bytearray]:
-        return self._transport._executor.submit(self._read, want)
+    def _read_ahead(self) -> None:
+        """In a pool thread: read chunks until AHEAD of them wait for the consumer, the body ends,
+        a read fails, or the body is closed. The consumer is woken only if it waits: one that keeps
+        up finds the next chunk read already, and the thread goes on without waiting to be asked."""
+        while True:
+            item: bytearray | BaseException
+            try:
+                item = self._read(self._want)
+            except BaseException as exc:    # (httpx's errors, from _read) handed to the consumer
+                item = exc
+            self._want = CHUNK
+            with self._lock:
+                self._ahead.append(item)
+                self._ended = isinstance(item, BaseException) or not item
+                stop = self._ended or self._closed or len(self._ahead) >= AHEAD
+                if stop:
+                    self._reading = False
+                waiter, self._waiter = self._waiter, None
+            if waiter is not None:
+                try:
+                    self._loop.call_soon_threadsafe(_wake, waiter)
+                except RuntimeError:    # the loop is closed: nobody waits any more
+                    pass
+            if stop:
+                return
+
+    def _restart(self) -> None:
+        """(Under _lock, on the loop) start a thread reading ahead if none is and there is room."""
+        if not self._reading and not self._ended and not self._closed and len(self._ahead) < AHEAD:
+            self._reading = True
+            self._next = self._transport._executor.submit(self._read_ahead)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._done or self._closed:
             return
-        pending = self._next or self._submit(FIRST_CHUNK)
-        self._next = pending
         while True:
-            waiter = asyncio.wrap_future(pending, loop=self._loop)
-            try:
-                chunk = await asyncio.shield(waiter)
-            except asyncio.CancelledError:
-                waiter.add_done_callback(_retrieve)     # the read ends in an error nobody awaits
-                self._conn.abort()      # the thread returns; aclose() waits for it
-                raise
-            if not chunk:
+            with self._lock:
+                item = self._ahead.popleft() if self._ahead else None
+                waiter = None
+                if item is None:
+                    waiter = self._waiter = self._loop.create_future()
+                self._restart()
+            if waiter is not None:
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    self._conn.abort()      # the thread returns; aclose() waits for it
+                    raise
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
                 self._done = True
-                self._next = None
                 return
-            pending = self._submit(CHUNK)   # read ahead while the consumer handles this one
-            self._next = pending
-            yield chunk     # type: ignore[misc]  # a bytearray: the consumers only need a buffer
+            yield item     # type: ignore[misc]  # a bytearray: the consumers only need a buffer
 
     async def aclose(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        conn, pending = self._conn, self._next
+        with self._lock:        # the thread reads no more after this read
+            self._closed = True
+            self._waiter = None
+            conn, pending, reading = self._conn, self._next, self._reading
         reusable = self._done and self._response.isclosed() and not self._response.will_close
         if pending is not None and not pending.done():
-            conn.abort()
+            if reading:     # (else it is returning, having read what it was to read)
+                conn.abort()
             waiter = asyncio.wrap_future(pending, loop=self._loop)
             try:
                 await asyncio.shield(waiter)
@@ -612,6 +659,11 @@ class _Body(httpx.AsyncByteStream):
                 conn.close()
         finally:
             self._transport._release(self._loop)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _retrieve(future: asyncio.Future | Future) -> None:

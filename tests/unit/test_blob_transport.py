@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from dockermirror.errors import Unavailable
+from dockermirror.upstream import blobtransport
 from dockermirror.upstream import client as upstream_client
 from dockermirror.upstream.blobtransport import ThreadTransport
 from dockermirror.upstream.client import UpstreamClient, UpstreamUnreachable
@@ -651,6 +652,70 @@ def many_files():
 
 
 async def test_connections_are_reused_when_descriptors_are_numbered_over_1024(serve, many_files):
+    server = serve(blob)
+    await fetch_each(server, 3)
+    assert server.connections == 1 and len(server.requests) == 3
+
+
+async def test_the_body_is_read_ahead_of_its_consumer_at_most_ahead_chunks(serve):
+    """The body's thread goes on reading while the consumer handles a chunk (it is not asked for
+    each one: a hand-off through the event loop per chunk left it idle half the time), and stops
+    AHEAD chunks ahead of a consumer that takes nothing: the memory a slow consumer costs is bounded."""
+    server = serve(blob)
+    transport = ThreadTransport()
+    client = httpx.AsyncClient(transport=transport)
+    try:
+        response = await client.send(client.build_request("GET", server.url + PATH), stream=True)
+        body = response.stream._stream      # our _Body, under httpx's wrapper
+        chunks = response.aiter_raw()
+        out = bytearray(await anext(chunks))
+        deadline = time.monotonic() + 10
+        while len(body._ahead) < blobtransport.AHEAD and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)       # nothing asked for: the thread reads on its own
+        assert len(body._ahead) == blobtransport.AHEAD
+        await asyncio.sleep(0.3)
+        assert len(body._ahead) == blobtransport.AHEAD and not body._reading     # and stops there
+        assert all(len(chunk) == blobtransport.CHUNK for chunk in body._ahead)
+        async for chunk in chunks:
+            out += chunk
+        assert digest(bytes(out)) == DIGEST
+        await response.aclose()
+    finally:
+        await client.aclose()
+    assert server.connections == 1
+
+
+async def test_an_error_after_chunks_read_ahead_comes_after_them(serve):
+    """A body cut short while the consumer pauses: it gets every byte that came, in order, then the error."""
+    def cut(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\n\r\n".encode() + DATA[:3 * MiB])
+        return False    # closed: 2 MiB + 123 bytes short
+    server = serve(cut)
+    client = httpx.AsyncClient(transport=ThreadTransport())
+    try:
+        response = await client.send(client.build_request("GET", server.url + PATH), stream=True)
+        chunks = response.aiter_raw()
+        out = bytearray(await anext(chunks))
+        await asyncio.sleep(0.3)            # the thread reads the rest, and the error, meanwhile
+        with pytest.raises(httpx.RemoteProtocolError, match="closed the connection"):
+            async for chunk in chunks:
+                out += chunk
+        assert bytes(out) == DATA[:3 * MiB]
+        await response.aclose()
+    finally:
+        await client.aclose()
+
+
+async def test_a_body_read_to_its_end_keeps_its_connection_while_its_thread_returns(serve, monkeypatch):
+    """The consumer may see the end before the thread that read it has returned: closing the
+    response then waits for it, and does not abort the connection (which was then not reused)."""
+    returned = blobtransport._Body._read_ahead
+
+    def slow_to_return(self) -> None:
+        returned(self)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(blobtransport._Body, "_read_ahead", slow_to_return)
     server = serve(blob)
     await fetch_each(server, 3)
     assert server.connections == 1 and len(server.requests) == 3
