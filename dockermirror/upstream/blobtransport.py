@@ -429,7 +429,7 @@ class _Body(httpx.AsyncByteStream):
         self._next: Future[None] | None = None      # the thread reading ahead (the last one started)
         # what the thread read that the consumer has not taken yet: chunks, then b"" at the end or
         # the error that ended the reads; guarded by _lock, like _reading, _ended and _waiter
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()     # (a job's done callback may run where it is held)
         self._ahead: collections.deque[bytearray | BaseException] = collections.deque()
         self._reading = False       # a thread is reading ahead (or about to)
         self._ended = False         # the thread read the end, or an error: it reads no more
@@ -595,9 +595,34 @@ class _Body(httpx.AsyncByteStream):
 
     def _restart(self) -> None:
         """(Under _lock, on the loop) start a thread reading ahead if none is and there is room."""
-        if not self._reading and not self._ended and not self._closed and len(self._ahead) < AHEAD:
-            self._reading = True
-            self._next = self._transport._executor.submit(self._read_ahead)
+        if self._reading or self._ended or self._closed or len(self._ahead) >= AHEAD:
+            return
+        try:
+            job = self._transport._executor.submit(self._read_ahead)
+        except RuntimeError:        # the transport is closed
+            self._end_reads(httpx.ReadError("the upstream connection pool was closed", request=self._request))
+            return
+        self._reading = True
+        self._next = job
+        job.add_done_callback(self._not_run)
+
+    def _not_run(self, job: Future[None]) -> None:
+        """A read job cancelled before it ran (the transport closed): the consumer must not wait for it."""
+        if job.cancelled():
+            with self._lock:
+                self._reading = False
+                self._end_reads(httpx.ReadError("the upstream connection pool was closed", request=self._request))
+                waiter, self._waiter = self._waiter, None
+            if waiter is not None:
+                try:
+                    self._loop.call_soon_threadsafe(_wake, waiter)
+                except RuntimeError:
+                    pass
+
+    def _end_reads(self, error: BaseException) -> None:
+        """(Under _lock) no more reads: the consumer gets ``error`` after what was read."""
+        self._ended = True
+        self._ahead.append(error)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._done or self._closed:
@@ -607,6 +632,8 @@ class _Body(httpx.AsyncByteStream):
                 item = self._ahead.popleft() if self._ahead else None
                 waiter = None
                 if item is None:
+                    if self._closed or self._ended:     # closed by another task; read again after its end
+                        raise httpx.StreamClosed()
                     waiter = self._waiter = self._loop.create_future()
                 self._restart()
             if waiter is not None:
@@ -628,12 +655,16 @@ class _Body(httpx.AsyncByteStream):
             return
         with self._lock:        # the thread reads no more after this read
             self._closed = True
-            self._waiter = None
+            self._ahead.clear()
             conn, pending, reading = self._conn, self._next, self._reading
+            consumer, self._waiter = self._waiter, None
+        if consumer is not None:    # a consumer in another task, waiting: it finds the body closed
+            _wake(consumer)
         reusable = self._done and self._response.isclosed() and not self._response.will_close
-        if pending is not None and not pending.done():
-            if reading:     # (else it is returning, having read what it was to read)
-                conn.abort()
+        # a thread still reading is stopped, and waited for; one that stopped reading is only
+        # returning (it uses the connection no more)
+        if pending is not None and reading and not pending.done():
+            conn.abort()
             waiter = asyncio.wrap_future(pending, loop=self._loop)
             try:
                 await asyncio.shield(waiter)
@@ -644,7 +675,7 @@ class _Body(httpx.AsyncByteStream):
                 raise
             except Exception:   # the read's own error: the response is being closed anyway
                 pass
-        elif pending is not None and not pending.cancelled():
+        elif pending is not None and pending.done() and not pending.cancelled():
             pending.exception()     # mark retrieved
         self._finish(reusable)
 

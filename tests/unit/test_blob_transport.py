@@ -719,3 +719,50 @@ async def test_a_body_read_to_its_end_keeps_its_connection_while_its_thread_retu
     server = serve(blob)
     await fetch_each(server, 3)
     assert server.connections == 1 and len(server.requests) == 3
+
+
+async def test_a_body_closed_by_another_task_ends_its_waiting_consumer(serve):
+    """The consumer waits for the thread (blocked in recv: the upstream sends nothing more) and
+    another task closes the response: the consumer gets StreamClosed at once, not a wait forever."""
+    release = threading.Event()
+    server = serve(held(release))
+    client = httpx.AsyncClient(transport=ThreadTransport())
+    try:
+        response = await client.send(client.build_request("GET", server.url + PATH), stream=True)
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in response.aiter_raw():
+                first.set()
+
+        consumer = asyncio.ensure_future(consume())
+        await asyncio.wait_for(first.wait(), 10)
+        await asyncio.sleep(0.2)            # waiting for the thread, which waits for the upstream
+        await response.aclose()
+        with pytest.raises(httpx.StreamClosed):
+            await asyncio.wait_for(consumer, 10)
+    finally:
+        release.set()
+        await client.aclose()
+
+
+async def test_a_read_queued_when_the_transport_closes_ends_its_consumer(serve):
+    """Every thread of the pool busy, the body's next read waits in the queue, and the transport
+    closes (which drops queued jobs): the consumer gets a ReadError, not a wait forever."""
+    server = serve(blob)
+    transport = ThreadTransport(max_connections=1)
+    client = httpx.AsyncClient(transport=transport)
+    gate = threading.Event()
+    try:
+        response = await client.send(client.build_request("GET", server.url + PATH), stream=True)
+        transport._executor.submit(gate.wait, 10)      # the pool's one thread, busy
+        consumer = asyncio.ensure_future(anext(response.aiter_raw()))
+        await asyncio.sleep(0.2)            # its read job is queued behind the busy thread
+        assert not consumer.done()
+        await transport.aclose()
+        with pytest.raises(httpx.ReadError, match="pool was closed"):
+            await asyncio.wait_for(consumer, 10)
+        await response.aclose()
+    finally:
+        gate.set()
+        await client.aclose()
