@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import subprocess
 import time
@@ -61,9 +62,15 @@ def fill(mountpoint: Path) -> Path:
     return ballast
 
 
+ACCESS = re.compile(r' access: \S+ "([^"]*)" .* cache=(\S+)')
+
+
 def cache_results(mirror, since: int) -> list[str]:
-    return [line.split("cache=")[1].split()[0] + " " + line.split('"')[1]
-            for line in mirror.log_text()[since:].splitlines() if " access: " in line]
+    """"CACHE-RESULT METHOD PATH" of each access line logged after ``since``: whole lines only (the
+    server may be writing the last one: it logs a request once its response has gone out)."""
+    text = mirror.log_text()[since:]
+    return [f"{found[2]} {found[1]}" for line in text[:text.rfind("\n") + 1].splitlines()
+            if (found := ACCESS.search(line))]
 
 
 def test_full_filesystem_serves_cached_passes_through_the_rest_and_restarts(make_mirror, fault_proxy, notify,
