@@ -44,6 +44,7 @@ clients show nothing else of an error: containerd answers a failed HEAD with its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import http
 import logging
@@ -52,6 +53,7 @@ import re
 import socket
 import struct
 import termios
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +134,20 @@ def _set_cork(fd: int, value: int) -> None:
         sock.detach()
 
 
+@contextlib.contextmanager
+def _corked(fd: int, count: int) -> Iterator[None]:
+    """``count`` bytes are sent within: corked if that is CORK_FROM or more (full segments only,
+    flushed when it ends)."""
+    cork = count >= CORK_FROM
+    if cork:
+        _set_cork(fd, 1)
+    try:
+        yield
+    finally:
+        if cork:
+            _set_cork(fd, 0)
+
+
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> bool:
     """Whether ``fd`` became writable (or failed) within ``timeout`` seconds."""
     ready = loop.create_future()
@@ -155,11 +171,8 @@ async def sendfile(out: int, fd: int, offset: int, count: int, stall: float,
     reader is never mistaken for a stalled one. A large range is sent corked (full
     segments only, flushed at the end): 15-20% faster on loopback, measured."""
     loop = asyncio.get_running_loop()
-    cork = count >= CORK_FROM
-    if cork:
-        _set_cork(out, 1)
     sent = 0
-    try:
+    with _corked(out, count):
         while sent < count:
             n, state = await _in_thread(out, fd, offset + sent, min(count - sent, BURST))
             sent += n
@@ -169,9 +182,6 @@ async def sendfile(out: int, fd: int, offset: int, count: int, stall: float,
                 break
             if state == BLOCKED and not await _wait_progress(loop, out, stall):
                 break
-    finally:
-        if cork:
-            _set_cork(out, 0)
     return sent
 
 
@@ -183,32 +193,27 @@ async def send_buffers(out: int, buffers: list[bytes | bytearray | memoryview], 
     corked when large, ``progress["sent"]`` kept current, the waits on the event loop."""
     loop = asyncio.get_running_loop()
     views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
-    count = sum(len(view) for view in views)
-    cork = count >= CORK_FROM
-    if cork:
-        _set_cork(out, 1)
     sent = 0
     try:
-        while views:
-            try:
-                n = os.writev(out, views[:IOV_MAX])
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                break
-            sent += n
-            if progress is not None:
-                progress["sent"] = sent
-            while n:                # drop what went out
-                if n >= len(views[0]):
-                    n -= len(views.pop(0))
-                else:
-                    views[0], n = views[0][n:], 0
-            if views and not await _wait_progress(loop, out, stall):
-                break
+        with _corked(out, sum(len(view) for view in views)):
+            while views:
+                try:
+                    n = os.writev(out, views[:IOV_MAX])
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    break
+                sent += n
+                if progress is not None:
+                    progress["sent"] = sent
+                while n:                # drop what went out
+                    if n >= len(views[0]):
+                        n -= len(views.pop(0))
+                    else:
+                        views[0], n = views[0][n:], 0
+                if views and not await _wait_progress(loop, out, stall):
+                    break
     finally:
-        if cork:
-            _set_cork(out, 0)
         for view in views:
             view.release()
     return sent

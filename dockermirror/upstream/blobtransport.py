@@ -585,13 +585,17 @@ class _Body(httpx.AsyncByteStream):
                 if stop:
                     self._reading = False
                 waiter, self._waiter = self._waiter, None
-            if waiter is not None:
-                try:
-                    self._loop.call_soon_threadsafe(_wake, waiter)
-                except RuntimeError:    # the loop is closed: nobody waits any more
-                    pass
+            self._wake_from_thread(waiter)
             if stop:
                 return
+
+    def _wake_from_thread(self, waiter: asyncio.Future[None] | None) -> None:
+        """Wake the consumer waiting on ``waiter`` (if any) from a thread other than the loop's."""
+        if waiter is not None:
+            try:
+                self._loop.call_soon_threadsafe(_wake, waiter)
+            except RuntimeError:    # the loop is closed: nobody waits any more
+                pass
 
     def _restart(self) -> None:
         """(Under _lock, on the loop) start a thread reading ahead if none is and there is room."""
@@ -600,7 +604,7 @@ class _Body(httpx.AsyncByteStream):
         try:
             job = self._transport._executor.submit(self._read_ahead)
         except RuntimeError:        # the transport is closed
-            self._end_reads(httpx.ReadError("the upstream connection pool was closed", request=self._request))
+            self._pool_closed()
             return
         self._reading = True
         self._next = job
@@ -611,18 +615,14 @@ class _Body(httpx.AsyncByteStream):
         if job.cancelled():
             with self._lock:
                 self._reading = False
-                self._end_reads(httpx.ReadError("the upstream connection pool was closed", request=self._request))
+                self._pool_closed()
                 waiter, self._waiter = self._waiter, None
-            if waiter is not None:
-                try:
-                    self._loop.call_soon_threadsafe(_wake, waiter)
-                except RuntimeError:
-                    pass
+            self._wake_from_thread(waiter)
 
-    def _end_reads(self, error: BaseException) -> None:
-        """(Under _lock) no more reads: the consumer gets ``error`` after what was read."""
+    def _pool_closed(self) -> None:
+        """(Under _lock) no more reads: the consumer gets a ReadError after what was read."""
         self._ended = True
-        self._ahead.append(error)
+        self._ahead.append(httpx.ReadError("the upstream connection pool was closed", request=self._request))
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._done or self._closed:
