@@ -8,7 +8,9 @@ work (and the TLS decryption) without the GIL and hands the loop one large chunk
 (up to CHUNK bytes, the first one small so that the first byte is not held back, and whatever
 has come once FLUSH_AFTER has passed, so that a slow upstream's bytes are not held). The thread
 reads on without being asked, up to AHEAD chunks ahead of the consumer: waiting to be asked for
-each chunk (a hand-off through a busy event loop) left it idle for as long as it read. A
+each chunk (a hand-off through a busy event loop) left it idle for as long as it read. With more
+than FEW_BODIES bodies open at once, each reads only one chunk ahead: a single stream gains from
+the second, many streams only hold more memory. A
 plain-HTTP body of known length is read, once ``http.client``'s buffer is empty, straight from
 the socket with ``recv(MSG_WAITALL)``: one system call per chunk.
 
@@ -47,7 +49,8 @@ import httpx
 
 CHUNK = 1024 * 1024        # most bytes handed to the loop at once
 FIRST_CHUNK = 16 * 1024    # the first read of a body: small, so its first byte is not held back
-AHEAD = 2                  # chunks a body's thread reads before its consumer takes them
+AHEAD = 2                  # chunks a body's thread reads before its consumer takes them ...
+FEW_BODIES = 4             # ... while at most this many bodies are open (1 chunk ahead with more)
 STEP = 16 * 1024           # a chunk is filled this much at a time (a blocking read: a quarter of MIN_PROGRESS) ...
 FLUSH_AFTER = 0.05         # ... and handed on once it has taken this long (a slow upstream's bytes are not held)
 DIRECT = True              # plain-HTTP bodies of known length read with recv(MSG_WAITALL)
@@ -171,6 +174,15 @@ class ThreadTransport(httpx.AsyncBaseTransport):
         self._lock = threading.Lock()
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
+        self._bodies = 0        # bodies open (guarded by _lock)
+
+    def _opened(self, n: int) -> None:
+        with self._lock:
+            self._bodies += n
+
+    def _ahead_limit(self) -> int:
+        """Chunks a body may read before its consumer takes them."""
+        return AHEAD if self._bodies <= FEW_BODIES else 1
 
     # --- the pool
 
@@ -415,7 +427,8 @@ class _Response(http.client.HTTPResponse):
 
 
 class _Body(httpx.AsyncByteStream):
-    """A response body read in the transport's threads, up to AHEAD chunks ahead of the consumer."""
+    """A response body read in the transport's threads, up to AHEAD chunks ahead of the consumer
+    (one with more than FEW_BODIES bodies open)."""
 
     def __init__(self, transport: ThreadTransport, loop: asyncio.AbstractEventLoop, conn: _Connection,
                  response: http.client.HTTPResponse, request: httpx.Request, read_timeout: float | None) -> None:
@@ -443,6 +456,7 @@ class _Body(httpx.AsyncByteStream):
         self._left: int | None = None       # bytes of the body still to come, in that mode
         self._direct = (DIRECT and not response.chunked and response.length is not None
                         and not isinstance(conn.sock, ssl.SSLSocket) and conn.sock is not None)
+        transport._opened(1)    # until _finish
 
     def _read(self, want: int) -> bytearray:
         """Up to ``want`` bytes (fewer once FLUSH_AFTER has passed, or at the end); empty at the end.
@@ -581,7 +595,7 @@ class _Body(httpx.AsyncByteStream):
             with self._lock:
                 self._ahead.append(item)
                 self._ended = isinstance(item, BaseException) or not item
-                stop = self._ended or self._closed or len(self._ahead) >= AHEAD
+                stop = self._ended or self._closed or len(self._ahead) >= self._transport._ahead_limit()
                 if stop:
                     self._reading = False
                 waiter, self._waiter = self._waiter, None
@@ -599,7 +613,7 @@ class _Body(httpx.AsyncByteStream):
 
     def _restart(self) -> None:
         """(Under _lock, on the loop) start a thread reading ahead if none is and there is room."""
-        if self._reading or self._ended or self._closed or len(self._ahead) >= AHEAD:
+        if self._reading or self._ended or self._closed or len(self._ahead) >= self._transport._ahead_limit():
             return
         try:
             job = self._transport._executor.submit(self._read_ahead)
@@ -689,6 +703,7 @@ class _Body(httpx.AsyncByteStream):
                 self._response.close()
                 conn.close()
         finally:
+            self._transport._opened(-1)
             self._transport._release(self._loop)
 
 

@@ -685,6 +685,44 @@ async def test_the_body_is_read_ahead_of_its_consumer_at_most_ahead_chunks(serve
     assert server.connections == 1
 
 
+async def test_with_many_bodies_open_each_reads_one_chunk_ahead(serve):
+    """More than FEW_BODIES bodies at once (many different cold blobs): each reads only one chunk
+    ahead of its consumer, so many streams do not hold twice the memory; with few open again, a
+    body reads AHEAD chunks ahead. Every body still arrives whole."""
+    server = serve(blob)
+    transport = ThreadTransport()
+    client = httpx.AsyncClient(transport=transport)
+    count = blobtransport.FEW_BODIES + 2
+
+    async def settled(bodies, want: int) -> None:
+        deadline = time.monotonic() + 10
+        while any(len(body._ahead) < want for body in bodies) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)        # and no thread reads further
+        assert [len(body._ahead) for body in bodies] == [want] * len(bodies)
+        assert not any(body._reading for body in bodies)
+
+    try:
+        responses = [await client.send(client.build_request("GET", server.url + PATH), stream=True)
+                     for _ in range(count)]
+        readers = [response.aiter_raw() for response in responses]
+        outs = [bytearray(await anext(chunks)) for chunks in readers]
+        await settled([response.stream._stream for response in responses], 1)
+        for response in responses[blobtransport.FEW_BODIES:]:
+            await response.aclose()
+        kept = responses[:blobtransport.FEW_BODIES]
+        for out, chunks in zip(outs, readers[:len(kept)]):
+            out += await anext(chunks)      # taken: room to read ahead again, AHEAD now
+        await settled([response.stream._stream for response in kept], blobtransport.AHEAD)
+        for out, chunks, response in zip(outs, readers, kept):
+            async for chunk in chunks:
+                out += chunk
+            assert digest(bytes(out)) == DIGEST
+            await response.aclose()
+    finally:
+        await client.aclose()
+
+
 async def test_an_error_after_chunks_read_ahead_comes_after_them(serve):
     """A body cut short while the consumer pauses: it gets every byte that came, in order, then the error."""
     def cut(conn: socket.socket, request: Request) -> bool:
