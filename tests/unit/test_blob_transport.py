@@ -657,6 +657,16 @@ async def test_connections_are_reused_when_descriptors_are_numbered_over_1024(se
     assert server.connections == 1 and len(server.requests) == 3
 
 
+async def read_ahead(bodies: list, want: int) -> None:
+    """Each body's thread reads ``want`` chunks ahead of a consumer that takes nothing, and stops there."""
+    deadline = time.monotonic() + 10
+    while any(len(body._ahead) < want for body in bodies) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)        # and no thread reads further
+    assert [len(body._ahead) for body in bodies] == [want] * len(bodies)
+    assert not any(body._reading for body in bodies)
+
+
 async def test_the_body_is_read_ahead_of_its_consumer_at_most_ahead_chunks(serve):
     """The body's thread goes on reading while the consumer handles a chunk (it is not asked for
     each one: a hand-off through the event loop per chunk left it idle half the time), and stops
@@ -669,12 +679,7 @@ async def test_the_body_is_read_ahead_of_its_consumer_at_most_ahead_chunks(serve
         body = response.stream._stream      # our _Body, under httpx's wrapper
         chunks = response.aiter_raw()
         out = bytearray(await anext(chunks))
-        deadline = time.monotonic() + 10
-        while len(body._ahead) < blobtransport.AHEAD and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)       # nothing asked for: the thread reads on its own
-        assert len(body._ahead) == blobtransport.AHEAD
-        await asyncio.sleep(0.3)
-        assert len(body._ahead) == blobtransport.AHEAD and not body._reading     # and stops there
+        await read_ahead([body], blobtransport.AHEAD)    # nothing asked for: the thread reads on its own
         assert all(len(chunk) == blobtransport.CHUNK for chunk in body._ahead)
         async for chunk in chunks:
             out += chunk
@@ -694,26 +699,18 @@ async def test_with_many_bodies_open_each_reads_one_chunk_ahead(serve):
     client = httpx.AsyncClient(transport=transport)
     count = blobtransport.FEW_BODIES + 2
 
-    async def settled(bodies, want: int) -> None:
-        deadline = time.monotonic() + 10
-        while any(len(body._ahead) < want for body in bodies) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)        # and no thread reads further
-        assert [len(body._ahead) for body in bodies] == [want] * len(bodies)
-        assert not any(body._reading for body in bodies)
-
     try:
         responses = [await client.send(client.build_request("GET", server.url + PATH), stream=True)
                      for _ in range(count)]
         readers = [response.aiter_raw() for response in responses]
         outs = [bytearray(await anext(chunks)) for chunks in readers]
-        await settled([response.stream._stream for response in responses], 1)
+        await read_ahead([response.stream._stream for response in responses], 1)
         for response in responses[blobtransport.FEW_BODIES:]:
             await response.aclose()
         kept = responses[:blobtransport.FEW_BODIES]
         for out, chunks in zip(outs, readers[:len(kept)]):
             out += await anext(chunks)      # taken: room to read ahead again, AHEAD now
-        await settled([response.stream._stream for response in kept], blobtransport.AHEAD)
+        await read_ahead([response.stream._stream for response in kept], blobtransport.AHEAD)
         for out, chunks, response in zip(outs, readers, kept):
             async for chunk in chunks:
                 out += chunk
