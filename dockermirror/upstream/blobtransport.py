@@ -174,7 +174,7 @@ class ThreadTransport(httpx.AsyncBaseTransport):
         self._lock = threading.Lock()
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
-        self._bodies = 0        # bodies open (guarded by _lock)
+        self._bodies = 0        # bodies open (changed under _lock; read without it by _ahead_limit)
 
     def _opened(self, n: int) -> None:
         with self._lock:
@@ -582,9 +582,10 @@ class _Body(httpx.AsyncByteStream):
         return n
 
     def _read_ahead(self) -> None:
-        """In a pool thread: read chunks until AHEAD of them wait for the consumer, the body ends,
-        a read fails, or the body is closed. The consumer is woken only if it waits: one that keeps
-        up finds the next chunk read already, and the thread goes on without waiting to be asked."""
+        """In a pool thread: read chunks until the transport's limit of them (``_ahead_limit``) wait
+        for the consumer, the body ends, a read fails, or the body is closed. The consumer is woken
+        only if it waits: one that keeps up finds the next chunk read already, and the thread goes
+        on without waiting to be asked."""
         while True:
             item: bytearray | BaseException
             try:
