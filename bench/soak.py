@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -160,11 +161,17 @@ def slow_reader(address: tuple[str, int], blobs: list[tuple[str, str, int]], rng
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
                 sock.sendall(f"GET /v2/{repo}/blobs/{digest} HTTP/1.1\r\nHost: soak\r\n\r\n".encode())
                 received = 0
-                while time.monotonic() < budget and not stop.is_set():
+                head, end = b"", None       # the response's head, and its whole length once known
+                while time.monotonic() < budget and not stop.is_set() and (end is None or received < end):
                     data = sock.recv(rate // 10)
                     if not data:
                         break
                     received += len(data)
+                    if end is None and len(head) < 64 * 1024:
+                        head += data
+                        if b"\r\n\r\n" in head:
+                            found = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
+                            end = head.index(b"\r\n\r\n") + 4 + int(found[1]) if found else None
                     time.sleep(0.1)
                 shared.count("slow reads")
                 shared.count("slow bytes", received)
@@ -370,10 +377,11 @@ def main(argv: list[str]) -> int:
             targets = fuzzing.warm(mirror.url, [(r, t) for r, t in pushed if r != BIG[0]])
             hello = targets.images[0]             # pinned: the normal client always reads cached content
             small = min(((hello.repo, d, n) for d, n in hello.blobs.items()), key=lambda b: b[2])
-            blobs = []                          # slow readers read the big image: more than socket buffers hold
+            # slow readers read the big image's big layers: more than socket buffers hold (a small
+            # one is taken in one read, and the reader would then wait on a kept-alive connection)
             big_manifest = httpx.get(f"{mirror.url}/v2/{BIG[0]}/manifests/{BIG[1]}", headers=ACCEPT, timeout=60)
-            for layer in json.loads(big_manifest.content)["layers"]:
-                blobs.append((BIG[0], layer["digest"], layer["size"]))
+            blobs = [(BIG[0], layer["digest"], layer["size"])
+                     for layer in json.loads(big_manifest.content)["layers"] if layer["size"] >= MiB]
             address = ("127.0.0.1", mirror.port)
             time.sleep(2)                      # the warm-up's connections close, its accesses are flushed
             t0 = time.monotonic()
