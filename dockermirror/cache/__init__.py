@@ -146,6 +146,9 @@ class Cache:
         self.index: Index | None = None
         self.reserved = 0
         self._leases: collections.Counter[str] = collections.Counter()
+        # digests this process is removing (eviction, expiry, a corrupt file): their files go before
+        # their rows, and a request that finds the file gone meanwhile is a miss, not a missing file
+        self._removing: collections.Counter[str] = collections.Counter()
         self._batch = AccessBatch()
         self._flush_interval = flush_interval
         self._tasks: list[asyncio.Task[None]] = []
@@ -251,6 +254,17 @@ class Cache:
             return False
         return True
 
+    async def _remove(self, doing: str, digests: list[str]) -> bool:
+        """Remove entries (files, then rows) with :meth:`_write`; meanwhile they are marked as being removed."""
+        self._removing.update(digests)
+        try:
+            return await self._write(doing, maintenance.remove, self.store, self._idx, digests)
+        finally:
+            self._removing.subtract(digests)
+            for digest in digests:
+                if self._removing[digest] <= 0:
+                    del self._removing[digest]
+
     async def _probe(self) -> None:
         """Degraded: is the index writable again?"""
         if self.degraded is None or self.index is None or self.index.mode != RW:
@@ -322,7 +336,7 @@ class Cache:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            if self._idx.content(entry.digest) is not None:
+            if entry.digest not in self._removing and self._idx.content(entry.digest) is not None:
                 log.warning("cache file of %s is missing; dropping its index entry", entry.digest)
                 await self._write("dropping the entry of a missing file", self._idx.remove_content, [entry.digest])
             return None
@@ -412,7 +426,7 @@ class Cache:
                 return
         except FileNotFoundError:
             pass
-        if await self._write("removing a corrupt file", maintenance.remove, self.store, self._idx, [digest]):
+        if await self._remove("removing a corrupt file", [digest]):
             self._bad.pop(digest, None)
 
     async def read_small(self, entry: Entry) -> bytes | None:
@@ -615,8 +629,7 @@ class Cache:
             if chosen:
                 # a transfer cancelled while it makes room must not leave the removal running
                 # outside the space lock: finish it, then stop
-                work = asyncio.ensure_future(self._write("evicting", maintenance.remove, self.store, self._idx,
-                                                         chosen))
+                work = asyncio.ensure_future(self._remove("evicting", chosen))
                 try:
                     written = await asyncio.shield(work)
                 except asyncio.CancelledError:
@@ -650,8 +663,7 @@ class Cache:
                 chosen = [e for e in batch if e.digest not in leased]
                 if not chosen:
                     break
-                if not await self._write("expiring", maintenance.remove, self.store, self._idx,
-                                         [e.digest for e in chosen]):
+                if not await self._remove("expiring", [e.digest for e in chosen]):
                     break
                 entries += len(chosen)
                 freed += sum(e.size for e in chosen)

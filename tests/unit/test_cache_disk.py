@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,42 @@ async def test_a_file_evicted_while_it_is_sent_is_sent_whole(mirror):
     assert os.pread(last.fd, last.count, last.offset) == LAYER[-1:] and first.count + last.count == len(LAYER)
     await pieces.aclose()
     assert image.layer not in cache._leases
+
+
+async def test_a_file_found_gone_while_this_process_removes_it_is_a_miss_not_a_missing_file(mirror, caplog,
+                                                                                              monkeypatch):
+    """Eviction removes the files, then the rows (in a thread). A request between the two finds a
+    row without a file: a miss (fetched again), not "cache file ... is missing" at warning, and
+    no second removal of its row queued behind the first."""
+    image = await pulled(mirror)
+    cache = mirror.app.cache
+    path = mirror.blob_file(image.layer)
+    entry = row(mirror, image.layer)
+    entered, go_on = threading.Event(), threading.Event()
+    remove_rows = cache.index.remove_content
+
+    def held(digests):
+        entered.set()
+        go_on.wait(10)
+        return remove_rows(digests)
+
+    monkeypatch.setattr(cache.index, "remove_content", held)
+    caplog.set_level(logging.INFO, "dockermirror.cache")
+    eviction = asyncio.create_task(cache._evict(1 << 40, "for the test"))
+    try:
+        for _ in range(500):
+            if entered.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert entered.is_set() and not path.exists() and row(mirror, image.layer) is not None
+        assert await asyncio.wait_for(cache.open_file(entry), 5) is None
+    finally:
+        go_on.set()
+        await eviction
+    assert row(mirror, image.layer) is None
+    assert not [r for r in caplog.records if "is missing" in r.getMessage()]
+    response = await mirror.client.get(f"/v2/acme/tool/blobs/{image.layer}")
+    assert response.status_code == 200 and response.content == LAYER
 
 
 def test_a_file_counts_as_changed_unless_only_its_removal_moved_its_ctime(tmp_path):
