@@ -260,10 +260,7 @@ class Cache:
         try:
             return await self._write(doing, maintenance.remove, self.store, self._idx, digests)
         finally:
-            self._removing.subtract(digests)
-            for digest in digests:
-                if self._removing[digest] <= 0:
-                    del self._removing[digest]
+            self._removing -= collections.Counter(digests)     # (drops the counts that reach 0)
 
     async def _probe(self) -> None:
         """Degraded: is the index writable again?"""
