@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -72,6 +73,7 @@ PROBE_INTERVAL = 10.0            # degraded: try an index write this often
 # a stop: transfers get `drain` s (close()) to end, then this long once cancelled (a commit under
 # way); with uvicorn's 20 s for connections it stays within systemd's TimeoutStopSec=30
 CANCEL_WAIT = 2.0
+REMOVAL_MARK_TTL = 600.0         # another process's mark that a file is being removed counts this long
 VERIFY_START = 300.0             # the background re-verification starts this long after start-up
 VERIFY_ROUND = 86400.0           # and begins a new round of every file at most this often
 VERIFY_CHUNK = 1024 * 1024
@@ -226,6 +228,7 @@ class Cache:
                 log.warning("cache checked: %s", report)
                 recheck.unlink(missing_ok=True)
             self.index.set_meta("running", "1")
+            self.index.drop_removal_marks(time.time() - REMOVAL_MARK_TTL)   # of a command that was killed
         except (sqlite3.Error, OSError) as exc:
             self._degrade(exc, "starting")
 
@@ -258,7 +261,9 @@ class Cache:
         """Remove entries (files, then rows) with :meth:`_write`; meanwhile they are marked as being removed."""
         self._removing.update(digests)
         try:
-            return await self._write(doing, maintenance.remove, self.store, self._idx, digests)
+            # (no marks in the index: this process knows, and must free space even when the index is full)
+            return await self._write(doing, functools.partial(maintenance.remove, mark=False),
+                                     self.store, self._idx, digests)
         finally:
             self._removing -= collections.Counter(digests)     # (drops the counts that reach 0)
 
@@ -333,7 +338,7 @@ class Cache:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            if entry.digest not in self._removing and self._idx.content(entry.digest) is not None:
+            if not self._being_removed(entry.digest) and self._idx.content(entry.digest) is not None:
                 log.warning("cache file of %s is missing; dropping its index entry", entry.digest)
                 await self._write("dropping the entry of a missing file", self._idx.remove_content, [entry.digest])
             return None
@@ -359,6 +364,14 @@ class Cache:
         file = CachedFile(fd, entry.size, lambda: self._unlease(entry.digest, file), stamp=stamp(st), path=path)
         self._readers.setdefault(entry.digest, set()).add(file)
         return file
+
+    def _being_removed(self, digest: str) -> bool:
+        """Whether this process, or another (``docker-mirror cache prune | rm | verify --repair``,
+        by its mark in the index: read before the row), is removing ``digest``'s file and row."""
+        if digest in self._removing:
+            return True
+        marked = self._idx.removal_mark(digest)
+        return marked is not None and marked > time.time() - REMOVAL_MARK_TTL   # (wall time, as marked)
 
     def lease(self, digest: str) -> Callable[[], None]:
         """Keep ``digest`` from eviction and expiry until the returned function is called."""

@@ -112,6 +112,8 @@ CREATE INDEX IF NOT EXISTS referrers_by_access ON referrers (last_access);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 
+REMOVING = "removing:"    # meta key prefix of a removal mark (see Index.mark_removing)
+
 _ENTRY = "digest, size, media_type, kind, created, last_access, hits, pinned, stamp"
 _TAG = "upstream, repository, tag, digest, media_type, size, checked, last_access, accept"
 _REFERRERS = "upstream, repository, subject, artifact_type, digest, size, filtered, checked, last_access"
@@ -554,13 +556,41 @@ class Index:
                 conn.executemany(self._UPSERT, rows)
 
     def remove_content(self, digests: Iterable[str]) -> int:
-        """Forget entries (and which repositories used them); returns bytes forgotten."""
+        """Forget entries (and which repositories used them, and any removal marks of theirs);
+        returns bytes forgotten."""
         digests = list(digests)
         with self._transaction() as conn:
             before = conn.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()[0]
             conn.executemany("DELETE FROM content WHERE digest = ?", [(d,) for d in digests])
             conn.executemany("DELETE FROM refs WHERE digest = ?", [(d,) for d in digests])
+            conn.executemany("DELETE FROM meta WHERE key = ?", [(REMOVING + d,) for d in digests])
             return before - conn.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()[0]
+
+    # Removal marks: another process (``docker-mirror cache prune | rm | verify --repair``) deletes
+    # files before their rows; it marks the rows first (meta keys ``removing:<digest>``, the time
+    # as value; removed with the rows), so that a server which finds such a file gone meanwhile
+    # takes it for a miss, not for a file lost from the cache. No schema change: older versions
+    # never read these keys.
+
+    def mark_removing(self, digests: Iterable[str], when: float) -> None:
+        """Say that the files of ``digests`` are about to be deleted, their rows after them."""
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             [(REMOVING + d, repr(when)) for d in digests])
+
+    def removal_mark(self, digest: str) -> float | None:
+        """When a process marked ``digest`` as being removed; None if none did."""
+        value = self.meta(REMOVING + digest)
+        return None if value is None else _float(value)
+
+    def drop_removal_marks(self, before: float) -> int:
+        """Forget marks made before ``before`` (by a process that died before it removed the rows)."""
+        with self._transaction() as conn:
+            marks = conn.execute("SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?",
+                                 (len(REMOVING), REMOVING)).fetchall()
+            stale = [(key,) for key, value in marks if _float(value) < before]
+            conn.executemany("DELETE FROM meta WHERE key = ?", stale)
+            return len(stale)
 
     def set_stamp(self, digest: str, stamp: str | None) -> None:
         """Record the file as verified in its present state (or, with None, as to be re-hashed)."""
@@ -665,6 +695,14 @@ class _Transaction:
             self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
         finally:
             self.lock.release()
+
+
+def _float(value: str) -> float:
+    """A removal mark's time; one not written by Index.mark_removing counts as long past."""
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0
 
 
 def _entry(row: tuple) -> Entry:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ from dockermirror.oci import MANIFEST_TYPES, Digest
 HASH_CHUNK = 4 * 1024 * 1024
 MANIFEST_MAX = 4 * 1024 * 1024   # the largest manifest a file without a row is looked into for
 ADOPT_BATCH = 1000               # files without a row indexed per transaction
+REMOVE_BATCH = 500               # entries removed per pair of transactions (marks, rows)
 
 
 def _unlink(path: os.PathLike) -> None:
@@ -52,12 +54,26 @@ def count_manual(index: Index, entries: int, nbytes: int) -> None:
         index.apply(batch)
 
 
-def remove(store: BlobStore, index: Index, digests: Iterable[str]) -> int:
-    """Delete entries: files first (renamed away, then unlinked), then their rows."""
+def remove(store: BlobStore, index: Index, digests: Iterable[str], *, mark: bool = True,
+           clock: Callable[[], float] = time.time) -> int:
+    """Delete entries, REMOVE_BATCH at a time: files first (renamed away, then unlinked), then
+    their rows. With ``mark`` the rows are first marked as being removed (see
+    :meth:`Index.mark_removing`), so that a server running meanwhile takes a file found gone for
+    a miss, not a lost file; if the index cannot take the marks (a full disk), the files still
+    go first, which frees the space the rows' removal needs. Returns the bytes the rows held."""
     digests = list(digests)
-    for digest in digests:
-        store.remove(Digest.parse(digest))
-    return index.remove_content(digests)
+    freed = 0
+    for start in range(0, len(digests), REMOVE_BATCH):
+        batch = digests[start:start + REMOVE_BATCH]
+        if mark:
+            try:
+                index.mark_removing(batch, clock())
+            except sqlite3.Error:
+                pass
+        for digest in batch:
+            store.remove(Digest.parse(digest))
+        freed += index.remove_content(batch)
+    return freed
 
 
 def hash_file(path: os.PathLike, algorithm: str) -> tuple[str, int]:

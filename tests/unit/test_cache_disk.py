@@ -11,11 +11,13 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from dockermirror import config as configuration
+from dockermirror import cache as cache_module
 from dockermirror.app import DockerMirror
 from dockermirror.cache import Cache, CorruptFile, maintenance
 from dockermirror.cache.index import Index
@@ -226,6 +228,101 @@ async def test_a_file_found_gone_while_this_process_removes_it_is_a_miss_not_a_m
     assert len(calls) == 1      # the rows were removed once, by the eviction
     response = await mirror.client.get(f"/v2/acme/tool/blobs/{image.layer}")
     assert response.status_code == 200 and response.content == LAYER
+
+
+class OtherProcess:
+    """``docker-mirror cache prune | rm`` beside the server: its own connection to the index, its
+    removal (files, then rows) held in a thread after the files are gone."""
+
+    def __init__(self, mirror, digests: list[str]) -> None:
+        cache = mirror.app.cache
+        self.index = Index(cache.index.path)
+        self.files_gone, self.go_on = threading.Event(), threading.Event()
+        remove_rows = self.index.remove_content
+
+        def held(batch):
+            self.files_gone.set()
+            self.go_on.wait(10)
+            return remove_rows(batch)
+
+        self.index.remove_content = held
+        self.thread = threading.Thread(target=maintenance.remove, args=(cache.store, self.index, digests))
+
+    def __enter__(self) -> OtherProcess:
+        self.thread.start()
+        assert self.files_gone.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.go_on.set()
+        self.thread.join(10)
+        self.index.close()
+
+
+async def test_a_file_another_process_is_removing_is_a_miss_not_a_missing_file(mirror, caplog, monkeypatch):
+    """`cache prune` while the server runs: a request between the command's removal of a file and
+    of its row is a miss (fetched again), with no "is missing" warning and no row removal of the
+    server's own; the row goes with the command's removal."""
+    image = await pulled(mirror)
+    cache = mirror.app.cache
+    entry = row(mirror, image.layer)
+    server_removals = []
+    remove_rows = cache.index.remove_content
+    monkeypatch.setattr(cache.index, "remove_content", lambda d: server_removals.append(d) or remove_rows(d))
+    caplog.set_level(logging.INFO, "dockermirror.cache")
+    with OtherProcess(mirror, [image.layer]):
+        assert not mirror.blob_file(image.layer).exists() and row(mirror, image.layer) is not None
+        assert await cache.open_file(entry) is None
+    assert row(mirror, image.layer) is None
+    assert not [r for r in caplog.records if "is missing" in r.getMessage()]
+    assert server_removals == []
+    assert cache.index.meta(f"removing:{image.layer}") is None     # the mark went with the row
+    response = await mirror.client.get(f"/v2/acme/tool/blobs/{image.layer}")
+    assert response.status_code == 200 and response.content == LAYER
+
+
+async def test_a_stale_removal_mark_does_not_hide_a_missing_file(mirror, caplog):
+    """A mark left by a command that was killed between files and rows counts for REMOVAL_MARK_TTL
+    only: after that a row without its file is a missing file again (warned, its row dropped); the
+    server forgets such marks when it starts (drop_removal_marks)."""
+    image = await pulled(mirror)
+    cache = mirror.app.cache
+    cache.index.mark_removing([image.layer], time.time() - cache_module.REMOVAL_MARK_TTL - 1)
+    fresh = "sha256:" + "a" * 64
+    cache.index.mark_removing([fresh], time.time())
+    os.unlink(mirror.blob_file(image.layer))
+    caplog.set_level(logging.INFO, "dockermirror.cache")
+    assert await cache.open_file(row(mirror, image.layer)) is None
+    assert [r for r in caplog.records if "is missing" in r.getMessage() and r.levelno == logging.WARNING]
+    assert row(mirror, image.layer) is None
+    assert cache.index.drop_removal_marks(time.time() - cache_module.REMOVAL_MARK_TTL) == 0   # went with the row
+    cache.index.set_meta(f"removing:{image.layer}", "not a time")
+    assert cache.index.drop_removal_marks(time.time() - cache_module.REMOVAL_MARK_TTL) == 1
+    assert cache.index.removal_mark(fresh) is not None       # a fresh one stays
+
+
+async def test_a_removal_the_index_cannot_mark_still_removes_files_and_rows_in_batches(mirror, monkeypatch):
+    """On a full disk the marks cannot be written: the files still go first (freeing the space
+    the rows' removal needs), then the rows, batch by batch."""
+    image = await pulled(mirror)
+    cache = mirror.app.cache
+    index = Index(cache.index.path)
+    batches = []
+    remove_rows = index.remove_content
+    held = sum(row(mirror, d).size for d in image.blobs)
+
+    def full(digests, when):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(index, "mark_removing", full)
+    monkeypatch.setattr(index, "remove_content", lambda d: batches.append(list(d)) or remove_rows(d))
+    monkeypatch.setattr(maintenance, "REMOVE_BATCH", 1)
+    try:
+        assert maintenance.remove(cache.store, index, image.blobs) == held
+    finally:
+        index.close()
+    assert batches == [[d] for d in image.blobs]
+    assert all(row(mirror, d) is None and not mirror.blob_file(d).exists() for d in image.blobs)
 
 
 def test_a_file_counts_as_changed_unless_only_its_removal_moved_its_ctime(tmp_path):
