@@ -228,9 +228,13 @@ class Cache:
                 log.warning("cache checked: %s", report)
                 recheck.unlink(missing_ok=True)
             self.index.set_meta("running", "1")
-            self.index.drop_removal_marks(time.time() - REMOVAL_MARK_TTL)   # of a command that was killed
         except (sqlite3.Error, OSError) as exc:
             self._degrade(exc, "starting")
+            return
+        try:
+            self.index.drop_removal_marks(time.time() - REMOVAL_MARK_TTL)   # of a command that was killed
+        except sqlite3.Error as exc:
+            log.debug("could not drop old removal marks: %s", exc)
 
     def _degrade(self, exc: BaseException, doing: str) -> None:
         """A write to the cache failed: say so once, and run degraded until a write succeeds."""

@@ -59,8 +59,9 @@ def remove(store: BlobStore, index: Index, digests: Iterable[str], *, mark: bool
     """Delete entries, REMOVE_BATCH at a time: files first (renamed away, then unlinked), then
     their rows. With ``mark`` the rows are first marked as being removed (see
     :meth:`Index.mark_removing`), so that a server running meanwhile takes a file found gone for
-    a miss, not a lost file; if the index cannot take the marks (a full disk), the files still
-    go first, which frees the space the rows' removal needs. Returns the bytes the rows held."""
+    a miss, not a lost file; if the index cannot take the marks because the disk is full, the
+    files still go first, which frees the space the rows' removal needs. Returns the bytes the
+    rows held."""
     digests = list(digests)
     freed = 0
     for start in range(0, len(digests), REMOVE_BATCH):
@@ -68,8 +69,9 @@ def remove(store: BlobStore, index: Index, digests: Iterable[str], *, mark: bool
         if mark:
             try:
                 index.mark_removing(batch, clock())
-            except sqlite3.Error:
-                pass
+            except sqlite3.Error as exc:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                    raise       # (locked, unreadable: nothing is removed, the command says why)
         for digest in batch:
             store.remove(Digest.parse(digest))
         freed += index.remove_content(batch)
@@ -190,7 +192,7 @@ def reconcile(store: BlobStore, index: Index, clock: Callable[[], float]) -> Rep
     index.add_contents(adopted)
     report.adopted += [e.digest for e in adopted]
     report.missing = [digest for digest in known if digest not in seen]
-    remove(store, index, report.missing + report.corrupt)
+    remove(store, index, report.missing + report.corrupt, mark=False)   # (the server, before it serves)
     return report
 
 

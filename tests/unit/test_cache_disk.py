@@ -283,8 +283,7 @@ async def test_a_file_another_process_is_removing_is_a_miss_not_a_missing_file(m
 
 async def test_a_stale_removal_mark_does_not_hide_a_missing_file(mirror, caplog):
     """A mark left by a command that was killed between files and rows counts for REMOVAL_MARK_TTL
-    only: after that a row without its file is a missing file again (warned, its row dropped); the
-    server forgets such marks when it starts (drop_removal_marks)."""
+    only: after that a row without its file is a missing file again (warned, its row dropped)."""
     image = await pulled(mirror)
     cache = mirror.app.cache
     cache.index.mark_removing([image.layer], time.time() - cache_module.REMOVAL_MARK_TTL - 1)
@@ -295,10 +294,25 @@ async def test_a_stale_removal_mark_does_not_hide_a_missing_file(mirror, caplog)
     assert await cache.open_file(row(mirror, image.layer)) is None
     assert [r for r in caplog.records if "is missing" in r.getMessage() and r.levelno == logging.WARNING]
     assert row(mirror, image.layer) is None
-    assert cache.index.drop_removal_marks(time.time() - cache_module.REMOVAL_MARK_TTL) == 0   # went with the row
-    cache.index.set_meta(f"removing:{image.layer}", "not a time")
-    assert cache.index.drop_removal_marks(time.time() - cache_module.REMOVAL_MARK_TTL) == 1
-    assert cache.index.removal_mark(fresh) is not None       # a fresh one stays
+    assert cache.index.removal_mark(image.layer) is None        # went with the row
+    assert cache.index.removal_mark(fresh) is not None
+
+
+def test_the_server_drops_stale_removal_marks_when_it_starts(tmp_path):
+    root = tmp_path / "cache"
+    asyncio.run(open_cache(root).close())
+    index = Index(root / "index.sqlite")
+    stale, odd, fresh = ("sha256:" + c * 64 for c in "abc")
+    index.mark_removing([stale], time.time() - cache_module.REMOVAL_MARK_TTL - 1)
+    index.set_meta(f"removing:{odd}", "not a time")
+    index.mark_removing([fresh], time.time())
+    index.close()
+    cache = open_cache(root)
+    try:
+        assert cache.index.removal_mark(stale) is None and cache.index.removal_mark(odd) is None
+        assert cache.index.removal_mark(fresh) is not None       # a command may be removing it now
+    finally:
+        asyncio.run(cache.close())
 
 
 async def test_a_removal_the_index_cannot_mark_still_removes_files_and_rows_in_batches(mirror, monkeypatch):
@@ -307,22 +321,48 @@ async def test_a_removal_the_index_cannot_mark_still_removes_files_and_rows_in_b
     image = await pulled(mirror)
     cache = mirror.app.cache
     index = Index(cache.index.path)
-    batches = []
-    remove_rows = index.remove_content
+    steps = []
+    remove_rows, remove_file = index.remove_content, cache.store.remove
     held = sum(row(mirror, d).size for d in image.blobs)
 
     def full(digests, when):
-        raise sqlite3.OperationalError("database or disk is full")
+        steps.append(("mark", list(digests)))
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise error
 
     monkeypatch.setattr(index, "mark_removing", full)
-    monkeypatch.setattr(index, "remove_content", lambda d: batches.append(list(d)) or remove_rows(d))
-    monkeypatch.setattr(maintenance, "REMOVE_BATCH", 1)
+    monkeypatch.setattr(index, "remove_content", lambda d: steps.append(("rows", list(d))) or remove_rows(d))
+    monkeypatch.setattr(cache.store, "remove", lambda d: steps.append(("file", str(d))) or remove_file(d))
+    monkeypatch.setattr(maintenance, "REMOVE_BATCH", 2)
     try:
-        assert maintenance.remove(cache.store, index, image.blobs) == held
+        assert maintenance.remove(cache.store, index, list(image.blobs)) == held
     finally:
         index.close()
-    assert batches == [[d] for d in image.blobs]
+    expected, digests = [], list(image.blobs)
+    for start in range(0, len(digests), 2):
+        batch = digests[start:start + 2]
+        expected += [("mark", batch), *[("file", d) for d in batch], ("rows", batch)]
+    assert steps == expected
     assert all(row(mirror, d) is None and not mirror.blob_file(d).exists() for d in image.blobs)
+
+
+async def test_a_removal_the_index_cannot_mark_for_another_reason_removes_nothing(mirror, monkeypatch):
+    """A locked or unreadable index: nothing is removed (the command reports the error)."""
+    image = await pulled(mirror)
+    cache = mirror.app.cache
+    index = Index(cache.index.path)
+
+    def locked(digests, when):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(index, "mark_removing", locked)
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            maintenance.remove(cache.store, index, image.blobs)
+    finally:
+        index.close()
+    assert all(row(mirror, d) is not None and mirror.blob_file(d).exists() for d in image.blobs)
 
 
 def test_a_file_counts_as_changed_unless_only_its_removal_moved_its_ctime(tmp_path):
