@@ -28,9 +28,15 @@ from dockermirror.upstream.realms import RealmRefused, check_realm
 log = logging.getLogger("dockermirror.upstream")
 
 _PARAM_RE = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")   # what a token may hold: visible ASCII (RFC 6750's b64token and more)
 EXPIRY_MARGIN = 10.0      # seconds before a token's expiry at which it is no longer used
 DEFAULT_LIFETIME = 60.0   # the token spec's default when expires_in is absent
 MAX_TOKEN_RESPONSE = 1024 * 1024   # most bytes of a token response read (decoded); real ones are a few KiB
+MAX_TOKEN = 64 * 1024       # the longest token used (real ones: 0.2-4 KiB; registries refuse headers far shorter)
+# Tokens are kept per repository (scope), and clients choose repositories: at most this many
+# tokens, and bytes of them, are kept (expired ones go first, then the oldest).
+MAX_TOKENS = 4096
+MAX_TOKEN_BYTES = 16 * 1024 * 1024
 
 
 class AuthError(Exception):
@@ -88,7 +94,8 @@ class Authenticator:
         self._clock = clock
         self._bearer: Challenge | None = None       # realm/service learned from the last bearer challenge
         self._use_basic = False                      # the upstream asked for Basic
-        self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}    # oldest first
+        self._token_bytes = 0
         self._fetching = SingleFlight()   # one token request per key, however many ask
 
     @property
@@ -96,11 +103,21 @@ class Authenticator:
         return self._basic is not None
 
     async def header_for(self, scope: str) -> str | None:
-        """The Authorization value to send up front, if the upstream's scheme is known."""
+        """The Authorization value to send up front, if the upstream's scheme is known. If the
+        realm learned before fails now, none: the request goes without, and the upstream's 401
+        says what it wants today (it may have moved its realm, or not want a token for this
+        repository at all); until a token is had again, nothing is sent up front."""
         if self._use_basic:
             return self._basic
-        if self._bearer is not None:
-            return "Bearer " + await self._token(self._bearer, scope)
+        bearer = self._bearer
+        if bearer is not None:
+            try:
+                return "Bearer " + await self._token(bearer, scope)
+            except (AuthError, httpx.TransportError) as exc:
+                log.debug("upstream %s: no token up front (%s); asking without one",
+                          httpx.URL(self._upstream).host, exc)
+                if self._bearer is bearer:
+                    self._bearer = None
         return None
 
     async def answer(self, header: str, scope: str) -> str | None:
@@ -115,11 +132,12 @@ class Authenticator:
             return self._basic
         if challenge.scheme == "bearer" and "realm" in challenge.params:
             self._check(challenge.params["realm"])
-            self._bearer = challenge
             # The challenge's own scope wins: it is what this request needs.
             wanted = challenge.params.get("scope") or scope
             self._forget(challenge, wanted)
-            return "Bearer " + await self._token(challenge, wanted)
+            token = await self._token(challenge, wanted)
+            self._bearer = challenge        # asked up front from now on: only a realm that gave a token
+            return "Bearer " + token
         return None
 
     def _check(self, realm: str) -> None:
@@ -137,7 +155,28 @@ class Authenticator:
         return challenge.params["realm"], challenge.params.get("service", ""), scope
 
     def _forget(self, challenge: Challenge, scope: str) -> None:
-        self._tokens.pop(self._key(challenge, scope), None)
+        self._drop(self._key(challenge, scope))
+
+    def _drop(self, key: tuple[str, str, str]) -> None:
+        dropped = self._tokens.pop(key, None)
+        if dropped is not None:
+            self._token_bytes -= len(dropped[0])
+
+    def _remember(self, key: tuple[str, str, str], token: str, expiry: float) -> None:
+        """Keep a token, within MAX_TOKENS and MAX_TOKEN_BYTES: expired ones go first, then the oldest."""
+        self._drop(key)
+
+        def full() -> bool:
+            return len(self._tokens) >= MAX_TOKENS or self._token_bytes + len(token) > MAX_TOKEN_BYTES
+
+        if full():
+            now = self._clock()
+            for old in [k for k, (_, until) in self._tokens.items() if until <= now]:
+                self._drop(old)
+            while self._tokens and full():
+                self._drop(next(iter(self._tokens)))
+        self._tokens[key] = (token, expiry)
+        self._token_bytes += len(token)
 
     async def _token(self, challenge: Challenge, scope: str) -> str:
         key = self._key(challenge, scope)
@@ -147,7 +186,7 @@ class Authenticator:
 
         async def fetch() -> str:
             token, lifetime = await self._fetch(*key)
-            self._tokens[key] = (token, self._clock() + max(lifetime - EXPIRY_MARGIN, 1.0))
+            self._remember(key, token, self._clock() + max(lifetime - EXPIRY_MARGIN, 1.0))
             return token
 
         token, _ = await self._fetching.do(key, fetch)
@@ -181,4 +220,8 @@ class Authenticator:
             raise AuthError(f"token service {host} sent no usable token") from None
         if not token or not isinstance(token, str):
             raise AuthError(f"token service {host} sent no token")
+        if len(token) > MAX_TOKEN:
+            raise AuthError(f"token service {host} sent a token longer than {MAX_TOKEN // 1024} KiB")
+        if not _TOKEN_RE.fullmatch(token):      # it goes into a header: no space, no control character
+            raise AuthError(f"token service {host} sent a token that cannot be sent in a header")
         return token, lifetime

@@ -412,7 +412,9 @@ class UpstreamClient:
         except httpx.LocalProtocolError as exc:
             # our request could not be written (a header value h11 refuses): nothing was sent,
             # so this says nothing about the upstream's reachability
-            raise RegistryError(f"the request could not be sent upstream: {exc}", status=502) from None
+            # (not its text: it quotes the value, which may be a token)
+            raise RegistryError("the request could not be sent upstream: a header value is not valid HTTP",
+                                status=502) from None
         except httpx.TransportError as exc:
             raise self._failed(exc) from None
         except RealmRefused as exc:

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from dockermirror.errors import RegistryError, Unauthorized
+from dockermirror.upstream import auth as auth_module
 from dockermirror.upstream.auth import AuthError, Authenticator, Challenge
 from dockermirror.upstream.client import UpstreamClient, UpstreamUnreachable
 from tests.unit.fakes import ALL_MANIFESTS, UPSTREAM, FakeClock, FakeRegistry, response
@@ -119,6 +120,81 @@ async def test_a_token_service_that_refuses(token_status, expected):
             await client.manifest("a/b", "1", ALL_MANIFESTS, head=True)
     finally:
         await client.aclose()
+
+
+async def test_a_token_realm_that_fails_later_is_not_asked_up_front_again():
+    """The realm learned from a challenge breaks (or the registry moves its token service): the
+    next request goes without a token, learns the upstream's challenge of today and succeeds; a
+    repository the upstream serves without a token is served; nothing waits on the old realm."""
+    registry = FakeRegistry(token="t")
+    registry.push("a/one", "1")
+    registry.push("a/two", "1")
+    old_realm = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.test" and registry.realm is not None:
+            old_realm.append(request)
+            return response(503, json_body={"details": "down"})
+        return registry.handle(request)
+
+    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle), token_realms=("auth2.test",))
+    try:
+        assert (await client.manifest("a/one", "1", ALL_MANIFESTS, head=True)).status == 200
+        registry.realm = "https://auth2.test/token"      # the old realm fails from now on
+        assert (await client.manifest("a/two", "1", ALL_MANIFESTS, head=True)).status == 200
+        assert (await client.manifest("a/one", "1", ALL_MANIFESTS, head=True)).status == 200
+        registry.token = None                            # no token needed any more
+        assert (await client.manifest("a/one", "1", ALL_MANIFESTS, head=False)).status == 200
+    finally:
+        await client.aclose()
+    assert len(old_realm) == 1      # asked once up front, then never again
+    tokens = [(r.url.host, r.url.params["scope"]) for r in registry.requests(path_contains="/token")]
+    assert tokens == [("auth.test", "repository:a/one:pull"), ("auth2.test", "repository:a/two:pull"),
+                      ("auth2.test", "repository:a/one:pull")]
+
+
+@pytest.mark.parametrize("token, why", [("good\r\nX-Injected: 1", "cannot be sent in a header"),
+                                        ("a b", "cannot be sent in a header"),
+                                        ("x" * (64 * 1024 + 1), "longer than 64 KiB")])
+async def test_a_token_that_cannot_go_in_a_header_is_refused_and_never_shown(token, why):
+    """A token with a line break (header injection), a space, or of absurd length: refused by
+    its service's fault (502), and the error a client gets does not quote it."""
+    registry = FakeRegistry(token=token)
+    registry.push("a/b", "1")
+    client = client_for(registry)
+    try:
+        with pytest.raises(UpstreamUnreachable) as caught:
+            await client.manifest("a/b", "1", ALL_MANIFESTS, head=True)
+    finally:
+        await client.aclose()
+    assert why in str(caught.value) and token not in str(caught.value)
+    assert all("authorization" not in r.headers for r in registry.requests("HEAD"))
+
+
+async def test_the_token_cache_is_bounded_however_many_repositories_clients_name(monkeypatch):
+    """Tokens are per repository, and clients choose repositories: expired tokens go first, then
+    the oldest, at MAX_TOKENS tokens or MAX_TOKEN_BYTES bytes."""
+    monkeypatch.setattr(auth_module, "MAX_TOKENS", 50)
+    monkeypatch.setattr(auth_module, "MAX_TOKEN_BYTES", 40 * 1000)
+    clock = FakeClock(1000.0)
+    registry = FakeRegistry(token="t" * 1000)
+    challenge = 'Bearer realm="https://auth.test/token",service="registry.test"'
+    async with httpx.AsyncClient(transport=registry.transport) as http:
+        auth = Authenticator(http, None, None, clock=clock, upstream=UPSTREAM)
+        for n in range(120):
+            assert await auth.answer(challenge, f"repository:r{n}:pull") == "Bearer " + "t" * 1000
+        assert len(auth._tokens) == 40 and auth._token_bytes == 40 * 1000      # the byte bound
+        registry.token = "u"
+        clock.advance(400)          # every token kept has expired: all go at the next one
+        assert await auth.answer(challenge, "repository:new:pull") == "Bearer u"
+        assert list(auth._tokens) == [("https://auth.test/token", "registry.test", "repository:new:pull")]
+        for n in range(120):
+            await auth.answer(challenge, f"repository:s{n}:pull")
+        assert len(auth._tokens) == 50 and auth._token_bytes == 50     # the count bound, newest kept
+        assert ("https://auth.test/token", "registry.test", "repository:s119:pull") in auth._tokens
+        # the newest are served from the cache
+        assert await auth.header_for("repository:s119:pull") == "Bearer u"
+    assert len(registry.requests(path_contains="/token")) == 241
 
 
 async def test_redirects_to_blob_storage_never_carry_our_authorization():
