@@ -420,6 +420,11 @@ class Mirror:
         if document is None:
             raise ManifestInvalid(f"the upstream's manifest {actual} is not a JSON object", status=502,
                                   upstream_status=reply.status)
+        if digest is None and not _is_manifest(reply, document):
+            # a tag's answer, e.g. redirected to some internal service's JSON: neither served nor
+            # stored (an answer by digest is the content asked for, whatever it holds)
+            raise ManifestInvalid(f"the upstream's answer {actual} is not a manifest (no schemaVersion and"
+                                  " manifest type or fields)", status=502, upstream_status=reply.status)
         media_type = _media_type(reply, document)
         await self.cache.put_manifest(actual, reply.body, media_type, repo.upstream.key, repo.name)
         return Manifest(str(actual), media_type, len(reply.body), reply.body, MISS, reply.status)
@@ -493,6 +498,9 @@ class Mirror:
         try:
             reply = await self._ask(repo.upstream.client.tags(repo.name, params))
             if reply.status == 200:
+                if not _is_tag_list(reply.body):   # e.g. a redirect to some internal service's answer
+                    raise RegistryError("the upstream's answer is not a tag list", status=502,
+                                        upstream_status=reply.status)
                 return reply, MISS
             error: RegistryError = error_for(reply.status, reply.headers, reply.body, unknown=NameUnknown)
         except Unavailable as exc:
@@ -691,6 +699,29 @@ def _filters_applied(reply: Reply) -> set[str]:
 
 def _or_default(media_type: str | None) -> str:
     return media_type if valid_media_type(media_type) else OCI_MANIFEST
+
+
+_MANIFEST_FIELDS = ("layers", "manifests", "config", "fsLayers", "blobs", "subject")
+
+
+def _is_manifest(reply: Reply, document: dict[str, Any]) -> bool:
+    """Whether a JSON object is an image manifest or index (of any version the registries serve):
+    a schemaVersion of 1 or 2, and a manifest type (its Content-Type or its own ``mediaType``) or
+    a manifest's fields."""
+    version = document.get("schemaVersion")
+    if type(version) is not int or version not in (1, 2):
+        return False
+    return (_content_type(reply) in MANIFEST_TYPES or document.get("mediaType") in MANIFEST_TYPES
+            or any(name in document for name in _MANIFEST_FIELDS))
+
+
+def _is_tag_list(body: bytes) -> bool:
+    """Whether an answer is a tag list: a JSON object whose ``tags`` is a list of strings (or null)."""
+    document = _json_object(body)
+    if document is None or "tags" not in document:
+        return False
+    tags = document["tags"]
+    return tags is None or (isinstance(tags, list) and all(isinstance(tag, str) for tag in tags))
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

@@ -135,6 +135,10 @@ class FakeRegistry:
     owners: dict[str, set[str]] = field(default_factory=dict)   # blob digest -> repositories
     # blob digest -> an event: its body stops after the first chunk until the event is set
     held: dict[str, asyncio.Event] = field(default_factory=dict)
+    # path -> URL: a request for the path (after authentication) is answered 307 to the URL
+    redirects: dict[str, str] = field(default_factory=dict)
+    # URL -> (content type, body): what another host answers (a redirect's target)
+    elsewhere: dict[str, tuple[str, bytes]] = field(default_factory=dict)
 
     # --- content
 
@@ -238,6 +242,9 @@ class FakeRegistry:
             return response(200, json_body={"token": self.token, "expires_in": 300})
         if request.url.host == "cdn.test":
             return self._blob(request.url.path.rsplit("/", 1)[-1], request)
+        if str(request.url) in self.elsewhere:
+            content_type, body = self.elsewhere[str(request.url)]
+            return httpx.Response(200, headers={"content-type": content_type}, stream=Body(body))
         if self.token is not None and request.headers.get("authorization") != f"Bearer {self.token}":
             scope = ""
             if request.url.path.startswith("/v2/") and request.url.path.count("/") >= 4:
@@ -248,6 +255,8 @@ class FakeRegistry:
                             json_body={"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]})
         if self.status is not None:
             return _error(self.status, "UNKNOWN", "upstream trouble")
+        if request.url.path in self.redirects:
+            return response(307, {"Location": self.redirects[request.url.path]})
         path = request.url.path.removeprefix("/v2/")
         if path == "":
             return response(200, json_body={})

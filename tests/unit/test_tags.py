@@ -275,11 +275,12 @@ HOSTILE = {
     "content length zero": Hostile({"content-length": b"0"}, methods=("HEAD",)),
     "content length not a number": Hostile({"content-length": b"lots"}, methods=("HEAD",)),
     "content length disagrees": Hostile({"content-length": b"3"}, methods=("GET",)),
-    "mediaType a number": Hostile(stored=(json.dumps({"schemaVersion": 2, "mediaType": 5}).encode(),
+    "mediaType a number": Hostile(stored=(json.dumps({"schemaVersion": 2, "mediaType": 5, "layers": []}).encode(),
                                           "application/json")),
-    "mediaType an object": Hostile(stored=(json.dumps({"schemaVersion": 2, "mediaType": {"a": OCI_MANIFEST}}).encode(),
+    "mediaType an object": Hostile(stored=(json.dumps({"schemaVersion": 2, "mediaType": {"a": OCI_MANIFEST}, "layers": []}).encode(),
                                            "application/json")),
-    "mediaType not a media type": Hostile(stored=(b'{"mediaType": "\\u20ac/\\r\\n"}', "application/json")),
+    "mediaType not a media type": Hostile(stored=(b'{"schemaVersion": 2, "layers": [], "mediaType": "\\u20ac/\\r\\n"}',
+                                          "application/json")),
     "body a JSON array": Hostile(stored=(b"[1, 2]", "application/json"), expected=NOT_A_MANIFEST),
     "body a JSON string": Hostile(stored=(b'"manifest"', OCI_MANIFEST), expected=NOT_A_MANIFEST),
     "body nested too deep": Hostile(stored=(b"[" * 100_000, OCI_MANIFEST), expected=NOT_A_MANIFEST),
@@ -347,3 +348,25 @@ async def test_a_blob_head_with_a_content_length_that_is_not_a_number(mirror):
     mirror.registry._blob = blob
     response = await mirror.client.head(f"/v2/acme/tool/blobs/{image.layer}")
     assert response.status_code == 200 and response.headers["docker-content-digest"] == image.layer
+
+
+SECRET = json.dumps({"schemaVersion": 2, "AccessKeyId": "AKIA-SECRET", "SecretAccessKey": "s3cret"}).encode()
+
+
+@pytest.mark.parametrize("path, what", [("/v2/acme/tool/manifests/1.0", "is not a manifest"),
+                                        ("/v2/acme/tool/tags/list", "is not a tag list")])
+async def test_a_tag_or_tag_list_redirected_to_something_else_is_neither_served_nor_stored(mirror, path, what):
+    """The upstream redirects a tag's manifest or a tag list to another host (an internal
+    service, a cloud's metadata address) whose JSON is not one: 502, the JSON is not handed to
+    the client, and nothing is cached."""
+    image = mirror.registry.push("acme/tool", "1.0")
+    mirror.registry.redirects[path] = "https://internal.test/latest/credentials"
+    mirror.registry.elsewhere["https://internal.test/latest/credentials"] = ("application/json", SECRET)
+    response = await mirror.client.get(path, headers=[("Accept", t) for t in ALL_MANIFESTS])
+    assert response.status_code == 502, response.text
+    assert what in response.json()["errors"][0]["message"] and b"SECRET" not in response.content
+    assert [r.url.host for r in mirror.registry.seen][-1] == "internal.test"    # it was followed
+    assert not tag_rows(mirror) and mirror.app.cache.index.content(digest_of(SECRET)) is None
+    del mirror.registry.redirects[path]     # the upstream mends: served as ever
+    response = await mirror.client.get("/v2/acme/tool/manifests/1.0", headers=[("Accept", t) for t in ALL_MANIFESTS])
+    assert response.status_code == 200 and response.content == image.manifest
