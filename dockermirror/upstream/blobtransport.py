@@ -416,6 +416,19 @@ class _Response(http.client.HTTPResponse):
             self._skip_headers()
         raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) answers")
 
+    def _read_and_discard_trailer(self) -> None:
+        """After a chunked body's last chunk (every byte of the body has arrived): its trailer,
+        skipped, but at most _MAX_HEADERS lines of at most _MAX_LINE bytes. An upstream that sends
+        more (an endless trailer, which http.client would read for as long as it comes) ends its
+        body here, and its connection is not reused."""
+        for _ in range(_MAX_HEADERS + 1):
+            line = self.fp.readline(_MAX_LINE + 1)
+            if len(line) > _MAX_LINE:
+                break
+            if line in (b"\r\n", b"\n", b""):
+                return
+        self.will_close = True
+
     def _skip_headers(self) -> None:
         for _ in range(_MAX_HEADERS + 1):
             line = self.fp.readline(_MAX_LINE + 1)

@@ -206,6 +206,27 @@ async def test_a_chunked_body_is_read_whole(serve):
     assert server.connections == 1
 
 
+@pytest.mark.parametrize("trailer", [b"X-Trailer: 1\r\n", b"X" * 70_000])
+async def test_a_chunked_body_with_an_endless_trailer_ends_at_its_last_chunk(serve, trailer):
+    """After the last chunk, trailer lines for ever (or one longer than a header line may be):
+    the body ends there, whole, and that connection is closed, not reused (http.client itself
+    would read the trailer for as long as it comes)."""
+    def endless(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.sendall(f"{len(DATA):x}\r\n".encode() + DATA + b"\r\n0\r\n")
+        try:
+            for _ in range(100_000):
+                conn.sendall(trailer)
+                time.sleep(0.001)
+        except OSError:
+            pass
+        return False
+
+    server = serve(endless)
+    await asyncio.wait_for(fetch_each(server, 2), 20)
+    assert server.connections == 2
+
+
 async def test_a_body_cut_short_is_resumed_with_range(serve, caplog):
     def cut(conn: socket.socket, request: Request) -> bool:
         if "range" in request.headers:

@@ -38,6 +38,21 @@ def test_the_self_check_passes_on_the_installed_versions() -> None:
     import dockermirror.upstream.client  # noqa: F401  (sets the read size)
 
     assert readsize.check() == ""
+
+
+def test_the_http_client_steps_the_blob_transport_overrides_are_still_there() -> None:
+    """upstream/blobtransport.py's response overrides two private steps of the standard library's
+    ``http.client`` (every interim answer skipped; a trailer read at most so far): a Python whose
+    http.client no longer calls them by these names would silently undo both."""
+    import http.client
+    import inspect
+
+    from dockermirror.upstream.blobtransport import _Response
+
+    for name in ("_read_status", "_read_and_discard_trailer"):
+        assert name in vars(http.client.HTTPResponse) and name in vars(_Response)
+    assert "self._read_status()" in inspect.getsource(http.client.HTTPResponse.begin)
+    assert "self._read_and_discard_trailer()" in inspect.getsource(http.client.HTTPResponse._get_chunk_left)
     assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == readsize.READ_SIZE
 
 
