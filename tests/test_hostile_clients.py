@@ -205,6 +205,14 @@ def test_a_refused_request_after_others_on_its_connection_is_answered_after_them
         second, rest = rest[size:].split(b"\r\n\r\n", 1)
         assert second.startswith(b"HTTP/1.1 206 ") and rest[:1] == upstream.blob(layer)[:1], answer[:300]
         assert rest[1:].startswith(b"HTTP/1.1 431 "), rest[:200]
+    # the same for a request that cannot be parsed at all (a scanner's garbage, a request both
+    # chunked and with a length): the GET before it used to get no answer, only the 400
+    for bad in (b"GARBAGE\r\n\r\n", b"GET /v2/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"):
+        for _ in range(10):
+            answer = raw_request(mirror, blob + bad)
+            first, rest = answer.split(b"\r\n\r\n", 1)
+            assert first.startswith(b"HTTP/1.1 200 ") and rest[:size] == upstream.blob(layer), answer[:300]
+            assert rest[size:].startswith(b"HTTP/1.1 400 "), rest[size:size + 200]
     assert "went away" not in mirror.log_text() and "cut off" not in mirror.log_text()
 
 

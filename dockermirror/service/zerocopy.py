@@ -487,9 +487,10 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
             if self._refusal is not None:
                 self._refuse(*self._refusal)
             else:
-                # e.g. a TLS ClientHello on a plain-HTTP port, a scanner's garbage
+                # e.g. a TLS ClientHello on a plain-HTTP port, a scanner's garbage (after the
+                # requests before it on the connection are answered, as any refusal)
                 self._log_refusal(logging.INFO, '%s "-" 400 0 note="invalid HTTP request"', self._address())
-                self.send_400_response("Invalid HTTP request received.")
+                self._refuse(400, "invalid HTTP request", logged=True)
             return False
         return not self.transport.is_closing()
 
@@ -554,14 +555,16 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
-    def _refuse(self, status: int, why: str) -> None:
+    def _refuse(self, status: int, why: str, *, logged: bool = False) -> None:
         """Answer ``status`` and close; the rest of the client's input is dropped meanwhile."""
         self._refused = True
         self._cancel_header_timer()
         self._unset_keepalive_if_required()
         client = self._address()
         node = f" node={self._limits.node}" if self._limits.node else ""
-        if self._unidentified:
+        if logged:
+            pass
+        elif self._unidentified:
             self._log_refusal(logging.INFO, '%s "-" %d 0 note="%s"%s', client, status, why, node)
         else:
             log.info('%s "-" %d 0 note="%s"%s', client, status, why, node)
