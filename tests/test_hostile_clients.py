@@ -213,6 +213,13 @@ def test_a_refused_request_after_others_on_its_connection_is_answered_after_them
             first, rest = answer.split(b"\r\n\r\n", 1)
             assert first.startswith(b"HTTP/1.1 200 ") and rest[:size] == upstream.blob(layer), answer[:300]
             assert rest[size:].startswith(b"HTTP/1.1 400 "), rest[size:size + 200]
+    # a head over the limit in the same read as the request before it: it was not charged to the
+    # limit (the budget was the previous request's), and got through up to twice the limit
+    big_head = b"GET /v2/ HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    answer = raw_request(mirror, blob + big_head)
+    first, rest = answer.split(b"\r\n\r\n", 1)
+    assert first.startswith(b"HTTP/1.1 200 ") and rest[:size] == upstream.blob(layer), answer[:300]
+    assert rest[size:].startswith(b"HTTP/1.1 431 "), rest[size:size + 200]
     assert "went away" not in mirror.log_text() and "cut off" not in mirror.log_text()
 
 

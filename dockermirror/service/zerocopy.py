@@ -443,6 +443,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         self._head_pending = True
         self._budget = self._limits.max_header_size
         self._header_count = 0
+        self._head_bytes = self._body_bytes = 0
         self._refusal: tuple[int, str] | None = None
         self._refused = False
         self._pending_refusal: tuple[int, str] | None = None
@@ -499,12 +500,16 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = 0
+        # counted per request as it is parsed: a request that follows another in one read was
+        # not charged to the budget (data_received's), which was the previous request's
+        self._head_bytes = self._body_bytes = 0
         self._certificate.attach(self.scope)
 
     def on_url(self, url: bytes) -> None:
         if len(self.url) + len(url) > self._limits.max_url:
             self._refusal = (414, f"request target over {self._limits.max_url} bytes")
             raise _Refused
+        self._count_head(len(url))
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -512,7 +517,21 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         if self._header_count > self._limits.max_headers:
             self._refusal = (431, f"more than {self._limits.max_headers} header fields")
             raise _Refused
+        self._count_head(len(name) + len(value) + 4)     # ": " and CRLF
         super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self._limits.max_header_size:
+            self._refusal = (431, f"request line and headers over {self._limits.max_header_size} bytes")
+            raise _Refused
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body:
+            self._refusal = (413, f"request body over {self._limits.max_body} bytes")
+            raise _Refused
+        super().on_body(body)
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
