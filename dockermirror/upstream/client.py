@@ -13,6 +13,7 @@ upstream's failures into :mod:`dockermirror.errors`.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import ssl
@@ -510,7 +511,8 @@ def error_for(status: int, headers: httpx.Headers, body: bytes, *,
     if status == 403:
         return Denied(f"the upstream denied access{suffix}", upstream_status=403)
     if status == 429:
-        retry = {"Retry-After": headers["retry-after"]} if "retry-after" in headers else {}
+        after = _retry_after(headers.get("retry-after"))
+        retry = {"Retry-After": after} if after is not None else {}
         return TooManyRequests(f"the upstream is rate limiting this mirror{suffix}", headers=retry,
                                upstream_status=429)
     if status >= 500:
@@ -521,6 +523,20 @@ def error_for(status: int, headers: httpx.Headers, body: bytes, *,
     code = (_upstream_codes(body) or ["UNKNOWN"])[0]
     return RegistryError(f"the upstream answered HTTP {status}{suffix}", status=status, code=code,
                          upstream_status=status)
+
+
+def _retry_after(value: str | None) -> str | None:
+    """The upstream's Retry-After if it is one (RFC 9110: seconds, or an HTTP date), else None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit() and len(value) <= 10:
+        return value
+    try:
+        email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return value if len(value) <= 64 else None
 
 
 def _errors(body: bytes) -> list[dict]:

@@ -337,6 +337,19 @@ async def test_an_unsendable_retry_after_is_left_out_of_the_error(mirror):
     assert "retry-after" not in response.headers
 
 
+@pytest.mark.parametrize("value, passed", [("120", "120"), ("Wed, 21 Oct 2026 07:28:00 GMT", "Wed, 21 Oct 2026 07:28:00 GMT"),
+                                           ("9" * 60_000, None), ("soon", None), ("-5", None), ("1e9", None)])
+async def test_only_a_retry_after_that_is_one_is_passed_on(mirror, value, passed):
+    """The upstream's 429 Retry-After reaches the client only as seconds (at most 10 digits) or an
+    HTTP date; anything else (60,000 digits, words) is left out."""
+    mirror.registry.push("acme/tool", "1.0")
+    mirror.registry.status = 429
+    mirror.registry.extra_headers = {"Retry-After": value}
+    response = await mirror.client.get("/v2/acme/tool/manifests/1.0", headers=ACCEPT)
+    assert_oci_error(response, 429, "TOOMANYREQUESTS")
+    assert response.headers.get("retry-after") == passed
+
+
 # --- item 17: the log shows control characters, never obeys them
 
 
