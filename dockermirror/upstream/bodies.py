@@ -14,6 +14,10 @@ Two rules for every body the upstream client reads:
   ``Accept-Encoding: identity`` and read the raw bytes, so httpx never inflates anything;
   a body the upstream compresses anyway (gzip or deflate) is inflated here at most up to
   the cap (a gzip bomb costs its cap, not its inflated size). Other encodings are refused.
+  **And so is all of it at once:** answers read whole (manifests, tag lists, tokens, error
+  messages) share WHOLE_BODIES bytes; each may always hold OWN_BODY bytes beyond it (tokens and
+  error messages never wait), and one that would take more fails with :class:`MemoryBusy`
+  (32 hostile 14 MiB tag lists at once held 220 MiB before).
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"larger than {limit} bytes")
         self.limit = limit
+
+
+class MemoryBusy(Exception):
+    """Answers read whole already hold WHOLE_BODIES bytes: this one may not grow past OWN_BODY now."""
+
+
+WHOLE_BODIES = 64 * 1024 * 1024     # bytes all answers being read whole may hold at once ...
+OWN_BODY = 1024 * 1024              # ... beyond what each may always hold (a token's cap, an error's)
+_whole = {"held": 0}                # bytes held over OWN_BODY by answers being read whole
 
 
 class BadEncoding(Exception):
@@ -188,15 +201,25 @@ async def read_capped(response: httpx.Response, limit: int, window: float, *, tr
     if decoder.coding is None and announced is not None and not truncate and announced > limit:
         raise BodyTooLarge(limit)
     body = bytearray()
-    async for chunk in paced(response, window):
-        try:
-            body += decoder.feed(chunk, limit - len(body))
-        except BadEncoding:
-            if truncate:
-                return b""
-            raise
-        if len(body) > limit:
-            if truncate:
-                return bytes(body[:limit])
-            raise BodyTooLarge(limit)
-    return bytes(body)
+    shared = 0      # of _whole's bytes, this body's
+    try:
+        async for chunk in paced(response, window):
+            try:
+                body += decoder.feed(chunk, limit - len(body))
+            except BadEncoding:
+                if truncate:
+                    return b""
+                raise
+            if len(body) > limit:
+                if truncate:
+                    return bytes(body[:limit])
+                raise BodyTooLarge(limit)
+            more = max(0, len(body) - OWN_BODY) - shared
+            if more:
+                if _whole["held"] + more > WHOLE_BODIES:
+                    raise MemoryBusy(f"answers read whole hold {WHOLE_BODIES // (1024 * 1024)} MiB")
+                _whole["held"] += more
+                shared += more
+        return bytes(body)
+    finally:
+        _whole["held"] -= shared

@@ -50,6 +50,7 @@ from dockermirror.upstream.bodies import (
     BadEncoding,
     BodyTooLarge,
     DeadlinePassed,
+    MemoryBusy,
     content_length,
     paced,
     read_capped,
@@ -352,6 +353,9 @@ class UpstreamClient:
                 except BodyTooLarge:
                     raise ManifestInvalid(f"upstream answer exceeds {limit} bytes",
                                           status=502, upstream_status=response.status_code) from None
+                except MemoryBusy as exc:
+                    raise Unavailable(f"too many large upstream answers are being read ({exc}); try again",
+                                      headers={"Retry-After": RETRY_AFTER}) from None
                 except BadEncoding as exc:
                     raise RegistryError(str(exc), status=502, upstream_status=response.status_code) from None
                 except httpx.TransportError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import json
 import logging
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
 from dockermirror.errors import RegistryError
 from dockermirror.oci import MAX_MANIFEST_SIZE
+from dockermirror.upstream import bodies as bodies_module
 from dockermirror.upstream import client as upstream_client
 from dockermirror.upstream.client import UpstreamClient
 from tests.unit.conftest import config_text
@@ -143,6 +145,42 @@ async def test_a_huge_token_response_is_refused_without_reading_it(tmp_path, kin
     assert "token service auth.test" in answer.json()["errors"][0]["message"]
     assert len(bodies) == 1
     assert bodies[0].pulled <= MAX_TOKEN_RESPONSE + MiB
+
+
+class Paused(httpx.AsyncByteStream):
+    """``body`` in 256 KiB pieces, pausing ``pause`` seconds halfway."""
+
+    def __init__(self, body: bytes, pause: float) -> None:
+        self.body, self.pause = body, pause
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        half = len(self.body) // 2
+        for start in range(0, len(self.body), 256 * KiB):
+            if start <= half < start + 256 * KiB:
+                await asyncio.sleep(self.pause)
+            yield self.body[start:start + 256 * KiB]
+
+
+async def test_large_answers_read_whole_at_once_share_one_memory_budget(tmp_path, monkeypatch):
+    """Many clients asking for large tag lists at once (or a hostile upstream's) hold at most
+    WHOLE_BODIES bytes over OWN_BODY each: the others get 503 + Retry-After, those within it the
+    whole list; afterwards the budget is all free again."""
+    monkeypatch.setattr(bodies_module, "WHOLE_BODIES", 8 * MiB)
+    monkeypatch.setattr(bodies_module, "OWN_BODY", 1 * MiB)
+    tags = json.dumps({"name": "acme/tool", "tags": [f"t{n:07d}" for n in range(600_000)]}).encode()
+    assert 6 * MiB < len(tags) < 8 * MiB
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Type": "application/json"}, stream=Paused(tags, 0.3))
+
+    async with mirror_with(tmp_path, handle) as client:
+        answers = await asyncio.gather(*(client.get(f"/v2/acme/tool{n}/tags/list") for n in range(8)))
+    ok = [a for a in answers if a.status_code == 200]
+    busy = [a for a in answers if a.status_code == 503]
+    assert len(ok) + len(busy) == 8 and 1 <= len(ok) <= 3 and busy       # 8 MiB: about 2 of them at once
+    assert all(a.content == tags for a in ok)
+    assert all(oci_error(a) == "UNAVAILABLE" and a.headers["retry-after"] for a in busy)
+    assert bodies_module._whole["held"] == 0
 
 
 async def test_a_gzip_bomb_manifest_is_refused_at_the_manifest_cap(tmp_path):
