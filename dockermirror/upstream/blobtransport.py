@@ -607,7 +607,8 @@ class _Body(httpx.AsyncByteStream):
                 item = exc
             self._want = CHUNK
             with self._lock:
-                self._ahead.append(item)
+                if not self._closed:    # (closed meanwhile: its error is the abort's, nobody's to see)
+                    self._ahead.append(item)
                 self._ended = isinstance(item, BaseException) or not item
                 stop = self._ended or self._closed or len(self._ahead) >= self._transport._ahead_limit()
                 if stop:
