@@ -114,14 +114,17 @@ class Authenticator:
             try:
                 return "Bearer " + await self._token(bearer, scope)
             except (AuthError, httpx.TransportError) as exc:
+                if isinstance(exc, AuthError) and exc.status is not None and exc.status < 500:
+                    raise   # it answered, and refused (this repository, these credentials): so be it
                 log.debug("upstream %s: no token up front (%s); asking without one",
                           httpx.URL(self._upstream).host, exc)
                 if self._bearer is bearer:
                     self._bearer = None
         return None
 
-    async def answer(self, header: str, scope: str) -> str | None:
-        """The Authorization value answering a 401's challenge, or None if we cannot."""
+    async def answer(self, header: str, scope: str, sent: str | None = None) -> str | None:
+        """The Authorization value answering a 401's challenge, or None if we cannot. ``sent``:
+        the Authorization the 401 answered (a cached token it refused is fetched anew)."""
         challenge = Challenge.parse(header)
         if challenge is None:
             return None
@@ -134,7 +137,9 @@ class Authenticator:
             self._check(challenge.params["realm"])
             # The challenge's own scope wins: it is what this request needs.
             wanted = challenge.params.get("scope") or scope
-            self._forget(challenge, wanted)
+            cached = self._tokens.get(self._key(challenge, wanted))
+            if cached is not None and sent == "Bearer " + cached[0]:
+                self._forget(challenge, wanted)     # refused: expired early, or revoked
             token = await self._token(challenge, wanted)
             self._bearer = challenge        # asked up front from now on: only a realm that gave a token
             return "Bearer " + token

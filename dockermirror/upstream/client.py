@@ -385,7 +385,7 @@ class UpstreamClient:
             response = await self._request(method, url, headers, authorization, blob, kind)
             if response.status_code == 401 and "www-authenticate" in response.headers:
                 try:
-                    answer = await self.auth.answer(response.headers["www-authenticate"], scope)
+                    answer = await self.auth.answer(response.headers["www-authenticate"], scope, authorization)
                 except BaseException:
                     await response.aclose()     # its connection goes back (or is closed), also on a failed token
                     raise

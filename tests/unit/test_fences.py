@@ -38,6 +38,7 @@ def test_the_self_check_passes_on_the_installed_versions() -> None:
     import dockermirror.upstream.client  # noqa: F401  (sets the read size)
 
     assert readsize.check() == ""
+    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == readsize.READ_SIZE
 
 
 def test_the_http_client_steps_the_blob_transport_overrides_are_still_there() -> None:
@@ -53,7 +54,6 @@ def test_the_http_client_steps_the_blob_transport_overrides_are_still_there() ->
         assert name in vars(http.client.HTTPResponse) and name in vars(_Response)
     assert "self._read_status()" in inspect.getsource(http.client.HTTPResponse.begin)
     assert "self._read_and_discard_trailer()" in inspect.getsource(http.client.HTTPResponse._get_chunk_left)
-    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == readsize.READ_SIZE
 
 
 def _hold_the_head(monkeypatch: pytest.MonkeyPatch) -> None:

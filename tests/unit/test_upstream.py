@@ -197,6 +197,33 @@ async def test_the_token_cache_is_bounded_however_many_repositories_clients_name
     assert len(registry.requests(path_contains="/token")) == 241
 
 
+async def test_a_repository_the_token_service_refuses_costs_the_others_nothing():
+    """A client naming a repository the token service refuses (403) gets its 401, and the
+    tokens of other repositories stay cached: no token request more than each needs."""
+    registry = FakeRegistry(token="t")
+    registry.push("a/one", "1")
+    registry.push("secret/x", "1")
+
+    scopes = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.test":
+            scopes.append(request.url.params["scope"])
+            if "secret" in scopes[-1]:
+                return response(403, json_body={"details": "denied"})
+        return registry.handle(request)
+
+    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
+    try:
+        for _ in range(3):
+            assert (await client.manifest("a/one", "1", ALL_MANIFESTS, head=True)).status == 200
+            with pytest.raises(Unauthorized):
+                await client.manifest("secret/x", "1", ALL_MANIFESTS, head=True)
+    finally:
+        await client.aclose()
+    assert scopes == ["repository:a/one:pull"] + ["repository:secret/x:pull"] * 3
+
+
 async def test_redirects_to_blob_storage_never_carry_our_authorization():
     registry = FakeRegistry(token="t", redirect_blobs=True)
     image = registry.push("library/busybox", "latest")
