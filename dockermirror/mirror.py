@@ -43,6 +43,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ from dockermirror.oci import (
     InvalidDigest,
     accept_class,
     acceptable,
+    names,
     valid_media_type,
     valid_name,
 )
@@ -266,10 +268,14 @@ class Mirror:
 
     def _tag_row(self, repo: Repo, tag: str, accept: list[str]) -> TagEntry | None:
         """The known mapping that answers this client, if any: the upstream's answer to clients
-        of its accept class, else the tag's own manifest if this client takes its type."""
-        for answers in dict.fromkeys((accept_class(accept), AS_STORED)):
+        of its accept class, else the tag's own manifest if this client names its type. (Not
+        for a client that names none, sending no Accept or ``*/*``: registries answer those
+        with what they choose, e.g. a list's linux/amd64 manifest, or 404 for an OCI index.)"""
+        own = accept_class(accept)
+        for answers in dict.fromkeys((own, AS_STORED)):
             row = self.cache.tag(repo.upstream.key, repo.name, tag, answers)
-            if row is not None and acceptable(row.media_type, accept):
+            if row is not None and (acceptable(row.media_type, accept) if answers == own
+                                    else names(row.media_type, accept)):
                 return row
         return None  # this client cannot take what we have: ask the upstream
 
@@ -704,19 +710,33 @@ def _or_default(media_type: str | None) -> str:
 _MANIFEST_FIELDS = ("layers", "manifests", "config", "fsLayers", "blobs", "subject")
 
 
+# artifact manifests, which have no schemaVersion (OCI 1.1's draft, ORAS's)
+_ARTIFACT_TYPES = ("application/vnd.oci.artifact.manifest.v1+json", "application/vnd.cncf.oras.artifact.manifest.v1+json")
+
+
 def _is_manifest(reply: Reply, document: dict[str, Any]) -> bool:
     """Whether a JSON object is an image manifest or index (of any version the registries serve):
-    a schemaVersion of 1 or 2, and a manifest type (its Content-Type or its own ``mediaType``) or
-    a manifest's fields."""
+    an artifact manifest's type, or a schemaVersion of 1 or 2 and a manifest type (its
+    Content-Type or its own ``mediaType``) or a manifest's fields."""
+    types = (_content_type(reply), document.get("mediaType"))
+    if any(t in _ARTIFACT_TYPES for t in types):
+        return True
     version = document.get("schemaVersion")
     if type(version) is not int or version not in (1, 2):
         return False
-    return (_content_type(reply) in MANIFEST_TYPES or document.get("mediaType") in MANIFEST_TYPES
-            or any(name in document for name in _MANIFEST_FIELDS))
+    return any(t in MANIFEST_TYPES for t in types) or any(name in document for name in _MANIFEST_FIELDS)
+
+
+TAG_LIST_PARSED = 1024 * 1024   # a larger tag list is only looked at (parsing 15 MiB held the loop 0.4 s)
+_JSON_OBJECT_START = re.compile(rb"\s*\{")
 
 
 def _is_tag_list(body: bytes) -> bool:
-    """Whether an answer is a tag list: a JSON object whose ``tags`` is a list of strings (or null)."""
+    """Whether an answer is a tag list: a JSON object whose ``tags`` is a list of strings (or
+    null); one over TAG_LIST_PARSED bytes, something that begins as a JSON object and has a
+    ``"tags"`` (keys come in any order: GCR's begin with ``child`` and ``manifest``)."""
+    if len(body) > TAG_LIST_PARSED:
+        return _JSON_OBJECT_START.match(body) is not None and b'"tags"' in body
     document = _json_object(body)
     if document is None or "tags" not in document:
         return False

@@ -105,6 +105,12 @@ def acceptable(media_type: str | None, accept_values: list[str]) -> bool:
 
 
 
+def names(media_type: str | None, accept_values: list[str]) -> bool:
+    """Does a client that sent these ``Accept`` lines name this type itself (not ``*/*``, not by
+    sending none)?"""
+    return (media_type or "").lower() in accepted_types(accept_values)
+
+
 def accept_class(accept_values: list[str]) -> str:
     """What a registry's content negotiation makes of these ``Accept`` lines, as a short key.
 

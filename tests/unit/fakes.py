@@ -124,6 +124,9 @@ class FakeRegistry:
     tamper: set[str] = field(default_factory=set)   # blob digests served with wrong bytes
     on_request: Callable[[httpx.Request], None] | None = None
     dockerhub: bool = False               # an OCI index falls back to amd64 too (Distribution: 404)
+    # a client that sends no Accept takes no list (as Distribution and Docker Hub answer it); off:
+    # it gets what the tag holds
+    no_accept_takes_no_list: bool = False
     # changes the answer to a manifest request (a hostile upstream) before it is sent
     alter_manifest: Callable[[httpx.Request, Answer], None] | None = None
     referrers: bool = False               # answers GET /v2/<name>/referrers/<digest> (OCI 1.1)
@@ -296,7 +299,10 @@ class FakeRegistry:
         body, media_type = found
         accepted = {item.split(";", 1)[0].strip() for value in request.headers.get_list("accept")
                     for item in value.split(",")}
-        if accepted and media_type not in accepted:
+        if self.no_accept_takes_no_list:
+            accepted.discard("*/*")     # (what httpx sends for a client that sent none)
+        takes_no_list = self.no_accept_takes_no_list and media_type in (DOCKER_LIST, OCI_INDEX)
+        if (accepted or takes_no_list) and media_type not in accepted:
             platform = None
             if media_type == DOCKER_LIST or (media_type == OCI_INDEX and self.dockerhub):
                 # what Docker Hub and Distribution give a client that takes no list: linux/amd64
@@ -305,7 +311,7 @@ class FakeRegistry:
             if platform is None:
                 return _error(404, "MANIFEST_UNKNOWN", "manifest unknown in the accepted formats")
             body, media_type = self.manifests[(repo, platform["digest"])]
-            if media_type not in accepted:
+            if accepted and media_type not in accepted:
                 return _error(404, "MANIFEST_UNKNOWN", "manifest unknown in the accepted formats")
         return Answer(200, {"content-type": media_type.encode(), "docker-content-digest": digest_of(body).encode(),
                             "content-length": str(len(body)).encode()}, body)

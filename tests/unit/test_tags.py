@@ -370,3 +370,51 @@ async def test_a_tag_or_tag_list_redirected_to_something_else_is_neither_served_
     del mirror.registry.redirects[path]     # the upstream mends: served as ever
     response = await mirror.client.get("/v2/acme/tool/manifests/1.0", headers=[("Accept", t) for t in ALL_MANIFESTS])
     assert response.status_code == 200 and response.content == image.manifest
+
+
+@pytest.mark.parametrize("list_type", [DOCKER_LIST, OCI_INDEX])
+@pytest.mark.parametrize("first", ["everything", "nothing"])
+async def test_a_client_that_names_no_type_gets_what_the_upstream_gives_it_whoever_came_first(mirror, list_type,
+                                                                                              first):
+    """A client with no Accept names no manifest type: the upstream (Distribution) gives it a
+    Docker list's linux/amd64 manifest, and 404 for an OCI index. It used to get the whole list
+    from the cache once a client that takes every type had pulled the tag."""
+    mirror.registry.no_accept_takes_no_list = True
+    image = mirror.registry.push_list("library/alpine", "3", list_type, child_type=DOCKER_MANIFEST)
+    expected = (200, image.children["amd64"].manifest) if list_type == DOCKER_LIST else (404, None)
+
+    async def nothing() -> None:
+        response = await mirror.client.get("/v2/library/alpine/manifests/3")
+        assert response.status_code == expected[0], response.text
+        if expected[1] is not None:
+            assert response.content == expected[1]
+
+    async def everything() -> None:
+        response = await mirror.client.get("/v2/library/alpine/manifests/3", headers=EVERYTHING)
+        assert response.status_code == 200 and response.content == image.manifest
+
+    for client in ((everything, nothing) if first == "everything" else (nothing, everything)) * 2:
+        await client()
+
+
+@pytest.mark.parametrize("media_type", ["application/vnd.oci.artifact.manifest.v1+json",
+                                        "application/vnd.cncf.oras.artifact.manifest.v1+json"])
+async def test_an_artifact_manifest_without_schema_version_is_served_by_tag(mirror, media_type):
+    body = json.dumps({"mediaType": media_type, "artifactType": "application/x-test", "blobs": []}).encode()
+    mirror.registry.manifests[("acme/tool", "sig")] = (body, media_type)
+    mirror.registry.manifests[("acme/tool", digest_of(body))] = (body, media_type)
+    response = await mirror.client.get("/v2/acme/tool/manifests/sig", headers=[("Accept", media_type)])
+    assert response.status_code == 200 and response.content == body
+
+
+async def test_a_large_tag_list_with_its_keys_in_any_order_is_passed_on(mirror):
+    """Over TAG_LIST_PARSED bytes a tag list is not parsed (it held the event loop): it passes if
+    it begins as a JSON object and has "tags", in whatever order (GCR's begins with "child")."""
+    mirror.registry.push("acme/tool", "1.0")
+    tags = [f"v{n}" for n in range(200_000)]
+    body = json.dumps({"child": [], "manifest": {}, "name": "acme/tool", "tags": tags}).encode()
+    assert len(body) > 1024 * 1024
+    mirror.registry.redirects["/v2/acme/tool/tags/list"] = "https://gcr.test/v2/acme/tool/tags/list"
+    mirror.registry.elsewhere["https://gcr.test/v2/acme/tool/tags/list"] = ("application/json", body)
+    response = await mirror.client.get("/v2/acme/tool/tags/list")
+    assert response.status_code == 200 and response.content == body
