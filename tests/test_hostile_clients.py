@@ -207,7 +207,9 @@ def test_a_refused_request_after_others_on_its_connection_is_answered_after_them
         assert rest[1:].startswith(b"HTTP/1.1 431 "), rest[:200]
     # the same for a request that cannot be parsed at all (a scanner's garbage, a request both
     # chunked and with a length): the GET before it used to get no answer, only the 400
-    for bad in (b"GARBAGE\r\n\r\n", b"GET /v2/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"):
+    # (the last: its head is whole, its body's framing is not; that request itself is never answered)
+    for bad in (b"GARBAGE\r\n\r\n", b"GET /v2/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"GET /v2/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 5000 + b"\r\n"):
         for _ in range(10):
             answer = raw_request(mirror, blob + bad)
             first, rest = answer.split(b"\r\n\r\n", 1)

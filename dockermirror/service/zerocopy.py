@@ -444,6 +444,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         self._budget = self._limits.max_header_size
         self._header_count = 0
         self._head_bytes = self._body_bytes = 0
+        self._earlier: object = None
         self._refusal: tuple[int, str] | None = None
         self._refused = False
         self._pending_refusal: tuple[int, str] | None = None
@@ -488,9 +489,16 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
             if self._refusal is not None:
                 self._refuse(*self._refusal)
             else:
-                # e.g. a TLS ClientHello on a plain-HTTP port, a scanner's garbage (after the
-                # requests before it on the connection are answered, as any refusal)
+                # e.g. a TLS ClientHello on a plain-HTTP port, a scanner's garbage
                 self._log_refusal(logging.INFO, '%s "-" 400 0 note="invalid HTTP request"', self._address())
+                cycle = self.cycle
+                if not self._head_pending and cycle is not None and not cycle.response_complete:
+                    # the request being read is the bad one (its body's framing): never answered
+                    if not (self.pipeline and self.pipeline[0][0] is cycle):
+                        self.send_400_response("Invalid HTTP request received.")   # it runs: cut it
+                        return False
+                    self.pipeline.popleft()     # it waits behind others: they go first, then the 400
+                    self.cycle = self._earlier
                 self._refuse(400, "invalid HTTP request", logged=True)
             return False
         return not self.transport.is_closing()
@@ -537,6 +545,7 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         self._head_pending = False
         self._budget = self._limits.max_body
+        self._earlier = self.cycle      # (the request before this one, if its answer is still going out)
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is None or cycle.scope is not self.scope or not self.zero_copy:
