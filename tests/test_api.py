@@ -166,7 +166,8 @@ def test_containerd_namespace_parameter(mirror, upstream: Upstream):
     seeded = upstream.seeded["hello"]
     with mirror.client() as client:
         ours = client.get("/v2/library/hello/manifests/latest", params={"ns": "docker.io"}, headers=accept_all())
-        alias = client.head("/v2/library/hello/manifests/latest", params={"ns": "registry-1.docker.io"})
+        alias = client.head("/v2/library/hello/manifests/latest", params={"ns": "registry-1.docker.io"},
+                            headers=accept_all())
         other = client.get("/v2/library/hello/manifests/latest", params={"ns": "quay.io"})
     assert ours.status_code == 200 and ours.headers["docker-content-digest"] == seeded.digest
     assert ours.headers["oci-namespace"] == "docker.io"
