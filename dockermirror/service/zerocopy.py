@@ -590,12 +590,11 @@ class ZeroCopyHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         client = self._address()
         node = f" node={self._limits.node}" if self._limits.node else ""
-        if logged:
-            pass
-        elif self._unidentified:
-            self._log_refusal(logging.INFO, '%s "-" %d 0 note="%s"%s', client, status, why, node)
-        else:
-            log.info('%s "-" %d 0 note="%s"%s', client, status, why, node)
+        if not logged:      # (the caller's line said it already)
+            if self._unidentified:
+                self._log_refusal(logging.INFO, '%s "-" %d 0 note="%s"%s', client, status, why, node)
+            else:
+                log.info('%s "-" %d 0 note="%s"%s', client, status, why, node)
         if self._busy():
             # the requests before it (a response going out, pipelined ones) are answered first
             self._pending_refusal = (status, why)
