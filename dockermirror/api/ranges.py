@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# ASCII digits only (``\d`` would take other scripts' digits), spaces tolerated around the parts
-_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII)
+# ASCII digits only (``\d`` would take other scripts' digits); optional whitespace (space, tab)
+# around the unit, the "=" and each position, never inside one ("1 0" is not 10); the unit is
+# case-insensitive (RFC 9110 section 14.1)
+_RANGE_RE = re.compile(r"[ \t]*bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*", re.ASCII | re.IGNORECASE)
 # A position with more digits than this is beyond any content (and int() refuses ~4,300 digits)
 _MAX_DIGITS = 18
 
@@ -43,7 +45,7 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     """
     if not header:
         return None
-    match = _RANGE_RE.fullmatch(header.strip().replace(" ", ""))
+    match = _RANGE_RE.fullmatch(header)
     if not match:
         return None
     first, last = match.groups()

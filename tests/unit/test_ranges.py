@@ -16,7 +16,13 @@ from dockermirror.api.ranges import ByteRange, RangeNotSatisfiable, parse_range
     ("bytes=-10", 100, ByteRange(90, 100)),             # a suffix: the last 10 bytes
     ("bytes=-500", 100, ByteRange(0, 100)),             # a suffix longer than the content
     ("bytes=99-99", 100, ByteRange(99, 100)),
-    (" bytes = 5 - 6 ", 100, ByteRange(5, 7)),          # spaces are tolerated
+    (" bytes = 5 - 6 ", 100, ByteRange(5, 7)),          # spaces are tolerated around the parts
+    ("bytes=\t5-\t6\t", 100, ByteRange(5, 7)),           # and tabs
+    ("Bytes=5-6", 100, ByteRange(5, 7)),                # the unit is case-insensitive
+    ("bytes=1 0-20", 100, None),                        # but not inside a position: not 10-20
+    ("bytes=10-2 0", 100, None),
+    ("by tes=10-20", 100, None),
+    ("bytes=10-20\n", 100, None),                       # other whitespace is not optional whitespace
     ("bytes=5-2", 100, None),                           # invalid: send it all
     ("bytes=0-1,5-6", 100, None),                       # several ranges: send it all
     ("items=0-1", 100, None),                           # another unit
