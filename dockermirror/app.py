@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 from starlette.applications import Starlette
 
-from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
+from dockermirror.access.htpasswd import Htpasswd
 from dockermirror.api.accesslog import AccessLog, RequestDone
 from dockermirror.api.forwarded import ClientAddress
 from dockermirror.api.gate import Gate
@@ -192,33 +192,40 @@ class DockerMirror:
 
         Upstreams are added, removed and changed in place: requests and transfers that started
         keep the client they started with (through their ``Repo``); a removed upstream's
-        cached content stays until it expires or is evicted."""
+        cached content stays until it expires or is evicted. Whatever can fail (the htpasswd file:
+        HtpasswdError, the rules, a new upstream client) fails before anything is applied."""
+        htpasswd = self.load_users(new)
         old, restart = self.config, []
         if new.cache.dir != self.cache.root:     # the directory it runs with, not the previous file's
             restart.append("cache.dir")
+        guard = Guard.of(new, htpasswd)
         if new.registries != old.registries or self._ca_bundle_changed():
-            self._swap_upstreams(new)
+            self._swap_upstreams(new)           # builds every new client first: fails with nothing applied
+        # from here on nothing fails
         if new.cache != old.cache or new.registries != old.registries:
             self.cache.set_limits(_limits(new))
             self.mirror.tag_ttl = new.cache.tag_ttl
-        self._reload_htpasswd(new.auth)
-        self.api.guard = self._guard(new)     # new requests use the new rules (and users)
+        self._use_users(htpasswd)
+        self.mirror.share_public = not guard.rules.per_repository
+        self.api.guard = guard                 # new requests use the new rules (and users)
         self.config = new
         return restart
 
-    def _reload_htpasswd(self, auth: AuthConfig) -> None:
-        """Re-read ``auth.htpasswd`` (users added or removed since). A bad file is refused with a
-        log line and the users loaded before stay; an unchanged one keeps its verified credentials."""
-        try:
-            new = load_htpasswd(auth)
-        except HtpasswdError as exc:
-            kept = "still using the users loaded before" if self.htpasswd is not None else \
-                "still without Basic authentication"
-            log.error("auth.htpasswd not reloaded, %s: %s", kept, exc)
-            return
+    def load_users(self, new: Config) -> Htpasswd | None:
+        """The users ``new`` names (``auth.htpasswd`` re-read: users added or removed since; the
+        running ones if the file is unchanged, keeping their verified credentials).
+        HtpasswdError if the file is refused: a reload must then change nothing, or adding a bad
+        file to lock a mirror down would leave it open (as a start with that file is refused)."""
+        loaded = load_htpasswd(new.auth)
         old = self.htpasswd
-        if new is not None and old is not None and (new.source, new.digest, new.cache_ttl) == \
+        if loaded is not None and old is not None and (loaded.source, loaded.digest, loaded.cache_ttl) == \
                 (old.source, old.digest, old.cache_ttl):
+            return old
+        return loaded
+
+    def _use_users(self, new: Htpasswd | None) -> None:
+        old = self.htpasswd
+        if new is old:
             return
         if new is None and old is not None:
             log.warning("auth.htpasswd removed: no Basic authentication from now on")

@@ -251,6 +251,13 @@ class Service:
             log.error("reload refused, still running with the previous configuration: %s", problem)
             self.systemd.ready(self.status())
             return
+        try:        # before the TLS step below changes anything (reconfigure reads the file again)
+            self.app.load_users(new)
+        except Exception as exc:   # HtpasswdError names the file and line; anything else, too
+            log.error("reload refused, still running with the previous configuration (and users): "
+                      "auth.htpasswd: %s", printable(str(exc), quote=False))
+            self.systemd.ready(self.status())
+            return
         if self.tls is not None and new.tls.active:
             from dockermirror.service.tls import TLSError, TrustLost
 
@@ -272,7 +279,7 @@ class Service:
         try:
             self.app.reconfigure(new)    # its own list of what needs a restart is in :mod:`.restart`'s
         except Exception as exc:    # e.g. a CA bundle replaced by garbage after the configuration was read
-            log.error("reload refused, still running with the previous upstreams and cache settings: %s",
+            log.error("reload refused, still running with the previous upstreams, cache settings and users: %s",
                       printable(str(exc), quote=False))
             self.systemd.ready(self.status())
             return

@@ -23,7 +23,7 @@ from dockermirror import cli, config as configuration
 from dockermirror.access import htpasswd as module
 from dockermirror.access.htpasswd import Htpasswd, HtpasswdError, parse_basic
 from dockermirror.app import DockerMirror
-from tests.unit.conftest import config_text
+from tests.unit.conftest import UPSTREAM, config_text
 from tests.unit.fakes import FakeClock
 
 ALICE = bcrypt.hashpw(b"alice-pw", bcrypt.gensalt(4)).decode()     # $2b$04$...
@@ -516,12 +516,10 @@ def test_reload_rereads_the_file_and_keeps_the_old_users_when_it_is_bad(tmp_path
     assert app.htpasswd is first
 
     write(users, f"alice:{ALICE}\nbob:{SECRET_HASH}\n")
-    caplog.set_level(logging.INFO, "dockermirror")
-    assert app.reconfigure(configuration.loads(text)) == []
-    assert app.htpasswd is first                                   # refused: the old users stay
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and f"{users}:2: user 'bob'" in errors[0] and SECRET_HASH not in errors[0]
-    assert "still using the users loaded before" in errors[0]
+    with pytest.raises(HtpasswdError, match=rf"^{users}:2: user 'bob'") as refused:
+        app.reconfigure(configuration.loads(text))
+    assert SECRET_HASH not in str(refused.value)
+    assert app.htpasswd is first and app.api.guard.htpasswd is first   # refused: the old users stay
 
     write(users, f"alice:{ALICE}\nbob:{BOB}\n")
     app.reconfigure(configuration.loads(text))
@@ -531,6 +529,29 @@ def test_reload_rereads_the_file_and_keeps_the_old_users_when_it_is_bad(tmp_path
 
     app.reconfigure(configuration.loads(config_text(tmp_path / "cache")))
     assert app.htpasswd is None                                    # auth.htpasswd removed
+
+
+@pytest.mark.parametrize("bad", ["md5", "missing", "writable"])
+def test_a_reload_with_a_refused_file_changes_nothing(tmp_path, bad):
+    """Adding auth.htpasswd to lock an open mirror down, with a file the start would refuse: the
+    reload is refused whole (it used to apply the rest, the guard staying open to anonymous pulls
+    while the configuration said htpasswd), and the other changes of that reload wait too."""
+    users = tmp_path / "htpasswd"
+    if bad == "md5":
+        write(users, f"alice:{SECRET_HASH}\n")
+    elif bad == "writable":
+        write(users, f"alice:{ALICE}\n")
+        users.chmod(0o666)
+    app = DockerMirror(configuration.loads(config_text(tmp_path / "cache")))
+    before = (app.config, app.api.guard, app.mirror.upstreams, app.mirror.tag_ttl)
+    assert not app.api.guard.active
+    new = configuration.loads(config_text(tmp_path / "cache", f"auth:\n  htpasswd: {users}\n")
+                              .replace(UPSTREAM, "http://elsewhere.test"))
+    assert new.default_upstream.url != app.config.default_upstream.url
+    with pytest.raises(HtpasswdError, match=f"^{users}"):
+        app.reconfigure(new)
+    assert (app.config, app.api.guard, app.mirror.upstreams, app.mirror.tag_ttl) == before
+    assert app.htpasswd is None
 
 
 def test_no_htpasswd_configured_means_none(tmp_path):
