@@ -7,8 +7,12 @@ echoing what it holds.
 A bcrypt check costs about 0.2 s of CPU at cost 12, so a verified credential is remembered
 for a short time: the cache holds HMAC-SHA256 digests of user and password under a key drawn
 at random for each process (never the password itself), with a time to live and an LRU bound.
-A wrong password is never remembered; an unknown user costs a bcrypt check as well, so the
-time an answer takes does not tell which users exist.
+A wrong password is never remembered; an unknown user costs a bcrypt check at the file's highest
+cost, and a wrong password of a user with a lower cost takes as long, so the time an answer takes
+does not tell which users exist (a file mixes costs: ``htpasswd -B`` writes 5, ``user add`` 12).
+While the checks are busy (a flood of wrong passwords), a credential verified before, with the
+same file, answers without a new check for up to a day: a flood cannot lock out a user whose
+remembered credential ran out.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import bcrypt
 
 CACHE_TTL = 300.0       # seconds a verified credential is remembered (auth.cache_ttl)
 CACHE_SIZE = 10_000     # credentials remembered at most (least recently used go first)
+STALE_TRUST = 86_400.0  # seconds a verified credential still answers while the checks are busy
 MAX_PASSWORD = 72       # bytes: bcrypt reads no more (longer passwords are refused, not cut)
 MAX_USER = 256          # characters in a user name
 WEAK_COST = 10          # bcrypt costs below this are warned about (htpasswd -B uses 5)
@@ -142,8 +147,12 @@ class Htpasswd:
         self.source, self.digest = source, digest
         self.cache_ttl, self.cache_size, self._clock = cache_ttl, cache_size, clock
         self._users = {user: value.encode() for user, value in users.items()}
-        costs = collections.Counter(value[4:6] for value in users.values())
-        self._dummy = f"$2b${costs.most_common(1)[0][0] if costs else '12'}${_DUMMY[7:]}".encode()
+        # an unknown user is checked at the highest cost; a wrong password at a lower one is made
+        # to take as long as the last check at that cost took
+        self._cost = max((int(value[4:6]) for value in users.values()), default=12)
+        self._dummy = f"$2b${self._cost:02d}${_DUMMY[7:]}".encode()
+        self._slowest = 0.0         # seconds the last check at self._cost took
+        # credential -> when it was last verified (kept up to STALE_TRUST for busy times)
         self._verified: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._checking: dict[bytes, asyncio.Future[bool]] = {}
@@ -209,6 +218,8 @@ class Htpasswd:
         if running is None:
             global _checking
             if _checking >= MAX_CHECKING:
+                if self._remembered(key, busy=True):    # verified before, with this very file
+                    return True
                 raise CheckersBusy()
             _checking += 1
             loop = asyncio.get_running_loop()
@@ -232,20 +243,31 @@ class Htpasswd:
         if len(secret) > MAX_PASSWORD or b"\x00" in secret:
             # bcrypt would cut it (or refuse it): never a match, at the same cost
             stored, secret = None, b""
-        ok = bcrypt.checkpw(secret, stored if stored is not None else self._dummy) and stored is not None
+        hashed = stored if stored is not None else self._dummy
+        started = time.perf_counter()
+        ok = bcrypt.checkpw(secret, hashed) and stored is not None
+        took = time.perf_counter() - started
         if ok:
             self._remember(key)
+        elif int(hashed[4:6]) >= self._cost:
+            self._slowest = took
+        elif self._slowest > took:      # a wrong password of a cheaper entry: as slow as the rest
+            time.sleep(min(self._slowest - took, 10.0))
         return ok
 
     # --- the cache of verified credentials
 
-    def _remembered(self, key: bytes) -> bool:
+    def _remembered(self, key: bytes, *, busy: bool = False) -> bool:
+        """Whether ``key`` was verified less than cache_ttl ago (with ``busy``: STALE_TRUST ago)."""
         with self._lock:
-            expires = self._verified.get(key)
-            if expires is None:
+            verified = self._verified.get(key)
+            if verified is None:
                 return False
-            if self._clock() >= expires:
+            age = self._clock() - verified
+            if age >= max(self.cache_ttl, STALE_TRUST):
                 del self._verified[key]
+                return False
+            if age >= self.cache_ttl and not busy:
                 return False
             self._verified.move_to_end(key)
             return True
@@ -254,7 +276,7 @@ class Htpasswd:
         if self.cache_ttl <= 0 or self.cache_size <= 0:
             return
         with self._lock:
-            self._verified[key] = self._clock() + self.cache_ttl
+            self._verified[key] = self._clock()
             self._verified.move_to_end(key)
             while len(self._verified) > self.cache_size:
                 self._verified.popitem(last=False)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import bcrypt
@@ -277,6 +278,56 @@ async def test_a_flood_of_new_passwords_gets_busy_answers_not_an_endless_queue(m
     release.set()
     assert await asyncio.gather(*waiting, same) == [False] * 4
     assert await users.check("alice", "guess-4") is False      # room again
+
+
+@pytest.mark.anyio
+async def test_a_flood_cannot_lock_out_a_user_whose_remembered_credential_ran_out(monkeypatch):
+    """While the checks are busy, a credential verified before with the same file still answers
+    (up to STALE_TRUST after it was last verified); a credential never verified is told busy.
+    Its remembered time used to end at cache_ttl: every request of a user pulling all along was
+    then a 503 for as long as the flood lasted."""
+    release = threading.Event()
+    real = bcrypt.checkpw
+
+    def slow(password: bytes, hashed: bytes) -> bool:
+        release.wait(30)
+        return real(password, hashed)
+
+    clock = FakeClock()
+    monkeypatch.setattr(module, "MAX_CHECKING", 2)
+    users = Htpasswd({"alice": ALICE, "bob": BOB}, cache_ttl=60, clock=clock)
+    assert await users.check("alice", "alice-pw") and await users.check("bob", "bob-pw")
+    clock.advance(3600)                                        # past cache_ttl
+    monkeypatch.setattr(module.bcrypt, "checkpw", slow)
+    flood = [asyncio.ensure_future(users.check("mallory", f"guess-{n}")) for n in range(2)]
+    await asyncio.sleep(0)
+    assert await users.check("alice", "alice-pw")              # busy: the earlier check vouches
+    with pytest.raises(module.CheckersBusy):
+        await users.check("alice", "another-pw")               # never verified: no
+    clock.advance(module.STALE_TRUST)
+    with pytest.raises(module.CheckersBusy):
+        await users.check("bob", "bob-pw")                     # verified over a day ago: no
+    release.set()
+    assert await asyncio.gather(*flood) == [False, False]
+    monkeypatch.setattr(module.bcrypt, "checkpw", real)
+    assert await users.check("bob", "bob-pw")                  # not busy: checked again
+
+
+def test_a_wrong_password_takes_as_long_for_a_cheap_entry_as_for_an_unknown_user():
+    """A file that mixes bcrypt costs (htpasswd -B writes 5, user add 12): an unknown user is
+    checked at the highest cost, and a wrong password of a cheaper entry is made to take as
+    long. It used to take its own cost: the one costly entry (the admin's) stood out."""
+    admin = bcrypt.hashpw(b"admin-pw", bcrypt.gensalt(10)).decode()
+    users = Htpasswd({"alice": ALICE, "admin": admin})
+    timed = {}
+    for user in ("nobody", "alice", "admin", "alice"):
+        started = time.perf_counter()
+        assert users.verify(user, "wrong") is False
+        timed.setdefault(user, []).append(time.perf_counter() - started)
+    slow = min(timed["admin"])
+    assert min(timed["nobody"]) >= 0.5 * slow, timed            # checked at cost 10, not 4 (a 50th)
+    assert min(timed["alice"]) >= 0.5 * slow, timed             # cost 4 alone: a 50th of cost 10
+    assert users.verify("alice", "alice-pw")                  # a right password is not slowed
 
 
 @pytest.mark.anyio
