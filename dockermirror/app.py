@@ -23,6 +23,7 @@ from dockermirror.access.htpasswd import Htpasswd
 from dockermirror.api.accesslog import AccessLog, RequestDone
 from dockermirror.api.forwarded import ClientAddress
 from dockermirror.api.gate import Gate
+from dockermirror.api.loops import LoopCheck
 from dockermirror.api.refusals import RefusalLog
 from dockermirror.access.guard import Guard
 from dockermirror.api.routes import RegistryAPI, api_routes
@@ -33,16 +34,18 @@ from dockermirror.mirror import Mirror, Upstream, Upstreams
 from dockermirror.routing import registry_key
 from dockermirror.service.statuspage import StatusPage
 from dockermirror.upstream.client import UpstreamClient
+from dockermirror.via import new_pseudonym
 
 log = logging.getLogger("dockermirror")
 
 
-def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None, meter: Meter) -> UpstreamClient:
+def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None, meter: Meter,
+            pseudonym: str) -> UpstreamClient:
     return UpstreamClient(up.url, username=up.username, password=up.password, ca_bundle=up.ca_bundle,
                           connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
                           transfer_timeout=up.transfer_timeout, token_realms=up.token_realms,
                           transport=transport, meter=meter, key=registry_key(up.registry),
-                          namespace=registry_key(up.registry) if up.send_ns else None)
+                          namespace=registry_key(up.registry) if up.send_ns else None, pseudonym=pseudonym)
 
 
 def _ca_fingerprint(up: UpstreamConfig) -> str | None:
@@ -88,6 +91,8 @@ class DockerMirror:
         ``meter`` hears of the core's events (metrics); it stays the same for the process's life,
         reloads included."""
         self.meter = meter
+        # this process's name in the Via of its upstream requests, to find request loops (via.py)
+        self.pseudonym = new_pseudonym()
         # the users of auth.htpasswd (None: no Basic authentication); HtpasswdError before anything else is made
         self.htpasswd: Htpasswd | None = load_htpasswd(config.auth)
         self.config = config
@@ -119,8 +124,10 @@ class DockerMirror:
         # one whose connection's certificate was refused since (revoked, no longer trusted)
         # server.trusted_proxies: the client's address from X-Forwarded-For, before anything reads it;
         # node: this node's name on every response and log line (both as the configuration in force says)
-        logged = AccessLog(Gate(starlette, lambda: self.api.guard, self.refusals), on_done=self._request_done,
-                           node=lambda: self.config.node)
+        # a request that came round a loop of mirrors is answered 508 before anything else (api/loops.py)
+        gate = Gate(starlette, lambda: self.api.guard, self.refusals)
+        looped = LoopCheck(gate, self.pseudonym, lambda: ", ".join(up.url for up in self.config.registries))
+        logged = AccessLog(looped, on_done=self._request_done, node=lambda: self.config.node)
         self.asgi = ClientAddress(logged, lambda: self.config.server.trusted_proxies)
 
     def _request_done(self, done: RequestDone) -> None:
@@ -136,7 +143,7 @@ class DockerMirror:
 
     def _client(self, up: UpstreamConfig) -> UpstreamClient:
         fingerprint = _ca_fingerprint(up)
-        client = _client(up, self._transport, self.meter)
+        client = _client(up, self._transport, self.meter, self.pseudonym)
         self._ca_read[client] = fingerprint
         return client
 
@@ -170,6 +177,7 @@ class DockerMirror:
             default = several and up is self.config.default_upstream
             log.info("mirroring %s (%s)%s into %s", registry_key(up.registry), up.url,
                      " as the default upstream" if default else "", self.config.cache.dir)
+        log.info("this process is %s in the Via of its upstream requests (request loops are refused)", self.pseudonym)
         if self.htpasswd is not None:
             log.info("auth.htpasswd %s: %d user(s)", self.htpasswd.source, len(self.htpasswd))
             for warning in self.htpasswd.warnings:

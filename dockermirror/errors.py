@@ -93,6 +93,14 @@ class Unavailable(RegistryError):
     status, code = 503, "UNAVAILABLE"
 
 
+class LoopDetected(RegistryError):
+    """A request came back to the mirror that sent it (dockermirror/via.py): 508 Loop Detected,
+    with UNAVAILABLE as its code (the spec has none for it). Not an upstream outage: nothing is
+    marked down, nothing is retried or served stale for it; it is passed on as it is."""
+
+    status, code = 508, "UNAVAILABLE"
+
+
 class BadUpstreamContent(RegistryError):
     """The upstream sent bytes that do not match the digest asked for."""
 

@@ -54,6 +54,7 @@ from dockermirror.cache import Cache, CachedFile, Entry, Follower, ReferrersEntr
 from dockermirror.errors import (
     BadUpstreamContent,
     BlobUnknown,
+    LoopDetected,
     ManifestInvalid,
     ManifestUnknown,
     NameInvalid,
@@ -511,7 +512,7 @@ class Mirror:
             error: RegistryError = error_for(reply.status, reply.headers, reply.body, unknown=NameUnknown)
         except Unavailable as exc:
             error = exc
-        if error.status >= 500 or error.status == 429:
+        if (error.status >= 500 or error.status == 429) and not isinstance(error, LoopDetected):
             known = self.cache.tags_of(repo.upstream.key, repo.name)
             if known:
                 log.info("upstream failed for the tag list of %s (%s); listing the %d cached tag(s)",

@@ -30,6 +30,7 @@ from dockermirror.errors import (
     BlobUnknown,
     Denied,
     ManifestInvalid,
+    LoopDetected,
     ManifestUnknown,
     NameUnknown,
     RegistryError,
@@ -44,6 +45,7 @@ from dockermirror.upstream import readsize
 from dockermirror.upstream.blobtransport import ThreadTransport, proxy_mounts
 from dockermirror.upstream.outage import OutageLog
 from dockermirror.upstream.realms import RealmRefused, shown
+from dockermirror.via import new_pseudonym, outgoing
 from dockermirror.upstream.bodies import (
     ERROR_BODY,
     MIN_PROGRESS,
@@ -203,16 +205,19 @@ class UpstreamClient:
         meter: Meter = NULL_METER,
         key: str = "",
         namespace: str | None = None,
+        pseudonym: str | None = None,
     ) -> None:
         """``token_realms``: hosts besides the upstream's own site that may get the credentials
         (see :mod:`.realms`); ``transport`` replaces the network (tests pass an ``httpx.MockTransport``);
         ``meter`` hears of each request sent and the bytes received, as this upstream's ``key``;
         ``namespace``: the upstream is another mirror (``send_ns``): every request under ``/v2/<name>/``
-        carries ``?ns=<namespace>``, as containerd names the registry to a mirror."""
+        carries ``?ns=<namespace>``, as containerd names the registry to a mirror; ``pseudonym``: this
+        mirror's name in the ``Via`` of every request (after the client request's, see dockermirror/via.py)."""
         self.base = url.rstrip("/")
         self._ns = f"ns={quote(namespace, safe='')}" if namespace else ""
         self.meter = meter
         self.key = key
+        self.pseudonym = pseudonym or new_pseudonym()
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
         verify: ssl.SSLContext | bool = True
@@ -438,7 +443,8 @@ class UpstreamClient:
 
     async def _request(self, method: str, url: str, headers: list[tuple[str, str]],
                        authorization: str | None, blob: bool, kind: str) -> httpx.Response:
-        all_headers = headers + ([("Authorization", authorization)] if authorization else [])
+        all_headers = headers + [("Via", outgoing(self.pseudonym))] + \
+            ([("Authorization", authorization)] if authorization else [])
         client = self._blobs if blob else self._client
         request = client.build_request(method, url, headers=all_headers)
         return await timed(self.meter, self.key, kind, send(client, request, self.read_timeout))
@@ -514,6 +520,10 @@ def error_for(status: int, headers: httpx.Headers, body: bytes, *,
                             f"upstream.password){suffix}", upstream_status=401)
     if status == 403:
         return Denied(f"the upstream denied access{suffix}", upstream_status=403)
+    if status == 508:    # a request loop (via.py): the upstream's own words, passed on
+        return LoopDetected(upstream_message or "request loop: the upstream answered 508 Loop Detected (an "
+                            "upstream on the way leads back to a mirror before it; check each tier's upstream.url)",
+                            upstream_status=508)
     if status == 429:
         after = _retry_after(headers.get("retry-after"))
         retry = {"Retry-After": after} if after is not None else {}

@@ -51,6 +51,8 @@ class OutageLog:
 
     def answered(self, name: str, status: int) -> None:
         """The upstream sent an HTTP answer with this status."""
+        if status == 508:       # a request loop (a configuration's mistake, logged where it is found): no outage
+            return
         if status == 429:
             self._count_429 += 1
             if not self._quiet(self._last_429):
