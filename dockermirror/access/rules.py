@@ -275,8 +275,12 @@ class Rules:
         """Whether an anonymous client from ``address`` may pull anything at all."""
         from dockermirror.access.identity import ANONYMOUS
 
+        return self.may_pull(ANONYMOUS, address)
+
+    def may_pull(self, identity: Identity, address: Address | None) -> bool:
+        """Whether ``identity`` from ``address`` may pull anything at all."""
         for rule, repos in zip(self.rules, self._repos):
-            if not _names(rule.identities, ANONYMOUS) or not _from(rule.networks, address):
+            if not _names(rule.identities, identity) or not _from(rule.networks, address):
                 continue
             if rule.allow:
                 return True

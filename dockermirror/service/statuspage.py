@@ -6,8 +6,9 @@ process answered since it started): no script, no external asset, inline CSS onl
 Content-Security-Policy can forbid everything else; the browser reloads it every 10 s (a meta
 refresh). Every value that a client or an upstream chose (repository names, error text, an
 identity) is HTML-escaped. The page shows what the mirror serves, so it asks what ``/v2/`` asks
-(the access guard's identify and ping: a Basic challenge where ``/v2/`` would give one) and names
-only repositories the viewer may pull. ``status_page: false`` turns it off (404).
+(the access guard's identify and ping: a Basic challenge where ``/v2/`` would give one), is
+403 DENIED to a viewer who may pull nothing (and whom no login can help), and names only
+repositories the viewer may pull. ``status_page: false`` turns it off (404).
 
 ``/healthz`` is plain text for load balancers and monitors, answered without authentication and
 naming no repository: ``ok`` while the process serves, then one line per problem. It is 200 even
@@ -30,9 +31,10 @@ from starlette.routing import Route
 
 from dockermirror import __version__
 from dockermirror.access.guard import Guard
+from dockermirror.access.rules import client_address
 from dockermirror.api.responses import error_response
 from dockermirror.api.routes import READ_METHODS, RegistryAPI, any_method_route
-from dockermirror.errors import RegistryError, Unsupported
+from dockermirror.errors import Denied, RegistryError, Unsupported
 from dockermirror.humanize import age, printable, size
 from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
 from dockermirror.service.pullstats import Counted, PullStats
@@ -72,6 +74,9 @@ class StatusPage:
         if guard.active:
             identity = request.state.identity
             guard.ping(identity, host)      # what /v2/ asks of this client
+            if not guard.rules.may_pull(identity, client_address(host)):
+                # no login can help here (no htpasswd, or already logged in): the page is not theirs
+                raise Denied(f"{identity} may pull nothing from this mirror, so the status page is not shown")
             viewer: str | None = str(identity)
 
             def keep(key: str, repository: str) -> bool:

@@ -293,6 +293,34 @@ async def test_with_access_rules_the_page_names_only_what_the_viewer_may_pull(mi
     assert health.status_code == 200 and health.text == "ok\n"
 
 
+async def test_with_access_rules_only_a_client_that_may_pull_nothing_gets_403_not_the_page(mirror, tmp_path):
+    """No htpasswd: no login can help, so no Basic prompt either; the page is refused (403 DENIED)."""
+    mirror.registry.push("library/public", "1")
+    await pull(mirror.client, "public", "1")
+    rules = 'access:\n  - allow: ["*"]\n    from: [10.0.0.0/8]\n'
+    mirror.app.reconfigure(configuration.loads(config_text(mirror.cache_dir, rules)))
+    assert (await mirror.client.get("/v2/library/public/manifests/1", headers=ACCEPT)).status_code == 403
+    for method in ("GET", "HEAD"):
+        refused = await mirror.client.request(method, "/")
+        assert refused.status_code == 403, method
+        assert "www-authenticate" not in refused.headers
+        assert "public" not in refused.text and "Upstreams" not in refused.text and UPSTREAM not in refused.text
+    error = (await mirror.client.get("/")).json()["errors"][0]
+    assert error["code"] == "DENIED" and "may pull nothing" in error["message"]
+    # a client from the allowed network sees it
+    inside = httpx.ASGITransport(app=mirror.app.asgi, client=("10.1.2.3", 40000))
+    async with httpx.AsyncClient(transport=inside, base_url="http://mirror.test") as client:
+        page = await client.get("/")
+    assert page.status_code == 200 and "docker.io/library/public" in page.text
+    # with users, a user who may pull nothing from here is refused too (logging in cannot help)
+    htpasswd = _users(tmp_path / "htpasswd", {"alice": "alice-secret"})
+    rules = 'access:\n  - allow: [user:alice]\n    from: [10.0.0.0/8]\n'
+    mirror.app.reconfigure(configuration.loads(config_text(mirror.cache_dir, rules + f"auth:\n  htpasswd: {htpasswd}\n")))
+    assert (await mirror.client.get("/")).status_code == 401      # anonymous: the login prompt, as before
+    alice = await mirror.client.get("/", headers=basic("alice", "alice-secret"))
+    assert alice.status_code == 403 and "public" not in alice.text
+
+
 async def test_with_client_certificates_required_only_healthz_answers_without_one(tmp_path):
     """tls.client_auth: required (api/gate.py): a probe shows no certificate, a viewer must."""
     registry = FakeRegistry()
