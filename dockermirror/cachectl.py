@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sqlite3
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from dockermirror.humanize import age, size
+from dockermirror.humanize import age, printable, size
 from dockermirror.cache import INDEX_NAME, maintenance
 from dockermirror.cache.index import ForeignDatabase, Index
 from dockermirror.cache.space import filesystem, resolve
@@ -216,7 +217,11 @@ def verify(opened: Opened, *, repair: bool) -> int:
     report = maintenance.verify(opened.store, opened.index, repair=repair, progress=progress)
     for adopted in report.adopted:
         print(f"{adopted}: file without an index entry, matches its digest: adopted")
+    for name in report.misplaced:
+        print(f"{name}: not a directory, in the place of the cache's directory of files"
+              + (": removed (and the directory made)" if repair else " (--repair removes it)"))
     for stray in report.stray:
+        stray = printable(os.fsencode(stray), quote=False)   # (a name may hold ESC, CR...: shown escaped)
         print(f"{stray}: file without an index entry " + (
             "that does not match its name: removed" if repair else "(not served; --repair adopts or removes it)"))
     print(f"{report.checked} entries checked: {len(report.missing)} missing, {len(report.corrupt)} corrupt"

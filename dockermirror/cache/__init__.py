@@ -53,7 +53,7 @@ from dockermirror.cache.index import (
 )
 from dockermirror.cache.inflight import Follower, Source, Transfer, Transfers
 from dockermirror.cache.space import Limits, filesystem, resolve, shortfall
-from dockermirror.cache.store import BlobStore, FileRange, TempBlob, stamp, unchanged_since
+from dockermirror.cache.store import BlobStore, FileRange, TempBlob, open_regular, stamp, unchanged_since
 from dockermirror import humanize
 from dockermirror.meter import NULL_METER, Meter
 from dockermirror.oci import Digest
@@ -340,16 +340,18 @@ class Cache:
         hashes to its digest (it is then removed)."""
         path = self.store.path(Digest.parse(entry.digest))
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd, st = open_regular(path)    # (a FIFO in its place must not stop the event loop)
+        except (FileNotFoundError, NotADirectoryError):
             if not self._being_removed(entry.digest) and self._idx.content(entry.digest) is not None:
                 log.warning("cache file of %s is missing; dropping its index entry", entry.digest)
                 await self._write("dropping the entry of a missing file", self._idx.remove_content, [entry.digest])
             return None
+        except OSError as exc:      # unreadable, or not a regular file: a miss too, once the entry is gone
+            await self._drop_unusable(entry.digest, exc)
+            return None
         # leased before the first await: an eviction must not remove it while it is checked
         self._leases[entry.digest] += 1
         try:
-            st = os.fstat(fd)
             problem = self._bad.get(entry.digest)
             if problem is None and st.st_size != entry.size:
                 problem = f"the file has {st.st_size} bytes, the index says {entry.size}"
@@ -368,6 +370,24 @@ class Cache:
         file = CachedFile(fd, entry.size, lambda: self._unlease(entry.digest, file), stamp=stamp(st), path=path)
         self._readers.setdefault(entry.digest, set()).add(file)
         return file
+
+    async def _drop_unusable(self, digest: str, exc: OSError) -> None:
+        """A stored file cannot be opened (no permission) or is not a regular file: say so once,
+        remove what is in its place if possible, and drop its row, so the next request fetches it again."""
+        if self._being_removed(digest) or self._idx.content(digest) is None:
+            return
+        self._removing[digest] += 1     # (concurrent requests for it: a miss, without a line of their own)
+        try:
+            removed = "removing it"
+            try:
+                await asyncio.to_thread(self.store.remove, Digest.parse(digest))
+            except OSError as failed:
+                removed = f"could not remove it: {failed.strerror or failed}"
+            log.warning("cache file of %s cannot be used (%s); %s and dropping its index entry: the next "
+                        "request fetches it again", digest, exc.strerror or exc, removed)
+            await self._write("dropping the entry of an unusable file", self._idx.remove_content, [digest])
+        finally:
+            self._removing -= collections.Counter([digest])
 
     def _being_removed(self, digest: str) -> bool:
         """Whether this process, or another (``docker-mirror cache prune | rm | verify --repair``,
@@ -819,11 +839,13 @@ class Cache:
         removed), None if it is gone."""
         digest = Digest.parse(entry.digest)
         try:
-            fd = os.open(self.store.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd, st = open_regular(self.store.path(digest))
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:
+            await self._drop_unusable(entry.digest, exc)
+            return False
         try:
-            st = os.fstat(fd)
             hasher = hashlib.new(digest.algorithm)
             offset = 0
             while True:

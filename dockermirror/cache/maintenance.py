@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
-import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from dockermirror.cache.index import AccessBatch, Entry, Index
-from dockermirror.cache.store import BlobStore
+from dockermirror.cache.store import BlobStore, open_regular, unlink_any
 from dockermirror.cache.store import stamp as store_stamp
 from dockermirror.oci import MANIFEST_TYPES, Digest
 
@@ -27,17 +25,6 @@ HASH_CHUNK = 4 * 1024 * 1024
 MANIFEST_MAX = 4 * 1024 * 1024   # the largest manifest a file without a row is looked into for
 ADOPT_BATCH = 1000               # files without a row indexed per transaction
 REMOVE_BATCH = 500               # entries removed per pair of transactions (marks, rows)
-
-
-def _unlink(path: os.PathLike) -> None:
-    """Remove something under blobs/ that is not content (a file, a link, a directory)."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 # the index's lifetime counters of entries (and bytes) an operator's command removed
@@ -80,7 +67,7 @@ def remove(store: BlobStore, index: Index, digests: Iterable[str], *, mark: bool
 
 def hash_file(path: os.PathLike, algorithm: str) -> tuple[str, int]:
     """(hex digest, size) of a file, read in large chunks."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, _ = open_regular(path)
     try:
         return hash_fd(fd, algorithm)
     finally:
@@ -116,14 +103,13 @@ def adoptable(digest: Digest, path: os.PathLike, clock: Callable[[], float]) -> 
     manifest); else None, and the file is deleted. Its access time is its mtime, so eviction
     takes it early."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd, st = open_regular(path, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    except OSError:   # a symbolic link, or nothing we can read
-        fd = -1
+    except OSError:   # a symbolic link, not a regular file, or nothing we can read
+        fd, st = -1, None
     try:
-        st = os.fstat(fd) if fd >= 0 else None
-        if st is not None and stat.S_ISREG(st.st_mode):
+        if st is not None:
             actual, size = hash_fd(fd, digest.algorithm)
             if actual == digest.hex and size == st.st_size:
                 kind, media_type = _kind(fd, size)
@@ -132,7 +118,7 @@ def adoptable(digest: Digest, path: os.PathLike, clock: Callable[[], float]) -> 
     finally:
         if fd >= 0:
             os.close(fd)
-    _unlink(path)
+    unlink_any(path)
     return None
 
 
@@ -151,10 +137,11 @@ class Report:
     corrupt: list[str] = field(default_factory=list)     # files whose bytes do not match
     adopted: list[str] = field(default_factory=list)     # verified files without a row, now indexed
     stray: list[str] = field(default_factory=list)       # files that are not valid content (removed)
+    misplaced: list[str] = field(default_factory=list)   # a file where a directory of the cache should be
 
     @property
     def problems(self) -> int:
-        return len(self.missing) + len(self.corrupt)
+        return len(self.missing) + len(self.corrupt) + len(self.misplaced)
 
     def __str__(self) -> str:
         return (f"{self.checked} entries checked, {len(self.missing)} missing, {len(self.corrupt)} corrupt, "
@@ -187,7 +174,7 @@ def reconcile(store: BlobStore, index: Index, clock: Callable[[], float]) -> Rep
                 adopted = []
             continue
         if digest is None:
-            _unlink(path)
+            unlink_any(path)
         report.stray.append(path.name)
     index.add_contents(adopted)
     report.adopted += [e.digest for e in adopted]
@@ -199,27 +186,42 @@ def reconcile(store: BlobStore, index: Index, clock: Callable[[], float]) -> Rep
 def verify(store: BlobStore, index: Index, *, repair: bool,
            progress: Callable[[Entry, str], None] = lambda entry, problem: None,
            clock: Callable[[], float] = time.time) -> Report:
-    """Re-hash every indexed file. A bad one is removed with ``repair``, else flagged in the
-    index, so that the server re-hashes it before serving it again (and then removes it).
+    """Re-hash every indexed file. A bad one (also one that cannot be read, or that is not a
+    regular file: a directory, a FIFO...) is removed with ``repair``, else flagged in the index,
+    so that the server re-hashes it before serving it again (and then removes it).
     A good one whose file was touched is recorded as verified in its present state. With
     ``repair``, files without a row are adopted (if they hash to their name) or removed."""
     report = Report()
     for entry in index.entries():
         digest = Digest.parse(entry.digest)
         try:
-            fd = os.open(store.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd, st = open_regular(store.path(digest))   # (a FIFO or a device in its place: no wait)
+        except (FileNotFoundError, NotADirectoryError):    # (NotADirectoryError: blobs/ or a prefix is a file)
             if index.content(entry.digest) is None:
                 continue  # removed meanwhile (the server evicted it)
             report.checked += 1
             report.missing.append(entry.digest)
             progress(entry, "missing")
             continue
-        try:
-            st = os.fstat(fd)
-            actual, size = hash_fd(fd, digest.algorithm)
-        finally:
-            os.close(fd)
+        except OSError as exc:
+            unusable = exc
+        else:
+            try:
+                actual, size = hash_fd(fd, digest.algorithm)
+                unusable = None
+            except OSError as exc:   # (EIO: a bad sector)
+                unusable = exc
+            finally:
+                os.close(fd)
+        if unusable is not None:
+            if index.content(entry.digest) is None:
+                continue
+            report.checked += 1
+            report.corrupt.append(entry.digest)
+            progress(entry, f"cannot be read ({unusable.strerror or unusable})")
+            if not repair:
+                index.set_stamp(entry.digest, None)
+            continue
         report.checked += 1
         if actual != digest.hex or size != entry.size:
             report.corrupt.append(entry.digest)
@@ -228,13 +230,18 @@ def verify(store: BlobStore, index: Index, *, repair: bool,
                 index.set_stamp(entry.digest, None)
         elif store_stamp(st) != entry.stamp and index.content(entry.digest) is not None:
             index.set_stamp(entry.digest, store_stamp(st))
+    if os.path.lexists(store.blobs) and not store.blobs.is_dir():
+        report.misplaced.append(store.blobs.name)    # (every entry is then missing)
+        if repair:
+            unlink_any(store.blobs)
+            store.blobs.mkdir()
     for digest, path, _ in store.walk():
         if digest is None or index.content(str(digest)) is None:
             if repair and digest is not None and adopt(index, digest, path, clock):
                 report.adopted.append(str(digest))
                 continue
             if repair and digest is None:
-                _unlink(path)
+                unlink_any(path)
             report.stray.append(str(path.relative_to(store.root)))
     if repair:
         remove(store, index, report.missing + report.corrupt)

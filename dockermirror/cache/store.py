@@ -18,6 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,45 @@ class FileRange:
 
     def fileno(self) -> int:
         return self.fd
+
+
+class NotRegularFile(OSError):
+    """What is at a cache file's place is not a regular file (a directory, a FIFO, a device...)."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: os.PathLike, *, follow_symlinks: bool = True) -> tuple[int, os.stat_result]:
+    """Open a cache file for reading: (descriptor, fstat). Never blocks on a FIFO or a device
+    (O_NONBLOCK, then S_ISREG on the open file); anything but a regular file raises
+    :class:`NotRegularFile`, an OSError like the open's own (FileNotFoundError, PermissionError...)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+            raise NotRegularFile(errno.EINVAL, f"{kind}, not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)    # (a regular file: reads as before, whoever gets the descriptor)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def unlink_any(path: os.PathLike) -> None:
+    """Remove what is at ``path``, never following a symbolic link: a directory with what it
+    holds (as much of it as can be), anything else (a file, a FIFO, a link) by unlinking it.
+    Gone already is fine."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class TempBlob:
@@ -146,10 +187,10 @@ class BlobStore:
         trash = self.tmp / f"{digest.algorithm}-{digest.hex}.{secrets.token_hex(4)}.evict"
         try:
             os.rename(self.path(digest), trash)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):   # (NotADirectoryError: blobs/ or a prefix is a file)
             return 0
-        size = trash.stat().st_blocks * 512
-        trash.unlink()
+        size = os.lstat(trash).st_blocks * 512
+        unlink_any(trash)    # (not always a file: whatever was in its place)
         return size
 
     def remove_temp_files(self) -> int:
@@ -157,11 +198,8 @@ class BlobStore:
         count = 0
         for entry in self.tmp.iterdir():
             if entry.suffix in (".part", ".pass", ".evict"):
-                try:
-                    entry.unlink()
-                    count += 1
-                except FileNotFoundError:
-                    pass
+                unlink_any(entry)   # (an .evict may be a directory that was in a file's place)
+                count += 1
         return count
 
     def has_files(self) -> bool:
@@ -222,7 +260,7 @@ def _subdirs(path: Path) -> list[os.DirEntry]:
     try:
         with os.scandir(path) as entries:
             return [e for e in entries if e.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 
