@@ -53,9 +53,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from dockermirror.service.server import StartupError, server_tls
+
     config = _load(args)
-    if (problem := config.tls.client_auth_error()) is not None:    # what would stop serve
-        raise ConfigError(problem)
+    try:
+        server_tls(config)      # what would stop serve: the same checks
+    except StartupError as exc:
+        raise ConfigError(str(exc)) from None
+    _ca_pem(config)             # what client-setup would paste
     if config.auth.htpasswd is not None:    # the server refuses to start without a good one
         from dockermirror.access.htpasswd import Htpasswd, HtpasswdError
 
@@ -357,15 +362,25 @@ def cmd_client_setup(args: argparse.Namespace) -> int:
             how += (f"\nnode: {config.node} is set: if clients reach this mirror through a load balancer, "
                     "run client-setup --host BALANCER:PORT (the balancer's name and port)")
     tls = config.tls.active
-    try:
-        ca_pem = config.tls.ca.read_text() if tls else None
-    except OSError:
-        ca_pem = None
+    ca_pem = _ca_pem(config) if tls else None
     registries = [(upstream.registry, upstream.aliases) for upstream in config.registries]
     urls = {name: upstream.url for upstream in config.registries for name in (upstream.registry, *upstream.aliases)}
     print(instructions(host, tls=tls, ca_pem=ca_pem, ca_path=config.tls.ca, registries=registries, urls=urls,
                        client_auth=config.tls.client_auth, target=target, picked=how), end="")
     return 0
+
+
+def _ca_pem(config: Config) -> str | None:
+    """The certificate(s) of tls.ca clients are told to trust (None: TLS off, or not readable here);
+    ConfigError for a file that holds a private key or no certificate."""
+    if not config.tls.active:
+        return None
+    from dockermirror.service.tls import TLSError, ca_pem
+
+    try:
+        return ca_pem(config.tls.ca)
+    except TLSError as exc:
+        raise ConfigError(str(exc), source=config.source, key="tls.ca") from None
 
 
 def cmd_lb_config(args: argparse.Namespace) -> int:

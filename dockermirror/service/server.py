@@ -99,18 +99,8 @@ class Service:
             raise StartupError(problem, key="listen")
         if (problem := preflight.cache_dir_problem(config.cache.dir)) is not None:
             raise StartupError(problem, key="cache.dir")
-        self.tls: ServerTLS | None = None
-        if (problem := config.tls.client_auth_error()) is not None:
-            raise StartupError(problem)
-        if config.tls.active:
-            # imported only for TLS: cryptography costs about 14 MB of memory
-            from dockermirror.service.tls import ServerTLS, TLSError
-
-            try:
-                self.tls = ServerTLS(config.tls.certificate, config.tls.key, public_hostname(config),
-                                     client_auth(config))
-            except TLSError as exc:
-                raise StartupError(str(exc)) from None
+        self.tls: ServerTLS | None = server_tls(config)
+        if self.tls is not None:
             for warning in self.tls.checked.warnings:
                 log.warning("%s", warning)
             if config.tls.client_auth != "none":
@@ -344,6 +334,22 @@ def upstream_status(upstreams: list) -> list[str]:
             label = "pulls left" if len(upstreams) == 1 else f"{upstream.key} pulls left"
             parts.append(f"{label} {remaining.split(';')[0]}")
     return parts
+
+
+def server_tls(config: Config) -> ServerTLS | None:
+    """The TLS of this configuration (None: plain HTTP), checked as serve needs it: StartupError
+    for what stops it (check-config runs this too)."""
+    if (problem := config.tls.client_auth_error()) is not None:
+        raise StartupError(problem)
+    if not config.tls.active:
+        return None
+    # imported only for TLS: cryptography costs about 14 MB of memory
+    from dockermirror.service.tls import ServerTLS, TLSError
+
+    try:
+        return ServerTLS(config.tls.certificate, config.tls.key, public_hostname(config), client_auth(config))
+    except TLSError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def client_auth(config: Config) -> ClientAuth:

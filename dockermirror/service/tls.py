@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import re
 import ssl
 import sys
 import time
@@ -245,6 +246,27 @@ def read_cas(ca_path: Path) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(_read("client CA", ca_path))
     except ValueError:
         raise TLSError(f"{ca_path} is not a PEM certificate") from None
+
+
+_PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z0-9 ]*PRIVATE KEY)-----")
+
+
+def ca_pem(path: Path) -> str | None:
+    """The certificates of the CA file clients are told to trust (tls.ca), as PEM, and nothing
+    else of it; None if it cannot be read. TLSError for a file that holds a private key (it
+    would be pasted to every client) or no certificate."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if (key := _PRIVATE_KEY.search(data)) is not None:
+        raise TLSError(f"{path} holds a private key ({key[1].decode()}): give the CA certificate clients "
+                       "trust, never a key")
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TLSError(f"{path} holds no PEM certificate: give the CA certificate clients trust") from None
+    return "".join(cert.public_bytes(serialization.Encoding.PEM).decode() for cert in certificates)
 
 
 def usable_crls(path: Path, cas: list[x509.Certificate], now: datetime.datetime | None = None,

@@ -62,8 +62,9 @@ def test_no_step_replaces_an_existing_daemon_json(tmp_path, capsys, target, tls)
     that has a daemon.json of its own: its keys are kept, the mirror's merged in."""
     config = "hostname: mirror.example.com\nlisten: 0.0.0.0:5000\n"
     if tls:
-        ca = tmp_path / "ca.crt"
-        ca.write_text("-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n")
+        from tests.support.certs import make_pki
+
+        ca = make_pki(tmp_path / "pki").ca     # (client-setup pastes only a certificate it can parse)
         cert = tmp_path / "server.crt"
         cert.write_text("")
         config += f"tls: {{enabled: auto, ca: {ca}, certificate: {cert}}}\n"
