@@ -422,7 +422,7 @@ class _UserError(Exception):
 def cmd_user(args: argparse.Namespace) -> int:
     from dockermirror.access import users
 
-    path = args.file
+    path, config = args.file, None
     if path is None:
         config = _load(args)
         path = config.auth.htpasswd
@@ -443,6 +443,9 @@ def cmd_user(args: argparse.Namespace) -> int:
             print(f"removed {args.name} from {path}; reload the service to apply it (systemctl reload docker-mirror)")
     except users.BadName as exc:
         raise ConfigError(f"{exc}; choose another name", key="NAME") from None
+    except users.BadFile as exc:
+        raise (ConfigError(str(exc), key="--file") if config is None else
+               ConfigError(str(exc), source=config.source, key="auth.htpasswd")) from None
     except (users.BadPassword, _UserError) as exc:
         raise ConfigError(f"{exc}; give it again (user add {_printable(args.name)})", key="password") from None
     except users.CommandError as exc:

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import grp
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,11 @@ class CommandError(Exception):
 
 class BadName(CommandError):
     """A user name the file cannot hold: the user's mistake (exit status 2)."""
+
+
+class BadFile(CommandError):
+    """A path that is not a file to replace (a symbolic link, a device, ...): the user's mistake
+    (exit status 2)."""
 
 
 class BadPassword(CommandError):
@@ -54,6 +60,25 @@ def _lines(path: Path) -> list[bytes]:
         raise CommandError(f"cannot read {path}: {exc.strerror}") from None
 
 
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+
+
+def _check_file(path: Path) -> None:
+    """Refuse what the rename would replace by a regular file: a symbolic link (its target
+    would keep the old users) or anything but a regular file (a device, ``/dev/null``)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise BadFile(f"{path} is a symbolic link; give the file itself ({os.path.realpath(path)})")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadFile(f"{path} is not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')})")
+
+
 def _is_user(line: bytes, name: str) -> bool:
     return line.startswith(name.encode() + b":")
 
@@ -77,6 +102,7 @@ def add(path: Path, name: str, password: str, cost: int = COST) -> bool:
     check_password(password)
     entry = name.encode() + b":" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost))
     with _locked(path):
+        _check_file(path)
         lines, new = _lines(path), True
         out = []
         for line in lines:
@@ -98,6 +124,7 @@ def remove(path: Path, name: str) -> None:
     if check_user(name):
         raise CommandError(f"no user {name!r} in {path}")
     with _locked(path):
+        _check_file(path)
         lines = _lines(path)
         if not path.exists():
             raise CommandError(f"no htpasswd file at {path}")

@@ -11,6 +11,7 @@ import grp
 import io
 import logging
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -616,3 +617,58 @@ def test_a_bad_file_at_start_is_an_error(tmp_path):
         DockerMirror(configuration.loads(text))
     write(users, f"alice:{ALICE}\n")
     assert DockerMirror(configuration.loads(text)).htpasswd.cache_ttl == 60.0
+
+
+# --- user add/del replace the file by a rename: never a symbolic link or a special file
+
+
+def test_user_add_and_del_refuse_a_symbolic_link_and_change_nothing(tmp_path, monkeypatch, capsys):
+    real = write(tmp_path / "real", f"alice:{ALICE}\n", 0o600)
+    link = tmp_path / "htpasswd"
+    link.symlink_to("real")
+    for argv in (["add", "eve", "--cost", "10"], ["del", "alice"]):
+        code, out, err = run_cli(monkeypatch, capsys, "user", *argv, "--file", str(link), stdin="pw\n")
+        assert (code, out) == (2, "")
+        assert err == f"docker-mirror: --file: {link} is a symbolic link; give the file itself ({real})\n"
+        assert link.is_symlink() and os.readlink(link) == "real"
+        assert real.read_text() == f"alice:{ALICE}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["htpasswd", "real"]
+    # the same file named by auth.htpasswd: the key and the configuration say where
+    config = write(tmp_path / "config.yml", f"auth:\n  htpasswd: {link}\n")
+    code, _, err = run_cli(monkeypatch, capsys, "user", "add", "eve", "--config", str(config), stdin="pw\n")
+    assert (code, err) == (2, f"docker-mirror: {config}: auth.htpasswd: {link} is a symbolic link; give the file "
+                              f"itself ({real})\n")
+    assert link.is_symlink() and real.read_text() == f"alice:{ALICE}\n"
+
+
+def test_user_add_and_del_refuse_a_fifo_and_change_nothing(tmp_path, monkeypatch, capsys):
+    fifo = tmp_path / "htpasswd"
+    os.mkfifo(fifo)
+
+    def feed() -> None:     # (without the check, the command would read this and replace the FIFO)
+        try:
+            with open(fifo, "wb") as f:
+                f.write(f"alice:{ALICE}\n".encode())
+        except BrokenPipeError:     # opened only to let this return
+            pass
+
+    for argv in (["add", "eve", "--cost", "10"], ["del", "alice"]):
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        code, out, err = run_cli(monkeypatch, capsys, "user", *argv, "--file", str(fifo), stdin="pw\n")
+        if feeder.is_alive():     # nobody opened it: let the feeder's open return
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        feeder.join(10)
+        assert (code, out, err) == (2, "", f"docker-mirror: --file: {fifo} is not a regular file (a FIFO)\n")
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["htpasswd"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a device needs root")
+def test_user_add_refuses_a_device_node(tmp_path, monkeypatch, capsys):
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    code, out, err = run_cli(monkeypatch, capsys, "user", "add", "eve", "--file", str(null), "--cost", "10",
+                             stdin="pw\n")
+    assert (code, out, err) == (2, "", f"docker-mirror: --file: {null} is not a regular file (a character device)\n")
+    assert stat.S_ISCHR(os.lstat(null).st_mode) and [p.name for p in tmp_path.iterdir()] == ["null"]
