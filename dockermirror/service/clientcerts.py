@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dockermirror.service.certs import (CertError, Paths, _cert_pem, _key_pem, _now, _write, check_days, load_ca,
-                                        sign_leaf)
+from dockermirror.service.certs import (CertError, Paths, UsageError, _cert_pem, _key_pem, _now, _Staged, _write,
+                                        check_days, load_ca, sign_leaf)
 
 CLIENT_DAYS = 365
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -45,7 +44,7 @@ def index_dir(paths: Paths) -> Path:
 
 def check_name(name: str) -> str:
     if not _NAME_RE.fullmatch(name):
-        raise CertError(f"invalid client name {name!r}: use 1 to 64 letters, digits and . _ @ + - "
+        raise UsageError(f"NAME: invalid client name {name!r}: use 1 to 64 letters, digits and . _ @ + - "
                         "(starting with a letter or digit)")
     return name
 
@@ -69,15 +68,21 @@ def issue_client(paths: Paths, name: str, out: Path, days: int = CLIENT_DAYS) ->
         raise CertError(f"the CA {paths.ca} expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}: give fewer --days")
     cert, key = sign_leaf((ca_cert, ca_key), name, until, ExtendedKeyUsageOID.CLIENT_AUTH, key_agreement=False,
                           key_identifier=True)
-    index = index_dir(paths)
+    # every file staged first, then renamed into place together: the record of a certificate
+    # whose files could not be written would be one no client has (and a revocation names it)
+    staged = _Staged()
     with _naming_the_file():
-        index.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write(index / f"{cert.serial_number:x}.crt", _cert_pem(cert), 0o644)
-        if not out.exists():
-            out.mkdir(mode=0o700, parents=True)
-        _write(out / "client.key", _key_pem(key), 0o600)
-        _write(out / "client.cert", _cert_pem(cert), 0o644)
-        shutil.copyfile(paths.ca, out / "ca.crt")
+        try:
+            staged.mkdir(out, 0o700)        # (an error names the directory that cannot be made)
+            staged.mkdir(index_dir(paths), 0o700)
+            staged.write(out / "client.key", _key_pem(key), 0o600, dir_mode=0o700)
+            staged.write(out / "client.cert", _cert_pem(cert), 0o644, dir_mode=0o700)
+            staged.write(out / "ca.crt", paths.ca.read_bytes(), 0o644, dir_mode=0o700)
+            staged.write(index_dir(paths) / f"{cert.serial_number:x}.crt", _cert_pem(cert), 0o644, dir_mode=0o700)
+        except BaseException:
+            staged.abort()
+            raise
+        staged.commit()
     return [f"issued client certificate CN={name} (serial {cert.serial_number:x}, valid until {until:%Y-%m-%d}) "
             f"to {out}/client.cert, key {out}/client.key (mode 0600), CA {out}/ca.crt",
             f"copy {out} to the client as /etc/docker/certs.d/<mirror host:port>/ (dockerd) or "

@@ -90,6 +90,53 @@ def test_cert_client_refuses_a_name_that_is_no_plain_name(paths: certs.Paths, tm
         clientcerts.issue_client(paths, name, tmp_path / "out")
 
 
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(path.relative_to(root)): path.read_bytes() if path.is_file() else None
+            for path in sorted(root.rglob("*"))}
+
+
+def _cert_client(paths: certs.Paths, tmp_path: Path, capsys, *argv: str) -> tuple[int, str, str]:
+    from dockermirror import cli
+
+    config = tmp_path / "config.yml"
+    config.write_text(f"tls:\n  certificate: {paths.certificate}\n  key: {paths.key}\n  ca: {paths.ca}\n")
+    code = cli.main(["cert", "client", *argv, "--config", str(config)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cert_client_whose_files_cannot_be_written_records_nothing(paths: certs.Paths, tmp_path: Path, capsys):
+    (tmp_path / "precious").write_text("mine\n")
+    before = _tree(paths.ca.parent)
+    code, out, err = _cert_client(paths, tmp_path, capsys, "ghost", "--out", str(tmp_path / "precious" / "dir"))
+    assert (code, out) == (1, "")
+    assert err == f"docker-mirror: {tmp_path / 'precious' / 'dir'}: Not a directory\n"
+    assert _tree(paths.ca.parent) == before and clientcerts.issued(paths) == []
+    assert (tmp_path / "precious").read_text() == "mine\n"
+    # a CA directory that cannot take the record: no client files either
+    (paths.ca.parent / "clients").write_text("in the way\n")
+    before = _tree(paths.ca.parent)
+    code, _, err = _cert_client(paths, tmp_path, capsys, "ghost", "--out", str(tmp_path / "out"))
+    assert code == 1 and err.startswith(f"docker-mirror: {paths.ca.parent / 'clients'}")
+    assert _tree(paths.ca.parent) == before and not (tmp_path / "out").exists()
+    # and with both in order, the files and the record
+    (paths.ca.parent / "clients").unlink()
+    assert _cert_client(paths, tmp_path, capsys, "ghost", "--out", str(tmp_path / "out"))[0] == 0
+    issued = _cert(tmp_path / "out" / "client.cert").serial_number
+    assert [c.serial_number for c in clientcerts.issued(paths)] == [issued]
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("name", ["", "a/b"])
+def test_cert_client_with_an_invalid_name_is_a_usage_error_naming_name(paths: certs.Paths, tmp_path: Path, capsys,
+                                                                       name: str):
+    before = _tree(tmp_path)
+    code, out, err = _cert_client(paths, tmp_path, capsys, name, "--out", str(tmp_path / "out"))
+    assert (code, out) == (2, "")
+    assert err.startswith(f"docker-mirror: NAME: invalid client name {name!r}: ") and err.count("\n") == 1
+    assert _tree(tmp_path) == {**before, "config.yml": (tmp_path / "config.yml").read_bytes()}
+
+
 def test_cert_client_without_a_ca_says_how_to_make_one(tmp_path: Path):
     paths = certs.Paths(tmp_path / "s.crt", tmp_path / "s.key", tmp_path / "ca" / "ca.crt")
     with pytest.raises(certs.CertError, match="no CA at .*cert init"):
