@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from dockermirror import humanize
+from dockermirror.config import MAX_DURATION      # (100 years, as every duration of the configuration)
 from dockermirror.cacheresults import FROM_CACHE, FROM_UPSTREAM, hit_ratio, is_pull
 
 LINE_MAX = 1024 * 1024
@@ -41,6 +42,8 @@ _SINCE = re.compile(r"[A-Za-z0-9 :.+\-@/_,]{1,64}")
 _UNIT = re.compile(r"[A-Za-z0-9:_.@\\-]{1,256}")
 _DURATION = re.compile(r"(\d+(s|m|h|d|w))+")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# a number of any notation with a unit, signed (journalctl's relative time) or not (that long ago)
+_NUMBER_DURATION = re.compile(r"([+-]?)((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)([smhdw])")
 
 
 class ReportError(Exception):
@@ -49,13 +52,24 @@ class ReportError(Exception):
 
 def since_argument(text: str) -> str:
     """What ``--since`` passes to journalctl: ``1h``/``30m``/``1h30m`` mean that long ago;
-    anything else journalctl parses (``today``, ``2026-12-01 10:00``, ``-2h``, ``@1764600000``)."""
+    anything else journalctl parses (``today``, ``2026-12-01 10:00``, ``-2h``, ``@1764600000``).
+    A duration (also ``1.5h``, ``-2h``) is at most 100 years; one that reaches before 1970 means
+    from the epoch (journalctl takes no earlier time)."""
     if not _SINCE.fullmatch(text) or text.strip() != text:
         raise ValueError(f"invalid time {text!r} (use e.g. 1h, 30m, 2d, today or '2026-12-01 10:00')")
     if _DURATION.fullmatch(text):
-        seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", text))
-        return f"-{seconds}s"
+        return _ago(text, sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", text)))
+    if (number := _NUMBER_DURATION.fullmatch(text)) is not None:
+        ago = _ago(text, float(number[2]) * _UNITS[number[3]])     # (bounded either way)
+        return text if number[1] == "+" else ago
     return text
+
+
+def _ago(text: str, seconds: float) -> str:
+    """journalctl's --since for ``seconds`` ago; from the epoch on (it takes no earlier time)."""
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise ValueError(f"{text!r} is too long; give at most 100 years (36500d)")
+    return "@0" if seconds >= time.time() else f"-{round(seconds)}s"
 
 
 def unit_argument(text: str) -> str:

@@ -157,6 +157,27 @@ def test_since_is_one_argument_and_checked(journalctl, capsys):
         cli.main(["report", "--unit", "--output=cat"])
 
 
+@pytest.mark.parametrize("since", ["99999999999d", "36501d", "5300w", "1e400h", "-1e400h", "+1e400h", "1e10d",
+                                   "-99999999999d"])
+def test_since_beyond_100_years_is_one_line_naming_since(journalctl, capsys, since):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", f"--since={since}"])
+    assert exit_.value.code == 2
+    _, err = capsys.readouterr()
+    assert err == (f"docker-mirror: --since: {since!r} is too long; give at most 100 years (36500d); "
+                   "see docker-mirror report --help\n")
+    assert not journalctl.args_file.exists()      # journalctl never ran
+
+
+@pytest.mark.parametrize("since, argument", [("36500d", "--since=@0"), ("1.5h", "--since=-5400s"),
+                                             ("-2h", "--since=-7200s"), (".5m", "--since=-30s"),
+                                             ("+2h", "--since=+2h"), ("1000d", "--since=-86400000s")])
+def test_since_a_duration_journalctl_takes(journalctl, capsys, since, argument):
+    """A duration that reaches before 1970 is the epoch: journalctl refuses an earlier time."""
+    assert cli.main(["report", f"--since={since}"]) == 0
+    assert journalctl.args[-1] == argument
+
+
 def test_journalctl_errors_are_one_line_and_fail(journalctl, capsys, monkeypatch, tmp_path):
     journalctl.set([], stderr="Failed to parse timestamp: tomorrow-ish\n", code=1)
     assert cli.main(["report", "--since", "tomorrow"]) == 1
