@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 from starlette.applications import Starlette
 
+from dockermirror import smallfile
 from dockermirror.access.htpasswd import Htpasswd
 from dockermirror.api.accesslog import AccessLog, RequestDone
 from dockermirror.api.forwarded import ClientAddress
@@ -54,7 +55,7 @@ def _ca_fingerprint(up: UpstreamConfig) -> str | None:
     if up.ca_bundle is None:
         return None
     try:
-        return hashlib.sha256(up.ca_bundle.read_bytes()).hexdigest()
+        return hashlib.sha256(smallfile.read(up.ca_bundle, smallfile.PEM_MAX)[0]).hexdigest()
     except OSError:
         return None
 

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from dockermirror import __version__, config as configuration
+from dockermirror import __version__, config as configuration, smallfile
 from dockermirror.config import Config, ConfigError
 
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from dockermirror import smallfile
 from dockermirror.routing import DOCKER_HUB, DOCKER_HUB_ALIASES, RegistryTable, UnknownRegistry, registry_key
 
 if TYPE_CHECKING:
@@ -288,6 +289,8 @@ def _string(value: Any) -> str:
     except UnicodeEncodeError:    # "\ud800": a lone surrogate is no character of any file name or host
         raise ValueError(f"{value!r} holds an invalid character (a lone UTF-16 surrogate); write the "
                          "character itself, or its \\U escape") from None
+    if "\0" in value:    # (not shown: it may be a password) no file name, host or password holds one
+        raise ValueError("the value holds a NUL character (\\0); remove it")
     return value
 
 
@@ -304,8 +307,14 @@ def _boolean(value: Any) -> bool:
     return value
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _path(value: Any) -> Path:
-    return Path(_string(value))
+    value = _string(value)
+    if (bad := _CONTROL.search(value)) is not None:    # a typo or a paste, never a file name meant
+        raise ValueError(f"the path {value!r} holds a control character (#x{ord(bad.group()):04x}); remove it")
+    return Path(value)
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -654,8 +663,8 @@ def load(path: Path | str | None = None) -> Config:
             return Config()
         path = DEFAULT_PATH
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:    # not a FIFO, a device or a huge file (smallfile.CONFIG_MAX)
+        text = smallfile.read(path, smallfile.CONFIG_MAX)[0].decode("utf-8")
     except OSError as exc:
         hint = ("give an existing file (the packages install /etc/docker-mirror/config.yml), or leave out "
                 "--config for the embedded defaults" if isinstance(exc, FileNotFoundError)
@@ -921,11 +930,13 @@ def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, pref
     if up.password_file is not None:
         path = up.password_file
         try:
-            mode = path.stat().st_mode
-            with path.open(encoding="utf-8") as f:
-                # the whole file but its final line break: a one-line password, or a multi-line
-                # key (Google's _json_key)
-                first = f.read(MAX_PASSWORD_FILE + 1).rstrip("\r\n")
+            # the whole file but its final line break: a one-line password, or a multi-line
+            # key (Google's _json_key); not a FIFO or a device
+            data, st = smallfile.read(path, MAX_PASSWORD_FILE + 2)
+            mode = st.st_mode
+            first = data.decode("utf-8").rstrip("\r\n")
+        except smallfile.TooLarge:
+            raise fail(f"{path} is larger than {MAX_PASSWORD_FILE} bytes: not a password file", "password_file") from None
         except OSError as exc:
             raise fail(f"cannot read {path}: {exc.strerror}", "password_file") from None
         except UnicodeDecodeError:
@@ -942,6 +953,7 @@ def _check_upstream(up: UpstreamConfig, lines: dict[str, int], source: str, pref
         # read now, as the upstream client will: a bad bundle is a configuration error, not a
         # traceback at start (or a reload that fails half way)
         try:
+            smallfile.read(up.ca_bundle, smallfile.PEM_MAX)    # a regular file (cafile= blocks on a FIFO)
             ssl.create_default_context(cafile=str(up.ca_bundle))
         except ssl.SSLError:
             raise fail(f"{up.ca_bundle} holds no PEM certificate", "ca_bundle") from None

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import bcrypt
 
+from dockermirror import smallfile
+
 CACHE_TTL = 300.0       # seconds a verified credential is remembered (auth.cache_ttl)
 CACHE_SIZE = 10_000     # credentials remembered at most (least recently used go first)
 STALE_TRUST = 86_400.0  # seconds a verified credential still answers while the checks are busy
@@ -169,8 +171,8 @@ class Htpasswd:
              clock: Callable[[], float] = time.monotonic) -> Htpasswd:
         path = Path(path)
         try:
-            data = path.read_bytes()
-            mode = path.stat().st_mode
+            data, st = smallfile.read(path, smallfile.HTPASSWD_MAX)    # not a FIFO, a device or a huge file
+            mode = st.st_mode
         except OSError as exc:
             raise HtpasswdError(f"cannot read the htpasswd file: {exc.strerror}", source=str(path)) from None
         if mode & 0o002:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import bcrypt
 
+from dockermirror import smallfile
 from dockermirror.access.htpasswd import MAX_PASSWORD, HtpasswdError, check_user, parse
 
 COST = 12
@@ -53,7 +54,7 @@ def check_password(password: str) -> None:
 
 def _lines(path: Path) -> list[bytes]:
     try:
-        return path.read_bytes().splitlines(keepends=True)
+        return smallfile.read(path, smallfile.HTPASSWD_MAX)[0].splitlines(keepends=True)
     except FileNotFoundError:
         return []
     except OSError as exc:

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dockermirror import smallfile
 from dockermirror.service.tls import sans
 
 if TYPE_CHECKING:
@@ -394,8 +395,8 @@ def load_ca(paths: Paths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
     if not paths.ca.exists() and not key_path.exists():
         return None
     try:
-        cert = x509.load_pem_x509_certificate(paths.ca.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate(smallfile.read(paths.ca, smallfile.PEM_MAX)[0])
+        key = serialization.load_pem_private_key(smallfile.read(key_path, smallfile.PEM_MAX)[0], password=None)
     except OSError as exc:
         raise CertError(f"cannot read the CA {exc.filename}: {exc.strerror}") from None
     except ValueError as exc:
@@ -541,7 +542,7 @@ def _init(paths: Paths, names: list[str], ips: list[str], days: int) -> list[str
 def _first_certificate(path: Path) -> x509.Certificate:
     """The first certificate of a PEM file; a CertError naming the file if there is none."""
     try:
-        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+        cert = x509.load_pem_x509_certificates(smallfile.read(path, smallfile.PEM_MAX)[0])[0]
     except OSError as exc:
         raise CertError(f"cannot read {path}: {exc.strerror}") from None
     except ValueError:

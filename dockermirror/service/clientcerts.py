@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dockermirror import smallfile
 from dockermirror.service.certs import (CertError, Paths, UsageError, _cert_pem, _key_pem, _now, _Staged, _write,
                                         check_days, load_ca, sign_leaf)
 
@@ -99,7 +100,7 @@ def issued(paths: Paths) -> list[x509.Certificate]:
         raise CertError(f"cannot read {index}: {exc.strerror}") from None
     for path in files:
         try:
-            found.append(x509.load_pem_x509_certificate(path.read_bytes()))
+            found.append(x509.load_pem_x509_certificate(smallfile.read(path, smallfile.PEM_MAX)[0]))
         except OSError as exc:
             raise CertError(f"cannot read {path}: {exc.strerror}") from None
         except ValueError:
@@ -116,7 +117,7 @@ def load_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocatio
     if not path.exists():
         return None
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
+        crl = x509.load_pem_x509_crl(smallfile.read(path, smallfile.PEM_MAX)[0])
     except OSError as exc:
         raise CertError(f"cannot read the CRL {path}: {exc.strerror}") from None
     except ValueError:

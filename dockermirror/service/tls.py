@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
 
+from dockermirror import smallfile
 from dockermirror.service.clienttrust import ClientTrust
 
 EXPIRY_WARNING = datetime.timedelta(days=30)
@@ -57,7 +58,7 @@ class Checked:
 
 def _read(label: str, path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        return smallfile.read(path, smallfile.PEM_MAX)[0]    # not a FIFO, a device or a huge file
     except OSError as exc:
         raise TLSError(f"cannot read TLS {label} {path}: {exc.strerror}") from None
 
@@ -256,7 +257,7 @@ def ca_pem(path: Path) -> str | None:
     else of it; None if it cannot be read. TLSError for a file that holds a private key (it
     would be pasted to every client) or no certificate."""
     try:
-        data = path.read_bytes()
+        data = smallfile.read(path, smallfile.PEM_MAX)[0]
     except OSError:
         return None
     if (key := _PRIVATE_KEY.search(data)) is not None:
@@ -371,6 +372,7 @@ class ServerTLS:
                      "logged with their reason (they are refused all the same)")
         assert client.ca is not None
         try:
+            smallfile.read(client.ca, smallfile.PEM_MAX)    # a regular file (cafile= blocks on a FIFO)
             context.load_verify_locations(cafile=str(client.ca))
         except OSError as exc:
             raise TLSError(f"cannot read the client CA (tls.client_ca) {client.ca}: {exc.strerror or exc}"
