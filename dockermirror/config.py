@@ -74,6 +74,8 @@ def parse_duration(value: Any) -> float:
             raise ValueError("a duration cannot be negative")
         return _finite_duration(value, value)
     text = str(value).strip().lower()
+    if text.isascii() and text.isdigit():    # "90": a number of seconds, as 90 is
+        return _finite_duration(float(text), value)
     pos, total = 0, 0.0
     for match in _DURATION_RE.finditer(text):
         if match.start() != pos:
@@ -707,6 +709,9 @@ def loads(text: str, source: str = "<string>") -> Config:
     return dataclasses.replace(config, source=source)
 
 
+_NOT_A_NAME = "a key that is not a string (a list or a mapping); keys are names"
+
+
 def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, prefix: str,
            lines: dict[str, int] | None = None) -> Any:
     """Build a section from its mapping node; ``lines`` collects the line of each key given."""
@@ -718,9 +723,11 @@ def _build(cls: type, node: yaml.Node, loader: yaml.SafeLoader, source: str, pre
     lines = {} if lines is None else lines
     lines[""] = line
     for key_node, value_node in node.value:
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
-        dotted = f"{prefix}.{key}" if prefix else key
         key_line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):    # "[a, b]: 1", "? {a: 1}"
+            raise ConfigError(_NOT_A_NAME, source=source, line=key_line, key=prefix or "(top)")
+        key = key_node.value
+        dotted = f"{prefix}.{key}" if prefix else key
         f = fields.get(key)
         if f is None:
             raise ConfigError(f"unknown key (known here: {', '.join(fields)})",
@@ -862,8 +869,10 @@ def _build_rules(node: yaml.Node, loader: yaml.SafeLoader, source: str, prefix: 
             raise ConfigError("expected a rule: a mapping with allow: or deny:", source=source, line=line, key=where)
         given: dict[str, Any] = {}
         for key_node, value_node in item.value:
-            key = getattr(key_node, "value", str(key_node))
             key_line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(_NOT_A_NAME, source=source, line=key_line, key=where)
+            key = key_node.value
             if key not in _RULE_KEYS:
                 raise ConfigError(f"unknown key (known here: {', '.join(_RULE_KEYS)})", source=source,
                                   line=key_line, key=f"{where}.{key}")

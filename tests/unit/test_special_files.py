@@ -164,3 +164,23 @@ def test_a_nul_or_a_control_character_is_refused_with_its_line(tmp_path, capsys,
     code, out, err, _ = check_config(capsys, path)
     assert (code, out) == (2, "")
     assert err == f"docker-mirror: {path}:{setting.count(chr(10)) + 2}: {key}: {words}\n"
+
+
+@pytest.mark.parametrize("value", ['"90"', "90", "'90 '"])
+def test_a_duration_of_digits_is_seconds_quoted_or_not(value):
+    text = f"cache:\n  tag_ttl: {value}\n"
+    assert configuration.loads(text).cache.tag_ttl == 90.0
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("[a, b]: 1\n", 1, "(top)"),
+    ("cache:\n  ? {a: 1}\n  : 2\n", 2, "cache"),
+    ("access:\n  - ? [x]\n    : 1\n", 2, "access[0]"),
+])
+def test_a_key_that_is_not_a_string_is_said_in_words(tmp_path, capsys, text, line, key):
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    code, out, err, _ = check_config(capsys, path)
+    assert (code, out) == (2, "")
+    assert err == (f"docker-mirror: {path}:{line}: {key}: a key that is not a string (a list or a mapping); "
+                   "keys are names\n")
