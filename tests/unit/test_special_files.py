@@ -184,3 +184,8 @@ def test_a_key_that_is_not_a_string_is_said_in_words(tmp_path, capsys, text, lin
     assert (code, out) == (2, "")
     assert err == (f"docker-mirror: {path}:{line}: {key}: a key that is not a string (a list or a mapping); "
                    "keys are names\n")
+
+
+def test_a_directory_is_still_said_to_be_one(tmp_path):
+    with pytest.raises(IsADirectoryError, match="Is a directory"):
+        smallfile.read(tmp_path, 100)
