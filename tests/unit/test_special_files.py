@@ -5,7 +5,6 @@ refused reload, never a hang, a MemoryError or a traceback."""
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import resource
 import subprocess
@@ -19,6 +18,7 @@ import bcrypt
 import pytest
 
 from dockermirror import cli, config as configuration, smallfile
+from dockermirror.access.htpasswd import HtpasswdError
 from dockermirror.app import DockerMirror
 from tests.unit.conftest import config_text
 
@@ -134,21 +134,19 @@ def test_dev_zero_as_the_configuration_or_the_htpasswd_file_is_one_line(tmp_path
     assert run.stderr.startswith(expected) and run.stderr.count("\n") == 1
 
 
-def test_a_reload_naming_a_fifo_htpasswd_returns_at_once_and_keeps_the_users(tmp_path, caplog, fifo):
+def test_a_reload_naming_a_fifo_htpasswd_is_refused_at_once_and_keeps_the_users(tmp_path, fifo):
     users = tmp_path / "htpasswd"
     users.write_text(f"alice:{ALICE}\n")
     users.chmod(0o600)
     app = DockerMirror(configuration.loads(config_text(tmp_path / "cache", f"auth:\n  htpasswd: {users}\n")))
     first = app.htpasswd
     assert first is not None and first.users == ["alice"]
-    caplog.set_level(logging.INFO, "dockermirror")
     start = time.monotonic()
-    assert app.reconfigure(configuration.loads(config_text(tmp_path / "cache", f"auth:\n  htpasswd: {fifo}\n"))) == []
+    with pytest.raises(HtpasswdError) as refused:
+        app.reconfigure(configuration.loads(config_text(tmp_path / "cache", f"auth:\n  htpasswd: {fifo}\n")))
     assert time.monotonic() - start < 2.5
+    assert str(refused.value) == f"{fifo}: cannot read the htpasswd file: not a regular file"
     assert app.htpasswd is first
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors == [f"auth.htpasswd not reloaded, still using the users loaded before: {fifo}: cannot read the "
-                      "htpasswd file: not a regular file"]
 
 
 @pytest.mark.parametrize("setting, key, words", [
