@@ -203,7 +203,10 @@ class DockerMirror:
         keep the client they started with (through their ``Repo``); a removed upstream's
         cached content stays until it expires or is evicted. Whatever can fail (the htpasswd file:
         HtpasswdError, the rules, a new upstream client) fails before anything is applied."""
-        htpasswd = self.load_users(new)
+        return self.apply(new, self.load_users(new))
+
+    def apply(self, new: Config, htpasswd: Htpasswd | None) -> list[str]:
+        """:meth:`reconfigure` with the users :meth:`load_users` gave for ``new`` (read once)."""
         old, restart = self.config, []
         if new.cache.dir != self.cache.root:     # the directory it runs with, not the previous file's
             restart.append("cache.dir")

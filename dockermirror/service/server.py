@@ -241,8 +241,8 @@ class Service:
             log.error("reload refused, still running with the previous configuration: %s", problem)
             self.systemd.ready(self.status())
             return
-        try:        # before the TLS step below changes anything (reconfigure reads the file again)
-            self.app.load_users(new)
+        try:        # before the TLS step below changes anything
+            users = self.app.load_users(new)
         except Exception as exc:   # HtpasswdError names the file and line; anything else, too
             log.error("reload refused, still running with the previous configuration (and users): "
                       "auth.htpasswd: %s", printable(str(exc), quote=False))
@@ -267,7 +267,7 @@ class Service:
                 log.error("reload kept the previous TLS certificate, client CA and CRL: %s", exc)
                 new = _keep_tls(new, self.config)
         try:
-            self.app.reconfigure(new)    # its own list of what needs a restart is in :mod:`.restart`'s
+            self.app.apply(new, users)    # its own list of what needs a restart is in :mod:`.restart`'s
         except Exception as exc:    # e.g. a CA bundle replaced by garbage after the configuration was read
             log.error("reload refused, still running with the previous upstreams, cache settings and users: %s",
                       printable(str(exc), quote=False))
