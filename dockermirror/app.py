@@ -46,7 +46,8 @@ def _client(up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None, mete
                           connect_timeout=up.connect_timeout, read_timeout=up.read_timeout,
                           transfer_timeout=up.transfer_timeout, token_realms=up.token_realms,
                           transport=transport, meter=meter, key=registry_key(up.registry),
-                          namespace=registry_key(up.registry) if up.send_ns else None, pseudonym=pseudonym)
+                          namespace=registry_key(up.registry) if up.send_ns else None, pseudonym=pseudonym,
+                          private_redirects=up.private_redirects)
 
 
 def _ca_fingerprint(up: UpstreamConfig) -> str | None:

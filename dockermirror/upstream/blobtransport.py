@@ -72,6 +72,7 @@ class _Connection:
         self.aborted = False
         self._lock = threading.Lock()
         self._handle: socket.socket | None = None     # a dup of the socket, for shutdown()
+        self.peer: tuple | None = None      # the address connected to (see .peers)
         conn._create_connection = self._create      # type: ignore[attr-defined]
 
     def _create(self, address: tuple[str, int], timeout: float | None = None,
@@ -92,6 +93,7 @@ class _Connection:
                 sock.settimeout(timeout)
                 sock.connect(where)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.peer = where
                 return sock
             except OSError as exc:
                 error = exc
@@ -286,7 +288,8 @@ class ThreadTransport(httpx.AsyncBaseTransport):
                    for k, v in response.getheaders()]
         return httpx.Response(response.status, headers=headers, stream=stream, request=request,
                               extensions={"http_version": b"HTTP/1.1",
-                                          "reason_phrase": (response.reason or "").encode("latin-1", "replace")})
+                                          "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
+                                          "server_addr": conn.peer})
 
     def _abandon(self, future: Future, loop: asyncio.AbstractEventLoop) -> None:
         """A request was cancelled while its thread worked: close what the thread got, free the slot."""

@@ -44,6 +44,7 @@ from dockermirror.upstream.auth import AuthError, Authenticator
 from dockermirror.upstream import readsize
 from dockermirror.upstream.blobtransport import ThreadTransport, proxy_mounts
 from dockermirror.upstream.outage import OutageLog
+from dockermirror.upstream.peers import KIND, PUBLIC, peer_address, peer_reach, reach
 from dockermirror.upstream.realms import RealmRefused, shown
 from dockermirror.via import new_pseudonym, outgoing
 from dockermirror.upstream.bodies import (
@@ -206,14 +207,17 @@ class UpstreamClient:
         key: str = "",
         namespace: str | None = None,
         pseudonym: str | None = None,
+        private_redirects: bool = False,
     ) -> None:
         """``token_realms``: hosts besides the upstream's own site that may get the credentials
         (see :mod:`.realms`); ``transport`` replaces the network (tests pass an ``httpx.MockTransport``);
         ``meter`` hears of each request sent and the bytes received, as this upstream's ``key``;
         ``namespace``: the upstream is another mirror (``send_ns``): every request under ``/v2/<name>/``
         carries ``?ns=<namespace>``, as containerd names the registry to a mirror; ``pseudonym``: this
-        mirror's name in the ``Via`` of every request (after the client request's, see dockermirror/via.py)."""
+        mirror's name in the ``Via`` of every request (after the client request's, see dockermirror/via.py);
+        ``private_redirects``: follow redirects further inside the network than the upstream (see .peers)."""
         self.base = url.rstrip("/")
+        self.private_redirects = private_redirects
         self._ns = f"ns={quote(namespace, safe='')}" if namespace else ""
         self.meter = meter
         self.key = key
@@ -399,6 +403,7 @@ class UpstreamClient:
                     authorization = answer
                     response = await self._request(method, url, headers, authorization, blob, kind)
             hops = 0
+            inside = peer_reach(response)     # how far inside the network the upstream is (see .peers)
             while response.status_code in REDIRECTS and "location" in response.headers:
                 if hops == MAX_REDIRECTS:
                     await response.aclose()
@@ -416,6 +421,8 @@ class UpstreamClient:
                 response = await self._request(method, str(location), headers,
                                                authorization if same_origin else None, blob, kind)
                 url = str(location)
+                if not self.private_redirects:
+                    await self._check_reach(response, inside, location)
         except httpx.PoolTimeout:
             raise Unavailable("too many upstream requests are in progress; try again",
                               headers={"Retry-After": RETRY_AFTER}) from None
@@ -440,6 +447,22 @@ class UpstreamClient:
             self.ratelimit_remaining = remaining
             self.ratelimit_limit = response.headers.get("ratelimit-limit")
         return response
+
+    async def _check_reach(self, response: httpx.Response, inside: int | None, location: httpx.URL) -> None:
+        """A redirect must not have led further inside the network than the upstream is (see
+        .peers): else its answer is closed unread and the request fails with a 502."""
+        address = peer_address(response)
+        if address is None:
+            return
+        ahead, limit = reach(address), PUBLIC if inside is None else inside
+        if ahead <= limit:
+            return
+        await response.aclose()
+        log.warning("upstream %s redirected to %s, a %s address (%s), further inside the network than the "
+                    "upstream itself; not read (upstream.private_redirects: true allows it)",
+                    self._name, shown(location), KIND[ahead], address)
+        raise RegistryError(f"the upstream redirected to {location.host}, a {KIND[ahead]} address, which is not "
+                            "followed from this upstream", status=502)
 
     async def _request(self, method: str, url: str, headers: list[tuple[str, str]],
                        authorization: str | None, blob: bool, kind: str) -> httpx.Response:

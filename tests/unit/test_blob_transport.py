@@ -822,3 +822,22 @@ async def test_a_read_queued_when_the_transport_closes_ends_its_consumer(serve):
     finally:
         gate.set()
         await client.aclose()
+
+
+# --- the address each answer came from (what dockermirror.upstream.peers checks a redirect by)
+
+@pytest.mark.parametrize("pool", ["blobs", "api"])
+async def test_both_pools_say_which_address_an_answer_came_from(serve, pool):
+    """The thread transport's own extension and httpcore's network_stream: if either stopped
+    saying, the redirect check would quietly check nothing (peers.peer_address gives None)."""
+    from dockermirror.upstream.peers import peer_address
+    server = serve(blob)
+    client = UpstreamClient(server.url)
+    try:
+        http = client._blobs if pool == "blobs" else client._client
+        assert isinstance(http._transport, ThreadTransport) is (pool == "blobs")
+        async with http.stream("GET", server.url + PATH) as response:
+            assert peer_address(response) == "127.0.0.1"
+            assert len(b"".join([c async for c in response.aiter_raw()])) == len(DATA)
+    finally:
+        await client.aclose()

@@ -1,0 +1,62 @@
+"""How far inside the network an upstream connection's peer is: where a redirect may lead.
+
+A registry's blob answer is often a redirect to storage (S3, a CDN, a MinIO beside a private
+registry). A hostile upstream could point one at this machine or its network instead: the
+cloud's metadata service (169.254.169.254), a database on localhost, an admin page on 10.x; the
+mirror would fetch it and stream it to the client until the digest check failed at the end.
+So a redirect may lead no further inside than the upstream itself is:
+
+* an upstream on a public address: its redirects must reach public addresses;
+* one on a private address (RFC 1918, ULA, CGNAT, ... anything not globally routable): public
+  or private ones;
+* one on loopback or link-local: anywhere.
+
+It is checked on the address the connection was actually made to (no second DNS lookup a
+rebinding name could answer differently), once the answer's headers have come and before any
+of its body is read: the request was sent, its answer is never read. Through an HTTP(S)
+proxy both are the proxy's address, the same class: the proxy decides. ``private_redirects``
+(per upstream) turns the check off.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import httpx
+
+PUBLIC, PRIVATE, LOCAL = 0, 1, 2
+KIND = {PUBLIC: "public", PRIVATE: "private", LOCAL: "loopback or link-local"}
+
+
+def reach(address: str) -> int:
+    """PUBLIC, PRIVATE or LOCAL for an IP address (text); LOCAL for anything unreadable."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])     # (an IPv6 scope: fe80::1%eth0)
+    except ValueError:
+        return LOCAL    # (a Unix socket path, or nothing an address should look like)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
+        return LOCAL
+    return PUBLIC if ip.is_global else PRIVATE
+
+
+def peer_address(response: httpx.Response) -> str | None:
+    """The IP address the answer came from, if the transport says (None: it does not)."""
+    address = response.extensions.get("server_addr")    # ours: dockermirror.upstream.blobtransport
+    if address is None:
+        stream = response.extensions.get("network_stream")     # httpcore's
+        if stream is None:
+            return None
+        try:
+            address = stream.get_extra_info("server_addr")
+        except Exception:   # (a transport's stream without it)
+            return None
+    if isinstance(address, tuple) and address and isinstance(address[0], str):
+        return address[0]
+    return None
+
+
+def peer_reach(response: httpx.Response) -> int | None:
+    address = peer_address(response)
+    return None if address is None else reach(address)
