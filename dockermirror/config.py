@@ -473,8 +473,8 @@ class UpstreamConfig:
     token_realms: tuple[str, ...] = _setting((), parse_hosts, sequence=True)
     # the upstream is another mirror (a central docker-mirror): every request names the registry with ?ns=
     send_ns: bool = _setting(False, _boolean)
-    # follow redirects to addresses further inside the network than the upstream's own
-    # (loopback, link-local, private); see dockermirror/upstream/peers.py
+    # follow redirects and ask token realms at addresses further inside the network than the
+    # upstream's own (loopback, link-local, private); see dockermirror/upstream/peers.py
     private_redirects: bool = _setting(False, _boolean)
 
 

@@ -23,7 +23,8 @@ import httpx
 from dockermirror.meter import NULL_METER, Meter
 from dockermirror.singleflight import SingleFlight
 from dockermirror.upstream.bodies import BadEncoding, BodyTooLarge, read_capped, send, timed
-from dockermirror.upstream.realms import RealmRefused, check_realm
+from dockermirror.upstream.peers import KIND, PUBLIC, peer_address, reach
+from dockermirror.upstream.realms import RealmRefused, check_realm, shown
 
 log = logging.getLogger("dockermirror.upstream")
 
@@ -97,6 +98,10 @@ class Authenticator:
         self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}    # oldest first
         self._token_bytes = 0
         self._fetching = SingleFlight()   # one token request per key, however many ask
+        # how far inside the network the upstream answered from (see .peers; None: not known):
+        # a token service further inside is not read, unless ``private_realms``
+        self.inside: int | None = None
+        self.private_realms = False
 
     @property
     def has_credentials(self) -> bool:
@@ -156,6 +161,24 @@ class Authenticator:
                             exc.realm, exc)
             raise
 
+    def _check_reach(self, response: httpx.Response, realm: str) -> None:
+        """A token service further inside the network than the upstream is refused, unread:
+        its answer would go to the upstream as the token (see .peers)."""
+        address = peer_address(response)
+        if self.private_realms or address is None:
+            return
+        ahead = reach(address)
+        if ahead <= (PUBLIC if self.inside is None else self.inside):
+            return
+        shown_realm = shown(httpx.URL(realm))
+        if shown_realm not in self._refused and len(self._refused) < 100:
+            self._refused.add(shown_realm)
+            log.warning("upstream %s: refused token realm %s: it is at a %s address (%s), further inside the network "
+                        "than the upstream itself; not read (upstream.private_redirects: true allows it)",
+                        httpx.URL(self._upstream).host, shown_realm, KIND[ahead], address)
+        raise RealmRefused(f"the token realm {shown_realm} is at a {KIND[ahead]} address, further inside the network "
+                           "than the upstream", shown_realm)
+
     def _key(self, challenge: Challenge, scope: str) -> tuple[str, str, str]:
         return challenge.params["realm"], challenge.params.get("service", ""), scope
 
@@ -206,6 +229,7 @@ class Authenticator:
         request = self._client.build_request("GET", realm, params=params, headers=headers)
         response = await timed(self._meter, self._upstream_key, "token", send(self._client, request, window))
         try:
+            self._check_reach(response, realm)
             if response.status_code != 200:
                 raise AuthError(f"token service {host} answered {response.status_code}", response.status_code)
             data = await read_capped(response, MAX_TOKEN_RESPONSE, window)

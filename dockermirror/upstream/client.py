@@ -252,6 +252,7 @@ class UpstreamClient:
             self._blobs = pool(BLOB_POOL)
         self.auth = Authenticator(self._client, username, password, upstream=self.base,
                                   token_realms=token_realms, meter=meter, key=key)
+        self.auth.private_realms = private_redirects
         # None until the first request; then whether the last one got an HTTP answer.
         self.reachable: bool | None = None
         self.last_failure: float | None = None
@@ -392,6 +393,8 @@ class UpstreamClient:
         try:
             authorization = await self.auth.header_for(scope)
             response = await self._request(method, url, headers, authorization, blob, kind)
+            if (inside := peer_reach(response)) is not None:
+                self.auth.inside = inside    # where its token service may be (see .peers)
             if response.status_code == 401 and "www-authenticate" in response.headers:
                 try:
                     answer = await self.auth.answer(response.headers["www-authenticate"], scope, authorization)

@@ -14,8 +14,9 @@ So a redirect may lead no further inside than the upstream itself is:
 It is checked on the address the connection was actually made to (no second DNS lookup a
 rebinding name could answer differently), once the answer's headers have come and before any
 of its body is read: the request was sent, its answer is never read. Through an HTTP(S)
-proxy both are the proxy's address, the same class: the proxy decides. ``private_redirects``
-(per upstream) turns the check off.
+proxy both are the proxy's address, the same class: the proxy decides. Token realms are held
+to the same rule (a realm's answer goes back to the upstream as the token). ``private_redirects``
+(per upstream) turns both checks off.
 """
 
 from __future__ import annotations

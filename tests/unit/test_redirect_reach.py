@@ -165,3 +165,59 @@ def test_private_redirects_is_a_per_upstream_key_off_by_default(tmp_path):
     path.write_text("upstream:\n  private_redirects: maybe\n")
     with pytest.raises(configuration.ConfigError, match="private_redirects"):
         configuration.load(path)
+
+
+# --- token realms: the same rule (the realm's answer would go back to the upstream as the token)
+
+def realm_network(registry: str | None, realm: str | None):
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "auth.test":
+            return httpx.Response(200, headers={"Content-Type": "application/json"},
+                                  stream=Body(b'{"token": "from-inside"}'), extensions={} if realm is None else {"server_addr": (realm, 443)})
+        extensions = {} if registry is None else {"server_addr": (registry, 443)}
+        if request.headers.get("authorization") != "Bearer from-inside":
+            return httpx.Response(401, headers={"WWW-Authenticate": 'Bearer realm="https://auth.test/token?x=1"'},
+                                  stream=Body(b""), extensions=extensions)
+        return httpx.Response(200, headers={"Content-Length": "4"}, stream=Body(b"data"), extensions=extensions)
+
+    return seen, httpx.MockTransport(handle)
+
+
+@pytest.mark.parametrize("registry, realm", [
+    ("104.16.99.52", "169.254.169.254"),
+    ("104.16.99.52", "10.0.0.8"),
+    ("10.1.2.3", "127.0.0.1"),
+])
+async def test_a_token_realm_further_inside_is_refused_and_its_token_never_sent(registry, realm, caplog):
+    from dockermirror.errors import Denied
+    seen, transport = realm_network(registry, realm)
+    caplog.set_level(logging.INFO)
+    client = UpstreamClient(UPSTREAM, transport=transport)
+    try:
+        for _ in range(2):
+            with pytest.raises(Denied) as caught:
+                await client.open_blob("a/b", DIGEST)
+            assert caught.value.status == 403
+            assert "https://auth.test/token is at a" in caught.value.message
+            assert "further inside" in caught.value.message
+    finally:
+        await client.aclose()
+    assert not [r for r in seen if r.headers.get("authorization")]     # its answer never went upstream
+    lines = [r for r in caplog.records if "refused token realm" in r.getMessage()]
+    assert len(lines) == 1 and realm in lines[0].getMessage() and "x=1" not in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("registry, realm, options", [
+    ("104.16.99.52", "104.16.99.53", {}),
+    ("10.1.2.3", "10.1.2.4", {}),
+    ("127.0.0.1", "169.254.169.254", {}),
+    ("104.16.99.52", "169.254.169.254", {"private_redirects": True}),
+    ("104.16.99.52", None, {}),
+])
+async def test_a_token_realm_no_further_inside_is_asked(registry, realm, options):
+    seen, transport = realm_network(registry, realm)
+    assert await pull(transport, **options) == b"data"
+    assert [r.headers.get("authorization") for r in seen if r.url.host == "registry.test"] == [None, "Bearer from-inside"]
