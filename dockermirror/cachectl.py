@@ -220,12 +220,14 @@ def verify(opened: Opened, *, repair: bool) -> int:
     for name in report.misplaced:
         print(f"{name}: not a directory, in the place of the cache's directory of files"
               + (": removed (and the directory made)" if repair else " (--repair removes it)"))
+    for unusable in report.unusable:    # (escaped as the stray names are)
+        print(f"{printable(os.fsencode(unusable.path), quote=False)}: {unusable.problem}")
     for stray in report.stray:
         stray = printable(os.fsencode(stray), quote=False)   # (a name may hold ESC, CR...: shown escaped)
         print(f"{stray}: file without an index entry " + (
             "that does not match its name: removed" if repair else "(not served; --repair adopts or removes it)"))
     print(f"{report.checked} entries checked: {len(report.missing)} missing, {len(report.corrupt)} corrupt"
-          + (f"; {report.problems} removed" if repair and report.problems else "")
+          + (f"; {report.removed} removed" if repair and report.problems else "")
           + ("; the server re-hashes the corrupt ones before serving them, and removes them"
              if report.corrupt and not repair else ""))
     return 1 if report.problems else 0

@@ -224,7 +224,10 @@ class Cache:
                 why = f"{path} is new or empty, but {self.store.blobs} holds files"
             if why is not None:
                 log.warning("%s; checking the cache against its index", why)
-                report = maintenance.reconcile(self.store, self.index, self.clock)
+                report = maintenance.reconcile(
+                    self.store, self.index, self.clock,
+                    on_unusable=lambda where, problem: log.warning(
+                        "%s: %s; going on with the rest", humanize.printable(os.fsencode(where), quote=False), problem))
                 log.warning("cache checked: %s", report)
                 recheck.unlink(missing_ok=True)
             self.index.set_meta("running", "1")

@@ -8,6 +8,7 @@ stays readable through the reader's open descriptor).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 from dockermirror.cache.index import AccessBatch, Entry, Index
 from dockermirror.cache.store import BlobStore, open_regular, unlink_any
+from dockermirror.cache.store import walk_problem
 from dockermirror.cache.store import stamp as store_stamp
 from dockermirror.oci import MANIFEST_TYPES, Digest
 
@@ -131,6 +133,14 @@ def adopt(index: Index, digest: Digest, path: os.PathLike, clock: Callable[[], f
 
 
 @dataclass
+class Unusable:
+    """Something in the place of a directory of the cache's files that cannot be walked."""
+    path: str        # relative to the cache directory
+    problem: str     # what it is, and what was done about it
+    removed: bool = False
+
+
+@dataclass
 class Report:
     checked: int = 0
     missing: list[str] = field(default_factory=list)     # rows without a file
@@ -138,27 +148,46 @@ class Report:
     adopted: list[str] = field(default_factory=list)     # verified files without a row, now indexed
     stray: list[str] = field(default_factory=list)       # files that are not valid content (removed)
     misplaced: list[str] = field(default_factory=list)   # a file where a directory of the cache should be
+    unusable: list[Unusable] = field(default_factory=list)   # directories of the tree not walked
+    kept: list[str] = field(default_factory=list)   # entries under one that cannot be read: not removed
 
     @property
     def problems(self) -> int:
-        return len(self.missing) + len(self.corrupt) + len(self.misplaced)
+        return len(self.missing) + len(self.corrupt) + len(self.misplaced) + len(self.unusable)
+
+    @property
+    def removed(self) -> int:
+        """With ``repair``: how many of the problems were removed."""
+        return (len(self.missing) + len(self.corrupt) - len(self.kept) + len(self.misplaced)
+                + sum(u.removed for u in self.unusable))
 
     def __str__(self) -> str:
         return (f"{self.checked} entries checked, {len(self.missing)} missing, {len(self.corrupt)} corrupt, "
                 f"{len(self.adopted)} unindexed file(s) adopted, {len(self.stray)} stray file(s) removed")
 
 
-def reconcile(store: BlobStore, index: Index, clock: Callable[[], float]) -> Report:
+def reconcile(store: BlobStore, index: Index, clock: Callable[[], float],
+              on_unusable: Callable[[str, str], None] = lambda path, problem: None) -> Report:
     """After an unclean stop: drop rows whose file is gone or has the wrong length, and
     adopt (after re-hashing) or remove files that have no row. Files with a row and the
     right length are trusted: they were fsynced before their row was written.
-    One query and one walk of the directory tree, whatever the number of entries."""
+    One query and one walk of the directory tree, whatever the number of entries.
+    A directory of the tree that cannot be walked is passed to ``on_unusable`` (its path,
+    what is wrong) and left as it is, and so are the rows of the files it would hold."""
     report = Report()
     known = index.sizes()
     report.checked = len(known)
     seen: set[str] = set()
     adopted: list[Entry] = []
-    for digest, path, size in store.walk():
+    unwalked: list[str] = []
+
+    def unusable(path, exc: OSError) -> None:
+        if not _not_a_directory(exc):
+            unwalked.append(os.fspath(path))   # (rows of files in a directory not read: kept)
+        report.unusable.append(Unusable(str(path.relative_to(store.root)), walk_problem(path, exc)))
+        on_unusable(os.fspath(path), walk_problem(path, exc))
+
+    for digest, path, size in store.walk(on_unusable=unusable):
         name = str(digest) if digest is not None else None
         if name is not None and name in known:
             seen.add(name)
@@ -178,7 +207,8 @@ def reconcile(store: BlobStore, index: Index, clock: Callable[[], float]) -> Rep
         report.stray.append(path.name)
     index.add_contents(adopted)
     report.adopted += [e.digest for e in adopted]
-    report.missing = [digest for digest in known if digest not in seen]
+    report.missing = [digest for digest in known
+                      if digest not in seen and not _under(store, digest, unwalked)]
     remove(store, index, report.missing + report.corrupt, mark=False)   # (the server, before it serves)
     return report
 
@@ -235,7 +265,30 @@ def verify(store: BlobStore, index: Index, *, repair: bool,
         if repair:
             unlink_any(store.blobs)
             store.blobs.mkdir()
-    for digest, path, _ in store.walk():
+    unwalked: list[str] = []
+
+    def unusable(path, exc: OSError) -> None:
+        problem, removed = walk_problem(path, exc), False
+        if _not_a_directory(exc):
+            if repair:    # (as a stray file: unlinked, a link never followed; a directory is refused)
+                try:
+                    os.unlink(path)
+                    removed = True
+                except FileNotFoundError:
+                    removed = True
+                except OSError as again:
+                    problem += f"; cannot be removed ({again.strerror or again})"
+            if not removed:
+                problem += " (--repair removes it)" if not repair else ""
+            else:
+                problem += ": removed"
+        else:
+            unwalked.append(os.fspath(path))
+            problem += ": the files in it are not checked" + (
+                "; not removed (fix its permissions, or remove it by hand)" if repair else "")
+        report.unusable.append(Unusable(str(path.relative_to(store.root)), problem, removed))
+
+    for digest, path, _ in store.walk(on_unusable=unusable):
         if digest is None or index.content(str(digest)) is None:
             if repair and digest is not None and adopt(index, digest, path, clock):
                 report.adopted.append(str(digest))
@@ -244,8 +297,26 @@ def verify(store: BlobStore, index: Index, *, repair: bool,
                 unlink_any(path)
             report.stray.append(str(path.relative_to(store.root)))
     if repair:
-        remove(store, index, report.missing + report.corrupt)
+        # (a file in a directory that cannot be read is not proven to be bad, nor can it be moved:
+        # flagged, as without --repair, and left)
+        report.kept = [d for d in report.missing + report.corrupt if _under(store, d, unwalked)]
+        for digest in report.kept:
+            if index.content(digest) is not None:
+                index.set_stamp(digest, None)
+        remove(store, index, [d for d in report.missing + report.corrupt if d not in report.kept])
     return report
+
+
+def _not_a_directory(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOTDIR, errno.ELOOP)
+
+
+def _under(store: BlobStore, digest: str, directories: list[str]) -> bool:
+    """Whether the file of ``digest`` would be in one of ``directories`` (or below)."""
+    if not directories:
+        return False
+    path = os.fspath(store.path(Digest.parse(digest)))
+    return any(path.startswith(directory.rstrip("/") + "/") for directory in directories)
 
 
 def prune(store: BlobStore, index: Index, *, cutoffs: dict[str, float], to_size: int | None,

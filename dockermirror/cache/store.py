@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,26 +203,52 @@ class BlobStore:
         return count
 
     def has_files(self) -> bool:
-        """Whether anything is under ``blobs/`` (stops at the first file)."""
-        return next(self.walk(), None) is not None
+        """Whether anything is under ``blobs/`` (stops at the first file). A directory of the
+        tree that cannot be walked (see :meth:`walk`) counts: it may hold files."""
+        unusable: list[Path] = []
+        for _ in self.walk(on_unusable=lambda path, exc: unusable.append(path)):
+            return True
+        return bool(unusable)
 
-    def walk(self) -> Iterator[tuple[Digest | None, Path, int]]:
-        """Every file under ``blobs/``: its digest (None for a name that is not one), path, size."""
-        for algorithm_dir in _subdirs(self.blobs):
-            for prefix_dir in _subdirs(Path(algorithm_dir.path)):
-                with os.scandir(prefix_dir.path) as entries:
-                    for entry in entries:
-                        try:
-                            digest = Digest.parse(f"{algorithm_dir.name}:{entry.name}")
-                        except InvalidDigest:
-                            digest = None
-                        if digest is not None and digest.hex[:2] != prefix_dir.name:
-                            digest = None
-                        try:
-                            size = entry.stat(follow_symlinks=False).st_size
-                        except FileNotFoundError:
-                            continue
-                        yield digest, Path(entry.path), size
+    def walk(self, on_unusable: Callable[[Path, OSError], None] | None = None,
+             ) -> Iterator[tuple[Digest | None, Path, int]]:
+        """Every file under ``blobs/``: its digest (None for a name that is not one), path, size.
+
+        Never through a symbolic link below ``blobs/``. What stands where a directory of the tree
+        should be and cannot be walked (a file, a FIFO, a link, a directory that cannot be read)
+        is passed to ``on_unusable`` with the error (NotADirectoryError, or errno ELOOP for a
+        link, PermissionError...), and the walk goes on with the rest; a directory gone meanwhile
+        is skipped."""
+        report = on_unusable or (lambda path, exc: None)
+        try:
+            algorithm_names = _names(self.blobs)
+        except (FileNotFoundError, NotADirectoryError):   # (blobs/ a file: see maintenance.verify)
+            return
+        except OSError as exc:
+            report(self.blobs, exc)
+            return
+        for algorithm in algorithm_names:
+            algorithm_dir = self.blobs / algorithm
+            try:
+                prefixes = _names(algorithm_dir, nofollow=True)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                report(algorithm_dir, exc)
+                continue
+            for prefix in prefixes:
+                prefix_dir = algorithm_dir / prefix
+                try:
+                    fd = _open_dir(prefix_dir, nofollow=True)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    report(prefix_dir, exc)
+                    continue
+                try:
+                    yield from _files(fd, algorithm, prefix, prefix_dir, report)
+                finally:
+                    os.close(fd)
 
 
 def stamp(st: os.stat_result) -> str:
@@ -256,12 +282,53 @@ def unchanged_since(then: str, st: os.stat_result, path: os.PathLike | None) -> 
     return now.rsplit(":", 1)[0] == then.rsplit(":", 1)[0]
 
 
-def _subdirs(path: Path) -> list[os.DirEntry]:
+def walk_problem(path: os.PathLike, exc: OSError) -> str:
+    """What is wrong with a place of the tree :meth:`BlobStore.walk` passed over, in words."""
+    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            mode = 0
+        kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a regular file" if stat.S_ISREG(mode)
+                else next((name for test, name in _KINDS if test(mode)), "something else"))
+        return f"{kind}, not a directory, in the place of a directory of the cache's files"
+    return f"directory that cannot be read ({exc.strerror or exc})"
+
+
+def _open_dir(path: Path, *, nofollow: bool) -> int:
+    """A descriptor of the directory at ``path``: NotADirectoryError for anything else (never
+    waiting on a FIFO or a device), ELOOP for a symbolic link with ``nofollow``."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_NOFOLLOW if nofollow else 0)
+    return os.open(path, flags)
+
+
+def _names(path: Path, *, nofollow: bool = False) -> list[str]:
+    fd = _open_dir(path, nofollow=nofollow)
     try:
-        with os.scandir(path) as entries:
-            return [e for e in entries if e.is_dir(follow_symlinks=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+        with os.scandir(fd) as entries:
+            return sorted(entry.name for entry in entries)
+    finally:
+        os.close(fd)
+
+
+def _files(fd: int, algorithm: str, prefix: str, prefix_dir: Path,
+           report: Callable[[Path, OSError], None]) -> Iterator[tuple[Digest | None, Path, int]]:
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    digest = Digest.parse(f"{algorithm}:{entry.name}")
+                except InvalidDigest:
+                    digest = None
+                if digest is not None and digest.hex[:2] != prefix:
+                    digest = None
+                try:
+                    size = entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
+                yield digest, prefix_dir / entry.name, size
+    except OSError as exc:    # (reading the directory failed part way: EIO)
+        report(prefix_dir, exc)
 
 
 def _fsync_dir(path: Path) -> None:

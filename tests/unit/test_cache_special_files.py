@@ -273,3 +273,151 @@ def test_verify_shows_a_stray_name_with_control_characters_escaped(cache, capsys
     assert "blobs/sha256/ab/ab\\x1b[2J\\x0dgone: file without an index entry" in out
     code, out, err = command(cache, capsys, "verify", "--repair")
     assert "\x1b" not in out and not list(prefix.iterdir())
+
+
+# --- a directory of the tree (blobs/<algorithm>/<prefix>/) that cannot be walked
+
+from dockermirror.cache import store as store_module  # noqa: E402
+
+
+def prefix_of(cache, digest: str) -> Path:
+    return blob_path(cache, digest).parent
+
+
+def odd_prefix(cache, name: str) -> Path:
+    """A name under blobs/sha256/ no stored file uses."""
+    return cache.root / "blobs" / "sha256" / name
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo", "dangling link", "link to a directory outside"])
+def test_verify_reports_and_repair_unlinks_what_is_not_a_directory_in_a_prefix_place(cache, capsys, tmp_path, kind):  # noqa: F811
+    good = cache.add(b"good" * 100)
+    place = odd_prefix(cache, "zz\x1b[2J")
+    outside = tmp_path / "outside"
+    if kind == "file":
+        place.write_bytes(b"x")
+    elif kind == "fifo":
+        os.mkfifo(place)
+    elif kind == "dangling link":
+        os.symlink(tmp_path / "nowhere", place)
+    else:
+        outside.mkdir()
+        (outside / "precious").write_bytes(b"keep me")
+        os.symlink(outside, place)
+    with unblocking(place) if kind == "fifo" else contextlib.nullcontext([]) as hung:
+        code, out, err = command(cache, capsys, "verify")
+    assert not hung
+    assert code == 1 and "Traceback" not in err, err
+    lines = [line for line in out.splitlines() if line.startswith("blobs/sha256/zz")]
+    assert len(lines) == 1 and "\x1b" not in out, out
+    assert lines[0].startswith("blobs/sha256/zz\\x1b[2J: ") and "not a directory" in lines[0]
+    assert "(--repair removes it)" in lines[0] and os.path.lexists(place)
+    code, out, err = command(cache, capsys, "verify", "--repair")
+    assert code == 1 and "Traceback" not in err and "1 removed" in out, (out, err)
+    assert not os.path.lexists(place) and cache.rows() == {good}
+    if kind == "link to a directory outside":
+        assert (outside / "precious").read_bytes() == b"keep me"     # never followed
+    code, out, err = command(cache, capsys, "verify")
+    assert code == 0 and "0 missing, 0 corrupt" in out, out
+
+
+def _check_unreadable_prefix(cache, capsys, bad: str, good: str) -> None:
+    prefix = prefix_of(cache, bad)
+    code, out, err = command(cache, capsys, "verify")
+    assert code == 1 and "Traceback" not in err, err
+    rel = f"blobs/sha256/{prefix.name}"
+    lines = [line for line in out.splitlines() if line.startswith(rel + ":")]
+    assert lines == [f"{rel}: directory that cannot be read (Permission denied): the files in it are not checked"], out
+    code, out, err = command(cache, capsys, "verify", "--repair")
+    assert code == 1 and "Traceback" not in err, err
+    assert "not removed" in out and "0 removed" in out, out
+    assert blob_path(cache, bad).exists() and cache.rows() == {good, bad}    # not proven bad: kept
+
+
+def two_files_apart(cache) -> tuple[str, str]:
+    first = cache.add(b"good" * 100)
+    n = 0
+    while True:
+        other = cache.add(b"bad%d" % n)
+        if other.split(":")[1][:2] != first.split(":")[1][:2]:
+            return first, other
+        n += 1
+
+
+def test_verify_reports_an_unreadable_prefix_directory_and_repair_leaves_it(cache, capsys):  # noqa: F811
+    good, bad = two_files_apart(cache)
+    prefix_of(cache, bad).chmod(0)
+    try:
+        try:
+            os.listdir(prefix_of(cache, bad))
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this user reads a directory of mode 000 (root): see the simulated twin")
+        _check_unreadable_prefix(cache, capsys, bad, good)
+    finally:
+        prefix_of(cache, bad).chmod(0o755)
+
+
+def test_verify_reports_an_unreadable_prefix_directory_simulated(cache, capsys, monkeypatch):  # noqa: F811
+    good, bad = two_files_apart(cache)
+    prefix = prefix_of(cache, bad)
+    real_dir, real_open = store_module._open_dir, open_regular
+
+    def refusing_dir(p, **kw):
+        if Path(p) == prefix:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_dir(p, **kw)
+
+    def refusing(p, **kw):
+        if Path(p).parent == prefix:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, **kw)
+
+    monkeypatch.setattr(store_module, "_open_dir", refusing_dir)
+    monkeypatch.setattr(maintenance, "open_regular", refusing)
+    _check_unreadable_prefix(cache, capsys, bad, good)
+
+
+def test_walk_goes_on_past_a_prefix_directory_replaced_or_gone_meanwhile(cache):  # noqa: F811
+    digests = set()
+    n = 0
+    while len({d.split(":")[1][:2] for d in digests}) < 3:
+        digests.add(cache.add(b"x%d" % n))
+        n += 1
+    unusable: list[tuple[Path, OSError]] = []
+    walk = cache.store.walk(on_unusable=lambda path, exc: unusable.append((path, exc)))
+    first = next(walk)
+    prefixes = sorted(p for p in (cache.root / "blobs" / "sha256").iterdir() if p != first[1].parent)
+    gone, replaced = prefixes[0], prefixes[1]
+    for p in (gone, replaced):
+        for f in p.iterdir():
+            f.unlink()
+        p.rmdir()
+    replaced.write_bytes(b"now a file")
+    rest = list(walk)
+    assert all(path.parent not in (gone, replaced) for _, path, _ in rest)
+    assert [(path, type(exc)) for path, exc in unusable] == [(replaced, NotADirectoryError)]
+
+
+def test_a_server_start_warns_once_about_a_prefix_directory_it_cannot_walk_and_goes_on(cache, caplog, monkeypatch):  # noqa: F811
+    good, bad = two_files_apart(cache)
+    prefix = prefix_of(cache, bad)
+    real_dir = store_module._open_dir
+
+    def refusing_dir(p, **kw):
+        if Path(p) == prefix:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_dir(p, **kw)
+
+    monkeypatch.setattr(store_module, "_open_dir", refusing_dir)
+    cache.index.remove_content([good, bad])            # the index lost its rows: the start adopts
+    stray = odd_prefix(cache, "zz")
+    os.mkfifo(stray)
+    problems: list[tuple[str, str]] = []
+    report = maintenance.reconcile(cache.store, cache.index, lambda: 5.0,
+                                   on_unusable=lambda where, problem: problems.append((where, problem)))
+    assert report.adopted == [good] and cache.rows() == {good}
+    assert sorted(where for where, _ in problems) == sorted([str(prefix), str(stray)])
+    assert stray.is_fifo() and blob_path(cache, bad).exists()
+    assert cache.store.has_files()
