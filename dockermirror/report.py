@@ -44,6 +44,8 @@ _DURATION = re.compile(r"(\d+(s|m|h|d|w))+")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # a number of any notation with a unit, signed (journalctl's relative time) or not (that long ago)
 _NUMBER_DURATION = re.compile(r"([+-]?)((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)([smhdw])")
+# seconds since the epoch (journalctl's @...), in any notation float() reads, so that nan/inf are refused
+_EPOCH = re.compile(r"@([+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity))", re.IGNORECASE)
 
 
 class ReportError(Exception):
@@ -62,7 +64,22 @@ def since_argument(text: str) -> str:
     if (number := _NUMBER_DURATION.fullmatch(text)) is not None:
         ago = _ago(text, float(number[2]) * _UNITS[number[3]])     # (bounded either way)
         return text if number[1] == "+" else ago
+    if text.startswith("@"):
+        return _epoch(text)
     return text
+
+
+def _epoch(text: str) -> str:
+    """journalctl's --since for ``@<seconds since the epoch>``: from 1970 to 100 years from now,
+    passed on in plain digits (journalctl reads no exponent)."""
+    if (number := _EPOCH.fullmatch(text)) is None:
+        raise ValueError(f"invalid time {text!r} (use @ and the seconds since 1970, e.g. @1764600000)")
+    seconds = float(number[1])
+    if not math.isfinite(seconds) or not 0 <= seconds <= time.time() + MAX_DURATION:
+        raise ValueError(f"{text!r} is out of range; give a time from @0 (1970) to at most 100 years from now")
+    if seconds == int(seconds):
+        return f"@{int(seconds)}"
+    return f"@{seconds:.6f}".rstrip("0")
 
 
 def _ago(text: str, seconds: float) -> str:

@@ -169,6 +169,36 @@ def test_since_beyond_100_years_is_one_line_naming_since(journalctl, capsys, sin
     assert not journalctl.args_file.exists()      # journalctl never ran
 
 
+@pytest.mark.parametrize("since", ["@99999999999999999999", "@1e30", "@-5", "@nan", "@NaN", "@inf", "@-inf",
+                                   "@1e400", "@-0.5", "@9999999999"])
+def test_since_an_epoch_beyond_the_range_is_one_line_naming_since(journalctl, capsys, since):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", f"--since={since}"])
+    assert exit_.value.code == 2
+    _, err = capsys.readouterr()
+    assert err == (f"docker-mirror: --since: {since!r} is out of range; give a time from @0 (1970) to at most "
+                   "100 years from now; see docker-mirror report --help\n")
+    assert not journalctl.args_file.exists()      # journalctl never ran
+
+
+@pytest.mark.parametrize("since", ["@", "@1_000", "@0x10", "@ 5", "@1h"])
+def test_since_an_epoch_that_is_no_number_is_one_line_naming_since(journalctl, capsys, since):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", f"--since={since}"])
+    assert exit_.value.code == 2
+    _, err = capsys.readouterr()
+    assert err.startswith(f"docker-mirror: --since: invalid time {since!r}") and err.count("\n") == 1, err
+    assert not journalctl.args_file.exists()
+
+
+@pytest.mark.parametrize("since, argument", [("@0", "--since=@0"), ("@1764600000", "--since=@1764600000"),
+                                             ("@1.7646e9", "--since=@1764600000"), ("@1764600000.25", "--since=@1764600000.25"),
+                                             ("@+5", "--since=@5")])
+def test_since_an_epoch_journalctl_takes(journalctl, capsys, since, argument):
+    assert cli.main(["report", f"--since={since}"]) == 0
+    assert journalctl.args[-1] == argument
+
+
 @pytest.mark.parametrize("since, argument", [("36500d", "--since=@0"), ("1.5h", "--since=-5400s"),
                                              ("-2h", "--since=-7200s"), (".5m", "--since=-30s"),
                                              ("+2h", "--since=+2h"), ("1000d", "--since=-86400000s")])
