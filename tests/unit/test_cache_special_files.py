@@ -290,7 +290,7 @@ def odd_prefix(cache, name: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["file", "fifo", "dangling link", "link to a directory outside"])
-def test_verify_reports_and_repair_unlinks_what_is_not_a_directory_in_a_prefix_place(cache, capsys, tmp_path, kind):  # noqa: F811
+def test_verify_reports_and_repair_unlinks_a_non_directory_in_a_prefix_place(cache, capsys, tmp_path, kind):  # noqa: F811
     good = cache.add(b"good" * 100)
     place = odd_prefix(cache, "zz\x1b[2J")
     outside = tmp_path / "outside"
@@ -400,7 +400,7 @@ def test_walk_goes_on_past_a_prefix_directory_replaced_or_gone_meanwhile(cache):
     assert [(path, type(exc)) for path, exc in unusable] == [(replaced, NotADirectoryError)]
 
 
-def test_a_server_start_warns_once_about_a_prefix_directory_it_cannot_walk_and_goes_on(cache, caplog, monkeypatch):  # noqa: F811
+def test_reconcile_names_each_directory_it_cannot_walk_once_and_goes_on(cache, monkeypatch):  # noqa: F811
     good, bad = two_files_apart(cache)
     prefix = prefix_of(cache, bad)
     real_dir = store_module._open_dir

@@ -192,7 +192,8 @@ def test_since_an_epoch_that_is_no_number_is_one_line_naming_since(journalctl, c
 
 
 @pytest.mark.parametrize("since, argument", [("@0", "--since=@0"), ("@1764600000", "--since=@1764600000"),
-                                             ("@1.7646e9", "--since=@1764600000"), ("@1764600000.25", "--since=@1764600000.25"),
+                                             ("@1.7646e9", "--since=@1764600000"),
+                                             ("@1764600000.25", "--since=@1764600000.25"),
                                              ("@+5", "--since=@5")])
 def test_since_an_epoch_journalctl_takes(journalctl, capsys, since, argument):
     assert cli.main(["report", f"--since={since}"]) == 0
