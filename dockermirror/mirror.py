@@ -80,7 +80,7 @@ from dockermirror.oci import (
     valid_media_type,
     valid_name,
 )
-from dockermirror.upstream.bodies import content_length
+from dockermirror.upstream.bodies import BadLength, content_length
 from dockermirror.upstream.client import BlobStream, Reply, UpstreamClient, UpstreamUnreachable, error_for
 
 log = logging.getLogger("dockermirror.mirror")
@@ -484,7 +484,12 @@ class Mirror:
             reply = await self._ask(repo.upstream.client.head_blob(repo.name, str(digest)))
             if reply.status != 200:
                 raise error_for(reply.status, reply.headers, reply.body, unknown=BlobUnknown)
-            return Blob(str(digest), _length(reply), None, None, MISS, reply.status)
+            try:    # passed on to the client: a length that is there must be one plain number
+                size = content_length(reply.headers, strict=True)
+            except BadLength as exc:
+                raise RegistryError(f"the upstream's answer to HEAD of blob {digest} is unusable: {exc}",
+                                    status=502, upstream_status=reply.status) from None
+            return Blob(str(digest), size, None, None, MISS, reply.status)
         return await self._new_transfer(repo, digest, shared=True)
 
     async def _new_transfer(self, repo: Repo, digest: Digest, *, shared: bool) -> Blob:

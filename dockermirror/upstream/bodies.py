@@ -175,11 +175,47 @@ class _Decoder:
         return out
 
 
-def content_length(headers: httpx.Headers) -> int | None:
+class BadLength(ValueError):
+    """A Content-Length that is there but is not one plain decimal number."""
+
+
+def content_length(headers: httpx.Headers, *, strict: bool = False) -> int | None:
     """The Content-Length if it is a plain decimal number: ASCII digits only ("²".isdigit() is
-    true), few enough for int() (it refuses ~4,300), no sign; anything else is no length at all."""
-    value = headers.get("content-length", "").strip()
-    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
+    true), few enough for int() (it refuses ~4,300), no sign; the same number repeated (``42, 42``,
+    or two such headers) is that number (RFC 9110 8.6). Anything else is no length at all, or
+    with ``strict`` a :class:`BadLength` (no Content-Length at all is None either way)."""
+    values = [v.strip() for v in headers.get_list("content-length", split_commas=True)]
+    if not values:
+        return None
+    first = values[0]
+    if all(v == first for v in values) and first.isascii() and first.isdigit() and len(first) <= 18:
+        return int(first)
+    if strict:
+        shown = ", ".join(headers.get_list("content-length"))
+        raise BadLength(f"Content-Length {shown[:100]!r} is not one plain decimal number of at most 18 digits")
+    return None
+
+
+def framing_problem(headers: httpx.Headers) -> str | None:
+    """What makes an upstream answer's body framing ambiguous (RFC 9112 6.1, 6.3), or None: a
+    Transfer-Encoding other than exactly ``chunked`` (``gzip, chunked``, ``identity``, ``chunked,
+    chunked``, two such headers), both Transfer-Encoding and Content-Length (a request smuggling or
+    response splitting attempt: parsers disagree on where the body ends), or a Content-Length that
+    is not one plain number (``-1``, ``10, 20``, two that differ). Such an answer is a protocol
+    error and its connection is not reused. Checked on the headers of every answer with a body
+    (not a HEAD's: it has none), in both pools."""
+    if "transfer-encoding" in headers:
+        codings = [c.strip().lower() for c in headers.get_list("transfer-encoding", split_commas=True)]
+        shown = ", ".join(headers.get_list("transfer-encoding"))[:100]
+        if codings != ["chunked"]:
+            return f"Transfer-Encoding {shown!r}: only chunked is accepted"
+        if "content-length" in headers:
+            return "both Transfer-Encoding and Content-Length: the body's end is ambiguous (RFC 9112 6.3)"
+    try:
+        content_length(headers, strict=True)
+    except BadLength as exc:
+        return str(exc)
+    return None
 
 
 async def read_capped(response: httpx.Response, limit: int, window: float, *, truncate: bool = False) -> bytes:
