@@ -47,6 +47,8 @@ from typing import Any
 
 import httpx
 
+from dockermirror.upstream.bodies import framing_problem
+
 CHUNK = 1024 * 1024        # most bytes handed to the loop at once
 FIRST_CHUNK = 16 * 1024    # the first read of a body: small, so its first byte is not held back
 AHEAD = 2                  # chunks a body's thread reads before its consumer takes them ...
@@ -284,9 +286,8 @@ class ThreadTransport(httpx.AsyncBaseTransport):
             self._release(loop)
             raise
         stream = _Body(self, loop, conn, response, request, timeouts.get("read"))
-        headers = [(k.encode("latin-1"), " ".join(v.split("\r\n")).encode("latin-1"))
-                   for k, v in response.getheaders()]
-        return httpx.Response(response.status, headers=headers, stream=stream, request=request,
+        return httpx.Response(response.status, headers=_headers(response.getheaders()), stream=stream,
+                              request=request,
                               extensions={"http_version": b"HTTP/1.1",
                                           "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
                                           "server_addr": conn.peer})
@@ -408,6 +409,20 @@ class _Response(http.client.HTTPResponse):
     """``http.client``'s response, which skips only ``100 Continue``: here every interim answer
     (``103 Early Hints``, ``102 Processing``, ...) is skipped with its headers, as httpx does, and
     ``101 Switching Protocols`` (never asked for) is a protocol error, its connection not reused."""
+
+    def begin(self) -> None:
+        """The status line and headers; an answer whose body's end is ambiguous (see
+        :func:`.bodies.framing_problem`: both Transfer-Encoding and Content-Length, any coding but
+        ``chunked``, a Content-Length that is no plain number) is a protocol error, and its connection
+        is closed. (``http.client`` would read such a body as chunked, or until the connection closes,
+        or to the first of two Content-Lengths, leaving the rest to be read as the next answer.)"""
+        super().begin()
+        if self._method == "HEAD" or self.status in (204, 304):     # no body to frame
+            return
+        problem = framing_problem(_headers(self.getheaders()))
+        if problem is not None:
+            self.will_close = True
+            raise http.client.HTTPException(f"the upstream's answer was refused: {problem}")
 
     def _read_status(self) -> tuple[str, int, str]:
         for _ in range(MAX_INTERIM + 1):
@@ -723,6 +738,11 @@ class _Body(httpx.AsyncByteStream):
         finally:
             self._transport._opened(-1)
             self._transport._release(self._loop)
+
+
+def _headers(items: list[tuple[str, str]]) -> httpx.Headers:
+    """``http.client``'s headers (decoded as Latin-1, folded lines joined) as httpx's."""
+    return httpx.Headers([(k.encode("latin-1"), " ".join(v.split("\r\n")).encode("latin-1")) for k, v in items])
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

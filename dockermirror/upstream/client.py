@@ -55,6 +55,7 @@ from dockermirror.upstream.bodies import (
     DeadlinePassed,
     MemoryBusy,
     content_length,
+    framing_problem,
     paced,
     read_capped,
     send,
@@ -238,6 +239,7 @@ class UpstreamClient:
                 mounts=mounts,
                 follow_redirects=False,
                 headers={"User-Agent": f"docker-mirror/{__version__}", "Accept-Encoding": "identity"},
+                event_hooks={"response": [_refuse_ambiguous_framing]},
             )
 
         self._client = pool(API_POOL)       # manifests, HEADs, tag lists, tokens
@@ -492,6 +494,19 @@ class UpstreamClient:
         self.last_failure = time.monotonic()
         self.last_error = str(error)
         return error
+
+
+async def _refuse_ambiguous_framing(response: httpx.Response) -> None:
+    """Every answer of both pools, on any transport: one whose body's end is ambiguous (see
+    :func:`.bodies.framing_problem`) is a protocol error; httpx closes it unread, and with it
+    its connection. (h11 refuses most such answers itself, but reads one with both
+    Transfer-Encoding: chunked and Content-Length as chunked; the blob pool's thread transport
+    refuses them before this.)"""
+    if response.request.method == "HEAD" or response.status_code in (204, 304):    # no body to frame
+        return
+    problem = framing_problem(response.headers)
+    if problem is not None:
+        raise httpx.RemoteProtocolError(f"the upstream's answer was refused: {problem}", request=response.request)
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:

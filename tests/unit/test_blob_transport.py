@@ -841,3 +841,85 @@ async def test_both_pools_say_which_address_an_answer_came_from(serve, pool):
             assert len(b"".join([c async for c in response.aiter_raw()])) == len(DATA)
     finally:
         await client.aclose()
+
+
+# --- an answer whose body's end is ambiguous (RFC 9112 6.1, 6.3): refused, its connection closed
+
+AMBIGUOUS = {
+    "chunked and a length": [b"Transfer-Encoding: chunked", b"Content-Length: 5"],
+    "a length and chunked": [b"Content-Length: 5", b"Transfer-Encoding: chunked"],
+    "gzip, chunked": [b"Transfer-Encoding: gzip, chunked"],
+    "identity": [b"Transfer-Encoding: identity"],
+    "chunked, chunked": [b"Transfer-Encoding: chunked, chunked"],
+    "two chunked headers": [b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"],
+    "two lengths that differ": [b"Content-Length: 5", b"Content-Length: 50"],
+    "a length with a sign": [b"Content-Length: +5"],
+}
+
+
+def ambiguous(framing: list[bytes]) -> Handler:
+    """A small body framed as ``framing`` says; ``.../good`` is answered ``{}``: a request that got
+    it over the bad answer's connection would have read what that answer left behind."""
+    def handle(conn: socket.socket, request: Request) -> bool:
+        if request.target.endswith("/good"):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            return True
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in framing) + b"\r\n"
+                     + b"5\r\nhello\r\n0\r\n\r\n")
+        return True
+    return handle
+
+
+@pytest.mark.parametrize("framing", AMBIGUOUS.values(), ids=AMBIGUOUS.keys())
+async def test_a_blob_answer_with_ambiguous_framing_is_a_protocol_error_and_its_connection_closed(serve, framing):
+    server = serve(ambiguous(framing))
+    transport = ThreadTransport(verify=False)
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx.RemoteProtocolError, match="refused"):
+                await client.get(f"{server.url}{PATH}")
+            assert server.closed_by_peer.wait(5)    # closed at once, not kept for another request
+            good = await client.get(f"{server.url}/good")
+        assert good.status_code == 200 and good.content == b"{}"
+    finally:
+        await transport.aclose()
+    assert server.connections == 2          # the refused answer's connection was not reused
+    assert server.closed_by_peer.wait(5)
+
+
+@pytest.mark.parametrize("framing", AMBIGUOUS.values(), ids=AMBIGUOUS.keys())
+@pytest.mark.parametrize("path", ["blobs", "manifests"])
+async def test_an_upstream_answer_with_ambiguous_framing_is_refused_on_both_pools(serve, framing, path):
+    """The blob pool (the thread transport) and the API pool (httpx's h11) refuse alike: the one
+    error edge makes it the usual upstream error, and no connection is reused after it."""
+    server = serve(ambiguous(framing))
+    client = UpstreamClient(server.url)
+    try:
+        with pytest.raises(UpstreamUnreachable, match="RemoteProtocolError"):
+            if path == "blobs":
+                await client.open_blob("acme/tool", DIGEST)
+            else:
+                await client.manifest("acme/tool", "1.0", [], head=False)
+        assert server.connections == 1 and server.closed_by_peer.wait(5)
+        good = await client.manifest("acme/tool", "good", [], head=False)
+        assert good.status == 200 and good.body == b"{}"
+    finally:
+        await client.aclose()
+    assert server.connections == 2
+    assert server.closed_by_peer.wait(5)
+
+
+async def test_a_head_answer_s_framing_headers_frame_nothing_and_are_not_refused(serve):
+    """A HEAD answer has no body (RFC 9110 9.3.2): both headers on it are no ambiguity."""
+    def head(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n")
+        return True
+
+    server = serve(head)
+    transport = ThreadTransport(verify=False)
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            answer = await client.head(f"{server.url}{PATH}")
+        assert answer.status_code == 200
+    finally:
+        await transport.aclose()

@@ -23,7 +23,8 @@ import pytest
 from dockermirror import config as configuration
 from dockermirror.app import DockerMirror
 from dockermirror.errors import RegistryError
-from dockermirror.oci import MAX_MANIFEST_SIZE
+from dockermirror.mirror import Repo
+from dockermirror.oci import MAX_MANIFEST_SIZE, Digest
 from dockermirror.upstream import bodies as bodies_module
 from dockermirror.upstream import client as upstream_client
 from dockermirror.upstream.client import UpstreamClient
@@ -422,7 +423,9 @@ async def test_an_odd_content_length_on_a_manifest_is_no_500(tmp_path, length):
 
     async with mirror_with(tmp_path, handle) as client:
         answer = await client.get("/v2/acme/tool/manifests/sha256:" + "f" * 64, headers=ACCEPT)
-    assert answer.status_code == 502
+    # no plain number: the body's end is unknown, a protocol error (as h11 says on a real socket)
+    assert answer.status_code == 503 and oci_error(answer) == "UNAVAILABLE"
+    assert "Content-Length" in answer.json()["errors"][0]["message"]
 
 
 @pytest.mark.parametrize("where", ["error body", "token response"])
@@ -443,3 +446,52 @@ async def test_deeply_nested_json_from_the_upstream_is_no_500(tmp_path, where):
     async with mirror_with(tmp_path, handle) as client:
         answer = await client.get(f"/v2/acme/tool/manifests/{reference}", headers=ACCEPT)
     assert answer.status_code == 503 and oci_error(answer) == "UNAVAILABLE"
+
+
+# --- the Content-Length of a blob HEAD is passed on to the client: it must be one plain number
+
+BLOB = "sha256:" + "b" * 64
+
+
+@pytest.mark.parametrize("lengths", [
+    [b"-1"], [b"abc"], [b"10, 20"], [b"1 0"], [b"+10"], [b"1_0"], [b"0x10"], [b"\xb2"], [b""],
+    [str(2 ** 63).encode()], [b"9" * 19], [b"9" * 5000],
+    [b"10", b"20"],                     # two Content-Length headers that differ
+])
+async def test_a_blob_head_with_a_length_that_is_no_plain_number_is_a_502(tmp_path, lengths):
+    """The mirror answers a HEAD of a blob it does not hold with the upstream's HEAD, whose length
+    it passes on: one that is not one plain decimal number is a bad upstream answer, 502 (the
+    error's code and message are read from the mirror's core: a HEAD answer carries no body)."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.method == "HEAD"
+        return httpx.Response(200, headers=[(b"Docker-Content-Digest", BLOB.encode()),
+                                            *((b"Content-Length", length) for length in lengths)])
+
+    async with mirror_with(tmp_path, handle) as client:
+        answer = await client.head(f"/v2/acme/tool/blobs/{BLOB}")
+    assert answer.status_code == 502 and answer.content == b""
+    assert answer.headers["content-type"].startswith("application/json")
+
+    config = configuration.loads(config_text(tmp_path / "cache2"))
+    app = DockerMirror(config, upstream_transport=httpx.MockTransport(handle))
+    async with app.running():
+        repo = Repo(app.mirror.upstream, "acme/tool")
+        with pytest.raises(RegistryError) as caught:
+            await app.mirror.blob(repo, Digest.parse(BLOB), head=True)
+    assert caught.value.status == 502 and caught.value.code == "UNKNOWN"
+    assert caught.value.upstream_status == 200
+    assert f"HEAD of blob {BLOB}" in caught.value.message and "Content-Length" in caught.value.message
+
+
+@pytest.mark.parametrize("lengths, expected", [([b"1234"], "1234"), ([b" 1234 "], "1234"),
+                                               ([b"1234", b"1234"], "1234"), ([b"1234, 1234"], "1234"),
+                                               ([b"0"], "0"), ([b"9" * 18], "9" * 18), ([], None)])
+async def test_a_blob_head_with_a_plain_length_passes_it_on(tmp_path, lengths, expected):
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=[(b"Docker-Content-Digest", BLOB.encode()),
+                                            *((b"Content-Length", length) for length in lengths)])
+
+    async with mirror_with(tmp_path, handle) as client:
+        answer = await client.head(f"/v2/acme/tool/blobs/{BLOB}")
+    assert answer.status_code == 200 and answer.headers["docker-content-digest"] == BLOB
+    assert answer.headers.get("content-length") == expected
