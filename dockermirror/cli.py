@@ -73,7 +73,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"# warning: auth.htpasswd: {warning}")
     print(f"# effective configuration (from {config.source})")
     print(configuration.dump(config), end="")
-    for line in _rule_warnings(config):
+    for line in _rule_warnings(config) + configuration.upstream_loops(config):
         print(f"docker-mirror: warning: {line}", file=sys.stderr)
     return 0
 

@@ -550,6 +550,35 @@ def parse_metrics_listen(value: Any) -> str:
     return text
 
 
+def upstream_loops(config: "Config") -> list[str]:
+    """Upstreams whose URL is this mirror's own ``listen`` address (the same host, or a
+    loopback host while it listens on every address, and the same port): each of its requests
+    would come back to this mirror, and be answered 508 Loop Detected. Warnings, not errors:
+    a host name may still reach another machine through /etc/hosts or a proxy."""
+    host, port = split_listen(config.listen)
+    host = host.strip("[]").lower()
+    wildcard = host in ("0.0.0.0", "::", "")
+    found = []
+    for index, up in enumerate(config.registries):
+        parts = urlsplit(up.url)
+        target = (parts.hostname or "").lower().rstrip(".")
+        target_port = parts.port or (443 if parts.scheme == "https" else 80)
+        loopback = target == "localhost" or _is_loopback(target)
+        if target_port == port and (target == host or (wildcard and loopback)):
+            key = "upstream.url" if not config.upstreams else f"upstreams[{index}].url"
+            found.append(f"{config.source}: {key} {up.url} is this mirror's own listen address ({config.listen}): "
+                         "every request to it would come back here (508 Loop Detected); give the upstream "
+                         "registry's URL")
+    return found
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def listen_overlap(listen: str, metrics: str) -> str | None:
     """Why ``metrics.listen`` cannot be had next to ``listen`` (the same port, on the same or a
     wildcard address: one of the two listeners would take it from the other), or None."""

@@ -35,7 +35,7 @@ from dockermirror.app import DockerMirror
 from dockermirror.cache import CacheBusy
 from dockermirror.cache.index import ForeignDatabase
 from dockermirror.cacheresults import CACHE_RESULTS, hit_ratio
-from dockermirror.config import Config, ConfigError, ServerConfig, listen_overlap
+from dockermirror.config import Config, ConfigError, ServerConfig, listen_overlap, upstream_loops
 from dockermirror.humanize import printable, size
 from dockermirror.meter import NULL_METER
 from dockermirror.service import fdlimit, internals, logs, preflight, restart
@@ -417,6 +417,8 @@ def serve(config: Config, reload_config: Callable[[], Config],
     # configuration passed the checks (a mistake is one line, nothing else)
     if problem := fdlimit.raise_soft_limit(config.server.max_connections):
         log.warning("%s", problem)
+    for loop in upstream_loops(config):
+        log.warning("%s", loop)
     server = service.server()
     try:
         server.run(sockets=service.sockets or None)

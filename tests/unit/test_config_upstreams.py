@@ -274,3 +274,37 @@ async def test_reload_uses_a_rotated_password_file(tmp_path, registry, clock):
             got = await client.get("/v2/acme/two/manifests/1", headers={"Accept": second.media_type})
             assert got.status_code == 200
             assert sent()[-1] == "me:second-password"
+
+
+# --- an upstream that is this mirror itself
+
+@pytest.mark.parametrize("listen, section, key", [
+    ("0.0.0.0:5000", "upstream:\n  url: http://127.0.0.1:5000\n", "upstream.url"),
+    ("0.0.0.0:5000", "upstream:\n  url: http://localhost:5000/\n", "upstream.url"),
+    ("[::]:5000", "upstream:\n  url: http://[::1]:5000\n", "upstream.url"),
+    ("127.0.0.1:5000", "upstream:\n  url: http://127.0.0.1:5000\n", "upstream.url"),
+    ("127.0.0.1:5000", "upstream:\n  url: https://127.0.0.1:5000\n", "upstream.url"),    # TLS: the same port
+    ("mirror.example.org:443", "upstream:\n  url: https://Mirror.Example.Org.\n", "upstream.url"),
+    ("0.0.0.0:80", "upstreams:\n  - registry: docker.io\n  - registry: ghcr.io\n    url: http://127.0.0.2\n",
+     "upstreams[1].url"),
+])
+def test_check_config_warns_of_an_upstream_that_is_this_mirror(tmp_path, capsys, listen, section, key):
+    path = tmp_path / "config.yml"
+    path.write_text(f"listen: {listen!r}\ncache:\n  dir: {tmp_path / 'cache'}\n" + section)
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"docker-mirror: warning: {path}: {key} ")
+    assert f"is this mirror's own listen address ({listen}): every request to it would come back here" in line
+
+
+@pytest.mark.parametrize("listen, url", [
+    ("0.0.0.0:5000", "http://127.0.0.1:5001"),         # another port
+    ("10.0.0.5:5000", "http://127.0.0.1:5000"),        # listens on another address: loopback is someone else
+    ("0.0.0.0:443", "https://registry-1.docker.io"),
+])
+def test_check_config_says_nothing_of_an_upstream_elsewhere(tmp_path, capsys, listen, url):
+    path = tmp_path / "config.yml"
+    path.write_text(f"listen: {listen!r}\ncache:\n  dir: {tmp_path / 'cache'}\nupstream:\n  url: {url}\n")
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "own listen address" not in err
