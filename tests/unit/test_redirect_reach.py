@@ -14,6 +14,7 @@ from dockermirror.errors import RegistryError
 from dockermirror.upstream.client import UpstreamClient
 from dockermirror.upstream.peers import LOCAL, PRIVATE, PUBLIC, reach
 from tests.unit.fakes import UPSTREAM, Body
+from tests.unit.test_upstream_trust import blob_through
 
 DIGEST = "sha256:" + "0" * 64
 pytestmark = pytest.mark.anyio
@@ -77,18 +78,6 @@ def network(addresses: dict[str, str | None], hops: dict[str, str]):
     return seen, read, httpx.MockTransport(handle)
 
 
-async def pull(transport: httpx.MockTransport, **options) -> bytes:
-    client = UpstreamClient(UPSTREAM, transport=transport, **options)
-    try:
-        stream = await client.open_blob("a/b", DIGEST)
-        try:
-            return b"".join([c async for c in stream.chunks()])
-        finally:
-            await stream.aclose()
-    finally:
-        await client.aclose()
-
-
 @pytest.mark.parametrize("upstream, storage", [
     ("104.16.99.52", "151.101.1.1"),        # Docker Hub -> its CDN
     ("10.1.2.3", "10.9.9.9"),               # a private registry -> MinIO beside it
@@ -102,7 +91,7 @@ async def pull(transport: httpx.MockTransport, **options) -> bytes:
 async def test_redirects_no_further_inside_than_the_upstream_are_followed(upstream, storage):
     seen, read, transport = network({"registry.test": upstream, "cdn.test": storage},
                                     {"registry.test": "https://cdn.test/signed"})
-    assert await pull(transport) == b"data"
+    assert await blob_through(transport) == b"data"
     assert seen == ["registry.test", "cdn.test"] and read == ["cdn.test"]
 
 
@@ -123,7 +112,7 @@ async def test_a_redirect_further_inside_is_not_read(upstream, storage, kind, ca
                                     {"registry.test": "https://cdn.test/signed?sig=abc"})
     caplog.set_level(logging.INFO)
     with pytest.raises(RegistryError) as caught:
-        await pull(transport)
+        await blob_through(transport)
     assert caught.value.status == 502
     assert caught.value.message == (f"the upstream redirected to cdn.test, a {kind} address, "
                                     "which is not followed from this upstream")
@@ -140,20 +129,20 @@ async def test_the_limit_is_the_upstreams_not_the_last_hops():
     seen, read, transport = network(
         {"registry.test": "10.1.2.3", "cdn.test": "151.101.1.1", "inner.test": "10.7.7.7"},
         {"registry.test": "https://cdn.test/a", "cdn.test": "https://inner.test/b"})
-    assert await pull(transport) == b"data"
+    assert await blob_through(transport) == b"data"
     assert seen == ["registry.test", "cdn.test", "inner.test"]
     seen, read, transport = network(
         {"registry.test": "151.101.2.2", "cdn.test": "151.101.1.1", "inner.test": "127.0.0.1"},
         {"registry.test": "https://cdn.test/a", "cdn.test": "https://inner.test/b"})
     with pytest.raises(RegistryError, match="inner.test, a loopback or link-local address"):
-        await pull(transport)
+        await blob_through(transport)
     assert seen == ["registry.test", "cdn.test", "inner.test"] and read == []
 
 
 async def test_private_redirects_true_follows_them():
     seen, read, transport = network({"registry.test": "104.16.99.52", "cdn.test": "169.254.169.254"},
                                     {"registry.test": "https://cdn.test/signed"})
-    assert await pull(transport, private_redirects=True) == b"data"
+    assert await blob_through(transport, private_redirects=True) == b"data"
     assert read == ["cdn.test"]
 
 
@@ -219,5 +208,5 @@ async def test_a_token_realm_further_inside_is_refused_and_its_token_never_sent(
 ])
 async def test_a_token_realm_no_further_inside_is_asked(registry, realm, options):
     seen, transport = realm_network(registry, realm)
-    assert await pull(transport, **options) == b"data"
+    assert await blob_through(transport, **options) == b"data"
     assert [r.headers.get("authorization") for r in seen if r.url.host == "registry.test"] == [None, "Bearer from-inside"]

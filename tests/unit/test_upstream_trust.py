@@ -226,9 +226,11 @@ async def test_redirects_that_are_not_followed(target, why, caplog):
     assert "sig=abc" not in caplog.text                   # a signed URL's query is not logged
 
 
-async def blob_through(handle) -> bytes:
-    """A blob's bytes as the upstream client reads them from an upstream answering with ``handle``."""
-    client = UpstreamClient(UPSTREAM, transport=httpx.MockTransport(handle))
+async def blob_through(handle, **options) -> bytes:
+    """A blob's bytes as the upstream client (made with ``options``) reads them from an upstream
+    answering with ``handle`` (a function, or an httpx transport)."""
+    transport = handle if isinstance(handle, httpx.AsyncBaseTransport) else httpx.MockTransport(handle)
+    client = UpstreamClient(UPSTREAM, transport=transport, **options)
     try:
         stream = await client.open_blob("a/b", "sha256:" + "0" * 64)
         try:
