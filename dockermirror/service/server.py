@@ -39,6 +39,7 @@ from dockermirror.config import Config, ConfigError, ServerConfig, listen_overla
 from dockermirror.humanize import printable, size
 from dockermirror.meter import NULL_METER
 from dockermirror.service import fdlimit, internals, logs, preflight, restart
+from dockermirror.service.memory import Trimmer
 from dockermirror.service.systemd import SocketError, Systemd, describe, listen_sockets
 from dockermirror.service.zerocopy import ClientLimits, ZeroCopyHttpToolsProtocol
 from dockermirror.upstream import readsize
@@ -145,6 +146,7 @@ class Service:
         if self.metrics is not None:
             self.metrics.attach(self.app)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.trimmer = Trimmer()    # freed memory given back after each burst of downloads
         # what this process runs with of the settings only a restart changes (:mod:`.restart`)
         self.running = restart.settings(config, tls=self.tls is not None, socket_activated=bool(self.sockets))
         self.restart_pending: list[str] = []
@@ -226,6 +228,8 @@ class Service:
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
             self.systemd.status(self.status())
+            if self.trimmer.due(busy=len(self.app.cache.transfers) > 0):
+                await asyncio.to_thread(self.trimmer.trim)   # after a burst of downloads (see .memory)
 
     # --- reload
 
