@@ -521,8 +521,7 @@ class _Body(httpx.AsyncByteStream):
             return buf[:filled]     # a copy: the error's traceback may still hold a view of buf
         finally:
             view.release()
-        del buf[filled:]
-        return buf
+        return _cut(buf, filled)
 
     def _readinto_first(self, want: int) -> bytearray:
         """What http.client has buffered after the headers (or one read): read1 takes it all."""
@@ -583,7 +582,7 @@ class _Body(httpx.AsyncByteStream):
             return buf[:filled]     # a copy: the error's traceback may still hold a view of buf
         finally:
             view.release()
-        del buf[filled:]
+        buf = _cut(buf, filled)
         self._left = left - filled
         if not self._left:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEVAL)
@@ -738,6 +737,19 @@ class _Body(httpx.AsyncByteStream):
         finally:
             self._transport._opened(-1)
             self._transport._release(self._loop)
+
+
+def _cut(buf: bytearray, size: int) -> bytearray:
+    """``buf`` cut to its first ``size`` bytes: in place, or a copy if something else still
+    holds a view of it (anything that keeps every object alive a moment, such as a debugger
+    walking ``gc.get_objects()``, may hold the view a read was made into; resizing would raise
+    BufferError and fail the download)."""
+    if size < len(buf):
+        try:
+            del buf[size:]
+        except BufferError:
+            return buf[:size]
+    return buf
 
 
 def _headers(items: list[tuple[str, str]]) -> httpx.Headers:

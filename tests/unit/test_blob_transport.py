@@ -923,3 +923,41 @@ async def test_a_head_answer_s_framing_headers_frame_nothing_and_are_not_refused
         assert answer.status_code == 200
     finally:
         await transport.aclose()
+
+
+# --- a read's buffer that something else still holds a view of
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_short_read_into_a_buffer_someone_holds_a_view_of_is_copied_not_failed(serve, monkeypatch, framing):
+    """Every buffer the reads are made into is kept alive here (as a debugger walking
+    gc.get_objects() does for a moment): cutting a short read to size cannot be done in place,
+    and must not fail the download."""
+    import http.client
+    held: list = []
+    # a body of known length is read from the socket; a chunked one through http.client
+    cls, name = (socket.socket, "recv_into") if framing == "length" else (http.client.HTTPResponse, "readinto")
+    real = getattr(cls, name)
+
+    def keeping(self, buffer, *args):
+        held.append(buffer)
+        return real(self, buffer, *args)
+
+    monkeypatch.setattr(cls, name, keeping)
+
+    def pausing(conn: socket.socket, request: Request) -> bool:
+        half = len(DATA) // 2
+        if framing == "length":
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\n\r\n".encode() + DATA[:half])
+            time.sleep(0.3)     # longer than FLUSH_AFTER: the chunk read so far is handed on, short
+            conn.sendall(DATA[half:])
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + f"{half:x}\r\n".encode() + DATA[:half] + b"\r\n")
+            time.sleep(0.3)
+            rest = DATA[half:]
+            conn.sendall(f"{len(rest):x}\r\n".encode() + rest + b"\r\n0\r\n\r\n")
+        return True
+
+    server = serve(pausing)
+    await fetch_each(server, 1)
+    assert held
