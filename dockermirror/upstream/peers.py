@@ -27,6 +27,9 @@ import httpx
 
 PUBLIC, PRIVATE, LOCAL = 0, 1, 2
 KIND = {PUBLIC: "public", PRIVATE: "private", LOCAL: "loopback or link-local"}
+# the well-known NAT64 prefix (RFC 6052): globally routable itself, but a gateway (a cloud's NAT64,
+# DNS64 networks) may translate 64:ff9b::a9fe:a9fe to 169.254.169.254 or 64:ff9b::a00:1 to 10.0.0.1
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 def reach(address: str) -> int:
@@ -35,8 +38,11 @@ def reach(address: str) -> int:
         ip = ipaddress.ip_address(address.split("%", 1)[0])     # (an IPv6 scope: fe80::1%eth0)
     except ValueError:
         return LOCAL    # (a Unix socket path, or nothing an address should look like)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:     # a NAT64 gateway connects on to the IPv4 address in its last 32 bits
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
         return LOCAL
     return PUBLIC if ip.is_global else PRIVATE

@@ -39,6 +39,9 @@ pytestmark = pytest.mark.anyio
     ("0.0.0.0", LOCAL),                 # connecting to it reaches this machine
     ("::", LOCAL),
     ("224.0.0.1", LOCAL),
+    ("64:ff9b::a9fe:a9fe", LOCAL),      # NAT64 (RFC 6052): the gateway connects to 169.254.169.254
+    ("64:ff9b::a00:1", PRIVATE),        # ... to 10.0.0.1
+    ("64:ff9b::6810:6334", PUBLIC),     # ... to 104.16.99.52
     ("not an address", LOCAL),
 ])
 def test_reach(address, kind):
