@@ -229,7 +229,11 @@ class Service:
             await asyncio.sleep(STATUS_INTERVAL)
             self.systemd.status(self.status())
             if self.trimmer.due(busy=len(self.app.cache.transfers) > 0):
-                await asyncio.to_thread(self.trimmer.trim)   # after a burst of downloads (see .memory)
+                try:    # after a burst of downloads (see .memory); a failure must not end the status
+                    await asyncio.to_thread(self.trimmer.trim)
+                except Exception as exc:    # (no thread to be had: RuntimeError; the C call: OSError)
+                    log.warning("giving freed memory back after downloads failed: %s: %s",
+                                type(exc).__name__, exc)
 
     # --- reload
 

@@ -52,3 +52,36 @@ def test_the_heaps_free_memory_goes_back_to_the_system():
     trimmer.trim()
     after = rss()
     assert before - after >= 48 * MiB, (before / MiB, after / MiB)
+
+
+@pytest.mark.anyio
+async def test_a_failed_trim_does_not_end_the_status_loop(tmp_path, monkeypatch, caplog):
+    """The status loop calls the trim; if it fails (no thread to be had, ...) STATUS= goes on."""
+    import asyncio
+    import logging
+
+    from dockermirror import config as configuration
+    from dockermirror.service import server
+    from tests.unit.conftest import config_text
+
+    def boom(pad: int) -> int:
+        raise RuntimeError("can't start new thread")
+
+    service = server.Service(configuration.loads(config_text(tmp_path / "cache")), reload_config=lambda: None)
+    statuses: list[str] = []
+    monkeypatch.setattr(server, "STATUS_INTERVAL", 0.01)
+    monkeypatch.setattr(service.systemd, "status", statuses.append)
+    service.trimmer = Trimmer(trim=boom)
+    busy = iter([True, False, True, False])
+    monkeypatch.setattr(service.trimmer, "due", lambda busy, _real=service.trimmer.due, _ticks=busy: _real(next(_ticks, False)))
+    caplog.set_level(logging.WARNING, logger="dockermirror")
+    task = asyncio.get_running_loop().create_task(service._keep_status())
+    try:
+        await asyncio.sleep(0.2)
+        assert not task.done(), task.exception()
+        assert len(statuses) >= 6
+        assert [r.getMessage() for r in caplog.records if "freed memory" in r.getMessage()] == [
+            "giving freed memory back after downloads failed: RuntimeError: can't start new thread"] * 2
+    finally:
+        task.cancel()
+        await service.app.cache.close()
