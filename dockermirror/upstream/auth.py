@@ -23,7 +23,7 @@ import httpx
 from dockermirror.meter import NULL_METER, Meter
 from dockermirror.singleflight import SingleFlight
 from dockermirror.upstream.bodies import BadEncoding, BodyTooLarge, read_capped, send, timed
-from dockermirror.upstream.peers import KIND, PUBLIC, peer_address, reach
+from dockermirror.upstream.peers import KIND, PUBLIC, peer_address, reach, through_proxy
 from dockermirror.upstream.realms import RealmRefused, check_realm, shown
 
 log = logging.getLogger("dockermirror.upstream")
@@ -165,7 +165,7 @@ class Authenticator:
         """A token service further inside the network than the upstream is refused, unread:
         its answer would go to the upstream as the token (see .peers)."""
         address = peer_address(response)
-        if self.private_realms or address is None:
+        if self.private_realms or address is None or through_proxy(self._client, realm):    # (the proxy decides)
             return
         ahead = reach(address)
         if ahead <= (PUBLIC if self.inside is None else self.inside):

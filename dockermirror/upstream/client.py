@@ -44,7 +44,7 @@ from dockermirror.upstream.auth import AuthError, Authenticator
 from dockermirror.upstream import readsize
 from dockermirror.upstream.blobtransport import ThreadTransport, proxy_mounts
 from dockermirror.upstream.outage import OutageLog
-from dockermirror.upstream.peers import KIND, PUBLIC, peer_address, peer_reach, reach
+from dockermirror.upstream.peers import KIND, PUBLIC, peer_address, peer_reach, reach, through_proxy
 from dockermirror.upstream.realms import RealmRefused, shown
 from dockermirror.via import new_pseudonym, outgoing
 from dockermirror.upstream.bodies import (
@@ -395,8 +395,11 @@ class UpstreamClient:
         try:
             authorization = await self.auth.header_for(scope)
             response = await self._request(method, url, headers, authorization, blob, kind)
-            if (inside := peer_reach(response)) is not None:
-                self.auth.inside = inside    # where its token service may be (see .peers)
+            pool = self._blobs if blob else self._client
+            # how far inside the network the upstream is (see .peers): through a proxy, not known
+            inside = None if through_proxy(pool, url) else peer_reach(response)
+            if inside is not None:
+                self.auth.inside = inside    # where its token service may be
             if response.status_code == 401 and "www-authenticate" in response.headers:
                 try:
                     answer = await self.auth.answer(response.headers["www-authenticate"], scope, authorization)
@@ -408,7 +411,8 @@ class UpstreamClient:
                     authorization = answer
                     response = await self._request(method, url, headers, authorization, blob, kind)
             hops = 0
-            inside = peer_reach(response)     # how far inside the network the upstream is (see .peers)
+            if not through_proxy(pool, url):
+                inside = peer_reach(response)
             while response.status_code in REDIRECTS and "location" in response.headers:
                 if hops == MAX_REDIRECTS:
                     await response.aclose()
@@ -426,7 +430,7 @@ class UpstreamClient:
                 response = await self._request(method, str(location), headers,
                                                authorization if same_origin else None, blob, kind)
                 url = str(location)
-                if not self.private_redirects:
+                if not self.private_redirects and not through_proxy(pool, location):   # (else: the proxy decides)
                     await self._check_reach(response, inside, location)
         except httpx.PoolTimeout:
             raise Unavailable("too many upstream requests are in progress; try again",

@@ -13,8 +13,11 @@ So a redirect may lead no further inside than the upstream itself is:
 
 It is checked on the address the connection was actually made to (no second DNS lookup a
 rebinding name could answer differently), once the answer's headers have come and before any
-of its body is read: the request was sent, its answer is never read. Through an HTTP(S)
-proxy both are the proxy's address, the same class: the proxy decides. Token realms are held
+of its body is read: the request was sent, its answer is never read. A hop sent through a
+proxy (HTTP(S)_PROXY, ALL_PROXY) is not checked: its peer is the proxy, which decides. But
+then the upstream's own address is not known either: an upstream reached through a proxy
+counts as public, so that a redirect sent round the proxy (a NO_PROXY host: 169.254.169.254 is
+often one) is not measured against the proxy's loopback or private address. Token realms are held
 to the same rule (a realm's answer goes back to the upstream as the token). ``private_redirects``
 (per upstream) turns both checks off.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 
+import httpcore
 import httpx
 
 PUBLIC, PRIVATE, LOCAL = 0, 1, 2
@@ -62,6 +66,20 @@ def peer_address(response: httpx.Response) -> str | None:
     if isinstance(address, tuple) and address and isinstance(address[0], str):
         return address[0]
     return None
+
+
+def through_proxy(client: httpx.AsyncClient, url: httpx.URL | str) -> bool:
+    """Whether ``client`` sends a request for ``url`` through a proxy (then its connection's
+    peer is the proxy). httpx's own choice of transport for the URL (its version is bounded in
+    pyproject.toml; tests/unit/test_redirect_proxy.py checks it with a real proxy)."""
+    try:
+        transport = client._transport_for_url(httpx.URL(url))
+    except AttributeError:
+        return False
+    return isinstance(getattr(transport, "_pool", None), _PROXIES)
+
+
+_PROXIES = tuple(getattr(httpcore, name) for name in ("AsyncHTTPProxy", "AsyncSOCKSProxy") if hasattr(httpcore, name))
 
 
 def peer_reach(response: httpx.Response) -> int | None:
