@@ -77,9 +77,8 @@ def _epoch(text: str) -> str:
     seconds = float(number[1])
     if not math.isfinite(seconds) or not 0 <= seconds <= time.time() + MAX_DURATION:
         raise ValueError(f"{text!r} is out of range; give a time from @0 (1970) to at most 100 years from now")
-    if seconds == int(seconds):
-        return f"@{int(seconds)}"
-    return f"@{seconds:.6f}".rstrip("0")
+    text = f"{seconds:.6f}".rstrip("0").rstrip(".")     # (journalctl refuses "@5.": a fraction under 1 µs)
+    return f"@{'0' if text == '-0' else text}"
 
 
 def _ago(text: str, seconds: float) -> str:

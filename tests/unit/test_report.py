@@ -194,7 +194,8 @@ def test_since_an_epoch_that_is_no_number_is_one_line_naming_since(journalctl, c
 @pytest.mark.parametrize("since, argument", [("@0", "--since=@0"), ("@1764600000", "--since=@1764600000"),
                                              ("@1.7646e9", "--since=@1764600000"),
                                              ("@1764600000.25", "--since=@1764600000.25"),
-                                             ("@+5", "--since=@5")])
+                                             ("@+5", "--since=@5"), ("@-0", "--since=@0"),
+                                             ("@5.0000001", "--since=@5"), ("@1e-7", "--since=@0")])
 def test_since_an_epoch_journalctl_takes(journalctl, capsys, since, argument):
     assert cli.main(["report", f"--since={since}"]) == 0
     assert journalctl.args[-1] == argument
