@@ -165,7 +165,7 @@ class Authenticator:
         """A token service further inside the network than the upstream is refused, unread:
         its answer would go to the upstream as the token (see .peers)."""
         address = peer_address(response)
-        if self.private_realms or address is None or through_proxy(self._client, realm):    # (the proxy decides)
+        if self.private_realms or address is None or through_proxy(self._client, realm) is True:    # (the proxy decides)
             return
         ahead = reach(address)
         if ahead <= (PUBLIC if self.inside is None else self.inside):

@@ -397,7 +397,8 @@ class UpstreamClient:
             response = await self._request(method, url, headers, authorization, blob, kind)
             pool = self._blobs if blob else self._client
             # how far inside the network the upstream is (see .peers): through a proxy, not known
-            inside = None if through_proxy(pool, url) else peer_reach(response)
+            proxied = through_proxy(pool, url)    # (None: cannot tell; counted as through one)
+            inside = None if proxied is not False else peer_reach(response)
             if inside is not None:
                 self.auth.inside = inside    # where its token service may be
             if response.status_code == 401 and "www-authenticate" in response.headers:
@@ -411,7 +412,7 @@ class UpstreamClient:
                     authorization = answer
                     response = await self._request(method, url, headers, authorization, blob, kind)
             hops = 0
-            if not through_proxy(pool, url):
+            if through_proxy(pool, url) is False:
                 inside = peer_reach(response)
             while response.status_code in REDIRECTS and "location" in response.headers:
                 if hops == MAX_REDIRECTS:
@@ -430,7 +431,7 @@ class UpstreamClient:
                 response = await self._request(method, str(location), headers,
                                                authorization if same_origin else None, blob, kind)
                 url = str(location)
-                if not self.private_redirects and not through_proxy(pool, location):   # (else: the proxy decides)
+                if not self.private_redirects and through_proxy(pool, location) is not True:   # (else: the proxy decides)
                     await self._check_reach(response, inside, location)
         except httpx.PoolTimeout:
             raise Unavailable("too many upstream requests are in progress; try again",

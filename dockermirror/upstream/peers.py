@@ -25,9 +25,13 @@ to the same rule (a realm's answer goes back to the upstream as the token). ``pr
 from __future__ import annotations
 
 import ipaddress
+import logging
+import urllib.request
 
 import httpcore
 import httpx
+
+log = logging.getLogger("dockermirror.upstream")
 
 PUBLIC, PRIVATE, LOCAL = 0, 1, 2
 KIND = {PUBLIC: "public", PRIVATE: "private", LOCAL: "loopback or link-local"}
@@ -68,17 +72,29 @@ def peer_address(response: httpx.Response) -> str | None:
     return None
 
 
-def through_proxy(client: httpx.AsyncClient, url: httpx.URL | str) -> bool:
+def through_proxy(client: httpx.AsyncClient, url: httpx.URL | str) -> bool | None:
     """Whether ``client`` sends a request for ``url`` through a proxy (then its connection's
-    peer is the proxy). httpx's own choice of transport for the URL (its version is bounded in
-    pyproject.toml; tests/unit/test_redirect_proxy.py checks it with a real proxy)."""
+    peer is the proxy). Without a proxy in the environment, False. Else httpx's own choice of
+    transport for the URL: httpx internals (its version is bounded in pyproject.toml, and
+    tests/unit/test_redirect_proxy.py checks this against a real proxy); if they cannot be read,
+    None and one warning: the callers then count the upstream as public and check every hop
+    (failing closed: a redirect through a private proxy is refused until private_redirects)."""
+    if not urllib.request.getproxies():
+        return False
     try:
         transport = client._transport_for_url(httpx.URL(url))
-    except AttributeError:
-        return False
+    except AttributeError as exc:
+        global _drift_logged
+        if not _drift_logged:
+            _drift_logged = True
+            log.warning("self-check: httpx %s internals are not what docker-mirror was built against (%s); "
+                        "with proxies set, every redirect is checked by the address it reached, the proxy's "
+                        "included (set upstream.private_redirects: true for a private proxy)", httpx.__version__, exc)
+        return None
     return isinstance(getattr(transport, "_pool", None), _PROXIES)
 
 
+_drift_logged = False
 _PROXIES = tuple(getattr(httpcore, name) for name in ("AsyncHTTPProxy", "AsyncSOCKSProxy") if hasattr(httpcore, name))
 
 

@@ -83,3 +83,29 @@ async def test_a_redirect_round_the_proxy_is_measured_against_a_public_upstream(
         storage.shutdown()
         proxy.server_close()
         storage.server_close()
+
+
+def test_through_proxy_reads_httpx_and_fails_closed_when_it_cannot(monkeypatch, caplog):
+    import logging
+
+    import httpx
+
+    from dockermirror.upstream import peers
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    plain = httpx.AsyncClient()
+    assert peers.through_proxy(plain, "http://storage.example/x") is False      # no proxy set: no internals read
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "direct.example")
+    proxied = httpx.AsyncClient()
+    assert peers.through_proxy(proxied, "http://storage.example/x") is True
+    assert peers.through_proxy(proxied, "http://direct.example/x") is False
+    # httpx's internals moved: cannot tell (None: the callers check every hop), one warning
+    monkeypatch.setattr(peers, "_drift_logged", False)
+    monkeypatch.delattr(httpx.AsyncClient, "_transport_for_url")
+    caplog.set_level(logging.WARNING, "dockermirror.upstream")
+    assert peers.through_proxy(proxied, "http://storage.example/x") is None
+    assert peers.through_proxy(proxied, "http://direct.example/x") is None
+    assert len([r for r in caplog.records if "self-check: httpx" in r.getMessage()]) == 1
