@@ -39,10 +39,10 @@ def test_the_heaps_free_memory_goes_back_to_the_system():
     held: list[bytearray] = []
 
     def burst() -> None:
-        first = bytearray(MiB)      # freed once: glibc maps 1 MiB blocks no more, they come from the heap
+        first = bytearray(4 * MiB)  # mapped on its own, and freed: glibc maps blocks under 4 MiB no more
         del first
         buffers = [bytearray(MiB) for _ in range(96)]
-        held.append(bytearray(64))      # (a small block after them: the heap's top cannot shrink)
+        held.extend(buffers[1::2])      # every other one stays: the freed ones are holes inside the heap
         del buffers
 
     thread = threading.Thread(target=burst)
@@ -51,7 +51,7 @@ def test_the_heaps_free_memory_goes_back_to_the_system():
     before = rss()
     trimmer.trim()
     after = rss()
-    assert before - after >= 48 * MiB, (before / MiB, after / MiB)
+    assert before - after >= 32 * MiB, (before / MiB, after / MiB)
 
 
 @pytest.mark.anyio
