@@ -1,8 +1,9 @@
 """Memory given back to the system once a burst of downloads is over.
 
 Cold downloads move their bytes in 1 MiB buffers, allocated in many threads (body readers,
-hash and store lanes). glibc's malloc keeps what they free in its per-thread arenas (after the
-first 1 MiB block is freed it stops mapping blocks of that size on their own), so the
+hash and store lanes). glibc's malloc keeps what they free in its per-thread arenas (once a
+block it had mapped on its own is freed, it raises its threshold and maps blocks up to that size
+no more; malloc_trim exists since well before EL7's glibc 2.17), so the
 process's RSS stays at the burst's high-water mark although the memory in use is back where it
 was: measured over 2,500 cut and resumed downloads, 40 MiB kept free inside the heaps, all of it
 given back by ``malloc_trim(0)``. Mapping each buffer on its own instead (a fixed
