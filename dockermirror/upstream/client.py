@@ -412,7 +412,7 @@ class UpstreamClient:
                     authorization = answer
                     response = await self._request(method, url, headers, authorization, blob, kind)
             hops = 0
-            if through_proxy(pool, url) is False:
+            if proxied is False:     # (the answer after a 401 may have come on another connection)
                 inside = peer_reach(response)
             while response.status_code in REDIRECTS and "location" in response.headers:
                 if hops == MAX_REDIRECTS:
